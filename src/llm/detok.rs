@@ -78,15 +78,14 @@ impl<'a> StreamDecoder<'a> {
     /// Flushes what is left (an unfinished character comes out as U+FFFD, as in a full decode)
     /// and resets the decoder for a new stream.
     pub fn finish(&mut self) -> Result<Option<String>> {
-        let out = if self.ids.len() > self.read {
-            let text = self.decode(&self.ids)?;
-            let new = suffix_after(&self.prefix_text, &text);
-            (!new.is_empty()).then(|| new.to_owned())
-        } else {
-            None
-        };
+        let has_pending = self.ids.len() > self.read;
+        let text = if has_pending { self.decode(&self.ids) } else { Ok(String::new()) };
+        let prefix = std::mem::take(&mut self.prefix_text);
+        // Reset even if decoding failed, so the next stream starts clean.
         self.reset();
-        Ok(out)
+        let text = text?;
+        let new = suffix_after(&prefix, &text);
+        Ok((has_pending && !new.is_empty()).then(|| new.to_owned()))
     }
 
     /// Forgets all state, for a new stream.
