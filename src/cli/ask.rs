@@ -1,0 +1,192 @@
+//! `ask` and `chat`: answer from the terminal with the same model, adapter and generation code
+//! the bot uses.
+
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::config::Settings;
+use crate::llm::chat::Message;
+use crate::llm::generate::{generate, Finish, GenOptions, Generation};
+use crate::llm::load::{self, LoadedModel};
+use crate::llm::lora::{self, LoraAdapter};
+
+/// Options shared by every command that runs the model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model: a GGUF file, a Hugging Face folder, or hf:OWNER/NAME[/FILE] (default: model.source).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// LoRA adapter: an id under adapter.dir or a folder path ("none" for the bare base).
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// cpu or cuda:N (default: model.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Seed for reproducible sampling (default: generation.seed, else random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Longest answer in tokens.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The question.
+    pub question: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// A model with its adapter and generation options, ready to answer in the terminal.
+pub struct Session {
+    pub lm: LoadedModel,
+    pub adapter: Option<LoraAdapter>,
+    pub opts: GenOptions,
+    pub system_prompt: String,
+}
+
+impl Session {
+    pub fn open(settings: &Settings, args: &ModelArgs) -> Result<Self> {
+        let mut settings = settings.clone();
+        if let Some(seed) = args.seed {
+            settings.generation.seed = Some(seed);
+        }
+        if let Some(t) = args.temperature {
+            settings.generation.temperature = t;
+        }
+        if let Some(n) = args.max_new_tokens {
+            settings.generation.max_new_tokens = n;
+        }
+        let device = crate::llm::device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+        let t0 = std::time::Instant::now();
+        let mut lm = load::load(&settings.model, args.model.as_deref(), &device)?;
+        tracing::info!(model = %lm.name, device = %crate::llm::device::describe(&device), secs = format!("{:.1}", t0.elapsed().as_secs_f64()), "model loaded");
+        let spec = args.adapter.clone().unwrap_or_else(|| settings.adapter.active.clone());
+        let mut adapter = match spec.as_str() {
+            "" | "none" => None,
+            spec => {
+                let dir = lora::resolve_dir(spec, &settings.adapter.dir)?;
+                let a = LoraAdapter::load(&dir, lm.model.config(), &device)?;
+                tracing::info!(adapter = %a.id, pairs = a.num_pairs(), r = a.config.r, "adapter loaded");
+                Some(a)
+            }
+        };
+        if settings.adapter.merge {
+            if let Some(a) = adapter.take() {
+                lm.model.merge_adapter(&a).context("merging the adapter into the base")?;
+                tracing::info!(adapter = %a.id, "adapter merged into the base weights");
+            }
+        }
+        let max_context = match settings.model.max_context {
+            0 => lm.model.config().max_position,
+            n => n.min(lm.model.config().max_position),
+        };
+        let opts = GenOptions::from_settings(&settings.generation, max_context);
+        Ok(Self { lm, adapter, opts, system_prompt: settings.generation.system_prompt.clone() })
+    }
+
+    /// Answer `question` after `history`, streaming to `out`. Earlier turns are dropped, oldest
+    /// first, until the prompt leaves room for a full answer.
+    pub fn answer(&self, history: &[Message], question: &str, out: &mut dyn Write) -> Result<Generation> {
+        let lm = &self.lm;
+        let eos = lm.stop_ids.first().copied();
+        let budget = self.opts.max_context.saturating_sub(self.opts.max_new_tokens).max(1);
+        let mut start = 0;
+        let prompt = loop {
+            let p = lm.template.prompt(&lm.tokenizer, lm.bos_id, eos, &self.system_prompt, &history[start..], question)?;
+            if p.len() <= budget || start >= history.len() {
+                break p;
+            }
+            start += 2; // drop one question/answer pair
+        };
+        let mut write_err = None;
+        let gen = generate(lm, self.adapter.as_ref(), &prompt, &self.opts, |piece| {
+            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                write_err = Some(e);
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(e) = write_err {
+            return Err(e).context("writing the answer");
+        }
+        Ok(gen)
+    }
+}
+
+fn report(gen: &Generation) {
+    let why = match &gen.finish {
+        Finish::Eos => "end of answer".to_string(),
+        Finish::Stop(s) => format!("stop string {s:?}"),
+        Finish::Length => "max_new_tokens reached".into(),
+        Finish::Context => "context window full".into(),
+        Finish::Cancelled => "cancelled".into(),
+    };
+    tracing::info!(
+        prompt_tokens = gen.prompt_tokens,
+        answer_tokens = gen.tokens.len(),
+        ttft_ms = gen.time_to_first_token.as_millis() as u64,
+        tok_per_s = format!("{:.1}", gen.decode_tokens_per_sec()),
+        "finished: {why}"
+    );
+}
+
+pub fn ask(settings: &Settings, args: AskArgs) -> Result<()> {
+    let session = Session::open(settings, &args.model)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let gen = session.answer(&[], &args.question, &mut out)?;
+    writeln!(out)?;
+    report(&gen);
+    Ok(())
+}
+
+pub fn chat(settings: &Settings, args: ChatArgs) -> Result<()> {
+    let session = Session::open(settings, &args.model)?;
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let mut history: Vec<Message> = Vec::new();
+    eprintln!("freeski-bot chat: ask away. /reset forgets the conversation, /quit leaves.");
+    loop {
+        {
+            let mut o = stdout.lock();
+            write!(o, "\n> ")?;
+            o.flush()?;
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let q = line.trim();
+        match q {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                history.clear();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        let mut o = stdout.lock();
+        let gen = session.answer(&history, q, &mut o)?;
+        writeln!(o)?;
+        report(&gen);
+        history.push(Message::user(q));
+        history.push(Message::assistant(gen.text.trim()));
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! `bench …`: speed and memory measurements that print numbers (recorded in BENCHMARKS.md).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use clap::{Args, Subcommand};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{QuantType, Settings};
+use crate::llm::device::{self, gib};
+use crate::llm::lora::{AdapterConfig, LoraAdapter};
+use crate::llm::model::{KvCache, Logits, Model, Proj};
+use crate::llm::{load, random, sampling};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode speed, time to first token and peak memory of the model.
+    Generate(GenerateBench),
+    /// Compare logits of a tiny random model on the CPU and on another device.
+    Parity(ParityBench),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateBench {
+    /// Model file/folder/hub id (default: model.source). Ignored with --random.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Random weights of a named shape instead of a file: mistral-7b, smollm2-135m, tiny.
+    #[arg(long)]
+    pub random: Option<String>,
+    /// Weight type for --random.
+    #[arg(long, value_enum, default_value = "q4k")]
+    pub quant: BenchQuant,
+    /// cpu or cuda:N (default: model.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Prompt length for the time-to-first-token measurement.
+    #[arg(long, default_value_t = 100)]
+    pub ttft_tokens: usize,
+    /// Tokens decoded at batch 1.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Attach a random LoRA adapter of this rank on all seven projections (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// Repeats of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BenchQuant {
+    Q4k,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl BenchQuant {
+    fn ggml(self) -> GgmlDType {
+        crate::llm::load::hf_dir::ggml_type(match self {
+            Self::Q4k => QuantType::Q4k,
+            Self::Q4_0 => QuantType::Q4_0,
+            Self::Q4_1 => QuantType::Q4_1,
+            Self::Q8_0 => QuantType::Q8_0,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ParityBench {
+    /// The device to compare against the CPU.
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Largest allowed |difference| relative to the largest |logit|.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tolerance: f64,
+}
+
+pub fn run(settings: &Settings, cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Generate(args) => bench_generate(settings, args),
+        BenchCommand::Parity(args) => bench_parity(args),
+    }
+}
+
+fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
+    let dev = device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+    let t0 = Instant::now();
+    let (model, label) = match &args.random {
+        Some(shape) => {
+            let cfg = crate::llm::ModelConfig::preset(shape)?;
+            (random::random_model(&cfg, args.quant.ggml(), 1, &dev)?, format!("random {shape} ({:?})", args.quant))
+        }
+        None => {
+            let lm = load::load(&settings.model, args.model.as_deref(), &dev)?;
+            let name = lm.name.clone();
+            (lm.model, name)
+        }
+    };
+    sync(&dev)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    let adapter = match args.lora_rank {
+        0 => None,
+        r => Some(random_adapter(&cfg, r, &dev)?),
+    };
+    let adapter = adapter.as_ref();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut prompt = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect() };
+    let reps = args.repeats.max(1);
+
+    // Warm up kernels and allocator once.
+    forward_once(&model, &prompt(16), adapter)?;
+
+    let mut prefill = Vec::new();
+    for _ in 0..reps {
+        let p = prompt(args.prompt_tokens);
+        let t = Instant::now();
+        forward_once(&model, &p, adapter)?;
+        prefill.push(t.elapsed());
+    }
+    let mut ttft = Vec::new();
+    for _ in 0..reps {
+        let p = prompt(args.ttft_tokens);
+        let t = Instant::now();
+        let mut cache = KvCache::new(&cfg, 1);
+        let logits = model.forward(&Tensor::new(p.as_slice(), &dev)?.unsqueeze(0)?, &mut cache, adapter, Logits::Last)?;
+        let _first = sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+        ttft.push(t.elapsed());
+    }
+    let mut decode = Vec::new();
+    for _ in 0..reps {
+        let p = prompt(32);
+        let mut cache = KvCache::new(&cfg, 1);
+        let logits = model.forward(&Tensor::new(p.as_slice(), &dev)?.unsqueeze(0)?, &mut cache, adapter, Logits::Last)?;
+        let mut tok = sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+        let t = Instant::now();
+        for _ in 0..args.decode_tokens {
+            let logits = model.forward(&Tensor::new(&[[tok]], &dev)?, &mut cache, adapter, Logits::Last)?;
+            // Pulling the logits to the host is part of every real decode step (sampling).
+            tok = sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+        }
+        decode.push(t.elapsed());
+    }
+    let prefill_tps = args.prompt_tokens as f64 / median(&prefill).as_secs_f64();
+    let decode_tps = args.decode_tokens as f64 / median(&decode).as_secs_f64();
+    let ttft_ms = median(&ttft).as_secs_f64() * 1e3;
+    let rss = device::peak_rss_bytes().unwrap_or(0);
+    let devmem = device::device_memory(&dev);
+
+    println!("model            {label}");
+    println!("device           {}", device::describe(&dev));
+    println!("weights          {:.2} GiB on device, {} params, load {:.1} s", gib(model.weight_bytes() as u64), cfg.num_params(), load_s);
+    println!("lora             {}", if args.lora_rank == 0 { "none".to_string() } else { format!("r={} on all 7 projections", args.lora_rank) });
+    println!("prefill          {prefill_tps:.1} tokens/s ({} tokens)", args.prompt_tokens);
+    println!("time to first    {ttft_ms:.1} ms ({}-token prompt)", args.ttft_tokens);
+    println!("decode batch 1   {decode_tps:.1} tokens/s ({} tokens)", args.decode_tokens);
+    println!("peak host RSS    {:.2} GiB", gib(rss));
+    if let Some((used, total)) = devmem {
+        println!("device memory    {:.2} GiB used of {:.2} GiB", gib(used), gib(total));
+    }
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "model": label, "device": device::describe(&dev), "lora_rank": args.lora_rank,
+            "prompt_tokens": args.prompt_tokens, "prefill_tokens_per_s": prefill_tps,
+            "ttft_prompt_tokens": args.ttft_tokens, "ttft_ms": ttft_ms,
+            "decode_tokens": args.decode_tokens, "decode_tokens_per_s": decode_tps,
+            "peak_rss_bytes": rss, "device_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn forward_once(model: &Model, ids: &[u32], adapter: Option<&LoraAdapter>) -> Result<Vec<f32>> {
+    let mut cache = KvCache::new(model.config(), 1);
+    let logits = model.forward(&Tensor::new(ids, model.device())?.unsqueeze(0)?, &mut cache, adapter, Logits::Last)?;
+    Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn sync(dev: &Device) -> Result<()> {
+    dev.synchronize()?;
+    Ok(())
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A LoRA adapter with random A and B (B non-zero, so the adapter path really computes).
+pub fn random_adapter(cfg: &crate::llm::ModelConfig, r: usize, dev: &Device) -> Result<LoraAdapter> {
+    let mut tensors = HashMap::new();
+    for layer in 0..cfg.num_layers {
+        for p in Proj::ALL {
+            let (fan_in, fan_out) = p.shape(cfg);
+            let base = format!("base_model.model.model.layers.{layer}.{}", p.hf_path());
+            tensors.insert(format!("{base}.lora_A.weight"), (Tensor::randn(0f32, 1.0, (r, fan_in), dev)? / (fan_in as f64).sqrt())?);
+            tensors.insert(format!("{base}.lora_B.weight"), (Tensor::randn(0f32, 1.0, (fan_out, r), dev)? * 1e-3)?);
+        }
+    }
+    let config = AdapterConfig::new(r, 2.0 * r as f64, 0.0, &Proj::ALL, "random", false);
+    LoraAdapter::from_hf_tensors(format!("random-r{r}"), config, tensors, cfg)
+}
+
+/// Same tiny random model (f32 and 4-bit weights, same seed) on the CPU and on `device`.
+fn bench_parity(args: ParityBench) -> Result<()> {
+    let dev = device::parse_device(&args.device)?;
+    let cfg = crate::llm::ModelConfig::tiny();
+    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 11) % cfg.vocab_size as u32).collect();
+    let mut worst: f64 = 0.0;
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let cpu = random::random_model(&cfg, dtype, args.seed, &Device::Cpu)?;
+        let other = random::random_model(&cfg, dtype, args.seed, &dev)?;
+        let adapter_cpu = random_adapter(&cfg, 4, &Device::Cpu)?;
+        let tensors = adapter_cpu.to_hf_tensors()?.into_iter().map(|(k, v)| Ok((k, v.to_device(&dev)?))).collect::<Result<HashMap<_, _>>>()?;
+        let adapter_dev = LoraAdapter::from_hf_tensors(adapter_cpu.id.clone(), adapter_cpu.config.clone(), tensors, &cfg)?;
+        let run = |m: &Model, a: &LoraAdapter| -> Result<Vec<f32>> {
+            let mut cache = KvCache::new(&cfg, 1);
+            let l = m.forward(&Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?, &mut cache, Some(a), Logits::All)?;
+            Ok(l.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let a = run(&cpu, &adapter_cpu)?;
+        let b = run(&other, &adapter_dev)?;
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
+        let rel = diff / scale.max(1e-12);
+        println!("{dtype:?}: max |cpu - {}| = {diff:.3e} (max |logit| {scale:.3}, relative {rel:.3e})", args.device);
+        worst = worst.max(rel);
+    }
+    ensure!(worst <= args.tolerance, "CPU and {} disagree: relative difference {worst:.3e} > tolerance {:.1e}", args.device, args.tolerance);
+    println!("parity OK: worst relative difference {worst:.3e} <= {:.1e}", args.tolerance);
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! Command-line front end: one binary, one subcommand per job. Each subcommand lives in its own
+//! module and only parses arguments and wires parts together; the work is done by the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+
+pub mod ask;
+pub mod bench;
+
+#[derive(Debug, Parser)]
+#[command(name = "freeski-bot", version, about = "Freeskiing Q&A bot on a local QLoRA-tuned LLM")]
+pub struct Cli {
+    /// Settings file layered over config/default.toml (default: config/local.toml if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Answer one question in the terminal, streaming tokens as they come.
+    Ask(ask::AskArgs),
+    /// Interactive chat in the terminal (multi-turn; `/reset` clears, `/quit` leaves).
+    Chat(ask::ChatArgs),
+    /// Measure speed and memory.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Entry point of the binary: parse, set up logging, run, and turn errors into exit codes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line: "loading model: reading X: ...".
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Ask(args) => ask::ask(&settings, args),
+        Command::Chat(args) => ask::chat(&settings, args),
+        Command::Bench(cmd) => bench::run(&settings, cmd),
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_env("FREESKI_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr so that `ask` output on stdout stays clean for pipes.
+    let _ = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}

@@ -1,0 +1,203 @@
+//! Typed settings: `config/default.toml` (compiled in) < local file < `FREESKI__SECTION__KEY` env.
+//!
+//! Every struct denies unknown fields, so a typo in a local file or an environment variable is an
+//! error naming the key instead of a silently ignored setting.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+/// The committed defaults, compiled into the binary so it runs from any working directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Local override read when no `--config` is given and the file exists.
+pub const LOCAL_FILE: &str = "config/local.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub model: ModelSettings,
+    pub adapter: AdapterSettings,
+    pub generation: GenerationSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    pub source: String,
+    pub revision: String,
+    pub offline: bool,
+    pub hub_cache_dir: String,
+    pub quantize: QuantType,
+    pub quantized_cache_dir: PathBuf,
+    pub device: String,
+    pub chat_template: TemplateChoice,
+    pub max_context: usize,
+}
+
+/// 4-bit (or 8-bit) GGML types a safetensors model may be quantized to at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantType {
+    Q4k,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// No quantization: for reference checks and debugging, not for serving.
+    F16,
+    F32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateChoice {
+    Auto,
+    Mistral,
+    Chatml,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSettings {
+    pub dir: PathBuf,
+    pub active: String,
+    pub merge: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSettings {
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub repetition_penalty: f32,
+    pub repetition_window: usize,
+    pub no_repeat_ngram: usize,
+    pub stop: Vec<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    pub system_prompt: String,
+}
+
+impl GenerationSettings {
+    /// Reject values that deserialize fine but make no sense, naming the key.
+    fn validate(&self) -> Result<()> {
+        let g = "generation";
+        anyhow::ensure!(self.temperature >= 0.0 && self.temperature.is_finite(), "{g}.temperature must be >= 0, got {}", self.temperature);
+        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "{g}.top_p must be in (0, 1], got {}", self.top_p);
+        anyhow::ensure!(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(), "{g}.repetition_penalty must be > 0, got {}", self.repetition_penalty);
+        anyhow::ensure!(self.max_new_tokens > 0, "{g}.max_new_tokens must be at least 1");
+        anyhow::ensure!(self.no_repeat_ngram != 1, "{g}.no_repeat_ngram = 1 would forbid every repeated token; use 0 to disable or >= 2");
+        anyhow::ensure!(self.stop.iter().all(|s| !s.is_empty()), "{g}.stop must not contain an empty string");
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Load defaults, then `file` (or `config/local.toml` if present), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Same as [`Settings::load`] with an explicit environment, so tests need not mutate the
+    /// process environment.
+    pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        use config::{Config, Environment, File, FileFormat};
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        match file {
+            Some(path) => {
+                anyhow::ensure!(path.is_file(), "config file {} does not exist", path.display());
+                builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+            }
+            None if Path::new(LOCAL_FILE).is_file() => {
+                builder = builder.add_source(File::new(LOCAL_FILE, FileFormat::Toml).required(true));
+            }
+            None => {}
+        }
+        let env: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("FREESKI__")).collect();
+        builder = builder.add_source(
+            Environment::with_prefix("FREESKI")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("generation.stop")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults/local.toml/environment".into());
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .with_context(|| format!("invalid settings ({origin})"))?;
+        settings.generation.validate()?;
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let s = Settings::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(s.generation.max_new_tokens, 200);
+        assert_eq!(s.generation.repetition_penalty, 1.15);
+        assert_eq!(s.model.quantize, QuantType::Q4k);
+        assert!(s.model.source.contains("Mistral-7B-Instruct-v0.1"));
+    }
+
+    #[test]
+    fn env_overrides_and_parses() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[("FREESKI__GENERATION__TEMPERATURE", "0"), ("FREESKI__MODEL__DEVICE", "cuda:1"), ("FREESKI__GENERATION__STOP", "a,b")]),
+        )
+        .unwrap();
+        assert_eq!(s.generation.temperature, 0.0);
+        assert_eq!(s.model.device, "cuda:1");
+        assert_eq!(s.generation.stop, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("local.toml");
+        std::fs::write(&f, "[generation]\ntemprature = 0.5\n").unwrap();
+        let err = format!("{:#}", Settings::load_with_env(Some(&f), env(&[])).unwrap_err());
+        assert!(err.contains("temprature"), "{err}");
+        let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__MODEL__DEVISE", "cpu")])).unwrap_err());
+        assert!(err.contains("devise"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__GENERATION__MAX_NEW_TOKENS", "lots")])).unwrap_err());
+        assert!(err.contains("max_new_tokens"), "{err}");
+        let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__GENERATION__TOP_P", "1.5")])).unwrap_err());
+        assert!(err.contains("generation.top_p"), "{err}");
+        let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__MODEL__QUANTIZE", "q3")])).unwrap_err());
+        assert!(err.contains("quantize"), "{err}");
+    }
+
+    #[test]
+    fn malformed_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("broken.toml");
+        std::fs::write(&f, "[model\nsource = ").unwrap();
+        let err = format!("{:#}", Settings::load_with_env(Some(&f), env(&[])).unwrap_err());
+        assert!(err.contains("broken.toml"), "{err}");
+        let missing = dir.path().join("nope.toml");
+        let err = format!("{:#}", Settings::load_with_env(Some(&missing), env(&[])).unwrap_err());
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+}

@@ -1,0 +1,6 @@
+//! freeski-bot: a self-hosted Discord bot that answers freeskiing questions with a local,
+//! QLoRA-tuned Llama-family model. See ARCHITECTURE.md for the parts and how data flows.
+
+pub mod cli;
+pub mod config;
+pub mod llm;

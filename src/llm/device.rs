@@ -1,0 +1,87 @@
+//! Device selection (`cpu`, `cuda:N`) and memory readings for reports and benchmarks.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+
+/// Parse `cpu` or `cuda:N` (`cuda` alone means `cuda:0`).
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()).with_context(|| format!("bad device `{spec}`: expected cpu or cuda:N"))?,
+        None => bail!("bad device `{spec}`: expected cpu or cuda:N"),
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!("device `{spec}` asked for, but this binary was built without CUDA (rebuild with `--features cuda`)");
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
+/// Activation dtype: f32 everywhere for now; quantized matmuls take f32 input on every backend.
+pub fn compute_dtype(_device: &Device) -> DType {
+    DType::F32
+}
+
+pub fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        Device::Cuda(_) => format!("cuda:{}", device_ordinal(device)),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+fn device_ordinal(device: &Device) -> usize {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+        _ => 0,
+    }
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`), if readable.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// Current resident set size in bytes (Linux `VmRSS`).
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Used and total device memory in bytes (whole device, as the driver reports it).
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+        let _ = dev.cuda_stream().context().bind_to_thread();
+        let (free, total) = mem_get_info().ok()?;
+        return Some(((total - free) as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        let err = parse_device("tpu:0").unwrap_err().to_string();
+        assert!(err.contains("tpu:0"), "{err}");
+        let err = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(err.contains("cuda:x"), "{err}");
+    }
+}

@@ -1,0 +1,426 @@
+//! A Llama-family decoder (Llama, Mistral, SmolLM2) written for this project: RMSNorm, rotary
+//! embeddings with the model's theta, grouped-query attention with an optional sliding window,
+//! SwiGLU MLP, tied or separate output head, a KV cache and batched forward with left padding.
+//!
+//! Base weights are frozen [`BaseLinear`]s in GGUF layout (llama.cpp's interleaved rotary
+//! convention; HF checkpoints are permuted into it at load). LoRA adapters are not part of the
+//! model: every forward takes the adapter to apply, so answering can switch adapters per request.
+
+use anyhow::{ensure, Context, Result};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+
+use super::lora::LoraAdapter;
+use super::model_config::ModelConfig;
+use super::qlinear::BaseLinear;
+
+/// The seven linear layers of a decoder block, in PEFT's naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// PEFT / HF module name.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// HF module path inside a decoder layer.
+    pub fn hf_path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// GGUF tensor name inside `blk.{i}.`.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Proj::Q => "attn_q",
+            Proj::K => "attn_k",
+            Proj::V => "attn_v",
+            Proj::O => "attn_output",
+            Proj::Gate => "ffn_gate",
+            Proj::Up => "ffn_up",
+            Proj::Down => "ffn_down",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.hf_name() == name)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `(in_features, out_features)` for this projection in a model of shape `cfg`.
+    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
+        let h = cfg.hidden_size;
+        let q = cfg.num_heads * cfg.head_dim;
+        let kv = cfg.num_kv_heads * cfg.head_dim;
+        match self {
+            Proj::Q => (h, q),
+            Proj::K | Proj::V => (h, kv),
+            Proj::O => (q, h),
+            Proj::Gate | Proj::Up => (h, cfg.intermediate_size),
+            Proj::Down => (cfg.intermediate_size, h),
+        }
+    }
+}
+
+pub struct DecoderLayer {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    projs: [BaseLinear; 7],
+}
+
+impl DecoderLayer {
+    pub fn proj(&self, p: Proj) -> &BaseLinear {
+        &self.projs[p.index()]
+    }
+}
+
+/// Per-sequence cache of rotated keys and values for every layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    /// Left padding of each row: keys before it are never attended to, and positions start there.
+    pad: Vec<usize>,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` rows without padding.
+    pub fn new(cfg: &ModelConfig, batch: usize) -> Self {
+        Self::with_padding(cfg, vec![0; batch])
+    }
+
+    /// An empty cache whose rows are left-padded by `pad[b]` tokens.
+    pub fn with_padding(cfg: &ModelConfig, pad: Vec<usize>) -> Self {
+        Self { layers: vec![None; cfg.num_layers], len: 0, pad }
+    }
+
+    /// Tokens held, padding included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch(&self) -> usize {
+        self.pad.len()
+    }
+
+    /// Position of the next token of row `b` (its real token count so far).
+    pub fn next_position(&self, b: usize) -> usize {
+        self.len.saturating_sub(self.pad[b])
+    }
+
+    /// Keep only the rows in `keep` (finished sequences leave a batch).
+    pub fn retain_rows(&mut self, keep: &[usize]) -> Result<()> {
+        let dev = self.layers.iter().flatten().next().map(|(k, _)| k.device().clone());
+        if let Some(dev) = dev {
+            let idx = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), &dev)?;
+            for (k, v) in self.layers.iter_mut().flatten() {
+                *k = k.index_select(&idx, 0)?;
+                *v = v.index_select(&idx, 0)?;
+            }
+        }
+        self.pad = keep.iter().map(|&i| self.pad[i]).collect();
+        Ok(())
+    }
+}
+
+/// Which positions get logits: all (scoring, training) or only the last (generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+pub struct Model {
+    cfg: ModelConfig,
+    device: Device,
+    dtype: DType,
+    /// `[vocab, hidden]`; also the output head when embeddings are tied.
+    embed: BaseLinear,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Option<BaseLinear>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Model {
+    /// Build from named GGUF-layout tensors. `get` returns a tensor by GGUF name, or `Ok(None)`
+    /// when the file has no such tensor (only `output.weight` may be missing: tied embeddings).
+    pub fn from_tensors(mut cfg: ModelConfig, device: &Device, mut get: impl FnMut(&str) -> Result<Option<QTensor>>) -> Result<Self> {
+        cfg.validate()?;
+        let mut need = |name: &str, shape: &[usize]| -> Result<QTensor> {
+            let t = get(name)?.with_context(|| format!("missing tensor `{name}`"))?;
+            // GGUF dims are stored innermost-first; candle reverses them to [out, in].
+            ensure!(t.shape().dims() == shape, "tensor `{name}` has shape {:?}, expected {:?} for this model config", t.shape().dims(), shape);
+            Ok(t)
+        };
+        let h = cfg.hidden_size;
+        let dense = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(device)?.to_dtype(DType::F32)?) };
+        let embed = BaseLinear::new(need("token_embd.weight", &[cfg.vocab_size, h])?)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let attn_norm = dense(need(&format!("blk.{i}.attn_norm.weight"), &[h])?)?;
+            let ffn_norm = dense(need(&format!("blk.{i}.ffn_norm.weight"), &[h])?)?;
+            let projs = try_map7(Proj::ALL, |p| {
+                let (fan_in, fan_out) = p.shape(&cfg);
+                BaseLinear::new(need(&format!("blk.{i}.{}.weight", p.gguf_name()), &[fan_out, fan_in])?)
+            })?;
+            layers.push(DecoderLayer { attn_norm, ffn_norm, projs });
+        }
+        let norm = dense(need("output_norm.weight", &[h])?)?;
+        let lm_head = match get("output.weight")? {
+            Some(t) => {
+                ensure!(t.shape().dims() == [cfg.vocab_size, h], "tensor `output.weight` has shape {:?}, expected [{}, {h}]", t.shape().dims(), cfg.vocab_size);
+                Some(BaseLinear::new(t)?)
+            }
+            None => None,
+        };
+        cfg.tie_embeddings = lm_head.is_none();
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self { dtype: super::device::compute_dtype(device), device: device.clone(), cfg, embed, layers, norm, lm_head, cos, sin })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// Bytes of weights held on the device.
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &BaseLinear| l.qtensor().storage_size_in_bytes();
+        let mut n = lin(&self.embed) + self.lm_head.as_ref().map_or(0, lin);
+        for l in &self.layers {
+            n += l.projs.iter().map(lin).sum::<usize>() + 2 * 4 * self.cfg.hidden_size;
+        }
+        n
+    }
+
+    /// Fold an adapter into the base weights (re-quantizing them); the model then answers as
+    /// base+adapter without the adapter's per-token cost, but can no longer swap it out.
+    pub fn merge_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        adapter.check_fits(&self.cfg)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for p in Proj::ALL {
+                if let Some(pair) = adapter.pair(i, p) {
+                    let delta = pair.delta()?;
+                    layer.projs[p.index()] = layer.projs[p.index()].merged(&delta).with_context(|| format!("merging layer {i} {}", p.hf_name()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Run `ids: [batch, seq]` (u32) through the decoder after what `cache` holds, appending
+    /// to it. Returns logits `[batch, seq, vocab]` or `[batch, 1, vocab]` (f32).
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, adapter: Option<&LoraAdapter>, which: Logits) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        ensure!(cache.batch() == b, "cache holds {} rows, input has {b}", cache.batch());
+        ensure!(t > 0, "empty input");
+        if let Some(a) = adapter {
+            a.check_fits(&self.cfg)?;
+        }
+        let offset = cache.len;
+        let (cos, sin) = self.rotary_for(cache, t)?;
+        let mask = self.attention_mask(cache, t)?;
+        let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lora = |p: Proj| adapter.and_then(|a| a.pair(i, p));
+            let residual = &x;
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
+            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), &mut cache.layers[i], adapter, i)?;
+            let x2 = (residual + h)?;
+            let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
+            let gate = apply(layer.proj(Proj::Gate), &h, lora(Proj::Gate))?;
+            let up = apply(layer.proj(Proj::Up), &h, lora(Proj::Up))?;
+            let h = apply(layer.proj(Proj::Down), &(candle_nn::ops::silu(&gate)? * up)?, lora(Proj::Down))?;
+            x = (x2 + h)?;
+        }
+        cache.len = offset + t;
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, t - 1, 1)?,
+        };
+        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut Option<(Tensor, Tensor)>,
+        adapter: Option<&LoraAdapter>,
+        layer_idx: usize,
+    ) -> Result<Tensor> {
+        let lora = |p: Proj| adapter.and_then(|a| a.pair(layer_idx, p));
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let q = apply(layer.proj(Proj::Q), x, lora(Proj::Q))?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = apply(layer.proj(Proj::K), x, lora(Proj::K))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = apply(layer.proj(Proj::V), x, lora(Proj::V))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v.contiguous()?),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let s = k.dim(2)?;
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let out = if t == 1 && mask.is_none() {
+            // Decode: fold the query heads sharing a KV head into one matmul per KV head, so the
+            // (long) cached K/V are never copied.
+            let q = q.reshape((b, nkv, rep, hd))?;
+            let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+            probs.matmul(&v)?.reshape((b, nh, 1, hd))?
+        } else {
+            // Prefill: expand K/V to every query head. Folding heads into the row axis here
+            // changes gemm's blocking and summation order, and SmolLM2's outlier activations
+            // amplify that rounding noise into visible logit changes; this layout reproduces
+            // the reference implementation exactly.
+            let k = repeat_kv(&k, rep)?;
+            let v = repeat_kv(&v, rep)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
+        };
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        apply(layer.proj(Proj::O), &out, lora(Proj::O))
+    }
+
+    /// cos/sin for the `t` new tokens of every row: `[t, hd/2]` when all rows share positions,
+    /// else `[b, t, hd/2]`.
+    fn rotary_for(&self, cache: &KvCache, t: usize) -> Result<(Tensor, Tensor)> {
+        let start = cache.len;
+        let max = self.cos.dim(0)?;
+        if cache.pad.iter().all(|&p| p == 0) {
+            ensure!(start + t <= max, "sequence of {} tokens exceeds the model's {max} positions", start + t);
+            return Ok((self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?));
+        }
+        let mut pos = Vec::with_capacity(cache.batch() * t);
+        for &p in &cache.pad {
+            pos.extend((start..start + t).map(|i| i.saturating_sub(p) as u32));
+        }
+        let b = cache.batch();
+        ensure!(pos.iter().all(|&p| (p as usize) < max), "sequence exceeds the model's {max} positions");
+        let idx = Tensor::from_vec(pos, b * t, &self.device)?;
+        let half = self.cfg.head_dim / 2;
+        let cos = self.cos.index_select(&idx, 0)?.reshape((b, t, half))?;
+        let sin = self.sin.index_select(&idx, 0)?.reshape((b, t, half))?;
+        Ok((cos, sin))
+    }
+
+    /// Additive mask `[b, 1, t, s]` (0 or -inf): causal, left padding, sliding window.
+    /// `None` when nothing needs masking (single-token decode inside the window, no padding).
+    fn attention_mask(&self, cache: &KvCache, t: usize) -> Result<Option<Tensor>> {
+        let start = cache.len;
+        let s = start + t;
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let padded = cache.pad.iter().any(|&p| p > 0);
+        if t == 1 && !padded && s <= window {
+            return Ok(None);
+        }
+        let b = cache.batch();
+        let mut m = vec![0f32; b * t * s];
+        for (row, &pad) in cache.pad.iter().enumerate() {
+            for qi in 0..t {
+                let q_abs = start + qi;
+                let line = &mut m[(row * t + qi) * s..(row * t + qi + 1) * s];
+                for (k_abs, v) in line.iter_mut().enumerate() {
+                    // A query sees keys at or before itself, after the padding, and (with a
+                    // sliding window) the last `window` tokens including itself.
+                    let visible = k_abs <= q_abs && k_abs >= pad && q_abs - k_abs < window;
+                    if !visible {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (b, 1, t, s), &self.device)?.to_dtype(self.dtype)?))
+    }
+}
+
+/// Base linear plus the unmerged LoRA path, if any.
+fn apply(base: &BaseLinear, x: &Tensor, lora: Option<&super::lora::LoraPair>) -> Result<Tensor> {
+    let y = base.forward(x)?;
+    match lora {
+        Some(pair) => Ok((y + pair.forward(x)?)?),
+        None => Ok(y),
+    }
+}
+
+/// `[b, kv_heads, s, hd]` → `[b, kv_heads * rep, s, hd]`, each KV head serving `rep` query heads.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, nkv, s, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((b, nkv, rep, s, hd))?.reshape((b, nkv * rep, s, hd))?)
+}
+
+/// Rotary tables `[max_position, head_dim/2]` for the interleaved (GGUF) convention.
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
+    let n = cfg.max_position;
+    let inv = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let pos = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?))
+}
+
+/// `[T; N]::try_map` is unstable; this is it for the fixed set of seven projections.
+fn try_map7<U>(items: [Proj; 7], f: impl FnMut(Proj) -> Result<U>) -> Result<[U; 7]> {
+    let v: Vec<U> = items.into_iter().map(f).collect::<Result<_>>()?;
+    v.try_into().map_err(|_| anyhow::anyhow!("internal: expected 7 projections"))
+}

@@ -1,0 +1,77 @@
+//! Random-weight models of a named shape, built straight in 4-bit form on the target device.
+//! Benchmarks use them where real weights are out of reach (Mistral-7B on the GPU machine):
+//! speed and memory depend on shapes and types, not on the values.
+
+use anyhow::{bail, Result};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::model::Model;
+use super::model_config::ModelConfig;
+
+/// A model of shape `cfg` whose linear layers (and embedding) are random blocks of `dtype`.
+/// Quantizing dense random matrices would take minutes for 7B on one CPU thread; writing random
+/// quantized blocks with sane scales takes seconds.
+pub fn random_model(cfg: &ModelConfig, dtype: GgmlDType, seed: u64, device: &Device) -> Result<Model> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let h = cfg.hidden_size;
+    Model::from_tensors(cfg.clone(), device, |name| {
+        if name == "output.weight" && cfg.tie_embeddings {
+            return Ok(None);
+        }
+        if name.ends_with("norm.weight") {
+            let ones = Tensor::ones(h, candle_core::DType::F32, device)?;
+            return Ok(Some(QTensor::quantize(&ones, GgmlDType::F32)?));
+        }
+        let (rows, cols) = shape_of(cfg, name)?;
+        Ok(Some(random_qtensor(dtype, rows, cols, &mut rng, device)?))
+    })
+}
+
+fn shape_of(cfg: &ModelConfig, name: &str) -> Result<(usize, usize)> {
+    if name == "token_embd.weight" || name == "output.weight" {
+        return Ok((cfg.vocab_size, cfg.hidden_size));
+    }
+    for p in super::model::Proj::ALL {
+        if name.ends_with(&format!(".{}.weight", p.gguf_name())) {
+            let (fan_in, fan_out) = p.shape(cfg);
+            return Ok((fan_out, fan_in));
+        }
+    }
+    bail!("no random recipe for tensor `{name}`")
+}
+
+/// Random blocks of a GGML type, with block scales chosen so weights have a magnitude like real
+/// ones (|w| ≲ 0.1): activations stay finite through every layer.
+pub fn random_qtensor(dtype: GgmlDType, rows: usize, cols: usize, rng: &mut ChaCha8Rng, device: &Device) -> Result<QTensor> {
+    let bs = dtype.block_size();
+    if cols % bs != 0 {
+        bail!("{cols} columns are not a multiple of the {dtype:?} block size {bs}");
+    }
+    let blocks = rows * cols / bs;
+    let ts = dtype.type_size();
+    let mut raw = vec![0u8; blocks * ts];
+    rng.fill_bytes(&mut raw);
+    let put_f16 = |b: &mut [u8], at: usize, v: f32| b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+    for block in raw.chunks_exact_mut(ts) {
+        match dtype {
+            // d, dmin, 12 bytes of 6-bit scales, 128 bytes of nibbles.
+            GgmlDType::Q4K => {
+                put_f16(block, 0, 1e-4);
+                put_f16(block, 2, 1e-4);
+            }
+            // d, then nibbles.
+            GgmlDType::Q4_0 | GgmlDType::Q8_0 => put_f16(block, 0, 2e-3),
+            // d, m, then nibbles.
+            GgmlDType::Q4_1 => {
+                put_f16(block, 0, 2e-3);
+                put_f16(block, 2, -0.015);
+            }
+            other => bail!("random weights of type {other:?} are not supported (use q4k, q4_0, q4_1 or q8_0)"),
+        }
+    }
+    Ok(qtensor_from_ggml(dtype, &raw, vec![rows, cols], device)?)
+}

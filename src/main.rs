@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    freeski_bot::cli::main()
+}
