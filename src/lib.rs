@@ -4,3 +4,6 @@
 pub mod cli;
 pub mod config;
 pub mod llm;
+pub mod dataset;
+pub mod scrape;
+pub mod store;
