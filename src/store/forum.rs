@@ -222,7 +222,7 @@ fn page_row(r: &Row<'_>) -> rusqlite::Result<PageRow> {
     })
 }
 
-fn insert_posts(tx: &rusqlite::Transaction<'_>, thread_id: i64, page_no: u32, posts: &[StoredPost]) -> Result<()> {
+fn insert_posts(tx: &rusqlite::Connection, thread_id: i64, page_no: u32, posts: &[StoredPost]) -> Result<()> {
     tx.execute("DELETE FROM posts WHERE thread_id = ?1 AND page_no = ?2", params![thread_id, page_no])?;
     let mut ins = tx.prepare_cached(
         "INSERT INTO posts(thread_id, page_no, position, post_id, author, posted_at, body, quotes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -235,7 +235,7 @@ fn insert_posts(tx: &rusqlite::Transaction<'_>, thread_id: i64, page_no: u32, po
     Ok(())
 }
 
-fn upsert_page(tx: &rusqlite::Transaction<'_>, page: &PageRecord<'_>, now: i64) -> Result<()> {
+fn upsert_page(tx: &rusqlite::Connection, page: &PageRecord<'_>, now: i64) -> Result<()> {
     let html = compress(page.html)?;
     let thread_id = page.thread_id.map(id_i64).transpose()?;
     tx.execute(
@@ -566,11 +566,9 @@ impl Store {
     }
 
     /// Store a raw page without touching crawl progress (synthetic stores).
+    /// Use inside [`Store::in_transaction`] for bulk loads.
     pub fn insert_raw_page(&self, page: &PageRecord<'_>) -> Result<()> {
-        let tx = self.conn().unchecked_transaction()?;
-        upsert_page(&tx, page, now_secs())?;
-        tx.commit()?;
-        Ok(())
+        upsert_page(self.conn(), page, now_secs())
     }
 
     /// Run `f` inside one transaction (bulk inserts).
