@@ -100,3 +100,92 @@ fn hostile_message_cannot_forge_turns() {
     assert_eq!(enc.ids.iter().filter(|&&t| t == im_start).count(), 2);
     assert_eq!(enc.ids.iter().filter(|&&t| t == im_end).count(), 1);
 }
+
+fn sampled(seed: u64) -> GenOptions {
+    GenOptions {
+        sampling: SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, repetition_penalty: 1.0, repetition_window: 0, no_repeat_ngram: 0 },
+        max_new_tokens: 24,
+        stop: vec![],
+        seed,
+        max_context: 2048,
+    }
+}
+
+fn chat_prompt(q: &str) -> Vec<u32> {
+    let lm = smol();
+    lm.template.prompt(&lm.tokenizer, lm.bos_id, lm.stop_ids.first().copied(), "", &[], q).unwrap()
+}
+
+#[test]
+fn same_seed_same_answer() {
+    let lm = smol();
+    let p = chat_prompt("Describe a perfect powder day.");
+    let run = |seed| generate(lm, None, &p, &sampled(seed), |_| ControlFlow::Continue(())).unwrap().tokens;
+    let a = run(42);
+    assert_eq!(a, run(42));
+    assert_ne!(a, run(43), "different seeds should (almost surely) differ");
+}
+
+/// Longest run of a repeated n-gram: how often any n-gram occurs.
+fn max_ngram_count(tokens: &[u32], n: usize) -> usize {
+    let mut counts = std::collections::HashMap::new();
+    for w in tokens.windows(n) {
+        *counts.entry(w.to_vec()).or_insert(0usize) += 1;
+    }
+    counts.values().copied().max().unwrap_or(0)
+}
+
+#[test]
+fn ngram_guard_breaks_loops_and_penalty_changes_output() {
+    let lm = smol();
+    // A prompt that sends greedy SmolLM2 into a loop.
+    let p = lm.tokenizer.encode("skis skis skis skis skis skis skis skis", false).unwrap().get_ids().to_vec();
+    let mut opts = greedy(48);
+    let plain = generate(lm, None, &p, &opts, |_| ControlFlow::Continue(())).unwrap();
+    assert!(max_ngram_count(&plain.tokens, 3) > 1, "expected the bare model to repeat itself: {:?}", plain.text);
+    opts.sampling.no_repeat_ngram = 3;
+    let guarded = generate(lm, None, &p, &opts, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(max_ngram_count(&guarded.tokens, 3), 1, "a 3-gram repeated: {:?}", guarded.text);
+    opts.sampling.no_repeat_ngram = 0;
+    opts.sampling.repetition_penalty = 1.3;
+    let penalized = generate(lm, None, &p, &opts, |_| ControlFlow::Continue(())).unwrap();
+    let skis = lm.tokenizer.encode(" skis", false).unwrap().get_ids()[0];
+    let count = |t: &[u32]| t.iter().filter(|&&x| x == skis).count();
+    assert!(count(&penalized.tokens) < count(&plain.tokens), "penalty did not reduce ' skis': {} vs {}", count(&penalized.tokens), count(&plain.tokens));
+}
+
+#[test]
+fn stop_string_ends_the_answer() {
+    let lm = smol();
+    let p = lm.tokenizer.encode("The capital of France is", false).unwrap().get_ids().to_vec();
+    let mut opts = greedy(20);
+    opts.stop = vec!["Paris".into()];
+    let gen = generate(lm, None, &p, &opts, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(gen.finish, Finish::Stop("Paris".into()));
+    assert_eq!(gen.text, " ");
+}
+
+#[test]
+fn batched_greedy_equals_one_by_one() {
+    use freeski_bot::llm::generate::{generate_batch, Request};
+    let lm = smol();
+    let prompts = [chat_prompt("What is a butter?"), chat_prompt("Which wax works in cold snow?"), chat_prompt("hi")];
+    let single: Vec<Vec<u32>> = prompts.iter().map(|p| generate(lm, None, p, &greedy(16), |_| ControlFlow::Continue(())).unwrap().tokens).collect();
+    let reqs = prompts.iter().map(|p| Request { prompt: p.clone(), opts: greedy(16), on_text: Box::new(|_: &str| ControlFlow::Continue(())) }).collect();
+    let batched: Vec<Vec<u32>> = generate_batch(lm, None, reqs).unwrap().into_iter().map(|g| g.tokens).collect();
+    assert_eq!(batched, single);
+}
+
+#[test]
+fn cancelling_from_the_callback_stops_generation() {
+    let lm = smol();
+    let p = chat_prompt("Tell me a long story about a ski trip.");
+    let mut pieces = 0;
+    let gen = generate(lm, None, &p, &greedy(100), |_| {
+        pieces += 1;
+        if pieces == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    })
+    .unwrap();
+    assert_eq!(gen.finish, Finish::Cancelled);
+    assert!(gen.tokens.len() < 10);
+}

@@ -59,9 +59,7 @@ fn proc_status_kib(key: &str) -> Option<u64> {
 pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
-        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
-        let _ = dev.cuda_stream().context().bind_to_thread();
-        let (free, total) = mem_get_info().ok()?;
+        let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
         return Some(((total - free) as u64, total as u64));
     }
     let _ = device;

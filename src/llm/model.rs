@@ -311,7 +311,6 @@ impl Model {
             None => (k, v.contiguous()?),
         };
         *kv = Some((k.clone(), v.clone()));
-        let s = k.dim(2)?;
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let out = if t == 1 && mask.is_none() {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use std::path::PathBuf;
 
 /// The real SmolLM2-135M-Instruct Q4_1 GGUF fetched by `.ci/fetch-test-models.sh`.
