@@ -20,6 +20,9 @@ pub struct Settings {
     pub model: ModelSettings,
     pub adapter: AdapterSettings,
     pub generation: GenerationSettings,
+    pub scrape: crate::scrape::ScrapeSettings,
+    pub dataset: crate::dataset::DatasetSettings,
+    pub store: crate::store::StoreSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +129,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("generation.stop")
+                .with_list_parse_key("dataset.blocked_words")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -135,6 +139,9 @@ impl Settings {
             .and_then(|c| c.try_deserialize())
             .with_context(|| format!("invalid settings ({origin})"))?;
         settings.generation.validate()?;
+        settings.scrape.validate()?;
+        settings.dataset.validate()?;
+        settings.store.validate()?;
         Ok(settings)
     }
 }

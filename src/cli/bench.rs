@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// Compare logits of a tiny random model on the CPU and on another device.
     Parity(ParityBench),
+    /// Forum page parsing speed and peak memory of `dataset build` on a generated store.
+    Parse(super::bench_parse::ParseBench),
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +95,7 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(args) => bench_generate(settings, args),
         BenchCommand::Parity(args) => bench_parity(args),
+        BenchCommand::Parse(args) => super::bench_parse::run(args),
     }
 }
 

@@ -10,6 +10,9 @@ use crate::config::Settings;
 
 pub mod ask;
 pub mod bench;
+pub mod bench_parse;
+pub mod dataset;
+pub mod scrape;
 
 #[derive(Debug, Parser)]
 #[command(name = "freeski-bot", version, about = "Freeskiing Q&A bot on a local QLoRA-tuned LLM")]
@@ -30,6 +33,11 @@ pub enum Command {
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Crawl the forum into the store (resumable, incremental, polite).
+    Scrape(scrape::ScrapeArgs),
+    /// Build training data from the store.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
 }
 
 /// Entry point of the binary: parse, set up logging, run, and turn errors into exit codes.
@@ -52,6 +60,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ask(args) => ask::ask(&settings, args),
         Command::Chat(args) => ask::chat(&settings, args),
         Command::Bench(cmd) => bench::run(&settings, cmd),
+        Command::Scrape(args) => scrape::run(&settings, args),
+        Command::Dataset(cmd) => dataset::run(&settings, cmd),
     }
 }
 

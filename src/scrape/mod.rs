@@ -111,7 +111,7 @@ impl Default for ScrapeSettings {
         Self {
             base_url: "https://www.newschoolers.com".into(),
             subforum_path: "/forum/1/Ski-Gabber".into(),
-            user_agent: concat!("freeski-bot/", env!("CARGO_PKG_VERSION"), " (+https://github.com/freeski-bot/freeski-bot)").into(),
+            user_agent: "freeski-bot/0.1 (self-hosted freeskiing Q&A bot)".into(),
             requests_per_second: 1.0,
             burst: 1,
             concurrency: 2,
