@@ -23,12 +23,22 @@ async fn scrape_then_dataset_build_through_the_binary() {
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "scrape failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "scrape failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("28 new"), "{stdout}");
     assert!(stdout.contains("1 gone, 1 blocked"), "{stdout}");
     assert!(d.join("state/forum.sqlite").is_file());
-    assert!(forum.requests().iter().any(|r| r.user_agent.starts_with("freeski-bot/")), "default User-Agent identifies the bot");
+    assert!(
+        forum
+            .requests()
+            .iter()
+            .any(|r| r.user_agent.starts_with("freeski-bot/")),
+        "default User-Agent identifies the bot"
+    );
 
     let build = tokio::task::spawn_blocking({
         let origin = forum.origin();
@@ -37,11 +47,19 @@ async fn scrape_then_dataset_build_through_the_binary() {
     })
     .await
     .unwrap();
-    assert!(build.status.success(), "dataset build failed: {}", String::from_utf8_lossy(&build.stderr));
+    assert!(
+        build.status.success(),
+        "dataset build failed: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
     let stdout = String::from_utf8_lossy(&build.stdout);
-    assert!(stdout.contains("dropped:") && stdout.contains("p50"), "{stdout}");
+    assert!(
+        stdout.contains("dropped:") && stdout.contains("p50"),
+        "{stdout}"
+    );
     let latest = std::fs::read_to_string(d.join("out/LATEST")).unwrap();
-    let train = std::fs::read_to_string(d.join("out").join(latest.trim()).join("train.jsonl")).unwrap();
+    let train =
+        std::fs::read_to_string(d.join("out").join(latest.trim()).join("train.jsonl")).unwrap();
     assert!(train.lines().count() > 20);
 
     // A missing store is a clear error, not a crash or an empty dataset.
@@ -79,7 +97,10 @@ impl ForumRef {
 }
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[test]
@@ -92,19 +113,41 @@ fn scrape_dataset_and_store_settings_are_checked_by_name() {
     assert!(!s.dataset.multi_turn);
     assert_eq!(s.store.path, Path::new("data/freeski.sqlite"));
 
-    let s = Settings::load_with_env(None, env(&[("FREESKI__DATASET__BLOCKED_WORDS", "darn,heck"), ("FREESKI__SCRAPE__KEEP_URLS", "false")])).unwrap();
+    let s = Settings::load_with_env(
+        None,
+        env(&[
+            ("FREESKI__DATASET__BLOCKED_WORDS", "darn,heck"),
+            ("FREESKI__SCRAPE__KEEP_URLS", "false"),
+        ]),
+    )
+    .unwrap();
     assert_eq!(s.dataset.blocked_words, vec!["darn", "heck"]);
     assert!(!s.scrape.keep_urls);
 
     for (key, value, named) in [
-        ("FREESKI__SCRAPE__REQUESTS_PER_SECOND", "0", "scrape.requests_per_second"),
+        (
+            "FREESKI__SCRAPE__REQUESTS_PER_SECOND",
+            "0",
+            "scrape.requests_per_second",
+        ),
         ("FREESKI__SCRAPE__BASE_URL", "not a url", "scrape.base_url"),
-        ("FREESKI__DATASET__TEST_FRACTION", "1.5", "dataset.test_fraction"),
-        ("FREESKI__DATASET__NEAR_DUPLICATE_THRESHOLD", "0", "dataset.near_duplicate_threshold"),
+        (
+            "FREESKI__DATASET__TEST_FRACTION",
+            "1.5",
+            "dataset.test_fraction",
+        ),
+        (
+            "FREESKI__DATASET__NEAR_DUPLICATE_THRESHOLD",
+            "0",
+            "dataset.near_duplicate_threshold",
+        ),
         ("FREESKI__SCRAPE__MAX_RETRIES", "many", "max_retries"),
         ("FREESKI__STORE__PATHH", "x", "pathh"),
     ] {
-        let err = format!("{:#}", Settings::load_with_env(None, env(&[(key, value)])).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Settings::load_with_env(None, env(&[(key, value)])).unwrap_err()
+        );
         assert!(err.contains(named), "{key}={value}: {err}");
     }
 }

@@ -29,14 +29,22 @@ pub struct ScrapeArgs {
 pub fn run(settings: &Settings, args: ScrapeArgs) -> Result<()> {
     let path = args.store.unwrap_or_else(|| settings.store.path.clone());
     let store = Mutex::new(Store::open(&path)?);
-    let opts = CrawlOptions { revalidate: args.revalidate, progress: !args.no_progress };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let opts = CrawlOptions {
+        revalidate: args.revalidate,
+        progress: !args.no_progress,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let report = rt.block_on(async {
         let cancel = CancellationToken::new();
         let on_signal = cancel.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!("interrupted: finishing the pages in flight (Ctrl-C again to stop now)");
+                tracing::warn!(
+                    "interrupted: finishing the pages in flight (Ctrl-C again to stop now)"
+                );
                 on_signal.cancel();
                 if tokio::signal::ctrl_c().await.is_ok() {
                     std::process::exit(130);
@@ -46,7 +54,9 @@ pub fn run(settings: &Settings, args: ScrapeArgs) -> Result<()> {
         scrape(&settings.scrape, &store, &opts, &cancel).await
     })?;
     println!("{report}");
-    let store = store.into_inner().map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
+    let store = store
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
     let c = store.forum_counts()?;
     println!(
         "store {}: {} threads ({} done, {} failed, {} gone, {} blocked), {} pages, {} posts, {} parse errors",

@@ -18,16 +18,29 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn user_text(&self) -> String {
-        self.messages.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")
+        self.messages
+            .iter()
+            .filter(|m| m.role == "user")
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn assistant_text(&self) -> String {
-        self.messages.iter().filter(|m| m.role == "assistant").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")
+        self.messages
+            .iter()
+            .filter(|m| m.role == "assistant")
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
 pub fn turn(role: &str, content: &str) -> Turn {
-    Turn { role: role.to_string(), content: content.to_string() }
+    Turn {
+        role: role.to_string(),
+        content: content.to_string(),
+    }
 }
 
 /// Conversations of one thread and why the rest was left out.
@@ -56,13 +69,26 @@ fn words(s: &str) -> usize {
 
 /// Normalised start of a text, to recognise it inside a later post's quote.
 fn fingerprint(s: &str) -> String {
-    s.split_whitespace().take(8).collect::<Vec<_>>().join(" ").to_lowercase()
+    s.split_whitespace()
+        .take(8)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 /// Why a reply cannot be an answer, or `None` when it can.
-fn screen(body: &str, quotes: &[String], s: &DatasetSettings, filter: &WordFilter) -> Option<&'static str> {
+fn screen(
+    body: &str,
+    quotes: &[String],
+    s: &DatasetSettings,
+    filter: &WordFilter,
+) -> Option<&'static str> {
     if body.trim().is_empty() {
-        return Some(if quotes.is_empty() { "empty_reply" } else { "quote_only" });
+        return Some(if quotes.is_empty() {
+            "empty_reply"
+        } else {
+            "quote_only"
+        });
     }
     let text_words = words(&without_urls(body));
     if urls(body).next().is_some() && text_words < s.min_answer_words {
@@ -108,7 +134,10 @@ pub fn build_thread(t: &ThreadPosts, s: &DatasetSettings, filter: &WordFilter) -
         return out;
     }
     let op_author = op.author.as_deref().filter(|a| !a.is_empty());
-    let later_quotes: Vec<String> = replies.iter().flat_map(|(_, p)| p.quotes.iter().map(|q| q.to_lowercase())).collect();
+    let later_quotes: Vec<String> = replies
+        .iter()
+        .flat_map(|(_, p)| p.quotes.iter().map(|q| q.to_lowercase()))
+        .collect();
 
     // Screen every reply once: Ok(score) for usable answers, Err(reason) otherwise.
     let mut screened: Vec<Result<f64, &'static str>> = Vec::with_capacity(replies.len());
@@ -134,20 +163,30 @@ pub fn build_thread(t: &ThreadPosts, s: &DatasetSettings, filter: &WordFilter) -
 
     let mut used = vec![false; replies.len()];
     if s.multi_turn {
-        if let Some(conv) = multi_turn(t.id, &q, replies, &screened, op_author, s, filter, &mut used) {
+        if let Some(conv) = multi_turn(
+            t.id, &q, replies, &screened, op_author, s, filter, &mut used,
+        ) {
             out.conversations.push(conv);
         }
     }
 
-    let mut ranked: Vec<(usize, f64)> =
-        screened.iter().enumerate().filter(|(i, _)| !used[*i]).filter_map(|(i, v)| v.ok().map(|score| (i, score))).collect();
+    let mut ranked: Vec<(usize, f64)> = screened
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !used[*i])
+        .filter_map(|(i, v)| v.ok().map(|score| (i, score)))
+        .collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let keep = s.max_answers_per_thread.saturating_sub(out.conversations.len());
+    let keep = s
+        .max_answers_per_thread
+        .saturating_sub(out.conversations.len());
     let mut chosen: Vec<usize> = ranked.iter().take(keep).map(|(i, _)| *i).collect();
     chosen.sort_unstable();
     for (i, verdict) in screened.iter().enumerate() {
         match verdict {
-            Err(reason) if !(used[i] && *reason == "by_original_poster") => out.dropped.push(reason),
+            Err(reason) if !(used[i] && *reason == "by_original_poster") => {
+                out.dropped.push(reason)
+            }
             Ok(_) if !used[i] && !chosen.contains(&i) => out.dropped.push("not_selected"),
             _ => {}
         }
@@ -187,7 +226,10 @@ fn multi_turn(
             messages.push(turn("assistant", &r.body));
             picked.push(i);
             want_answer = false;
-        } else if !want_answer && r.author.as_deref() == Some(op_author) && screen(&r.body, &r.quotes, s, filter).is_none() {
+        } else if !want_answer
+            && r.author.as_deref() == Some(op_author)
+            && screen(&r.body, &r.quotes, s, filter).is_none()
+        {
             messages.push(turn("user", &r.body));
             picked.push(i);
             want_answer = true;
@@ -204,7 +246,11 @@ fn multi_turn(
     for i in picked {
         used[i] = true;
     }
-    Some(Conversation { thread_id: Some(thread_id), answer_id: None, messages })
+    Some(Conversation {
+        thread_id: Some(thread_id),
+        answer_id: None,
+        messages,
+    })
 }
 
 #[cfg(test)]
@@ -213,21 +259,39 @@ mod tests {
     use crate::store::StoredPost;
 
     fn post(pos: u32, author: &str, body: &str) -> StoredPost {
-        StoredPost { position: pos, author: Some(author.into()), body: body.into(), ..Default::default() }
+        StoredPost {
+            position: pos,
+            author: Some(author.into()),
+            body: body.into(),
+            ..Default::default()
+        }
     }
 
     fn thread(posts: Vec<StoredPost>) -> ThreadPosts {
-        ThreadPosts { id: 9, title: "Park skis for a beginner".into(), posts: posts.into_iter().map(|p| (1, p)).collect() }
+        ThreadPosts {
+            id: 9,
+            title: "Park skis for a beginner".into(),
+            posts: posts.into_iter().map(|p| (1, p)).collect(),
+        }
     }
 
     fn settings() -> DatasetSettings {
-        DatasetSettings { max_answers_per_thread: 2, ..DatasetSettings::default() }
+        DatasetSettings {
+            max_answers_per_thread: 2,
+            ..DatasetSettings::default()
+        }
     }
 
     #[test]
     fn question_format() {
-        assert_eq!(question("Park skis", "I'm 5'8, what length?"), "Park skis: I'm 5'8, what length?");
-        assert_eq!(question("Which length?", "I'm 5'8."), "Which length? I'm 5'8.");
+        assert_eq!(
+            question("Park skis", "I'm 5'8, what length?"),
+            "Park skis: I'm 5'8, what length?"
+        );
+        assert_eq!(
+            question("Which length?", "I'm 5'8."),
+            "Which length? I'm 5'8."
+        );
         assert_eq!(question("Best skis - 2023", ""), "Best skis - 2023");
     }
 
@@ -237,50 +301,104 @@ mod tests {
         quoted.quotes = vec!["something".into()];
         let t = thread(vec![
             post(0, "op", "What should I get to start hitting rails?"),
-            post(1, "a", "Get something soft and twin tipped, mount at center, around chin height."),
+            post(
+                1,
+                "a",
+                "Get something soft and twin tipped, mount at center, around chin height.",
+            ),
             post(2, "b", "https://youtu.be/abc"),
             post(3, "op", "thanks guys"),
             post(4, "d", "+1"),
             quoted,
             post(6, "e", ""),
-            post(7, "f", "Used gear is the way, old Line Chronics are cheap and bomber on rails for years."),
-            post(8, "g", "I'd also say boots first, a soft park boot helps a lot when learning rails."),
+            post(
+                7,
+                "f",
+                "Used gear is the way, old Line Chronics are cheap and bomber on rails for years.",
+            ),
+            post(
+                8,
+                "g",
+                "I'd also say boots first, a soft park boot helps a lot when learning rails.",
+            ),
         ]);
         let out = build_thread(&t, &settings(), &WordFilter::default());
         assert_eq!(out.conversations.len(), 2);
-        assert!(out.conversations[0].messages[0].content.starts_with("Park skis for a beginner: What should"));
-        let answers: Vec<_> = out.conversations.iter().map(|c| c.messages[1].content.clone()).collect();
+        assert!(out.conversations[0].messages[0]
+            .content
+            .starts_with("Park skis for a beginner: What should"));
+        let answers: Vec<_> = out
+            .conversations
+            .iter()
+            .map(|c| c.messages[1].content.clone())
+            .collect();
         // The two most substantive replies win, kept in thread order.
         assert!(answers[0].starts_with("Used gear"), "{answers:?}");
         assert!(answers[1].starts_with("I'd also say"), "{answers:?}");
         let mut d = out.dropped.clone();
         d.sort();
-        assert_eq!(d, vec!["by_original_poster", "empty_reply", "link_only", "not_selected", "quote_only", "too_short"]);
+        assert_eq!(
+            d,
+            vec![
+                "by_original_poster",
+                "empty_reply",
+                "link_only",
+                "not_selected",
+                "quote_only",
+                "too_short"
+            ]
+        );
     }
 
     #[test]
     fn multi_turn_uses_op_follow_ups() {
         let t = thread(vec![
             post(0, "op", "What should I get to start hitting rails?"),
-            post(1, "a", "Get something soft and twin tipped, mount at center."),
+            post(
+                1,
+                "a",
+                "Get something soft and twin tipped, mount at center.",
+            ),
             post(2, "op", "What length should they be for someone my height?"),
             post(3, "b", "Around chin height is a good start for rails."),
             post(4, "c", "Also wax them often, rails eat bases alive."),
         ]);
-        let s = DatasetSettings { multi_turn: true, max_answers_per_thread: 3, ..DatasetSettings::default() };
+        let s = DatasetSettings {
+            multi_turn: true,
+            max_answers_per_thread: 3,
+            ..DatasetSettings::default()
+        };
         let out = build_thread(&t, &s, &WordFilter::default());
         assert_eq!(out.conversations[0].messages.len(), 4);
         assert_eq!(out.conversations[0].messages[2].role, "user");
-        assert_eq!(out.conversations.len(), 2, "remaining reply becomes a single-turn pair");
-        assert_eq!(out.conversations[1].messages[1].content, "Also wax them often, rails eat bases alive.");
+        assert_eq!(
+            out.conversations.len(),
+            2,
+            "remaining reply becomes a single-turn pair"
+        );
+        assert_eq!(
+            out.conversations[1].messages[1].content,
+            "Also wax them often, rails eat bases alive."
+        );
     }
 
     #[test]
     fn threads_without_answers_say_why() {
-        let out = build_thread(&thread(vec![post(0, "op", "Anyone skiing Mammoth this weekend?")]), &settings(), &WordFilter::default());
+        let out = build_thread(
+            &thread(vec![post(0, "op", "Anyone skiing Mammoth this weekend?")]),
+            &settings(),
+            &WordFilter::default(),
+        );
         assert!(out.conversations.is_empty());
         assert_eq!(out.dropped, vec!["no_replies"]);
-        let t = ThreadPosts { id: 1, title: "x".into(), posts: vec![(2, post(0, "op", "page one missing"))] };
-        assert_eq!(build_thread(&t, &settings(), &WordFilter::default()).dropped, vec!["no_opening_post"]);
+        let t = ThreadPosts {
+            id: 1,
+            title: "x".into(),
+            posts: vec![(2, post(0, "op", "page one missing"))],
+        };
+        assert_eq!(
+            build_thread(&t, &settings(), &WordFilter::default()).dropped,
+            vec!["no_opening_post"]
+        );
     }
 }

@@ -37,7 +37,12 @@ impl ReparseReport {
 
 /// Re-parse if the stored posts were made by other cleaning settings (or none were recorded
 /// while pages exist). Returns the report when it did.
-pub fn ensure_current(store: &mut Store, clean: &CleanOptions, jobs: usize, progress: bool) -> Result<Option<ReparseReport>> {
+pub fn ensure_current(
+    store: &mut Store,
+    clean: &CleanOptions,
+    jobs: usize,
+    progress: bool,
+) -> Result<Option<ReparseReport>> {
     let want = clean.fingerprint();
     let have = store.meta_get(FINGERPRINT_KEY)?;
     if have.as_deref() == Some(want.as_str()) {
@@ -52,9 +57,17 @@ pub fn ensure_current(store: &mut Store, clean: &CleanOptions, jobs: usize, prog
 }
 
 /// Parse every stored thread page again and replace its posts. `jobs` = 0 uses all cores.
-pub fn reparse_all(store: &mut Store, clean: &CleanOptions, jobs: usize, progress: bool) -> Result<ReparseReport> {
+pub fn reparse_all(
+    store: &mut Store,
+    clean: &CleanOptions,
+    jobs: usize,
+    progress: bool,
+) -> Result<ReparseReport> {
     let started = Instant::now();
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build().context("starting parse threads")?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs)
+        .build()
+        .context("starting parse threads")?;
     let total = store.raw_thread_page_count()?;
     let bar = Progress::new(progress, total, "pages");
     let mut report = ReparseReport::default();
@@ -63,8 +76,13 @@ pub fn reparse_all(store: &mut Store, clean: &CleanOptions, jobs: usize, progres
         let batch = store.raw_thread_pages(after, BATCH)?;
         let Some(last) = batch.last() else { break };
         after = last.rowid;
-        let parsed: Vec<(RawPage, std::result::Result<Vec<StoredPost>, String>, u64)> =
-            pool.install(|| batch.into_par_iter().map(|page| parse_raw(page, clean)).collect());
+        let parsed: Vec<(RawPage, std::result::Result<Vec<StoredPost>, String>, u64)> = pool
+            .install(|| {
+                batch
+                    .into_par_iter()
+                    .map(|page| parse_raw(page, clean))
+                    .collect()
+            });
         let mut results = Vec::with_capacity(parsed.len());
         for (page, result, bytes) in parsed {
             report.pages += 1;
@@ -85,7 +103,10 @@ pub fn reparse_all(store: &mut Store, clean: &CleanOptions, jobs: usize, progres
     Ok(report)
 }
 
-fn parse_raw(mut page: RawPage, clean: &CleanOptions) -> (RawPage, std::result::Result<Vec<StoredPost>, String>, u64) {
+fn parse_raw(
+    mut page: RawPage,
+    clean: &CleanOptions,
+) -> (RawPage, std::result::Result<Vec<StoredPost>, String>, u64) {
     let html = match decompress(&page.html_zstd) {
         Ok(h) => h,
         Err(e) => return (page, Err(format!("{e:#}")), 0),
@@ -94,7 +115,11 @@ fn parse_raw(mut page: RawPage, clean: &CleanOptions) -> (RawPage, std::result::
     let bytes = html.len() as u64;
     let result = Url::parse(&page.url)
         .map_err(|e| format!("stored URL {:?}: {e}", page.url))
-        .and_then(|url| decode_body(&html).and_then(|text| parse_thread_page(&text, &url, clean)).map_err(|e| e.to_string()))
+        .and_then(|url| {
+            decode_body(&html)
+                .and_then(|text| parse_thread_page(&text, &url, clean))
+                .map_err(|e| e.to_string())
+        })
         .map(|tp| tp.posts);
     (page, result, bytes)
 }

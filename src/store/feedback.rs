@@ -101,7 +101,11 @@ impl Store {
     pub fn answer_for_message(&self, message_id: u64) -> Result<Option<AnswerId>> {
         Ok(self
             .conn()
-            .query_row("SELECT answer_id FROM answer_messages WHERE message_id = ?1", [snowflake(message_id)?], |r| r.get(0))
+            .query_row(
+                "SELECT answer_id FROM answer_messages WHERE message_id = ?1",
+                [snowflake(message_id)?],
+                |r| r.get(0),
+            )
             .optional()?
             .map(AnswerId))
     }
@@ -174,8 +178,18 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, question, context, answer, adapter_id, up, down, correction) = row?;
-            let context = serde_json::from_str(&context).with_context(|| format!("answer {id}: stored context is not JSON turns"))?;
-            out.push(FeedbackRow { id: AnswerId(id), question, context, answer, adapter_id, up: up as u32, down: down as u32, correction });
+            let context = serde_json::from_str(&context)
+                .with_context(|| format!("answer {id}: stored context is not JSON turns"))?;
+            out.push(FeedbackRow {
+                id: AnswerId(id),
+                question,
+                context,
+                answer,
+                adapter_id,
+                up: up as u32,
+                down: down as u32,
+                correction,
+            });
         }
         Ok(out)
     }
@@ -189,9 +203,18 @@ mod tests {
     fn one_vote_per_user_and_removal_only_of_that_vote() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("s.db")).unwrap();
-        let a = s.record_answer(&NewAnswer { question: "q".into(), answer: "a".into(), ..Default::default() }).unwrap();
+        let a = s
+            .record_answer(&NewAnswer {
+                question: "q".into(),
+                answer: "a".into(),
+                ..Default::default()
+            })
+            .unwrap();
         s.link_message(a, 1_234_567_890_123_456_789, 0).unwrap();
-        assert_eq!(s.answer_for_message(1_234_567_890_123_456_789).unwrap(), Some(a));
+        assert_eq!(
+            s.answer_for_message(1_234_567_890_123_456_789).unwrap(),
+            Some(a)
+        );
         assert_eq!(s.answer_for_message(5).unwrap(), None);
         s.set_vote(a, 10, Vote::Up).unwrap();
         s.set_vote(a, 10, Vote::Up).unwrap();

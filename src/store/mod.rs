@@ -16,7 +16,10 @@ pub mod forum;
 pub mod migrate;
 
 pub use feedback::{AnswerId, FeedbackRow, NewAnswer, Turn, Vote};
-pub use forum::{CrawlRun, ForumCounts, ListedOutcome, ListedThread, PageKind, PageRecord, PageRow, RawPage, StoredPost, ThreadPosts, ThreadStatus, ThreadTask};
+pub use forum::{
+    CrawlRun, ForumCounts, ListedOutcome, ListedThread, PageFailure, PageKind, PageRecord, PageRow,
+    RawPage, StoredPost, ThreadPosts, ThreadStatus, ThreadTask,
+};
 
 /// `[store]` settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -30,8 +33,14 @@ pub struct StoreSettings {
 
 impl StoreSettings {
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(!self.path.as_os_str().is_empty(), "store.path must not be empty");
-        anyhow::ensure!(self.busy_timeout_ms > 0, "store.busy_timeout_ms must be at least 1");
+        anyhow::ensure!(
+            !self.path.as_os_str().is_empty(),
+            "store.path must not be empty"
+        );
+        anyhow::ensure!(
+            self.busy_timeout_ms > 0,
+            "store.busy_timeout_ms must be at least 1"
+        );
         Ok(())
     }
 }
@@ -51,7 +60,10 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Open with the configured path and busy timeout.
     pub fn open_with(settings: &StoreSettings) -> Result<Self> {
-        Self::open_inner(&settings.path, Duration::from_millis(settings.busy_timeout_ms))
+        Self::open_inner(
+            &settings.path,
+            Duration::from_millis(settings.busy_timeout_ms),
+        )
     }
 
     /// Open (creating if needed) and migrate the store at `path`.
@@ -61,18 +73,28 @@ impl Store {
 
     fn open_inner(path: &Path, busy: Duration) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating store folder {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating store folder {}", dir.display()))?;
         }
-        let mut conn = Connection::open(path).with_context(|| format!("opening store {}", path.display()))?;
+        let mut conn =
+            Connection::open(path).with_context(|| format!("opening store {}", path.display()))?;
         conn.busy_timeout(busy)?;
         // WAL: the bot reads feedback while a scrape writes; NORMAL sync is durable at
         // transaction boundaries in WAL mode except on power loss, which is fine for a cache
         // that a re-scrape can rebuild.
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "store {}: could not switch to WAL (got {mode})", path.display());
+        anyhow::ensure!(
+            mode.eq_ignore_ascii_case("wal"),
+            "store {}: could not switch to WAL (got {mode})",
+            path.display()
+        );
         conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
-        migrate::migrate(&mut conn).with_context(|| format!("migrating store {}", path.display()))?;
-        Ok(Self { conn, path: path.to_path_buf() })
+        migrate::migrate(&mut conn)
+            .with_context(|| format!("migrating store {}", path.display()))?;
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -109,7 +131,10 @@ impl Store {
 
 /// Seconds since the Unix epoch; the store keeps times as integers.
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -122,7 +147,10 @@ mod tests {
         let path = dir.path().join("sub/store.sqlite");
         let store = Store::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), migrate::LATEST);
-        let mode: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = store
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
         store.meta_set("k", "v1").unwrap();
         store.meta_set("k", "v2").unwrap();
@@ -134,7 +162,10 @@ mod tests {
 
     #[test]
     fn settings_validation_names_key() {
-        let s = StoreSettings { path: PathBuf::new(), busy_timeout_ms: 10 };
+        let s = StoreSettings {
+            path: PathBuf::new(),
+            busy_timeout_ms: 10,
+        };
         assert!(format!("{:#}", s.validate().unwrap_err()).contains("store.path"));
     }
 }
