@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use crate::config::Settings;
 use crate::dataset::{build, BuildOptions};
-use crate::store::Store;
+use crate::store::{Store, StoreSettings};
 
 #[derive(Debug, Subcommand)]
 pub enum DatasetCommand {
@@ -43,7 +43,7 @@ pub fn run(settings: &Settings, cmd: DatasetCommand) -> Result<()> {
                 "store {} does not exist: run `freeski-bot scrape` first",
                 path.display()
             );
-            let mut store = Store::open(&path)?;
+            let mut store = Store::open_with(&StoreSettings { path: path.clone(), ..settings.store.clone() })?;
             let opts = BuildOptions {
                 out_dir: args.out,
                 jobs: args.jobs,

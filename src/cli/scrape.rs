@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::scrape::{scrape, CrawlOptions};
-use crate::store::Store;
+use crate::store::{Store, StoreSettings};
 
 #[derive(Debug, Args)]
 pub struct ScrapeArgs {
@@ -28,7 +28,7 @@ pub struct ScrapeArgs {
 
 pub fn run(settings: &Settings, args: ScrapeArgs) -> Result<()> {
     let path = args.store.unwrap_or_else(|| settings.store.path.clone());
-    let store = Mutex::new(Store::open(&path)?);
+    let store = Mutex::new(Store::open_with(&StoreSettings { path: path.clone(), ..settings.store.clone() })?);
     let opts = CrawlOptions {
         revalidate: args.revalidate,
         progress: !args.no_progress,

@@ -56,6 +56,8 @@ pub fn ensure_current(
     reparse_all(store, clean, jobs, progress).map(Some)
 }
 
+type ParsedBatch = Vec<(RawPage, std::result::Result<Vec<StoredPost>, String>)>;
+
 /// Parse every stored thread page again and replace its posts. `jobs` = 0 uses all cores.
 pub fn reparse_all(
     store: &mut Store,
@@ -72,17 +74,31 @@ pub fn reparse_all(
     let bar = Progress::new(progress, total, "pages");
     let mut report = ReparseReport::default();
     let mut after = 0i64;
+    // Parse batch k+1 while batch k is written: SQLite writes are single-threaded, parsing
+    // is not, so overlapping them keeps the cores busy.
+    let mut written: Option<ParsedBatch> = None;
     loop {
         let batch = store.raw_thread_pages(after, BATCH)?;
-        let Some(last) = batch.last() else { break };
-        after = last.rowid;
-        let parsed: Vec<(RawPage, std::result::Result<Vec<StoredPost>, String>, u64)> = pool
-            .install(|| {
-                batch
-                    .into_par_iter()
-                    .map(|page| parse_raw(page, clean))
-                    .collect()
-            });
+        if let Some(last) = batch.last() {
+            after = last.rowid;
+        }
+        let done = batch.is_empty();
+        let to_write = written.take();
+        let (parsed, write) = pool.install(|| {
+            rayon::join(
+                || batch.into_par_iter().map(|page| parse_raw(page, clean)).collect::<Vec<_>>(),
+                || match &to_write {
+                    Some(results) => store.replace_parsed(results).map(|()| results.len()),
+                    None => Ok(0),
+                },
+            )
+        });
+        let n = write?;
+        bar.inc(n as u64);
+        bar.note("posts", report.posts, "");
+        if done {
+            break;
+        }
         let mut results = Vec::with_capacity(parsed.len());
         for (page, result, bytes) in parsed {
             report.pages += 1;
@@ -93,9 +109,7 @@ pub fn reparse_all(
             }
             results.push((page, result));
         }
-        store.replace_parsed(&results)?;
-        bar.inc(results.len() as u64);
-        bar.note("posts", report.posts, "");
+        written = Some(results);
     }
     bar.finish();
     store.meta_set(FINGERPRINT_KEY, &clean.fingerprint())?;
