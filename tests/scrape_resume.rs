@@ -235,3 +235,36 @@ async fn rescrape_fetches_only_changed_threads_and_the_dataset_hash_follows() {
         .all(|r| r.path.starts_with(&down)));
     assert_eq!(build(&db, &out).written.hash, changed.written.hash);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_token_stops_cleanly_and_the_next_run_resumes() {
+    let forum = Forum::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("forum.sqlite");
+    let s = settings(&forum);
+    let store = Mutex::new(Store::open(&db).unwrap());
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    let opts = CrawlOptions::default();
+    let (report, ()) = tokio::join!(scrape(&s, &store, &opts, &cancel), async {
+        while forum.thread_requests().len() < 10 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        trigger.cancel(); // what Ctrl-C does in `freeski-bot scrape`
+    });
+    let report = report.unwrap();
+    assert!(report.cancelled, "{report}");
+    drop(store);
+    let seen = forum.thread_requests().len();
+    assert!(
+        seen < 30,
+        "cancellation did not stop the crawl ({seen} thread requests)"
+    );
+
+    let again = crawl(&s, &db).await;
+    assert!(again.resumed && !again.cancelled, "{again}");
+    let store = Store::open(&db).unwrap();
+    let c = store.forum_counts().unwrap();
+    assert_eq!(c.threads_pending, 0);
+    assert_eq!(c.threads as usize, forum.threads().len());
+}
