@@ -125,6 +125,14 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     let mut prompt = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect() };
     let reps = args.repeats.max(1);
 
+    // candle frees device buffers as tensors drop, so "used" right after a forward (logits and
+    // KV cache still alive) is the high-water mark; sample it at each of those points.
+    let mut peak_dev: Option<(u64, u64)> = None;
+    let sample = |peak: &mut Option<(u64, u64)>| {
+        if let Some((used, total)) = device::device_memory(&dev) {
+            *peak = Some((peak.map_or(used, |p| p.0.max(used)), total));
+        }
+    };
     // Warm up kernels and allocator once.
     forward_once(&model, &prompt(16), adapter)?;
 
@@ -132,8 +140,11 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     for _ in 0..reps {
         let p = prompt(args.prompt_tokens);
         let t = Instant::now();
-        forward_once(&model, &p, adapter)?;
+        let mut cache = KvCache::new(&cfg, 1);
+        let logits = model.forward(&Tensor::new(p.as_slice(), &dev)?.unsqueeze(0)?, &mut cache, adapter, Logits::Last)?;
+        let _ = logits.flatten_all()?.to_vec1::<f32>()?;
         prefill.push(t.elapsed());
+        sample(&mut peak_dev);
     }
     let mut ttft = Vec::new();
     for _ in 0..reps {
@@ -157,12 +168,13 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
             tok = sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
         }
         decode.push(t.elapsed());
+        sample(&mut peak_dev);
     }
     let prefill_tps = args.prompt_tokens as f64 / median(&prefill).as_secs_f64();
     let decode_tps = args.decode_tokens as f64 / median(&decode).as_secs_f64();
     let ttft_ms = median(&ttft).as_secs_f64() * 1e3;
     let rss = device::peak_rss_bytes().unwrap_or(0);
-    let devmem = device::device_memory(&dev);
+    let devmem = peak_dev;
 
     println!("model            {label}");
     println!("device           {}", device::describe(&dev));
@@ -173,7 +185,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     println!("decode batch 1   {decode_tps:.1} tokens/s ({} tokens)", args.decode_tokens);
     println!("peak host RSS    {:.2} GiB", gib(rss));
     if let Some((used, total)) = devmem {
-        println!("device memory    {:.2} GiB used of {:.2} GiB", gib(used), gib(total));
+        println!("device memory    {:.2} GiB peak used of {:.2} GiB (whole device, as the driver reports)", gib(used), gib(total));
     }
     if let Some(path) = &args.json {
         let v = serde_json::json!({
@@ -181,7 +193,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
             "prompt_tokens": args.prompt_tokens, "prefill_tokens_per_s": prefill_tps,
             "ttft_prompt_tokens": args.ttft_tokens, "ttft_ms": ttft_ms,
             "decode_tokens": args.decode_tokens, "decode_tokens_per_s": decode_tps,
-            "peak_rss_bytes": rss, "device_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),
+            "peak_rss_bytes": rss, "device_peak_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
     }
