@@ -182,13 +182,14 @@ async fn rescrape_fetches_only_changed_threads_and_the_dataset_hash_follows() {
     // Two threads get replies (one grows a page), and a new thread appears.
     forum.add_replies(0, 3); // 4 posts on one page -> 7 posts on two pages
     forum.add_replies(2, 1); // 3 full pages -> 4 pages
+    forum.add_replies(4, 2); // 12 pages, cut at 10: its new replies are out of reach
     let new_idx = forum.add_thread(2, 3);
     let threads = forum.threads();
     forum.clear_requests();
     let report = crawl(&s, &db).await;
     assert_eq!(
         (report.threads_new, report.threads_changed),
-        (1, 2),
+        (1, 3),
         "{report}"
     );
 

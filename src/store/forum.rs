@@ -772,12 +772,18 @@ fn upsert_listed(
         return Ok(ListedOutcome::Unchanged);
     }
     // New replies land on the last page (or new ones after it): resume from the last page we
-    // hold; conditional GETs make any unchanged page cheap anyway.
-    let from: Option<i64> = tx.query_row(
-        "SELECT MAX(page_no) FROM pages WHERE thread_id = ?1 AND html IS NOT NULL",
+    // hold; conditional GETs make any unchanged page cheap anyway. A finished thread that has
+    // more pages than we hold was cut at max_pages_per_thread: its new replies lie beyond the
+    // cut, so start past the last page held and the crawler fetches nothing.
+    let (held, count): (Option<i64>, Option<i64>) = tx.query_row(
+        "SELECT (SELECT MAX(page_no) FROM pages WHERE thread_id = ?1 AND html IS NOT NULL), page_count FROM threads WHERE id = ?1",
         [id],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
+    let from = match (held, count) {
+        (Some(h), Some(c)) if status == "done" && c > h => Some(h + 1),
+        _ => held,
+    };
     let keep_status = if status == "blocked" {
         "blocked"
     } else {
