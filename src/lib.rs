@@ -7,3 +7,4 @@ pub mod llm;
 pub mod dataset;
 pub mod scrape;
 pub mod store;
+pub mod train;

@@ -1,0 +1,389 @@
+//! Differentiable building blocks for training LoRA adapters on a frozen quantized base.
+//!
+//! Each op keeps candle's inference kernel for the forward pass (so a training forward costs what
+//! an inference forward costs) and supplies its own backward with tensor ops, which run on every
+//! device candle supports:
+//!
+//! * [`frozen_qmatmul`]: `x · Wᵀ` with a quantized `W`; backward gives `grad_x = grad · dequant(W)`
+//!   and never a gradient for `W` (the base is frozen, and `W` is not even a graph node).
+//! * [`rms_norm`]: the weight is frozen, the gradient flows to `x` only.
+//! * [`softmax_last_dim`], [`rope_interleaved`].
+//!
+//! The fused forward kernels are private to candle-nn, so the softmax / RMSNorm / RoPE ops run
+//! them on a detached copy of the input storage inside the custom op (one extra copy in, one
+//! out). Later speed work: CPU/CUDA kernels written against the storage directly, fused
+//! backward kernels, and dequantizing `W` tile by tile in the quantized backward instead of whole.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::quantized::QTensor;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
+    Tensor, D,
+};
+
+/// Returns `x` itself when its storage can be handed to a custom op as one contiguous block
+/// starting at offset 0, else a tracked contiguous copy (gradients still flow through it).
+fn fresh_contiguous(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() && x.layout().start_offset() == 0 {
+        Ok(x.clone())
+    } else {
+        x.force_contiguous()
+    }
+}
+
+/// Forward passes that run an untracked tensor computation (usually a fused candle-nn kernel)
+/// on a copy of the op's input storage.
+trait DenseForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Wraps `storage` (contiguous from offset 0, as guaranteed by [`fresh_contiguous`]) in a detached
+/// tensor, runs `op.forward` and hands back the result's storage.
+fn run_detached(op: &dyn DenseForward, storage: Storage, layout: &Layout) -> Result<(Storage, Shape)> {
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        bail!("train op: input must be contiguous from offset 0, got {layout:?}")
+    }
+    let x = Tensor::from_storage(storage, layout.shape().clone(), BackpropOp::none(), false);
+    let y = op.forward(&x)?;
+    let y = fresh_contiguous(&y)?;
+    let shape = y.shape().clone();
+    let (s, l) = y.storage_and_layout();
+    let out = match &*s {
+        Storage::Cpu(s) => Storage::Cpu(s.try_clone(l)?),
+        Storage::Cuda(s) => Storage::Cuda(s.try_clone(l)?),
+        Storage::Metal(s) => Storage::Metal(s.try_clone(l)?),
+    };
+    Ok((out, shape))
+}
+
+/// Implements the three device forwards of a `CustomOp1` through [`run_detached`].
+macro_rules! detached_forwards {
+    () => {
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            match run_detached(self, Storage::Cpu(s.try_clone(l)?), l)? {
+                (Storage::Cpu(s), shape) => Ok((s, shape)),
+                _ => bail!("{}: forward left the cpu", self.name()),
+            }
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            match run_detached(self, Storage::Cuda(s.try_clone(l)?), l)? {
+                (Storage::Cuda(s), shape) => Ok((s, shape)),
+                _ => bail!("{}: forward left the cuda device", self.name()),
+            }
+        }
+
+        fn metal_fwd(&self, s: &MetalStorage, l: &Layout) -> Result<(MetalStorage, Shape)> {
+            match run_detached(self, Storage::Metal(s.try_clone(l)?), l)? {
+                (Storage::Metal(s), shape) => Ok((s, shape)),
+                _ => bail!("{}: forward left the metal device", self.name()),
+            }
+        }
+    };
+}
+
+/// Half-precision gradients are computed in f32 and cast back: the reductions in the backward
+/// formulas lose too much in bf16.
+fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen quantized linear.
+
+struct FrozenQMatMul {
+    w: Arc<QTensor>,
+}
+
+impl FrozenQMatMul {
+    /// `x · dequant(W)ᵀ` with dense tensor ops: the reference path for f64 inputs, which the
+    /// quantized kernels do not take.
+    fn dense(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.w.dequantize(x.device())?.to_dtype(x.dtype())?;
+        let (out_f, in_f) = w.dims2()?;
+        let mut dims = x.dims().to_vec();
+        let rows = x.elem_count() / in_f;
+        let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
+        if let Some(last) = dims.last_mut() {
+            *last = out_f;
+        }
+        y.reshape(dims)
+    }
+}
+
+impl DenseForward for FrozenQMatMul {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.dense(x)
+    }
+}
+
+impl CustomOp1 for FrozenQMatMul {
+    fn name(&self) -> &'static str {
+        "frozen-qmatmul"
+    }
+
+    // f32/f16/bf16 go to candle's quantized kernel (the inference path); f64 takes the dense
+    // reference path so gradient checks can run in double precision.
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if s.dtype() == DType::F64 {
+            return match run_detached(self, Storage::Cpu(s.try_clone(l)?), l)? {
+                (Storage::Cpu(s), shape) => Ok((s, shape)),
+                _ => bail!("frozen-qmatmul: forward left the cpu"),
+            };
+        }
+        self.w.cpu_fwd(s, l)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.w.cuda_fwd(s, l)
+    }
+
+    fn metal_fwd(&self, s: &MetalStorage, l: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.w.metal_fwd(s, l)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // grad_x = grad · dequant(W). W is dequantized for this call only and dropped after, so
+        // no full-precision copy of the base outlives the step.
+        let cdt = compute_dtype(grad.dtype());
+        let w = self.w.dequantize(grad.device())?.to_dtype(cdt)?;
+        let (out_f, _in_f) = w.dims2()?;
+        let rows = grad.elem_count() / out_f;
+        let gx = grad
+            .to_dtype(cdt)?
+            .reshape((rows, out_f))?
+            .matmul(&w)?
+            .reshape(arg.shape())?
+            .to_dtype(arg.dtype())?;
+        Ok(Some(gx))
+    }
+}
+
+/// `x · Wᵀ` for a frozen quantized `W` of shape `[out, in]` and `x` of shape `[.., in]`.
+///
+/// Forward is candle's quantized matmul (what `QMatMul::forward` runs), for f32 (and f16/bf16
+/// where the device kernel takes them); f64 inputs run densely on `dequant(W)` as a reference.
+/// Backward returns `grad · dequant(W)` for `x`; `W` never receives a gradient.
+pub fn frozen_qmatmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
+    let (out_f, in_f) = w.shape().dims2()?;
+    let dims = x.dims();
+    match dims.last() {
+        Some(&k) if k == in_f => {}
+        _ => bail!("frozen_qmatmul: input {:?} does not end in {in_f} (weight [{out_f}, {in_f}])", x.shape()),
+    }
+    if !x.device().same_device(&w.device()) {
+        bail!("frozen_qmatmul: input on {:?}, weight on {:?}", x.device().location(), w.device().location())
+    }
+    // The quantized kernel wants at least a 2-D, contiguous input.
+    let x2 = if dims.len() < 2 { x.unsqueeze(0)? } else { x.clone() };
+    let x2 = fresh_contiguous(&x2)?;
+    let y = x2.apply_op1(FrozenQMatMul { w: w.clone() })?;
+    if dims.len() < 2 {
+        y.squeeze(0)
+    } else {
+        Ok(y)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm.
+
+struct RmsNormOp {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNormOp {
+    /// Composed RMSNorm for dtypes the fused kernel does not take (f64).
+    fn composed(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let r = (ms + self.eps as f64)?.sqrt()?.recip()?;
+        x.broadcast_mul(&r)?.broadcast_mul(&self.weight.to_dtype(x.dtype())?)
+    }
+}
+
+impl DenseForward for RmsNormOp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match x.dtype() {
+            DType::F64 => self.composed(x),
+            _ => candle_nn::ops::rms_norm(x, &self.weight, self.eps),
+        }
+    }
+}
+
+impl CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "train-rms-norm"
+    }
+
+    detached_forwards!();
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // y = x·r·w with r = (mean(x²) + eps)^-½ per row, so
+        // dx = r·(g∘w) − x·r³·mean(g∘w∘x).
+        let cdt = compute_dtype(arg.dtype());
+        let x = arg.detach().to_dtype(cdt)?;
+        let gw = grad.to_dtype(cdt)?.broadcast_mul(&self.weight.to_dtype(cdt)?)?;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
+        let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+        Ok(Some(dx.to_dtype(arg.dtype())?))
+    }
+}
+
+/// RMSNorm over the last dimension, `x / sqrt(mean(x²) + eps) * weight`, with a backward for `x`.
+/// `weight` (`[hidden]`) is frozen and gets no gradient.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let hidden = x.dim(D::Minus1)?;
+    if weight.dims() != [hidden] {
+        bail!("rms_norm: weight {:?} does not match input {:?}", weight.shape(), x.shape())
+    }
+    let weight = weight.detach().to_dtype(x.dtype())?;
+    fresh_contiguous(x)?.apply_op1(RmsNormOp { weight, eps })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax.
+
+struct SoftmaxOp;
+
+impl DenseForward for SoftmaxOp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match x.dtype() {
+            // The fused kernel covers f64 on the cpu only; the composed one runs everywhere.
+            DType::F64 => candle_nn::ops::softmax(x, D::Minus1),
+            _ => candle_nn::ops::softmax_last_dim(x),
+        }
+    }
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "train-softmax-last-dim"
+    }
+
+    detached_forwards!();
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // dx = y ∘ (g − Σ g∘y) over the last dim.
+        let cdt = compute_dtype(arg.dtype());
+        let y = res.detach().to_dtype(cdt)?;
+        let g = grad.to_dtype(cdt)?;
+        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+        let dx = (y * g.broadcast_sub(&dot)?)?;
+        Ok(Some(dx.to_dtype(arg.dtype())?))
+    }
+}
+
+/// Softmax over the last dimension with a backward.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    fresh_contiguous(x)?.apply_op1(SoftmaxOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interleaved RoPE.
+
+struct RopeIOp {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl DenseForward for RopeIOp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_i(x, &self.cos, &self.sin)
+    }
+}
+
+impl CustomOp1 for RopeIOp {
+    fn name(&self) -> &'static str {
+        "train-rope-i"
+    }
+
+    detached_forwards!();
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Each pair is rotated by an orthogonal 2×2 matrix; its transpose is the rotation by −θ,
+        // i.e. the same kernel with sin negated.
+        let g = grad.contiguous()?;
+        let dx = candle_nn::rotary_emb::rope_i(&g, &self.cos, &self.sin.neg()?)?;
+        Ok(Some(dx))
+    }
+}
+
+/// Interleaved rotary embedding (pairs `(2i, 2i+1)`), the convention of
+/// `candle_nn::rotary_emb::rope_i`: `x` is `[b, heads, t, hd]`, `cos`/`sin` are `[t, hd/2]` or
+/// `[b, t, hd/2]`. Gradient flows to `x`; `cos`/`sin` are constants.
+pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_b, _h, _t, hd) = x.dims4()?;
+    if hd % 2 != 0 {
+        bail!("rope_interleaved: head dim {hd} is odd")
+    }
+    // The kernel wants contiguous cos/sin of the input dtype; they carry no gradient.
+    let cos = cos.detach().to_dtype(x.dtype())?.contiguous()?;
+    let sin = sin.detach().to_dtype(x.dtype())?.contiguous()?;
+    // Shape checks against cos/sin happen in rope_i inside the op.
+    fresh_contiguous(x)?.apply_op1(RopeIOp { cos, sin })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul};
+    use candle_core::{Device, Module};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn forwards_match_inference_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev)?;
+        let w = Tensor::randn(1f32, 0.1, 64, &dev)?;
+        assert!(max_abs_diff(&rms_norm(&x, &w, 1e-5)?, &candle_nn::ops::rms_norm(&x, &w, 1e-5)?)? < 1e-6);
+        assert!(max_abs_diff(&softmax_last_dim(&x)?, &candle_nn::ops::softmax_last_dim(&x)?)? < 1e-7);
+
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 3, 16), &dev)?;
+        let cos = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        let r = rope_interleaved(&q, &cos, &sin)?;
+        assert!(max_abs_diff(&r, &candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?)? < 1e-7);
+
+        let wq = Arc::new(QTensor::quantize(&Tensor::randn(0f32, 1.0, (32, 64), &dev)?, GgmlDType::Q8_0)?);
+        let y = frozen_qmatmul(&x, &wq)?;
+        let y_ref = QMatMul::from_arc(wq.clone())?.forward(&x)?;
+        assert_eq!(y.dims(), &[2, 3, 32]);
+        assert!(max_abs_diff(&y, &y_ref)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn shape_errors_are_reported() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 48), DType::F32, &dev)?;
+        let wq = Arc::new(QTensor::quantize(&Tensor::zeros((32, 64), DType::F32, &dev)?, GgmlDType::Q8_0)?);
+        assert!(frozen_qmatmul(&x, &wq).is_err());
+        assert!(rms_norm(&x, &Tensor::ones(64, DType::F32, &dev)?, 1e-5).is_err());
+        assert!(rope_interleaved(&x, &x, &x).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn non_contiguous_inputs_are_handled() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (64, 6), &dev)?.t()?; // [6, 64], strided
+        let w = Tensor::ones(64, DType::F32, &dev)?;
+        let want = candle_nn::ops::rms_norm(&x.contiguous()?, &w, 1e-6)?;
+        assert!(max_abs_diff(&rms_norm(&x, &w, 1e-6)?, &want)? < 1e-6);
+        let narrowed = Tensor::randn(0f32, 1.0, (4, 64), &dev)?.narrow(0, 1, 2)?; // offset != 0
+        let want = candle_nn::ops::softmax_last_dim(&narrowed.contiguous()?)?;
+        assert!(max_abs_diff(&softmax_last_dim(&narrowed)?, &want)? < 1e-7);
+        Ok(())
+    }
+}
