@@ -110,7 +110,7 @@ impl Session {
             if p.len() <= budget || start >= history.len() {
                 break p;
             }
-            start += 2; // drop one question/answer pair
+            start = (start + 2).min(history.len()); // drop the oldest question/answer pair
         };
         let mut write_err = None;
         let gen = generate(lm, self.adapter.as_ref(), &prompt, &self.opts, |piece| {

@@ -235,6 +235,27 @@ impl Model {
         n
     }
 
+    /// A model with every base linear (embedding and head included) replaced by `f(weight)`.
+    pub fn map_weights(&self, mut f: impl FnMut(&QTensor) -> Result<QTensor>) -> Result<Self> {
+        let mut map = |l: &BaseLinear| BaseLinear::new(f(l.qtensor())?);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Ok(DecoderLayer { attn_norm: l.attn_norm.clone(), ffn_norm: l.ffn_norm.clone(), projs: try_map7(Proj::ALL, |p| map(l.proj(p)))? }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+            embed: map(&self.embed)?,
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.as_ref().map(&mut map).transpose()?,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+        })
+    }
+
     /// Fold an adapter into the base weights (re-quantizing them); the model then answers as
     /// base+adapter without the adapter's per-token cost, but can no longer swap it out.
     pub fn merge_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {

@@ -258,7 +258,8 @@ mod tests {
 
     #[test]
     fn gguf_round_trip() {
-        let cfg = ModelConfig::mistral_7b();
+        // GGUF stores floats as f32: eps comes back as the f32 nearest 1e-5.
+        let cfg = ModelConfig { rms_norm_eps: 1e-5f32 as f64, ..ModelConfig::mistral_7b() };
         let md: HashMap<String, Value> = cfg.to_gguf().into_iter().collect();
         assert_eq!(ModelConfig::from_gguf(&md).unwrap(), cfg);
     }

@@ -75,3 +75,13 @@ pub fn random_qtensor(dtype: GgmlDType, rows: usize, cols: usize, rng: &mut ChaC
     }
     Ok(qtensor_from_ggml(dtype, &raw, vec![rows, cols], device)?)
 }
+
+/// A copy of `model` whose every linear weight is its dequantized f32 value: the exact
+/// computation the quantized kernels approximate (parity checks).
+pub fn dequantized(model: &Model) -> Result<Model> {
+    let dev = model.device().clone();
+    model.map_weights(|q| {
+        let w = q.dequantize(&dev)?;
+        Ok(QTensor::quantize(&w, GgmlDType::F32)?)
+    })
+}
