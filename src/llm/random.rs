@@ -63,8 +63,9 @@ pub fn random_qtensor(dtype: GgmlDType, rows: usize, cols: usize, rng: &mut ChaC
                 put_f16(block, 0, 1e-4);
                 put_f16(block, 2, 1e-4);
             }
-            // d, then nibbles.
-            GgmlDType::Q4_0 | GgmlDType::Q8_0 => put_f16(block, 0, 2e-3),
+            // d, then nibbles (-8..7) or bytes (-128..127): the same |w| range for both.
+            GgmlDType::Q4_0 => put_f16(block, 0, 2e-3),
+            GgmlDType::Q8_0 => put_f16(block, 0, 1.25e-4),
             // d, m, then nibbles.
             GgmlDType::Q4_1 => {
                 put_f16(block, 0, 2e-3);
