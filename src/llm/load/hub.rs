@@ -37,6 +37,7 @@ fn fetch_blocking(repo: &str, file: Option<&str>, settings: &ModelSettings) -> R
             .filename(f)
             .revision(settings.revision.clone())
             .local_files_only(settings.offline)
+            .progress(hf_hub::progress::Progress::new(DownloadBar::new(f)))
             .send()
             .map_err(|e| explain(repo, f, settings.offline, e))
     };
@@ -60,6 +61,56 @@ fn fetch_blocking(repo: &str, file: Option<&str>, settings: &ModelSettings) -> R
                 get(s)?;
             }
             Ok(dir)
+        }
+    }
+}
+
+/// indicatif bar for one file's download (hidden until bytes actually flow, so cache hits
+/// print nothing).
+struct DownloadBar {
+    bar: indicatif::ProgressBar,
+    done: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl DownloadBar {
+    fn new(file: &str) -> Self {
+        let bar = indicatif::ProgressBar::hidden();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(file.to_string());
+        Self { bar, done: Default::default() }
+    }
+
+    fn show(&self, total: u64) {
+        if self.bar.is_hidden() && total > 0 {
+            self.bar.set_length(total);
+            self.bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+    }
+}
+
+impl hf_hub::progress::ProgressHandler for DownloadBar {
+    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
+        use hf_hub::progress::{DownloadEvent, ProgressEvent};
+        let ProgressEvent::Download(ev) = event else { return };
+        match ev {
+            DownloadEvent::Start { total_bytes, .. } => self.show(*total_bytes),
+            DownloadEvent::Progress { files } => {
+                // Deltas per file: keep each file's latest count and show the sum.
+                if let Ok(mut done) = self.done.lock() {
+                    for f in files {
+                        done.insert(f.filename.clone(), f.bytes_completed);
+                    }
+                    self.bar.set_position(done.values().sum());
+                }
+            }
+            DownloadEvent::AggregateProgress { bytes_completed, total_bytes, .. } => {
+                self.show(*total_bytes);
+                self.bar.set_position(*bytes_completed);
+            }
+            DownloadEvent::Complete => self.bar.finish_and_clear(),
         }
     }
 }
