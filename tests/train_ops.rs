@@ -483,3 +483,64 @@ fn cuda_matches_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// Timings at a Mistral-7B MLP shape (tokens 2×512, 4096 → 14336, Q4K) on the GPU. Not a check:
+/// run with `--ignored --nocapture` on a GPU machine to see what a training step pays.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore]
+fn cuda_timing() -> Result<()> {
+    use std::time::Instant;
+    let gpu = Device::new_cuda(0)?;
+    let (m, k, n) = (1024, 4096, 14336);
+    let w = Tensor::randn(0f32, 0.02, (n, k), &gpu)?;
+    let wq = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K)?);
+    drop(w);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &gpu)?;
+    let r = Tensor::randn(0f32, 1.0, (m, n), &gpu)?;
+    let qmm = QMatMul::from_arc(wq.clone())?;
+    let time = |name: &str, f: &dyn Fn() -> Result<()>| -> Result<()> {
+        f()?;
+        gpu.synchronize()?;
+        let iters = 10;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        gpu.synchronize()?;
+        eprintln!(
+            "{name}: {:.3} ms",
+            t0.elapsed().as_secs_f64() * 1e3 / iters as f64
+        );
+        Ok(())
+    };
+    time("QMatMul::forward (inference)", &|| {
+        Ok(drop(qmm.forward(&x)?))
+    })?;
+    time("frozen_qmatmul forward", &|| {
+        Ok(drop(frozen_qmatmul(&x, &wq)?))
+    })?;
+    time("dequantize W (Q4K → f32)", &|| {
+        Ok(drop(wq.dequantize(&gpu)?))
+    })?;
+    time("frozen_qmatmul forward + backward", &|| {
+        let xv = Var::from_tensor(&x)?;
+        let g = weighted_sum(&frozen_qmatmul(xv.as_tensor(), &wq)?, &r)?.backward()?;
+        Ok(drop(g))
+    })?;
+    let h = Tensor::randn(0f32, 1.0, (m, k), &gpu)?;
+    let nw = Tensor::ones(k, DType::F32, &gpu)?;
+    time("candle_nn rms_norm (fused, no grad)", &|| {
+        Ok(drop(candle_nn::ops::rms_norm(&h, &nw, 1e-5)?))
+    })?;
+    time("train rms_norm forward", &|| {
+        Ok(drop(rms_norm(&h, &nw, 1e-5)?))
+    })?;
+    time("candle_nn softmax_last_dim (fused)", &|| {
+        Ok(drop(candle_nn::ops::softmax_last_dim(&h)?))
+    })?;
+    time("train softmax_last_dim forward", &|| {
+        Ok(drop(softmax_last_dim(&h)?))
+    })?;
+    Ok(())
+}
