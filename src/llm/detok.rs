@@ -64,7 +64,7 @@ impl<'a> StreamDecoder<'a> {
         let pending = self.ids.len() - self.read;
         let partial_char = text.ends_with(REPLACEMENT);
         let in_byte_run = self.byte_fallback && is_byte_token(&token);
-        let emit = (!partial_char && !in_byte_run) || (pending >= MAX_PENDING && !partial_char) || pending >= 2 * MAX_PENDING;
+        let emit = (!partial_char && (!in_byte_run || pending >= MAX_PENDING)) || pending >= 2 * MAX_PENDING;
         if !emit || text.len() <= self.prefix_text.len() {
             return Ok(None);
         }

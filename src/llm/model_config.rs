@@ -90,8 +90,8 @@ impl ModelConfig {
 
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.num_layers > 0 && self.hidden_size > 0 && self.vocab_size > 0, "model config has a zero dimension: {self:?}");
-        anyhow::ensure!(self.num_heads > 0 && self.num_kv_heads > 0 && self.num_heads % self.num_kv_heads == 0, "heads ({}) must be a multiple of KV heads ({})", self.num_heads, self.num_kv_heads);
-        anyhow::ensure!(self.head_dim % 2 == 0, "head_dim {} must be even for rotary embeddings", self.head_dim);
+        anyhow::ensure!(self.num_heads > 0 && self.num_kv_heads > 0 && self.num_heads.is_multiple_of(self.num_kv_heads), "heads ({}) must be a multiple of KV heads ({})", self.num_heads, self.num_kv_heads);
+        anyhow::ensure!(self.head_dim.is_multiple_of(2), "head_dim {} must be even for rotary embeddings", self.head_dim);
         anyhow::ensure!(self.rope_theta > 0.0 && self.rms_norm_eps > 0.0, "rope_theta and rms_norm_eps must be positive");
         Ok(())
     }

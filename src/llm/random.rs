@@ -48,7 +48,7 @@ fn shape_of(cfg: &ModelConfig, name: &str) -> Result<(usize, usize)> {
 /// ones (|w| ≲ 0.1): activations stay finite through every layer.
 pub fn random_qtensor(dtype: GgmlDType, rows: usize, cols: usize, rng: &mut ChaCha8Rng, device: &Device) -> Result<QTensor> {
     let bs = dtype.block_size();
-    if cols % bs != 0 {
+    if !cols.is_multiple_of(bs) {
         bail!("{cols} columns are not a multiple of the {dtype:?} block size {bs}");
     }
     let blocks = rows * cols / bs;

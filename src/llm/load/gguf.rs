@@ -30,7 +30,7 @@ pub fn read_content(path: &Path) -> Result<gguf_file::Content> {
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count() as u64;
         let bs = info.ggml_dtype.block_size() as u64;
-        ensure!(elems % bs == 0, "{}: tensor `{name}` has {elems} elements, not a multiple of its block size {bs}", path.display());
+        ensure!(elems.is_multiple_of(bs), "{}: tensor `{name}` has {elems} elements, not a multiple of its block size {bs}", path.display());
         let end = content.tensor_data_offset + info.offset + elems / bs * info.ggml_dtype.type_size() as u64;
         needed = needed.max(end);
     }

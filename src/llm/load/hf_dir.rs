@@ -116,14 +116,14 @@ fn gguf_name(hf: &str) -> Option<(String, Option<Proj>)> {
 /// The type a weight of `cols` columns can take: block types need `cols` divisible by their
 /// block size (Q4K: 256), so narrow models fall back to a 32-wide type.
 fn fitting_type(want: GgmlDType, cols: usize) -> GgmlDType {
-    if cols % want.block_size() == 0 {
+    if cols.is_multiple_of(want.block_size()) {
         return want;
     }
     let fallback = match want {
         GgmlDType::Q4K => GgmlDType::Q4_0,
         other => other,
     };
-    if cols % fallback.block_size() == 0 {
+    if cols.is_multiple_of(fallback.block_size()) {
         fallback
     } else {
         GgmlDType::F16
