@@ -137,15 +137,14 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
         }
     };
     // Warm up kernels and allocator once.
-    forward_once(&model, &prompt(16), adapter)?;
+    greedy_step(&model, &mut KvCache::new(&cfg, 1), &prompt(16), adapter)?;
 
     let mut prefill = Vec::new();
     for _ in 0..reps {
         let p = prompt(args.prompt_tokens);
         let t = Instant::now();
         let mut cache = KvCache::new(&cfg, 1);
-        let logits = model.forward(&Tensor::new(p.as_slice(), &dev)?.unsqueeze(0)?, &mut cache, adapter, Logits::Last)?;
-        let _ = logits.flatten_all()?.to_vec1::<f32>()?;
+        greedy_step(&model, &mut cache, &p, adapter)?;
         prefill.push(t.elapsed());
         sample(&mut peak_dev);
     }
@@ -153,22 +152,16 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     for _ in 0..reps {
         let p = prompt(args.ttft_tokens);
         let t = Instant::now();
-        let mut cache = KvCache::new(&cfg, 1);
-        let logits = model.forward(&Tensor::new(p.as_slice(), &dev)?.unsqueeze(0)?, &mut cache, adapter, Logits::Last)?;
-        let _first = sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+        greedy_step(&model, &mut KvCache::new(&cfg, 1), &p, adapter)?;
         ttft.push(t.elapsed());
     }
     let mut decode = Vec::new();
     for _ in 0..reps {
-        let p = prompt(32);
         let mut cache = KvCache::new(&cfg, 1);
-        let logits = model.forward(&Tensor::new(p.as_slice(), &dev)?.unsqueeze(0)?, &mut cache, adapter, Logits::Last)?;
-        let mut tok = sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+        let mut tok = greedy_step(&model, &mut cache, &prompt(32), adapter)?;
         let t = Instant::now();
         for _ in 0..args.decode_tokens {
-            let logits = model.forward(&Tensor::new(&[[tok]], &dev)?, &mut cache, adapter, Logits::Last)?;
-            // Pulling the logits to the host is part of every real decode step (sampling).
-            tok = sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+            tok = greedy_step(&model, &mut cache, &[tok], adapter)?;
         }
         decode.push(t.elapsed());
         sample(&mut peak_dev);
@@ -203,10 +196,11 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     Ok(())
 }
 
-fn forward_once(model: &Model, ids: &[u32], adapter: Option<&LoraAdapter>) -> Result<Vec<f32>> {
-    let mut cache = KvCache::new(model.config(), 1);
-    let logits = model.forward(&Tensor::new(ids, model.device())?.unsqueeze(0)?, &mut cache, adapter, Logits::Last)?;
-    Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+/// Feed `ids` after what `cache` holds and pick the next token greedily. Pulling the logits to
+/// the host is part of every real step (sampling), so it is inside every timing.
+fn greedy_step(model: &Model, cache: &mut KvCache, ids: &[u32], adapter: Option<&LoraAdapter>) -> Result<u32> {
+    let logits = model.forward(&Tensor::new(ids, model.device())?.unsqueeze(0)?, cache, adapter, Logits::Last)?;
+    Ok(sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?))
 }
 
 fn sync(dev: &Device) -> Result<()> {

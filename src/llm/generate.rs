@@ -247,7 +247,7 @@ impl StopScanner {
             return (String::new(), None);
         }
         let search_from = self.emitted.saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
-        let search_from = floor_char_boundary(&self.text, search_from);
+        let search_from = self.text.floor_char_boundary(search_from);
         self.text.push_str(piece);
         let hit = self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| (search_from + i, s.clone()))).min_by_key(|(i, _)| *i);
         if let Some((at, s)) = hit {
@@ -287,13 +287,6 @@ impl StopScanner {
         }
         best
     }
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 #[cfg(test)]
