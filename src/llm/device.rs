@@ -66,6 +66,51 @@ pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
+/// Samples device memory on a background thread, so short peaks between the caller's own
+/// readings (an activation freed a millisecond later) are still seen.
+pub struct MemoryPoller {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    /// Used bytes when polling started (CUDA context, other processes, earlier allocations).
+    pub baseline: u64,
+    pub total: u64,
+}
+
+impl MemoryPoller {
+    /// `None` where the device reports no memory figures (the CPU).
+    pub fn start(device: &Device) -> Option<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let (baseline, total) = device_memory(device)?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let peak = std::sync::Arc::new(AtomicU64::new(baseline));
+        let (s, p, dev) = (stop.clone(), peak.clone(), device.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some((used, _)) = device_memory(&dev) {
+                    p.fetch_max(used, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        Some(Self { stop, peak, handle: Some(handle), baseline, total })
+    }
+
+    /// Highest used-bytes reading so far (whole device).
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for MemoryPoller {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 pub fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }

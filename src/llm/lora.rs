@@ -100,7 +100,7 @@ impl AdapterConfig {
         Ok(())
     }
 
-    fn targets(&self, p: Proj) -> bool {
+    pub fn targets(&self, p: Proj) -> bool {
         match &self.target_modules {
             TargetModules::List(l) => l.iter().any(|m| m == p.hf_name() || m.ends_with(&format!(".{}", p.hf_name()))),
             // "all-linear" and regexes: the weights file is the authority on what is adapted.

@@ -101,6 +101,11 @@ impl DecoderLayer {
     pub fn proj(&self, p: Proj) -> &BaseLinear {
         &self.projs[p.index()]
     }
+
+    /// RMSNorm weights before attention and before the MLP.
+    pub fn norms(&self) -> (&Tensor, &Tensor) {
+        (&self.attn_norm, &self.ffn_norm)
+    }
 }
 
 /// Per-sequence cache of rotated keys and values for every layer.
@@ -223,6 +228,25 @@ impl Model {
 
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
+    }
+
+    /// The token embedding table.
+    pub fn embedding(&self) -> &BaseLinear {
+        &self.embed
+    }
+
+    /// The output head (the embedding table when they are tied).
+    pub fn head(&self) -> &BaseLinear {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    pub fn final_norm(&self) -> &Tensor {
+        &self.norm
+    }
+
+    /// Rotary cos/sin tables `[max_position, head_dim/2]`.
+    pub fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
     }
 
     /// Bytes of weights held on the device.

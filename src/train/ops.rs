@@ -12,7 +12,8 @@
 //! The fused forward kernels are private to candle-nn, so the softmax / RMSNorm / RoPE ops run
 //! them on a detached copy of the input storage inside the custom op (one extra copy in, one
 //! out). Later speed work: CPU/CUDA kernels written against the storage directly, fused
-//! backward kernels, and dequantizing `W` tile by tile in the quantized backward instead of whole.
+//! backward kernels, and dequantizing `W` tile by tile instead of whole (one matrix at a time is
+//! transient: at most 117 MB in f16 for Mistral-7B's MLP).
 
 use std::sync::Arc;
 
@@ -106,10 +107,20 @@ struct FrozenQMatMul {
 }
 
 impl FrozenQMatMul {
-    /// `x · dequant(W)ᵀ` with dense tensor ops: the reference path for f64 inputs, which the
-    /// quantized kernels do not take.
+    /// `W` dequantized to `dtype` on `device` for one call (dropped right after, so no
+    /// full-precision copy of the base outlives it). CUDA dequantizes straight to f16 for
+    /// half-precision callers instead of going through an f32 copy twice the size.
+    fn dense_weight(&self, device: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+        let w = match (device, dtype) {
+            (candle_core::Device::Cuda(_), DType::F16 | DType::BF16) => self.w.dequantize_f16(device)?,
+            _ => self.w.dequantize(device)?,
+        };
+        w.to_dtype(dtype)
+    }
+
+    /// `x · dequant(W)ᵀ` as one dense GEMM in `x`'s dtype.
     fn dense(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.w.dequantize(x.device())?.to_dtype(x.dtype())?;
+        let w = self.dense_weight(x.device(), x.dtype())?;
         let (out_f, in_f) = w.dims2()?;
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / in_f;
@@ -118,6 +129,15 @@ impl FrozenQMatMul {
             *last = out_f;
         }
         y.reshape(dims)
+    }
+
+    /// Few rows (decode-like shapes) go to candle's quantized kernel, which reads the packed
+    /// weight once; training batches and f64 reference inputs dequantize and run one GEMM,
+    /// which on the CPU is an order of magnitude faster than the quantized dot products.
+    fn use_dense(&self, dtype: DType, layout: &Layout) -> bool {
+        const QUANTIZED_MAX_ROWS: usize = 8;
+        let in_f = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        dtype == DType::F64 || layout.shape().elem_count() / in_f > QUANTIZED_MAX_ROWS
     }
 }
 
@@ -132,10 +152,8 @@ impl CustomOp1 for FrozenQMatMul {
         "frozen-qmatmul"
     }
 
-    // f32/f16/bf16 go to candle's quantized kernel (the inference path); f64 takes the dense
-    // reference path so gradient checks can run in double precision.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if s.dtype() == DType::F64 {
+        if self.use_dense(s.dtype(), l) {
             return match run_detached(self, Storage::Cpu(s.try_clone(l)?), l)? {
                 (Storage::Cpu(s), shape) => Ok((s, shape)),
                 _ => bail!("frozen-qmatmul: forward left the cpu"),
@@ -145,6 +163,12 @@ impl CustomOp1 for FrozenQMatMul {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        if self.use_dense(s.dtype(), l) {
+            return match run_detached(self, Storage::Cuda(s.try_clone(l)?), l)? {
+                (Storage::Cuda(s), shape) => Ok((s, shape)),
+                _ => bail!("frozen-qmatmul: forward left the cuda device"),
+            };
+        }
         self.w.cuda_fwd(s, l)
     }
 
@@ -153,14 +177,12 @@ impl CustomOp1 for FrozenQMatMul {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // grad_x = grad · dequant(W). W is dequantized for this call only and dropped after, so
-        // no full-precision copy of the base outlives the step.
-        let cdt = compute_dtype(grad.dtype());
-        let w = self.w.dequantize(grad.device())?.to_dtype(cdt)?;
+        // grad_x = grad · dequant(W), one GEMM in the gradient's dtype (cuBLAS accumulates
+        // half-precision products in f32).
+        let w = self.dense_weight(grad.device(), grad.dtype())?;
         let (out_f, _in_f) = w.dims2()?;
         let rows = grad.elem_count() / out_f;
         let gx = grad
-            .to_dtype(cdt)?
             .reshape((rows, out_f))?
             .matmul(&w)?
             .reshape(arg.shape())?
@@ -171,8 +193,8 @@ impl CustomOp1 for FrozenQMatMul {
 
 /// `x · Wᵀ` for a frozen quantized `W` of shape `[out, in]` and `x` of shape `[.., in]`.
 ///
-/// Forward is candle's quantized matmul (what `QMatMul::forward` runs), for f32 (and f16/bf16
-/// where the device kernel takes them); f64 inputs run densely on `dequant(W)` as a reference.
+/// Forward is candle's quantized matmul for a few rows and a dense GEMM on `dequant(W)` (made
+/// for this call only) for more rows and for f64 reference inputs.
 /// Backward returns `grad · dequant(W)` for `x`; `W` never receives a gradient.
 pub fn frozen_qmatmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
     let (out_f, in_f) = w.shape().dims2()?;
