@@ -23,6 +23,7 @@ pub struct Settings {
     pub scrape: crate::scrape::ScrapeSettings,
     pub dataset: crate::dataset::DatasetSettings,
     pub store: crate::store::StoreSettings,
+    pub train: crate::train::TrainSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +143,7 @@ impl Settings {
         settings.scrape.validate()?;
         settings.dataset.validate()?;
         settings.store.validate()?;
+        settings.train.validate()?;
         Ok(settings)
     }
 }

@@ -1,7 +1,22 @@
-//! Training through a frozen 4-bit base (issue 4, QLoRA).
+//! QLoRA training through a frozen 4-bit base (issue 4).
 //!
 //! candle's quantized matmul and its fused RMSNorm / softmax / RoPE kernels have no backward
-//! (DESIGN §3). [`ops`] wraps them in custom ops that keep the fused forward and add a backward,
-//! so gradients reach LoRA weights in earlier layers while the base weights never get one.
+//! (DESIGN §3): [`ops`] adds ops with a backward. [`forward`] is the decoder's training pass on
+//! a loaded model's frozen weights with LoRA [`params`], [`dropout`] and per-layer gradient
+//! checkpointing; [`trainer`] is the loop (AdamW from [`optim`], [`checkpoint`]s, evaluation,
+//! early stop) fed by [`data`]; [`report`] writes `metrics.json` and `loss.png`.
 
+pub mod checkpoint;
+pub mod data;
+pub mod dropout;
+pub mod eval;
+pub mod forward;
 pub mod ops;
+pub mod optim;
+pub mod params;
+pub mod report;
+pub mod settings;
+pub mod trainer;
+
+pub use settings::TrainSettings;
+pub use trainer::{NoHooks, Outcome, Progress, TrainHooks, TrainRun};

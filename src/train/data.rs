@@ -1,0 +1,298 @@
+//! Training data: a dataset folder's chat-format JSONL (`train.jsonl`, held-out `test.jsonl`)
+//! rendered with the model's chat template into token ids and a loss mask, plus the batch plan.
+//!
+//! The held-out split is the dataset's own (`dataset build` splits by thread); it is never
+//! re-split here, so evaluations of different adapters on one dataset compare.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::settings::{BadLines, LossOn, TrainSettings};
+use crate::llm::chat::{Message, Role};
+use crate::llm::load::LoadedModel;
+
+/// One tokenized conversation. `target[t]` says whether the loss includes predicting `ids[t]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub target: Vec<bool>,
+}
+
+impl Example {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Tokens the loss is computed on.
+    pub fn targets(&self) -> usize {
+        self.target.iter().skip(1).filter(|&&t| t).count()
+    }
+}
+
+/// What reading one split found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SplitReport {
+    pub lines: usize,
+    pub used: usize,
+    /// Lines that were not JSON conversations (bad JSON, missing/unknown roles, no answer).
+    pub malformed: usize,
+    /// Conversations whose text carries another chat template's control tokens.
+    pub foreign_template: usize,
+    /// Conversations cut to `max_len` tokens.
+    pub truncated: usize,
+    /// Conversations with no answer token left inside `max_len`.
+    pub too_long: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub dir: PathBuf,
+    /// SHA-256 over both files' bytes: a resumed run refuses a changed dataset.
+    pub hash: String,
+    pub train: Vec<Example>,
+    pub test: Vec<Example>,
+    pub train_report: SplitReport,
+    pub test_report: SplitReport,
+}
+
+#[derive(Deserialize)]
+struct Line {
+    messages: Vec<Message>,
+}
+
+/// Control strings of the chat templates we know. Text that contains them was rendered for some
+/// model already (a dataset prepared for another tokenizer or template), and training on it
+/// would teach the model to print them.
+const TEMPLATE_MARKERS: &[&str] = &["[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>", "</s>"];
+
+/// Read and tokenize `dir/train.jsonl` and `dir/test.jsonl`.
+pub fn load(dir: &Path, lm: &LoadedModel, settings: &TrainSettings, system_prompt: &str) -> Result<Dataset> {
+    ensure!(dir.is_dir(), "dataset folder {} does not exist", dir.display());
+    let train_path = dir.join(crate::dataset::output::TRAIN);
+    let test_path = dir.join(crate::dataset::output::TEST);
+    ensure!(train_path.is_file(), "{} is missing: not a dataset folder (build one with `freeski-bot dataset build`)", train_path.display());
+    let mut hash = Sha256::new();
+    let (train, train_report) = read_split(&train_path, lm, settings, system_prompt, &mut hash)?;
+    let (test, test_report) = if test_path.is_file() {
+        read_split(&test_path, lm, settings, system_prompt, &mut hash)?
+    } else {
+        tracing::warn!(path = %test_path.display(), "no held-out split: evaluation is off");
+        (Vec::new(), SplitReport::default())
+    };
+    if train.is_empty() {
+        bail!(
+            "{} has no usable training conversation ({} lines: {} malformed, {} in another chat template's format, {} longer than train.max_len with no answer left)",
+            train_path.display(),
+            train_report.lines,
+            train_report.malformed,
+            train_report.foreign_template,
+            train_report.too_long
+        );
+    }
+    if train_report.foreign_template > 0 && train_report.foreign_template * 2 >= train_report.lines {
+        bail!(
+            "{}: {} of {} conversations already contain chat-template control tokens ([INST], <|im_start|>, …): this dataset was rendered for another model's tokenizer/template; give plain role/content messages",
+            train_path.display(),
+            train_report.foreign_template,
+            train_report.lines
+        );
+    }
+    for (name, r) in [("train", &train_report), ("test", &test_report)] {
+        if r.malformed + r.foreign_template + r.too_long > 0 {
+            tracing::warn!(split = name, malformed = r.malformed, foreign_template = r.foreign_template, too_long = r.too_long, "conversations skipped");
+        }
+    }
+    Ok(Dataset { dir: dir.to_path_buf(), hash: hex::encode(hash.finalize()), train, test, train_report, test_report })
+}
+
+fn read_split(path: &Path, lm: &LoadedModel, s: &TrainSettings, system_prompt: &str, hash: &mut Sha256) -> Result<(Vec<Example>, SplitReport)> {
+    let (conversations, mut report) = read_conversations(path, s.bad_lines, Some(hash))?;
+    let eos = lm.stop_ids.first().copied();
+    let mut out = Vec::with_capacity(conversations.len());
+    for (no, conv) in conversations {
+        let mut messages = Vec::with_capacity(conv.len() + 1);
+        if s.use_system_prompt && !system_prompt.is_empty() && conv[0].role != Role::System {
+            messages.push(Message::system(system_prompt));
+        }
+        messages.extend(conv);
+        let enc = lm.template.encode(&lm.tokenizer, lm.bos_id, eos, &messages, false).with_context(|| format!("{} line {no}", path.display()))?;
+        let mut ex = Example {
+            target: match s.loss_on {
+                LossOn::Assistant => enc.assistant,
+                LossOn::All => vec![true; enc.ids.len()],
+            },
+            ids: enc.ids,
+        };
+        if ex.len() > s.max_len {
+            ex.ids.truncate(s.max_len);
+            ex.target.truncate(s.max_len);
+            report.truncated += 1;
+        }
+        if ex.targets() == 0 {
+            report.too_long += 1;
+            continue;
+        }
+        report.used += 1;
+        out.push(ex);
+    }
+    Ok((out, report))
+}
+
+/// The usable conversations of a JSONL split with their 1-based line numbers. Bad lines are
+/// skipped and counted (or fail, per `bad`); `hash`, if given, takes every line's bytes.
+pub fn read_conversations(path: &Path, bad: BadLines, mut hash: Option<&mut Sha256>) -> Result<(Vec<(usize, Vec<Message>)>, SplitReport)> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut report = SplitReport::default();
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let no = i + 1;
+        let line = line.with_context(|| format!("reading {} line {no}", path.display()))?;
+        if let Some(h) = hash.as_deref_mut() {
+            h.update(line.as_bytes());
+            h.update(b"\n");
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        report.lines += 1;
+        let parsed = serde_json::from_str::<Line>(&line).map_err(anyhow::Error::from).and_then(|c| check_turns(&c.messages).map(|_| c.messages));
+        let messages = match parsed {
+            Ok(m) => m,
+            Err(e) if bad == BadLines::Fail => bail!("{} line {no}: not a usable conversation: {e} (set train.bad_lines = \"skip\" to skip such lines)", path.display()),
+            Err(e) => {
+                if report.malformed < 5 {
+                    tracing::debug!(path = %path.display(), line = no, error = %e, "skipping line");
+                }
+                report.malformed += 1;
+                continue;
+            }
+        };
+        if messages.iter().any(|m| TEMPLATE_MARKERS.iter().any(|k| m.content.contains(k))) {
+            report.foreign_template += 1;
+            continue;
+        }
+        out.push((no, messages));
+    }
+    Ok((out, report))
+}
+
+fn check_turns(messages: &[Message]) -> Result<()> {
+    ensure!(!messages.is_empty(), "no messages");
+    ensure!(messages.iter().any(|m| m.role == Role::Assistant), "no assistant turn");
+    ensure!(messages.iter().all(|m| !m.content.trim().is_empty()), "empty message");
+    Ok(())
+}
+
+/// The micro-batches of one epoch, as indices into the examples: shuffled from `(seed, epoch)`,
+/// grouped with neighbours of similar length (little padding), in shuffled order. The same
+/// inputs always give the same plan, which is what makes a resumed run see the same data.
+pub fn epoch_plan(lengths: &[usize], batch: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    // Sorting inside windows of this many batches trades padding for randomness.
+    const WINDOW_BATCHES: usize = 32;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rng);
+    let mut batches = Vec::new();
+    for window in order.chunks(batch * WINDOW_BATCHES) {
+        let mut w = window.to_vec();
+        w.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        batches.extend(w.chunks(batch).map(|c| c.to_vec()));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
+/// A padded micro-batch: `ids` `[b, t]` (right padded) and per-row target flags.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub rows: usize,
+    pub len: usize,
+    pub ids: Vec<u32>,
+    pub target: Vec<bool>,
+}
+
+impl Batch {
+    pub fn new(examples: &[&Example]) -> Self {
+        let len = examples.iter().map(|e| e.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(examples.len() * len);
+        let mut target = Vec::with_capacity(examples.len() * len);
+        for e in examples {
+            ids.extend_from_slice(&e.ids);
+            ids.resize(ids.len() + len - e.len(), 0);
+            target.extend_from_slice(&e.target);
+            target.resize(target.len() + len - e.len(), false);
+        }
+        Self { rows: examples.len(), len, ids, target }
+    }
+
+    /// Flat positions `b*len + t` whose hidden state predicts a target token `t + 1`, and those
+    /// tokens.
+    pub fn predictions(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut pos = Vec::new();
+        let mut next = Vec::new();
+        for b in 0..self.rows {
+            for t in 0..self.len.saturating_sub(1) {
+                let i = b * self.len + t;
+                if self.target[i + 1] {
+                    pos.push(i as u32);
+                    next.push(self.ids[i + 1]);
+                }
+            }
+        }
+        (pos, next)
+    }
+
+    pub fn targets(&self) -> usize {
+        self.predictions().0.len()
+    }
+
+    /// Real (non-padding) tokens.
+    pub fn tokens(&self, examples: &[&Example]) -> usize {
+        examples.iter().map(|e| e.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_is_deterministic_and_covers_every_example_once() {
+        let lengths: Vec<usize> = (0..101).map(|i| (i * 37) % 50 + 1).collect();
+        let a = epoch_plan(&lengths, 4, 7, 0);
+        assert_eq!(a, epoch_plan(&lengths, 4, 7, 0));
+        assert_ne!(a, epoch_plan(&lengths, 4, 7, 1), "epochs differ");
+        let mut all: Vec<usize> = a.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..101).collect::<Vec<_>>());
+        // Length grouping: padding is far below what random batches would waste.
+        let waste = |plan: &[Vec<usize>]| -> usize { plan.iter().map(|b| { let m = b.iter().map(|&i| lengths[i]).max().unwrap(); b.iter().map(|&i| m - lengths[i]).sum::<usize>() }).sum() };
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut order: Vec<usize> = (0..101).collect();
+        order.shuffle(&mut rng);
+        let random: Vec<Vec<usize>> = order.chunks(4).map(|c| c.to_vec()).collect();
+        assert!(waste(&a) * 4 < waste(&random), "grouped {} vs random {}", waste(&a), waste(&random));
+    }
+
+    #[test]
+    fn batch_predictions_follow_targets() {
+        let a = Example { ids: vec![1, 2, 3, 4], target: vec![false, false, true, true] };
+        let b = Example { ids: vec![5, 6], target: vec![false, true] };
+        let batch = Batch::new(&[&a, &b]);
+        assert_eq!(batch.ids, vec![1, 2, 3, 4, 5, 6, 0, 0]);
+        let (pos, next) = batch.predictions();
+        assert_eq!(pos, vec![1, 2, 4]);
+        assert_eq!(next, vec![3, 4, 6]);
+    }
+}

@@ -1,0 +1,306 @@
+//! The training forward and backward of the decoder with LoRA, on the frozen base of a loaded
+//! [`Model`] (its 4-bit weights are borrowed, never copied or changed).
+//!
+//! It computes what `Model::forward` computes for a fresh sequence, but with differentiable ops
+//! (`train::ops`), dropout on the LoRA inputs, and the loss only on target tokens. With gradient
+//! checkpointing, the first pass runs every layer without an autograd graph and keeps only each
+//! layer's input; the backward pass then recomputes one layer at a time with its graph,
+//! seeded by the gradient flowing in from the layer above.
+
+use std::collections::HashMap;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Tensor, TensorId, Var, D};
+
+use super::data::Batch;
+use super::dropout::{Dropout, MaskKey};
+use super::ops;
+use super::params::{LayerLora, LoraParams, LoraView};
+use crate::llm::model::{DecoderLayer, Proj};
+use crate::llm::Model;
+
+/// Rows of the output head computed at once: bounds the `[rows, vocab]` logits and their
+/// softmax intermediates (32000 × 256 × 4 B ≈ 33 MB each for Mistral).
+const HEAD_CHUNK: usize = 256;
+
+pub struct TrainForward<'m> {
+    model: &'m Model,
+    dtype: DType,
+    dropout: Dropout,
+}
+
+/// Gradients summed over the micro-batches of one optimizer step, by variable.
+#[derive(Default)]
+pub struct GradAccum {
+    grads: HashMap<TensorId, Tensor>,
+}
+
+impl GradAccum {
+    fn add(&mut self, var: &Var, g: &Tensor) -> Result<()> {
+        let g = g.to_dtype(DType::F32)?;
+        match self.grads.remove(&var.id()) {
+            Some(prev) => self.grads.insert(var.id(), (prev + g)?),
+            None => self.grads.insert(var.id(), g),
+        };
+        Ok(())
+    }
+
+    /// Gradients in the order of `params.named_vars()` (zero where none arrived).
+    pub fn take(&mut self, params: &LoraParams) -> Result<Vec<Tensor>> {
+        params
+            .named_vars()
+            .into_iter()
+            .map(|(_, v)| match self.grads.remove(&v.id()) {
+                Some(g) => Ok(g),
+                None => Ok(v.zeros_like()?),
+            })
+            .collect()
+    }
+}
+
+/// Position of a micro-batch in the run, for dropout masks.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroKey {
+    pub step: u64,
+    pub micro: u64,
+}
+
+impl<'m> TrainForward<'m> {
+    pub fn new(model: &'m Model, dtype: DType, dropout: Dropout) -> Self {
+        Self { model, dtype, dropout }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Sum of the target tokens' negative log-likelihood (no graph, no dropout): evaluation.
+    pub fn loss_sum(&self, lora: Option<&LoraView>, batch: &Batch) -> Result<f64> {
+        let fwd = TrainForward { dropout: Dropout::off(), ..*self };
+        let ctx = fwd.context(batch)?;
+        let mut x = fwd.embed(batch)?;
+        let key = MicroKey { step: 0, micro: 0 };
+        let none = LayerLora::default();
+        for i in 0..self.model.layers().len() {
+            let layer_lora = lora.and_then(|l| l.layers.get(i)).unwrap_or(&none);
+            x = fwd.layer(i, &x, layer_lora, lora.map_or(0.0, |l| l.scale), key, &ctx)?;
+        }
+        let mut total = 0.0;
+        for (pos, next) in ctx.head_chunks()? {
+            total += scalar(&fwd.head_nll(&x, &pos, &next)?)?;
+        }
+        Ok(total)
+    }
+
+    /// Forward and backward of one micro-batch; adds `∂(nll_sum / denom)/∂θ` to `accum` and
+    /// returns the micro-batch's NLL sum.
+    pub fn accumulate(&self, params: &LoraParams, batch: &Batch, key: MicroKey, denom: f64, checkpointing: bool, accum: &mut GradAccum) -> Result<f64> {
+        ensure!(denom > 0.0, "no target tokens in this step");
+        let ctx = self.context(batch)?;
+        if checkpointing {
+            self.accumulate_checkpointed(params, key, denom, &ctx, accum)
+        } else {
+            self.accumulate_whole(params, key, denom, &ctx, accum)
+        }
+    }
+
+    fn accumulate_whole(&self, params: &LoraParams, key: MicroKey, denom: f64, ctx: &Ctx, accum: &mut GradAccum) -> Result<f64> {
+        let mut x = self.embed(&ctx.batch)?;
+        for i in 0..self.model.layers().len() {
+            x = self.layer(i, &x, &params.layer(i, true), params.scale, key, ctx)?;
+        }
+        let mut loss: Option<Tensor> = None;
+        for (pos, next) in ctx.head_chunks()? {
+            let nll = self.head_nll(&x, &pos, &next)?;
+            loss = Some(match loss {
+                Some(l) => (l + nll)?,
+                None => nll,
+            });
+        }
+        let loss = loss.context("batch has no target tokens")?;
+        let total = scalar(&loss)?;
+        let grads = (loss / denom)?.backward()?;
+        for (_, var) in params.named_vars() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                accum.add(var, g)?;
+            }
+        }
+        Ok(total)
+    }
+
+    fn accumulate_checkpointed(&self, params: &LoraParams, key: MicroKey, denom: f64, ctx: &Ctx, accum: &mut GradAccum) -> Result<f64> {
+        let n_layers = self.model.layers().len();
+        // Pass 1: no graph; keep each layer's input.
+        let mut inputs = Vec::with_capacity(n_layers);
+        let mut x = self.embed(&ctx.batch)?;
+        for i in 0..n_layers {
+            let y = self.layer(i, &x, &params.layer(i, false), params.scale, key, ctx)?;
+            inputs.push(x);
+            x = y;
+        }
+        // Head, chunk by chunk: each chunk's graph lives only for its own backward.
+        let (b, t, h) = x.dims3()?;
+        let flat = x.reshape((b * t, h))?;
+        let mut grad = flat.zeros_like()?.to_dtype(DType::F32)?;
+        let mut total = 0.0;
+        for (pos, next) in ctx.head_chunks()? {
+            let rows = Var::from_tensor(&flat.index_select(&pos, 0)?)?;
+            let nll = self.head_rows_nll(rows.as_tensor(), &next)?;
+            total += scalar(&nll)?;
+            let grads = (nll / denom)?.backward()?;
+            let g = grads.get(rows.as_tensor()).context("no gradient reached the last hidden state")?;
+            grad = grad.index_add(&pos, &g.to_dtype(DType::F32)?, 0)?;
+        }
+        let mut grad = grad.reshape((b, t, h))?.to_dtype(self.dtype)?;
+        drop(x);
+        // Pass 2: layer by layer from the top, recomputed with its graph.
+        for i in (0..n_layers).rev() {
+            let input = Var::from_tensor(&inputs[i])?;
+            let y = self.layer(i, input.as_tensor(), &params.layer(i, true), params.scale, key, ctx)?;
+            // d(Σ y∘g)/dθ = (∂y/∂θ)ᵀ g: the layer's backward with `g` as incoming gradient.
+            let grads = (y * &grad)?.sum_all()?.backward()?;
+            for var in params.vars_of_layer(i) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    accum.add(var, g)?;
+                }
+            }
+            if i > 0 {
+                grad = grads.get(input.as_tensor()).context("no gradient reached a layer input")?.clone();
+            }
+            inputs.truncate(i);
+        }
+        Ok(total)
+    }
+
+    fn context(&self, batch: &Batch) -> Result<Ctx> {
+        let dev = self.model.device();
+        let t = batch.len;
+        let cfg = self.model.config();
+        ensure!(t <= cfg.max_position, "sequence of {t} tokens exceeds the model's {} positions", cfg.max_position);
+        let (cos, sin) = self.model.rope_tables();
+        let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        let mut m = vec![0f32; t * t];
+        for q in 0..t {
+            for k in 0..t {
+                if k > q || q - k >= window {
+                    m[q * t + k] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let (pos, next) = batch.predictions();
+        Ok(Ctx {
+            batch: batch.clone(),
+            cos: cos.narrow(0, 0, t)?.to_dtype(self.dtype)?,
+            sin: sin.narrow(0, 0, t)?.to_dtype(self.dtype)?,
+            mask: Tensor::from_vec(m, (1, 1, t, t), dev)?.to_dtype(self.dtype)?,
+            pos,
+            next,
+        })
+    }
+
+    fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        let ids = Tensor::from_vec(batch.ids.clone(), (batch.rows, batch.len), self.model.device())?;
+        Ok(self.model.embedding().embedding(&ids)?.to_dtype(self.dtype)?.detach())
+    }
+
+    fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx) -> Result<Tensor> {
+        let layer = &self.model.layers()[i];
+        let cfg = self.model.config();
+        let eps = cfg.rms_norm_eps as f32;
+        let (attn_norm, ffn_norm) = layer.norms();
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let proj = |p: Proj, x: &Tensor| self.proj(layer, p, x, lora, scale, MaskKey { step: key.step, micro: key.micro, layer: i as u64, proj: p.index() as u64 });
+
+        let h = ops::rms_norm(x, attn_norm, eps)?;
+        let q = proj(Proj::Q, &h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = proj(Proj::K, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = proj(Proj::V, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = ops::rope_interleaved(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::rope_interleaved(&k, &ctx.cos, &ctx.sin)?;
+        let rep = nh / nkv;
+        let k = repeat_kv(&k, rep)?;
+        let v = repeat_kv(&v.contiguous()?, rep)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&ctx.mask)?;
+        let attn = ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let x2 = (x + proj(Proj::O, &attn)?)?;
+
+        let h = ops::rms_norm(&x2, ffn_norm, eps)?;
+        let gate = proj(Proj::Gate, &h)?;
+        let up = proj(Proj::Up, &h)?;
+        let down = proj(Proj::Down, &(gate.silu()? * up)?)?;
+        Ok((x2 + down)?)
+    }
+
+    /// Base projection plus `scale · dropout(x)·Aᵀ·Bᵀ`. A and B are f32 variables; they are
+    /// cast to the activation dtype inside the graph, so their gradients arrive in f32.
+    fn proj(&self, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &LayerLora, scale: f64, key: MaskKey) -> Result<Tensor> {
+        let y = ops::frozen_qmatmul(x, layer.proj(p).qtensor())?;
+        let Some((a, b)) = &lora[p.index()] else {
+            return Ok(y);
+        };
+        let dims = x.dims().to_vec();
+        let in_f = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_f;
+        let xd = self.dropout.apply(x, key)?.reshape((rows, in_f))?;
+        let low = xd.matmul(&a.to_dtype(self.dtype)?.t()?)?;
+        let delta = (low.matmul(&b.to_dtype(self.dtype)?.t()?)? * scale)?;
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = delta.dim(1)?;
+        Ok((y + delta.reshape(out_dims)?)?)
+    }
+
+    /// NLL sum over the target rows `pos` of the final hidden state `x: [b, t, h]`.
+    fn head_nll(&self, x: &Tensor, pos: &Tensor, next: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let rows = x.reshape((b * t, h))?.index_select(pos, 0)?;
+        self.head_rows_nll(&rows, next)
+    }
+
+    fn head_rows_nll(&self, rows: &Tensor, next: &Tensor) -> Result<Tensor> {
+        let h = ops::rms_norm(rows, self.model.final_norm(), self.model.config().rms_norm_eps as f32)?;
+        // Log-softmax over the vocabulary in f32 at least (f64 stays f64 for reference checks).
+        let logits = ops::frozen_qmatmul(&h, self.model.head().qtensor())?;
+        let logits = if logits.dtype() == DType::F64 { logits } else { logits.to_dtype(DType::F32)? };
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = logp.gather(&next.unsqueeze(1)?, 1)?;
+        Ok(picked.sum_all()?.neg()?)
+    }
+}
+
+/// Per-micro-batch constants.
+struct Ctx {
+    batch: Batch,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    pos: Vec<u32>,
+    next: Vec<u32>,
+}
+
+impl Ctx {
+    /// Target rows and their next tokens in chunks of [`HEAD_CHUNK`], as device tensors.
+    fn head_chunks(&self) -> Result<Vec<(Tensor, Tensor)>> {
+        let dev = self.mask.device();
+        self.pos
+            .chunks(HEAD_CHUNK)
+            .zip(self.next.chunks(HEAD_CHUNK))
+            .map(|(p, n)| Ok((Tensor::new(p, dev)?, Tensor::new(n, dev)?)))
+            .collect()
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// `[b, kv_heads, t, hd]` → `[b, kv_heads * rep, t, hd]`.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, nkv, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.broadcast_as((b, nkv, rep, t, hd))?.contiguous()?.reshape((b, nkv * rep, t, hd))?)
+}
