@@ -24,6 +24,8 @@ pub enum BenchCommand {
     Parity(ParityBench),
     /// Forum page parsing speed and peak memory of `dataset build` on a generated store.
     Parse(super::bench_parse::ParseBench),
+    /// Tokens/s and peak device memory of a QLoRA training step.
+    Train(super::bench_train::TrainBench),
 }
 
 #[derive(Debug, Args)]
@@ -69,7 +71,7 @@ pub enum BenchQuant {
 }
 
 impl BenchQuant {
-    fn ggml(self) -> GgmlDType {
+    pub(crate) fn ggml(self) -> GgmlDType {
         crate::llm::load::hf_dir::ggml_type(match self {
             Self::Q4k => QuantType::Q4k,
             Self::Q4_0 => QuantType::Q4_0,
@@ -99,6 +101,7 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Generate(args) => bench_generate(settings, args),
         BenchCommand::Parity(args) => bench_parity(args),
         BenchCommand::Parse(args) => super::bench_parse::run(args),
+        BenchCommand::Train(args) => super::bench_train::run(settings, args),
     }
 }
 
@@ -203,7 +206,7 @@ fn greedy_step(model: &Model, cache: &mut KvCache, ids: &[u32], adapter: Option<
     Ok(sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?))
 }
 
-fn sync(dev: &Device) -> Result<()> {
+pub(crate) fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()?;
     Ok(())
 }

@@ -11,8 +11,10 @@ use crate::config::Settings;
 pub mod ask;
 pub mod bench;
 pub mod bench_parse;
+pub mod bench_train;
 pub mod dataset;
 pub mod scrape;
+pub mod train;
 
 #[derive(Debug, Parser)]
 #[command(name = "freeski-bot", version, about = "Freeskiing Q&A bot on a local QLoRA-tuned LLM")]
@@ -38,6 +40,10 @@ pub enum Command {
     /// Build training data from the store.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// Fine-tune a LoRA adapter on a dataset (resumable; Ctrl-C saves a checkpoint).
+    Train(train::TrainArgs),
+    /// Held-out loss and sample answers of an adapter against the bare base model.
+    Eval(train::EvalArgs),
 }
 
 /// Entry point of the binary: parse, set up logging, run, and turn errors into exit codes.
@@ -62,6 +68,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&settings, cmd),
         Command::Scrape(args) => scrape::run(&settings, args),
         Command::Dataset(cmd) => dataset::run(&settings, cmd),
+        Command::Train(args) => train::train(&settings, args),
+        Command::Eval(args) => train::eval(&settings, args),
     }
 }
 

@@ -1,0 +1,89 @@
+"""PyTorch + transformers + PEFT baseline for `freeski-bot bench train --random mistral-7b`.
+
+A Mistral-7B-shape model (v0.1 config) with random bf16 weights on one GPU, PEFT LoRA on all
+seven projections (alpha 16, dropout 0.05), LoRA weights and AdamW state in f32 with bf16
+autocast (what QLoRA recipes do), gradient checkpointing on (non-reentrant), loss on every
+token. Times full optimizer steps (forward, backward, clipping, AdamW) after one warm-up step
+and prints one JSON object with tokens/s and peak memory.
+
+    python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 --steps 5
+"""
+import argparse
+import json
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import MistralConfig, MistralForCausalLM
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--no-checkpointing", action="store_true")
+    args = ap.parse_args()
+
+    cfg = MistralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+        sliding_window=4096, max_position_embeddings=32768, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    free0, total = torch.cuda.mem_get_info()
+    with torch.device("cuda"):
+        model = MistralForCausalLM(cfg).to(torch.bfloat16)
+    model.config.use_cache = False
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(
+        r=args.rank, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    model = get_peft_model(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()
+    n_params = sum(p.numel() for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    model.train()
+    ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    free1, _ = torch.cuda.mem_get_info()
+    print(json.dumps({
+        "framework": f"torch {torch.__version__} + peft",
+        "device": torch.cuda.get_device_name(0),
+        "seq": args.seq, "batch": args.batch, "rank": args.rank,
+        "checkpointing": not args.no_checkpointing, "trainable_params": n_params,
+        "step_ms": med * 1e3, "tokens_per_s": args.batch * args.seq / med, "loss": loss,
+        "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "max_memory_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "device_used_at_end_gib": (total - free1) / 2**30,
+        "device_used_before_model_gib": (total - free0) / 2**30,
+    }))
+
+
+if __name__ == "__main__":
+    main()

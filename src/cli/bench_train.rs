@@ -1,0 +1,129 @@
+//! `bench train`: tokens/s and peak device memory of a QLoRA training step at a given shape.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::bench::{sync, BenchQuant};
+use crate::config::Settings;
+use crate::llm::device::{self, gib, MemoryPoller};
+use crate::llm::lora::AdapterConfig;
+use crate::llm::model::Proj;
+use crate::llm::{random, ModelConfig};
+use crate::train::data::{Batch, Example};
+use crate::train::dropout::Dropout;
+use crate::train::forward::{GradAccum, MicroKey, TrainForward};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::params::LoraParams;
+use crate::train::settings::Precision;
+use crate::train::trainer::activation_dtype;
+
+#[derive(Debug, Args)]
+pub struct TrainBench {
+    /// Random weights of a named shape: mistral-7b, smollm2-135m, tiny.
+    #[arg(long, default_value = "mistral-7b")]
+    pub random: String,
+    #[arg(long, value_enum, default_value = "q4k")]
+    pub quant: BenchQuant,
+    /// cpu or cuda:N (default: model.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Timed optimizer steps (one more runs first as warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Keep every layer's activations instead of recomputing them.
+    #[arg(long)]
+    pub no_checkpointing: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: PrecisionArg,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PrecisionArg {
+    Auto,
+    F32,
+    Bf16,
+}
+
+pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
+    let dev = device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+    // Start polling before the weights exist: the baseline is the CUDA context alone.
+    let poller = MemoryPoller::start(&dev);
+    let cfg = ModelConfig::preset(&args.random)?;
+    let model = random::random_model(&cfg, args.quant.ggml(), 1, &dev)?;
+    sync(&dev)?;
+    let after_weights = device::device_memory(&dev).map(|d| d.0);
+    let precision = match args.precision {
+        PrecisionArg::Auto => Precision::Auto,
+        PrecisionArg::F32 => Precision::F32,
+        PrecisionArg::Bf16 => Precision::Bf16,
+    };
+    let dtype = activation_dtype(precision, &dev);
+    let fwd = TrainForward::new(&model, dtype, Dropout { p: 0.05, seed: 1 });
+    let adapter_cfg = AdapterConfig::new(args.rank, 16.0, 0.05, &Proj::ALL, &format!("random {}", args.random), false);
+    let params = LoraParams::init(&cfg, adapter_cfg, 1, &dev)?;
+    let vars: Vec<_> = params.named_vars().into_iter().map(|(_, v)| v).collect();
+    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, &vars)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let examples: Vec<Example> = (0..args.batch)
+        .map(|_| Example { ids: (0..args.seq).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect(), target: vec![true; args.seq] })
+        .collect();
+    let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
+    let denom = batch.targets() as f64;
+    let checkpointing = !args.no_checkpointing;
+
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for step in 0..=args.steps {
+        let t0 = Instant::now();
+        let mut accum = GradAccum::default();
+        loss = fwd.accumulate(&params, &batch, MicroKey { step: step as u64, micro: 0 }, denom, checkpointing, &mut accum)? / denom;
+        let mut grads = accum.take(&params)?;
+        clip_grad_norm(&mut grads, 1.0)?;
+        opt.step(&vars, &grads, 1e-4)?;
+        sync(&dev)?;
+        if step > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = (args.batch * args.seq) as f64;
+    let tok_s = tokens / median;
+    println!("train step: random {} ({:?}), seq {}, batch {}, LoRA r={} on all 7 projections, {} params, checkpointing {}, activations {:?}, {}", args.random, args.quant, args.seq, args.batch, args.rank, params.num_parameters(), if checkpointing { "on" } else { "off" }, dtype, device::describe(&dev));
+    println!("step time        {:.1} ms (median of {})", median * 1e3, times.len());
+    println!("throughput       {tok_s:.0} tokens/s");
+    println!("loss             {loss:.4}");
+    let (peak, baseline, total) = match &poller {
+        Some(p) => (Some(p.peak()), Some(p.baseline), Some(p.total)),
+        None => (None, None, None),
+    };
+    if let (Some(peak), Some(base), Some(total)) = (peak, baseline, total) {
+        println!("device memory    {:.2} GiB peak used ({:.2} GB), {:.2} GiB of it before the model (CUDA context), {:.2} GiB after loading weights, of {:.2} GiB", gib(peak), peak as f64 / 1e9, gib(base), gib(after_weights.unwrap_or(0)), gib(total));
+        println!("process peak     {:.2} GB above the pre-model baseline", (peak - base) as f64 / 1e9);
+    } else {
+        println!("peak host RSS    {:.2} GiB", gib(device::peak_rss_bytes().unwrap_or(0)));
+    }
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "shape": args.random, "quant": format!("{:?}", args.quant), "seq": args.seq, "batch": args.batch, "rank": args.rank,
+            "checkpointing": checkpointing, "dtype": format!("{dtype:?}"), "step_ms": median * 1e3, "tokens_per_s": tok_s,
+            "device_peak_used_bytes": peak, "device_baseline_bytes": baseline, "weights_loaded_used_bytes": after_weights,
+            "peak_rss_bytes": device::peak_rss_bytes(), "weight_bytes": model.weight_bytes(),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
+    }
+    Ok(())
+}

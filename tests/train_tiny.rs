@@ -1,0 +1,301 @@
+//! QLoRA training on a tiny random model with quantized base layers (issue 4): gradients against
+//! finite differences, checkpointed against whole-graph backward, cancel + resume against an
+//! uninterrupted run, and bad datasets.
+
+mod common;
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use freeski_bot::config::Settings;
+use freeski_bot::llm::load::{load_path, LoadedModel};
+use freeski_bot::llm::lora::AdapterConfig;
+use freeski_bot::llm::model::Proj;
+use freeski_bot::train::checkpoint;
+use freeski_bot::train::data::{self, Batch, Example};
+use freeski_bot::train::dropout::Dropout;
+use freeski_bot::train::forward::{GradAccum, MicroKey, TrainForward};
+use freeski_bot::train::params::LoraParams;
+use freeski_bot::train::settings::BadLines;
+use freeski_bot::train::{NoHooks, Outcome, TrainHooks, TrainRun, TrainSettings};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The tiny random Llama (3 layers, GQA 4/2, sliding window 8) through the real HF loader,
+/// which quantizes its linears.
+fn tiny_lm(dir: &Path) -> LoadedModel {
+    common::tiny::TinyWeights::random(common::tiny::TinySpec::standard(), 11).write_hf_folder(dir);
+    load_path(dir, &Device::Cpu).expect("loading the tiny model")
+}
+
+fn settings() -> TrainSettings {
+    Settings::load_with_env(None, std::iter::empty()).unwrap().train
+}
+
+fn batch(rng: &mut ChaCha8Rng, lens: &[usize]) -> Batch {
+    let ex: Vec<Example> = lens
+        .iter()
+        .map(|&n| Example { ids: (0..n).map(|_| rng.random_range(0..49152u32)).collect(), target: (0..n).map(|i| i >= n / 3).collect() })
+        .collect();
+    Batch::new(&ex.iter().collect::<Vec<_>>())
+}
+
+/// LoRA weights with random B too (B = 0 at init would make every A-gradient zero).
+fn random_params(lm: &LoadedModel, dropout: f64, seed: u64) -> LoraParams {
+    let cfg = AdapterConfig::new(2, 16.0, dropout, &Proj::ALL, "tiny", false);
+    let params = LoraParams::init(lm.model.config(), cfg, seed, &Device::Cpu).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    let values: HashMap<String, Tensor> = params
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| {
+            let data: Vec<f32> = (0..v.elem_count()).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+            (n, Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap())
+        })
+        .collect();
+    params.load_values(|n| values.get(n).cloned()).unwrap();
+    params
+}
+
+fn grads(fwd: &TrainForward, params: &LoraParams, b: &Batch, checkpointing: bool) -> Vec<Vec<f32>> {
+    let mut acc = GradAccum::default();
+    fwd.accumulate(params, b, MicroKey { step: 3, micro: 1 }, b.targets() as f64, checkpointing, &mut acc).unwrap();
+    acc.take(params).unwrap().iter().map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+/// Every LoRA tensor's gradient against central finite differences of the loss, computed in
+/// f64 through the quantized base (dequantized densely on the f64 path). Six entries per
+/// tensor, always including its largest-gradient entry. Tolerance: 1e-4 of the tensor's largest
+/// gradient (the analytic gradients are stored in f32).
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(dir.path());
+    let params = random_params(&lm, 0.0, 5);
+    let fwd = TrainForward::new(&lm.model, DType::F64, Dropout::off());
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    // Two rows of different lengths (padding) longer than the sliding window.
+    let b = batch(&mut rng, &[12, 9]);
+    let denom = b.targets() as f64;
+    let analytic = grads(&fwd, &params, &b, false);
+    let loss = |p: &LoraParams| fwd.loss_sum(Some(&p.view()), &b).unwrap() / denom;
+    let mut checked = 0;
+    for ((name, var), g) in params.named_vars().into_iter().zip(&analytic) {
+        let gmax = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        assert!(gmax > 0.0, "{name}: no gradient at all");
+        let argmax = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+        let mut picks = vec![argmax];
+        picks.extend((0..5).map(|_| rng.random_range(0..g.len())));
+        let orig: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
+        for &j in &picks {
+            let at = |delta: f32| -> (f64, f64) {
+                let mut v = orig.clone();
+                v[j] += delta;
+                var.set(&Tensor::from_vec(v.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                (loss(&params), v[j] as f64)
+            };
+            let (fp, xp) = at(1e-4);
+            let (fm, xm) = at(-1e-4);
+            var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let fd = (fp - fm) / (xp - xm);
+            let err = (fd - g[j] as f64).abs() / gmax;
+            assert!(err < 1e-4, "{name}[{j}]: finite differences {fd:.6e}, backward {:.6e} (error {err:.2e} of max {gmax:.3e})", g[j]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * 7 * 2 * 6);
+}
+
+/// Recomputing each layer in the backward pass gives the gradients of the whole-graph backward,
+/// dropout included (the masks are replayed from their keys). Tolerance 1e-5 relative.
+#[test]
+fn checkpointed_and_whole_graph_gradients_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(dir.path());
+    let params = random_params(&lm, 0.1, 9);
+    let fwd = TrainForward::new(&lm.model, DType::F32, Dropout { p: 0.1, seed: 4 });
+    let b = batch(&mut ChaCha8Rng::seed_from_u64(8), &[20, 14, 7]);
+    let whole = grads(&fwd, &params, &b, false);
+    let ckpt = grads(&fwd, &params, &b, true);
+    for (i, (w, c)) in whole.iter().zip(&ckpt).enumerate() {
+        let scale = w.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let diff = w.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff / scale < 1e-5, "tensor {i}: difference {diff} of {scale}");
+    }
+    // And dropout really changes the gradients (the masks are not all ones).
+    let plain = grads(&TrainForward::new(&lm.model, DType::F32, Dropout::off()), &params, &b, true);
+    assert!(plain.iter().zip(&whole).any(|(a, b)| a != b));
+}
+
+fn write_jsonl(dir: &Path, name: &str, lines: &[String]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(name), lines.join("\n") + "\n").unwrap();
+}
+
+fn conv(q: &str, a: &str) -> String {
+    serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string()
+}
+
+/// A small dataset from the committed fixture (the first 24 training and 6 held-out lines).
+fn small_dataset(dir: &Path) {
+    let read = |f: &str| -> Vec<String> { std::fs::read_to_string(common::fixture(&format!("freeski_chat/{f}"))).unwrap().lines().map(str::to_string).collect() };
+    write_jsonl(dir, "train.jsonl", &read("train.jsonl")[..24]);
+    write_jsonl(dir, "test.jsonl", &read("test.jsonl")[..6]);
+}
+
+fn tiny_settings() -> TrainSettings {
+    let mut s = settings();
+    s.max_steps = 6;
+    s.batch_size = 2;
+    s.grad_accum = 2;
+    s.max_len = 64;
+    s.dropout = 0.1;
+    s.eval_every = 3;
+    s.checkpoint_every = 2;
+    s.learning_rate = 1e-2;
+    s.warmup_steps = 2;
+    s.use_system_prompt = false;
+    s
+}
+
+struct StopAfter {
+    step: usize,
+    seen: Cell<usize>,
+}
+
+impl TrainHooks for StopAfter {
+    fn should_stop(&self) -> bool {
+        self.seen.get() >= self.step
+    }
+    fn after_step(&self, step: usize) {
+        self.seen.set(step);
+    }
+}
+
+fn adapter_tensors(dir: &Path) -> HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// A run stopped at step 3 (checkpoint written on the stop) and resumed ends with the adapter
+/// and loss history of an uninterrupted run: same data order, optimizer and dropout state.
+#[test]
+fn cancelled_and_resumed_run_matches_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(&tmp.path().join("model"));
+    small_dataset(&tmp.path().join("data"));
+    let s = tiny_settings();
+    let data = data::load(&tmp.path().join("data"), &lm, &s, "").unwrap();
+    let run = |id: &str| TrainRun { lm: &lm, data: &data, settings: s.clone(), run_dir: tmp.path().join("adapters").join(id), id: id.into(), base_model: "tiny".into() };
+
+    let stopper = StopAfter { step: 3, seen: Cell::new(0) };
+    match run("a").run(&stopper).unwrap() {
+        Outcome::Cancelled { step } => assert_eq!(step, 3),
+        other => panic!("expected a cancelled run, got {other:?}"),
+    }
+    let ck = checkpoint::load(&tmp.path().join("adapters/a"), &Device::Cpu).unwrap().expect("checkpoint on cancel");
+    assert_eq!(ck.state.step, 3);
+    let Outcome::Completed(resumed) = run("a").run(&NoHooks).unwrap() else { panic!("resume did not complete") };
+    let Outcome::Completed(straight) = run("b").run(&NoHooks).unwrap() else { panic!("run did not complete") };
+    assert_eq!(resumed.steps, 6);
+    assert!(!checkpoint::path(&tmp.path().join("adapters/a")).exists(), "checkpoint removed after success");
+    for (x, y) in resumed.train_loss.iter().zip(&straight.train_loss) {
+        assert!((x.loss - y.loss).abs() < 1e-5, "step {}: {} vs {}", x.step, x.loss, y.loss);
+    }
+    let (a, b) = (adapter_tensors(&tmp.path().join("adapters/a")), adapter_tensors(&tmp.path().join("adapters/b")));
+    assert_eq!(a.len(), 3 * 7 * 2);
+    for (k, va) in &a {
+        let vb = &b[k];
+        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff < 1e-5, "{k}: resumed and uninterrupted differ by {diff}");
+    }
+    // The loss moved: the adapter learned something on its training data.
+    assert!(straight.train_loss.last().unwrap().loss < straight.train_loss[0].loss);
+    // A finished id is not trained over.
+    let err = run("b").run(&NoHooks).unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn bad_datasets_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(&tmp.path().join("model"));
+    let s = tiny_settings();
+    let root = tmp.path();
+
+    // Empty.
+    write_jsonl(&root.join("empty"), "train.jsonl", &[]);
+    let err = format!("{:#}", data::load(&root.join("empty"), &lm, &s, "").unwrap_err());
+    assert!(err.contains("no usable training conversation"), "{err}");
+
+    // Malformed lines are skipped and counted; with bad_lines = fail the line is named.
+    let lines = vec![
+        conv("How do I wax my skis at home?", "Iron on a temperature-appropriate wax, let it cool, scrape and brush."),
+        "not json at all".to_string(),
+        r#"{"messages": []}"#.to_string(),
+        r#"{"messages": [{"role": "robot", "content": "beep"}]}"#.to_string(),
+        r#"{"messages": [{"role": "user", "content": "no answer here"}]}"#.to_string(),
+        conv("Best wax for spring slush?", "A warm-temperature wax with some fluoro-free additive, and structure helps more than you think."),
+    ];
+    write_jsonl(&root.join("messy"), "train.jsonl", &lines);
+    let d = data::load(&root.join("messy"), &lm, &s, "").unwrap();
+    assert_eq!((d.train.len(), d.train_report.malformed, d.train_report.lines), (2, 4, 6));
+    let mut strict = s.clone();
+    strict.bad_lines = BadLines::Fail;
+    let err = format!("{:#}", data::load(&root.join("messy"), &lm, &strict, "").unwrap_err());
+    assert!(err.contains("line 2"), "{err}");
+
+    // Longer than max_len: cut, and dropped when no answer token is left.
+    let mut short = s.clone();
+    short.max_len = 24;
+    let long_answer = "word ".repeat(60);
+    let long_question = "why ".repeat(60);
+    write_jsonl(&root.join("long"), "train.jsonl", &[conv("Short question?", &long_answer), conv(&long_question, "Short answer.")]);
+    let d = data::load(&root.join("long"), &lm, &short, "").unwrap();
+    assert_eq!((d.train.len(), d.train_report.truncated, d.train_report.too_long), (1, 2, 1));
+    assert_eq!(d.train[0].len(), 24);
+
+    // Text already rendered for another model's template/tokenizer.
+    let foreign: Vec<String> = (0..4).map(|i| conv(&format!("<s>[INST] question {i} [/INST]"), "answer</s>")).collect();
+    write_jsonl(&root.join("foreign"), "train.jsonl", &foreign);
+    let err = format!("{:#}", data::load(&root.join("foreign"), &lm, &s, "").unwrap_err());
+    assert!(err.contains("no usable") || err.contains("another model"), "{err}");
+    let mut mixed = foreign.clone();
+    mixed.extend((0..2).map(|i| conv(&format!("plain question {i}?"), "A plain answer with a few words.")));
+    write_jsonl(&root.join("mixed"), "train.jsonl", &mixed);
+    let err = format!("{:#}", data::load(&root.join("mixed"), &lm, &s, "").unwrap_err());
+    assert!(err.contains("another model's tokenizer/template"), "{err}");
+
+    // Missing folder.
+    let err = format!("{:#}", data::load(&root.join("nope"), &lm, &s, "").unwrap_err());
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+/// A learning rate that blows the weights up: the run stops with a clear error on the first
+/// non-finite loss, and the last good checkpoint stays loadable.
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(&tmp.path().join("model"));
+    small_dataset(&tmp.path().join("data"));
+    let mut s = tiny_settings();
+    s.learning_rate = 1e30;
+    s.warmup_steps = 0;
+    s.max_grad_norm = 0.0;
+    s.checkpoint_every = 1;
+    s.eval_every = 0;
+    let data = data::load(&tmp.path().join("data"), &lm, &s, "").unwrap();
+    let dir = tmp.path().join("adapters/boom");
+    let run = TrainRun { lm: &lm, data: &data, settings: s, run_dir: dir.clone(), id: "boom".into(), base_model: "tiny".into() };
+    let err = format!("{:#}", run.run(&NoHooks).unwrap_err());
+    assert!(err.contains("diverged"), "{err}");
+    assert!(err.contains("last good checkpoint"), "{err}");
+    let ck = checkpoint::load(&dir, &Device::Cpu).unwrap().expect("checkpoint kept");
+    assert!(ck.state.step >= 1);
+    assert!(!dir.join("adapter_model.safetensors").exists(), "no adapter from a diverged run");
+}
