@@ -12,6 +12,7 @@ pub mod ask;
 pub mod bench;
 pub mod bench_parse;
 pub mod dataset;
+pub mod run;
 pub mod scrape;
 
 #[derive(Debug, Parser)]
@@ -38,6 +39,8 @@ pub enum Command {
     /// Build training data from the store.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// Run the Discord bot (token from DISCORD_TOKEN or discord.token_file).
+    Run(run::RunArgs),
 }
 
 /// Entry point of the binary: parse, set up logging, run, and turn errors into exit codes.
@@ -62,6 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&settings, cmd),
         Command::Scrape(args) => scrape::run(&settings, args),
         Command::Dataset(cmd) => dataset::run(&settings, cmd),
+        Command::Run(args) => run::run(&settings, args),
     }
 }
 
