@@ -181,8 +181,8 @@ mod tests {
         assert_eq!(s.generation.temperature, 0.0);
         assert_eq!(s.model.device, "cuda:1");
         assert_eq!(s.generation.stop, vec!["a", "b"]);
-        let s = Settings::load_with_env(None, env(&[("FREESKI__DISCORD__GUILD_IDS", "1,22"), ("FREESKI__BOT__USER_BURST", "2")])).unwrap();
-        assert_eq!((s.discord.guild_ids, s.bot.user_burst), (vec![1, 22], 2));
+        let s = Settings::load_with_env(None, env(&[("FREESKI__DISCORD__GUILD_IDS", "1,22"), ("FREESKI__DISCORD__ADMIN_USER_IDS", "5"), ("FREESKI__BOT__USER_BURST", "2")])).unwrap();
+        assert_eq!((s.discord.guild_ids, s.discord.admin_user_ids, s.bot.user_burst), (vec![1, 22], vec![5], 2));
         let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__BOT__VOTE_DOWN_EMOJI", "👍")])).unwrap_err());
         assert!(err.contains("bot.vote_up_emoji"), "{err}");
     }

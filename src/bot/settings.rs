@@ -13,10 +13,14 @@ pub struct DiscordSettings {
     /// File holding the bot token (used when `DISCORD_TOKEN` is unset); "" for none.
     pub token_file: String,
     /// Guilds to register slash commands in (instant); empty registers them globally.
+    #[serde(deserialize_with = "ids")]
     pub guild_ids: Vec<u64>,
+    #[serde(deserialize_with = "ids")]
     pub admin_role_ids: Vec<u64>,
+    #[serde(deserialize_with = "ids")]
     pub admin_user_ids: Vec<u64>,
     /// Channels where every message is answered (mentions and replies work everywhere).
+    #[serde(deserialize_with = "ids")]
     pub answer_channel_ids: Vec<u64>,
     pub answer_dms: bool,
     /// Shortest time between two writes (post or edit) of one streamed answer.
@@ -24,6 +28,21 @@ pub struct DiscordSettings {
     /// Retries of a failed post or edit (5xx, connection errors) before giving up.
     pub rest_retries: u32,
     pub rest_retry_backoff_ms: u64,
+}
+
+/// A list of ids; one id alone is accepted too (`FREESKI__DISCORD__GUILD_IDS=123` arrives from
+/// the environment as a single number, not a list).
+fn ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u64),
+        Many(Vec<u64>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(v) => vec![v],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// How the bot answers.

@@ -120,7 +120,7 @@ impl Streamer {
     }
 
     fn rendered(&self) -> Vec<String> {
-        let mut full = neutralize_mentions(&self.text);
+        let mut full = neutralize_mentions(self.text.trim_start());
         if !self.footer.is_empty() {
             full.push_str(&self.footer);
         }

@@ -24,6 +24,8 @@ const HIDDEN: usize = 64;
 const VOCAB: usize = 49152;
 /// ChatML's `<|im_end|>`: ends the answer.
 const IM_END: u32 = 2;
+/// Longest context: long enough that a generation kept busy on purpose outlives any test.
+pub const MAX_POSITION: usize = 262_144;
 /// "\n": the last token of the ChatML generation prompt, so the script starts after it.
 const ENTRY: u32 = 198;
 
@@ -78,7 +80,7 @@ pub fn model(script: &[u32], end: End) -> LoadedModel {
         head_dim: 16,
         rms_norm_eps: 1e-6,
         rope_theta: 10_000.0,
-        max_position: 16_384,
+        max_position: MAX_POSITION,
         sliding_window: None,
         tie_embeddings: false,
     };
