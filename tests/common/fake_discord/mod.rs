@@ -190,7 +190,7 @@ impl FakeDiscord {
 
     fn send(&self, cmd: WsCmd) {
         let s = self.state.lock().unwrap();
-        s.gateway.as_ref().expect("no gateway connection").send(cmd).ok().expect("gateway connection closed");
+        assert!(s.gateway.as_ref().expect("no gateway connection").send(cmd).is_ok(), "gateway connection closed");
     }
 
     pub fn dispatch(&self, t: &'static str, d: Value) {
