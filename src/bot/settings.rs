@@ -30,19 +30,31 @@ pub struct DiscordSettings {
     pub rest_retry_backoff_ms: u64,
 }
 
-/// A list of ids; one id alone is accepted too (`FREESKI__DISCORD__GUILD_IDS=123` arrives from
-/// the environment as a single number, not a list).
+/// A list of ids; one id alone is accepted too. From the environment, `FREESKI__DISCORD__GUILD_IDS=123`
+/// arrives as a single number and `=1,22` as a list of strings: both are read as ids.
 fn ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum OneOrMany {
-        One(u64),
-        Many(Vec<u64>),
+    enum Id {
+        Num(u64),
+        Text(String),
     }
-    Ok(match OneOrMany::deserialize(d)? {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Id),
+        Many(Vec<Id>),
+    }
+    let list = match OneOrMany::deserialize(d)? {
         OneOrMany::One(v) => vec![v],
         OneOrMany::Many(v) => v,
-    })
+    };
+    list.into_iter()
+        .map(|id| match id {
+            Id::Num(n) => Ok(n),
+            Id::Text(t) => t.trim().parse().map_err(|_| serde::de::Error::custom(format!("`{t}` is not a Discord id"))),
+        })
+        .collect()
 }
 
 /// How the bot answers.
