@@ -24,6 +24,8 @@ pub struct Settings {
     pub dataset: crate::dataset::DatasetSettings,
     pub store: crate::store::StoreSettings,
     pub train: crate::train::TrainSettings,
+    pub discord: crate::bot::DiscordSettings,
+    pub bot: crate::bot::BotSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +133,10 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("generation.stop")
                 .with_list_parse_key("dataset.blocked_words")
+                .with_list_parse_key("discord.guild_ids")
+                .with_list_parse_key("discord.admin_role_ids")
+                .with_list_parse_key("discord.admin_user_ids")
+                .with_list_parse_key("discord.answer_channel_ids")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -144,6 +150,8 @@ impl Settings {
         settings.dataset.validate()?;
         settings.store.validate()?;
         settings.train.validate()?;
+        settings.discord.validate()?;
+        settings.bot.validate()?;
         Ok(settings)
     }
 }
@@ -175,6 +183,10 @@ mod tests {
         assert_eq!(s.generation.temperature, 0.0);
         assert_eq!(s.model.device, "cuda:1");
         assert_eq!(s.generation.stop, vec!["a", "b"]);
+        let s = Settings::load_with_env(None, env(&[("FREESKI__DISCORD__GUILD_IDS", "1,22"), ("FREESKI__DISCORD__ADMIN_USER_IDS", "5"), ("FREESKI__BOT__USER_BURST", "2")])).unwrap();
+        assert_eq!((s.discord.guild_ids, s.discord.admin_user_ids, s.bot.user_burst), (vec![1, 22], vec![5], 2));
+        let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__BOT__VOTE_DOWN_EMOJI", "👍")])).unwrap_err());
+        assert!(err.contains("bot.vote_up_emoji"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! freeski-bot: a self-hosted Discord bot that answers freeskiing questions with a local,
 //! QLoRA-tuned Llama-family model. See ARCHITECTURE.md for the parts and how data flows.
 
+pub mod adapters;
+pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod llm;

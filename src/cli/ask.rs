@@ -2,14 +2,15 @@
 //! the bot uses.
 
 use std::io::{BufRead, Write};
-use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::config::Settings;
 use crate::llm::chat::Message;
-use crate::llm::generate::{generate, Finish, GenOptions, Generation};
+use crate::llm::engine::{AdapterChoice, Engine, EngineConfig, Event, Question};
+use crate::llm::generate::{Finish, GenOptions, Generation};
 use crate::llm::load::{self, LoadedModel};
 use crate::llm::lora::{self, LoraAdapter};
 
@@ -50,12 +51,10 @@ pub struct ChatArgs {
     pub model: ModelArgs,
 }
 
-/// A model with its adapter and generation options, ready to answer in the terminal.
+/// The engine with generation options, ready to answer in the terminal.
 pub struct Session {
-    pub lm: LoadedModel,
-    pub adapter: Option<LoraAdapter>,
+    pub engine: Engine,
     pub opts: GenOptions,
-    pub system_prompt: String,
 }
 
 impl Session {
@@ -90,41 +89,40 @@ impl Session {
                 tracing::info!(adapter = %a.id, "adapter merged into the base weights");
             }
         }
-        let max_context = match settings.model.max_context {
-            0 => lm.model.config().max_position,
-            n => n.min(lm.model.config().max_position),
-        };
-        let opts = GenOptions::from_settings(&settings.generation, max_context);
-        Ok(Self { lm, adapter, opts, system_prompt: settings.generation.system_prompt.clone() })
+        let opts = GenOptions::from_settings(&settings.generation, max_context(&settings, &lm));
+        let engine = Engine::start(Arc::new(lm), adapter.map(Arc::new), engine_config(&settings))?;
+        Ok(Self { engine, opts })
     }
 
     /// Answer `question` after `history`, streaming to `out`. Earlier turns are dropped, oldest
-    /// first, until the prompt leaves room for a full answer.
+    /// first, until the prompt leaves room for a full answer (see `llm::prompt`).
     pub fn answer(&self, history: &[Message], question: &str, out: &mut dyn Write) -> Result<Generation> {
-        let lm = &self.lm;
-        let eos = lm.stop_ids.first().copied();
-        let budget = self.opts.max_context.saturating_sub(self.opts.max_new_tokens).max(1);
-        let mut start = 0;
-        let prompt = loop {
-            let p = lm.template.prompt(&lm.tokenizer, lm.bos_id, eos, &self.system_prompt, &history[start..], question)?;
-            if p.len() <= budget || start >= history.len() {
-                break p;
+        let q = Question { history: history.to_vec(), question: question.to_string(), opts: self.opts.clone(), adapter: AdapterChoice::Active };
+        let mut ticket = self.engine.submit(q)?;
+        while let Some(ev) = ticket.blocking_next() {
+            match ev {
+                Event::Started { .. } => {}
+                // An error here drops the ticket, which cancels the generation.
+                Event::Text(piece) => out.write_all(piece.as_bytes()).and_then(|_| out.flush()).context("writing the answer")?,
+                Event::Finished(gen) => return Ok(gen),
+                Event::Failed(e) => anyhow::bail!("generation failed: {e}"),
             }
-            start = (start + 2).min(history.len()); // drop the oldest question/answer pair
-        };
-        let mut write_err = None;
-        let gen = generate(lm, self.adapter.as_ref(), &prompt, &self.opts, |piece| {
-            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-                write_err = Some(e);
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        })?;
-        if let Some(e) = write_err {
-            return Err(e).context("writing the answer");
         }
-        Ok(gen)
+        anyhow::bail!("the engine stopped before answering")
     }
+}
+
+/// Longest prompt + answer: `model.max_context`, capped by the model (0 = the model's own).
+pub fn max_context(settings: &Settings, lm: &LoadedModel) -> usize {
+    match settings.model.max_context {
+        0 => lm.model.config().max_position,
+        n => n.min(lm.model.config().max_position),
+    }
+}
+
+/// Engine settings from `[bot]` and `[generation]`.
+pub fn engine_config(settings: &Settings) -> EngineConfig {
+    EngineConfig { queue_capacity: settings.bot.queue_capacity, max_batch: settings.bot.max_batch, system_prompt: settings.generation.system_prompt.clone() }
 }
 
 fn report(gen: &Generation) {

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod bench_parse;
 pub mod bench_train;
 pub mod dataset;
+pub mod run;
 pub mod scrape;
 pub mod train;
 
@@ -44,6 +45,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Held-out loss and sample answers of an adapter against the bare base model.
     Eval(train::EvalArgs),
+    /// Run the Discord bot (token from DISCORD_TOKEN or discord.token_file).
+    Run(run::RunArgs),
 }
 
 /// Entry point of the binary: parse, set up logging, run, and turn errors into exit codes.
@@ -70,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(cmd) => dataset::run(&settings, cmd),
         Command::Train(args) => train::train(&settings, args),
         Command::Eval(args) => train::eval(&settings, args),
+        Command::Run(args) => run::run(&settings, args),
     }
 }
 

@@ -4,11 +4,13 @@
 pub mod chat;
 pub mod detok;
 pub mod device;
+pub mod engine;
 pub mod generate;
 pub mod load;
 pub mod lora;
 pub mod model;
 pub mod model_config;
+pub mod prompt;
 pub mod qlinear;
 pub mod random;
 pub mod sampling;

@@ -44,6 +44,30 @@ pub struct NewAnswer {
     pub guild_id: Option<u64>,
     pub channel_id: Option<u64>,
     pub asked_by: Option<u64>,
+    /// Generation options and outcome (JSON object; `Null` stores `{}`).
+    pub generation: serde_json::Value,
+}
+
+/// A stored answer, as the bot reads it back (reply chains, `/flagged`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAnswer {
+    pub id: AnswerId,
+    pub question: String,
+    pub context: Vec<Turn>,
+    pub answer: String,
+    pub adapter_id: Option<String>,
+    pub generation: serde_json::Value,
+    pub asked_by: Option<u64>,
+}
+
+/// An answer with 👎 votes, for `/flagged`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlaggedAnswer {
+    pub id: AnswerId,
+    pub question: String,
+    pub answer: String,
+    pub up: u32,
+    pub down: u32,
 }
 
 /// An answer with its vote tally and latest correction, as exported.
@@ -68,9 +92,13 @@ fn snowflake(v: u64) -> Result<i64> {
 impl Store {
     pub fn record_answer(&self, a: &NewAnswer) -> Result<AnswerId> {
         let context = serde_json::to_string(&a.context)?;
+        let generation = match &a.generation {
+            serde_json::Value::Null => "{}".to_string(),
+            g => g.to_string(),
+        };
         self.conn()
             .execute(
-                "INSERT INTO answers(question, context, answer, adapter_id, guild_id, channel_id, asked_by, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO answers(question, context, answer, adapter_id, guild_id, channel_id, asked_by, created_at, generation) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     a.question,
                     context,
@@ -79,7 +107,8 @@ impl Store {
                     a.guild_id.map(snowflake).transpose()?,
                     a.channel_id.map(snowflake).transpose()?,
                     a.asked_by.map(snowflake).transpose()?,
-                    now_secs()
+                    now_secs(),
+                    generation
                 ],
             )
             .context("recording answer")?;
@@ -108,6 +137,49 @@ impl Store {
             )
             .optional()?
             .map(AnswerId))
+    }
+
+    pub fn answer(&self, id: AnswerId) -> Result<Option<StoredAnswer>> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT question, context, answer, adapter_id, generation, asked_by FROM answers WHERE id = ?1",
+                [id.0],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?, r.get::<_, Option<i64>>(5)?)),
+            )
+            .optional()?;
+        let Some((question, context, answer, adapter_id, generation, asked_by)) = row else { return Ok(None) };
+        Ok(Some(StoredAnswer {
+            id,
+            question,
+            context: serde_json::from_str(&context).with_context(|| format!("answer {}: stored context is not JSON turns", id.0))?,
+            answer,
+            adapter_id,
+            generation: serde_json::from_str(&generation).with_context(|| format!("answer {}: stored generation is not JSON", id.0))?,
+            asked_by: asked_by.map(|v| v as u64),
+        }))
+    }
+
+    /// Message ids carrying `answer`, in part order.
+    pub fn answer_messages(&self, answer: AnswerId) -> Result<Vec<u64>> {
+        let mut st = self.conn().prepare("SELECT message_id FROM answer_messages WHERE answer_id = ?1 ORDER BY part")?;
+        let rows = st.query_map([answer.0], |r| r.get::<_, i64>(0))?;
+        Ok(rows.map(|r| r.map(|v| v as u64)).collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Answers with at least one 👎, newest first.
+    pub fn flagged_answers(&self, limit: usize) -> Result<Vec<FlaggedAnswer>> {
+        let mut st = self.conn().prepare(
+            "SELECT a.id, a.question, a.answer,
+                    (SELECT COUNT(*) FROM votes v WHERE v.answer_id = a.id AND v.value > 0),
+                    (SELECT COUNT(*) FROM votes v WHERE v.answer_id = a.id AND v.value < 0) AS down
+             FROM answers a WHERE EXISTS (SELECT 1 FROM votes v WHERE v.answer_id = a.id AND v.value < 0)
+             ORDER BY a.id DESC LIMIT ?1",
+        )?;
+        let rows = st.query_map([limit as i64], |r| {
+            Ok(FlaggedAnswer { id: AnswerId(r.get(0)?), question: r.get(1)?, answer: r.get(2)?, up: r.get::<_, i64>(3)? as u32, down: r.get::<_, i64>(4)? as u32 })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Set `user`'s vote on `answer`; a later vote replaces the earlier one (one per user).
@@ -234,5 +306,12 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].correction.as_deref(), Some("better"));
         assert_eq!((rows[0].up, rows[0].down), (1, 0));
+        assert!(s.flagged_answers(5).unwrap().is_empty());
+        s.set_vote(a, 12, Vote::Down).unwrap();
+        let flagged = s.flagged_answers(5).unwrap();
+        assert_eq!((flagged[0].id, flagged[0].up, flagged[0].down), (a, 1, 1));
+        let stored = s.answer(a).unwrap().unwrap();
+        assert_eq!((stored.question.as_str(), stored.generation.clone()), ("q", serde_json::json!({})));
+        assert_eq!(s.answer_messages(a).unwrap(), vec![1_234_567_890_123_456_789]);
     }
 }

@@ -110,6 +110,36 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX corrections_by_answer ON corrections(answer_id);
     "#,
+    // 3: the bot's jobs (/rescrape, /retrain; run by the worker) and answer generation settings.
+    r#"
+    ALTER TABLE answers ADD COLUMN generation TEXT NOT NULL DEFAULT '{}';  -- JSON: options, finish, tokens
+    CREATE TABLE jobs (
+        id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind               TEXT NOT NULL CHECK (kind IN ('rescrape', 'retrain')),
+        state              TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'interrupted')),
+        stage              TEXT,
+        progress_done      INTEGER,
+        progress_total     INTEGER,
+        progress_note      TEXT,
+        requested_by       INTEGER,
+        guild_id           INTEGER,
+        channel_id         INTEGER,
+        -- The Discord message showing progress (edited by the worker) and the interaction that
+        -- asked (its token can edit the response for 15 minutes).
+        status_message_id  INTEGER,
+        application_id     INTEGER,
+        interaction_token  TEXT,
+        created_at         INTEGER NOT NULL,
+        started_at         INTEGER,
+        finished_at        INTEGER,
+        updated_at         INTEGER NOT NULL,
+        error              TEXT,
+        cancel_requested   INTEGER NOT NULL DEFAULT 0
+    );
+    -- Single flight: at most one queued or running job of each kind.
+    CREATE UNIQUE INDEX jobs_one_active_per_kind ON jobs(kind) WHERE state IN ('queued', 'running');
+    CREATE INDEX jobs_by_state ON jobs(state);
+    "#,
 ];
 
 /// Schema version this build writes.

@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod feedback;
 pub mod forum;
+pub mod jobs;
 pub mod migrate;
 
-pub use feedback::{AnswerId, FeedbackRow, NewAnswer, Turn, Vote};
+pub use feedback::{AnswerId, FeedbackRow, FlaggedAnswer, NewAnswer, StoredAnswer, Turn, Vote};
+pub use jobs::{Job, JobCreated, JobKind, JobOutcome, JobState, NewJob};
 pub use forum::{
     CrawlRun, ForumCounts, ListedOutcome, ListedThread, PageFailure, PageKind, PageRecord, PageRow,
     RawPage, StoredPost, ThreadPosts, ThreadStatus, ThreadTask,

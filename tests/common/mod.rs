@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod fake_discord;
+pub mod script_model;
 pub mod tiny;
 
 use std::fs::File;

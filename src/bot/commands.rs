@@ -1,0 +1,247 @@
+//! Slash commands: their registration (per configured guild, else global) and handlers. Admin
+//! commands are registered with `default_member_permissions = 0` so only admins see them, and
+//! checked again here: Discord lets server owners override what the registration says.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serenity::all::{
+    Command, CommandDataOptionValue, CommandInteraction, CommandOptionType, CreateCommand, CreateCommandOption, CreateInteractionResponse, CreateInteractionResponseMessage,
+    EditInteractionResponse, GuildId, Http, Permissions,
+};
+
+use super::answer::{self, AnswerJob};
+use super::stream::{no_mentions, Outlet};
+use super::BotState;
+use crate::store::{JobCreated, JobKind, NewJob};
+
+const ADMIN_COMMANDS: [&str; 5] = ["rescrape", "retrain", "adapter", "flagged", "cancel"];
+
+fn is_admin_command(name: &str) -> bool {
+    ADMIN_COMMANDS.contains(&name)
+}
+
+/// Every command the bot offers.
+pub fn definitions() -> Vec<CreateCommand> {
+    let admin = |name: &str, description: &str| CreateCommand::new(name).description(description).default_member_permissions(Permissions::empty()).dm_permission(false);
+    let sub = |name: &str, description: &str| CreateCommandOption::new(CommandOptionType::SubCommand, name, description);
+    vec![
+        CreateCommand::new("ask")
+            .description("Ask the freeski bot a question")
+            .add_option(CreateCommandOption::new(CommandOptionType::String, "question", "Your question").required(true).max_length(1500)),
+        CreateCommand::new("status").description("Model, adapter, queue and running job"),
+        admin("rescrape", "Scrape the forum again for new threads (admin)"),
+        admin("retrain", "Train a new adapter on the latest data and feedback (admin)"),
+        admin("adapter", "List, activate or roll back LoRA adapters (admin)")
+            .add_option(sub("list", "List the adapters"))
+            .add_option(sub("activate", "Answer with this adapter from now on").add_sub_option(CreateCommandOption::new(CommandOptionType::String, "id", "Adapter id").required(true)))
+            .add_option(sub("rollback", "Go back to the previous adapter")),
+        admin("flagged", "Recent answers voted down, with their questions (admin)"),
+        admin("cancel", "Cancel the running job (admin)"),
+    ]
+}
+
+/// Register the commands in each configured guild, or globally when none is configured.
+pub async fn register(http: &Http, guild_ids: &[u64]) -> Result<()> {
+    if guild_ids.is_empty() {
+        Command::set_global_commands(http, definitions()).await.context("registering global slash commands")?;
+        tracing::info!("slash commands registered globally");
+    }
+    for &g in guild_ids {
+        GuildId::new(g).set_commands(http, definitions()).await.with_context(|| format!("registering slash commands in guild {g}"))?;
+        tracing::info!(guild = g, "slash commands registered");
+    }
+    Ok(())
+}
+
+/// Administrator permission, a configured admin role, or a configured admin user.
+pub fn is_admin(bot: &BotState, cmd: &CommandInteraction) -> bool {
+    let d = &bot.settings.discord;
+    if d.admin_user_ids.contains(&cmd.user.id.get()) {
+        return true;
+    }
+    let Some(member) = &cmd.member else { return false };
+    member.permissions.is_some_and(|p| p.contains(Permissions::ADMINISTRATOR)) || member.roles.iter().any(|r| d.admin_role_ids.contains(&r.get()))
+}
+
+async fn reply(http: &Http, cmd: &CommandInteraction, text: &str, ephemeral: bool) -> Result<()> {
+    let msg = CreateInteractionResponseMessage::new().content(text).ephemeral(ephemeral).allowed_mentions(no_mentions());
+    cmd.create_response(http, CreateInteractionResponse::Message(msg)).await.context("answering a command")
+}
+
+async fn edit(http: &Http, cmd: &CommandInteraction, text: &str) -> Result<serenity::all::Message> {
+    cmd.edit_response(http, EditInteractionResponse::new().content(text).allowed_mentions(no_mentions())).await.context("editing a command response")
+}
+
+fn string_option(cmd: &CommandInteraction, name: &str) -> Option<String> {
+    cmd.data.options.iter().find(|o| o.name == name).and_then(|o| o.value.as_str()).map(str::to_string)
+}
+
+/// Handle one slash command.
+pub async fn handle(bot: Arc<BotState>, http: Arc<Http>, cmd: CommandInteraction) -> Result<()> {
+    let name = cmd.data.name.as_str();
+    if is_admin_command(name) && !is_admin(&bot, &cmd) {
+        tracing::info!(user = cmd.user.id.get(), command = name, "admin command refused");
+        return reply(&http, &cmd, "Sorry, only admins can use this command.", true).await;
+    }
+    match name {
+        "ask" => ask(bot, http, cmd).await,
+        "status" => reply(&http, &cmd, &status_text(&bot), true).await,
+        "rescrape" => request_job(&bot, &http, &cmd, JobKind::Rescrape).await,
+        "retrain" => request_job(&bot, &http, &cmd, JobKind::Retrain).await,
+        "adapter" => adapter(bot, &http, &cmd).await,
+        "flagged" => reply(&http, &cmd, &flagged_text(&bot)?, true).await,
+        "cancel" => {
+            let hit = bot.store_mut().request_cancel(None)?;
+            let text = if hit.is_empty() {
+                "No job is queued or running.".to_string()
+            } else {
+                hit.iter().map(|j| format!("Cancel requested: {}", j.summary())).collect::<Vec<_>>().join("\n")
+            };
+            reply(&http, &cmd, &text, true).await
+        }
+        other => reply(&http, &cmd, &format!("Unknown command `/{other}`."), true).await,
+    }
+}
+
+async fn ask(bot: Arc<BotState>, http: Arc<Http>, cmd: CommandInteraction) -> Result<()> {
+    let question = string_option(&cmd, "question").unwrap_or_default();
+    if question.trim().is_empty() {
+        return reply(&http, &cmd, "Ask me something, e.g. `/ask question: how do I learn switch?`", true).await;
+    }
+    if !bot.limiter.allow(cmd.user.id.get()) {
+        return reply(&http, &cmd, "You're asking faster than I can keep up. Please wait a minute.", true).await;
+    }
+    // Defer first: the answer may wait in the queue far longer than Discord's 3 seconds.
+    cmd.defer(http.as_ref()).await.context("deferring /ask")?;
+    let job = AnswerJob {
+        asker: cmd.user.id,
+        guild: cmd.guild_id,
+        channel: cmd.channel_id,
+        question_message: None,
+        question,
+        history: Vec::new(),
+        outlet: Outlet::Interaction { http, interaction: Box::new(cmd) },
+    };
+    answer::run(bot, job).await;
+    Ok(())
+}
+
+fn status_text(bot: &BotState) -> String {
+    let lm = bot.engine.model();
+    let device = lm.model.device();
+    let mut lines = vec![format!("**Model:** {} on {}", if lm.name.is_empty() { "(unnamed)" } else { &lm.name }, crate::llm::device::describe(device))];
+    lines.push(match bot.engine.active_adapter_id() {
+        Some(id) => {
+            let info = crate::adapters::info(&bot.settings.adapter.dir.join(&id));
+            let loss = info.eval_loss.map_or("eval loss unknown".to_string(), |l| format!("eval loss {l:.4}"));
+            format!("**Adapter:** {id} ({loss}, trained {})", info.trained_at.as_deref().unwrap_or("at an unknown time"))
+        }
+        None => "**Adapter:** none (base model)".to_string(),
+    });
+    lines.push(format!("**Queue:** {} waiting, {} being answered", bot.engine.queue_depth(), bot.engine.running()));
+    let mut mem = Vec::new();
+    if let Some(rss) = crate::llm::device::rss_bytes() {
+        mem.push(format!("host {:.2} GiB", crate::llm::device::gib(rss)));
+    }
+    if let Some((used, total)) = crate::llm::device::device_memory(device) {
+        mem.push(format!("device {:.2}/{:.2} GiB", crate::llm::device::gib(used), crate::llm::device::gib(total)));
+    }
+    if !mem.is_empty() {
+        lines.push(format!("**Memory:** {}", mem.join(", ")));
+    }
+    match bot.store().active_jobs() {
+        Ok(jobs) if jobs.is_empty() => lines.push("**Jobs:** none running".into()),
+        Ok(jobs) => lines.extend(jobs.iter().map(|j| format!("**Job:** {}", j.summary()))),
+        Err(e) => lines.push(format!("**Jobs:** unavailable ({e:#})")),
+    }
+    lines.join("\n")
+}
+
+async fn request_job(bot: &BotState, http: &Http, cmd: &CommandInteraction, kind: JobKind) -> Result<()> {
+    cmd.defer(http).await.context("deferring a job command")?;
+    let who = NewJob {
+        requested_by: Some(cmd.user.id.get()),
+        guild_id: cmd.guild_id.map(|g| g.get()),
+        channel_id: Some(cmd.channel_id.get()),
+        application_id: Some(cmd.application_id.get()),
+        interaction_token: Some(cmd.token.clone()),
+    };
+    let created = bot.store_mut().create_job(kind, &who)?;
+    match created {
+        JobCreated::Created(job) => {
+            let msg = edit(http, cmd, &format!("Queued {}. Progress will show in this message.", job.summary())).await?;
+            bot.store().set_job_status_message(job.id, cmd.channel_id.get(), msg.id.get())?;
+        }
+        JobCreated::AlreadyActive(job) => {
+            edit(http, cmd, &format!("Already on it: {}. Use /cancel to stop it.", job.summary())).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn adapter(bot: Arc<BotState>, http: &Http, cmd: &CommandInteraction) -> Result<()> {
+    let Some(sub) = cmd.data.options.first() else { return reply(http, cmd, "Use /adapter list, activate or rollback.", true).await };
+    let CommandDataOptionValue::SubCommand(args) = &sub.value else { return reply(http, cmd, "Use /adapter list, activate or rollback.", true).await };
+    let dir = bot.settings.adapter.dir.clone();
+    match sub.name.as_str() {
+        "list" => {
+            let active = bot.engine.active_adapter_id();
+            let list = crate::adapters::list(&dir)?;
+            let text = if list.is_empty() {
+                format!("No adapters in `{}`.", dir.display())
+            } else {
+                list.iter()
+                    .map(|a| {
+                        let mark = if Some(&a.id) == active.as_ref() { " ← active" } else { "" };
+                        let loss = a.eval_loss.map_or(String::new(), |l| format!(", eval loss {l:.4}"));
+                        format!("`{}`{loss}{mark}", a.id)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            reply(http, cmd, &text, true).await
+        }
+        "activate" | "rollback" => {
+            // Loading an adapter can take longer than the 3 seconds Discord waits.
+            cmd.defer_ephemeral(http).await.context("deferring /adapter")?;
+            let id = args.iter().find(|o| o.name == "id").and_then(|o| o.value.as_str()).unwrap_or_default().to_string();
+            let rollback = sub.name == "rollback";
+            let b = bot.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let store = b.store();
+                if rollback {
+                    crate::adapters::rollback(&b.engine, &store, &dir)
+                } else {
+                    crate::adapters::activate(&b.engine, &store, &dir, &id).map(|_| id)
+                }
+            })
+            .await
+            .context("adapter task")?;
+            let text = match result {
+                Ok(id) if id.is_empty() => "Now answering with the base model (no adapter).".to_string(),
+                Ok(id) => format!("Now answering with adapter `{id}`."),
+                Err(e) => format!("Adapter unchanged: {e:#}"),
+            };
+            edit(http, cmd, &text).await.map(|_| ())
+        }
+        other => reply(http, cmd, &format!("Unknown subcommand `{other}`."), true).await,
+    }
+}
+
+fn flagged_text(bot: &BotState) -> Result<String> {
+    let rows = bot.store().flagged_answers(bot.settings.bot.flagged_limit)?;
+    if rows.is_empty() {
+        return Ok("No answers have been voted down.".into());
+    }
+    let clip = |s: &str, n: usize| if s.chars().count() > n { format!("{}…", s.chars().take(n).collect::<String>()) } else { s.to_string() };
+    let mut out = String::new();
+    for r in rows {
+        let entry = format!("**#{}** 👎{} 👍{}\nQ: {}\nA: {}\n\n", r.id.0, r.down, r.up, clip(&r.question, 150), clip(&r.answer, 200));
+        if out.chars().count() + entry.chars().count() > super::render::MESSAGE_LIMIT {
+            break;
+        }
+        out.push_str(&entry);
+    }
+    Ok(super::render::neutralize_mentions(out.trim_end()))
+}

@@ -1,0 +1,107 @@
+//! `[discord]` and `[bot]` settings (documented with their defaults in `config/default.toml`).
+
+use anyhow::{ensure, Result};
+use serde::Deserialize;
+
+/// How the bot reaches Discord and who it listens to. The token is not here: it comes from
+/// `DISCORD_TOKEN` or `token_file`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscordSettings {
+    /// REST base URL of a Discord API proxy; "" talks to Discord itself.
+    pub api_base: String,
+    /// File holding the bot token (used when `DISCORD_TOKEN` is unset); "" for none.
+    pub token_file: String,
+    /// Guilds to register slash commands in (instant); empty registers them globally.
+    #[serde(deserialize_with = "ids")]
+    pub guild_ids: Vec<u64>,
+    #[serde(deserialize_with = "ids")]
+    pub admin_role_ids: Vec<u64>,
+    #[serde(deserialize_with = "ids")]
+    pub admin_user_ids: Vec<u64>,
+    /// Channels where every message is answered (mentions and replies work everywhere).
+    #[serde(deserialize_with = "ids")]
+    pub answer_channel_ids: Vec<u64>,
+    pub answer_dms: bool,
+    /// Shortest time between two writes (post or edit) of one streamed answer.
+    pub edit_interval_ms: u64,
+    /// Retries of a failed post or edit (5xx, connection errors) before giving up.
+    pub rest_retries: u32,
+    pub rest_retry_backoff_ms: u64,
+}
+
+/// A list of ids; one id alone is accepted too. From the environment, `FREESKI__DISCORD__GUILD_IDS=123`
+/// arrives as a single number and `=1,22` as a list of strings: both are read as ids.
+fn ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Num(u64),
+        Text(String),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Id),
+        Many(Vec<Id>),
+    }
+    let list = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(v) => vec![v],
+        OneOrMany::Many(v) => v,
+    };
+    list.into_iter()
+        .map(|id| match id {
+            Id::Num(n) => Ok(n),
+            Id::Text(t) => t.trim().parse().map_err(|_| serde::de::Error::custom(format!("`{t}` is not a Discord id"))),
+        })
+        .collect()
+}
+
+/// How the bot answers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotSettings {
+    /// Questions allowed to wait for the engine; more get a "too busy" reply.
+    pub queue_capacity: usize,
+    /// Questions answered together in one batch.
+    pub max_batch: usize,
+    /// Per-user limit: questions per minute, and how many may come back to back.
+    pub user_questions_per_minute: u32,
+    pub user_burst: u32,
+    pub vote_up_emoji: String,
+    pub vote_down_emoji: String,
+    /// Tokens of reply-chain history given to the model, newest turns first.
+    pub context_tokens: usize,
+    /// Answers listed by `/flagged`.
+    pub flagged_limit: usize,
+    /// On SIGINT/SIGTERM, how long answers in flight may take to close their messages.
+    pub shutdown_grace_ms: u64,
+}
+
+impl DiscordSettings {
+    pub fn validate(&self) -> Result<()> {
+        let d = "discord";
+        ensure!(
+            self.api_base.is_empty() || self.api_base.starts_with("http://") || self.api_base.starts_with("https://"),
+            "{d}.api_base must be empty or an http(s) URL, got {:?}",
+            self.api_base
+        );
+        ensure!(self.edit_interval_ms >= 50, "{d}.edit_interval_ms must be at least 50 (Discord rate-limits edits), got {}", self.edit_interval_ms);
+        ensure!(self.rest_retries <= 10, "{d}.rest_retries must be at most 10, got {}", self.rest_retries);
+        Ok(())
+    }
+}
+
+impl BotSettings {
+    pub fn validate(&self) -> Result<()> {
+        let b = "bot";
+        ensure!(self.queue_capacity >= 1, "{b}.queue_capacity must be at least 1");
+        ensure!(self.max_batch >= 1, "{b}.max_batch must be at least 1");
+        ensure!(self.user_questions_per_minute >= 1, "{b}.user_questions_per_minute must be at least 1");
+        ensure!(self.user_burst >= 1, "{b}.user_burst must be at least 1");
+        ensure!(!self.vote_up_emoji.is_empty() && !self.vote_down_emoji.is_empty(), "{b}.vote_up_emoji and {b}.vote_down_emoji must not be empty");
+        ensure!(self.vote_up_emoji != self.vote_down_emoji, "{b}.vote_up_emoji and {b}.vote_down_emoji must differ");
+        ensure!(self.flagged_limit >= 1, "{b}.flagged_limit must be at least 1");
+        Ok(())
+    }
+}
