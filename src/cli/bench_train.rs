@@ -40,6 +40,9 @@ pub struct TrainBench {
     /// Timed optimizer steps (one more runs first as warm-up).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// LoRA dropout probability.
+    #[arg(long, default_value_t = 0.05)]
+    pub dropout: f64,
     /// Keep every layer's activations instead of recomputing them.
     #[arg(long)]
     pub no_checkpointing: bool,
@@ -71,8 +74,8 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         PrecisionArg::Bf16 => Precision::Bf16,
     };
     let dtype = activation_dtype(precision, &dev);
-    let fwd = TrainForward::new(&model, dtype, Dropout { p: 0.05, seed: 1 });
-    let adapter_cfg = AdapterConfig::new(args.rank, 16.0, 0.05, &Proj::ALL, &format!("random {}", args.random), false);
+    let fwd = TrainForward::new(&model, dtype, Dropout { p: args.dropout, seed: 1 });
+    let adapter_cfg = AdapterConfig::new(args.rank, 16.0, args.dropout, &Proj::ALL, &format!("random {}", args.random), false);
     let params = LoraParams::init(&cfg, adapter_cfg, 1, &dev)?;
     let vars: Vec<_> = params.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, &vars)?;
@@ -87,6 +90,9 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     let mut times = Vec::new();
     let mut loss = 0.0;
     for step in 0..=args.steps {
+        if step == 1 {
+            device::reset_pool_peaks(&dev);
+        }
         let t0 = Instant::now();
         let mut accum = GradAccum::default();
         loss = fwd.accumulate(&params, &batch, MicroKey { step: step as u64, micro: 0 }, denom, checkpointing, &mut accum)? / denom;
@@ -100,11 +106,23 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    // Where a step's time goes: the forward alone (no graph, no dropout), as the evaluation runs it.
+    let view = params.view();
+    let mut fwd_times = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        fwd.loss_sum(Some(&view), &batch)?;
+        sync(&dev)?;
+        fwd_times.push(t0.elapsed().as_secs_f64());
+    }
+    fwd_times.sort_by(f64::total_cmp);
+    let fwd_only = fwd_times[1];
     let tokens = (args.batch * args.seq) as f64;
     let tok_s = tokens / median;
     println!("train step: random {} ({:?}), seq {}, batch {}, LoRA r={} on all 7 projections, {} params, checkpointing {}, activations {:?}, {}", args.random, args.quant, args.seq, args.batch, args.rank, params.num_parameters(), if checkpointing { "on" } else { "off" }, dtype, device::describe(&dev));
     println!("step time        {:.1} ms (median of {})", median * 1e3, times.len());
     println!("throughput       {tok_s:.0} tokens/s");
+    println!("forward only     {:.1} ms (no graph; a checkpointed step runs it twice plus the backward)", fwd_only * 1e3);
     println!("loss             {loss:.4}");
     let (peak, baseline, total) = match &poller {
         Some(p) => (Some(p.peak()), Some(p.baseline), Some(p.total)),
@@ -116,12 +134,17 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     } else {
         println!("peak host RSS    {:.2} GiB", gib(device::peak_rss_bytes().unwrap_or(0)));
     }
+    let pool = device::pool_peaks(&dev);
+    if let Some(p) = pool {
+        println!("allocator        {:.2} GB peak in live tensors (weights included), {:.2} GB peak reserved by candle's CUDA pool", p.used_high as f64 / 1e9, p.reserved_high as f64 / 1e9);
+    }
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "shape": args.random, "quant": format!("{:?}", args.quant), "seq": args.seq, "batch": args.batch, "rank": args.rank,
-            "checkpointing": checkpointing, "dtype": format!("{dtype:?}"), "step_ms": median * 1e3, "tokens_per_s": tok_s,
+            "checkpointing": checkpointing, "dtype": format!("{dtype:?}"), "step_ms": median * 1e3, "forward_ms": fwd_only * 1e3, "tokens_per_s": tok_s,
             "device_peak_used_bytes": peak, "device_baseline_bytes": baseline, "weights_loaded_used_bytes": after_weights,
             "peak_rss_bytes": device::peak_rss_bytes(), "weight_bytes": model.weight_bytes(),
+            "pool_used_high_bytes": pool.map(|p| p.used_high), "pool_reserved_high_bytes": pool.map(|p| p.reserved_high),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
     }

@@ -66,6 +66,80 @@ pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
+/// Peaks of the CUDA stream-ordered memory pool candle allocates from: `used_high` is the most
+/// bytes live tensors held at once (what PyTorch calls `max_memory_allocated`), `reserved_high`
+/// the most the pool held from the driver (freed blocks it kept included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolPeaks {
+    pub used_high: u64,
+    pub reserved_high: u64,
+}
+
+#[cfg(feature = "cuda")]
+mod pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+
+    /// The device's default memory pool (cudarc's `malloc_async` allocates from it).
+    pub fn default_pool(dev: &candle_core::CudaDevice) -> Option<sys::CUmemoryPool> {
+        let ctx = dev.cuda_stream().context().clone();
+        ctx.bind_to_thread().ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; the device handle comes from a live context.
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+    }
+
+    pub fn get(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> Option<u64> {
+        let mut v: u64 = 0;
+        // SAFETY: these attributes are cuuint64_t, written to a local.
+        let r = unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    }
+
+    pub fn reset(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) {
+        let mut zero: u64 = 0;
+        // SAFETY: the high-watermark attributes may only be set to zero, which this does.
+        unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut std::ffi::c_void) };
+    }
+}
+
+/// Pool peaks since the last [`reset_pool_peaks`]; `None` off CUDA.
+pub fn pool_peaks(device: &Device) -> Option<PoolPeaks> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        let p = pool::default_pool(dev)?;
+        return Some(PoolPeaks { used_high: pool::get(p, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?, reserved_high: pool::get(p, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)? });
+    }
+    let _ = device;
+    None
+}
+
+pub fn reset_pool_peaks(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        if let Some(p) = pool::default_pool(dev) {
+            pool::reset(p, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH);
+            pool::reset(p, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH);
+        }
+    }
+    let _ = device;
+}
+
+/// Hand the pool's unused blocks back to the driver, so memory freed by one stage (a layer's
+/// recomputed activations) is not held while the next stage allocates differently sized ones.
+pub fn trim_pool(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        if let Some(p) = pool::default_pool(dev) {
+            // SAFETY: trimming only releases memory no allocation uses.
+            unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolTrimTo(p, 0) };
+        }
+    }
+    let _ = device;
+}
+
 /// Samples device memory on a background thread, so short peaks between the caller's own
 /// readings (an activation freed a millisecond later) are still seen.
 pub struct MemoryPoller {

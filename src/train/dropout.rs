@@ -41,6 +41,15 @@ impl Dropout {
         [k.step, k.micro, k.layer, k.proj].into_iter().fold(splitmix(self.seed), |h, v| splitmix(h ^ v))
     }
 
+    /// Reseed the device generator for one layer's masks (CUDA; a no-op on the CPU, whose masks
+    /// are keyed one by one).
+    pub fn begin_layer(&self, device: &Device, key: MaskKey) -> Result<()> {
+        if self.p > 0.0 && !device.is_cpu() {
+            device.set_seed(self.mask_seed(MaskKey { proj: u64::MAX, ..key }))?;
+        }
+        Ok(())
+    }
+
     /// `x` with a fraction `p` of its elements zeroed and the rest scaled by `1/(1-p)`;
     /// `x` itself when dropout is off. Differentiable in `x`.
     pub fn apply(&self, x: &Tensor, key: MaskKey) -> Result<Tensor> {
@@ -55,10 +64,8 @@ impl Dropout {
                 let v: Vec<f32> = (0..x.elem_count()).map(|_| rng.random::<f32>()).collect();
                 Tensor::from_vec(v, x.shape(), &Device::Cpu)?
             }
-            dev => {
-                dev.set_seed(seed)?;
-                Tensor::rand(0f32, 1f32, x.shape(), dev)?
-            }
+            // Drawn from the generator `begin_layer` seeded, in call order.
+            dev => Tensor::rand(0f32, 1f32, x.shape(), dev)?,
         };
         let mask = (uniform.lt(keep)?.to_dtype(x.dtype())? * (1.0 / keep))?;
         Ok((x * mask)?)

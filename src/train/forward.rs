@@ -168,6 +168,8 @@ impl<'m> TrainForward<'m> {
                 grad = grads.get(input.as_tensor()).context("no gradient reached a layer input")?.clone();
             }
             inputs.truncate(i);
+            drop(grads);
+            crate::llm::device::trim_pool(self.model.device());
         }
         Ok(total)
     }
@@ -210,6 +212,7 @@ impl<'m> TrainForward<'m> {
         let (attn_norm, ffn_norm) = layer.norms();
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        self.dropout.begin_layer(x.device(), MaskKey { step: key.step, micro: key.micro, layer: i as u64, proj: 0 })?;
         let proj = |p: Proj, x: &Tensor| self.proj(layer, p, x, lora, scale, MaskKey { step: key.step, micro: key.micro, layer: i as u64, proj: p.index() as u64 });
 
         let h = ops::rms_norm(x, attn_norm, eps)?;
