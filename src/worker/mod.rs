@@ -79,7 +79,10 @@ async fn poll_loop(cx: WorkerCtx, store: Store) {
         match store.active_jobs() {
             Ok(jobs) => {
                 for job in jobs.into_iter().filter(|j| j.state == JobState::Queued) {
-                    if running.contains_key(&job.kind) {
+                    // The command records its response message right after queueing the job:
+                    // wait for it (briefly), or progress would have nowhere to go.
+                    let awaiting_message = job.interaction_token.is_some() && job.status_message_id.is_none() && crate::store::now_secs() - job.created_at < 10;
+                    if running.contains_key(&job.kind) || awaiting_message {
                         continue;
                     }
                     match start(&cx, &store, job.clone()) {
@@ -155,9 +158,10 @@ fn run_job(cx: &WorkerCtx, job: Job) {
             (JobOutcome::Failed(reason.clone()), format!("❌ {kind} job #{} failed: {reason}", job.id), None, None)
         }
     };
+    // Discord first: once the store says the job ended, its messages are final.
+    reporter.finish(&headline, report.as_deref(), chart);
     if let Err(e) = store.finish_job(job.id, &outcome) {
         tracing::error!(job = job.id, error = format!("{e:#}"), "recording the job's end");
     }
     tracing::info!(job = job.id, outcome = ?outcome, "job ended");
-    reporter.finish(&headline, report.as_deref(), chart);
 }
