@@ -212,7 +212,8 @@ async fn retrain_runs_every_stage_reports_and_swaps_in_the_new_adapter() {
     for stage in ["· scrape", "· train"] {
         assert!(edits.iter().any(|e| e.contains(stage)), "no {stage} edit in {edits:#?}");
     }
-    assert!(edits.iter().any(|e| e.contains("· train 4/4") && e.contains("loss")), "{edits:#?}");
+    // Edits are rate-limited, so the last step's may be superseded by the final message.
+    assert!(edits.iter().any(|e| e.contains("· train ") && e.contains("/4") && e.contains("loss")), "{edits:#?}");
     assert!(edits.last().unwrap().starts_with('✅') && edits.last().unwrap().contains(&id), "{edits:#?}");
 
     // The report: loss chart attached, old vs new held-out loss, three questions side by side.
@@ -328,7 +329,8 @@ async fn a_planted_failure_fails_the_job_and_a_worse_adapter_is_not_promoted() {
 async fn a_restart_mid_training_interrupts_and_the_next_retrain_resumes() {
     let env = Env::new().await;
     env.crawl().await;
-    let s = env.settings(&[("TRAIN__MAX_STEPS", "8")]);
+    // This test is about resuming, not the gate: a tiny random model may not improve in 8 steps.
+    let s = env.settings(&[("TRAIN__MAX_STEPS", "8"), ("WORKER__PROMOTION_MARGIN", "100")]);
     let bot = env.start(s.clone()).await;
     env.admin("retrain");
     let first = env.wait_job("training under way", |j| j.stage.as_deref() == Some("train") && j.progress_done >= Some(2)).await;
@@ -345,7 +347,7 @@ async fn a_restart_mid_training_interrupts_and_the_next_retrain_resumes() {
     assert_eq!(second.state, JobState::Succeeded, "{second:?}");
     let text = env.report(&second).await.body["content"].as_str().unwrap().to_string();
     assert!(text.contains(&format!("resuming the interrupted run `{id}`")) && text.contains(&format!("resumed from step {}", ck.state.step)), "{text}");
-    assert_eq!(bot.engine.active_adapter_id().as_deref(), Some(id.as_str()));
+    assert_eq!(bot.engine.active_adapter_id().as_deref(), Some(id.as_str()), "{text}");
     let m = freeski_bot::train::report::Metrics::read(&env.adapters().join(&id)).unwrap();
     assert_eq!(m.steps, 8);
     bot.stop().await;
