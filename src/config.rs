@@ -26,6 +26,7 @@ pub struct Settings {
     pub train: crate::train::TrainSettings,
     pub discord: crate::bot::DiscordSettings,
     pub bot: crate::bot::BotSettings,
+    pub worker: crate::worker::WorkerSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +153,7 @@ impl Settings {
         settings.train.validate()?;
         settings.discord.validate()?;
         settings.bot.validate()?;
+        settings.worker.validate()?;
         Ok(settings)
     }
 }

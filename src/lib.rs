@@ -10,3 +10,4 @@ pub mod dataset;
 pub mod scrape;
 pub mod store;
 pub mod train;
+pub mod worker;

@@ -155,6 +155,8 @@ pub async fn run(settings: Arc<Settings>, engine: Engine, token: Token, shutdown
         .await
         .context("connecting to Discord")?;
     let shards = client.shard_manager.clone();
+    // Jobs queued by /rescrape and /retrain run here, beside the bot, on their own threads.
+    let worker = crate::worker::Worker::spawn(settings.clone(), engine.clone(), client.http.clone())?;
     let mut gateway = tokio::spawn(async move { client.start().await });
 
     let ended_by_gateway = tokio::select! {
@@ -163,6 +165,9 @@ pub async fn run(settings: Arc<Settings>, engine: Engine, token: Token, shutdown
     };
     tracing::info!("shutting down");
     bot.shutting_down.store(true, Ordering::SeqCst);
+    // A training job stops at its next micro-batch (checkpoint saved) and ends `interrupted`;
+    // before the engine stops, so a job's last answers still work.
+    worker.shutdown(Duration::from_millis(settings.bot.shutdown_grace_ms)).await;
     // Cancels generations in flight (each answer task then closes its message) and fails the
     // queued ones with a polite note.
     let e = engine.clone();

@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Parse(super::bench_parse::ParseBench),
     /// Tokens/s and peak device memory of a QLoRA training step.
     Train(super::bench_train::TrainBench),
+    /// Answer latency idle vs while training on the same base, and peak memory of both.
+    ServeTrain(super::bench_serve_train::ServeTrainBench),
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +104,7 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Parity(args) => bench_parity(args),
         BenchCommand::Parse(args) => super::bench_parse::run(args),
         BenchCommand::Train(args) => super::bench_train::run(settings, args),
+        BenchCommand::ServeTrain(args) => super::bench_serve_train::run(settings, args),
     }
 }
 

@@ -11,6 +11,7 @@ use crate::config::Settings;
 pub mod ask;
 pub mod bench;
 pub mod bench_parse;
+pub mod bench_serve_train;
 pub mod bench_train;
 pub mod dataset;
 pub mod run;

@@ -145,6 +145,8 @@ pub enum JobOutcome {
     Succeeded,
     Failed(String),
     Cancelled,
+    /// The bot is stopping; the job's checkpoint lets a later request resume it.
+    Interrupted,
 }
 
 const COLUMNS: &str = "id, kind, state, stage, progress_done, progress_total, progress_note, requested_by, guild_id, channel_id, status_message_id, application_id, interaction_token, created_at, started_at, finished_at, error, cancel_requested";
@@ -230,6 +232,11 @@ impl Store {
         self.jobs_where("WHERE state IN ('queued', 'running') ORDER BY id", [])
     }
 
+    /// The newest job of `kind` other than `except`.
+    pub fn last_job(&self, kind: JobKind, except: i64) -> Result<Option<Job>> {
+        Ok(self.jobs_where("WHERE kind = ?1 AND id != ?2 ORDER BY id DESC LIMIT 1", params![kind.as_str(), except])?.pop())
+    }
+
     /// The newest jobs, newest first.
     pub fn recent_jobs(&self, limit: usize) -> Result<Vec<Job>> {
         self.jobs_where("ORDER BY id DESC LIMIT ?1", [limit as i64])
@@ -300,6 +307,7 @@ impl Store {
             JobOutcome::Succeeded => ("succeeded", None),
             JobOutcome::Failed(e) => ("failed", Some(e.as_str())),
             JobOutcome::Cancelled => ("cancelled", None),
+            JobOutcome::Interrupted => ("interrupted", None),
         };
         let n = self.conn().execute(
             "UPDATE jobs SET state = ?2, error = ?3, finished_at = ?4, updated_at = ?4 WHERE id = ?1 AND state = 'running'",

@@ -45,6 +45,8 @@ pub struct Call {
     pub status: u16,
     /// Id of the message created or edited, if any.
     pub message_id: Option<u64>,
+    /// Files of a multipart request (attachments): name and bytes.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 enum WsCmd {
@@ -409,8 +411,12 @@ fn message_json(st: &mut State, id: u64, channel: &str, content: &str, body: &Va
 async fn handle_rest(req: Request<Incoming>, st: &Arc<Mutex<State>>, ch: &Arc<Notify>, ws_url: &str, started: Instant) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
+    let boundary = req.headers().get("content-type").and_then(|v| v.to_str().ok()).and_then(|v| v.split("boundary=").nth(1)).map(|b| b.trim_matches('"').to_string());
     let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let (body, files) = match boundary {
+        Some(b) => multipart(&bytes, &b),
+        None => (serde_json::from_slice(&bytes).unwrap_or(Value::Null), Vec::new()),
+    };
     let at = started.elapsed();
     let mut s = st.lock().unwrap();
     let mut status = 200;
@@ -488,7 +494,7 @@ async fn handle_rest(req: Request<Incoming>, st: &Arc<Mutex<State>>, ch: &Arc<No
             }
         }
     };
-    s.calls.push(Call { at, method, path, body, status, message_id });
+    s.calls.push(Call { at, method, path, body, status, message_id, files });
     drop(s);
     ch.notify_waiters();
     let mut resp = Response::builder().status(StatusCode::from_u16(status).unwrap()).header("content-type", "application/json");
@@ -497,6 +503,36 @@ async fn handle_rest(req: Request<Incoming>, st: &Arc<Mutex<State>>, ch: &Arc<No
         return resp.body(Full::new(Bytes::new())).unwrap();
     }
     resp.body(Full::new(Bytes::from(reply.to_string()))).unwrap()
+}
+
+/// A multipart/form-data body as serenity sends attachments: the `payload_json` part is the
+/// JSON body, every part with a filename is a file.
+fn multipart(bytes: &[u8], boundary: &str) -> (Value, Vec<(String, Vec<u8>)>) {
+    let delim = format!("--{boundary}").into_bytes();
+    let mut cuts = Vec::new();
+    let mut i = 0;
+    while i + delim.len() <= bytes.len() {
+        if bytes[i..].starts_with(&delim) {
+            cuts.push(i);
+            i += delim.len();
+        } else {
+            i += 1;
+        }
+    }
+    let (mut body, mut files) = (Value::Null, Vec::new());
+    for w in cuts.windows(2) {
+        let part = &bytes[w[0] + delim.len()..w[1]];
+        let Some(split) = part.windows(4).position(|x| x == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&part[..split]).to_string();
+        let data = part[split + 4..].strip_suffix(b"\r\n").unwrap_or(&part[split + 4..]);
+        let field = |key: &str| head.split(&format!("{key}=\"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_string);
+        match (field("name").as_deref(), field("filename")) {
+            (_, Some(file)) => files.push((file, data.to_vec())),
+            (Some("payload_json"), None) => body = serde_json::from_slice(data).unwrap_or(Value::Null),
+            _ => {}
+        }
+    }
+    (body, files)
 }
 
 /// The message id standing for an interaction's original response (one per token).

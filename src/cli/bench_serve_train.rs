@@ -1,0 +1,210 @@
+//! `bench serve-train`: answer latency (time to first token and total) with the engine idle,
+//! then again while a QLoRA training run borrows the same base in the same process (yielding
+//! between micro-batches while questions wait, as the worker does), and the peak device memory
+//! of serving and training together.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::bench::BenchQuant;
+use crate::config::Settings;
+use crate::llm::chat::ChatTemplate;
+use crate::llm::device::{self, gib, MemoryPoller};
+use crate::llm::engine::{AdapterChoice, Engine, EngineConfig, Event, Question};
+use crate::llm::generate::GenOptions;
+use crate::llm::load::{self, LoadedModel};
+use crate::llm::sampling::SamplingParams;
+use crate::llm::{random, ModelConfig};
+use crate::train::{data, Outcome, Progress, TrainHooks, TrainRun};
+
+#[derive(Debug, Args)]
+pub struct ServeTrainBench {
+    /// Model file/folder/hub id (default: --random's shape). Ignored with --random.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Random weights of a named shape: mistral-7b, smollm2-135m, tiny (with a byte-level
+    /// tokenizer, since random weights come without one).
+    #[arg(long)]
+    pub random: Option<String>,
+    #[arg(long, value_enum, default_value = "q4k")]
+    pub quant: BenchQuant,
+    /// cpu or cuda:N (default: model.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Questions timed in each phase (one after the other).
+    #[arg(long, default_value_t = 5)]
+    pub questions: usize,
+    /// Prompt length in tokens (about) and answer length.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_words: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Training shape: sequence length, batch, LoRA rank.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+}
+
+/// A byte-level BPE tokenizer without merges (every byte one token) plus the ChatML tokens:
+/// enough to run the engine on random weights.
+fn byte_tokenizer() -> Result<tokenizers::Tokenizer> {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort();
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for (i, c) in alphabet.iter().enumerate() {
+        vocab.insert(c.to_string(), (i + 3).into());
+    }
+    let added: Vec<_> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    json.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| anyhow::anyhow!("building the byte tokenizer: {e}"))
+}
+
+fn model(settings: &Settings, args: &ServeTrainBench, dev: &candle_core::Device) -> Result<LoadedModel> {
+    let Some(shape) = &args.random else { return load::load(&settings.model, args.model.as_deref(), dev) };
+    let cfg = ModelConfig::preset(shape)?;
+    let model = random::random_model(&cfg, args.quant.ggml(), 1, dev)?;
+    let tokenizer = byte_tokenizer()?;
+    let im_end = tokenizer.token_to_id("<|im_end|>").context("byte tokenizer without <|im_end|>")?;
+    Ok(LoadedModel { model, tokenizer, template: ChatTemplate::ChatMl, stop_ids: vec![im_end], bos_id: None, name: format!("random {shape}") })
+}
+
+fn words(rng: &mut ChaCha8Rng, n: usize) -> String {
+    const W: [&str; 12] = ["powder", "park", "switch", "carve", "rail", "kicker", "wax", "edge", "bindings", "boots", "slush", "groomer"];
+    (0..n).map(|_| W[rng.random_range(0..W.len())]).collect::<Vec<_>>().join(" ")
+}
+
+/// A synthetic dataset folder (train.jsonl, test.jsonl) of conversations about `seq` tokens long.
+fn synthetic_dataset(dir: &Path, seq: usize) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (file, n) in [("train.jsonl", 64), ("test.jsonl", 4)] {
+        let lines: Vec<String> = (0..n)
+            .map(|_| serde_json::json!({"messages": [{"role": "user", "content": words(&mut rng, seq / 16)}, {"role": "assistant", "content": words(&mut rng, seq / 4)}]}).to_string())
+            .collect();
+        std::fs::write(dir.join(file), lines.join("\n") + "\n")?;
+    }
+    Ok(())
+}
+
+/// Time to first token and total time of `n` questions asked one after the other.
+fn timed_answers(engine: &Engine, n: usize, prompt_words: usize, new_tokens: usize) -> Result<Vec<(Duration, Duration)>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let opts = GenOptions { sampling: SamplingParams::greedy(), max_new_tokens: new_tokens, stop: vec![], seed: 1, max_context: 4096 };
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let q = Question { history: vec![], question: words(&mut rng, prompt_words), opts: opts.clone(), adapter: AdapterChoice::Active };
+        let t0 = Instant::now();
+        let mut ticket = engine.submit(q).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut first = None;
+        loop {
+            match ticket.blocking_next() {
+                Some(Event::Text(_)) if first.is_none() => first = Some(t0.elapsed()),
+                Some(Event::Finished(_)) => break,
+                Some(Event::Failed(e)) => anyhow::bail!("answer failed: {e}"),
+                None => anyhow::bail!("the engine stopped"),
+                _ => {}
+            }
+        }
+        out.push((first.unwrap_or_else(|| t0.elapsed()), t0.elapsed()));
+    }
+    Ok(out)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// The worker's yielding, without the store and Discord.
+struct BenchHooks<'a> {
+    engine: &'a Engine,
+    stop: &'a AtomicBool,
+    steps: &'a AtomicUsize,
+}
+
+impl TrainHooks for BenchHooks<'_> {
+    fn progress(&self, p: &Progress) {
+        self.steps.store(p.step, Ordering::SeqCst);
+    }
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+    fn before_micro_batch(&self) {
+        while self.engine.has_waiting() && !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
+    let dev = device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+    let poller = MemoryPoller::start(&dev);
+    let lm = Arc::new(model(settings, &args, &dev)?);
+    let engine = Engine::start(lm.clone(), None, EngineConfig { queue_capacity: 8, max_batch: 1, system_prompt: String::new() })?;
+    // Warm-up (kernels, allocator), then the idle phase.
+    timed_answers(&engine, 1, args.prompt_words, 4)?;
+    let idle = timed_answers(&engine, args.questions, args.prompt_words, args.new_tokens)?;
+
+    let tmp: PathBuf = std::env::temp_dir().join(format!("freeski-bench-serve-train-{}", std::process::id()));
+    synthetic_dataset(&tmp.join("data"), args.seq)?;
+    let mut ts = settings.train.clone();
+    (ts.rank, ts.max_len, ts.batch_size, ts.grad_accum) = (args.rank, args.seq, args.batch, 1);
+    (ts.max_steps, ts.eval_every, ts.checkpoint_every, ts.early_stop_patience, ts.use_system_prompt) = (1_000_000, 0, 0, 0, false);
+    let data = data::load(&tmp.join("data"), &lm, &ts, "")?;
+    let (stop, steps) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let result = std::thread::scope(|scope| -> Result<(Vec<(Duration, Duration)>, usize)> {
+        let trainer = scope.spawn(|| {
+            let hooks = BenchHooks { engine: &engine, stop: &stop, steps: &steps };
+            TrainRun { lm: &lm, data: &data, settings: ts.clone(), run_dir: tmp.join("run"), id: "bench".into(), base_model: lm.name.clone() }.run(&hooks)
+        });
+        let measured = (|| {
+            // Questions arrive while training is under way.
+            while steps.load(Ordering::SeqCst) < 1 && !trainer.is_finished() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            timed_answers(&engine, args.questions, args.prompt_words, args.new_tokens)
+        })();
+        let during_from = steps.load(Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+        let outcome = trainer.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
+        anyhow::ensure!(matches!(outcome?, Outcome::Cancelled { .. }), "training ended before the measurement");
+        Ok((measured?, steps.load(Ordering::SeqCst).saturating_sub(during_from)))
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (busy, steps_during) = result?;
+    engine.shutdown();
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("serve + train: {} on {}, {} questions per phase, ~{} prompt words, {} new tokens; training seq {} batch {} rank {}", lm.name, device::describe(&dev), args.questions, args.prompt_words, args.new_tokens, args.seq, args.batch, args.rank);
+    for (label, v) in [("idle", &idle), ("while training", &busy)] {
+        println!("{label:<16} TTFT median {:.1} ms (max {:.1}), total median {:.1} ms", ms(median(v.iter().map(|x| x.0).collect())), ms(v.iter().map(|x| x.0).max().unwrap_or_default()), ms(median(v.iter().map(|x| x.1).collect())));
+    }
+    println!("training steps done while answering: {steps_during}");
+    match &poller {
+        Some(p) => println!("device memory    {:.2} GiB peak used ({:.2} GB) for serve + train, {:.2} GiB before the model, of {:.2} GiB", gib(p.peak()), p.peak() as f64 / 1e9, gib(p.baseline), gib(p.total)),
+        None => println!("peak host RSS    {:.2} GiB (the CPU reports no device memory)", gib(device::peak_rss_bytes().unwrap_or(0))),
+    }
+    Ok(())
+}
