@@ -55,9 +55,10 @@ pub struct ServeTrainBench {
     pub rank: usize,
 }
 
-/// A byte-level BPE tokenizer without merges (every byte one token) plus the ChatML tokens:
-/// enough to run the engine on random weights.
-fn byte_tokenizer() -> Result<tokenizers::Tokenizer> {
+/// A byte-level BPE tokenizer without merges (every byte one token) plus the ChatML tokens,
+/// filled up to `vocab_size` with two-byte pieces so that every id a random model samples
+/// decodes: enough to run the engine on random weights.
+fn byte_tokenizer(vocab_size: usize) -> Result<tokenizers::Tokenizer> {
     let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
     alphabet.sort();
     let mut vocab = serde_json::Map::new();
@@ -66,6 +67,15 @@ fn byte_tokenizer() -> Result<tokenizers::Tokenizer> {
     }
     for (i, c) in alphabet.iter().enumerate() {
         vocab.insert(c.to_string(), (i + 3).into());
+    }
+    'fill: for a in &alphabet {
+        for b in &alphabet {
+            if vocab.len() >= vocab_size {
+                break 'fill;
+            }
+            let id = vocab.len();
+            vocab.insert(format!("{a}{b}"), id.into());
+        }
     }
     let added: Vec<_> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         .iter()
@@ -85,7 +95,7 @@ fn model(settings: &Settings, args: &ServeTrainBench, dev: &candle_core::Device)
     let Some(shape) = &args.random else { return load::load(&settings.model, args.model.as_deref(), dev) };
     let cfg = ModelConfig::preset(shape)?;
     let model = random::random_model(&cfg, args.quant.ggml(), 1, dev)?;
-    let tokenizer = byte_tokenizer()?;
+    let tokenizer = byte_tokenizer(cfg.vocab_size)?;
     let im_end = tokenizer.token_to_id("<|im_end|>").context("byte tokenizer without <|im_end|>")?;
     Ok(LoadedModel { model, tokenizer, template: ChatTemplate::ChatMl, stop_ids: vec![im_end], bos_id: None, name: format!("random {shape}") })
 }
