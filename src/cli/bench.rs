@@ -32,18 +32,8 @@ pub enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub struct GenerateBench {
-    /// Model file/folder/hub id (default: model.source). Ignored with --random.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Random weights of a named shape instead of a file: mistral-7b, smollm2-135m, tiny.
-    #[arg(long)]
-    pub random: Option<String>,
-    /// Weight type for --random.
-    #[arg(long, value_enum, default_value = "q4k")]
-    pub quant: BenchQuant,
-    /// cpu or cuda:N (default: model.device).
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub source: BenchModel,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
@@ -62,6 +52,23 @@ pub struct GenerateBench {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// Which model a benchmark runs: a file, or random weights of a named shape.
+#[derive(Debug, Args)]
+pub struct BenchModel {
+    /// Model file/folder/hub id (default: model.source). Ignored with --random.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Random weights of a named shape instead of a file: mistral-7b, smollm2-135m, tiny.
+    #[arg(long)]
+    pub random: Option<String>,
+    /// Weight type for --random.
+    #[arg(long, value_enum, default_value = "q4k")]
+    pub quant: BenchQuant,
+    /// cpu or cuda:N (default: model.device).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -109,15 +116,16 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> Result<()> {
 }
 
 fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
-    let dev = device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+    let src = &args.source;
+    let dev = device::parse_device(src.device.as_deref().unwrap_or(&settings.model.device))?;
     let t0 = Instant::now();
-    let (model, label) = match &args.random {
+    let (model, label) = match &src.random {
         Some(shape) => {
             let cfg = crate::llm::ModelConfig::preset(shape)?;
-            (random::random_model(&cfg, args.quant.ggml(), 1, &dev)?, format!("random {shape} ({:?})", args.quant))
+            (random::random_model(&cfg, src.quant.ggml(), 1, &dev)?, format!("random {shape} ({:?})", src.quant))
         }
         None => {
-            let lm = load::load(&settings.model, args.model.as_deref(), &dev)?;
+            let lm = load::load(&settings.model, src.model.as_deref(), &dev)?;
             let name = lm.name.clone();
             (lm.model, name)
         }

@@ -13,7 +13,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::BenchQuant;
+use super::bench::BenchModel;
 use crate::config::Settings;
 use crate::llm::chat::ChatTemplate;
 use crate::llm::device::{self, gib, MemoryPoller};
@@ -26,18 +26,9 @@ use crate::train::{data, Outcome, Progress, TrainHooks, TrainRun};
 
 #[derive(Debug, Args)]
 pub struct ServeTrainBench {
-    /// Model file/folder/hub id (default: --random's shape). Ignored with --random.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Random weights of a named shape: mistral-7b, smollm2-135m, tiny (with a byte-level
-    /// tokenizer, since random weights come without one).
-    #[arg(long)]
-    pub random: Option<String>,
-    #[arg(long, value_enum, default_value = "q4k")]
-    pub quant: BenchQuant,
-    /// cpu or cuda:N (default: model.device).
-    #[arg(long)]
-    pub device: Option<String>,
+    /// With --random, the engine gets a byte-level tokenizer (random weights come without one).
+    #[command(flatten)]
+    pub source: BenchModel,
     /// Questions timed in each phase (one after the other).
     #[arg(long, default_value_t = 5)]
     pub questions: usize,
@@ -92,9 +83,10 @@ fn byte_tokenizer(vocab_size: usize) -> Result<tokenizers::Tokenizer> {
 }
 
 fn model(settings: &Settings, args: &ServeTrainBench, dev: &candle_core::Device) -> Result<LoadedModel> {
-    let Some(shape) = &args.random else { return load::load(&settings.model, args.model.as_deref(), dev) };
+    let src = &args.source;
+    let Some(shape) = &src.random else { return load::load(&settings.model, src.model.as_deref(), dev) };
     let cfg = ModelConfig::preset(shape)?;
-    let model = random::random_model(&cfg, args.quant.ggml(), 1, dev)?;
+    let model = random::random_model(&cfg, src.quant.ggml(), 1, dev)?;
     let tokenizer = byte_tokenizer(cfg.vocab_size)?;
     let im_end = tokenizer.token_to_id("<|im_end|>").context("byte tokenizer without <|im_end|>")?;
     Ok(LoadedModel { model, tokenizer, template: ChatTemplate::ChatMl, stop_ids: vec![im_end], bos_id: None, name: format!("random {shape}") })
@@ -169,7 +161,7 @@ impl TrainHooks for BenchHooks<'_> {
 }
 
 pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
-    let dev = device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+    let dev = device::parse_device(args.source.device.as_deref().unwrap_or(&settings.model.device))?;
     let poller = MemoryPoller::start(&dev);
     let lm = Arc::new(model(settings, &args, &dev)?);
     let engine = Engine::start(lm.clone(), None, EngineConfig { queue_capacity: 8, max_batch: 1, system_prompt: String::new() })?;

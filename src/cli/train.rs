@@ -16,8 +16,9 @@ use crate::train::data;
 use crate::train::report::Metrics;
 use crate::train::{Outcome, Progress, TrainHooks, TrainRun};
 
+/// Dataset, base model and device: what `train` and `eval` both read.
 #[derive(Debug, Args)]
-pub struct TrainArgs {
+pub struct RunInputs {
     /// Dataset folder (train.jsonl, test.jsonl); default: the latest build in dataset.dir.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -27,6 +28,12 @@ pub struct TrainArgs {
     /// cpu or cuda:N (default: train.device, else model.device).
     #[arg(long)]
     pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub inputs: RunInputs,
     /// Adapter id: the run's folder under adapter.dir (default: lora-YYYYMMDD-HHMMSS).
     #[arg(long)]
     pub id: Option<String>,
@@ -43,13 +50,8 @@ pub struct EvalArgs {
     /// Adapter id under adapter.dir, or a folder.
     #[arg(long)]
     pub adapter: String,
-    /// Dataset folder; default: the latest build in dataset.dir.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    #[arg(long)]
-    pub model: Option<String>,
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub inputs: RunInputs,
     /// Held-out questions answered by both (default: train.eval_questions).
     #[arg(long)]
     pub questions: Option<usize>,
@@ -69,10 +71,10 @@ pub fn dataset_dir(settings: &Settings, given: Option<&Path>) -> Result<PathBuf>
     Ok(root.join(name.trim()))
 }
 
-fn load_model(settings: &Settings, model: Option<&str>, device: Option<&str>) -> Result<LoadedModel> {
-    let spec = device.map(str::to_string).unwrap_or_else(|| if settings.train.device.is_empty() { settings.model.device.clone() } else { settings.train.device.clone() });
+fn load_model(settings: &Settings, inputs: &RunInputs) -> Result<LoadedModel> {
+    let spec = inputs.device.clone().unwrap_or_else(|| if settings.train.device.is_empty() { settings.model.device.clone() } else { settings.train.device.clone() });
     let device = parse_device(&spec)?;
-    load::load(&settings.model, model, &device)
+    load::load(&settings.model, inputs.model.as_deref(), &device)
 }
 
 /// `YYYYMMDD-HHMMSS` in UTC.
@@ -147,8 +149,8 @@ pub fn train(settings: &Settings, args: TrainArgs) -> Result<()> {
     if args.resume.is_some() && !crate::train::checkpoint::path(&run_dir).is_file() {
         bail!("nothing to resume: {} has no checkpoint", run_dir.display());
     }
-    let data_dir = dataset_dir(settings, args.data.as_deref())?;
-    let lm = load_model(settings, args.model.as_deref(), args.device.as_deref())?;
+    let data_dir = dataset_dir(settings, args.inputs.data.as_deref())?;
+    let lm = load_model(settings, &args.inputs)?;
     let data = data::load(&data_dir, &lm, &ts, &settings.generation.system_prompt)?;
     tracing::info!(dataset = %data_dir.display(), train = data.train.len(), test = data.test.len(), skipped = data.train_report.malformed + data.train_report.foreign_template + data.train_report.too_long, truncated = data.train_report.truncated, "dataset loaded");
 
@@ -183,8 +185,8 @@ pub fn train(settings: &Settings, args: TrainArgs) -> Result<()> {
 }
 
 pub fn eval(settings: &Settings, args: EvalArgs) -> Result<()> {
-    let data_dir = dataset_dir(settings, args.data.as_deref())?;
-    let lm = load_model(settings, args.model.as_deref(), args.device.as_deref())?;
+    let data_dir = dataset_dir(settings, args.inputs.data.as_deref())?;
+    let lm = load_model(settings, &args.inputs)?;
     let dir = crate::llm::lora::resolve_dir(&args.adapter, &settings.adapter.dir)?;
     let adapter = crate::llm::lora::LoraAdapter::load(&dir, lm.model.config(), lm.model.device())?;
     let questions = args.questions.unwrap_or(settings.train.eval_questions);
