@@ -3,7 +3,6 @@
 //! tiny random Llama (SmolLM2 tokenizer) so that training takes seconds on a CPU.
 
 mod common;
-#[allow(dead_code)]
 #[path = "fixture_forum/mod.rs"]
 mod fixture_forum;
 

@@ -181,13 +181,11 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
             let hooks = BenchHooks { engine: &engine, stop: &stop, steps: &steps };
             TrainRun { lm: &lm, data: &data, settings: ts.clone(), run_dir: tmp.join("run"), id: "bench".into(), base_model: lm.name.clone() }.run(&hooks)
         });
-        let measured = (|| {
-            // Questions arrive while training is under way.
-            while steps.load(Ordering::SeqCst) < 1 && !trainer.is_finished() {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            timed_answers(&engine, args.questions, args.prompt_words, args.new_tokens)
-        })();
+        // Questions arrive while training is under way.
+        while steps.load(Ordering::SeqCst) < 1 && !trainer.is_finished() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let measured = timed_answers(&engine, args.questions, args.prompt_words, args.new_tokens);
         let during_from = steps.load(Ordering::SeqCst);
         stop.store(true, Ordering::SeqCst);
         let outcome = trainer.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))?;

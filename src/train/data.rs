@@ -149,9 +149,12 @@ fn read_split(path: &Path, lm: &LoadedModel, s: &TrainSettings, system_prompt: &
     Ok((out, report))
 }
 
+/// A conversation with its 1-based line number in the JSONL file.
+pub type NumberedConversation = (usize, Vec<Message>);
+
 /// The usable conversations of a JSONL split with their 1-based line numbers. Bad lines are
 /// skipped and counted (or fail, per `bad`); `hash`, if given, takes every line's bytes.
-pub fn read_conversations(path: &Path, bad: BadLines, mut hash: Option<&mut Sha256>) -> Result<(Vec<(usize, Vec<Message>)>, SplitReport)> {
+pub fn read_conversations(path: &Path, bad: BadLines, mut hash: Option<&mut Sha256>) -> Result<(Vec<NumberedConversation>, SplitReport)> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut report = SplitReport::default();
     let mut out = Vec::new();
