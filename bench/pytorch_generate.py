@@ -11,7 +11,8 @@ import json
 import time
 
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+
+from mistral_shape import random_mistral_7b
 
 
 def main():
@@ -22,15 +23,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    cfg = MistralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
-        sliding_window=4096, max_position_embeddings=32768, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device("cuda"):
-        model = MistralForCausalLM(cfg).to(torch.bfloat16)
+    model = random_mistral_7b()
+    cfg = model.config
     model.eval()
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0

@@ -14,7 +14,8 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import MistralConfig, MistralForCausalLM
+
+from mistral_shape import random_mistral_7b
 
 
 def main():
@@ -26,15 +27,9 @@ def main():
     ap.add_argument("--no-checkpointing", action="store_true")
     args = ap.parse_args()
 
-    cfg = MistralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
-        sliding_window=4096, max_position_embeddings=32768, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
     free0, total = torch.cuda.mem_get_info()
-    with torch.device("cuda"):
-        model = MistralForCausalLM(cfg).to(torch.bfloat16)
+    model = random_mistral_7b()
+    cfg = model.config
     model.config.use_cache = False
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::bench::BenchModel;
+use super::bench_train::TrainShape;
 use crate::config::Settings;
 use crate::llm::chat::ChatTemplate;
 use crate::llm::device::{self, gib, MemoryPoller};
@@ -37,13 +38,9 @@ pub struct ServeTrainBench {
     pub prompt_words: usize,
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
-    /// Training shape: sequence length, batch, LoRA rank.
-    #[arg(long, default_value_t = 512)]
-    pub seq: usize,
-    #[arg(long, default_value_t = 2)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 16)]
-    pub rank: usize,
+    /// Shape of the training run beside the answers.
+    #[command(flatten)]
+    pub shape: TrainShape,
 }
 
 /// A byte-level BPE tokenizer without merges (every byte one token) plus the ChatML tokens,
@@ -170,9 +167,9 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     let idle = timed_answers(&engine, args.questions, args.prompt_words, args.new_tokens)?;
 
     let tmp: PathBuf = std::env::temp_dir().join(format!("freeski-bench-serve-train-{}", std::process::id()));
-    synthetic_dataset(&tmp.join("data"), args.seq)?;
+    synthetic_dataset(&tmp.join("data"), args.shape.seq)?;
     let mut ts = settings.train.clone();
-    (ts.rank, ts.max_len, ts.batch_size, ts.grad_accum) = (args.rank, args.seq, args.batch, 1);
+    (ts.rank, ts.max_len, ts.batch_size, ts.grad_accum) = (args.shape.rank, args.shape.seq, args.shape.batch, 1);
     (ts.max_steps, ts.eval_every, ts.checkpoint_every, ts.early_stop_patience, ts.use_system_prompt) = (1_000_000, 0, 0, 0, false);
     let data = data::load(&tmp.join("data"), &lm, &ts, "")?;
     let (stop, steps) = (AtomicBool::new(false), AtomicUsize::new(0));
@@ -197,7 +194,7 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     engine.shutdown();
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("serve + train: {} on {}, {} questions per phase, ~{} prompt words, {} new tokens; training seq {} batch {} rank {}", lm.name, device::describe(&dev), args.questions, args.prompt_words, args.new_tokens, args.seq, args.batch, args.rank);
+    println!("serve + train: {} on {}, {} questions per phase, ~{} prompt words, {} new tokens; training seq {} batch {} rank {}", lm.name, device::describe(&dev), args.questions, args.prompt_words, args.new_tokens, args.shape.seq, args.shape.batch, args.shape.rank);
     for (label, v) in [("idle", &idle), ("while training", &busy)] {
         println!("{label:<16} TTFT median {:.1} ms (max {:.1}), total median {:.1} ms", ms(median(v.iter().map(|x| x.0).collect())), ms(v.iter().map(|x| x.0).max().unwrap_or_default()), ms(median(v.iter().map(|x| x.1).collect())));
     }

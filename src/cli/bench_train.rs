@@ -31,12 +31,8 @@ pub struct TrainBench {
     /// cpu or cuda:N (default: model.device).
     #[arg(long)]
     pub device: Option<String>,
-    #[arg(long, default_value_t = 512)]
-    pub seq: usize,
-    #[arg(long, default_value_t = 2)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 16)]
-    pub rank: usize,
+    #[command(flatten)]
+    pub shape: TrainShape,
     /// Timed optimizer steps (one more runs first as warm-up).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
@@ -51,6 +47,20 @@ pub struct TrainBench {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// The shape of a benchmarked training step (also used by `bench serve-train`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct TrainShape {
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// LoRA rank on all seven projections.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -75,13 +85,14 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     };
     let dtype = activation_dtype(precision, &dev);
     let fwd = TrainForward::new(&model, dtype, Dropout { p: args.dropout, seed: 1 });
-    let adapter_cfg = AdapterConfig::new(args.rank, 16.0, args.dropout, &Proj::ALL, &format!("random {}", args.random), false);
+    let TrainShape { seq, batch: rows, rank } = args.shape;
+    let adapter_cfg = AdapterConfig::new(rank, 16.0, args.dropout, &Proj::ALL, &format!("random {}", args.random), false);
     let params = LoraParams::init(&cfg, adapter_cfg, 1, &dev)?;
     let vars: Vec<_> = params.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, &vars)?;
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let examples: Vec<Example> = (0..args.batch)
-        .map(|_| Example { ids: (0..args.seq).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect(), target: vec![true; args.seq] })
+    let examples: Vec<Example> = (0..rows)
+        .map(|_| Example { ids: (0..seq).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect(), target: vec![true; seq] })
         .collect();
     let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
     let denom = batch.targets() as f64;
@@ -117,9 +128,9 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     }
     fwd_times.sort_by(f64::total_cmp);
     let fwd_only = fwd_times[1];
-    let tokens = (args.batch * args.seq) as f64;
+    let tokens = (rows * seq) as f64;
     let tok_s = tokens / median;
-    println!("train step: random {} ({:?}), seq {}, batch {}, LoRA r={} on all 7 projections, {} params, checkpointing {}, activations {:?}, {}", args.random, args.quant, args.seq, args.batch, args.rank, params.num_parameters(), if checkpointing { "on" } else { "off" }, dtype, device::describe(&dev));
+    println!("train step: random {} ({:?}), seq {}, batch {}, LoRA r={} on all 7 projections, {} params, checkpointing {}, activations {:?}, {}", args.random, args.quant, seq, rows, rank, params.num_parameters(), if checkpointing { "on" } else { "off" }, dtype, device::describe(&dev));
     println!("step time        {:.1} ms (median of {})", median * 1e3, times.len());
     println!("throughput       {tok_s:.0} tokens/s");
     println!("forward only     {:.1} ms (no graph; a checkpointed step runs it twice plus the backward)", fwd_only * 1e3);
@@ -140,7 +151,7 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let v = serde_json::json!({
-            "shape": args.random, "quant": format!("{:?}", args.quant), "seq": args.seq, "batch": args.batch, "rank": args.rank,
+            "shape": args.random, "quant": format!("{:?}", args.quant), "seq": seq, "batch": rows, "rank": rank,
             "checkpointing": checkpointing, "dtype": format!("{dtype:?}"), "step_ms": median * 1e3, "forward_ms": fwd_only * 1e3, "tokens_per_s": tok_s,
             "device_peak_used_bytes": peak, "device_baseline_bytes": baseline, "weights_loaded_used_bytes": after_weights,
             "peak_rss_bytes": device::peak_rss_bytes(), "weight_bytes": model.weight_bytes(),
