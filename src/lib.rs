@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod llm;
 pub mod dataset;
+pub mod kernels;
 pub mod scrape;
 pub mod store;
 pub mod train;

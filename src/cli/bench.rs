@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::quantized::GgmlDType;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -15,6 +15,7 @@ use crate::llm::device::{self, gib};
 use crate::llm::lora::{AdapterConfig, LoraAdapter};
 use crate::llm::model::{KvCache, Logits, Model, Proj};
 use crate::llm::{load, random, sampling};
+use crate::train::dropout::{Dropout, MaskKey};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -243,6 +244,28 @@ pub fn random_adapter(cfg: &crate::llm::ModelConfig, r: usize, dev: &Device) -> 
     LoraAdapter::from_hf_tensors(format!("random-r{r}"), config, tensors, cfg)
 }
 
+/// The training dropout (a CUDA kernel on the GPU, Rust on the CPU) on the same input and key:
+/// forward and backward must match exactly. Returns the element count and the largest difference.
+fn dropout_parity(dev: &Device, dtype: DType, seed: u64) -> Result<(usize, f32)> {
+    let d = Dropout { p: 0.05, seed };
+    let key = MaskKey { step: 3, micro: 1, layer: 17, proj: 6 };
+    // An odd size, so a tail that is not a multiple of the launch's block is covered too.
+    let x = Tensor::randn(0f32, 1.0, (3, 1000, 4099), &Device::Cpu)?.to_dtype(dtype)?;
+    let both = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+        let v = candle_core::Var::from_tensor(x)?;
+        let y = d.apply(v.as_tensor(), key)?;
+        let g = (&y * 3.0)?.sum_all()?.backward()?;
+        let gx = g.get(v.as_tensor()).context("dropout: no gradient")?.clone();
+        Ok((y.to_device(&Device::Cpu)?, gx.to_device(&Device::Cpu)?))
+    };
+    let (y_cpu, g_cpu) = both(&x)?;
+    let (y_dev, g_dev) = both(&x.to_device(dev)?)?;
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    };
+    Ok((x.elem_count(), diff(&y_cpu, &y_dev)?.max(diff(&g_cpu, &g_dev)?)))
+}
+
 /// Same tiny random model (same seed, same bytes) on the CPU and on `device`, with a LoRA
 /// adapter active. With f32 weights the backends must agree to float rounding; with 4/8-bit
 /// weights both quantize activations to 8-bit blocks, each its own way, so they are held to a
@@ -281,6 +304,13 @@ fn bench_parity(args: ParityBench) -> Result<()> {
         }
         if dev_err > args.quantized_tolerance || cpu_err > args.quantized_tolerance {
             failures.push(format!("{dtype:?}/quantized cpu {cpu_err:.2e} {} {dev_err:.2e}", args.device));
+        }
+    }
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let (n, diff) = dropout_parity(&dev, dtype, args.seed)?;
+        println!("keyed dropout {dtype:?}, {n} elements: cpu vs {} max |difference| {diff:e} (tolerance 0: same masks, same rounding)", args.device);
+        if diff != 0.0 {
+            failures.push(format!("dropout/{dtype:?} {diff:e}"));
         }
     }
     ensure!(failures.is_empty(), "CPU and {} disagree beyond tolerance: {}", args.device, failures.join(", "));

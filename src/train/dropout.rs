@@ -2,13 +2,14 @@
 //!
 //! Gradient checkpointing runs each layer's forward twice; both runs must drop the same inputs,
 //! and a resumed run must drop what the uninterrupted one did. So no mask comes from a running
-//! RNG: each is drawn from a generator seeded by `(run seed, step, micro-batch, layer,
-//! projection)`. On the CPU that is ChaCha8; on CUDA, curand reseeded before the draw.
+//! RNG: element `i` of the mask for `(run seed, step, micro-batch, layer, projection)` is kept
+//! when a counter-based hash of the key and `i` falls below `keep`. The hash is cheap enough to
+//! recompute in the backward pass (no mask is stored), and the CPU code below and the CUDA
+//! kernel (`src/kernels/dropout.cu`) compute the same masks bit for bit.
 
-use anyhow::Result;
-use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Dropout {
@@ -32,6 +33,16 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Chris Wellons' lowbias32; the CUDA kernel has the same function.
+fn lowbias32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
 impl Dropout {
     pub fn off() -> Self {
         Self { p: 0.0, seed: 0 }
@@ -41,41 +52,91 @@ impl Dropout {
         [k.step, k.micro, k.layer, k.proj].into_iter().fold(splitmix(self.seed), |h, v| splitmix(h ^ v))
     }
 
-    /// Reseed the device generator for one layer's masks (CUDA; a no-op on the CPU, whose masks
-    /// are keyed one by one).
-    pub fn begin_layer(&self, device: &Device, key: MaskKey) -> Result<()> {
-        if self.p > 0.0 && !device.is_cpu() {
-            device.set_seed(self.mask_seed(MaskKey { proj: u64::MAX, ..key }))?;
-        }
-        Ok(())
-    }
-
     /// `x` with a fraction `p` of its elements zeroed and the rest scaled by `1/(1-p)`;
     /// `x` itself when dropout is off. Differentiable in `x`.
     pub fn apply(&self, x: &Tensor, key: MaskKey) -> Result<Tensor> {
         if self.p <= 0.0 {
             return Ok(x.clone());
         }
+        if !(0.0..1.0).contains(&self.p) {
+            bail!("dropout probability {} is outside [0, 1)", self.p)
+        }
         let keep = 1.0 - self.p;
         let seed = self.mask_seed(key);
-        let uniform = match x.device() {
-            Device::Cpu => {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                let v: Vec<f32> = (0..x.elem_count()).map(|_| rng.random::<f32>()).collect();
-                Tensor::from_vec(v, x.shape(), &Device::Cpu)?
-            }
-            // Drawn from the generator `begin_layer` seeded, in call order.
-            dev => Tensor::rand(0f32, 1f32, x.shape(), dev)?,
+        let op = KeyedDropout {
+            k0: seed as u32,
+            k1: (seed >> 32) as u32,
+            threshold: (keep * (1u64 << 24) as f64).round() as u32,
+            scale: (1.0 / keep) as f32,
         };
-        let mask = (uniform.lt(keep)?.to_dtype(x.dtype())? * (1.0 / keep))?;
-        Ok((x * mask)?)
+        x.contiguous()?.apply_op1(op)
+    }
+}
+
+/// `y = x ∘ mask / keep`; its backward is the same op on the gradient.
+#[derive(Debug, Clone, Copy)]
+struct KeyedDropout {
+    k0: u32,
+    k1: u32,
+    threshold: u32,
+    scale: f32,
+}
+
+impl KeyedDropout {
+    fn kept(&self, i: u64) -> bool {
+        let h = lowbias32(i as u32 ^ self.k0);
+        let h = lowbias32(h ^ self.k1 ^ ((i >> 32) as u32).wrapping_mul(0x9e37_79b9));
+        (h >> 8) < self.threshold
+    }
+
+    fn map<T: Copy>(&self, x: &[T], zero: T, scaled: impl Fn(T) -> T) -> Vec<T> {
+        x.iter().enumerate().map(|(i, &v)| if self.kept(i as u64) { scaled(v) } else { zero }).collect()
+    }
+}
+
+impl CustomOp1 for KeyedDropout {
+    fn name(&self) -> &'static str {
+        "keyed-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            bail!("keyed dropout: input must be contiguous, got {l:?}")
+        };
+        let scale = self.scale;
+        // Half types: product in f32, rounded once (what the kernel does).
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(self.map(&x[a..b], 0.0, |v| v * scale)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.map(&x[a..b], 0.0, |v| v * scale as f64)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(self.map(&x[a..b], bf16::ZERO, |v| bf16::from_f32(v.to_f32() * scale))),
+            CpuStorage::F16(x) => CpuStorage::F16(self.map(&x[a..b], f16::ZERO, |v| f16::from_f32(v.to_f32() * scale))),
+            other => bail!("keyed dropout: {:?} is not a float type", other.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        {
+            let out = crate::kernels::keyed_dropout(s, l, self.k0, self.k1, self.threshold, self.scale)?;
+            Ok((out, l.shape().clone()))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (s, l);
+            bail!("keyed dropout: this binary was built without CUDA")
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(*self)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn masks_repeat_per_key_and_keep_the_expected_share() -> Result<()> {
@@ -91,6 +152,48 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
         let zeros = a.eq(0f32)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
         assert!((zeros - 0.25).abs() < 0.03, "dropped share {zeros}");
+        Ok(())
+    }
+
+    #[test]
+    fn neighbouring_elements_and_keys_are_uncorrelated() -> Result<()> {
+        // A weak hash shows up as correlation between adjacent elements or adjacent keys.
+        let d = Dropout { p: 0.5, seed: 11 };
+        let n = 1 << 16;
+        let x = Tensor::ones(n, DType::F32, &Device::Cpu)?;
+        let k = MaskKey { step: 0, micro: 0, layer: 0, proj: 0 };
+        let m: Vec<f32> = d.apply(&x, k)?.to_vec1()?;
+        let m2: Vec<f32> = d.apply(&x, MaskKey { proj: 1, ..k })?.to_vec1()?;
+        let corr = |a: &[f32], b: &[f32]| -> f64 {
+            let c: Vec<(f64, f64)> = a.iter().zip(b).map(|(&p, &q)| (p as f64 - 1.0, q as f64 - 1.0)).collect();
+            c.iter().map(|(p, q)| p * q).sum::<f64>() / c.len() as f64
+        };
+        assert!(corr(&m[..n - 1], &m[1..]).abs() < 0.02, "adjacent elements correlate");
+        assert!(corr(&m, &m2).abs() < 0.02, "adjacent keys correlate");
+        Ok(())
+    }
+
+    #[test]
+    fn backward_applies_the_forward_mask_and_half_types_round_once() -> Result<()> {
+        let d = Dropout { p: 0.3, seed: 5 };
+        let k = MaskKey { step: 2, micro: 1, layer: 0, proj: 6 };
+        let x = Var::from_tensor(&Tensor::arange(1f32, 257.0, &Device::Cpu)?)?;
+        let y = d.apply(x.as_tensor(), k)?;
+        let g = y.sum_all()?.backward()?;
+        let gx: Vec<f32> = g.get(x.as_tensor()).expect("gradient").to_vec1()?;
+        let yv: Vec<f32> = y.to_vec1()?;
+        for (i, (&gi, &yi)) in gx.iter().zip(&yv).enumerate() {
+            // dy/dx is the mask scaled by 1/keep: zero exactly where y is zero.
+            assert_eq!(gi == 0.0, yi == 0.0, "element {i}");
+            if gi != 0.0 {
+                assert!((gi - 1.0 / 0.7).abs() < 1e-6);
+            }
+        }
+        let xb = x.as_tensor().to_dtype(DType::BF16)?;
+        let yb: Vec<f32> = d.apply(&xb, k)?.to_dtype(DType::F32)?.to_vec1()?;
+        for (i, (&b, &f)) in yb.iter().zip(&yv).enumerate() {
+            assert_eq!(b, bf16::from_f32(f).to_f32(), "element {i}");
+        }
         Ok(())
     }
 }
