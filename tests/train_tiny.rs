@@ -60,9 +60,9 @@ fn random_params(lm: &LoadedModel, dropout: f64, seed: u64) -> LoraParams {
 }
 
 fn grads(fwd: &TrainForward, params: &LoraParams, b: &Batch, checkpointing: bool) -> Vec<Vec<f32>> {
-    let mut acc = GradAccum::default();
+    let mut acc = GradAccum::new(params).unwrap();
     fwd.accumulate(params, b, MicroKey { step: 3, micro: 1 }, b.targets() as f64, checkpointing, &mut acc).unwrap();
-    acc.take(params).unwrap().iter().map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    acc.take().unwrap().iter().map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
 /// Every LoRA tensor's gradient against central finite differences of the loss, computed in

@@ -29,32 +29,39 @@ pub struct TrainForward<'m> {
     dropout: Dropout,
 }
 
-/// Gradients summed over the micro-batches of one optimizer step, by variable.
-#[derive(Default)]
+/// Gradients summed over the micro-batches of one optimizer step, in f32 buffers made once
+/// for the whole run and added to in place. Long-lived tensors allocated in the middle of a
+/// backward pass would sit between its freed activations and split the allocator's free
+/// space; these buffers are allocated before any of that.
 pub struct GradAccum {
-    grads: HashMap<TensorId, Tensor>,
+    bufs: Vec<Var>,
+    slot: HashMap<TensorId, usize>,
 }
 
 impl GradAccum {
+    /// Zeroed buffers for every variable of `params`.
+    pub fn new(params: &LoraParams) -> Result<Self> {
+        let vars = params.named_vars();
+        let slot = vars.iter().enumerate().map(|(i, (_, v))| (v.id(), i)).collect();
+        let bufs = vars.iter().map(|(_, v)| Var::zeros(v.shape(), DType::F32, v.device())).collect::<candle_core::Result<_>>()?;
+        Ok(Self { bufs, slot })
+    }
+
     fn add(&mut self, var: &Var, g: &Tensor) -> Result<()> {
-        let g = g.to_dtype(DType::F32)?;
-        match self.grads.remove(&var.id()) {
-            Some(prev) => self.grads.insert(var.id(), (prev + g)?),
-            None => self.grads.insert(var.id(), g),
-        };
+        let i = *self.slot.get(&var.id()).context("gradient for a variable outside this accumulator")?;
+        let buf = &self.bufs[i];
+        buf.set(&(buf.as_tensor() + g.to_dtype(DType::F32)?)?)?;
         Ok(())
     }
 
-    /// Gradients in the order of `params.named_vars()` (zero where none arrived).
-    pub fn take(&mut self, params: &LoraParams) -> Result<Vec<Tensor>> {
-        params
-            .named_vars()
-            .into_iter()
-            .map(|(_, v)| match self.grads.remove(&v.id()) {
-                Some(g) => Ok(g),
-                None => Ok(v.zeros_like()?),
-            })
-            .collect()
+    /// This step's gradients in the order of `params.named_vars()` (zero where none arrived);
+    /// the buffers start again from zero.
+    pub fn take(&mut self) -> Result<Vec<Tensor>> {
+        let grads = self.bufs.iter().map(|b| b.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+        for b in &self.bufs {
+            b.set(&b.zeros_like()?)?;
+        }
+        Ok(grads)
     }
 }
 
@@ -83,7 +90,7 @@ impl<'m> TrainForward<'m> {
         let none = LayerLora::default();
         for i in 0..self.model.layers().len() {
             let layer_lora = lora.and_then(|l| l.layers.get(i)).unwrap_or(&none);
-            x = fwd.layer(i, &x, layer_lora, lora.map_or(0.0, |l| l.scale), key, &ctx)?;
+            x = fwd.layer(i, &x, layer_lora, lora.map_or(0.0, |l| l.scale), key, &ctx, None)?;
         }
         let mut total = 0.0;
         for (pos, next) in ctx.head_chunks()? {
@@ -107,7 +114,7 @@ impl<'m> TrainForward<'m> {
     fn accumulate_whole(&self, params: &LoraParams, key: MicroKey, denom: f64, ctx: &Ctx, accum: &mut GradAccum) -> Result<f64> {
         let mut x = self.embed(&ctx.batch)?;
         for i in 0..self.model.layers().len() {
-            x = self.layer(i, &x, &params.layer(i, true), params.scale, key, ctx)?;
+            x = self.layer(i, &x, &params.layer(i, true), params.scale, key, ctx, None)?;
         }
         let mut loss: Option<Tensor> = None;
         for (pos, next) in ctx.head_chunks()? {
@@ -130,33 +137,43 @@ impl<'m> TrainForward<'m> {
 
     fn accumulate_checkpointed(&self, params: &LoraParams, key: MicroKey, denom: f64, ctx: &Ctx, accum: &mut GradAccum) -> Result<f64> {
         let n_layers = self.model.layers().len();
-        // Pass 1: no graph; keep each layer's input.
-        let mut inputs = Vec::with_capacity(n_layers);
+        // Pass 1: no graph; keep each layer's input, all in one buffer allocated up front (kept
+        // one by one, they would split the free space the layers' transients leave behind).
         let mut x = self.embed(&ctx.batch)?;
+        let (b, t, h) = x.dims3()?;
+        let inputs = Tensor::zeros((n_layers, b, t, h), self.dtype, x.device())?;
         for i in 0..n_layers {
-            let y = self.layer(i, &x, &params.layer(i, false), params.scale, key, ctx)?;
-            inputs.push(x);
-            x = y;
+            inputs.slice_set(&x.unsqueeze(0)?.contiguous()?, 0, i)?;
+            x = self.layer(i, &x, &params.layer(i, false), params.scale, key, ctx, None)?;
         }
         // Head, chunk by chunk: each chunk's graph lives only for its own backward.
-        let (b, t, h) = x.dims3()?;
         let flat = x.reshape((b * t, h))?;
         let mut grad = flat.zeros_like()?.to_dtype(DType::F32)?;
         let mut total = 0.0;
+        // One dequantized head for every chunk's forward and backward.
+        let head = ops::dequantize(self.model.head().qtensor(), self.model.device(), self.dtype)?;
         for (pos, next) in ctx.head_chunks()? {
             let rows = Var::from_tensor(&flat.index_select(&pos, 0)?)?;
-            let nll = self.head_rows_nll(rows.as_tensor(), &next)?;
+            let nll = self.head_rows_nll(rows.as_tensor(), &next, Some(&head))?;
             total += scalar(&nll)?;
             let grads = (nll / denom)?.backward()?;
             let g = grads.get(rows.as_tensor()).context("no gradient reached the last hidden state")?;
             grad = grad.index_add(&pos, &g.to_dtype(DType::F32)?, 0)?;
         }
         let mut grad = grad.reshape((b, t, h))?.to_dtype(self.dtype)?;
-        drop(x);
+        drop((x, head));
         // Pass 2: layer by layer from the top, recomputed with its graph.
         for i in (0..n_layers).rev() {
-            let input = Var::from_tensor(&inputs[i])?;
-            let y = self.layer(i, input.as_tensor(), &params.layer(i, true), params.scale, key, ctx)?;
+            let input = Var::from_tensor(&inputs.get(i)?)?;
+            // The recompute and its backward share one dequantization of the layer's weights.
+            let dev = self.model.device();
+            let layer = &self.model.layers()[i];
+            let mut dense = Vec::with_capacity(Proj::ALL.len());
+            for p in Proj::ALL {
+                debug_assert_eq!(p.index(), dense.len());
+                dense.push(ops::dequantize(layer.proj(p).qtensor(), dev, self.dtype)?);
+            }
+            let y = self.layer(i, input.as_tensor(), &params.layer(i, true), params.scale, key, ctx, Some(&dense))?;
             // d(Σ y∘g)/dθ = (∂y/∂θ)ᵀ g: the layer's backward with `g` as incoming gradient.
             let grads = (y * &grad)?.sum_all()?.backward()?;
             for var in params.vars_of_layer(i) {
@@ -167,8 +184,7 @@ impl<'m> TrainForward<'m> {
             if i > 0 {
                 grad = grads.get(input.as_tensor()).context("no gradient reached a layer input")?.clone();
             }
-            inputs.truncate(i);
-            drop(grads);
+            drop((grads, dense));
             crate::llm::device::trim_pool(self.model.device());
         }
         Ok(total)
@@ -205,15 +221,19 @@ impl<'m> TrainForward<'m> {
         Ok(self.model.embedding().embedding(&ids)?.to_dtype(self.dtype)?.detach())
     }
 
-    fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx) -> Result<Tensor> {
+    /// Decoder layer `i`. `dense`: its seven weights dequantized once by the caller, for a
+    /// recompute whose backward uses them again; `None` dequantizes per projection.
+    fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx, dense: Option<&[Tensor]>) -> Result<Tensor> {
         let layer = &self.model.layers()[i];
         let cfg = self.model.config();
         let eps = cfg.rms_norm_eps as f32;
         let (attn_norm, ffn_norm) = layer.norms();
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        self.dropout.begin_layer(x.device(), MaskKey { step: key.step, micro: key.micro, layer: i as u64, proj: 0 })?;
-        let proj = |p: Proj, x: &Tensor| self.proj(layer, p, x, lora, scale, MaskKey { step: key.step, micro: key.micro, layer: i as u64, proj: p.index() as u64 });
+        let proj = |p: Proj, x: &Tensor| {
+            let dense = dense.map(|d| &d[p.index()]);
+            self.proj(layer, p, dense, x, lora, scale, MaskKey { step: key.step, micro: key.micro, layer: i as u64, proj: p.index() as u64 })
+        };
 
         let h = ops::rms_norm(x, attn_norm, eps)?;
         let q = proj(Proj::Q, &h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
@@ -238,8 +258,9 @@ impl<'m> TrainForward<'m> {
 
     /// Base projection plus `scale · dropout(x)·Aᵀ·Bᵀ`. A and B are f32 variables; they are
     /// cast to the activation dtype inside the graph, so their gradients arrive in f32.
-    fn proj(&self, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &LayerLora, scale: f64, key: MaskKey) -> Result<Tensor> {
-        let y = ops::frozen_qmatmul(x, layer.proj(p).qtensor())?;
+    #[allow(clippy::too_many_arguments)]
+    fn proj(&self, layer: &DecoderLayer, p: Proj, dense: Option<&Tensor>, x: &Tensor, lora: &LayerLora, scale: f64, key: MaskKey) -> Result<Tensor> {
+        let y = ops::frozen_qmatmul_with(x, layer.proj(p).qtensor(), dense)?;
         let Some((a, b)) = &lora[p.index()] else {
             return Ok(y);
         };
@@ -259,13 +280,13 @@ impl<'m> TrainForward<'m> {
     fn head_nll(&self, x: &Tensor, pos: &Tensor, next: &Tensor) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let rows = x.reshape((b * t, h))?.index_select(pos, 0)?;
-        self.head_rows_nll(&rows, next)
+        self.head_rows_nll(&rows, next, None)
     }
 
-    fn head_rows_nll(&self, rows: &Tensor, next: &Tensor) -> Result<Tensor> {
+    fn head_rows_nll(&self, rows: &Tensor, next: &Tensor, dense_head: Option<&Tensor>) -> Result<Tensor> {
         let h = ops::rms_norm(rows, self.model.final_norm(), self.model.config().rms_norm_eps as f32)?;
         // Log-softmax over the vocabulary in f32 at least (f64 stays f64 for reference checks).
-        let logits = ops::frozen_qmatmul(&h, self.model.head().qtensor())?;
+        let logits = ops::frozen_qmatmul_with(&h, self.model.head().qtensor(), dense_head)?;
         let logits = if logits.dtype() == DType::F64 { logits } else { logits.to_dtype(DType::F32)? };
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = logp.gather(&next.unsqueeze(1)?, 1)?;

@@ -102,20 +102,31 @@ fn compute_dtype(dtype: DType) -> DType {
 // ---------------------------------------------------------------------------------------------
 // Frozen quantized linear.
 
+/// `W` dequantized to `dtype` on `device`. CUDA dequantizes straight to f16 for half-precision
+/// callers instead of going through an f32 copy twice the size.
+pub fn dequantize(w: &QTensor, device: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+    let dense = match (device, dtype) {
+        (candle_core::Device::Cuda(_), DType::F16 | DType::BF16) => w.dequantize_f16(device)?,
+        _ => w.dequantize(device)?,
+    };
+    dense.to_dtype(dtype)?.detach().contiguous()
+}
+
 struct FrozenQMatMul {
     w: Arc<QTensor>,
+    /// `dequantize(w)` made by the caller and shared by several calls (a recomputed layer's
+    /// forward and its backward); `None`: dequantize per call.
+    dense: Option<Tensor>,
 }
 
 impl FrozenQMatMul {
-    /// `W` dequantized to `dtype` on `device` for one call (dropped right after, so no
-    /// full-precision copy of the base outlives it). CUDA dequantizes straight to f16 for
-    /// half-precision callers instead of going through an f32 copy twice the size.
+    /// The shared dense weight when it has the asked dtype, else one made for this call only
+    /// (dropped right after, so no full-precision copy of the base outlives it).
     fn dense_weight(&self, device: &candle_core::Device, dtype: DType) -> Result<Tensor> {
-        let w = match (device, dtype) {
-            (candle_core::Device::Cuda(_), DType::F16 | DType::BF16) => self.w.dequantize_f16(device)?,
-            _ => self.w.dequantize(device)?,
-        };
-        w.to_dtype(dtype)
+        match &self.dense {
+            Some(w) if w.dtype() == dtype => Ok(w.clone()),
+            _ => dequantize(&self.w, device, dtype),
+        }
     }
 
     /// `x · dequant(W)ᵀ` as one dense GEMM in `x`'s dtype.
@@ -137,7 +148,7 @@ impl FrozenQMatMul {
     fn use_dense(&self, dtype: DType, layout: &Layout) -> bool {
         const QUANTIZED_MAX_ROWS: usize = 8;
         let in_f = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        dtype == DType::F64 || layout.shape().elem_count() / in_f > QUANTIZED_MAX_ROWS
+        self.dense.is_some() || dtype == DType::F64 || layout.shape().elem_count() / in_f > QUANTIZED_MAX_ROWS
     }
 }
 
@@ -197,6 +208,12 @@ impl CustomOp1 for FrozenQMatMul {
 /// for this call only) for more rows and for f64 reference inputs.
 /// Backward returns `grad · dequant(W)` for `x`; `W` never receives a gradient.
 pub fn frozen_qmatmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
+    frozen_qmatmul_with(x, w, None)
+}
+
+/// [`frozen_qmatmul`] with `dense = dequantize(w)` made once by the caller and used by this
+/// call's forward and backward (and by other calls on the same weight).
+pub fn frozen_qmatmul_with(x: &Tensor, w: &Arc<QTensor>, dense: Option<&Tensor>) -> Result<Tensor> {
     let (out_f, in_f) = w.shape().dims2()?;
     let dims = x.dims();
     match dims.last() {
@@ -220,7 +237,12 @@ pub fn frozen_qmatmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
         x.clone()
     };
     let x2 = fresh_contiguous(&x2)?;
-    let y = x2.apply_op1(FrozenQMatMul { w: w.clone() })?;
+    if let Some(d) = dense {
+        if d.dims() != [out_f, in_f] {
+            bail!("frozen_qmatmul: dense weight {:?} is not [{out_f}, {in_f}]", d.shape())
+        }
+    }
+    let y = x2.apply_op1(FrozenQMatMul { w: w.clone(), dense: dense.cloned() })?;
     if dims.len() < 2 {
         y.squeeze(0)
     } else {

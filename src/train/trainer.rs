@@ -181,6 +181,7 @@ impl TrainRun<'_> {
         let mut plan = epoch_plan(&lengths, s.batch_size, s.seed, state.epoch);
         tracing::info!(id = %self.id, params = params.num_parameters(), total_steps, train = self.data.train.len(), test = self.data.test.len(), dtype = ?dtype, checkpointing = s.gradient_checkpointing, "training");
 
+        let mut accum = GradAccum::new(&params)?;
         while state.step < total_steps {
             if hooks.should_stop() {
                 self.save_checkpoint(&state, &names, &params, &opt, best_weights.as_deref())?;
@@ -209,7 +210,6 @@ impl TrainRun<'_> {
                 })
                 .collect();
             let denom: usize = batches.iter().map(|(b, _)| b.targets()).sum();
-            let mut accum = GradAccum::default();
             let mut nll = 0.0;
             for (m, (batch, _)) in batches.iter().enumerate() {
                 hooks.before_micro_batch();
@@ -217,7 +217,7 @@ impl TrainRun<'_> {
                 nll += fwd.accumulate(&params, batch, key, denom as f64, s.gradient_checkpointing, &mut accum).with_context(|| format!("training step {}", state.step + 1))?;
             }
             let loss = nll / denom as f64;
-            let mut grads = accum.take(&params)?;
+            let mut grads = accum.take()?;
             let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
             if !loss.is_finite() || !grad_norm.is_finite() {
                 let kept = match checkpoint::path(&self.run_dir).is_file() {
