@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::bench::BenchModel;
-use super::bench_train::TrainShape;
+use super::bench_train::{MemoryCap, TrainShape};
 use crate::config::Settings;
 use crate::llm::chat::ChatTemplate;
 use crate::llm::device::{self, gib, MemoryPoller};
@@ -41,6 +41,8 @@ pub struct ServeTrainBench {
     /// Shape of the training run beside the answers.
     #[command(flatten)]
     pub shape: TrainShape,
+    #[command(flatten)]
+    pub cap: MemoryCap,
 }
 
 /// A byte-level BPE tokenizer without merges (every byte one token) plus the ChatML tokens,
@@ -86,7 +88,7 @@ fn model(settings: &Settings, args: &ServeTrainBench, dev: &candle_core::Device)
     let model = random::random_model(&cfg, src.quant.ggml(), 1, dev)?;
     let tokenizer = byte_tokenizer(cfg.vocab_size)?;
     let im_end = tokenizer.token_to_id("<|im_end|>").context("byte tokenizer without <|im_end|>")?;
-    Ok(LoadedModel { model, tokenizer, template: ChatTemplate::ChatMl, stop_ids: vec![im_end], bos_id: None, name: format!("random {shape}") })
+    Ok(LoadedModel { model, tokenizer, template: ChatTemplate::ChatMl, stop_ids: vec![im_end], bos_id: None, name: format!("random {shape}"), source: String::new() })
 }
 
 fn words(rng: &mut ChaCha8Rng, n: usize) -> String {
@@ -160,6 +162,8 @@ impl TrainHooks for BenchHooks<'_> {
 pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     let dev = device::parse_device(args.source.device.as_deref().unwrap_or(&settings.model.device))?;
     let poller = MemoryPoller::start(&dev);
+    let ballast = args.cap.apply(&dev)?;
+    let held_back = ballast.as_ref().map_or(0, |b| b.bytes);
     let lm = Arc::new(model(settings, &args, &dev)?);
     let engine = Engine::start(lm.clone(), None, EngineConfig { queue_capacity: 8, max_batch: 1, system_prompt: String::new() })?;
     // Warm-up (kernels, allocator), then the idle phase.
@@ -200,8 +204,15 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     }
     println!("training steps done while answering: {steps_during}");
     match &poller {
-        Some(p) => println!("device memory    {:.2} GiB peak used ({:.2} GB) for serve + train, {:.2} GiB before the model, of {:.2} GiB", gib(p.peak()), p.peak() as f64 / 1e9, gib(p.baseline), gib(p.total)),
+        Some(p) => {
+            let peak = p.peak() - held_back;
+            println!("device memory    {:.2} GiB peak used ({:.2} GB) for serve + train, {:.2} GiB before the model, of {:.2} GiB", gib(peak), peak as f64 / 1e9, gib(p.baseline), gib(p.total));
+            println!("process peak     {:.2} GB above the pre-model baseline (CUDA context)", (peak - p.baseline) as f64 / 1e9);
+        }
         None => println!("peak host RSS    {:.2} GiB (the CPU reports no device memory)", gib(device::peak_rss_bytes().unwrap_or(0))),
+    }
+    if let Some(p) = device::pool_peaks(&dev) {
+        println!("allocator        {:.2} GB peak in live tensors (weights included), {:.2} GB peak reserved by candle's CUDA pool", p.used_high as f64 / 1e9, p.reserved_high as f64 / 1e9);
     }
     Ok(())
 }

@@ -44,9 +44,29 @@ pub struct TrainBench {
     pub no_checkpointing: bool,
     #[arg(long, value_enum, default_value = "auto")]
     pub precision: PrecisionArg,
+    #[command(flatten)]
+    pub cap: MemoryCap,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// Run as if on a smaller card (also used by `bench serve-train`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct MemoryCap {
+    /// Hold back all device memory but this many GB (above the CUDA context) before the model
+    /// is built: the run fails with out-of-memory where a card of that size would.
+    #[arg(long)]
+    pub leave_free_gb: Option<f64>,
+}
+
+impl MemoryCap {
+    pub fn apply(&self, dev: &candle_core::Device) -> Result<Option<device::Ballast>> {
+        let Some(gb) = self.leave_free_gb else { return Ok(None) };
+        let b = device::Ballast::leave_free(dev, (gb * 1e9) as u64)?;
+        println!("memory cap       {gb:.2} GB left free ({:.2} GB held back)", b.bytes as f64 / 1e9);
+        Ok(Some(b))
+    }
 }
 
 /// The shape of a benchmarked training step (also used by `bench serve-train`).
@@ -74,10 +94,12 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     let dev = device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
     // Start polling before the weights exist: the baseline is the CUDA context alone.
     let poller = MemoryPoller::start(&dev);
+    let ballast = args.cap.apply(&dev)?;
+    let held_back = ballast.as_ref().map_or(0, |b| b.bytes);
     let cfg = ModelConfig::preset(&args.random)?;
     let model = random::random_model(&cfg, args.quant.ggml(), 1, &dev)?;
     sync(&dev)?;
-    let after_weights = device::device_memory(&dev).map(|d| d.0);
+    let after_weights = device::device_memory(&dev).map(|d| d.0 - held_back);
     let precision = match args.precision {
         PrecisionArg::Auto => Precision::Auto,
         PrecisionArg::F32 => Precision::F32,
@@ -98,6 +120,7 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     let denom = batch.targets() as f64;
     let checkpointing = !args.no_checkpointing;
 
+    let mut accum = GradAccum::new(&params)?;
     let mut times = Vec::new();
     let mut loss = 0.0;
     for step in 0..=args.steps {
@@ -105,9 +128,8 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
             device::reset_pool_peaks(&dev);
         }
         let t0 = Instant::now();
-        let mut accum = GradAccum::default();
         loss = fwd.accumulate(&params, &batch, MicroKey { step: step as u64, micro: 0 }, denom, checkpointing, &mut accum)? / denom;
-        let mut grads = accum.take(&params)?;
+        let mut grads = accum.take()?;
         clip_grad_norm(&mut grads, 1.0)?;
         opt.step(&vars, &grads, 1e-4)?;
         sync(&dev)?;
@@ -136,7 +158,8 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     println!("forward only     {:.1} ms (no graph; a checkpointed step runs it twice plus the backward)", fwd_only * 1e3);
     println!("loss             {loss:.4}");
     let (peak, baseline, total) = match &poller {
-        Some(p) => (Some(p.peak()), Some(p.baseline), Some(p.total)),
+        // The ballast is not the run's memory.
+        Some(p) => (Some(p.peak() - held_back), Some(p.baseline), Some(p.total)),
         None => (None, None, None),
     };
     if let (Some(peak), Some(base), Some(total)) = (peak, baseline, total) {
