@@ -56,6 +56,11 @@ impl Env {
 
     /// Fast, small settings; `extra` overrides them.
     fn settings(&self, extra: &[(&str, &str)]) -> Arc<Settings> {
+        Arc::new(Settings::load_with_env(None, self.settings_env(extra)).unwrap())
+    }
+
+    /// The same settings as `FREESKI__…` environment variables (for a bot in a child process).
+    fn settings_env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let d = self.dir.path();
         let mut env: Vec<(String, String)> = [
             ("STORE__PATH", self.db().display().to_string()),
@@ -98,7 +103,7 @@ impl Env {
         .map(|(k, v)| (format!("FREESKI__{k}"), v))
         .collect();
         env.extend(extra.iter().map(|(k, v)| (format!("FREESKI__{k}"), v.to_string())));
-        Arc::new(Settings::load_with_env(None, env).unwrap())
+        env
     }
 
     async fn crawl(&self) {
@@ -349,6 +354,80 @@ async fn a_restart_mid_training_interrupts_and_the_next_retrain_resumes() {
     assert_eq!(bot.engine.active_adapter_id().as_deref(), Some(id.as_str()), "{text}");
     let m = freeski_bot::train::report::Metrics::read(&env.adapters().join(&id)).unwrap();
     assert_eq!(m.steps, 8);
+    bot.stop().await;
+}
+
+/// The real binary, killed with SIGKILL mid-training (no shutdown path runs): the job is left
+/// `running` in the store, the next start marks it `interrupted`, and `/retrain` resumes it
+/// from its last checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_bot_process_leaves_a_job_that_the_next_retrain_resumes() {
+    let env = Env::new().await;
+    env.crawl().await;
+    let extra = [("TRAIN__MAX_STEPS", "12"), ("WORKER__PROMOTION_MARGIN", "100")];
+    let log = env.dir.path().join("child.log");
+    let sessions = env.fake.identifies() + 1;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_freeski-bot"))
+        .args(["run", "--model"])
+        .arg(env.dir.path().join("model"))
+        .envs(env.settings_env(&extra))
+        .env("DISCORD_TOKEN", "test-token")
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(env.dir.path().join("child.err")).unwrap())
+        .spawn()
+        .expect("starting freeski-bot run");
+    env.fake.wait_connected(sessions).await;
+    env.admin("retrain");
+    let first = env.wait_job("training under way in the child", |j| j.stage.as_deref() == Some("train") && j.progress_done >= Some(2)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    let left = Store::open(&env.db()).unwrap().job(first.id).unwrap().unwrap();
+    assert_eq!(left.state, JobState::Running, "a killed process marks nothing: {left:?}");
+    let id = format!("lora-job{}", first.id);
+    let ck = freeski_bot::train::checkpoint::load(&env.adapters().join(&id), &Device::Cpu).unwrap().expect("a checkpoint survives the kill");
+    assert!(ck.state.step >= 2 && ck.state.step < 12, "{:?}", ck.state.step);
+
+    let s = env.settings(&extra);
+    let bot = env.start(s).await;
+    let marked = Store::open(&env.db()).unwrap().job(first.id).unwrap().unwrap();
+    assert_eq!(marked.state, JobState::Interrupted, "{marked:?}");
+    env.admin("retrain");
+    let second = env.wait_job("the resumed retrain", |j| j.id > first.id && !j.state.is_active()).await;
+    assert_eq!(second.state, JobState::Succeeded, "{second:?}");
+    let text = env.report(&second).await.body["content"].as_str().unwrap().to_string();
+    assert!(text.contains(&format!("resuming the interrupted run `{id}`")), "{text}");
+    assert_eq!(bot.engine.active_adapter_id().as_deref(), Some(id.as_str()), "{text}");
+    assert_eq!(freeski_bot::train::report::Metrics::read(&env.adapters().join(&id)).unwrap().steps, 12);
+    bot.stop().await;
+}
+
+/// `worker.device`: a device that cannot be opened fails the job with the reason and the bot
+/// keeps answering; a usable one trains on a second copy of the engine's model (loaded from the
+/// engine's own source) and the result is hot-swapped into the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_device_trains_on_a_second_copy_and_a_bad_one_fails_the_job() {
+    let env = Env::new().await;
+    env.crawl().await;
+    let bot = env.start(env.settings(&[("WORKER__DEVICE", "cuda:97")])).await;
+    env.admin("retrain");
+    let failed = env.wait_job("the job on a missing device", |j| !j.state.is_active()).await;
+    assert_eq!(failed.state, JobState::Failed, "{failed:?}");
+    let reason = failed.error.clone().unwrap_or_default();
+    assert!(reason.contains("worker.device"), "{reason}");
+    assert_eq!(bot.engine.active_adapter_id(), None);
+    let a = env.ask(5, "still there?").await;
+    assert_eq!(stored_adapter(&Store::open(&env.db()).unwrap(), a), None);
+    bot.stop().await;
+
+    let bot = env.start(env.settings(&[("WORKER__DEVICE", "cpu"), ("WORKER__PROMOTION_MARGIN", "100")])).await;
+    env.admin("retrain");
+    let done = env.wait_job("the job on worker.device", |j| j.id > failed.id && !j.state.is_active()).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let id = format!("lora-job{}", done.id);
+    assert_eq!(bot.engine.active_adapter_id().as_deref(), Some(id.as_str()));
+    let a = env.ask(5, "and now?").await;
+    assert_eq!(stored_adapter(&Store::open(&env.db()).unwrap(), a).as_deref(), Some(id.as_str()));
     bot.stop().await;
 }
 

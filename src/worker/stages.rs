@@ -169,8 +169,11 @@ fn train_model(jc: &JobCx<'_>) -> Result<Arc<LoadedModel>> {
         return Ok(jc.cx.engine.model().clone());
     }
     let device = crate::llm::device::parse_device(&s.worker.device).context("worker.device")?;
-    tracing::info!(device = %s.worker.device, "loading a second copy of the base model for training");
-    Ok(Arc::new(crate::llm::load::load(&s.model, None, &device).context("loading the base model on worker.device")?))
+    // The engine's own model, even when `--model` overrode `model.source`.
+    let source = &jc.cx.engine.model().source;
+    anyhow::ensure!(!source.is_empty(), "worker.device: the engine's model was built in memory and cannot be loaded again on {}", s.worker.device);
+    tracing::info!(device = %s.worker.device, %source, "loading a second copy of the base model for training");
+    Ok(Arc::new(crate::llm::load::load(&s.model, Some(source), &device).with_context(|| format!("loading the base model {source} on worker.device {}", s.worker.device))?))
 }
 
 /// The trainer's view of the job: progress to Discord, `/cancel` and shutdown, and yielding to

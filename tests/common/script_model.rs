@@ -118,5 +118,5 @@ pub fn model(script: &[u32], end: End) -> LoadedModel {
     })
     .expect("script model");
     let template = ChatTemplate::ChatMl;
-    LoadedModel { model, tokenizer: tok, template, stop_ids: vec![IM_END], bos_id: None, name: "script".into() }
+    LoadedModel { model, tokenizer: tok, template, stop_ids: vec![IM_END], bos_id: None, name: "script".into(), source: String::new() }
 }

@@ -71,5 +71,5 @@ pub fn load(path: &Path, device: &Device, template: TemplateChoice) -> Result<Lo
         }
     }
     ensure!(!stop_ids.is_empty(), "{}: no end-of-sequence token in the metadata (tokenizer.ggml.eos_token_id)", path.display());
-    Ok(LoadedModel { model, tokenizer: tok, template, stop_ids, bos_id: specials.bos, name: String::new() })
+    Ok(LoadedModel { model, tokenizer: tok, template, stop_ids, bos_id: specials.bos, name: String::new(), source: String::new() })
 }

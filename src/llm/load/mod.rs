@@ -72,6 +72,9 @@ pub struct LoadedModel {
     pub stop_ids: Vec<u32>,
     pub bos_id: Option<u32>,
     pub name: String,
+    /// What [`load`] was given (a path or `hf:` id), so a second copy can be loaded elsewhere
+    /// (`worker.device`); empty for models built in memory.
+    pub source: String,
 }
 
 /// Load what `settings` (with an optional `--model` override) point at onto `device`.
@@ -92,6 +95,7 @@ pub fn load(settings: &ModelSettings, source_override: Option<&str>, device: &De
     };
     let mut loaded = gguf::load(&gguf_path, device, settings.chat_template).with_context(|| format!("loading model {}", gguf_path.display()))?;
     loaded.name = name;
+    loaded.source = spec.to_string();
     Ok(loaded)
 }
 
