@@ -57,7 +57,8 @@ impl GradAccum {
     /// This step's gradients in the order of `params.named_vars()` (zero where none arrived);
     /// the buffers start again from zero.
     pub fn take(&mut self) -> Result<Vec<Tensor>> {
-        let grads = self.bufs.iter().map(|b| b.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+        // Detached: a copy of a variable would carry it as graph history into the optimizer.
+        let grads = self.bufs.iter().map(|b| b.as_tensor().detach().copy()).collect::<candle_core::Result<Vec<_>>>()?;
         for b in &self.bufs {
             b.set(&b.zeros_like()?)?;
         }

@@ -45,8 +45,10 @@ impl AdamW {
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            // Detached, so a gradient that carries graph history cannot chain one step's moments
+            // to the next (each step would keep the previous one's tensors alive).
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -112,6 +114,22 @@ mod tests {
         let got = var.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
         for i in 0..2 {
             assert!((got[i] - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+        }
+        Ok(())
+    }
+
+    /// A gradient that still carries graph history (here: derived from a variable) must not
+    /// link the moments to it: otherwise every step keeps the previous step's tensors alive.
+    #[test]
+    fn moments_carry_no_graph_history() -> Result<()> {
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?)?;
+        let mut opt = AdamW::new(cfg, &[&var])?;
+        let tracked_grad = (var.as_tensor() * 2.0)?;
+        opt.step(&[&var], &[tracked_grad], 0.01)?;
+        for moment in [&opt.m[0], &opt.v[0]] {
+            let grads = moment.sum_all()?.backward()?;
+            assert!(grads.get(var.as_tensor()).is_none(), "a moment still depends on the variable");
         }
         Ok(())
     }
