@@ -245,7 +245,9 @@ impl<'m> TrainForward<'m> {
         let rep = nh / nkv;
         let k = repeat_kv(&k, rep)?;
         let v = repeat_kv(&v.contiguous()?, rep)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&ctx.mask)?;
+        // Scale q rather than the scores: the graph keeps a [t, hd] tensor instead of a [t, t] one.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(&ctx.mask)?;
         let attn = ops::softmax_last_dim(&scores)?.matmul(&v)?;
         let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let x2 = (x + proj(Proj::O, &attn)?)?;
