@@ -224,6 +224,7 @@ impl<'m> TrainForward<'m> {
 
     /// Decoder layer `i`. `dense`: its seven weights dequantized once by the caller, for a
     /// recompute whose backward uses them again; `None` dequantizes per projection.
+    #[allow(clippy::too_many_arguments)]
     fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx, dense: Option<&[Tensor]>) -> Result<Tensor> {
         let layer = &self.model.layers()[i];
         let cfg = self.model.config();
