@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake_discord::{FakeDiscord, BOT_ID, CHANNEL_ID, GUILD_ID};
+use common::bot::start;
 use common::script_model::{self, End};
-use freeski_bot::bot::{self, Token};
-use freeski_bot::cli::ask::engine_config;
 use freeski_bot::config::Settings;
 use freeski_bot::llm::engine::{AdapterChoice, Engine, Event, Question, Ticket};
 use freeski_bot::llm::generate::GenOptions;
@@ -21,18 +20,6 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
 
-struct Bot {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    engine: Engine,
-}
-
-impl Bot {
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(T, self.task).await.expect("bot did not stop").unwrap().expect("bot::run failed");
-    }
-}
 
 fn settings(dir: &Path, fake: &FakeDiscord, extra: &[(&str, &str)]) -> Arc<Settings> {
     let mut env: Vec<(String, String)> = [
@@ -57,16 +44,6 @@ fn settings(dir: &Path, fake: &FakeDiscord, extra: &[(&str, &str)]) -> Arc<Setti
     Arc::new(Settings::load_with_env(None, env).unwrap())
 }
 
-async fn start(fake: &FakeDiscord, settings: Arc<Settings>, lm: Arc<LoadedModel>) -> Bot {
-    let sessions = fake.identifies() + 1;
-    let engine = Engine::start(lm, None, engine_config(&settings)).unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(bot::run(settings, engine.clone(), Token::new("test-token"), async move {
-        let _ = rx.await;
-    }));
-    fake.wait_connected(sessions).await;
-    Bot { stop: Some(tx), task, engine }
-}
 
 fn stop_script(words: usize) -> (Arc<LoadedModel>, String) {
     let tok = script_model::tokenizer();

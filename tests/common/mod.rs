@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod bot;
 pub mod fake_discord;
 pub mod script_model;
 pub mod tiny;
