@@ -372,7 +372,9 @@ async fn a_killed_bot_process_leaves_a_job_that_the_next_retrain_resumes() {
     assert_eq!(left.state, JobState::Running, "a killed process marks nothing: {left:?}");
     let id = format!("lora-job{}", first.id);
     let ck = freeski_bot::train::checkpoint::load(&env.adapters().join(&id), &Device::Cpu).unwrap().expect("a checkpoint survives the kill");
-    assert!(ck.state.step >= 2 && ck.state.step < STEPS, "{:?}", ck.state.step);
+    // The stored progress may run one step ahead of the checkpoint on disk (the kill can land
+    // between the two): at least one step's checkpoint, and not the end.
+    assert!(ck.state.step >= 1 && ck.state.step < STEPS, "{:?}", ck.state.step);
 
     let s = env.settings(&extra);
     let bot = env.start(s).await;
