@@ -44,6 +44,9 @@ pub struct GenerateBench {
     /// Tokens decoded at batch 1.
     #[arg(long, default_value_t = 128)]
     pub decode_tokens: usize,
+    /// Concurrent sequences for the batched-decode measurement (0 or 1 = skip it).
+    #[arg(long, default_value_t = 8)]
+    pub streams: usize,
     /// Attach a random LoRA adapter of this rank on all seven projections (0 = none).
     #[arg(long, default_value_t = 0)]
     pub lora_rank: usize,
@@ -183,6 +186,10 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     }
     let prefill_tps = args.prompt_tokens as f64 / median(&prefill).as_secs_f64();
     let decode_tps = args.decode_tokens as f64 / median(&decode).as_secs_f64();
+    let batched = match args.streams {
+        0 | 1 => None,
+        n => Some(batched_decode(&model, adapter, &(0..n).map(|_| prompt(32)).collect::<Vec<_>>(), args.decode_tokens, reps)?),
+    };
     let ttft_ms = median(&ttft).as_secs_f64() * 1e3;
     let rss = device::peak_rss_bytes().unwrap_or(0);
     let devmem = peak_dev;
@@ -194,6 +201,12 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     println!("prefill          {prefill_tps:.1} tokens/s ({} tokens)", args.prompt_tokens);
     println!("time to first    {ttft_ms:.1} ms ({}-token prompt)", args.ttft_tokens);
     println!("decode batch 1   {decode_tps:.1} tokens/s ({} tokens)", args.decode_tokens);
+    if let Some(b) = &batched {
+        println!(
+            "decode batch {:<3} {:.1} tokens/s aggregate ({:.2}x batch 1); greedy outputs equal to one-at-a-time decoding for {}/{} sequences",
+            b.streams, b.tokens_per_s, b.tokens_per_s / decode_tps, b.identical, b.streams
+        );
+    }
     println!("peak host RSS    {:.2} GiB", gib(rss));
     if let Some((used, total)) = devmem {
         println!("device memory    {:.2} GiB peak used of {:.2} GiB (whole device, as the driver reports)", gib(used), gib(total));
@@ -204,11 +217,61 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
             "prompt_tokens": args.prompt_tokens, "prefill_tokens_per_s": prefill_tps,
             "ttft_prompt_tokens": args.ttft_tokens, "ttft_ms": ttft_ms,
             "decode_tokens": args.decode_tokens, "decode_tokens_per_s": decode_tps,
+            "batched_streams": batched.as_ref().map(|b| b.streams), "batched_tokens_per_s": batched.as_ref().map(|b| b.tokens_per_s),
+            "batched_identical": batched.as_ref().map(|b| b.identical),
             "peak_rss_bytes": rss, "device_peak_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+struct Batched {
+    streams: usize,
+    tokens_per_s: f64,
+    /// Sequences whose greedy tokens match decoding them one at a time.
+    identical: usize,
+}
+
+/// Greedy decode of `prompts` (same length) as one batch, timed over `tokens` steps (median of
+/// `reps`), and each prompt alone for the outputs the batch must reproduce.
+fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>], tokens: usize, reps: usize) -> Result<Batched> {
+    let cfg = model.config();
+    let n = prompts.len();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = KvCache::new(cfg, 1);
+            let mut out = vec![greedy_step(model, &mut cache, p, adapter)?];
+            for _ in 1..tokens {
+                out.push(greedy_step(model, &mut cache, &[*out.last().expect("one token")], adapter)?);
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    let step = |cache: &mut KvCache, ids: Vec<u32>, len: usize| -> Result<Vec<u32>> {
+        let logits = model.forward(&Tensor::from_vec(ids, (n, len), model.device())?, cache, adapter, Logits::Last)?;
+        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        Ok(flat.chunks(flat.len() / n).map(sampling::argmax).collect())
+    };
+    let mut times = Vec::new();
+    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for _ in 0..reps.max(1) {
+        let mut cache = KvCache::new(cfg, n);
+        let mut next = step(&mut cache, prompts.concat(), prompts[0].len())?;
+        outs = next.iter().map(|&t| vec![t]).collect();
+        let t = Instant::now();
+        for _ in 1..tokens {
+            next = step(&mut cache, next, 1)?;
+            for (o, &tok) in outs.iter_mut().zip(&next) {
+                o.push(tok);
+            }
+        }
+        times.push(t.elapsed());
+    }
+    let identical = outs.iter().zip(&alone).filter(|(a, b)| a == b).count();
+    let tokens_per_s = (n * tokens.saturating_sub(1)) as f64 / median(&times).as_secs_f64();
+    Ok(Batched { streams: n, tokens_per_s, identical })
 }
 
 /// Feed `ids` after what `cache` holds and pick the next token greedily. Pulling the logits to

@@ -133,6 +133,50 @@ fn timed_answers(engine: &Engine, n: usize, prompt_words: usize, new_tokens: usi
     Ok(out)
 }
 
+struct HotSwap {
+    call: Duration,
+    first_token: Duration,
+    repeats: usize,
+}
+
+/// Time from `swap_adapter` to the first token of the next question, which must report the new
+/// adapter; alternates between two random adapters (loaded beforehand, as the worker's gate
+/// loads and validates before it swaps) and ends with the bare base active again.
+fn hot_swap(engine: &Engine, cfg: &ModelConfig, rank: usize, dev: &candle_core::Device) -> Result<HotSwap> {
+    let make = |id: &str| -> Result<Arc<crate::llm::lora::LoraAdapter>> {
+        let mut a = super::bench::random_adapter(cfg, rank, dev)?;
+        a.id = id.to_string();
+        Ok(Arc::new(a))
+    };
+    let adapters = [make("swap-a")?, make("swap-b")?];
+    let opts = GenOptions { sampling: SamplingParams::greedy(), max_new_tokens: 1, stop: vec![], seed: 1, max_context: 4096 };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (mut calls, mut firsts) = (Vec::new(), Vec::new());
+    for i in 0..6 {
+        let adapter = &adapters[i % 2];
+        let q = Question { history: vec![], question: words(&mut rng, 16), opts: opts.clone(), adapter: AdapterChoice::Active };
+        let t0 = Instant::now();
+        engine.swap_adapter(Some(adapter.clone()));
+        calls.push(t0.elapsed());
+        let mut ticket = engine.submit(q).map_err(|e| anyhow::anyhow!("{e}"))?;
+        loop {
+            match ticket.blocking_next() {
+                Some(Event::Started { adapter_id, .. }) => anyhow::ensure!(adapter_id.as_deref() == Some(adapter.id.as_str()), "the answer after the swap used {adapter_id:?}"),
+                Some(Event::Text(_)) | Some(Event::Finished(_)) => break,
+                Some(Event::Failed(e)) => anyhow::bail!("answer failed: {e}"),
+                None => anyhow::bail!("the engine stopped"),
+            }
+        }
+        // The first round warms the adapter path up; it is not counted.
+        if i > 0 {
+            firsts.push(t0.elapsed());
+        }
+        while ticket.blocking_next().is_some() {}
+    }
+    engine.swap_adapter(None);
+    Ok(HotSwap { call: median(calls), first_token: median(firsts.clone()), repeats: firsts.len() })
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
@@ -169,6 +213,9 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     // Warm-up (kernels, allocator), then the idle phase.
     timed_answers(&engine, 1, args.prompt_words, 4)?;
     let idle = timed_answers(&engine, args.questions, args.prompt_words, args.new_tokens)?;
+    // A ~100-token question on the idle engine (random words are ~6 byte-level tokens each).
+    let short = timed_answers(&engine, args.questions, 16, 1)?;
+    let swap = hot_swap(&engine, lm.model.config(), args.shape.rank, &dev)?;
 
     let tmp: PathBuf = std::env::temp_dir().join(format!("freeski-bench-serve-train-{}", std::process::id()));
     synthetic_dataset(&tmp.join("data"), args.shape.seq)?;
@@ -203,6 +250,8 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
         println!("{label:<16} TTFT median {:.1} ms (max {:.1}), total median {:.1} ms", ms(median(v.iter().map(|x| x.0).collect())), ms(v.iter().map(|x| x.0).max().unwrap_or_default()), ms(median(v.iter().map(|x| x.1).collect())));
     }
     println!("training steps done while answering: {steps_during}");
+    println!("idle, ~100-token question: TTFT median {:.1} ms (max {:.1})", ms(median(short.iter().map(|x| x.0).collect())), ms(short.iter().map(|x| x.0).max().unwrap_or_default()));
+    println!("hot-swap         swap call {:.3} ms; first token of the next question, with the new adapter, {:.1} ms after the call (median of {}, ~100-token questions, LoRA r={})", ms(swap.call), ms(swap.first_token), swap.repeats, args.shape.rank);
     match &poller {
         Some(p) => {
             let peak = p.peak() - held_back;

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device call for the performance issue's inference targets: CPU/GPU parity (the dense
+# prefill path included), `bench generate` on the random Mistral-7B shape (bare and with a
+# rank-16 LoRA; prefill, time to first token, decode at batch 1 and 8 concurrent streams),
+# `bench serve-train` on a simulated 8 GB card (engine time to first token, hot-swap, memory),
+# then the PyTorch bf16 baseline. Usage on the GPU machine, from the project root:
+#   bash bench/gpu-issue7.sh
+set -uo pipefail
+source .gpu/activate
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+F='^ *[0-9]*: <unknown>|^\s*$|INFO'
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+freeski-bot bench parity --device cuda:0 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"
+for r in 0 16; do
+  freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank $r --json "$OUT/gen-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/gen-r$r.txt"
+done
+freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
+python3 bench/pytorch_generate.py 2>&1 | tail -3 | tee "$OUT/pytorch.txt"
