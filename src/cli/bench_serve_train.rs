@@ -118,17 +118,20 @@ fn timed_answers(engine: &Engine, n: usize, prompt_words: usize, new_tokens: usi
         let q = Question { history: vec![], question: words(&mut rng, prompt_words), opts: opts.clone(), adapter: AdapterChoice::Active };
         let t0 = Instant::now();
         let mut ticket = engine.submit(q).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut first = None;
-        loop {
+        // First *token*, not first visible text (random weights often sample byte pieces that
+        // decode to text only later): the wait until the engine starts this question plus the
+        // generation's own prefill-and-sample time.
+        let mut started = Duration::ZERO;
+        let first = loop {
             match ticket.blocking_next() {
-                Some(Event::Text(_)) if first.is_none() => first = Some(t0.elapsed()),
-                Some(Event::Finished(_)) => break,
+                Some(Event::Started { .. }) => started = t0.elapsed(),
+                Some(Event::Finished(g)) => break started + g.time_to_first_token,
                 Some(Event::Failed(e)) => anyhow::bail!("answer failed: {e}"),
                 None => anyhow::bail!("the engine stopped"),
                 _ => {}
             }
-        }
-        out.push((first.unwrap_or_else(|| t0.elapsed()), t0.elapsed()));
+        };
+        out.push((first, t0.elapsed()));
     }
     Ok(out)
 }
@@ -159,19 +162,23 @@ fn hot_swap(engine: &Engine, cfg: &ModelConfig, rank: usize, dev: &candle_core::
         engine.swap_adapter(Some(adapter.clone()));
         calls.push(t0.elapsed());
         let mut ticket = engine.submit(q).map_err(|e| anyhow::anyhow!("{e}"))?;
-        loop {
+        let mut started = Duration::ZERO;
+        let first = loop {
             match ticket.blocking_next() {
-                Some(Event::Started { adapter_id, .. }) => anyhow::ensure!(adapter_id.as_deref() == Some(adapter.id.as_str()), "the answer after the swap used {adapter_id:?}"),
-                Some(Event::Text(_)) | Some(Event::Finished(_)) => break,
+                Some(Event::Started { adapter_id, .. }) => {
+                    anyhow::ensure!(adapter_id.as_deref() == Some(adapter.id.as_str()), "the answer after the swap used {adapter_id:?}");
+                    started = t0.elapsed();
+                }
+                Some(Event::Finished(g)) => break started + g.time_to_first_token,
                 Some(Event::Failed(e)) => anyhow::bail!("answer failed: {e}"),
                 None => anyhow::bail!("the engine stopped"),
+                Some(Event::Text(_)) => {}
             }
-        }
+        };
         // The first round warms the adapter path up; it is not counted.
         if i > 0 {
-            firsts.push(t0.elapsed());
+            firsts.push(first);
         }
-        while ticket.blocking_next().is_some() {}
     }
     engine.swap_adapter(None);
     Ok(HotSwap { call: median(calls), first_token: median(firsts.clone()), repeats: firsts.len() })

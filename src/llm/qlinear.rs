@@ -18,12 +18,6 @@ pub fn dequantize(w: &QTensor, device: &Device, dtype: DType) -> candle_core::Re
     dense.to_dtype(dtype)?.detach().contiguous()
 }
 
-/// Rows from which a CUDA forward dequantizes the weight to bf16 and runs one cuBLAS GEMM instead
-/// of candle's 4-bit kernel: prompts (prefill), not decode steps. A 4-bit GEMM reaches ~160-180
-/// TFLOP/s on the H100 against ~680 for bf16 cuBLAS (shared/gpu/README.md), and the
-/// dequantization costs about one read of the weight at bf16 size.
-const DENSE_MIN_ROWS: usize = 16;
-
 /// `y = x · Wᵀ` with `W: [out, in]` kept quantized.
 #[derive(Debug, Clone)]
 pub struct BaseLinear {
@@ -43,22 +37,10 @@ impl BaseLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / self.in_features.max(1);
-        if rows >= DENSE_MIN_ROWS && x.device().is_cuda() && !matches!(self.weight.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            return self.dense_forward(x, rows);
-        }
+        // A dense bf16 GEMM on a per-call dequantized weight was tried for prompts (16+ rows) on
+        // CUDA: dequantizing all weights costs more than the 4-bit kernels' prefill of 100-512
+        // tokens (BENCHMARKS.md, performance issue), so inference keeps candle's kernels.
         Ok(self.matmul.forward(x)?)
-    }
-
-    /// `x · dequant(W)ᵀ` in bf16 (the dense weight lives for this call only), back in `x`'s dtype.
-    fn dense_forward(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
-        let w = dequantize(&self.weight, x.device(), DType::BF16)?;
-        let y = x.to_dtype(DType::BF16)?.reshape((rows, self.in_features))?.matmul(&w.t()?)?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = self.out_features;
-        }
-        Ok(y.to_dtype(x.dtype())?.reshape(dims)?)
     }
 
     /// Row lookup, for the token embedding table (works on packed 4-bit tables too).
