@@ -5,18 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
-
-/// `W` dequantized to `dtype` on `device`, as a plain (untracked, contiguous) tensor. CUDA
-/// dequantizes straight to f16 for half-precision callers instead of going through an f32 copy
-/// twice the size.
-pub fn dequantize(w: &QTensor, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
-    let dense = match (device, dtype) {
-        (Device::Cuda(_), DType::F16 | DType::BF16) => w.dequantize_f16(device)?,
-        _ => w.dequantize(device)?,
-    };
-    dense.to_dtype(dtype)?.detach().contiguous()
-}
+use candle_core::{Module, Tensor};
 
 /// `y = x · Wᵀ` with `W: [out, in]` kept quantized.
 #[derive(Debug, Clone)]

@@ -102,7 +102,16 @@ fn compute_dtype(dtype: DType) -> DType {
 // ---------------------------------------------------------------------------------------------
 // Frozen quantized linear.
 
-pub use crate::llm::qlinear::dequantize;
+/// `W` dequantized to `dtype` on `device`, as a plain (untracked, contiguous) tensor. CUDA
+/// dequantizes straight to f16 for half-precision callers instead of going through an f32 copy
+/// twice the size.
+pub fn dequantize(w: &QTensor, device: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+    let dense = match (device, dtype) {
+        (candle_core::Device::Cuda(_), DType::F16 | DType::BF16) => w.dequantize_f16(device)?,
+        _ => w.dequantize(device)?,
+    };
+    dense.to_dtype(dtype)?.detach().contiguous()
+}
 
 struct FrozenQMatMul {
     w: Arc<QTensor>,
