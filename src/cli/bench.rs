@@ -286,10 +286,11 @@ pub(crate) fn sync(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-fn median(v: &[Duration]) -> Duration {
+/// Middle value (zero for none).
+pub(crate) fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();
     v.sort();
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 /// A LoRA adapter with random A and B (B non-zero, so the adapter path really computes).

@@ -13,7 +13,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::BenchModel;
+use super::bench::{median, BenchModel};
 use super::bench_train::{MemoryCap, TrainShape};
 use crate::config::Settings;
 use crate::llm::chat::ChatTemplate;
@@ -117,23 +117,28 @@ fn timed_answers(engine: &Engine, n: usize, prompt_words: usize, new_tokens: usi
     for _ in 0..n {
         let q = Question { history: vec![], question: words(&mut rng, prompt_words), opts: opts.clone(), adapter: AdapterChoice::Active };
         let t0 = Instant::now();
-        let mut ticket = engine.submit(q).map_err(|e| anyhow::anyhow!("{e}"))?;
-        // First *token*, not first visible text (random weights often sample byte pieces that
-        // decode to text only later): the wait until the engine starts this question plus the
-        // generation's own prefill-and-sample time.
-        let mut started = Duration::ZERO;
-        let first = loop {
-            match ticket.blocking_next() {
-                Some(Event::Started { .. }) => started = t0.elapsed(),
-                Some(Event::Finished(g)) => break started + g.time_to_first_token,
-                Some(Event::Failed(e)) => anyhow::bail!("answer failed: {e}"),
-                None => anyhow::bail!("the engine stopped"),
-                _ => {}
-            }
-        };
+        let (first, _) = first_token(engine, q, t0)?;
         out.push((first, t0.elapsed()));
     }
     Ok(out)
+}
+
+/// Submits `q` and waits for its end; returns the time from `t0` to its first *token* and the
+/// adapter it ran with. First token, not first visible text (random weights often sample byte
+/// pieces that decode to text only later): the wait until the engine starts the question plus
+/// the generation's own prefill-and-sample time.
+fn first_token(engine: &Engine, q: Question, t0: Instant) -> Result<(Duration, Option<String>)> {
+    let mut ticket = engine.submit(q).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut started, mut adapter) = (Duration::ZERO, None);
+    loop {
+        match ticket.blocking_next() {
+            Some(Event::Started { adapter_id, .. }) => (started, adapter) = (t0.elapsed(), adapter_id),
+            Some(Event::Finished(g)) => return Ok((started + g.time_to_first_token, adapter)),
+            Some(Event::Failed(e)) => anyhow::bail!("answer failed: {e}"),
+            None => anyhow::bail!("the engine stopped"),
+            Some(Event::Text(_)) => {}
+        }
+    }
 }
 
 struct HotSwap {
@@ -161,32 +166,15 @@ fn hot_swap(engine: &Engine, cfg: &ModelConfig, rank: usize, dev: &candle_core::
         let t0 = Instant::now();
         engine.swap_adapter(Some(adapter.clone()));
         calls.push(t0.elapsed());
-        let mut ticket = engine.submit(q).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut started = Duration::ZERO;
-        let first = loop {
-            match ticket.blocking_next() {
-                Some(Event::Started { adapter_id, .. }) => {
-                    anyhow::ensure!(adapter_id.as_deref() == Some(adapter.id.as_str()), "the answer after the swap used {adapter_id:?}");
-                    started = t0.elapsed();
-                }
-                Some(Event::Finished(g)) => break started + g.time_to_first_token,
-                Some(Event::Failed(e)) => anyhow::bail!("answer failed: {e}"),
-                None => anyhow::bail!("the engine stopped"),
-                Some(Event::Text(_)) => {}
-            }
-        };
+        let (first, used) = first_token(engine, q, t0)?;
+        anyhow::ensure!(used.as_deref() == Some(adapter.id.as_str()), "the answer after the swap used {used:?}");
         // The first round warms the adapter path up; it is not counted.
         if i > 0 {
             firsts.push(first);
         }
     }
     engine.swap_adapter(None);
-    Ok(HotSwap { call: median(calls), first_token: median(firsts.clone()), repeats: firsts.len() })
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
+    Ok(HotSwap { call: median(&calls), first_token: median(&firsts), repeats: firsts.len() })
 }
 
 /// The worker's yielding, without the store and Discord.
@@ -254,10 +242,10 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("serve + train: {} on {}, {} questions per phase, ~{} prompt words, {} new tokens; training seq {} batch {} rank {}", lm.name, device::describe(&dev), args.questions, args.prompt_words, args.new_tokens, args.shape.seq, args.shape.batch, args.shape.rank);
     for (label, v) in [("idle", &idle), ("while training", &busy)] {
-        println!("{label:<16} TTFT median {:.1} ms (max {:.1}), total median {:.1} ms", ms(median(v.iter().map(|x| x.0).collect())), ms(v.iter().map(|x| x.0).max().unwrap_or_default()), ms(median(v.iter().map(|x| x.1).collect())));
+        println!("{label:<16} TTFT median {:.1} ms (max {:.1}), total median {:.1} ms", ms(median(&v.iter().map(|x| x.0).collect::<Vec<_>>())), ms(v.iter().map(|x| x.0).max().unwrap_or_default()), ms(median(&v.iter().map(|x| x.1).collect::<Vec<_>>())));
     }
     println!("training steps done while answering: {steps_during}");
-    println!("idle, ~100-token question: TTFT median {:.1} ms (max {:.1})", ms(median(short.iter().map(|x| x.0).collect())), ms(short.iter().map(|x| x.0).max().unwrap_or_default()));
+    println!("idle, ~100-token question: TTFT median {:.1} ms (max {:.1})", ms(median(&short.iter().map(|x| x.0).collect::<Vec<_>>())), ms(short.iter().map(|x| x.0).max().unwrap_or_default()));
     println!("hot-swap         swap call {:.3} ms; first token of the next question, with the new adapter, {:.1} ms after the call (median of {}, ~100-token questions, LoRA r={})", ms(swap.call), ms(swap.first_token), swap.repeats, args.shape.rank);
     match &poller {
         Some(p) => {
