@@ -368,9 +368,11 @@ async fn burst_from_one_user_is_limited_and_twenty_users_queue_in_order() {
     }
     drop(busy);
     let answers = wait_store(&db, "20 answers", |s| questions.iter().map(|q| replies_to(&fake, *q).first().and_then(|m| answer_for(s, *m))).collect::<Option<Vec<_>>>()).await;
-    let mut sorted = answers.clone();
-    sorted.sort();
-    assert_eq!(answers, sorted, "answered in the order asked");
+    // Generation order is the engine's batch order (one question a batch here); the order the
+    // answers reach the store also depends on their delivery, so it is not what is checked.
+    let store = Store::open(&db).unwrap();
+    let runs: Vec<u64> = answers.iter().map(|a| store.answer(*a).unwrap().unwrap().generation["engine_run"].as_u64().expect("engine_run stored")).collect();
+    assert!(runs.windows(2).all(|w| w[0] < w[1]), "answered in the order asked: engine batches {runs:?}");
     for q in &questions {
         assert!(!content(&fake, replies_to(&fake, *q)[0]).contains("ahead"), "the notice became the answer");
     }
@@ -432,7 +434,12 @@ async fn deleting_the_question_cancels_and_shutdown_closes_answers() {
     let q2 = fake.say(7, &format!("<@{BOT_ID}> and again"), true, None);
     let reply2 = fake.wait_for("the second answer to start", T, |f| replies_to(f, id_of(&q2)).first().copied()).await;
     bot.stop().await;
-    assert!(content(&fake, reply2).ends_with("*(cut short: the bot is restarting)*"), "{}", content(&fake, reply2));
-    let stored = Store::open(&db).unwrap().answer(AnswerId(1)).unwrap().expect("the cut answer is stored");
+    // A long answer may have grown past one message: the note ends its last part.
+    let store = Store::open(&db).unwrap();
+    let parts = store.answer_messages(AnswerId(1)).unwrap();
+    assert_eq!(parts.first(), Some(&reply2), "the answer starts in the reply");
+    let last = content(&fake, *parts.last().unwrap());
+    assert!(last.ends_with("*(cut short: the bot is restarting)*"), "{last}");
+    let stored = store.answer(AnswerId(1)).unwrap().expect("the cut answer is stored");
     assert_eq!(stored.generation["finish"], json!("Cancelled"));
 }

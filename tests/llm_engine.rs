@@ -47,7 +47,7 @@ async fn finish(mut t: Ticket) -> (Option<String>, usize, freeski_bot::llm::gene
     let mut started = None;
     loop {
         match tokio::time::timeout(Duration::from_secs(60), t.next()).await.expect("engine silent") {
-            Some(Event::Started { adapter_id, batch }) => started = Some((adapter_id, batch)),
+            Some(Event::Started { adapter_id, batch, .. }) => started = Some((adapter_id, batch)),
             Some(Event::Text(_)) => {}
             Some(Event::Finished(g)) => {
                 let (a, b) = started.expect("Started comes first");

@@ -123,11 +123,11 @@ pub async fn run(bot: Arc<BotState>, job: AnswerJob) {
     }
 
     let mut adapter_id = None;
-    let mut batch = 1;
+    let (mut batch, mut run) = (1, 0);
     let outcome: Result<Generation, String> = loop {
         tokio::select! {
             ev = ticket.next() => match ev {
-                Some(Event::Started { adapter_id: a, batch: b }) => { adapter_id = a; batch = b; }
+                Some(Event::Started { adapter_id: a, batch: b, run: r }) => { adapter_id = a; batch = b; run = r; }
                 Some(Event::Text(piece)) => streamer.push(&piece),
                 Some(Event::Finished(g)) => break Ok(g),
                 Some(Event::Failed(e)) => break Err(e),
@@ -172,7 +172,7 @@ pub async fn run(bot: Arc<BotState>, job: AnswerJob) {
         guild_id: job.guild.map(|g| g.get()),
         channel_id: Some(job.channel.get()),
         asked_by: Some(job.asker.get()),
-        generation: generation_record(&opts, &gen, ticket.history_kept_from, batch, streamer.failed.as_deref()),
+        generation: generation_record(&opts, &gen, ticket.history_kept_from, (batch, run), streamer.failed.as_deref()),
     };
     let ids = streamer.message_ids();
     let store = bot.store();
@@ -196,8 +196,9 @@ fn role_name(r: Role) -> &'static str {
     }
 }
 
-/// What is stored with an answer about how it was generated.
-fn generation_record(opts: &GenOptions, gen: &Generation, history_kept_from: usize, batch: usize, delivery_error: Option<&str>) -> serde_json::Value {
+/// What is stored with an answer about how it was generated. `(batch, run)`: the size of the
+/// engine batch it ran in and that batch's number in the engine's run order.
+fn generation_record(opts: &GenOptions, gen: &Generation, history_kept_from: usize, (batch, run): (usize, u64), delivery_error: Option<&str>) -> serde_json::Value {
     let s = &opts.sampling;
     serde_json::json!({
         "temperature": s.temperature,
@@ -214,6 +215,7 @@ fn generation_record(opts: &GenOptions, gen: &Generation, history_kept_from: usi
         "answer_tokens": gen.tokens.len(),
         "history_kept_from": history_kept_from,
         "batch": batch,
+        "engine_run": run,
         "delivery_error": delivery_error,
     })
 }

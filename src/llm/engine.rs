@@ -67,6 +67,9 @@ pub enum Event {
         adapter_id: Option<String>,
         /// Questions answered in the same batch, this one included.
         batch: usize,
+        /// The batch's number in the engine's run order (1 = its first batch): questions are
+        /// answered in the order these increase.
+        run: u64,
     },
     Text(String),
     Finished(Generation),
@@ -334,13 +337,15 @@ fn next_batch(shared: &Shared) -> Option<(Option<Arc<LoraAdapter>>, Vec<Pending>
 }
 
 fn worker_loop(shared: &Shared) {
+    let mut run = 0u64;
     while let Some((adapter, batch)) = next_batch(shared) {
+        run += 1;
         let n = batch.len();
         let adapter_id = adapter.as_ref().map(|a| a.id.clone());
         tracing::debug!(batch = n, adapter = ?adapter_id, "generating");
         let mut requests = Vec::with_capacity(n);
         for p in &batch {
-            let _ = p.tx.send(Event::Started { adapter_id: adapter_id.clone(), batch: n });
+            let _ = p.tx.send(Event::Started { adapter_id: adapter_id.clone(), batch: n, run });
             let (tx, cancel, stopping) = (p.tx.clone(), p.cancel.clone(), &shared.stopping);
             requests.push(Request {
                 prompt: p.prompt.clone(),
