@@ -128,6 +128,44 @@ fn kv_cache_decode_equals_full_prefill() {
 }
 
 #[test]
+fn kv_cache_grows_in_chunks_and_keeps_what_it_holds() {
+    // The cache holds positions in buffers of KvCache::CHUNK; decoding across the boundary must
+    // move what it holds into the larger buffer unchanged. A random tiny model (1024 positions,
+    // f32 weights) so the walk can cross the first chunk.
+    let cfg = freeski_bot::llm::ModelConfig::tiny();
+    let q = freeski_bot::llm::random::random_model(&cfg, candle_core::quantized::GgmlDType::Q8_0, 9, &Device::Cpu).unwrap();
+    let model = freeski_bot::llm::random::dequantized(&q).unwrap();
+    let chunk = KvCache::CHUNK;
+    let ids: Vec<u32> = (0..chunk as u32 + 12).map(|i| (i * 37 + 11) % cfg.vocab_size as u32).collect();
+    let full: Vec<Vec<f32>> = {
+        let mut cache = KvCache::new(&cfg, 1);
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        model.forward(&input, &mut cache, None, Logits::All).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    };
+    let start = chunk - 4;
+    let mut cache = KvCache::new(&cfg, 1);
+    let head = Tensor::new(&ids[..start], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    model.forward(&head, &mut cache, None, Logits::Last).unwrap();
+    assert_eq!(cache.capacity(), chunk);
+    for (i, &t) in ids.iter().enumerate().skip(start) {
+        let l: Vec<f32> = model.forward(&Tensor::new(&[[t]], &Device::Cpu).unwrap(), &mut cache, None, Logits::Last).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let scale = full[i].iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let diff = l.iter().zip(&full[i]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+        assert!(diff < 1e-4, "position {i}: relative {diff}");
+    }
+    assert_eq!(cache.len(), ids.len());
+    assert_eq!(cache.capacity(), 2 * chunk, "grown by one chunk");
+    // Dropping rows keeps the capacity and the padding of the rows kept.
+    let mut two = KvCache::with_padding(&cfg, vec![3, 0]);
+    let mut flat = vec![0u32; 3];
+    flat.extend(&ids[..7]);
+    flat.extend(&ids[..10]);
+    model.forward(&Tensor::from_vec(flat, (2, 10), &Device::Cpu).unwrap(), &mut two, None, Logits::Last).unwrap();
+    two.retain_rows(&[0]).unwrap();
+    assert_eq!((two.batch(), two.padding(), two.capacity(), two.len()), (1, &[3usize][..], chunk, 10));
+}
+
+#[test]
 fn quantized_load_is_cached_and_close_to_reference() {
     let (dir, w) = setup(5);
     let lm = load_tiny(dir.path(), "q8_0");

@@ -56,6 +56,9 @@ pub struct GenerateBench {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Also time everything through candle's ops alone (no fused decode, 4-bit prompt kernels).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub compare: bool,
 }
 
 /// Which model a benchmark runs: a file, or random weights of a named shape.
@@ -78,19 +81,32 @@ pub struct BenchModel {
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum BenchQuant {
     Q4k,
+    /// llama.cpp's Q4_K_M mix: Q6_K for attention values, MLP down and the head, else Q4_K.
+    #[value(name = "q4k-m")]
+    Q4kM,
+    Q6k,
     Q4_0,
     Q4_1,
     Q8_0,
 }
 
 impl BenchQuant {
-    pub(crate) fn ggml(self) -> GgmlDType {
-        crate::llm::load::hf_dir::ggml_type(match self {
+    /// The type of tensor `name` in a random model of this kind.
+    pub(crate) fn type_of(self, name: &str) -> GgmlDType {
+        let one = match self {
+            Self::Q4kM => return random::q4k_m_type(name),
+            Self::Q6k => return GgmlDType::Q6K,
             Self::Q4k => QuantType::Q4k,
             Self::Q4_0 => QuantType::Q4_0,
             Self::Q4_1 => QuantType::Q4_1,
             Self::Q8_0 => QuantType::Q8_0,
-        })
+        };
+        crate::llm::load::hf_dir::ggml_type(one)
+    }
+
+    /// A random model of shape `cfg` with this kind's weight types.
+    pub(crate) fn random_model(self, cfg: &crate::llm::ModelConfig, seed: u64, dev: &Device) -> Result<Model> {
+        random::random_model_with(cfg, |name| self.type_of(name), seed, dev)
     }
 }
 
@@ -123,10 +139,10 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     let src = &args.source;
     let dev = device::parse_device(src.device.as_deref().unwrap_or(&settings.model.device))?;
     let t0 = Instant::now();
-    let (model, label) = match &src.random {
+    let (mut model, label) = match &src.random {
         Some(shape) => {
             let cfg = crate::llm::ModelConfig::preset(shape)?;
-            (random::random_model(&cfg, src.quant.ggml(), 1, &dev)?, format!("random {shape} ({:?})", src.quant))
+            (src.quant.random_model(&cfg, 1, &dev)?, format!("random {shape} ({:?})", src.quant))
         }
         None => {
             let lm = load::load(&settings.model, src.model.as_deref(), &dev)?;
@@ -142,55 +158,22 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
         r => Some(random_adapter(&cfg, r, &dev)?),
     };
     let adapter = adapter.as_ref();
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let mut prompt = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect() };
-    let reps = args.repeats.max(1);
 
     // candle frees device buffers as tensors drop, so "used" right after a forward (logits and
     // KV cache still alive) is the high-water mark; sample it at each of those points.
     let mut peak_dev: Option<(u64, u64)> = None;
-    let sample = |peak: &mut Option<(u64, u64)>| {
-        if let Some((used, total)) = device::device_memory(&dev) {
-            *peak = Some((peak.map_or(used, |p| p.0.max(used)), total));
-        }
+    let fast = time_paths(&model, adapter, &args, &mut peak_dev)?;
+    let fused = model.fused_decode_active()?;
+    let launches = model.fused_launches_per_step();
+    // The same measurements through candle's ops alone (4-bit kernels for prompts too), for the
+    // before/after in one run on one card.
+    let candle = if args.compare && (fused || dev.is_cuda()) {
+        model.set_fast_decode(false);
+        model.set_dense_prefill_rows(usize::MAX);
+        Some(time_paths(&model, adapter, &args, &mut peak_dev)?)
+    } else {
+        None
     };
-    // Warm up kernels and allocator once.
-    greedy_step(&model, &mut KvCache::new(&cfg, 1), &prompt(16), adapter)?;
-
-    let mut prefill = Vec::new();
-    for _ in 0..reps {
-        let p = prompt(args.prompt_tokens);
-        let t = Instant::now();
-        let mut cache = KvCache::new(&cfg, 1);
-        greedy_step(&model, &mut cache, &p, adapter)?;
-        prefill.push(t.elapsed());
-        sample(&mut peak_dev);
-    }
-    let mut ttft = Vec::new();
-    for _ in 0..reps {
-        let p = prompt(args.ttft_tokens);
-        let t = Instant::now();
-        greedy_step(&model, &mut KvCache::new(&cfg, 1), &p, adapter)?;
-        ttft.push(t.elapsed());
-    }
-    let mut decode = Vec::new();
-    for _ in 0..reps {
-        let mut cache = KvCache::new(&cfg, 1);
-        let mut tok = greedy_step(&model, &mut cache, &prompt(32), adapter)?;
-        let t = Instant::now();
-        for _ in 0..args.decode_tokens {
-            tok = greedy_step(&model, &mut cache, &[tok], adapter)?;
-        }
-        decode.push(t.elapsed());
-        sample(&mut peak_dev);
-    }
-    let prefill_tps = args.prompt_tokens as f64 / median(&prefill).as_secs_f64();
-    let decode_tps = args.decode_tokens as f64 / median(&decode).as_secs_f64();
-    let batched = match args.streams {
-        0 | 1 => None,
-        n => Some(batched_decode(&model, adapter, &(0..n).map(|_| prompt(32)).collect::<Vec<_>>(), args.decode_tokens, reps)?),
-    };
-    let ttft_ms = median(&ttft).as_secs_f64() * 1e3;
     let rss = device::peak_rss_bytes().unwrap_or(0);
     let devmem = peak_dev;
 
@@ -198,13 +181,30 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     println!("device           {}", device::describe(&dev));
     println!("weights          {:.2} GiB on device, {} params, load {:.1} s", gib(model.weight_bytes() as u64), cfg.num_params(), load_s);
     println!("lora             {}", if args.lora_rank == 0 { "none".to_string() } else { format!("r={} on all 7 projections", args.lora_rank) });
-    println!("prefill          {prefill_tps:.1} tokens/s ({} tokens)", args.prompt_tokens);
-    println!("time to first    {ttft_ms:.1} ms ({}-token prompt)", args.ttft_tokens);
-    println!("decode batch 1   {decode_tps:.1} tokens/s ({} tokens)", args.decode_tokens);
-    if let Some(b) = &batched {
+    println!(
+        "decode path      {}",
+        match launches {
+            Some(n) if fused => format!("fused CUDA step, {n} kernel launches per token"),
+            _ => "candle ops".into(),
+        }
+    );
+    let vs = |now: f64, before: Option<f64>, unit: &str| match before {
+        Some(b) => format!(" [candle ops: {b:.1} {unit}, {:.2}x]", now / b),
+        None => String::new(),
+    };
+    let c = candle.as_ref();
+    println!("prefill          {:.1} tokens/s ({} tokens){}", fast.prefill_tps, args.prompt_tokens, vs(fast.prefill_tps, c.map(|c| c.prefill_tps), "tokens/s"));
+    println!("time to first    {:.1} ms ({}-token prompt){}", fast.ttft_ms, args.ttft_tokens, c.map(|c| format!(" [candle ops: {:.1} ms]", c.ttft_ms)).unwrap_or_default());
+    println!("decode batch 1   {:.1} tokens/s ({} tokens){}", fast.decode_tps, args.decode_tokens, vs(fast.decode_tps, c.map(|c| c.decode_tps), "tokens/s"));
+    if let Some(b) = &fast.batched {
         println!(
-            "decode batch {:<3} {:.1} tokens/s aggregate ({:.2}x batch 1); greedy outputs equal to one-at-a-time decoding for {}/{} sequences",
-            b.streams, b.tokens_per_s, b.tokens_per_s / decode_tps, b.identical, b.streams
+            "decode batch {:<3} {:.1} tokens/s aggregate ({:.2}x batch 1); greedy outputs equal to one-at-a-time decoding for {}/{} sequences{}",
+            b.streams,
+            b.tokens_per_s,
+            b.tokens_per_s / fast.decode_tps,
+            b.identical,
+            b.streams,
+            vs(b.tokens_per_s, c.and_then(|c| c.batched.as_ref()).map(|b| b.tokens_per_s), "tokens/s")
         );
     }
     println!("peak host RSS    {:.2} GiB", gib(rss));
@@ -214,16 +214,89 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "model": label, "device": device::describe(&dev), "lora_rank": args.lora_rank,
-            "prompt_tokens": args.prompt_tokens, "prefill_tokens_per_s": prefill_tps,
-            "ttft_prompt_tokens": args.ttft_tokens, "ttft_ms": ttft_ms,
-            "decode_tokens": args.decode_tokens, "decode_tokens_per_s": decode_tps,
-            "batched_streams": batched.as_ref().map(|b| b.streams), "batched_tokens_per_s": batched.as_ref().map(|b| b.tokens_per_s),
-            "batched_identical": batched.as_ref().map(|b| b.identical),
+            "fused_decode": fused, "fused_launches_per_token": launches,
+            "prompt_tokens": args.prompt_tokens, "ttft_prompt_tokens": args.ttft_tokens, "decode_tokens": args.decode_tokens,
+            "fast": fast.json(), "candle_ops": c.map(PathTimes::json),
             "peak_rss_bytes": rss, "device_peak_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// One path's numbers (`bench generate`).
+struct PathTimes {
+    prefill_tps: f64,
+    ttft_ms: f64,
+    decode_tps: f64,
+    batched: Option<Batched>,
+}
+
+impl PathTimes {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prefill_tokens_per_s": self.prefill_tps, "ttft_ms": self.ttft_ms, "decode_tokens_per_s": self.decode_tps,
+            "batched_streams": self.batched.as_ref().map(|b| b.streams), "batched_tokens_per_s": self.batched.as_ref().map(|b| b.tokens_per_s),
+            "batched_identical": self.batched.as_ref().map(|b| b.identical),
+        })
+    }
+}
+
+/// Prefill, time to first token, batch-1 decode and batched decode of `model` as it is set up
+/// (same random prompts on every call), each the median of `args.repeats`.
+fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench, peak_dev: &mut Option<(u64, u64)>) -> Result<PathTimes> {
+    let cfg = model.config();
+    let dev = model.device();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut prompt = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect() };
+    let reps = args.repeats.max(1);
+    let mut sample = || {
+        if let Some((used, total)) = device::device_memory(dev) {
+            *peak_dev = Some((peak_dev.map_or(used, |p| p.0.max(used)), total));
+        }
+    };
+    // Warm up kernels and allocator once (prompt and decode shapes).
+    let mut warm = KvCache::new(cfg, 1);
+    let tok = greedy_step(model, &mut warm, &prompt(args.ttft_tokens.max(2)), adapter)?;
+    greedy_step(model, &mut warm, &[tok], adapter)?;
+
+    let mut prefill = Vec::new();
+    for _ in 0..reps {
+        let p = prompt(args.prompt_tokens);
+        let t = Instant::now();
+        let mut cache = KvCache::new(cfg, 1);
+        greedy_step(model, &mut cache, &p, adapter)?;
+        prefill.push(t.elapsed());
+        sample();
+    }
+    let mut ttft = Vec::new();
+    for _ in 0..reps {
+        let p = prompt(args.ttft_tokens);
+        let t = Instant::now();
+        greedy_step(model, &mut KvCache::new(cfg, 1), &p, adapter)?;
+        ttft.push(t.elapsed());
+    }
+    let mut decode = Vec::new();
+    for _ in 0..reps {
+        let mut cache = KvCache::new(cfg, 1);
+        let mut tok = greedy_step(model, &mut cache, &prompt(32), adapter)?;
+        let t = Instant::now();
+        for _ in 0..args.decode_tokens {
+            tok = greedy_step(model, &mut cache, &[tok], adapter)?;
+        }
+        decode.push(t.elapsed());
+        sample();
+    }
+    let batched = match args.streams {
+        0 | 1 => None,
+        n => Some(batched_decode(model, adapter, &(0..n).map(|_| prompt(32)).collect::<Vec<_>>(), args.decode_tokens, reps)?),
+    };
+    Ok(PathTimes {
+        prefill_tps: args.prompt_tokens as f64 / median(&prefill).as_secs_f64(),
+        ttft_ms: median(&ttft).as_secs_f64() * 1e3,
+        decode_tps: args.decode_tokens as f64 / median(&decode).as_secs_f64(),
+        batched,
+    })
 }
 
 struct Batched {
@@ -330,6 +403,96 @@ fn dropout_parity(dev: &Device, dtype: DType, seed: u64) -> Result<(usize, f32)>
     Ok((x.elem_count(), diff(&y_cpu, &y_dev)?.max(diff(&g_cpu, &g_dev)?)))
 }
 
+/// The project's dequantization kernel against candle's f32 dequantization of the same bytes on
+/// the CPU, rounded once to `to`: the same f32 arithmetic, so the same 16-bit values.
+/// Returns the weight count and the largest difference in units of the last place.
+fn dequant_parity(dev: &Device, dtype: GgmlDType, to: DType, seed: u64) -> Result<(usize, u32)> {
+    let (rows, cols) = (48, 1024);
+    let w_cpu = random::random_qtensor(dtype, rows, cols, &mut ChaCha8Rng::seed_from_u64(seed), &Device::Cpu)?;
+    let w_dev = random::random_qtensor(dtype, rows, cols, &mut ChaCha8Rng::seed_from_u64(seed), dev)?;
+    let reference = w_cpu.dequantize(&Device::Cpu)?.to_dtype(to)?;
+    let got = crate::llm::qlinear::dequantize(&w_dev, dev, to)?.to_device(&Device::Cpu)?;
+    let bits = |t: &Tensor| -> Result<Vec<u16>> {
+        Ok(match to {
+            DType::BF16 => t.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(|v| v.to_bits()).collect(),
+            _ => t.flatten_all()?.to_vec1::<half::f16>()?.into_iter().map(|v| v.to_bits()).collect(),
+        })
+    };
+    // Same-sign 16-bit floats are ordered like their bit patterns; random weights never sit on 0.
+    let ulps = bits(&reference)?.iter().zip(bits(&got)?).map(|(&a, b)| (a as i32 - b as i32).unsigned_abs()).max().unwrap_or(0);
+    Ok((rows * cols, ulps))
+}
+
+/// Shapes for the fused-decode parity: the tiny GQA/sliding-window model in the two 32-wide
+/// block types, and a small one whose widths fit the 256-wide K-quants, in the Q4_K_M mix
+/// (Q6_K values make q|k|v a mixed-type group).
+fn fused_parity_models() -> Vec<(&'static str, crate::llm::ModelConfig, BenchQuant)> {
+    let tiny = crate::llm::ModelConfig::tiny();
+    let small = crate::llm::ModelConfig { hidden_size: 256, intermediate_size: 512, head_dim: 64, ..tiny.clone() };
+    vec![("tiny q8_0", tiny.clone(), BenchQuant::Q8_0), ("tiny q4_0", tiny, BenchQuant::Q4_0), ("small q4k-m", small, BenchQuant::Q4kM)]
+}
+
+struct FusedParity {
+    steps: usize,
+    used_fused: bool,
+    /// Largest logit difference relative to the largest |logit|, over every step.
+    fused: f64,
+    candle_ops: f64,
+    dense_prefill: f64,
+}
+
+/// Decode steps of a padded 3-row batch (different prompt lengths, prompts longer than the
+/// sliding window, a random adapter) through the fused step and through candle's 4-bit ops,
+/// each compared with the exact f32 model (the same weights dequantized). Every path decodes
+/// from a cache the exact model filled, and all are fed the exact model's greedy tokens, so each
+/// step's difference is that path's own.
+fn fused_decode_parity(dev: &Device, cfg: &crate::llm::ModelConfig, quant: BenchQuant, seed: u64) -> Result<FusedParity> {
+    let mut packed = quant.random_model(cfg, seed, dev)?;
+    let exact = random::dequantized(&packed)?;
+    let adapter = random_adapter(cfg, 4, dev)?;
+    let a = Some(&adapter);
+    let lens = [20usize, 14, 9];
+    let longest = lens[0];
+    let pads: Vec<usize> = lens.iter().map(|l| longest - l).collect();
+    let mut flat = Vec::new();
+    for (i, &p) in pads.iter().enumerate() {
+        flat.extend(std::iter::repeat_n(0u32, p));
+        flat.extend((0..lens[i] as u32).map(|j| (j * 31 + 7 * i as u32 + 3) % cfg.vocab_size as u32));
+    }
+    let ids = Tensor::from_vec(flat, (3, longest), dev)?;
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let (a, b) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12) as f64;
+        Ok(a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64 / scale)
+    };
+    let prefill = |m: &Model| -> Result<(KvCache, Tensor)> {
+        let mut cache = KvCache::with_padding(cfg, pads.clone());
+        let l = m.forward(&ids, &mut cache, a, Logits::Last)?;
+        Ok((cache, l))
+    };
+    let (mut c_exact, mut l_exact) = prefill(&exact)?;
+    packed.set_dense_prefill_rows(1);
+    let (_, l_dense) = prefill(&packed)?;
+    let dense_prefill = rel(&l_exact, &l_dense)?;
+    let (mut c_fused, _) = prefill(&exact)?;
+    let (mut c_ops, _) = prefill(&exact)?;
+    let steps = 12;
+    let (mut fused, mut candle_ops, mut used_fused) = (0f64, 0f64, true);
+    for _ in 0..steps {
+        let next: Vec<u32> = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
+        let t = Tensor::from_vec(next, (3, 1), dev)?;
+        packed.set_fast_decode(true);
+        let lf = packed.forward(&t, &mut c_fused, a, Logits::Last)?;
+        used_fused &= packed.fused_launches_per_step().is_some_and(|n| n > 0);
+        packed.set_fast_decode(false);
+        let lo = packed.forward(&t, &mut c_ops, a, Logits::Last)?;
+        l_exact = exact.forward(&t, &mut c_exact, a, Logits::Last)?;
+        fused = fused.max(rel(&l_exact, &lf)?);
+        candle_ops = candle_ops.max(rel(&l_exact, &lo)?);
+    }
+    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill })
+}
+
 /// Same tiny random model (same seed, same bytes) on the CPU and on `device`, with a LoRA
 /// adapter active. With f32 weights the backends must agree to float rounding; with 4/8-bit
 /// weights both quantize activations to 8-bit blocks, each its own way, so they are held to a
@@ -368,6 +531,35 @@ fn bench_parity(args: ParityBench) -> Result<()> {
         }
         if dev_err > args.quantized_tolerance || cpu_err > args.quantized_tolerance {
             failures.push(format!("{dtype:?}/quantized cpu {cpu_err:.2e} {} {dev_err:.2e}", args.device));
+        }
+    }
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        for to in [DType::BF16, DType::F16] {
+            let (n, ulps) = dequant_parity(&dev, dtype, to, args.seed)?;
+            println!("dequantize kernel {dtype:?} -> {to:?}, {n} weights: largest difference from candle's f32 dequantization rounded once: {ulps} ulp (tolerance 0)");
+            if ulps > 0 {
+                failures.push(format!("dequantize/{dtype:?}/{to:?} {ulps} ulp"));
+            }
+        }
+    }
+    for (label, cfg, quant) in fused_parity_models() {
+        let r = fused_decode_parity(&dev, &cfg, quant, args.seed)?;
+        // The fused step and candle's 4-bit kernels both round activations to int8 blocks of 32;
+        // random small models amplify that differently, so the fused step must stay within the
+        // quantized tolerance or within twice the error of candle's own path on the same model.
+        let bound = args.quantized_tolerance.max(2.0 * r.candle_ops);
+        println!(
+            "{label}: 3 padded rows, {} decode steps, LoRA r=4, vs exact f32: fused decode {:.2e} (bound {bound:.1e}), candle's 4-bit ops {:.2e}, bf16-GEMM prompt {:.2e} (tolerance {:.0e})",
+            r.steps, r.fused, r.candle_ops, r.dense_prefill, args.quantized_tolerance
+        );
+        if !r.used_fused {
+            failures.push(format!("{label}: the fused decode step did not run"));
+        }
+        if r.fused > bound {
+            failures.push(format!("{label}/fused {:.2e}", r.fused));
+        }
+        if r.dense_prefill > args.quantized_tolerance {
+            failures.push(format!("{label}/dense prefill {:.2e}", r.dense_prefill));
         }
     }
     for dtype in [DType::F32, DType::BF16, DType::F16] {

@@ -22,7 +22,7 @@ use crate::llm::engine::{AdapterChoice, Engine, EngineConfig, Event, Question};
 use crate::llm::generate::GenOptions;
 use crate::llm::load::{self, LoadedModel};
 use crate::llm::sampling::SamplingParams;
-use crate::llm::{random, ModelConfig};
+use crate::llm::ModelConfig;
 use crate::train::{data, Outcome, Progress, TrainHooks, TrainRun};
 
 #[derive(Debug, Args)]
@@ -85,7 +85,7 @@ fn model(settings: &Settings, args: &ServeTrainBench, dev: &candle_core::Device)
     let src = &args.source;
     let Some(shape) = &src.random else { return load::load(&settings.model, src.model.as_deref(), dev) };
     let cfg = ModelConfig::preset(shape)?;
-    let model = random::random_model(&cfg, src.quant.ggml(), 1, dev)?;
+    let model = src.quant.random_model(&cfg, 1, dev)?;
     let tokenizer = byte_tokenizer(cfg.vocab_size)?;
     let im_end = tokenizer.token_to_id("<|im_end|>").context("byte tokenizer without <|im_end|>")?;
     Ok(LoadedModel { model, tokenizer, template: ChatTemplate::ChatMl, stop_ids: vec![im_end], bos_id: None, name: format!("random {shape}"), source: String::new() })

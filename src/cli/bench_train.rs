@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::llm::device::{self, gib, MemoryPoller};
 use crate::llm::lora::AdapterConfig;
 use crate::llm::model::Proj;
-use crate::llm::{random, ModelConfig};
+use crate::llm::ModelConfig;
 use crate::train::data::{Batch, Example};
 use crate::train::dropout::Dropout;
 use crate::train::forward::{GradAccum, MicroKey, TrainForward};
@@ -97,7 +97,7 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     let ballast = args.cap.apply(&dev)?;
     let held_back = ballast.as_ref().map_or(0, |b| b.bytes);
     let cfg = ModelConfig::preset(&args.random)?;
-    let model = random::random_model(&cfg, args.quant.ggml(), 1, &dev)?;
+    let model = args.quant.random_model(&cfg, 1, &dev)?;
     sync(&dev)?;
     let after_weights = device::device_memory(&dev).map(|d| d.0 - held_back);
     let precision = match args.precision {

@@ -1,16 +1,169 @@
 //! The project's own CUDA kernels: `.cu` files next to this module, compiled to PTX by
 //! `build.rs` with the `cuda` feature and loaded once per device through candle's module cache.
-//! Each has a CPU twin in Rust that computes the same result; `bench parity` checks the pair on
-//! the GPU machine.
+//!
+//! * `dropout.cu`: keyed dropout for training; its Rust twin is `train::dropout`.
+//! * `quant.cu`: kernels that read GGML-packed weights in place: dequantization to bf16/f16
+//!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fast_decode`).
+//! * `decode.cu`: RMSNorm, LoRA down-projection, rotary + KV append and decode attention for
+//!   `llm::fast_decode`.
+//!
+//! The CPU build has no kernels; the candle path is the reference each kernel is checked against
+//! (`bench parity` on the GPU machine, BENCHMARKS.md).
+
+use candle_core::quantized::GgmlDType;
+
+/// A GGML block type the kernels in `quant.cu` read: its kernel-name suffix, weights per block,
+/// and how many lanes share a block in the decode matvec (`DLPB` of its `*Dot` struct).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantKind {
+    pub suffix: &'static str,
+    pub block_elems: usize,
+    pub dot_lanes: usize,
+}
+
+pub fn quant_kind(dtype: GgmlDType) -> Option<QuantKind> {
+    let k = |suffix, block_elems, dot_lanes| Some(QuantKind { suffix, block_elems, dot_lanes });
+    match dtype {
+        GgmlDType::Q4K => k("q4k", 256, 8),
+        GgmlDType::Q6K => k("q6k", 256, 16),
+        GgmlDType::Q8_0 => k("q8_0", 32, 4),
+        GgmlDType::Q4_0 => k("q4_0", 32, 4),
+        _ => None,
+    }
+}
+
+/// Row groups per block of the decode matvec (`groups` in quant.cu's `MvArgs`): the block's 8
+/// warps split a row's blocks; when a row has fewer blocks than that takes, the spare warps take
+/// further rows instead (a power of two, so the 8 warps divide evenly).
+pub fn matvec_groups(kind: QuantKind, cols: usize) -> usize {
+    let blocks_per_warp_step = 32 / kind.dot_lanes;
+    let warps_needed = (cols / kind.block_elems).div_ceil(blocks_per_warp_step).max(1);
+    let mut groups = 8;
+    while groups > 1 && groups * warps_needed > 8 {
+        groups /= 2;
+    }
+    groups
+}
 
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{bail, CudaStorage, DType, Layout, Result};
+    use candle_core::op::BackpropOp;
+    use candle_core::quantized::QTensor;
+    use candle_core::{bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
 
     const DROPOUT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
+    const QUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant.ptx"));
+    const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+
+    /// The modules of `quant.cu` and `decode.cu`, loaded for one device's stream. Loaded
+    /// through cudarc (candle's own module cache hands out a type it does not export), for
+    /// callers that keep their kernels, like the fused decode step.
+    pub struct Kernels {
+        pub stream: Arc<CudaStream>,
+        quant: Arc<CudaModule>,
+        decode: Arc<CudaModule>,
+    }
+
+    impl Kernels {
+        pub fn load(dev: &CudaDevice) -> Result<Self> {
+            let stream = dev.cuda_stream();
+            let ctx = stream.context();
+            let quant = ctx.load_module(Ptx::from_src(QUANT_PTX)).w()?;
+            let decode = ctx.load_module(Ptx::from_src(DECODE_PTX)).w()?;
+            Ok(Self { stream, quant, decode })
+        }
+
+        /// A kernel of `quant.cu`.
+        pub fn quant(&self, name: &str) -> Result<CudaFunction> {
+            self.quant.load_function(name).w()
+        }
+
+        /// A kernel of `decode.cu`.
+        pub fn decode(&self, name: &str) -> Result<CudaFunction> {
+            self.decode.load_function(name).w()
+        }
+
+        /// Launch `func` with one argument struct (the kernels of `decode.cu` and the matvec
+        /// take their arguments as one `#[repr(C)]` struct mirroring the C one).
+        pub fn launch_with<A: DeviceRepr>(&self, func: &CudaFunction, cfg: LaunchConfig, args: &A) -> Result<()> {
+            let mut b = self.stream.launch_builder(func);
+            b.arg(args);
+            // SAFETY: each caller passes the struct whose layout the kernel declares.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        }
+    }
+
+    /// Raw device address of a contiguous CUDA tensor's first element. The address stays valid
+    /// while the tensor (or a clone sharing its storage) lives; kernels that get it run on the
+    /// tensor's own stream, so no event bookkeeping is needed past this call.
+    pub fn tensor_ptr(t: &Tensor) -> Result<u64> {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else { bail!("expected a CUDA tensor, got one on {:?}", t.device().location()) };
+        if !layout.is_contiguous() {
+            bail!("expected a contiguous tensor, got {layout:?}")
+        }
+        let stream = cs.device().cuda_stream();
+        let (base, size) = match t.dtype() {
+            DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+            DType::U32 => (cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0, 4),
+            DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
+            DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
+            other => bail!("tensor_ptr: {other:?} is not supported"),
+        };
+        Ok(base + (layout.start_offset() * size) as u64)
+    }
+
+    /// Raw device address of a device buffer (see [`tensor_ptr`]).
+    pub fn slice_ptr<T>(s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(s.stream()).0
+    }
+
+    /// A tensor over a freshly filled device buffer.
+    pub fn tensor_from_slice<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<candle_core::Shape>) -> Tensor {
+        let storage = CudaStorage::wrap_cuda_slice(s, dev.clone());
+        Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+    }
+
+    /// `w: [rows, k]` in a block type of `quant.cu`, dequantized on its device to `dtype` (bf16 or
+    /// f16) in one pass over the packed bytes. `None` when the type or dtype has no kernel.
+    pub fn dequantize(w: &QTensor, dtype: DType) -> Result<Option<Tensor>> {
+        let (Some(kind), Device::Cuda(dev)) = (super::quant_kind(w.dtype()), w.device()) else { return Ok(None) };
+        let suffix = kind.suffix;
+        let prefix = match dtype {
+            DType::BF16 => "dequant_bf16",
+            DType::F16 => "dequant_f16",
+            _ => return Ok(None),
+        };
+        let (rows, k) = w.shape().dims2()?;
+        let wp = w.device_ptr()? as u64;
+        let name = format!("{prefix}_{suffix}");
+        fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(dev: &CudaDevice, name: &str, wp: u64, rows: usize, k: usize) -> Result<Tensor> {
+            let func = dev.get_or_load_custom_func(name, "freeski_quant", QUANT_PTX)?;
+            let n = rows * k;
+            // SAFETY: the kernel writes every element (k is a whole number of blocks).
+            let out = unsafe { dev.alloc::<T>(n)? };
+            // One thread per 4 to 8 weights (by type); the kernel loops over what the grid misses.
+            let items = (n / 8) as u32;
+            let cfg = LaunchConfig { grid_dim: (items.div_ceil(256).clamp(1, 65_535 * 4), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (rows64, k32) = (rows as i64, k as i32);
+            let mut b = func.builder();
+            b.arg(&wp).arg(&out).arg(&rows64).arg(&k32);
+            // SAFETY: (const uint8_t*, T*, int64_t, int) as declared by DEQUANT in quant.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(tensor_from_slice(out, dev, (rows, k)))
+        }
+        Ok(Some(match dtype {
+            DType::BF16 => run::<half::bf16>(&dev, &name, wp, rows, k)?,
+            _ => run::<half::f16>(&dev, &name, wp, rows, k)?,
+        }))
+    }
 
     /// Launches `keyed_dropout_<dtype>` over the contiguous elements of `x`.
     pub fn keyed_dropout(x: &CudaStorage, layout: &Layout, k0: u32, k1: u32, threshold: u32, scale: f32) -> Result<CudaStorage> {
@@ -19,7 +172,7 @@ mod cuda {
         };
         let dev = x.device().clone();
         let n = (end - start) as u64;
-        fn launch<T: DeviceRepr>(dev: &candle_core::CudaDevice, name: &str, src: &CudaSlice<T>, start: usize, n: u64, k: (u32, u32, u32, f32)) -> Result<CudaSlice<T>> {
+        fn launch<T: DeviceRepr>(dev: &CudaDevice, name: &str, src: &CudaSlice<T>, start: usize, n: u64, k: (u32, u32, u32, f32)) -> Result<CudaSlice<T>> {
             let func = dev.get_or_load_custom_func(name, "freeski_dropout", DROPOUT_PTX)?;
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<T>(n as usize)? };
@@ -45,4 +198,28 @@ mod cuda {
 }
 
 #[cfg(feature = "cuda")]
-pub use cuda::keyed_dropout;
+pub use cuda::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matvec_groups_fill_eight_warps() {
+        let q4k = quant_kind(GgmlDType::Q4K).unwrap();
+        // 4096 columns = 16 Q4_K blocks; a warp step covers 4, so 4 warps a row: 2 groups.
+        assert_eq!(matvec_groups(q4k, 4096), 2);
+        // 14336 columns = 56 blocks = 14 warp steps: all 8 warps on one group.
+        assert_eq!(matvec_groups(q4k, 14336), 1);
+        // A narrow row (one block) leaves 7 warps for other rows.
+        assert_eq!(matvec_groups(q4k, 256), 8);
+        let q8 = quant_kind(GgmlDType::Q8_0).unwrap();
+        // 64 columns = 2 blocks of 32, 8 blocks a warp step: one warp a row.
+        assert_eq!(matvec_groups(q8, 64), 8);
+        assert!(quant_kind(GgmlDType::Q4_1).is_none());
+        for cols in [256, 512, 1024, 4096, 11008, 14336] {
+            let g = matvec_groups(q4k, cols);
+            assert!(g.is_power_of_two() && g <= 8, "{cols}: {g}");
+        }
+    }
+}

@@ -123,6 +123,8 @@ pub struct LoraPair {
 
 impl LoraPair {
     pub fn new(a: Tensor, b: Tensor, scale: f64) -> Result<Self> {
+        // Contiguous, so the fused decode step can read A and B rows in place.
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
         let a_t = a.t()?.contiguous()?;
         let b_t_scaled = (b.t()? * scale)?.contiguous()?;
         Ok(Self { a, b, scale, a_t, b_t_scaled })
@@ -140,6 +142,9 @@ impl LoraPair {
     }
 }
 
+/// Device addresses of every pair's `(A, B)`, by layer and projection (fused CUDA decode).
+pub type LoraPtrs = Vec<[Option<(u64, u64)>; 7]>;
+
 /// A loaded adapter: one optional [`LoraPair`] per (layer, projection).
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
@@ -147,6 +152,9 @@ pub struct LoraAdapter {
     pub config: AdapterConfig,
     model: ModelConfig,
     pairs: Vec<[Option<LoraPair>; 7]>,
+    /// Filled on first use by `device_ptrs` (CUDA builds); `None` inside: not all on CUDA.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    ptrs: std::sync::OnceLock<Option<LoraPtrs>>,
 }
 
 impl LoraAdapter {
@@ -194,18 +202,42 @@ impl LoraAdapter {
             let b = permute_rows(&b, proj, model, Direction::HfToGguf)?;
             pairs[layer][proj.index()] = Some(LoraPair::new(a, b, scale)?);
         }
-        Ok(Self { id, config, model: model.clone(), pairs })
+        Ok(Self { id, config, model: model.clone(), pairs, ptrs: Default::default() })
     }
 
     /// Build from pairs already in the model's row order (the trainer's own tensors).
     pub fn from_pairs(id: String, config: AdapterConfig, model: &ModelConfig, pairs: Vec<[Option<LoraPair>; 7]>) -> Result<Self> {
         config.validate()?;
         ensure!(pairs.len() == model.num_layers, "{} layers of pairs for a {}-layer model", pairs.len(), model.num_layers);
-        Ok(Self { id, config, model: model.clone(), pairs })
+        Ok(Self { id, config, model: model.clone(), pairs, ptrs: Default::default() })
     }
 
     pub fn pair(&self, layer: usize, proj: Proj) -> Option<&LoraPair> {
         self.pairs.get(layer)?[proj.index()].as_ref()
+    }
+
+    /// The device addresses of every pair's A and B (both f32, contiguous), worked out once per
+    /// adapter: they stay valid as long as the adapter lives. `None` when a pair is not on a
+    /// CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn device_ptrs(&self) -> Result<Option<&LoraPtrs>> {
+        if let Some(p) = self.ptrs.get() {
+            return Ok(p.as_ref());
+        }
+        let on_cuda = self.pairs.iter().flatten().flatten().all(|p| p.a.device().is_cuda() && p.b.device().is_cuda());
+        let table = if on_cuda {
+            let ptr = |p: &LoraPair| -> Result<(u64, u64)> { Ok((crate::kernels::tensor_ptr(&p.a)?, crate::kernels::tensor_ptr(&p.b)?)) };
+            Some(self.pairs.iter().map(|row| -> Result<[Option<(u64, u64)>; 7]> {
+                let mut out = [None; 7];
+                for (slot, p) in out.iter_mut().zip(row) {
+                    *slot = p.as_ref().map(ptr).transpose()?;
+                }
+                Ok(out)
+            }).collect::<Result<LoraPtrs>>()?)
+        } else {
+            None
+        };
+        Ok(self.ptrs.get_or_init(|| table).as_ref())
     }
 
     pub fn num_pairs(&self) -> usize {

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::lora::LoraAdapter;
 use super::model_config::ModelConfig;
+use super::fast_decode::FastDecoder;
 use super::qlinear::BaseLinear;
 
 /// The seven linear layers of a decoder block, in PEFT's naming.
@@ -108,24 +109,35 @@ impl DecoderLayer {
     }
 }
 
-/// Per-sequence cache of rotated keys and values for every layer.
-#[derive(Debug, Clone)]
+/// Per-sequence cache of rotated keys and values for every layer. Each layer's keys and values
+/// live in one buffer `[batch, kv_heads, capacity, head_dim]` that grows in chunks of
+/// [`KvCache::CHUNK`] positions, so a step writes its new positions in place instead of copying
+/// the whole cache (and the fused CUDA decode step can write into it directly).
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Empty until the first forward allocates them.
+    layers: Vec<(Tensor, Tensor)>,
     len: usize,
+    capacity: usize,
     /// Left padding of each row: keys before it are never attended to, and positions start there.
     pad: Vec<usize>,
+    /// Device addresses of `layers`, filled by the fused decode step; cleared whenever the
+    /// buffers are replaced.
+    pub(crate) raw: Vec<(u64, u64)>,
 }
 
 impl KvCache {
+    /// Positions added at a time when the buffers grow.
+    pub const CHUNK: usize = 256;
+
     /// An empty cache for `batch` rows without padding.
     pub fn new(cfg: &ModelConfig, batch: usize) -> Self {
         Self::with_padding(cfg, vec![0; batch])
     }
 
     /// An empty cache whose rows are left-padded by `pad[b]` tokens.
-    pub fn with_padding(cfg: &ModelConfig, pad: Vec<usize>) -> Self {
-        Self { layers: vec![None; cfg.num_layers], len: 0, pad }
+    pub fn with_padding(_cfg: &ModelConfig, pad: Vec<usize>) -> Self {
+        Self { layers: Vec::new(), len: 0, capacity: 0, pad, raw: Vec::new() }
     }
 
     /// Tokens held, padding included.
@@ -141,22 +153,69 @@ impl KvCache {
         self.pad.len()
     }
 
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Left padding of every row.
+    pub fn padding(&self) -> &[usize] {
+        &self.pad
+    }
+
     /// Position of the next token of row `b` (its real token count so far).
     pub fn next_position(&self, b: usize) -> usize {
         self.len.saturating_sub(self.pad[b])
     }
 
+    /// Each layer's `(keys, values)` buffers, `[batch, kv_heads, capacity, head_dim]` (read in
+    /// place by the fused CUDA decode step).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn buffers(&self) -> &[(Tensor, Tensor)] {
+        &self.layers
+    }
+
+    /// Make room for `t` more positions, keeping what is held.
+    fn reserve(&mut self, cfg: &ModelConfig, t: usize, dtype: DType, device: &Device) -> Result<()> {
+        let need = self.len + t;
+        if need <= self.capacity && self.layers.len() == cfg.num_layers {
+            return Ok(());
+        }
+        let cap = need.div_ceil(Self::CHUNK) * Self::CHUNK;
+        let shape = (self.batch(), cfg.num_kv_heads, cap, cfg.head_dim);
+        let len = self.len;
+        let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+            match old {
+                Some(o) if len > 0 => {
+                    let tail = Tensor::zeros((shape.0, shape.1, cap - len, shape.3), dtype, device)?;
+                    Ok(Tensor::cat(&[&o.narrow(2, 0, len)?, &tail], 2)?)
+                }
+                _ => Ok(Tensor::zeros(shape, dtype, device)?),
+            }
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let old = self.layers.get(i);
+                Ok((grow(old.map(|l| &l.0))?, grow(old.map(|l| &l.1))?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.layers = layers;
+        self.capacity = cap;
+        self.raw.clear();
+        Ok(())
+    }
+
     /// Keep only the rows in `keep` (finished sequences leave a batch).
     pub fn retain_rows(&mut self, keep: &[usize]) -> Result<()> {
-        let dev = self.layers.iter().flatten().next().map(|(k, _)| k.device().clone());
-        if let Some(dev) = dev {
+        if let Some(dev) = self.layers.first().map(|(k, _)| k.device().clone()) {
             let idx = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), &dev)?;
-            for (k, v) in self.layers.iter_mut().flatten() {
+            for (k, v) in self.layers.iter_mut() {
                 *k = k.index_select(&idx, 0)?;
                 *v = v.index_select(&idx, 0)?;
             }
         }
         self.pad = keep.iter().map(|&i| self.pad[i]).collect();
+        self.raw.clear();
         Ok(())
     }
 }
@@ -179,7 +238,20 @@ pub struct Model {
     lm_head: Option<BaseLinear>,
     cos: Tensor,
     sin: Tensor,
+    /// Decode steps take the fused CUDA path where it applies ([`FastDecoder`]).
+    fast_decode: bool,
+    /// Built on the first decode step; `None` inside when the fused path does not apply.
+    fast: std::sync::OnceLock<Option<FastDecoder>>,
+    /// Inputs of at least this many rows run each projection as one bf16 GEMM on a weight
+    /// dequantized by the project's kernel (CUDA only); fewer rows use candle's 4-bit kernels.
+    dense_rows: usize,
 }
+
+/// Default row count from which prompts use the dequantize + GEMM path on CUDA. Measured on the
+/// H200 (BENCHMARKS.md, performance issue): 512-token prompts 1.12-1.18x faster that way; at
+/// 100 rows dequantizing every weight costs about what the GEMM saves, so those stay on
+/// candle's 4-bit kernels.
+pub const DENSE_PREFILL_ROWS: usize = 128;
 
 impl Model {
     /// Build from named GGUF-layout tensors. `get` returns a tensor by GGUF name, or `Ok(None)`
@@ -215,7 +287,20 @@ impl Model {
         };
         cfg.tie_embeddings = lm_head.is_none();
         let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Self { dtype: super::device::compute_dtype(device), device: device.clone(), cfg, embed, layers, norm, lm_head, cos, sin })
+        Ok(Self {
+            dtype: super::device::compute_dtype(device),
+            device: device.clone(),
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            fast_decode: true,
+            fast: Default::default(),
+            dense_rows: if device.is_cuda() { DENSE_PREFILL_ROWS } else { usize::MAX },
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -277,7 +362,40 @@ impl Model {
             lm_head: self.lm_head.as_ref().map(&mut map).transpose()?,
             cos: self.cos.clone(),
             sin: self.sin.clone(),
+            fast_decode: self.fast_decode,
+            fast: Default::default(),
+            dense_rows: self.dense_rows,
         })
+    }
+
+    /// Turn the fused CUDA decode step on or off (off: every step runs candle's ops; benchmarks
+    /// and parity checks compare the two).
+    pub fn set_fast_decode(&mut self, on: bool) {
+        self.fast_decode = on;
+    }
+
+    /// Rows from which prompts use one bf16 GEMM per projection (`usize::MAX`: never).
+    pub fn set_dense_prefill_rows(&mut self, rows: usize) {
+        self.dense_rows = rows;
+    }
+
+    /// Whether decode steps of `adapter` (or none) take the fused path on this model.
+    pub fn fused_decode_active(&self) -> Result<bool> {
+        Ok(self.fast_decode && self.fast_decoder()?.is_some())
+    }
+
+    /// Kernel launches of the last fused decode step, if one ran.
+    pub fn fused_launches_per_step(&self) -> Option<usize> {
+        self.fast.get()?.as_ref().map(FastDecoder::launches)
+    }
+
+    fn fast_decoder(&self) -> Result<Option<&FastDecoder>> {
+        if let Some(f) = self.fast.get() {
+            return Ok(f.as_ref());
+        }
+        let built = FastDecoder::new(self)?;
+        // Two threads may race to build it; the loser's copy is dropped.
+        Ok(self.fast.get_or_init(|| built).as_ref())
     }
 
     /// Fold an adapter into the base weights (re-quantizing them); the model then answers as
@@ -292,6 +410,8 @@ impl Model {
                 }
             }
         }
+        // The fused step holds the old weights' addresses.
+        self.fast = Default::default();
         Ok(())
     }
 
@@ -305,6 +425,13 @@ impl Model {
             a.check_fits(&self.cfg)?;
         }
         let offset = cache.len;
+        cache.reserve(&self.cfg, t, self.dtype, &self.device)?;
+        if t == 1 && self.fast_decode {
+            if let Some(logits) = self.fast_decoder()?.map(|f| f.step(self, ids, cache, adapter)).transpose()?.flatten() {
+                cache.len = offset + 1;
+                return Ok(logits);
+            }
+        }
         let (cos, sin) = self.rotary_for(cache, t)?;
         let mask = self.attention_mask(cache, t)?;
         let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
@@ -312,12 +439,12 @@ impl Model {
             let lora = |p: Proj| adapter.and_then(|a| a.pair(i, p));
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), &mut cache.layers[i], adapter, i)?;
+            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), &cache.layers[i], offset, adapter, i)?;
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let gate = apply(layer.proj(Proj::Gate), &h, lora(Proj::Gate))?;
-            let up = apply(layer.proj(Proj::Up), &h, lora(Proj::Up))?;
-            let h = apply(layer.proj(Proj::Down), &(candle_nn::ops::silu(&gate)? * up)?, lora(Proj::Down))?;
+            let gate = self.linear(layer.proj(Proj::Gate), &h, lora(Proj::Gate))?;
+            let up = self.linear(layer.proj(Proj::Up), &h, lora(Proj::Up))?;
+            let h = self.linear(layer.proj(Proj::Down), &(candle_nn::ops::silu(&gate)? * up)?, lora(Proj::Down))?;
             x = (x2 + h)?;
         }
         cache.len = offset + t;
@@ -327,7 +454,7 @@ impl Model {
         };
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(head.forward_rows(&x, self.dense_rows)?.to_dtype(DType::F32)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -338,7 +465,8 @@ impl Model {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        kv: &mut Option<(Tensor, Tensor)>,
+        (k_buf, v_buf): &(Tensor, Tensor),
+        offset: usize,
         adapter: Option<&LoraAdapter>,
         layer_idx: usize,
     ) -> Result<Tensor> {
@@ -346,16 +474,15 @@ impl Model {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let q = apply(layer.proj(Proj::Q), x, lora(Proj::Q))?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = apply(layer.proj(Proj::K), x, lora(Proj::K))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = apply(layer.proj(Proj::V), x, lora(Proj::V))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = self.linear(layer.proj(Proj::Q), x, lora(Proj::Q))?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = self.linear(layer.proj(Proj::K), x, lora(Proj::K))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = self.linear(layer.proj(Proj::V), x, lora(Proj::V))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
-        let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v.contiguous()?),
-        };
-        *kv = Some((k.clone(), v.clone()));
+        k_buf.slice_set(&k.contiguous()?, 2, offset)?;
+        v_buf.slice_set(&v.contiguous()?, 2, offset)?;
+        let k = k_buf.narrow(2, 0, offset + t)?;
+        let v = v_buf.narrow(2, 0, offset + t)?;
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let out = if t == 1 && mask.is_none() {
@@ -379,7 +506,16 @@ impl Model {
             candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
         };
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        apply(layer.proj(Proj::O), &out, lora(Proj::O))
+        self.linear(layer.proj(Proj::O), &out, lora(Proj::O))
+    }
+
+    /// Base linear plus the unmerged LoRA path, if any.
+    fn linear(&self, base: &BaseLinear, x: &Tensor, lora: Option<&super::lora::LoraPair>) -> Result<Tensor> {
+        let y = base.forward_rows(x, self.dense_rows)?;
+        match lora {
+            Some(pair) => Ok((y + pair.forward(x)?)?),
+            None => Ok(y),
+        }
     }
 
     /// cos/sin for the `t` new tokens of every row: `[t, hd/2]` when all rows share positions,
@@ -434,14 +570,6 @@ impl Model {
     }
 }
 
-/// Base linear plus the unmerged LoRA path, if any.
-fn apply(base: &BaseLinear, x: &Tensor, lora: Option<&super::lora::LoraPair>) -> Result<Tensor> {
-    let y = base.forward(x)?;
-    match lora {
-        Some(pair) => Ok((y + pair.forward(x)?)?),
-        None => Ok(y),
-    }
-}
 
 /// `[b, kv_heads, s, hd]` → `[b, kv_heads * rep, s, hd]`, each KV head serving `rep` query heads.
 fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {

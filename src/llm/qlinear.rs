@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 /// `y = x · Wᵀ` with `W: [out, in]` kept quantized.
 #[derive(Debug, Clone)]
@@ -25,11 +25,29 @@ impl BaseLinear {
         Ok(Self { weight, matmul, in_features, out_features })
     }
 
+    /// `x · Wᵀ` through candle's quantized kernels.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // A dense bf16 GEMM on a per-call dequantized weight was tried for prompts (16+ rows) on
-        // CUDA: dequantizing all weights costs more than the 4-bit kernels' prefill of 100-512
-        // tokens (BENCHMARKS.md, performance issue), so inference keeps candle's kernels.
         Ok(self.matmul.forward(x)?)
+    }
+
+    /// `x · Wᵀ`; inputs of at least `dense_rows` rows run as one bf16 GEMM on the weight
+    /// dequantized by the project's kernel, where the weight's device and type have one. That
+    /// reads the packed weight once and writes it as bf16 (≈ 4.5× its packed size in traffic)
+    /// in exchange for cuBLAS instead of candle's 4-bit GEMM, which wins for long prompts. The
+    /// output is rounded like the rest of the path: f32 out, bf16 inputs.
+    pub fn forward_rows(&self, x: &Tensor, dense_rows: usize) -> Result<Tensor> {
+        let rows = x.elem_count() / self.in_features.max(1);
+        if rows >= dense_rows {
+            if let Some(w) = kernel_dequantize(&self.weight, DType::BF16)? {
+                let mut dims = x.dims().to_vec();
+                let y = x.reshape((rows, self.in_features))?.to_dtype(DType::BF16)?.matmul(&w.t()?)?;
+                if let Some(last) = dims.last_mut() {
+                    *last = self.out_features;
+                }
+                return Ok(y.to_dtype(x.dtype())?.reshape(dims)?);
+            }
+        }
+        self.forward(x)
     }
 
     /// Row lookup, for the token embedding table (works on packed 4-bit tables too).
@@ -65,4 +83,32 @@ impl BaseLinear {
         let w = (self.dequantize()? + delta.to_device(&self.weight.device())?)?;
         Self::new(QTensor::quantize(&w, self.weight.dtype())?)
     }
+}
+
+/// `w` dequantized by the project's CUDA kernel to `dtype`, where one exists for its type.
+fn kernel_dequantize(w: &QTensor, dtype: DType) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return Ok(crate::kernels::dequantize(w, dtype)?);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (w, dtype);
+        Ok(None)
+    }
+}
+
+/// `w` dequantized to `dtype` on `device`, as a plain (untracked, contiguous) tensor. On CUDA
+/// the project's kernel writes bf16/f16 straight from the packed bytes; otherwise candle
+/// dequantizes (straight to f16 for half-precision callers on CUDA, instead of through an f32
+/// copy twice the size).
+pub fn dequantize(w: &QTensor, device: &Device, dtype: DType) -> Result<Tensor> {
+    if w.device().same_device(device) {
+        if let Some(t) = kernel_dequantize(w, dtype)? {
+            return Ok(t);
+        }
+    }
+    let dense = match (device, dtype) {
+        (Device::Cuda(_), DType::F16 | DType::BF16) => w.dequantize_f16(device)?,
+        _ => w.dequantize(device)?,
+    };
+    Ok(dense.to_dtype(dtype)?.detach().contiguous()?)
 }

@@ -16,6 +16,22 @@ use super::model_config::ModelConfig;
 /// Quantizing dense random matrices would take minutes for 7B on one CPU thread; writing random
 /// quantized blocks with sane scales takes seconds.
 pub fn random_model(cfg: &ModelConfig, dtype: GgmlDType, seed: u64, device: &Device) -> Result<Model> {
+    random_model_with(cfg, |_| dtype, seed, device)
+}
+
+/// Like llama.cpp's Q4_K_M mix: attention values, MLP down projections and the output head in
+/// Q6_K, everything else in Q4_K (llama.cpp keeps only some layers' v/down at 6 bits; all of
+/// them here, so every kernel meets both types).
+pub fn q4k_m_type(name: &str) -> GgmlDType {
+    if name == "output.weight" || name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight") {
+        GgmlDType::Q6K
+    } else {
+        GgmlDType::Q4K
+    }
+}
+
+/// A random model whose tensor `name` has type `dtype_of(name)`.
+pub fn random_model_with(cfg: &ModelConfig, dtype_of: impl Fn(&str) -> GgmlDType, seed: u64, device: &Device) -> Result<Model> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let h = cfg.hidden_size;
     Model::from_tensors(cfg.clone(), device, |name| {
@@ -27,7 +43,7 @@ pub fn random_model(cfg: &ModelConfig, dtype: GgmlDType, seed: u64, device: &Dev
             return Ok(Some(QTensor::quantize(&ones, GgmlDType::F32)?));
         }
         let (rows, cols) = shape_of(cfg, name)?;
-        Ok(Some(random_qtensor(dtype, rows, cols, &mut rng, device)?))
+        Ok(Some(random_qtensor(dtype_of(name), rows, cols, &mut rng, device)?))
     })
 }
 
@@ -66,12 +82,14 @@ pub fn random_qtensor(dtype: GgmlDType, rows: usize, cols: usize, rng: &mut ChaC
             // d, then nibbles (-8..7) or bytes (-128..127): the same |w| range for both.
             GgmlDType::Q4_0 => put_f16(block, 0, 2e-3),
             GgmlDType::Q8_0 => put_f16(block, 0, 1.25e-4),
+            // 128 + 64 bytes of 6-bit quants (-32..31), 16 int8 scales, then d.
+            GgmlDType::Q6K => put_f16(block, 208, 2.5e-5),
             // d, m, then nibbles.
             GgmlDType::Q4_1 => {
                 put_f16(block, 0, 2e-3);
                 put_f16(block, 2, -0.015);
             }
-            other => bail!("random weights of type {other:?} are not supported (use q4k, q4_0, q4_1 or q8_0)"),
+            other => bail!("random weights of type {other:?} are not supported (use q4k, q6k, q4_0, q4_1 or q8_0)"),
         }
     }
     Ok(qtensor_from_ggml(dtype, &raw, vec![rows, cols], device)?)

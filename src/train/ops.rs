@@ -102,15 +102,9 @@ fn compute_dtype(dtype: DType) -> DType {
 // ---------------------------------------------------------------------------------------------
 // Frozen quantized linear.
 
-/// `W` dequantized to `dtype` on `device`, as a plain (untracked, contiguous) tensor. CUDA
-/// dequantizes straight to f16 for half-precision callers instead of going through an f32 copy
-/// twice the size.
+/// `W` dequantized to `dtype` on `device` (one owner for it: the inference path uses it too).
 pub fn dequantize(w: &QTensor, device: &candle_core::Device, dtype: DType) -> Result<Tensor> {
-    let dense = match (device, dtype) {
-        (candle_core::Device::Cuda(_), DType::F16 | DType::BF16) => w.dequantize_f16(device)?,
-        _ => w.dequantize(device)?,
-    };
-    dense.to_dtype(dtype)?.detach().contiguous()
+    crate::llm::qlinear::dequantize(w, device, dtype).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
 }
 
 struct FrozenQMatMul {

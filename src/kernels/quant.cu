@@ -1,0 +1,501 @@
+// Kernels that read GGML-packed weights in place (the bytes candle's QTensor holds on the GPU):
+// dequantization to bf16/f16 (prompt GEMMs and training) and embedding rows, both exact in f32,
+// and the decode matvec for 1-8 token rows on int8-quantized activations, with LoRA, residual
+// and SwiGLU folded into its epilogue.
+//
+// Block layouts follow ggml (k_quants.h / ggml-common.h).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float ld_half(const uint8_t *p) {
+    return __half2float(*reinterpret_cast<const __half *>(p));
+}
+
+// Small integers to float without the (quarter-rate) I2F instruction: 0x4B000000 is 2^23, so
+// OR-ing an integer below 2^23 into its mantissa and subtracting 2^23 gives it exactly.
+__device__ __forceinline__ float small_uint(uint32_t v) { return __uint_as_float(0x4B000000u | v) - 8388608.f; }
+
+// Each type decodes the weights one lane owns inside a block: RUNS runs of VEC consecutive
+// weights at offsets(sub) (sub = lane's index among the LPB lanes sharing a block). Lanes with
+// consecutive `sub` own neighbouring bytes and neighbouring weights, so both the weight bytes and
+// the activations they meet are read coalesced.
+
+// Q4_K: 256 weights in 144 bytes: half d, half dmin, 12 bytes of 6-bit scales/mins, 128 bytes of
+// nibbles; byte 32g+i holds weight 64g+i (low nibble) and 64g+32+i (high). Lane sub (0..31) owns
+// the 4 bytes at 32g+4a (g = sub/8, a = sub%8): weights 64g+4a.. and 64g+32+4a.. .
+struct Q4K {
+    static constexpr int BYTES = 144, ELEMS = 256, LPB = 32, RUNS = 2, VEC = 4;
+    static __device__ __forceinline__ void offsets(int sub, int off[RUNS]) {
+        const int g = sub >> 3, a = sub & 7;
+        off[0] = 64 * g + 4 * a;
+        off[1] = off[0] + 32;
+    }
+    static __device__ __forceinline__ void scale_min(int j, const uint8_t *s, uint32_t &sc, uint32_t &m) {
+        if (j < 4) {
+            sc = s[j] & 63;
+            m = s[j + 4] & 63;
+        } else {
+            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int sub, float w[8]) {
+        const int g = sub >> 3, a = sub & 7;
+        const __half2 dm = *reinterpret_cast<const __half2 *>(blk);
+        const float d = __low2float(dm), dmin = __high2float(dm);
+        uint32_t s1, m1, s2, m2;
+        scale_min(2 * g, blk + 4, s1, m1);
+        scale_min(2 * g + 1, blk + 4, s2, m2);
+        const float d1 = d * small_uint(s1), o1 = dmin * small_uint(m1);
+        const float d2 = d * small_uint(s2), o2 = dmin * small_uint(m2);
+        const uint32_t q = *reinterpret_cast<const uint32_t *>(blk + 16 + 32 * g + 4 * a);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            w[i] = d1 * small_uint((q >> (8 * i)) & 0xF) - o1;
+            w[4 + i] = d2 * small_uint((q >> (8 * i + 4)) & 0xF) - o2;
+        }
+    }
+};
+
+// Q6_K: 256 weights in 210 bytes: ql[128] low nibbles, qh[64] high 2 bits, int8 scales[16],
+// half d. Half h (128 weights) uses ql[64h..], qh[32h..], scales[8h..]; byte l of it feeds
+// weights l, l+32, l+64, l+96. Lane sub = l (0..31) owns those four in both halves. Blocks are
+// only 2-byte aligned, so bytes are read one at a time (neighbouring lanes, neighbouring bytes).
+struct Q6K {
+    static constexpr int BYTES = 210, ELEMS = 256, LPB = 32, RUNS = 8, VEC = 1;
+    static __device__ __forceinline__ void offsets(int sub, int off[RUNS]) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) off[i] = 128 * (i >> 2) + 32 * (i & 3) + sub;
+    }
+    static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int l, float w[8]) {
+        const float d = ld_half(blk + 208);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const uint32_t a = blk[64 * h + l], b = blk[64 * h + l + 32], hb = blk[128 + 32 * h + l];
+            const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192 + 8 * h + (l >> 4));
+            // q - 32 as (q | 2^23-float) - (2^23 + 32).
+            w[4 * h + 0] = d * sc[0] * (__uint_as_float(0x4B000000u | (a & 0xF) | ((hb & 3) << 4)) - 8388640.f);
+            w[4 * h + 1] = d * sc[2] * (__uint_as_float(0x4B000000u | (b & 0xF) | (((hb >> 2) & 3) << 4)) - 8388640.f);
+            w[4 * h + 2] = d * sc[4] * (__uint_as_float(0x4B000000u | (a >> 4) | (((hb >> 4) & 3) << 4)) - 8388640.f);
+            w[4 * h + 3] = d * sc[6] * (__uint_as_float(0x4B000000u | (b >> 4) | (((hb >> 6) & 3) << 4)) - 8388640.f);
+        }
+    }
+};
+
+// Q8_0: 32 weights in 34 bytes: half d, int8 qs[32]. Eight lanes a block, four weights a lane.
+struct Q8_0 {
+    static constexpr int BYTES = 34, ELEMS = 32, LPB = 8, RUNS = 1, VEC = 4;
+    static __device__ __forceinline__ void offsets(int sub, int off[RUNS]) { off[0] = 4 * sub; }
+    static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int sub, float w[4]) {
+        const float d = ld_half(blk);
+        // Two 16-bit loads (blocks are 2-byte aligned); x ^ 0x80 is the byte + 128 as unsigned.
+        const uint16_t *q = reinterpret_cast<const uint16_t *>(blk + 2 + 4 * sub);
+        const uint32_t v = ((uint32_t)q[0] | ((uint32_t)q[1] << 16)) ^ 0x80808080u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) w[i] = d * (__uint_as_float(0x4B000000u | ((v >> (8 * i)) & 0xFF)) - 8388736.f);
+    }
+};
+
+// Q4_0: 32 weights in 18 bytes: half d, 16 bytes of nibbles (low = weights 0..15, high 16..31).
+// Eight lanes a block; lane a owns bytes 2a, 2a+1: weights 2a, 2a+1, 16+2a, 17+2a.
+struct Q4_0 {
+    static constexpr int BYTES = 18, ELEMS = 32, LPB = 8, RUNS = 2, VEC = 2;
+    static __device__ __forceinline__ void offsets(int sub, int off[RUNS]) {
+        off[0] = 2 * sub;
+        off[1] = 16 + 2 * sub;
+    }
+    static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int sub, float w[4]) {
+        const float d = ld_half(blk);
+        const uint32_t q = *reinterpret_cast<const uint16_t *>(blk + 2 + 2 * sub);
+        w[0] = d * (small_uint(q & 0xF) - 8.f);
+        w[1] = d * (small_uint((q >> 8) & 0xF) - 8.f);
+        w[2] = d * (small_uint((q >> 4) & 0xF) - 8.f);
+        w[3] = d * (small_uint((q >> 12) & 0xF) - 8.f);
+    }
+};
+
+// Load VEC consecutive floats at p.
+template <int VEC>
+__device__ __forceinline__ void load_vec(const float *p, float *out) {
+    if constexpr (VEC == 4) {
+        const float4 v = __ldg(reinterpret_cast<const float4 *>(p));
+        out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+    } else if constexpr (VEC == 2) {
+        const float2 v = __ldg(reinterpret_cast<const float2 *>(p));
+        out[0] = v.x; out[1] = v.y;
+    } else {
+        out[0] = __ldg(p);
+    }
+}
+
+// Work item `i` of a [rows, k] matrix: (row, block, lane-in-block) → the lane's weights and the
+// column where its first run starts.
+template <typename Q>
+__device__ __forceinline__ void item_weights(const uint8_t *w, int k, int64_t row, int64_t i_in_row, float v[Q::RUNS * Q::VEC], int off[Q::RUNS], int &base) {
+    const int bi = (int)(i_in_row / Q::LPB), sub = (int)(i_in_row % Q::LPB);
+    Q::lane(w + (row * (k / Q::ELEMS) + bi) * Q::BYTES, sub, v);
+    Q::offsets(sub, off);
+    base = bi * Q::ELEMS;
+}
+
+// ---- dequantize [rows, k] to bf16 / f16: one thread per lane item --------------------------------
+
+template <typename Q, typename CVT>
+__device__ void dequant_body(const uint8_t *w, uint16_t *y, int64_t rows, int k, CVT cvt) {
+    constexpr int NW = Q::RUNS * Q::VEC;
+    const int64_t per_row = (int64_t)(k / Q::ELEMS) * Q::LPB;
+    const int64_t total = rows * per_row;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)blockDim.x * gridDim.x) {
+        const int64_t row = i / per_row;
+        float v[NW];
+        int off[Q::RUNS], base;
+        item_weights<Q>(w, k, row, i % per_row, v, off, base);
+        uint16_t *dst = y + row * k + base;
+#pragma unroll
+        for (int r = 0; r < Q::RUNS; r++) {
+            const float *vr = v + r * Q::VEC;
+            // One store per run (8, 4 or 2 bytes): runs start at multiples of their width.
+            if constexpr (Q::VEC == 4) {
+                const uint2 p = make_uint2(cvt(vr[0]) | ((uint32_t)cvt(vr[1]) << 16), cvt(vr[2]) | ((uint32_t)cvt(vr[3]) << 16));
+                *reinterpret_cast<uint2 *>(dst + off[r]) = p;
+            } else if constexpr (Q::VEC == 2) {
+                *reinterpret_cast<uint32_t *>(dst + off[r]) = cvt(vr[0]) | ((uint32_t)cvt(vr[1]) << 16);
+            } else {
+                dst[off[r]] = cvt(vr[0]);
+            }
+        }
+    }
+}
+
+// Converters return the 16-bit pattern of the rounded value.
+struct ToBf16 { __device__ uint32_t operator()(float x) const { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); } };
+struct ToF16 { __device__ uint32_t operator()(float x) const { return __half_as_ushort(__float2half_rn(x)); } };
+
+#define DEQUANT(QN, Q)                                                                                  \
+    extern "C" __global__ void dequant_bf16_##QN(const uint8_t *w, uint16_t *y, int64_t rows, int k) { \
+        dequant_body<Q>(w, y, rows, k, ToBf16());                                                       \
+    }                                                                                                   \
+    extern "C" __global__ void dequant_f16_##QN(const uint8_t *w, uint16_t *y, int64_t rows, int k) {    \
+        dequant_body<Q>(w, y, rows, k, ToF16());                                                        \
+    }
+
+// ---- embedding rows: y[b, :] = dequant(table[ids[b], :]) in f32 ---------------------------------
+
+template <typename Q>
+__device__ void embed_body(const uint8_t *table, const uint32_t *ids, float *y, int nb, int k) {
+    constexpr int NW = Q::RUNS * Q::VEC;
+    const int per_row = (k / Q::ELEMS) * Q::LPB;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < nb * per_row; i += blockDim.x * gridDim.x) {
+        const int b = i / per_row;
+        float v[NW];
+        int off[Q::RUNS], base;
+        item_weights<Q>(table, k, ids[b], i % per_row, v, off, base);
+        float *dst = y + (int64_t)b * k + base;
+#pragma unroll
+        for (int r = 0; r < Q::RUNS; r++)
+#pragma unroll
+            for (int j = 0; j < Q::VEC; j++) dst[off[r] + j] = v[r * Q::VEC + j];
+    }
+}
+
+#define EMBED(QN, Q)                                                                                   \
+    extern "C" __global__ void embed_f32_##QN(const uint8_t *table, const uint32_t *ids, float *y, int nb, int k) { \
+        embed_body<Q>(table, ids, y, nb, k);                                                           \
+    }
+
+// ---- decode matvec: y[b, n] = W[n, :] · x[b, :] (+ LoRA) (+ residual), b < NB <= 8 ---------------
+//
+// The activations come quantized to int8 in blocks of 32 (`xq`, with one f32 scale per block in
+// `xd`: x ≈ xd * xq, as llama.cpp's q8_1 and candle's own decode kernels do), so a weight costs
+// one share of a dp4a instead of a float conversion and an FMA: the f32 version of this kernel
+// ran ~19 instructions a weight and reached 13% of DRAM bandwidth (ncu, BENCHMARKS.md).
+//
+// Integer sums become floats through the 1.5·2^23 magic constant (exact below 2^22), avoiding
+// the quarter-rate I2F instruction; every sum below is bounded well under that.
+__device__ __forceinline__ float small_int(int v) { return __int_as_float(0x4B400000 + v) - 12582912.f; }
+
+__device__ __forceinline__ uint32_t ld_u16x2(const uint8_t *p) {
+    const uint16_t *q = reinterpret_cast<const uint16_t *>(p);
+    return (uint32_t)q[0] | ((uint32_t)q[1] << 16);
+}
+
+// Per type: DLPB lanes share a block; X holds what a lane needs of one activation row for one
+// block (loaded once, shared by every output slot); dot() adds that block's share of W·x.
+struct Q4KDot {
+    // Lane a (0..7) owns qs bytes 16a..16a+15: group g = a/2, half h = a%2, i.e. weights
+    // 64g+16h+[0,16) (sub-block 2g, low nibbles) and 64g+32+16h+[0,16) (sub-block 2g+1).
+    static constexpr int DLPB = 8;
+    struct X { uint4 lo, hi; float dlo, dhi; int slo, shi; };
+    static __device__ __forceinline__ void load_x(const int8_t *xq, const float *xd, int bi, int a, X &x) {
+        const int g = a >> 1, h = a & 1, base = bi * 256 + 64 * g + 16 * h;
+        x.lo = *reinterpret_cast<const uint4 *>(xq + base);
+        x.hi = *reinterpret_cast<const uint4 *>(xq + base + 32);
+        x.dlo = xd[bi * 8 + 2 * g];
+        x.dhi = xd[bi * 8 + 2 * g + 1];
+        const int one = 0x01010101;
+        x.slo = __dp4a(one, (int)x.lo.x, __dp4a(one, (int)x.lo.y, __dp4a(one, (int)x.lo.z, __dp4a(one, (int)x.lo.w, 0))));
+        x.shi = __dp4a(one, (int)x.hi.x, __dp4a(one, (int)x.hi.y, __dp4a(one, (int)x.hi.z, __dp4a(one, (int)x.hi.w, 0))));
+    }
+    struct W { uint4 q; uint32_t dm, s0, s1, s2; };
+    static __device__ __forceinline__ void load_w(const uint8_t *__restrict__ blk, int a, W &w) {
+        w.q = *reinterpret_cast<const uint4 *>(blk + 16 + 16 * a);
+        w.dm = *reinterpret_cast<const uint32_t *>(blk);
+        w.s0 = *reinterpret_cast<const uint32_t *>(blk + 4);
+        w.s1 = *reinterpret_cast<const uint32_t *>(blk + 8);
+        w.s2 = *reinterpret_cast<const uint32_t *>(blk + 12);
+    }
+    template <int NB>
+    static __device__ __forceinline__ void dot(const W &w, int a, const X (&x)[NB], float (&acc)[NB]) {
+        const int g = a >> 1;
+        const float2 dm = __half22float2(*reinterpret_cast<const __half2 *>(&w.dm));
+        // The 8 six-bit (scale, min) pairs, branch-free from the 12 packed bytes.
+        const uint32_t scw = g < 2 ? (w.s0 & 0x3F3F3F3Fu) : ((w.s2 & 0x0F0F0F0Fu) | ((w.s0 >> 2) & 0x30303030u));
+        const uint32_t mw = g < 2 ? (w.s1 & 0x3F3F3F3Fu) : (((w.s2 >> 4) & 0x0F0F0F0Fu) | ((w.s1 >> 2) & 0x30303030u));
+        const int sh = 16 * (g & 1);
+        const int sc0 = (scw >> sh) & 0xFF, sc1 = (scw >> (sh + 8)) & 0xFF;
+        const int m0 = (mw >> sh) & 0xFF, m1 = (mw >> (sh + 8)) & 0xFF;
+        const uint4 q = w.q;
+        const int l0 = q.x & 0x0F0F0F0F, l1 = q.y & 0x0F0F0F0F, l2 = q.z & 0x0F0F0F0F, l3 = q.w & 0x0F0F0F0F;
+        const int h0 = (q.x >> 4) & 0x0F0F0F0F, h1 = (q.y >> 4) & 0x0F0F0F0F, h2 = (q.z >> 4) & 0x0F0F0F0F, h3 = (q.w >> 4) & 0x0F0F0F0F;
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            const X &v = x[b];
+            const int dl = __dp4a(l0, (int)v.lo.x, __dp4a(l1, (int)v.lo.y, __dp4a(l2, (int)v.lo.z, __dp4a(l3, (int)v.lo.w, 0))));
+            const int dh = __dp4a(h0, (int)v.hi.x, __dp4a(h1, (int)v.hi.y, __dp4a(h2, (int)v.hi.z, __dp4a(h3, (int)v.hi.w, 0))));
+            // |sc * dot| <= 63 * 16*15*128 < 2^21; |m * sum| <= 63 * 16*128.
+            acc[b] += v.dlo * (dm.x * small_int(sc0 * dl) - dm.y * small_int(m0 * v.slo)) +
+                      v.dhi * (dm.x * small_int(sc1 * dh) - dm.y * small_int(m1 * v.shi));
+        }
+    }
+};
+
+struct Q6KDot {
+    // Lane a (0..15): half h = a/8, l0 = 4*(a%8); it owns weights 128h + 32j + l0 + [0,4) for
+    // j = 0..3 (4-weight runs, each in its own 16-weight scale group).
+    static constexpr int DLPB = 16;
+    struct X { int v[4]; float d[4]; int s[4]; };
+    static __device__ __forceinline__ void load_x(const int8_t *xq, const float *xd, int bi, int a, X &x) {
+        const int h = a >> 3, l0 = 4 * (a & 7);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            x.v[j] = *reinterpret_cast<const int *>(xq + bi * 256 + 128 * h + 32 * j + l0);
+            x.d[j] = xd[bi * 8 + 4 * h + j];
+            x.s[j] = __dp4a(0x01010101, x.v[j], 0);
+        }
+    }
+    struct W { uint32_t qa, qb, qh; int sc[4]; float d; };
+    static __device__ __forceinline__ void load_w(const uint8_t *__restrict__ blk, int a, W &w) {
+        const int h = a >> 3, l0 = 4 * (a & 7);
+        // Blocks are 2-byte aligned: 32-bit words are read as two halves.
+        w.qa = ld_u16x2(blk + 64 * h + l0);
+        w.qb = ld_u16x2(blk + 64 * h + 32 + l0);
+        w.qh = ld_u16x2(blk + 128 + 32 * h + l0);
+        const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192 + 8 * h + (l0 >> 4));
+#pragma unroll
+        for (int j = 0; j < 4; j++) w.sc[j] = sc[2 * j];
+        w.d = ld_half(blk + 208);
+    }
+    template <int NB>
+    static __device__ __forceinline__ void dot(const W &w, int, const X (&x)[NB], float (&acc)[NB]) {
+        int q[4];
+        q[0] = (w.qa & 0x0F0F0F0Fu) | ((w.qh << 4) & 0x30303030u);
+        q[1] = (w.qb & 0x0F0F0F0Fu) | ((w.qh << 2) & 0x30303030u);
+        q[2] = ((w.qa >> 4) & 0x0F0F0F0Fu) | (w.qh & 0x30303030u);
+        q[3] = ((w.qb >> 4) & 0x0F0F0F0Fu) | ((w.qh >> 2) & 0x30303030u);
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                // Quants are stored + 32: sum((q - 32) * x) = dot(q, x) - 32 * sum(x); |.| <= 4*32*128.
+                const int dq = __dp4a(q[j], x[b].v[j], 0) - 32 * x[b].s[j];
+                sum += x[b].d[j] * small_int(w.sc[j] * dq);
+            }
+            acc[b] += w.d * sum;
+        }
+    }
+};
+
+struct Q8_0Dot {
+    // Lane a (0..3) owns weights 8a..8a+7 of the 32.
+    static constexpr int DLPB = 4;
+    struct X { int v0, v1; float d; };
+    static __device__ __forceinline__ void load_x(const int8_t *xq, const float *xd, int bi, int a, X &x) {
+        const int2 v = *reinterpret_cast<const int2 *>(xq + bi * 32 + 8 * a);
+        x.v0 = v.x;
+        x.v1 = v.y;
+        x.d = xd[bi];
+    }
+    struct W { int w0, w1; float d; };
+    static __device__ __forceinline__ void load_w(const uint8_t *__restrict__ blk, int a, W &w) {
+        w.w0 = (int)ld_u16x2(blk + 2 + 8 * a);
+        w.w1 = (int)ld_u16x2(blk + 6 + 8 * a);
+        w.d = ld_half(blk);
+    }
+    template <int NB>
+    static __device__ __forceinline__ void dot(const W &w, int, const X (&x)[NB], float (&acc)[NB]) {
+#pragma unroll
+        for (int b = 0; b < NB; b++) acc[b] += w.d * x[b].d * small_int(__dp4a(w.w0, x[b].v0, __dp4a(w.w1, x[b].v1, 0)));
+    }
+};
+
+struct Q4_0Dot {
+    // Lane a (0..3) owns bytes 4a..4a+3: weights 4a..4a+3 (low nibbles) and 16+4a.. (high).
+    static constexpr int DLPB = 4;
+    struct X { int lo, hi, s; float d; };
+    static __device__ __forceinline__ void load_x(const int8_t *xq, const float *xd, int bi, int a, X &x) {
+        x.lo = *reinterpret_cast<const int *>(xq + bi * 32 + 4 * a);
+        x.hi = *reinterpret_cast<const int *>(xq + bi * 32 + 16 + 4 * a);
+        x.s = __dp4a(0x01010101, x.lo, __dp4a(0x01010101, x.hi, 0));
+        x.d = xd[bi];
+    }
+    struct W { uint32_t w; float d; };
+    static __device__ __forceinline__ void load_w(const uint8_t *__restrict__ blk, int a, W &w) {
+        w.w = ld_u16x2(blk + 2 + 4 * a);
+        w.d = ld_half(blk);
+    }
+    template <int NB>
+    static __device__ __forceinline__ void dot(const W &w, int, const X (&x)[NB], float (&acc)[NB]) {
+        const int lo = w.w & 0x0F0F0F0F, hi = (w.w >> 4) & 0x0F0F0F0F;
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            const int dq = __dp4a(lo, x[b].lo, __dp4a(hi, x[b].hi, 0)) - 8 * x[b].s;
+            acc[b] += w.d * x[b].d * small_int(dq);
+        }
+    }
+};
+
+// A block of MV_WARPS warps computes `groups` × MV_SLOTS output slots. The warps of a group
+// split the row's blocks between them (a split of k, so narrow matrices still fill the GPU);
+// short rows use several groups, so no warp idles. Each warp loads the weights of all its slots
+// before the activations they share, so those loads are in flight together, and the partial
+// sums meet in shared memory. Slots are rows; in GLU mode slot pairs are (gate row n, up row n)
+// and the output is silu(gate) * up. Up to three weight segments are stacked as one output
+// (q|k|v share an input and write one buffer). The LoRA term scale * B[n, :] · u[b, seg*r ..] is
+// added by the lanes j < r of each group's first warp before the reduction.
+#define MV_WARPS 8
+#define MV_SLOTS 4
+struct MvArgs {
+    const uint8_t *w[3];
+    const float *lora_b[3];  // [rows_of_segment, r] row-major, or null
+    const int8_t *xq;        // [NB, k] activations quantized in blocks of 32
+    const float *xd;         // [NB, k/32] their scales
+    const float *lora_u;     // [NB, ldu]
+    const float *residual;   // [NB, ldy] or null (may equal y)
+    float *y;                // [NB, ldy]
+    int seg_end[3];          // cumulative row counts
+    int k, n, ldy, ldu, r, glu;
+    int groups;              // 1, 2, 4 or 8
+    float lora_scale;
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename Q, typename D, int NB>
+__device__ void mv_body(const MvArgs &a) {
+    constexpr int BPI = 32 / D::DLPB;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane % D::DLPB;
+    const int groups = a.groups, slices = MV_WARPS / groups;
+    const int grp = warp % groups, slice = warp / groups;
+    const int nblk = a.k / Q::ELEMS;
+    const int rows_per_group = a.glu ? MV_SLOTS / 2 : MV_SLOTS;
+    const int first_row = (blockIdx.x * groups + grp) * rows_per_group;
+    // Segment pointers picked by comparisons, not by indexing the parameter arrays (which would
+    // copy the whole argument struct to local memory).
+    const uint8_t *wrow[MV_SLOTS];
+    const float *brow[MV_SLOTS];
+    int useg[MV_SLOTS];
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++) {
+        const int row = first_row + (a.glu ? s / 2 : s);
+        wrow[s] = nullptr;
+        brow[s] = nullptr;
+        useg[s] = 0;
+        if (row < a.n) {
+            int seg = s & 1, lrow = row;
+            if (!a.glu) {
+                seg = row < a.seg_end[0] ? 0 : (row < a.seg_end[1] ? 1 : 2);
+                lrow = seg == 0 ? row : (seg == 1 ? row - a.seg_end[0] : row - a.seg_end[1]);
+            }
+            const uint8_t *w = seg == 0 ? a.w[0] : (seg == 1 ? a.w[1] : a.w[2]);
+            const float *lb = seg == 0 ? a.lora_b[0] : (seg == 1 ? a.lora_b[1] : a.lora_b[2]);
+            wrow[s] = w + (int64_t)lrow * nblk * Q::BYTES;
+            if (lb != nullptr) brow[s] = lb + (int64_t)lrow * a.r;
+            useg[s] = seg;
+        }
+    }
+    float acc[MV_SLOTS][NB];
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+        for (int b = 0; b < NB; b++) acc[s][b] = 0.f;
+    for (int bi = slice * BPI + lane / D::DLPB; bi < nblk; bi += slices * BPI) {
+        typename D::W wv[MV_SLOTS];
+#pragma unroll
+        for (int s = 0; s < MV_SLOTS; s++)
+            if (wrow[s] != nullptr) D::load_w(wrow[s] + (int64_t)bi * Q::BYTES, sub, wv[s]);
+        typename D::X xv[NB];
+#pragma unroll
+        for (int b = 0; b < NB; b++) D::load_x(a.xq + (int64_t)b * a.k, a.xd + (int64_t)b * (a.k / 32), bi, sub, xv[b]);
+#pragma unroll
+        for (int s = 0; s < MV_SLOTS; s++)
+            if (wrow[s] != nullptr) D::template dot<NB>(wv[s], sub, xv, acc[s]);
+    }
+    if (slice == 0) {
+#pragma unroll
+        for (int s = 0; s < MV_SLOTS; s++) {
+            if (brow[s] == nullptr) continue;
+            for (int j = lane; j < a.r; j += 32) {
+                const float bv = brow[s][j] * a.lora_scale;
+#pragma unroll
+                for (int b = 0; b < NB; b++) acc[s][b] = fmaf(bv, a.lora_u[(int64_t)b * a.ldu + useg[s] * a.r + j], acc[s][b]);
+            }
+        }
+    }
+    __shared__ float red[MV_WARPS][MV_SLOTS][NB];
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            const float v = warp_sum(acc[s][b]);
+            if (lane == 0) red[warp][s][b] = v;
+        }
+    __syncthreads();
+    // One thread per (group, row of the group, batch row).
+    const int t = threadIdx.x;
+    if (t >= groups * rows_per_group * NB) return;
+    const int g = t / (rows_per_group * NB), j = (t / NB) % rows_per_group, b = t % NB;
+    const int row = (blockIdx.x * groups + g) * rows_per_group + j;
+    if (row >= a.n) return;
+    auto total = [&](int s) {
+        float v = 0.f;
+        for (int sl = 0; sl < slices; sl++) v += red[sl * groups + g][s][b];
+        return v;
+    };
+    float out;
+    if (a.glu) {
+        const float gate = total(2 * j), up = total(2 * j + 1);
+        out = gate / (1.f + __expf(-gate)) * up;
+    } else {
+        out = total(j);
+    }
+    const int64_t at = (int64_t)b * a.ldy + row;
+    if (a.residual != nullptr) out += a.residual[at];
+    a.y[at] = out;
+}
+
+#define MV_NB(QN, Q, NB) \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32) mv_##QN##_b##NB(const MvArgs a) { mv_body<Q, Q##Dot, NB>(a); }
+#define MV(QN, Q) MV_NB(QN, Q, 1) MV_NB(QN, Q, 2) MV_NB(QN, Q, 3) MV_NB(QN, Q, 4) \
+                  MV_NB(QN, Q, 5) MV_NB(QN, Q, 6) MV_NB(QN, Q, 7) MV_NB(QN, Q, 8)
+
+#define ALL(QN, Q) DEQUANT(QN, Q) EMBED(QN, Q) MV(QN, Q)
+ALL(q4k, Q4K)
+ALL(q6k, Q6K)
+ALL(q8_0, Q8_0)
+ALL(q4_0, Q4_0)

@@ -1,0 +1,471 @@
+//! The fused decode step on CUDA: one new token for each of 1 to [`MAX_ROWS`] rows through the
+//! whole decoder with the project's own kernels (`src/kernels/quant.cu`, `decode.cu`).
+//!
+//! Why: a decode step through candle's ops launches ~40 small kernels a layer (and ~6 more per
+//! LoRA projection), each with its own allocation and host-side bookkeeping, so at batch 1 the
+//! GPU mostly waits for the CPU. Here a layer is at most 14 launches on preallocated buffers:
+//! RMSNorm, LoRA `u = A·x` for the projections sharing an input, one matvec for q|k|v, rotary +
+//! KV append, attention, quantize, LoRA, the o matvec with the residual added, RMSNorm, LoRA,
+//! one matvec for gate and up that writes `silu(gate)·up`, quantize, LoRA, the down matvec with
+//! the residual. The matvecs
+//! read the 4-bit weights where candle keeps them, take their input as int8 blocks of 32 (as
+//! candle's own decode kernels and llama.cpp do: a weight then costs a share of one `dp4a`),
+//! and add `scale·B·u` in their epilogue. RMSNorm writes that int8 input, a small kernel makes
+//! it for the attention and SwiGLU outputs. `bench parity` checks this path and candle's
+//! against the exact f32 computation.
+//!
+//! The candle path in `Model::forward` stays the reference and the fallback: prompts, more than
+//! [`MAX_ROWS`] rows, weight types without a kernel, and CPU devices all take it.
+
+pub const MAX_ROWS: usize = 8;
+
+#[cfg(feature = "cuda")]
+pub use imp::FastDecoder;
+
+/// Without CUDA there is no fused step: the type has no values and `new` never builds one.
+#[cfg(not(feature = "cuda"))]
+pub enum FastDecoder {}
+
+#[cfg(not(feature = "cuda"))]
+impl FastDecoder {
+    pub fn new(_model: &super::Model) -> anyhow::Result<Option<Self>> {
+        Ok(None)
+    }
+
+    pub fn launches(&self) -> usize {
+        match *self {}
+    }
+
+    pub fn step(&self, _: &super::Model, _: &candle_core::Tensor, _: &mut super::KvCache, _: Option<&super::lora::LoraAdapter>) -> anyhow::Result<Option<candle_core::Tensor>> {
+        match *self {}
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use anyhow::{ensure, Result};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, DType, Device, Tensor};
+
+    use super::MAX_ROWS;
+    use crate::kernels::{matvec_groups, quant_kind, slice_ptr, tensor_from_slice, tensor_ptr, Kernels, QuantKind};
+    use crate::llm::lora::{LoraAdapter, LoraPtrs};
+    use crate::llm::model::{KvCache, Model, Proj};
+    use crate::llm::qlinear::BaseLinear;
+
+    // Argument structs of the kernels, field for field as declared in the .cu files.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct MvArgs {
+        w: [u64; 3],
+        lora_b: [u64; 3],
+        xq: u64,
+        xd: u64,
+        lora_u: u64,
+        residual: u64,
+        y: u64,
+        seg_end: [i32; 3],
+        k: i32,
+        n: i32,
+        ldy: i32,
+        ldu: i32,
+        r: i32,
+        glu: i32,
+        groups: i32,
+        lora_scale: f32,
+    }
+    #[repr(C)]
+    struct LoraAArgs {
+        a: [u64; 3],
+        x: u64,
+        u: u64,
+        k: i32,
+        r: i32,
+        nb: i32,
+        ldu: i32,
+    }
+    #[repr(C)]
+    struct RopeArgs {
+        qkv: u64,
+        cos: u64,
+        sin: u64,
+        pos: u64,
+        k_cache: u64,
+        v_cache: u64,
+        ldq: i32,
+        nh: i32,
+        nkv: i32,
+        hd: i32,
+        cap: i32,
+        at: i32,
+    }
+    #[repr(C)]
+    struct AttnArgs {
+        q: u64,
+        k_cache: u64,
+        v_cache: u64,
+        start: u64,
+        out: u64,
+        ldq: i32,
+        nh: i32,
+        nkv: i32,
+        hd: i32,
+        cap: i32,
+        len: i32,
+        window: i32,
+        scale: f32,
+    }
+    // SAFETY: plain #[repr(C)] structs of integers, passed by value as the kernels declare them.
+    unsafe impl DeviceRepr for MvArgs {}
+    unsafe impl DeviceRepr for LoraAArgs {}
+    unsafe impl DeviceRepr for RopeArgs {}
+    unsafe impl DeviceRepr for AttnArgs {}
+
+    /// A packed weight read in place: its address and the kernels for its block type.
+    struct Packed {
+        ptr: u64,
+        rows: usize,
+        cols: usize,
+        kind: QuantKind,
+        /// `mv_<type>_b<n>` for n = 1..=8.
+        mv: Vec<CudaFunction>,
+        embed: CudaFunction,
+    }
+
+    impl Packed {
+        fn new(k: &Kernels, w: &BaseLinear) -> Result<Option<Self>> {
+            let Some(kind) = quant_kind(w.dtype()) else { return Ok(None) };
+            let suffix = kind.suffix;
+            if !w.in_features().is_multiple_of(32) {
+                return Ok(None);
+            }
+            let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
+            let embed = k.quant(&format!("embed_f32_{suffix}"))?;
+            Ok(Some(Self { ptr: w.qtensor().device_ptr()? as u64, rows: w.out_features(), cols: w.in_features(), kind, mv, embed }))
+        }
+
+        fn same_type(&self, other: &Packed) -> bool {
+            self.kind == other.kind
+        }
+    }
+
+    struct Layer {
+        attn_norm: u64,
+        ffn_norm: u64,
+        w: Vec<Packed>,
+    }
+
+    /// Activation buffers for [`MAX_ROWS`] rows, reused by every step.
+    struct Scratch {
+        x: CudaSlice<f32>,
+        h: CudaSlice<f32>,
+        qkv: CudaSlice<f32>,
+        att: CudaSlice<f32>,
+        act: CudaSlice<f32>,
+        /// The next matvec's input as int8 blocks of 32 and their scales.
+        xq: CudaSlice<i8>,
+        xd: CudaSlice<f32>,
+        /// LoRA `u = A·x`, `[rows, 3·r]`; regrown for a larger rank.
+        u: Option<(CudaSlice<f32>, usize)>,
+        /// `[positions (8) | first visible key (8)]`.
+        ints: CudaSlice<i32>,
+    }
+
+    pub struct FastDecoder {
+        dev: CudaDevice,
+        k: Kernels,
+        layers: Vec<Layer>,
+        embed: Packed,
+        head: Packed,
+        final_norm: u64,
+        cos: u64,
+        sin: u64,
+        rmsnorm: CudaFunction,
+        quantize: CudaFunction,
+        lora_a: CudaFunction,
+        rope: CudaFunction,
+        attn: CudaFunction,
+        scratch: Mutex<Scratch>,
+        /// Kernel launches of the last step (reported by `bench generate`).
+        launches: AtomicUsize,
+    }
+
+    /// Launches on the decoder's stream, counted for `bench generate`.
+    struct Launcher<'a> {
+        k: &'a Kernels,
+        n: Cell<usize>,
+    }
+
+    impl Launcher<'_> {
+        fn with<A: DeviceRepr>(&self, f: &CudaFunction, cfg: LaunchConfig, args: &A) -> Result<()> {
+            self.n.set(self.n.get() + 1);
+            Ok(self.k.launch_with(f, cfg, args)?)
+        }
+
+        /// The matvec for `w`'s type and `nb` rows: a block of 8 warps makes `groups` × 4 outputs
+        /// (× 2 in GLU mode, where each takes a gate and an up row), as `mv_body` in quant.cu.
+        fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
+            let groups = matvec_groups(w.kind, w.cols);
+            let per_block = groups * if a.glu != 0 { 2 } else { 4 };
+            let a = MvArgs { groups: groups as i32, ..*a };
+            self.with(&w.mv[nb - 1], grid((a.n as usize).div_ceil(per_block), 256), &a)
+        }
+
+        fn builder<'b>(&'b self, f: &'b CudaFunction) -> LaunchArgs<'b> {
+            self.n.set(self.n.get() + 1);
+            self.k.stream.launch_builder(f)
+        }
+    }
+
+    fn grid(blocks: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    impl FastDecoder {
+        /// The fused step for `model`, or `None` when it does not apply (not on CUDA, a weight
+        /// type without a kernel, a head size over 256).
+        pub fn new(model: &Model) -> Result<Option<Self>> {
+            let Device::Cuda(dev) = model.device() else { return Ok(None) };
+            let cfg = model.config();
+            if cfg.head_dim > 256 || !cfg.hidden_size.is_multiple_of(32) || !cfg.intermediate_size.is_multiple_of(32) {
+                return Ok(None);
+            }
+            let k = Kernels::load(dev)?;
+            let packed = |w: &BaseLinear| Packed::new(&k, w);
+            let mut layers = Vec::with_capacity(cfg.num_layers);
+            for l in model.layers() {
+                let mut w = Vec::with_capacity(7);
+                for p in Proj::ALL {
+                    match packed(l.proj(p))? {
+                        Some(pw) => w.push(pw),
+                        None => {
+                            tracing::debug!("fused decode off: {} has type {:?}", p.hf_name(), l.proj(p).dtype());
+                            return Ok(None);
+                        }
+                    }
+                }
+                // gate and up are read by one kernel, so they must share a type.
+                if !w[Proj::Gate.index()].same_type(&w[Proj::Up.index()]) {
+                    return Ok(None);
+                }
+                let (an, fnorm) = l.norms();
+                layers.push(Layer { attn_norm: tensor_ptr(an)?, ffn_norm: tensor_ptr(fnorm)?, w });
+            }
+            let (Some(embed), Some(head)) = (packed(model.embedding())?, packed(model.head())?) else { return Ok(None) };
+            let (cos, sin) = model.rope_tables();
+            let f32s = |n: usize| -> Result<CudaSlice<f32>> { Ok(dev.alloc_zeros::<f32>(MAX_ROWS * n)?) };
+            let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+            if !q.is_multiple_of(32) {
+                return Ok(None);
+            }
+            let widest = cfg.hidden_size.max(cfg.intermediate_size).max(q);
+            let scratch = Scratch {
+                x: f32s(cfg.hidden_size)?,
+                h: f32s(cfg.hidden_size)?,
+                qkv: f32s(q + 2 * kv)?,
+                att: f32s(q)?,
+                act: f32s(cfg.intermediate_size)?,
+                xq: dev.alloc_zeros::<i8>(MAX_ROWS * widest)?,
+                xd: f32s(widest / 32)?,
+                u: None,
+                ints: dev.alloc_zeros::<i32>(2 * MAX_ROWS)?,
+            };
+            Ok(Some(Self {
+                dev: dev.clone(),
+                layers,
+                embed,
+                head,
+                final_norm: tensor_ptr(model.final_norm())?,
+                cos: tensor_ptr(cos)?,
+                sin: tensor_ptr(sin)?,
+                rmsnorm: k.decode("rmsnorm_q8")?,
+                quantize: k.decode("quantize_q8")?,
+                lora_a: k.decode("lora_a_f32")?,
+                rope: k.decode("rope_append_f32")?,
+                attn: k.decode("attn_decode_f32")?,
+                k,
+                scratch: Mutex::new(scratch),
+                launches: AtomicUsize::new(0),
+            }))
+        }
+
+        /// Kernel launches of the last step.
+        pub fn launches(&self) -> usize {
+            self.launches.load(Ordering::Relaxed)
+        }
+
+        /// Feed `ids: [rows, 1]` after what `cache` holds (its buffers already have room for
+        /// one more position) and return the logits `[rows, 1, vocab]`. `None`: this call is
+        /// not for the fused step (too many rows, an adapter that is not on this device).
+        pub fn step(&self, model: &Model, ids: &Tensor, cache: &mut KvCache, adapter: Option<&LoraAdapter>) -> Result<Option<Tensor>> {
+            let nb = ids.dim(0)?;
+            if nb > MAX_ROWS || ids.dtype() != DType::U32 || !ids.device().same_device(model.device()) {
+                return Ok(None);
+            }
+            let lora: Option<(&LoraPtrs, usize, f32)> = match adapter {
+                Some(a) => match a.device_ptrs()? {
+                    Some(p) => Some((p, a.config.r, a.config.scale() as f32)),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            let cfg = model.config();
+            let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+            let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+            let (qdim, kvdim) = (nh * hd, nkv * hd);
+            let ldq = qdim + 2 * kvdim;
+            let len = cache.len();
+            let max = cfg.max_position;
+            let mut ints = vec![0i32; 2 * MAX_ROWS];
+            for (b, &pad) in cache.padding().iter().enumerate() {
+                let pos = cache.next_position(b);
+                ensure!(pos < max, "sequence of {} tokens exceeds the model's {max} positions", pos + 1);
+                ints[b] = pos as i32;
+                ints[MAX_ROWS + b] = pad as i32;
+            }
+            if cache.raw.len() != cache.buffers().len() {
+                cache.raw = cache.buffers().iter().map(|(k, v)| Ok((tensor_ptr(k)?, tensor_ptr(v)?))).collect::<Result<_>>()?;
+            }
+            let cap = cache.capacity();
+            let mut guard = self.scratch.lock().map_err(|_| anyhow::anyhow!("fused decode scratch poisoned by an earlier panic"))?;
+            let s = &mut *guard;
+            self.k.stream.memcpy_htod(&ints, &mut s.ints).w()?;
+            if let Some((_, r, _)) = lora {
+                if s.u.as_ref().is_none_or(|(_, have)| *have < r) {
+                    s.u = Some((self.dev.alloc_zeros::<f32>(MAX_ROWS * 3 * r)?, r));
+                }
+            }
+            let p = |b: &CudaSlice<f32>| slice_ptr(b);
+            let (x, h, qkv, att, act) = (p(&s.x), p(&s.h), p(&s.qkv), p(&s.att), p(&s.act));
+            let (xq, xd) = (slice_ptr(&s.xq), p(&s.xd));
+            let (u, ldu) = match (&s.u, lora) {
+                (Some((buf, _)), Some((_, r, _))) => (slice_ptr(buf), 3 * r),
+                _ => (0, 0),
+            };
+            let go = Launcher { k: &self.k, n: Cell::new(0) };
+            let pos = slice_ptr(&s.ints);
+            let start = pos + (MAX_ROWS * 4) as u64;
+            let (r, scale) = lora.map_or((0, 0.0), |(_, r, s)| (r, s));
+
+            // Embedding rows straight from the packed table.
+            // Kept alive to the end: a temporary's free would be ordered before the kernel.
+            let ids = ids.contiguous()?;
+            let ids_ptr = tensor_ptr(&ids)?;
+            {
+                let mut b = go.builder(&self.embed.embed);
+                let (nb32, k32) = (nb as i32, hidden as i32);
+                b.arg(&self.embed.ptr).arg(&ids_ptr).arg(&x).arg(&nb32).arg(&k32);
+                // SAFETY: (const uint8_t*, const uint32_t*, float*, int, int) as in EMBED.
+                unsafe { b.launch(grid((nb * hidden / 32).div_ceil(256), 256)) }.w()?;
+            }
+            // One matvec launch over up to three stacked weight segments of one block type, each
+            // with its LoRA pair (GLU: gate and up, output silu(gate)·up). The input is (xq, xd),
+            // written by the kernel before it.
+            let mv = |segs: &[(&Packed, Option<(u64, u64)>)], y: u64, ldy: usize, residual: u64, u: u64, glu: bool| -> Result<()> {
+                let first = segs[0].0;
+                let mut a = MvArgs { xq, xd, y, residual, lora_u: u, k: first.cols as i32, ldy: ldy as i32, ldu: ldu as i32, r: r as i32, glu: glu as i32, lora_scale: scale, ..Default::default() };
+                let mut end = 0;
+                for i in 0..3 {
+                    if let Some((w, pair)) = segs.get(i) {
+                        a.w[i] = w.ptr;
+                        a.lora_b[i] = pair.map_or(0, |(_, b)| b);
+                        end += w.rows;
+                    }
+                    a.seg_end[i] = end as i32;
+                }
+                a.n = if glu { first.rows } else { end } as i32;
+                go.mv(first, nb, &a)
+            };
+            let lora_a = |pairs: [Option<(u64, u64)>; 3], x: u64, k: usize| -> Result<()> {
+                let nseg = pairs.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+                if nseg == 0 {
+                    return Ok(());
+                }
+                let a = LoraAArgs { a: pairs.map(|p| p.map_or(0, |(a, _)| a)), x, u, k: k as i32, r: r as i32, nb: nb as i32, ldu: ldu as i32 };
+                go.with(&self.lora_a, grid(nseg * r, 256), &a)?;
+                Ok(())
+            };
+            // y = rmsnorm(x) · w in f32, and as the next matvec's int8 input.
+            let norm = |x: u64, w: u64, y: u64, n: usize| -> Result<()> {
+                let mut b = go.builder(&self.rmsnorm);
+                let (n32, eps) = (n as i32, cfg.rms_norm_eps as f32);
+                b.arg(&x).arg(&w).arg(&y).arg(&xq).arg(&xd).arg(&n32).arg(&eps);
+                // SAFETY: (const float*, const float*, float*, int8_t*, float*, int, float) as in decode.cu.
+                unsafe { b.launch(grid(nb, 1024)) }.w()?;
+                Ok(())
+            };
+            let quantize = |x: u64, n: usize| -> Result<()> {
+                let mut b = go.builder(&self.quantize);
+                let n32 = n as i32;
+                b.arg(&x).arg(&xq).arg(&xd).arg(&n32);
+                // SAFETY: (const float*, int8_t*, float*, int) as in decode.cu.
+                unsafe { b.launch(grid(nb, 1024)) }.w()?;
+                Ok(())
+            };
+            let window = cfg.sliding_window.unwrap_or(usize::MAX).min(i32::MAX as usize) as i32;
+            let f = 4u64; // bytes per f32
+            for (li, layer) in self.layers.iter().enumerate() {
+                let pair = |proj: Proj| lora.and_then(|(t, _, _)| t[li][proj.index()]);
+                let (kc, vc) = cache.raw[li];
+                let w = |proj: Proj| &layer.w[proj.index()];
+                // Attention block.
+                norm(x, layer.attn_norm, h, hidden)?;
+                let qkv_pairs = [pair(Proj::Q), pair(Proj::K), pair(Proj::V)];
+                lora_a(qkv_pairs, h, hidden)?;
+                let (wq, wk, wv) = (w(Proj::Q), w(Proj::K), w(Proj::V));
+                if wq.same_type(wk) && wq.same_type(wv) {
+                    mv(&[(wq, qkv_pairs[0]), (wk, qkv_pairs[1]), (wv, qkv_pairs[2])], qkv, ldq, 0, u, false)?;
+                } else {
+                    // Mixed types (Q4_K_M keeps some v at 6 bits): one launch each, into place.
+                    for (i, (wp, off)) in [(wq, 0), (wk, qdim), (wv, qdim + kvdim)].into_iter().enumerate() {
+                        mv(&[(wp, qkv_pairs[i])], qkv + off as u64 * f, ldq, 0, u + (i * r) as u64 * f, false)?;
+                    }
+                }
+                let ra = RopeArgs { qkv, cos: self.cos, sin: self.sin, pos, k_cache: kc, v_cache: vc, ldq: ldq as i32, nh: nh as i32, nkv: nkv as i32, hd: hd as i32, cap: cap as i32, at: len as i32 };
+                let cfg_rope = LaunchConfig { grid_dim: ((nh + 2 * nkv) as u32, nb as u32, 1), block_dim: ((hd / 2).div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
+                go.with(&self.rope, cfg_rope, &ra)?;
+                let aa = AttnArgs {
+                    q: qkv,
+                    k_cache: kc,
+                    v_cache: vc,
+                    start,
+                    out: att,
+                    ldq: ldq as i32,
+                    nh: nh as i32,
+                    nkv: nkv as i32,
+                    hd: hd as i32,
+                    cap: cap as i32,
+                    len: (len + 1) as i32,
+                    window,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                };
+                go.with(&self.attn, LaunchConfig { grid_dim: (nh as u32, nb as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, &aa)?;
+                quantize(att, qdim)?;
+                lora_a([pair(Proj::O), None, None], att, qdim)?;
+                mv(&[(w(Proj::O), pair(Proj::O))], x, hidden, x, u, false)?;
+                // MLP block.
+                norm(x, layer.ffn_norm, h, hidden)?;
+                let gu_pairs = [pair(Proj::Gate), pair(Proj::Up), None];
+                lora_a(gu_pairs, h, hidden)?;
+                mv(&[(w(Proj::Gate), gu_pairs[0]), (w(Proj::Up), gu_pairs[1])], act, inter, 0, u, true)?;
+                quantize(act, inter)?;
+                lora_a([pair(Proj::Down), None, None], act, inter)?;
+                mv(&[(w(Proj::Down), pair(Proj::Down))], x, hidden, x, u, false)?;
+            }
+            norm(x, self.final_norm, h, hidden)?;
+            let vocab = self.head.rows;
+            // SAFETY: the head matvec writes every element.
+            let logits = unsafe { self.dev.alloc::<f32>(nb * vocab)? };
+            mv(&[(&self.head, None)], slice_ptr(&logits), vocab, 0, 0, false)?;
+            drop(guard);
+            self.launches.store(go.n.get(), Ordering::Relaxed);
+            Ok(Some(tensor_from_slice(logits, &self.dev, (nb, 1, vocab))))
+        }
+    }
+
+}
