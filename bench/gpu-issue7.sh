@@ -11,8 +11,16 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 F='^ *[0-9]*: <unknown>|^\s*$|INFO'
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 freeski-bot bench parity --device cuda:0 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"
+# Each run times the fused decode / dense prefill and, in the same process, candle's ops alone.
 for r in 0 16; do
   freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank $r --json "$OUT/gen-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/gen-r$r.txt"
 done
+freeski-bot bench generate --random mistral-7b --quant q4k-m --device cuda:0 --lora-rank 16 --repeats 2 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-r16.txt"
+# Kernel time per stage of one fused decode token (r=16): ncu with the card's own clocks and
+# caches (the default of locked base clocks and flushed caches inflates every kernel).
+A="bench generate --random mistral-7b --device cuda:0 --lora-rank 16 --repeats 1 --streams 0 --compare false --prompt-tokens 64 --ttft-tokens 16 --decode-tokens 16"
+/usr/local/cuda/bin/ncu --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
+  -k 'regex:^(mv_|attn_|rope_|rmsnorm|lora_a|embed|quantize)' --launch-skip 1800 --launch-count 451 \
+  freeski-bot $A > "$OUT/ncu.csv" 2>/dev/null && python3 bench/ncu_summary.py "$OUT/ncu.csv" | tee "$OUT/ncu.txt"
 freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
 python3 bench/pytorch_generate.py 2>&1 | tail -12 | tee "$OUT/pytorch.txt"
