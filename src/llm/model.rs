@@ -379,7 +379,7 @@ impl Model {
         self.dense_rows = rows;
     }
 
-    /// Whether decode steps of `adapter` (or none) take the fused path on this model.
+    /// Whether one-token steps take the fused CUDA path on this model (built on first use).
     pub fn fused_decode_active(&self) -> Result<bool> {
         Ok(self.fast_decode && self.fast_decoder()?.is_some())
     }
