@@ -3,7 +3,8 @@
 # prefill path included), `bench generate` on the random Mistral-7B shape (bare and with a
 # rank-16 LoRA; prefill, time to first token, decode at batch 1 and 8 concurrent streams),
 # `bench serve-train` on a simulated 8 GB card (engine time to first token, hot-swap, memory),
-# then the PyTorch bf16 baseline. Usage on the GPU machine, from the project root:
+# then the PyTorch bf16 baseline, bare and with a PEFT LoRA of rank 16. Usage on the GPU
+# machine, from the project root:
 #   bash bench/gpu-issue7.sh
 set -uo pipefail
 source .gpu/activate
@@ -24,3 +25,7 @@ A="bench generate --random mistral-7b --device cuda:0 --lora-rank 16 --repeats 1
   freeski-bot $A > "$OUT/ncu.csv" 2>/dev/null && python3 bench/ncu_summary.py "$OUT/ncu.csv" | tee "$OUT/ncu.txt"
 freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
 python3 bench/pytorch_generate.py 2>&1 | tail -12 | tee "$OUT/pytorch.txt"
+# PEFT is not installed on that machine: its wheel travels in .gpu/wheels (download it there first:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .gpu/wheels peft==0.21.2).
+PYDIR=/tmp/peft-lib; pip install -q --no-deps --target "$PYDIR" .gpu/wheels/peft-*.whl >/dev/null 2>&1
+PYTHONPATH="$PYDIR" python3 bench/pytorch_generate.py --lora-rank 16 2>&1 | tail -12 | tee "$OUT/pytorch-r16.txt"

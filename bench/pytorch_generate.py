@@ -2,9 +2,12 @@
 
 Same shapes (Mistral-7B-Instruct-v0.1 config), random weights in bf16 on one GPU, same
 measurements: prefill tokens/s for a 512-token prompt, time to first token for a 100-token
-prompt, greedy decode tokens/s at batch 1. Prints one JSON object.
+prompt, greedy decode tokens/s at batch 1. With --lora-rank R, a PEFT LoRA adapter of rank R on
+all seven projections is active (unmerged, as `bench generate --lora-rank R` runs it). Prints
+one JSON object.
 
     python3 bench/pytorch_generate.py --prompt-tokens 512 --ttft-tokens 100 --decode-tokens 128
+    python3 bench/pytorch_generate.py --lora-rank 16    # needs peft (bench/gpu-issue7.sh)
 """
 import argparse
 import json
@@ -21,11 +24,20 @@ def main():
     ap.add_argument("--ttft-tokens", type=int, default=100)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lora-rank", type=int, default=0)
     args = ap.parse_args()
 
     t0 = time.perf_counter()
     model = random_mistral_7b()
     cfg = model.config
+    if args.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
+        model = get_peft_model(model, lora).to(torch.bfloat16)
     model.eval()
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
@@ -62,7 +74,8 @@ def main():
             model.generate(x, max_new_tokens=args.decode_tokens + 1, min_new_tokens=args.decode_tokens + 1, do_sample=False)
             torch.cuda.synchronize(); decode.append(time.perf_counter() - t - one)
     print(json.dumps({
-        "stack": f"PyTorch {torch.__version__} + transformers, bf16, random Mistral-7B shape",
+        "stack": f"PyTorch {torch.__version__} + transformers, bf16, random Mistral-7B shape"
+        + (f", PEFT LoRA r={args.lora_rank} on all 7 projections" if args.lora_rank else ""),
         "device": torch.cuda.get_device_name(0),
         "load_s": load_s,
         "prefill_tokens_per_s": args.prompt_tokens / median(prefill),
