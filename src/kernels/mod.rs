@@ -1,11 +1,12 @@
 //! The project's own CUDA kernels: `.cu` files next to this module, compiled to PTX by
-//! `build.rs` with the `cuda` feature and loaded once per device through candle's module cache.
+//! `build.rs` with the `cuda` feature and loaded per device (candle's module cache, or
+//! [`Kernels`] for callers that keep their functions).
 //!
 //! * `dropout.cu`: keyed dropout for training; its Rust twin is `train::dropout`.
 //! * `quant.cu`: kernels that read GGML-packed weights in place: dequantization to bf16/f16
 //!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fast_decode`).
-//! * `decode.cu`: RMSNorm, LoRA down-projection, rotary + KV append and decode attention for
-//!   `llm::fast_decode`.
+//! * `decode.cu`: RMSNorm with int8 quantization of the matvec input, quantization, LoRA
+//!   down-projection, rotary + KV append and decode attention for `llm::fast_decode`.
 //!
 //! The CPU build has no kernels; the candle path is the reference each kernel is checked against
 //! (`bench parity` on the GPU machine, BENCHMARKS.md).
