@@ -1,6 +1,6 @@
 //! The project's own CUDA kernels: `.cu` files next to this module, compiled to PTX by
 //! `build.rs` with the `cuda` feature and loaded per device (candle's module cache, or
-//! [`Kernels`] for callers that keep their functions).
+//! `Kernels` for callers that keep their functions; CUDA builds only).
 //!
 //! * `dropout.cu`: keyed dropout for training; its Rust twin is `train::dropout`.
 //! * `quant.cu`: kernels that read GGML-packed weights in place: dequantization to bf16/f16
