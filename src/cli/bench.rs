@@ -167,7 +167,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     let launches = model.fused_launches_per_step();
     // The same measurements through candle's ops alone (4-bit kernels for prompts too), for the
     // before/after in one run on one card.
-    let candle = if args.compare && (fused || dev.is_cuda()) {
+    let candle = if args.compare && dev.is_cuda() {
         model.set_fast_decode(false);
         model.set_dense_prefill_rows(usize::MAX);
         Some(time_paths(&model, adapter, &args, &mut peak_dev)?)
@@ -423,6 +423,12 @@ fn dequant_parity(dev: &Device, dtype: GgmlDType, to: DType, seed: u64) -> Resul
     Ok((rows * cols, ulps))
 }
 
+/// Largest |a - b| relative to the largest |a| (`a` is the reference).
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12) as f64;
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64 / scale
+}
+
 /// Shapes for the fused-decode parity: the tiny GQA/sliding-window model in the two 32-wide
 /// block types, and a small one whose widths fit the 256-wide K-quants, in the Q4_K_M mix
 /// (Q6_K values make q|k|v a mixed-type group).
@@ -460,11 +466,7 @@ fn fused_decode_parity(dev: &Device, cfg: &crate::llm::ModelConfig, quant: Bench
         flat.extend((0..lens[i] as u32).map(|j| (j * 31 + 7 * i as u32 + 3) % cfg.vocab_size as u32));
     }
     let ids = Tensor::from_vec(flat, (3, longest), dev)?;
-    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
-        let (a, b) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
-        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12) as f64;
-        Ok(a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64 / scale)
-    };
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> { Ok(rel_diff(&a.flatten_all()?.to_vec1::<f32>()?, &b.flatten_all()?.to_vec1::<f32>()?)) };
     let prefill = |m: &Model| -> Result<(KvCache, Tensor)> {
         let mut cache = KvCache::with_padding(cfg, pads.clone());
         let l = m.forward(&ids, &mut cache, a, Logits::Last)?;
@@ -509,10 +511,6 @@ fn bench_parity(args: ParityBench) -> Result<()> {
         let l = m.forward(&Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?, &mut cache, Some(a), Logits::All)?;
         Ok(l.flatten_all()?.to_vec1::<f32>()?)
     };
-    let rel = |a: &[f32], b: &[f32]| -> f64 {
-        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12) as f64;
-        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64 / scale
-    };
     let mut failures = Vec::new();
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
         let cpu_q = random::random_model(&cfg, dtype, args.seed, &Device::Cpu)?;
@@ -520,10 +518,10 @@ fn bench_parity(args: ParityBench) -> Result<()> {
         let exact_cpu = random::dequantized(&cpu_q)?;
         let exact_dev = random::dequantized(&dev_q)?;
         let reference = run(&exact_cpu, &adapter_cpu)?;
-        let f32_diff = rel(&reference, &run(&exact_dev, &adapter_dev)?);
+        let f32_diff = rel_diff(&reference, &run(&exact_dev, &adapter_dev)?);
         let q_cpu = run(&cpu_q, &adapter_cpu)?;
         let q_dev = run(&dev_q, &adapter_dev)?;
-        let (q_diff, cpu_err, dev_err) = (rel(&q_cpu, &q_dev), rel(&reference, &q_cpu), rel(&reference, &q_dev));
+        let (q_diff, cpu_err, dev_err) = (rel_diff(&q_cpu, &q_dev), rel_diff(&reference, &q_cpu), rel_diff(&reference, &q_dev));
         println!("{dtype:?} weights dequantized to f32: cpu vs {} relative {f32_diff:.2e} (tolerance {:.0e})", args.device, args.tolerance);
         println!("{dtype:?} weights quantized: cpu vs {} relative {q_diff:.2e}; vs exact f32: cpu {cpu_err:.2e}, {} {dev_err:.2e} (tolerance {:.0e})", args.device, args.device, args.quantized_tolerance);
         if f32_diff > args.tolerance {
