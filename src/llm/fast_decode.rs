@@ -45,7 +45,8 @@ impl FastDecoder {
 mod imp {
     use std::cell::Cell;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Mutex;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
 
     use anyhow::{ensure, Result};
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
@@ -126,27 +127,40 @@ mod imp {
     unsafe impl DeviceRepr for RopeArgs {}
     unsafe impl DeviceRepr for AttnArgs {}
 
+    /// The kernels of one block type, shared by every weight of that type.
+    struct TypeKernels {
+        /// `mv_<type>_b<n>` for n = 1..=8.
+        mv: Vec<CudaFunction>,
+        embed: CudaFunction,
+    }
+
     /// A packed weight read in place: its address and the kernels for its block type.
     struct Packed {
         ptr: u64,
         rows: usize,
         cols: usize,
         kind: QuantKind,
-        /// `mv_<type>_b<n>` for n = 1..=8.
-        mv: Vec<CudaFunction>,
-        embed: CudaFunction,
+        f: Arc<TypeKernels>,
     }
 
     impl Packed {
-        fn new(k: &Kernels, w: &BaseLinear) -> Result<Option<Self>> {
+        /// `w` as the fused step reads it; `by_type` holds the kernels already loaded per type.
+        fn new(k: &Kernels, by_type: &mut HashMap<&'static str, Arc<TypeKernels>>, w: &BaseLinear) -> Result<Option<Self>> {
             let Some(kind) = quant_kind(w.dtype()) else { return Ok(None) };
             let suffix = kind.suffix;
             if !w.in_features().is_multiple_of(32) {
                 return Ok(None);
             }
-            let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
-            let embed = k.quant(&format!("embed_f32_{suffix}"))?;
-            Ok(Some(Self { ptr: w.qtensor().device_ptr()? as u64, rows: w.out_features(), cols: w.in_features(), kind, mv, embed }))
+            let f = match by_type.get(suffix) {
+                Some(f) => f.clone(),
+                None => {
+                    let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
+                    let f = Arc::new(TypeKernels { mv, embed: k.quant(&format!("embed_f32_{suffix}"))? });
+                    by_type.insert(suffix, f.clone());
+                    f
+                }
+            };
+            Ok(Some(Self { ptr: w.qtensor().device_ptr()? as u64, rows: w.out_features(), cols: w.in_features(), kind, f }))
         }
 
         fn same_type(&self, other: &Packed) -> bool {
@@ -213,7 +227,7 @@ mod imp {
             let groups = matvec_groups(w.kind, w.cols);
             let per_block = groups * if a.glu != 0 { 2 } else { 4 };
             let a = MvArgs { groups: groups as i32, ..*a };
-            self.with(&w.mv[nb - 1], grid((a.n as usize).div_ceil(per_block), 256), &a)
+            self.with(&w.f.mv[nb - 1], grid((a.n as usize).div_ceil(per_block), 256), &a)
         }
 
         fn builder<'b>(&'b self, f: &'b CudaFunction) -> LaunchArgs<'b> {
@@ -236,7 +250,8 @@ mod imp {
                 return Ok(None);
             }
             let k = Kernels::load(dev)?;
-            let packed = |w: &BaseLinear| Packed::new(&k, w);
+            let mut by_type = HashMap::new();
+            let mut packed = |w: &BaseLinear| Packed::new(&k, &mut by_type, w);
             let mut layers = Vec::with_capacity(cfg.num_layers);
             for l in model.layers() {
                 let mut w = Vec::with_capacity(7);
@@ -357,7 +372,7 @@ mod imp {
             let ids = ids.contiguous()?;
             let ids_ptr = tensor_ptr(&ids)?;
             {
-                let mut b = go.builder(&self.embed.embed);
+                let mut b = go.builder(&self.embed.f.embed);
                 let (nb32, k32) = (nb as i32, hidden as i32);
                 b.arg(&self.embed.ptr).arg(&ids_ptr).arg(&x).arg(&nb32).arg(&k32);
                 // SAFETY: (const uint8_t*, const uint32_t*, float*, int, int) as in EMBED.
