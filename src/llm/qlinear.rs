@@ -39,12 +39,7 @@ impl BaseLinear {
         let rows = x.elem_count() / self.in_features.max(1);
         if rows >= dense_rows {
             if let Some(w) = kernel_dequantize(&self.weight, DType::BF16)? {
-                let mut dims = x.dims().to_vec();
-                let y = x.reshape((rows, self.in_features))?.to_dtype(DType::BF16)?.matmul(&w.t()?)?;
-                if let Some(last) = dims.last_mut() {
-                    *last = self.out_features;
-                }
-                return Ok(y.to_dtype(x.dtype())?.reshape(dims)?);
+                return Ok(dense_matmul(&x.to_dtype(DType::BF16)?, &w)?.to_dtype(x.dtype())?);
             }
         }
         self.forward(x)
@@ -83,6 +78,19 @@ impl BaseLinear {
         let w = (self.dequantize()? + delta.to_device(&self.weight.device())?)?;
         Self::new(QTensor::quantize(&w, self.weight.dtype())?)
     }
+}
+
+/// `x · wᵀ` for `x: [.., in]` and a dense `w: [out, in]`: one GEMM over all leading rows, in the
+/// inputs' dtype (the prompt path here and the training ops share it).
+pub fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let (out_f, in_f) = w.dims2()?;
+    let mut dims = x.dims().to_vec();
+    let rows = x.elem_count() / in_f;
+    let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
+    if let Some(last) = dims.last_mut() {
+        *last = out_f;
+    }
+    y.reshape(dims)
 }
 
 /// `w` dequantized by the project's CUDA kernel to `dtype`, where one exists for its type.

@@ -126,15 +126,7 @@ impl FrozenQMatMul {
 
     /// `x · dequant(W)ᵀ` as one dense GEMM in `x`'s dtype.
     fn dense(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.dense_weight(x.device(), x.dtype())?;
-        let (out_f, in_f) = w.dims2()?;
-        let mut dims = x.dims().to_vec();
-        let rows = x.elem_count() / in_f;
-        let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
-        if let Some(last) = dims.last_mut() {
-            *last = out_f;
-        }
-        y.reshape(dims)
+        crate::llm::qlinear::dense_matmul(x, &self.dense_weight(x.device(), x.dtype())?)
     }
 
     /// Few rows (decode-like shapes) go to candle's quantized kernel, which reads the packed
