@@ -13,6 +13,7 @@ fn main() {
     for k in KERNELS {
         println!("cargo::rerun-if-changed=src/kernels/{k}.cu");
     }
+    println!("cargo::rerun-if-changed=src/kernels/common.cuh");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

@@ -1,14 +1,11 @@
 // The non-matmul kernels of the fused decode step (src/llm/fast_decode.rs): RMSNorm and int8
 // quantization of the matvec inputs, LoRA's down-projection u = A·x for the projections that
-// share an input, rotary embedding with the KV-cache append, and single-query attention. Activations are f32, laid out
-// [rows, features] with rows < 8; the KV cache is [rows, kv_heads, capacity, head_dim] f32.
+// share an input, rotary embedding with the KV-cache append, and single-query attention.
+// Activations are f32, laid out [rows, features] with rows <= 8; the KV cache is
+// [rows, kv_heads, capacity, head_dim] f32.
 #include <stdint.h>
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+#include "common.cuh"
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v) {

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 __device__ __forceinline__ float ld_half(const uint8_t *p) {
     return __half2float(*reinterpret_cast<const __half *>(p));
 }
@@ -389,12 +391,6 @@ struct MvArgs {
     int groups;              // 1, 2, 4 or 8
     float lora_scale;
 };
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 template <typename Q, typename D, int NB>
 __device__ void mv_body(const MvArgs &a) {
