@@ -1,31 +1,77 @@
 #!/usr/bin/env bash
-# One device call for the performance issue's inference targets: CPU/GPU parity (the dense
-# prefill path included), `bench generate` on the random Mistral-7B shape (bare and with a
-# rank-16 LoRA; prefill, time to first token, decode at batch 1 and 8 concurrent streams),
-# `bench serve-train` on a simulated 8 GB card (engine time to first token, hot-swap, memory),
-# then the PyTorch bf16 baseline, bare and with a PEFT LoRA of rank 16. Usage on the GPU
-# machine, from the project root:
-#   bash bench/gpu-issue7.sh
+# Device calls for the performance issue. Stages, run in the order given (default: all):
+#   parity    CPU/GPU parity (fused decode at 1, 3 and 8 rows, dequantization, dense prefill)
+#   gen       `bench generate` on the random Mistral-7B shape, bare and with a rank-16 LoRA
+#             (prefill, time to first token, decode at batch 1 and 8 streams; every run also
+#             times candle's ops in the same process), and the Q4_K_M mix with LoRA
+#   ncu       kernel time per launch of one fused r=16 decode token, and ncu's memory/occupancy
+#             sections for the gate|up and down matvecs
+#   serve     `bench serve-train` on a simulated 8 GB card (engine time to first token,
+#             hot-swap, serve + train memory)
+#   train     `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
+#   pytorch   PyTorch bf16 `generate`, bare and with a PEFT LoRA of rank 16
+# Usage on the GPU machine, from the project root:  bash bench/gpu-issue7.sh [stage ...]
 set -uo pipefail
 source .gpu/activate
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 F='^ *[0-9]*: <unknown>|^\s*$|INFO'
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-freeski-bot bench parity --device cuda:0 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"
-# Each run times the fused decode / dense prefill and, in the same process, candle's ops alone.
-for r in 0 16; do
-  freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank $r --json "$OUT/gen-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/gen-r$r.txt"
-done
-freeski-bot bench generate --random mistral-7b --quant q4k-m --device cuda:0 --lora-rank 16 --repeats 2 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-r16.txt"
-# Kernel time per stage of one fused decode token (r=16): ncu with the card's own clocks and
-# caches (the default of locked base clocks and flushed caches inflates every kernel).
-A="bench generate --random mistral-7b --device cuda:0 --lora-rank 16 --repeats 1 --streams 0 --compare false --prompt-tokens 64 --ttft-tokens 16 --decode-tokens 16"
-/usr/local/cuda/bin/ncu --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
-  -k 'regex:^(mv_|attn_|rope_|rmsnorm|lora_a|embed|quantize)' --launch-skip 1800 --launch-count 451 \
-  freeski-bot $A > "$OUT/ncu.csv" 2>/dev/null && python3 bench/ncu_summary.py "$OUT/ncu.csv" | tee "$OUT/ncu.txt"
-freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
-python3 bench/pytorch_generate.py 2>&1 | tail -12 | tee "$OUT/pytorch.txt"
 # PEFT is not installed on that machine: its wheel travels in .gpu/wheels (download it there first:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .gpu/wheels peft==0.21.2).
-PYDIR=/tmp/peft-lib; pip install -q --no-deps --target "$PYDIR" .gpu/wheels/peft-*.whl >/dev/null 2>&1
-PYTHONPATH="$PYDIR" python3 bench/pytorch_generate.py --lora-rank 16 2>&1 | tail -12 | tee "$OUT/pytorch-r16.txt"
+PYDIR=/tmp/peft-lib
+peft() { [ -d "$PYDIR/peft" ] || pip install -q --no-deps --target "$PYDIR" .gpu/wheels/peft-*.whl >/dev/null 2>&1; }
+NCU=/usr/local/cuda/bin/ncu
+# One fused decode token: 1 embedding + 32 layers × 10 + final prepare + head = 323 launches.
+PER_TOKEN=323
+A="bench generate --random mistral-7b --device cuda:0 --lora-rank 16 --repeats 1 --streams 0 --compare false --prompt-tokens 64 --ttft-tokens 16 --decode-tokens 16"
+
+stage_parity() { freeski-bot bench parity --device cuda:0 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"; }
+stage_gen() {
+  for r in 0 16; do
+    freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank $r --json "$OUT/gen-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/gen-r$r.txt"
+  done
+  freeski-bot bench generate --random mistral-7b --quant q4k-m --device cuda:0 --lora-rank 16 --repeats 1 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-r16.txt"
+}
+stage_ncu() {
+  # The card's own clocks and caches (ncu's default of locked base clocks and flushed caches
+  # inflates every kernel). The first 4 tokens are skipped.
+  $NCU --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
+    -k 'regex:^(mv_|attn_|rope_|prep_|embed)' --launch-skip $((4 * PER_TOKEN)) --launch-count $PER_TOKEN \
+    freeski-bot $A > "$OUT/ncu.csv" 2>/dev/null && python3 bench/ncu_summary.py "$OUT/ncu.csv" 12 | tee "$OUT/ncu.txt"
+  # Matvec launches per token: 4 a layer + the head; skip 4 tokens, then layer 0's gate|up and down.
+  $NCU --cache-control none --clock-control none --section SpeedOfLight --section Occupancy \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
+    -k 'regex:^mv_' --launch-skip $((4 * 129 + 2)) --launch-count 2 \
+    freeski-bot $A 2>/dev/null | grep -v "^==PROF==" > "$OUT/ncu-detail.txt"
+  # The same for 8 streams (the batched step's gate|up and down).
+  $NCU --cache-control none --clock-control none --section SpeedOfLight --section Occupancy \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section ComputeWorkloadAnalysis \
+    -k 'regex:^mv_.*_b8' --launch-skip $((4 * 129 + 2)) --launch-count 2 \
+    freeski-bot ${A/--streams 0/--streams 8} 2>/dev/null | grep -v "^==PROF==" > "$OUT/ncu-detail-b8.txt"
+  # One batched token's 129 matvec launches (the other kernels also run for the one-at-a-time
+  # reference decode, so only the matvecs are told apart by name).
+  $NCU --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
+    -k 'regex:^mv_.*_b8' --launch-skip $((4 * 129)) --launch-count 129 \
+    freeski-bot ${A/--streams 0/--streams 8} > "$OUT/ncu-b8.csv" 2>/dev/null; python3 bench/ncu_summary.py "$OUT/ncu-b8.csv" 5 | tee "$OUT/ncu-b8.txt"
+  grep -hE "mv_|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued" "$OUT/ncu-detail.txt" "$OUT/ncu-detail-b8.txt" | head -60
+}
+stage_serve() {
+  freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
+}
+stage_train() {
+  freeski-bot bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --leave-free-gb 7.0 --json "$OUT/train-r16.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train.txt"
+  peft; PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 2>&1 | tail -3 | tee "$OUT/pytorch-train-r16.txt"
+}
+stage_pytorch() {
+  python3 bench/pytorch_generate.py 2>&1 | tail -12 | tee "$OUT/pytorch.txt"
+  peft; PYTHONPATH="$PYDIR" python3 bench/pytorch_generate.py --lora-rank 16 2>&1 | tail -12 | tee "$OUT/pytorch-r16.txt"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
+git log -1 --format='commit %h %s' 2>/dev/null | tee "$OUT/commit.txt"
+for s in "${@:-parity gen ncu serve train pytorch}"; do
+  for t in $s; do
+    echo "=== $t ($(date +%T))"
+    "stage_$t"
+  done
+done
+echo "=== done ($(date +%T))"

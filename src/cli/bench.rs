@@ -78,7 +78,7 @@ pub struct BenchModel {
     pub device: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchQuant {
     Q4k,
     /// llama.cpp's Q4_K_M mix: Q6_K for attention values, MLP down and the head, else Q4_K.
@@ -255,10 +255,13 @@ fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench
             *peak_dev = Some((peak_dev.map_or(used, |p| p.0.max(used)), total));
         }
     };
-    // Warm up kernels and allocator once (prompt and decode shapes).
-    let mut warm = KvCache::new(cfg, 1);
-    let tok = greedy_step(model, &mut warm, &prompt(args.ttft_tokens.max(2)), adapter)?;
-    greedy_step(model, &mut warm, &[tok], adapter)?;
+    // Warm up kernels, cuBLAS and the allocator once on every shape timed below (the long
+    // prompt may take the dense GEMM path and the short one candle's 4-bit kernels).
+    for n in [args.prompt_tokens, args.ttft_tokens] {
+        let mut warm = KvCache::new(cfg, 1);
+        let tok = greedy_step(model, &mut warm, &prompt(n.max(2)), adapter)?;
+        greedy_step(model, &mut warm, &[tok], adapter)?;
+    }
 
     let mut prefill = Vec::new();
     for _ in 0..reps {
@@ -447,17 +450,17 @@ struct FusedParity {
     dense_prefill: f64,
 }
 
-/// Decode steps of a padded 3-row batch (different prompt lengths, prompts longer than the
-/// sliding window, a random adapter) through the fused step and through candle's 4-bit ops,
+/// Decode steps of a padded batch of `rows` (different prompt lengths, prompts longer than the
+/// sliding window, a random adapter of rank `rank`) through the fused step and through candle's 4-bit ops,
 /// each compared with the exact f32 model (the same weights dequantized). Every path decodes
 /// from a cache the exact model filled, and all are fed the exact model's greedy tokens, so each
 /// step's difference is that path's own.
-fn fused_decode_parity(dev: &Device, cfg: &crate::llm::ModelConfig, quant: BenchQuant, seed: u64) -> Result<FusedParity> {
+fn fused_decode_parity(dev: &Device, cfg: &crate::llm::ModelConfig, quant: BenchQuant, seed: u64, rows: usize, rank: usize) -> Result<FusedParity> {
     let mut packed = quant.random_model(cfg, seed, dev)?;
     let exact = random::dequantized(&packed)?;
-    let adapter = random_adapter(cfg, 4, dev)?;
+    let adapter = random_adapter(cfg, rank, dev)?;
     let a = Some(&adapter);
-    let lens = [20usize, 14, 9];
+    let lens = &[20usize, 14, 9, 20, 17, 12, 9, 5][..rows];
     let longest = lens[0];
     let pads: Vec<usize> = lens.iter().map(|l| longest - l).collect();
     let mut flat = Vec::new();
@@ -465,7 +468,7 @@ fn fused_decode_parity(dev: &Device, cfg: &crate::llm::ModelConfig, quant: Bench
         flat.extend(std::iter::repeat_n(0u32, p));
         flat.extend((0..lens[i] as u32).map(|j| (j * 31 + 7 * i as u32 + 3) % cfg.vocab_size as u32));
     }
-    let ids = Tensor::from_vec(flat, (3, longest), dev)?;
+    let ids = Tensor::from_vec(flat, (rows, longest), dev)?;
     let rel = |a: &Tensor, b: &Tensor| -> Result<f64> { Ok(rel_diff(&a.flatten_all()?.to_vec1::<f32>()?, &b.flatten_all()?.to_vec1::<f32>()?)) };
     let prefill = |m: &Model| -> Result<(KvCache, Tensor)> {
         let mut cache = KvCache::with_padding(cfg, pads.clone());
@@ -482,7 +485,7 @@ fn fused_decode_parity(dev: &Device, cfg: &crate::llm::ModelConfig, quant: Bench
     let (mut fused, mut candle_ops, mut used_fused) = (0f64, 0f64, true);
     for _ in 0..steps {
         let next: Vec<u32> = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
-        let t = Tensor::from_vec(next, (3, 1), dev)?;
+        let t = Tensor::from_vec(next, (rows, 1), dev)?;
         packed.set_fast_decode(true);
         let lf = packed.forward(&t, &mut c_fused, a, Logits::Last)?;
         used_fused &= packed.fused_launches_per_step().is_some_and(|n| n > 0);
@@ -540,14 +543,21 @@ fn bench_parity(args: ParityBench) -> Result<()> {
             }
         }
     }
-    for (label, cfg, quant) in fused_parity_models() {
-        let r = fused_decode_parity(&dev, &cfg, quant, args.seed)?;
+    // Every model with 3 rows and rank 4; the Q4_K_M mix also with one row and a rank above 32
+    // (the matvec's second LoRA path), and with the full 8 rows.
+    let cases = fused_parity_models().into_iter().flat_map(|(label, cfg, quant)| {
+        let more: &[(usize, usize)] = if quant == BenchQuant::Q4kM { &[(3, 4), (1, 40), (8, 16)] } else { &[(3, 4)] };
+        more.iter().map(move |&(rows, rank)| (label, cfg.clone(), quant, rows, rank)).collect::<Vec<_>>()
+    });
+    for (label, cfg, quant, rows, rank) in cases {
+        let r = fused_decode_parity(&dev, &cfg, quant, args.seed, rows, rank)?;
+        let label = format!("{label}, {rows} rows, r={rank}");
         // The fused step and candle's 4-bit kernels both round activations to int8 blocks of 32;
         // random small models amplify that differently, so the fused step must stay within the
         // quantized tolerance or within twice the error of candle's own path on the same model.
         let bound = args.quantized_tolerance.max(2.0 * r.candle_ops);
         println!(
-            "{label}: 3 padded rows, {} decode steps, LoRA r=4, vs exact f32: fused decode {:.2e} (bound {bound:.1e}), candle's 4-bit ops {:.2e}, bf16-GEMM prompt {:.2e} (tolerance {:.0e})",
+            "{label}: {} decode steps, vs exact f32: fused decode {:.2e} (bound {bound:.1e}), candle's 4-bit ops {:.2e}, bf16-GEMM prompt {:.2e} (tolerance {:.0e})",
             r.steps, r.fused, r.candle_ops, r.dense_prefill, args.quantized_tolerance
         );
         if !r.used_fused {

@@ -1,22 +1,36 @@
-// The non-matmul kernels of the fused decode step (src/llm/fast_decode.rs): RMSNorm and int8
-// quantization of the matvec inputs, LoRA's down-projection u = A·x for the projections that
-// share an input, rotary embedding with the KV-cache append, and single-query attention.
-// Activations are f32, laid out [rows, features] with rows <= 8; the KV cache is
+// The non-matmul kernels of the fused decode step (src/llm/fast_decode.rs): preparing a matvec's
+// input (RMSNorm, int8 quantization and LoRA's down-projection u = A·x for the projections that
+// share the input, in one launch), rotary embedding with the KV-cache append, and single-query
+// attention. Activations are f32, laid out [rows, features] with rows <= 8; the KV cache is
 // [rows, kv_heads, capacity, head_dim] f32.
 #include <stdint.h>
 
 #include "common.cuh"
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ float block_sum(float v) {
-    __shared__ float part[32];
+// Sums of v[0..count) (count <= N) over the block (blockDim.x a multiple of 32, at most 1024)
+// with one barrier pair for all of them; every thread gets the results in v.
+template <int N>
+__device__ void block_sums(float (&v)[N], int count) {
+    __shared__ float part[N][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        if (i < count) v[i] = warp_sum(v[i]);
+    __syncthreads();  // part may still be read by an earlier call
+    if (lane == 0)
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            if (i < count) part[i][warp] = v[i];
     __syncthreads();
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    v = lane < nw ? part[lane] : 0.f;
-    return warp_sum(v);
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        if (i < count) v[i] = warp_sum(lane < nw ? part[i][lane] : 0.f);
+}
+
+__device__ float block_sum(float v) {
+    float a[1] = {v};
+    block_sums<1>(a, 1);
+    return a[0];
 }
 
 // Quantize the 4 values v (elements 4t..4t+3 of a row, t = this thread's index in the row) to
@@ -37,79 +51,116 @@ __device__ __forceinline__ void quantize4(float4 v, int t, bool active, int8_t *
     if ((t & 7) == 0) xd[t >> 3] = d;
 }
 
-// y[b, :] = x[b, :] / sqrt(mean(x[b, :]^2) + eps) * w in f32 (LoRA's A reads it) and as int8
-// blocks (the matvec reads those); one block per row, n a multiple of 32.
-extern "C" __global__ void rmsnorm_q8(const float *x, const float *w, float *y, int8_t *xq, float *xd, int n, float eps) {
-    const int row = blockIdx.x;
-    const float4 *xr = reinterpret_cast<const float4 *>(x + (int64_t)row * n);
-    const float4 *wr = reinterpret_cast<const float4 *>(w);
-    float4 *yr = reinterpret_cast<float4 *>(y + (int64_t)row * n);
-    const int n4 = n / 4;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 v = xr[i];
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    }
-    const float inv = 1.f / sqrtf(block_sum(ss) / n + eps);
-    for (int base = 0; base < n4; base += blockDim.x) {
-        const int i = base + threadIdx.x;
-        const bool active = i < n4;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (active) {
-            const float4 a = xr[i], g = wr[i];
-            v = make_float4(a.x * inv * g.x, a.y * inv * g.y, a.z * inv * g.z, a.w * inv * g.w);
-            yr[i] = v;
-        }
-        quantize4(v, i, active, xq + (int64_t)row * n, xd + (int64_t)row * (n / 32));
-    }
-}
-
-// x[b, :] as int8 blocks of 32 (the attention and SwiGLU outputs, before their matvecs).
-extern "C" __global__ void quantize_q8(const float *x, int8_t *xq, float *xd, int n) {
-    const int row = blockIdx.x;
-    const float4 *xr = reinterpret_cast<const float4 *>(x + (int64_t)row * n);
-    const int n4 = n / 4;
-    for (int base = 0; base < n4; base += blockDim.x) {
-        const int i = base + threadIdx.x;
-        const bool active = i < n4;
-        const float4 v = active ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-        quantize4(v, i, active, xq + (int64_t)row * n, xd + (int64_t)row * (n / 32));
-    }
-}
-
-// u[b, s*r + j] = A_s[j, :] · x[b, :] for up to three segments s (null A_s: skipped).
-// One block per (segment, j); rows b < nb <= 8. k is a multiple of 4.
-struct LoraAArgs {
-    const float *a[3];  // [r, k] row-major
-    const float *x;     // [nb, k]
-    float *u;           // [nb, ldu]
-    int k, r, nb, ldu;
+// Prepares a matvec's input in one launch: blocks 0..nb-1 each take one row of x, RMS-normalise
+// it when norm_w is given (x / sqrt(mean(x^2) + eps) * norm_w) and quantize it to int8 blocks of
+// 32 (xq, xd); the other nseg*r blocks each compute one LoRA down-projection entry
+// u[b, s*r + j] = A_s[j, :] · input[b, :] for every row b, normalising on the fly
+// (A·(x·inv·g) = inv · (A∘g)·x), so they run beside the quantization instead of after it.
+struct PrepArgs {
+    const float *x;       // [nb, n]
+    const float *norm_w;  // [n], or null: x is quantized as it is
+    int8_t *xq;           // [nb, n]
+    float *xd;            // [nb, n/32]
+    const float *a[3];    // LoRA A_s [r, n], or null
+    float *u;             // [nb, ldu]
+    int n, nb, r, ldu;
+    float eps;
 };
 
-extern "C" __global__ void lora_a_f32(const LoraAArgs p) {
-    const int seg = blockIdx.x / p.r, j = blockIdx.x % p.r;
-    const float *a = p.a[seg];
-    if (a == nullptr) return;
-    const float4 *arow = reinterpret_cast<const float4 *>(a + (int64_t)j * p.k);
-    float acc[8];
+// Elements a thread of a row block keeps in registers between the sum of squares and the
+// quantization (4 float4 of 1024 threads: rows up to 16384 wide; wider rows are read twice).
+#define PREP_KEEP 4
+
+extern "C" __global__ void __launch_bounds__(1024) prep_q8(const PrepArgs p) {
+    const int n4 = p.n / 4;
+    const bool norm = p.norm_w != nullptr;
+    const float4 *g4 = reinterpret_cast<const float4 *>(p.norm_w);
+    if (blockIdx.x < p.nb) {
+        const int row = blockIdx.x;
+        const float4 *xr = reinterpret_cast<const float4 *>(p.x + (int64_t)row * p.n);
+        float4 keep[PREP_KEEP], gk[PREP_KEEP];
+        float inv = 1.f;
+        if (norm) {
+            // x and the norm weights in one pass, the sum of squares on the way.
+            float ss = 0.f;
 #pragma unroll
-    for (int b = 0; b < 8; b++) acc[b] = 0.f;
-    for (int i = threadIdx.x; i < p.k / 4; i += blockDim.x) {
-        const float4 av = arow[i];
+            for (int c = 0; c < PREP_KEEP; c++) {
+                const int i = c * blockDim.x + threadIdx.x;
+                if (i < n4) {
+                    keep[c] = xr[i];
+                    gk[c] = g4[i];
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < PREP_KEEP; c++) {
+                const int i = c * blockDim.x + threadIdx.x;
+                if (i < n4) ss += keep[c].x * keep[c].x + keep[c].y * keep[c].y + keep[c].z * keep[c].z + keep[c].w * keep[c].w;
+            }
+            for (int i = PREP_KEEP * blockDim.x + threadIdx.x; i < n4; i += blockDim.x) {
+                const float4 v = xr[i];
+                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+            inv = 1.f / sqrtf(block_sum(ss) / p.n + p.eps);
+        }
+        int8_t *xq = p.xq + (int64_t)row * p.n;
+        float *xd = p.xd + (int64_t)row * (p.n / 32);
+        auto scaled = [&](float4 x, float4 g) { return make_float4(x.x * inv * g.x, x.y * inv * g.y, x.z * inv * g.z, x.w * inv * g.w); };
+        // Chunks are whole-block strides, so every lane of a warp takes the same branches
+        // (quantize4 shuffles within the warp).
+#pragma unroll
+        for (int c = 0; c < PREP_KEEP; c++) {
+            const int i = c * blockDim.x + threadIdx.x;
+            if (c * (int)blockDim.x >= n4) break;
+            const bool active = i < n4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (active) v = norm ? scaled(keep[c], gk[c]) : xr[i];
+            quantize4(v, i, active, xq, xd);
+        }
+        for (int base = PREP_KEEP * blockDim.x; base < n4; base += blockDim.x) {
+            const int i = base + threadIdx.x;
+            const bool active = i < n4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (active) v = norm ? scaled(xr[i], g4[i]) : xr[i];
+            quantize4(v, i, active, xq, xd);
+        }
+        return;
+    }
+    const int e = blockIdx.x - p.nb, seg = e / p.r, j = e % p.r;
+    const float *a = seg == 0 ? p.a[0] : (seg == 1 ? p.a[1] : p.a[2]);
+    if (a == nullptr) return;
+    // One pass over x: the dot products and (for the norm) the sums of squares together, then
+    // one block reduction for the 2·nb of them in use (acc[2b] = dot, acc[2b+1] = sum of squares).
+    float acc[16];
+#pragma unroll
+    for (int b = 0; b < 16; b++) acc[b] = 0.f;
+    const float4 *arow = reinterpret_cast<const float4 *>(a + (int64_t)j * p.n);
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        float4 av = arow[i];
+        if (norm) {
+            const float4 g = g4[i];
+            av = make_float4(av.x * g.x, av.y * g.y, av.z * g.z, av.w * g.w);
+        }
 #pragma unroll
         for (int b = 0; b < 8; b++) {
             if (b < p.nb) {
-                const float4 xv = reinterpret_cast<const float4 *>(p.x + (int64_t)b * p.k)[i];
-                acc[b] += av.x * xv.x + av.y * xv.y + av.z * xv.z + av.w * xv.w;
+                const float4 xv = reinterpret_cast<const float4 *>(p.x + (int64_t)b * p.n)[i];
+                acc[2 * b] += av.x * xv.x + av.y * xv.y + av.z * xv.z + av.w * xv.w;
+                if (norm) acc[2 * b + 1] += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
             }
         }
     }
+    block_sums<16>(acc, 2 * p.nb);
+    if (threadIdx.x < p.nb) {
+        const int b = threadIdx.x;
+        float dot = 0.f, ss = 0.f;
 #pragma unroll
-    for (int b = 0; b < 8; b++) {
-        if (b < p.nb) {
-            const float s = block_sum(acc[b]);
-            if (threadIdx.x == 0) p.u[(int64_t)b * p.ldu + seg * p.r + j] = s;
-        }
+        for (int i = 0; i < 8; i++)
+            if (i == b) {
+                dot = acc[2 * i];
+                ss = acc[2 * i + 1];
+            }
+        const float inv = norm ? 1.f / sqrtf(ss / p.n + p.eps) : 1.f;
+        p.u[(int64_t)b * p.ldu + seg * p.r + j] = dot * inv;
     }
 }
 

@@ -5,45 +5,41 @@
 //! * `dropout.cu`: keyed dropout for training; its Rust twin is `train::dropout`.
 //! * `quant.cu`: kernels that read GGML-packed weights in place: dequantization to bf16/f16
 //!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fast_decode`).
-//! * `decode.cu`: RMSNorm with int8 quantization of the matvec input, quantization, LoRA
-//!   down-projection, rotary + KV append and decode attention for `llm::fast_decode`.
+//! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
+//!   kernel), rotary + KV append and decode attention for `llm::fast_decode`.
 //!
 //! The CPU build has no kernels; the candle path is the reference each kernel is checked against
 //! (`bench parity` on the GPU machine, BENCHMARKS.md).
 
 use candle_core::quantized::GgmlDType;
 
-/// A GGML block type the kernels in `quant.cu` read: its kernel-name suffix, weights per block,
-/// and how many lanes share a block in the decode matvec (`DLPB` of its `*Dot` struct).
+/// A GGML block type the kernels in `quant.cu` read, named by its kernel-name suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantKind {
     pub suffix: &'static str,
-    pub block_elems: usize,
-    pub dot_lanes: usize,
 }
 
 pub fn quant_kind(dtype: GgmlDType) -> Option<QuantKind> {
-    let k = |suffix, block_elems, dot_lanes| Some(QuantKind { suffix, block_elems, dot_lanes });
-    match dtype {
-        GgmlDType::Q4K => k("q4k", 256, 8),
-        GgmlDType::Q6K => k("q6k", 256, 16),
-        GgmlDType::Q8_0 => k("q8_0", 32, 4),
-        GgmlDType::Q4_0 => k("q4_0", 32, 4),
-        _ => None,
-    }
+    let suffix = match dtype {
+        GgmlDType::Q4K => "q4k",
+        GgmlDType::Q6K => "q6k",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q4_0 => "q4_0",
+        _ => return None,
+    };
+    Some(QuantKind { suffix })
 }
 
-/// Row groups per block of the decode matvec (`groups` in quant.cu's `MvArgs`): the block's 8
-/// warps split a row's blocks; when a row has fewer blocks than that takes, the spare warps take
-/// further rows instead (a power of two, so the 8 warps divide evenly).
-pub fn matvec_groups(kind: QuantKind, cols: usize) -> usize {
-    let blocks_per_warp_step = 32 / kind.dot_lanes;
-    let warps_needed = (cols / kind.block_elems).div_ceil(blocks_per_warp_step).max(1);
-    let mut groups = 8;
-    while groups > 1 && groups * warps_needed > 8 {
-        groups /= 2;
-    }
-    groups
+/// Warps per block of the decode matvec and weight rows per warp (`MV_WARPS`, `MV_SLOTS` in
+/// quant.cu).
+pub const MV_WARPS: usize = 4;
+pub const MV_SLOTS: usize = 2;
+
+/// Blocks of the decode matvec for `rows` outputs: a warp makes one output per slot, or one in
+/// GLU mode, where its two slots are a gate row and the up row of the same output.
+pub fn matvec_blocks(rows: usize, glu: bool) -> usize {
+    let per_warp = if glu { MV_SLOTS / 2 } else { MV_SLOTS };
+    rows.div_ceil(MV_WARPS * per_warp).max(1)
 }
 
 #[cfg(feature = "cuda")]
@@ -206,21 +202,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn matvec_groups_fill_eight_warps() {
-        let q4k = quant_kind(GgmlDType::Q4K).unwrap();
-        // 4096 columns = 16 Q4_K blocks; a warp step covers 4, so 4 warps a row: 2 groups.
-        assert_eq!(matvec_groups(q4k, 4096), 2);
-        // 14336 columns = 56 blocks = 14 warp steps: all 8 warps on one group.
-        assert_eq!(matvec_groups(q4k, 14336), 1);
-        // A narrow row (one block) leaves 7 warps for other rows.
-        assert_eq!(matvec_groups(q4k, 256), 8);
-        let q8 = quant_kind(GgmlDType::Q8_0).unwrap();
-        // 64 columns = 2 blocks of 32, 8 blocks a warp step: one warp a row.
-        assert_eq!(matvec_groups(q8, 64), 8);
+    fn matvec_blocks_cover_every_output() {
+        // 4 warps × 2 rows a block.
+        assert_eq!(matvec_blocks(4096, false), 512);
+        assert_eq!(matvec_blocks(9, false), 2);
+        // GLU: a warp's two slots are one output's gate and up rows.
+        assert_eq!(matvec_blocks(14336, true), 3584);
+        assert_eq!(matvec_blocks(1, true), 1);
         assert!(quant_kind(GgmlDType::Q4_1).is_none());
-        for cols in [256, 512, 1024, 4096, 11008, 14336] {
-            let g = matvec_groups(q4k, cols);
-            assert!(g.is_power_of_two() && g <= 8, "{cols}: {g}");
-        }
+        assert_eq!(quant_kind(GgmlDType::Q4K).map(|k| k.suffix), Some("q4k"));
     }
 }

@@ -222,9 +222,25 @@ __device__ __forceinline__ uint32_t ld_u16x2(const uint8_t *p) {
     return (uint32_t)q[0] | ((uint32_t)q[1] << 16);
 }
 
-// Per type: DLPB lanes share a block; X holds what a lane needs of one activation row for one
-// block (loaded once, shared by every output slot); dot() adds that block's share of W·x.
+// Weight bytes, read once per token: through the read-only path without a place in L1, which
+// is left to the activations every warp of a block reads.
+__device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint32_t ld_stream4(const uint8_t *p) {
+    uint32_t v;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+// Per type: DLPB lanes share a block. load_w() requests a lane's weight bytes W; expand() turns
+// them into E, what dot() needs, once for every activation row; X holds what a lane needs of
+// one activation row for one block (loaded once, shared by the output slots); dot() adds that
+// block's share of W·x.
 struct Q4KDot {
+    static constexpr int ONE_ROW_BLOCKS = 5;  // 93 registers
     // Lane a (0..7) owns qs bytes 16a..16a+15: group g = a/2, half h = a%2, i.e. weights
     // 64g+16h+[0,16) (sub-block 2g, low nibbles) and 64g+32+16h+[0,16) (sub-block 2g+1).
     static constexpr int DLPB = 8;
@@ -239,40 +255,54 @@ struct Q4KDot {
         x.slo = __dp4a(one, (int)x.lo.x, __dp4a(one, (int)x.lo.y, __dp4a(one, (int)x.lo.z, __dp4a(one, (int)x.lo.w, 0))));
         x.shi = __dp4a(one, (int)x.hi.x, __dp4a(one, (int)x.hi.y, __dp4a(one, (int)x.hi.z, __dp4a(one, (int)x.hi.w, 0))));
     }
-    struct W { uint4 q; uint32_t dm, s0, s1, s2; };
+    // Blocks are 144 bytes, so 16-byte aligned: a lane's 16 quant bytes are one vector load.
+    // The 16-byte header (d, dmin, 12 scale bytes) is the same for the block's 8 lanes, so each
+    // loads one word of it (lanes a and a+4 the same) and expand() gathers the four by shuffle:
+    // 5 registers a weight load in flight instead of 8.
+    struct W { uint4 q; uint32_t h; };
     static __device__ __forceinline__ void load_w(const uint8_t *__restrict__ blk, int a, W &w) {
-        w.q = *reinterpret_cast<const uint4 *>(blk + 16 + 16 * a);
-        w.dm = *reinterpret_cast<const uint32_t *>(blk);
-        w.s0 = *reinterpret_cast<const uint32_t *>(blk + 4);
-        w.s1 = *reinterpret_cast<const uint32_t *>(blk + 8);
-        w.s2 = *reinterpret_cast<const uint32_t *>(blk + 12);
+        w.h = ld_stream4(blk + 4 * (a & 3));
+        w.q = ld_stream16(blk + 16 + 16 * a);
     }
-    template <int NB>
-    static __device__ __forceinline__ void dot(const W &w, int a, const X (&x)[NB], float (&acc)[NB]) {
+    // The lane's weights decoded once for every activation row: nibbles, scales and mins.
+    struct E { int l[4], h[4]; float d, dmin; int sc0, sc1, m0, m1; };
+    // Called by every lane of the warp (it shuffles); lane a's block group starts at lane & ~7.
+    static __device__ __forceinline__ E expand(const W &w, int a, int lane) {
+        const int base = lane & ~7;
+        const uint32_t h0 = __shfl_sync(0xffffffffu, w.h, base), s0 = __shfl_sync(0xffffffffu, w.h, base + 1);
+        const uint32_t s1 = __shfl_sync(0xffffffffu, w.h, base + 2), s2 = __shfl_sync(0xffffffffu, w.h, base + 3);
+        E e;
+        const float2 dm = __half22float2(*reinterpret_cast<const __half2 *>(&h0));
+        e.d = dm.x;
+        e.dmin = dm.y;
         const int g = a >> 1;
-        const float2 dm = __half22float2(*reinterpret_cast<const __half2 *>(&w.dm));
         // The 8 six-bit (scale, min) pairs, branch-free from the 12 packed bytes.
-        const uint32_t scw = g < 2 ? (w.s0 & 0x3F3F3F3Fu) : ((w.s2 & 0x0F0F0F0Fu) | ((w.s0 >> 2) & 0x30303030u));
-        const uint32_t mw = g < 2 ? (w.s1 & 0x3F3F3F3Fu) : (((w.s2 >> 4) & 0x0F0F0F0Fu) | ((w.s1 >> 2) & 0x30303030u));
+        const uint32_t scw = g < 2 ? (s0 & 0x3F3F3F3Fu) : ((s2 & 0x0F0F0F0Fu) | ((s0 >> 2) & 0x30303030u));
+        const uint32_t mw = g < 2 ? (s1 & 0x3F3F3F3Fu) : (((s2 >> 4) & 0x0F0F0F0Fu) | ((s1 >> 2) & 0x30303030u));
         const int sh = 16 * (g & 1);
-        const int sc0 = (scw >> sh) & 0xFF, sc1 = (scw >> (sh + 8)) & 0xFF;
-        const int m0 = (mw >> sh) & 0xFF, m1 = (mw >> (sh + 8)) & 0xFF;
-        const uint4 q = w.q;
-        const int l0 = q.x & 0x0F0F0F0F, l1 = q.y & 0x0F0F0F0F, l2 = q.z & 0x0F0F0F0F, l3 = q.w & 0x0F0F0F0F;
-        const int h0 = (q.x >> 4) & 0x0F0F0F0F, h1 = (q.y >> 4) & 0x0F0F0F0F, h2 = (q.z >> 4) & 0x0F0F0F0F, h3 = (q.w >> 4) & 0x0F0F0F0F;
+        e.sc0 = (scw >> sh) & 0xFF;
+        e.sc1 = (scw >> (sh + 8)) & 0xFF;
+        e.m0 = (mw >> sh) & 0xFF;
+        e.m1 = (mw >> (sh + 8)) & 0xFF;
+        const uint32_t q[4] = {w.q.x, w.q.y, w.q.z, w.q.w};
 #pragma unroll
-        for (int b = 0; b < NB; b++) {
-            const X &v = x[b];
-            const int dl = __dp4a(l0, (int)v.lo.x, __dp4a(l1, (int)v.lo.y, __dp4a(l2, (int)v.lo.z, __dp4a(l3, (int)v.lo.w, 0))));
-            const int dh = __dp4a(h0, (int)v.hi.x, __dp4a(h1, (int)v.hi.y, __dp4a(h2, (int)v.hi.z, __dp4a(h3, (int)v.hi.w, 0))));
-            // |sc * dot| <= 63 * 16*15*128 < 2^21; |m * sum| <= 63 * 16*128.
-            acc[b] += v.dlo * (dm.x * small_int(sc0 * dl) - dm.y * small_int(m0 * v.slo)) +
-                      v.dhi * (dm.x * small_int(sc1 * dh) - dm.y * small_int(m1 * v.shi));
+        for (int i = 0; i < 4; i++) {
+            e.l[i] = q[i] & 0x0F0F0F0F;
+            e.h[i] = (q[i] >> 4) & 0x0F0F0F0F;
         }
+        return e;
+    }
+    static __device__ __forceinline__ void dot(const E &e, const X &v, float &acc) {
+        const int dl = __dp4a(e.l[0], (int)v.lo.x, __dp4a(e.l[1], (int)v.lo.y, __dp4a(e.l[2], (int)v.lo.z, __dp4a(e.l[3], (int)v.lo.w, 0))));
+        const int dh = __dp4a(e.h[0], (int)v.hi.x, __dp4a(e.h[1], (int)v.hi.y, __dp4a(e.h[2], (int)v.hi.z, __dp4a(e.h[3], (int)v.hi.w, 0))));
+        // |sc * dot| <= 63 * 16*15*128 < 2^21; |m * sum| <= 63 * 16*128.
+        acc += v.dlo * (e.d * small_int(e.sc0 * dl) - e.dmin * small_int(e.m0 * v.slo)) +
+               v.dhi * (e.d * small_int(e.sc1 * dh) - e.dmin * small_int(e.m1 * v.shi));
     }
 };
 
 struct Q6KDot {
+    static constexpr int ONE_ROW_BLOCKS = 1;  // 138 registers; bounding it spills
     // Lane a (0..15): half h = a/8, l0 = 4*(a%8); it owns weights 128h + 32j + l0 + [0,4) for
     // j = 0..3 (4-weight runs, each in its own 16-weight scale group).
     static constexpr int DLPB = 16;
@@ -298,28 +328,28 @@ struct Q6KDot {
         for (int j = 0; j < 4; j++) w.sc[j] = sc[2 * j];
         w.d = ld_half(blk + 208);
     }
-    template <int NB>
-    static __device__ __forceinline__ void dot(const W &w, int, const X (&x)[NB], float (&acc)[NB]) {
+    // Nothing to decode once per block: the dot works on the loaded words.
+    using E = W;
+    static __device__ __forceinline__ E expand(const W &w, int, int) { return w; }
+    static __device__ __forceinline__ void dot(const W &w, const X &x, float &acc) {
         int q[4];
         q[0] = (w.qa & 0x0F0F0F0Fu) | ((w.qh << 4) & 0x30303030u);
         q[1] = (w.qb & 0x0F0F0F0Fu) | ((w.qh << 2) & 0x30303030u);
         q[2] = ((w.qa >> 4) & 0x0F0F0F0Fu) | (w.qh & 0x30303030u);
         q[3] = ((w.qb >> 4) & 0x0F0F0F0Fu) | ((w.qh >> 2) & 0x30303030u);
+        float sum = 0.f;
 #pragma unroll
-        for (int b = 0; b < NB; b++) {
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                // Quants are stored + 32: sum((q - 32) * x) = dot(q, x) - 32 * sum(x); |.| <= 4*32*128.
-                const int dq = __dp4a(q[j], x[b].v[j], 0) - 32 * x[b].s[j];
-                sum += x[b].d[j] * small_int(w.sc[j] * dq);
-            }
-            acc[b] += w.d * sum;
+        for (int j = 0; j < 4; j++) {
+            // Quants are stored + 32: sum((q - 32) * x) = dot(q, x) - 32 * sum(x); |.| <= 4*32*128.
+            const int dq = __dp4a(q[j], x.v[j], 0) - 32 * x.s[j];
+            sum += x.d[j] * small_int(w.sc[j] * dq);
         }
+        acc += w.d * sum;
     }
 };
 
 struct Q8_0Dot {
+    static constexpr int ONE_ROW_BLOCKS = 5;
     // Lane a (0..3) owns weights 8a..8a+7 of the 32.
     static constexpr int DLPB = 4;
     struct X { int v0, v1; float d; };
@@ -335,14 +365,16 @@ struct Q8_0Dot {
         w.w1 = (int)ld_u16x2(blk + 6 + 8 * a);
         w.d = ld_half(blk);
     }
-    template <int NB>
-    static __device__ __forceinline__ void dot(const W &w, int, const X (&x)[NB], float (&acc)[NB]) {
-#pragma unroll
-        for (int b = 0; b < NB; b++) acc[b] += w.d * x[b].d * small_int(__dp4a(w.w0, x[b].v0, __dp4a(w.w1, x[b].v1, 0)));
+    // Nothing to decode once per block: the dot works on the loaded words.
+    using E = W;
+    static __device__ __forceinline__ E expand(const W &w, int, int) { return w; }
+    static __device__ __forceinline__ void dot(const W &w, const X &x, float &acc) {
+        acc += w.d * x.d * small_int(__dp4a(w.w0, x.v0, __dp4a(w.w1, x.v1, 0)));
     }
 };
 
 struct Q4_0Dot {
+    static constexpr int ONE_ROW_BLOCKS = 5;
     // Lane a (0..3) owns bytes 4a..4a+3: weights 4a..4a+3 (low nibbles) and 16+4a.. (high).
     static constexpr int DLPB = 4;
     struct X { int lo, hi, s; float d; };
@@ -357,27 +389,28 @@ struct Q4_0Dot {
         w.w = ld_u16x2(blk + 2 + 4 * a);
         w.d = ld_half(blk);
     }
-    template <int NB>
-    static __device__ __forceinline__ void dot(const W &w, int, const X (&x)[NB], float (&acc)[NB]) {
+    // Nothing to decode once per block: the dot works on the loaded words.
+    using E = W;
+    static __device__ __forceinline__ E expand(const W &w, int, int) { return w; }
+    static __device__ __forceinline__ void dot(const W &w, const X &x, float &acc) {
         const int lo = w.w & 0x0F0F0F0F, hi = (w.w >> 4) & 0x0F0F0F0F;
-#pragma unroll
-        for (int b = 0; b < NB; b++) {
-            const int dq = __dp4a(lo, x[b].lo, __dp4a(hi, x[b].hi, 0)) - 8 * x[b].s;
-            acc[b] += w.d * x[b].d * small_int(dq);
-        }
+        const int dq = __dp4a(lo, x.lo, __dp4a(hi, x.hi, 0)) - 8 * x.s;
+        acc += w.d * x.d * small_int(dq);
     }
 };
 
-// A block of MV_WARPS warps computes `groups` × MV_SLOTS output slots. The warps of a group
-// split the row's blocks between them (a split of k, so narrow matrices still fill the GPU);
-// short rows use several groups, so no warp idles. Each warp loads the weights of all its slots
-// before the activations they share, so those loads are in flight together, and the partial
-// sums meet in shared memory. Slots are rows; in GLU mode slot pairs are (gate row n, up row n)
-// and the output is silu(gate) * up. Up to three weight segments are stacked as one output
-// (q|k|v share an input and write one buffer). The LoRA term scale * B[n, :] · u[b, seg*r ..] is
-// added by the lanes j < r of each group's first warp before the reduction.
-#define MV_WARPS 8
-#define MV_SLOTS 4
+// Each warp owns MV_SLOTS weight rows and walks their whole length itself: no split of k
+// between warps, so no shared memory, no block barrier, and warps run independently. Per step a
+// warp covers 32/DLPB consecutive blocks of each row (neighbouring lanes, neighbouring bytes);
+// the weights of U steps (4, or 2 above 2 rows) are requested before any is used, so a lane
+// keeps MV_SLOTS × U weight loads in flight (the matvec is bound by how many bytes are in
+// flight, not by arithmetic). The LoRA B entries, LoRA u and residual a warp needs are
+// requested before the weights too, so nothing waits on memory after the loop. Slots are rows;
+// in GLU mode the slot pair is (gate row n, up row n) and the output is silu(gate) * up. Up to
+// three weight segments are stacked as one output (q|k|v share an input and write one buffer).
+// The LoRA term scale * B[n, :] · u[b, seg*r ..] is added by lanes j < r before the warp sum.
+#define MV_WARPS 4
+#define MV_SLOTS 2
 struct MvArgs {
     const uint8_t *w[3];
     const float *lora_b[3];  // [rows_of_segment, r] row-major, or null
@@ -388,30 +421,31 @@ struct MvArgs {
     float *y;                // [NB, ldy]
     int seg_end[3];          // cumulative row counts
     int k, n, ldy, ldu, r, glu;
-    int groups;              // 1, 2, 4 or 8
     float lora_scale;
 };
 
 template <typename Q, typename D, int NB>
 __device__ void mv_body(const MvArgs &a) {
-    constexpr int BPI = 32 / D::DLPB;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane % D::DLPB;
-    const int groups = a.groups, slices = MV_WARPS / groups;
-    const int grp = warp % groups, slice = warp / groups;
+    constexpr int BPS = 32 / D::DLPB;                  // blocks of a row per warp step
+    constexpr int U = NB <= 2 ? 4 : 2;                 // steps in flight (registers bound it)
+    const int lane = threadIdx.x & 31, sub = lane % D::DLPB, lb = lane / D::DLPB;
     const int nblk = a.k / Q::ELEMS;
-    const int rows_per_group = a.glu ? MV_SLOTS / 2 : MV_SLOTS;
-    const int first_row = (blockIdx.x * groups + grp) * rows_per_group;
+    const int outs = a.glu ? MV_SLOTS / 2 : MV_SLOTS;  // output rows of this warp
+    const int first = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * outs;
+    if (first >= a.n) return;
     // Segment pointers picked by comparisons, not by indexing the parameter arrays (which would
     // copy the whole argument struct to local memory).
     const uint8_t *wrow[MV_SLOTS];
-    const float *brow[MV_SLOTS];
-    int useg[MV_SLOTS];
+    float bv[MV_SLOTS], uv[MV_SLOTS][NB], acc[MV_SLOTS][NB];
+    bool lora[MV_SLOTS];
 #pragma unroll
     for (int s = 0; s < MV_SLOTS; s++) {
-        const int row = first_row + (a.glu ? s / 2 : s);
+        const int row = first + (a.glu ? s / 2 : s);
         wrow[s] = nullptr;
-        brow[s] = nullptr;
-        useg[s] = 0;
+        lora[s] = false;
+        bv[s] = 0.f;
+#pragma unroll
+        for (int b = 0; b < NB; b++) uv[s][b] = acc[s][b] = 0.f;
         if (row < a.n) {
             int seg = s & 1, lrow = row;
             if (!a.glu) {
@@ -421,72 +455,81 @@ __device__ void mv_body(const MvArgs &a) {
             const uint8_t *w = seg == 0 ? a.w[0] : (seg == 1 ? a.w[1] : a.w[2]);
             const float *lb = seg == 0 ? a.lora_b[0] : (seg == 1 ? a.lora_b[1] : a.lora_b[2]);
             wrow[s] = w + (int64_t)lrow * nblk * Q::BYTES;
-            if (lb != nullptr) brow[s] = lb + (int64_t)lrow * a.r;
-            useg[s] = seg;
-        }
-    }
-    float acc[MV_SLOTS][NB];
+            if (lb != nullptr) {
+                lora[s] = true;
+                const float *brow = lb + (int64_t)lrow * a.r;
+                const float *u = a.lora_u + seg * a.r;
+                if (lane < a.r) {
+                    bv[s] = brow[lane] * a.lora_scale;
 #pragma unroll
-    for (int s = 0; s < MV_SLOTS; s++)
+                    for (int b = 0; b < NB; b++) uv[s][b] = u[(int64_t)b * a.ldu + lane];
+                }
+                // Ranks above 32 (rare) start the accumulators with the other entries.
+                for (int j = lane + 32; j < a.r; j += 32)
 #pragma unroll
-        for (int b = 0; b < NB; b++) acc[s][b] = 0.f;
-    for (int bi = slice * BPI + lane / D::DLPB; bi < nblk; bi += slices * BPI) {
-        typename D::W wv[MV_SLOTS];
-#pragma unroll
-        for (int s = 0; s < MV_SLOTS; s++)
-            if (wrow[s] != nullptr) D::load_w(wrow[s] + (int64_t)bi * Q::BYTES, sub, wv[s]);
-        typename D::X xv[NB];
-#pragma unroll
-        for (int b = 0; b < NB; b++) D::load_x(a.xq + (int64_t)b * a.k, a.xd + (int64_t)b * (a.k / 32), bi, sub, xv[b]);
-#pragma unroll
-        for (int s = 0; s < MV_SLOTS; s++)
-            if (wrow[s] != nullptr) D::template dot<NB>(wv[s], sub, xv, acc[s]);
-    }
-    if (slice == 0) {
-#pragma unroll
-        for (int s = 0; s < MV_SLOTS; s++) {
-            if (brow[s] == nullptr) continue;
-            for (int j = lane; j < a.r; j += 32) {
-                const float bv = brow[s][j] * a.lora_scale;
-#pragma unroll
-                for (int b = 0; b < NB; b++) acc[s][b] = fmaf(bv, a.lora_u[(int64_t)b * a.ldu + useg[s] * a.r + j], acc[s][b]);
+                    for (int b = 0; b < NB; b++) acc[s][b] = fmaf(brow[j] * a.lora_scale, u[(int64_t)b * a.ldu + j], acc[s][b]);
             }
         }
     }
-    __shared__ float red[MV_WARPS][MV_SLOTS][NB];
+    // Lane o*NB + b writes output row first+o of batch row b; its residual is read now.
+    const int oo = lane / NB, ob = lane % NB;
+    const bool writes = lane < outs * NB && first + oo < a.n;
+    const int64_t at = (int64_t)ob * a.ldy + first + oo;
+    const float res = writes && a.residual != nullptr ? a.residual[at] : 0.f;
+
+    const int nsteps = (nblk + BPS - 1) / BPS;
+    for (int st = 0; st < nsteps; st += U) {
+        typename D::W wv[U][MV_SLOTS];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int bi = (st + u) * BPS + lb;
+#pragma unroll
+            for (int s = 0; s < MV_SLOTS; s++) {
+                wv[u][s] = {};
+                if (wrow[s] != nullptr && bi < nblk) D::load_w(wrow[s] + (int64_t)bi * Q::BYTES, sub, wv[u][s]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int bi = (st + u) * BPS + lb;
+            // Decoded once for all activation rows, by every lane (expand may shuffle).
+            typename D::E e[MV_SLOTS];
+#pragma unroll
+            for (int s = 0; s < MV_SLOTS; s++) e[s] = D::expand(wv[u][s], sub, lane);
+            if (bi >= nblk) continue;
+            // One activation row at a time (X is up to 12 registers a row).
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                typename D::X xv;
+                D::load_x(a.xq + (int64_t)b * a.k, a.xd + (int64_t)b * (a.k / 32), bi, sub, xv);
+#pragma unroll
+                for (int s = 0; s < MV_SLOTS; s++)
+                    if (wrow[s] != nullptr) D::dot(e[s], xv, acc[s][b]);
+            }
+        }
+    }
+    float out = 0.f, gate = 0.f;
 #pragma unroll
     for (int s = 0; s < MV_SLOTS; s++)
 #pragma unroll
         for (int b = 0; b < NB; b++) {
-            const float v = warp_sum(acc[s][b]);
-            if (lane == 0) red[warp][s][b] = v;
+            const float v = warp_sum(lora[s] ? fmaf(bv[s], uv[s][b], acc[s][b]) : acc[s][b]);
+            // Every lane holds every total; each keeps the one (or the gate/up pair) it writes.
+            if (b == ob && (a.glu ? s / 2 : s) == oo) {
+                if (a.glu && (s & 1) == 0) gate = v;
+                else out = v;
+            }
         }
-    __syncthreads();
-    // One thread per (group, row of the group, batch row).
-    const int t = threadIdx.x;
-    if (t >= groups * rows_per_group * NB) return;
-    const int g = t / (rows_per_group * NB), j = (t / NB) % rows_per_group, b = t % NB;
-    const int row = (blockIdx.x * groups + g) * rows_per_group + j;
-    if (row >= a.n) return;
-    auto total = [&](int s) {
-        float v = 0.f;
-        for (int sl = 0; sl < slices; sl++) v += red[sl * groups + g][s][b];
-        return v;
-    };
-    float out;
-    if (a.glu) {
-        const float gate = total(2 * j), up = total(2 * j + 1);
-        out = gate / (1.f + __expf(-gate)) * up;
-    } else {
-        out = total(j);
-    }
-    const int64_t at = (int64_t)b * a.ldy + row;
-    if (a.residual != nullptr) out += a.residual[at];
-    a.y[at] = out;
+    if (!writes) return;
+    if (a.glu) out = gate / (1.f + __expf(-gate)) * out;
+    a.y[at] = out + res;
 }
 
+// Register bounds (checked with ptxas -v for spills): the one-row kernel is held to
+// ONE_ROW_BLOCKS blocks an SM, more rows to 4 (128 registers; unbounded, ptxas takes up to 217
+// for 8 rows and fits only 2 blocks).
 #define MV_NB(QN, Q, NB) \
-    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32) mv_##QN##_b##NB(const MvArgs a) { mv_body<Q, Q##Dot, NB>(a); }
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, NB == 1 ? Q##Dot::ONE_ROW_BLOCKS : 4) mv_##QN##_b##NB(const MvArgs a) { mv_body<Q, Q##Dot, NB>(a); }
 #define MV(QN, Q) MV_NB(QN, Q, 1) MV_NB(QN, Q, 2) MV_NB(QN, Q, 3) MV_NB(QN, Q, 4) \
                   MV_NB(QN, Q, 5) MV_NB(QN, Q, 6) MV_NB(QN, Q, 7) MV_NB(QN, Q, 8)
 

@@ -3,16 +3,15 @@
 //!
 //! Why: a decode step through candle's ops launches ~40 small kernels a layer (and ~6 more per
 //! LoRA projection), each with its own allocation and host-side bookkeeping, so at batch 1 the
-//! GPU mostly waits for the CPU. Here a layer is at most 14 launches on preallocated buffers:
-//! RMSNorm, LoRA `u = A·x` for the projections sharing an input, one matvec for q|k|v, rotary +
-//! KV append, attention, quantize, LoRA, the o matvec with the residual added, RMSNorm, LoRA,
-//! one matvec for gate and up that writes `silu(gate)·up`, quantize, LoRA, the down matvec with
-//! the residual. The matvecs
-//! read the 4-bit weights where candle keeps them, take their input as int8 blocks of 32 (as
-//! candle's own decode kernels and llama.cpp do: a weight then costs a share of one `dp4a`),
-//! and add `scale·B·u` in their epilogue. RMSNorm writes that int8 input, a small kernel makes
-//! it for the attention and SwiGLU outputs. `bench parity` checks this path and candle's
-//! against the exact f32 computation.
+//! GPU mostly waits for the CPU. Here a layer is 10 launches on preallocated buffers, with or
+//! without LoRA: prepare (RMSNorm, int8 quantization and LoRA `u = A·x` for the projections
+//! sharing the input, one kernel), one matvec for q|k|v, rotary + KV append, attention, prepare,
+//! the o matvec with the residual added, prepare, one matvec for gate and up that writes
+//! `silu(gate)·up`, prepare, the down matvec with the residual. The matvecs read the 4-bit
+//! weights where candle keeps them, take their input as int8 blocks of 32 (as candle's own
+//! decode kernels and llama.cpp do: a weight then costs a share of one `dp4a`), and add
+//! `scale·B·u` in their epilogue. `bench parity` checks this path and candle's against the
+//! exact f32 computation.
 //!
 //! The candle path in `Model::forward` stays the reference and the fallback: prompts, more than
 //! [`MAX_ROWS`] rows, weight types without a kernel, and CPU devices all take it.
@@ -54,7 +53,7 @@ mod imp {
     use candle_core::{CudaDevice, DType, Device, Tensor};
 
     use super::MAX_ROWS;
-    use crate::kernels::{matvec_groups, quant_kind, slice_ptr, tensor_from_slice, tensor_ptr, Kernels, QuantKind};
+    use crate::kernels::{matvec_blocks, quant_kind, slice_ptr, tensor_from_slice, tensor_ptr, Kernels, QuantKind};
     use crate::llm::lora::{LoraAdapter, LoraPtrs};
     use crate::llm::model::{KvCache, Model, Proj};
     use crate::llm::qlinear::BaseLinear;
@@ -77,18 +76,21 @@ mod imp {
         ldu: i32,
         r: i32,
         glu: i32,
-        groups: i32,
         lora_scale: f32,
     }
     #[repr(C)]
-    struct LoraAArgs {
-        a: [u64; 3],
+    struct PrepArgs {
         x: u64,
+        norm_w: u64,
+        xq: u64,
+        xd: u64,
+        a: [u64; 3],
         u: u64,
-        k: i32,
-        r: i32,
+        n: i32,
         nb: i32,
+        r: i32,
         ldu: i32,
+        eps: f32,
     }
     #[repr(C)]
     struct RopeArgs {
@@ -123,7 +125,7 @@ mod imp {
     }
     // SAFETY: plain #[repr(C)] structs of integers, passed by value as the kernels declare them.
     unsafe impl DeviceRepr for MvArgs {}
-    unsafe impl DeviceRepr for LoraAArgs {}
+    unsafe impl DeviceRepr for PrepArgs {}
     unsafe impl DeviceRepr for RopeArgs {}
     unsafe impl DeviceRepr for AttnArgs {}
 
@@ -177,7 +179,6 @@ mod imp {
     /// Activation buffers for [`MAX_ROWS`] rows, reused by every step.
     struct Scratch {
         x: CudaSlice<f32>,
-        h: CudaSlice<f32>,
         qkv: CudaSlice<f32>,
         att: CudaSlice<f32>,
         act: CudaSlice<f32>,
@@ -199,9 +200,7 @@ mod imp {
         final_norm: u64,
         cos: u64,
         sin: u64,
-        rmsnorm: CudaFunction,
-        quantize: CudaFunction,
-        lora_a: CudaFunction,
+        prep: CudaFunction,
         rope: CudaFunction,
         attn: CudaFunction,
         scratch: Mutex<Scratch>,
@@ -221,13 +220,10 @@ mod imp {
             Ok(self.k.launch_with(f, cfg, args)?)
         }
 
-        /// The matvec for `w`'s type and `nb` rows: a block of 8 warps makes `groups` × 4 outputs
-        /// (× 2 in GLU mode, where each takes a gate and an up row), as `mv_body` in quant.cu.
+        /// The matvec for `w`'s type and `nb` rows (`mv_body` in quant.cu).
         fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
-            let groups = matvec_groups(w.kind, w.cols);
-            let per_block = groups * if a.glu != 0 { 2 } else { 4 };
-            let a = MvArgs { groups: groups as i32, ..*a };
-            self.with(&w.f.mv[nb - 1], grid((a.n as usize).div_ceil(per_block), 256), &a)
+            let threads = (crate::kernels::MV_WARPS * 32) as u32;
+            self.with(&w.f.mv[nb - 1], grid(matvec_blocks(a.n as usize, a.glu != 0), threads), a)
         }
 
         fn builder<'b>(&'b self, f: &'b CudaFunction) -> LaunchArgs<'b> {
@@ -281,7 +277,6 @@ mod imp {
             let widest = cfg.hidden_size.max(cfg.intermediate_size).max(q);
             let scratch = Scratch {
                 x: f32s(cfg.hidden_size)?,
-                h: f32s(cfg.hidden_size)?,
                 qkv: f32s(q + 2 * kv)?,
                 att: f32s(q)?,
                 act: f32s(cfg.intermediate_size)?,
@@ -298,9 +293,7 @@ mod imp {
                 final_norm: tensor_ptr(model.final_norm())?,
                 cos: tensor_ptr(cos)?,
                 sin: tensor_ptr(sin)?,
-                rmsnorm: k.decode("rmsnorm_q8")?,
-                quantize: k.decode("quantize_q8")?,
-                lora_a: k.decode("lora_a_f32")?,
+                prep: k.decode("prep_q8")?,
                 rope: k.decode("rope_append_f32")?,
                 attn: k.decode("attn_decode_f32")?,
                 k,
@@ -356,7 +349,7 @@ mod imp {
                 }
             }
             let p = |b: &CudaSlice<f32>| slice_ptr(b);
-            let (x, h, qkv, att, act) = (p(&s.x), p(&s.h), p(&s.qkv), p(&s.att), p(&s.act));
+            let (x, qkv, att, act) = (p(&s.x), p(&s.qkv), p(&s.att), p(&s.act));
             let (xq, xd) = (slice_ptr(&s.xq), p(&s.xd));
             let (u, ldu) = match (&s.u, lora) {
                 (Some((buf, _)), Some((_, r, _))) => (slice_ptr(buf), 3 * r),
@@ -396,31 +389,24 @@ mod imp {
                 a.n = if glu { first.rows } else { end } as i32;
                 go.mv(first, nb, &a)
             };
-            let lora_a = |pairs: [Option<(u64, u64)>; 3], x: u64, k: usize| -> Result<()> {
+            // The next matvec's input from x: RMSNorm with `norm_w` (or x as it is), int8
+            // quantization into (xq, xd), and LoRA `u = A·input` for the given pairs.
+            let prep = |x: u64, norm_w: Option<u64>, n: usize, pairs: [Option<(u64, u64)>; 3]| -> Result<()> {
                 let nseg = pairs.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
-                if nseg == 0 {
-                    return Ok(());
-                }
-                let a = LoraAArgs { a: pairs.map(|p| p.map_or(0, |(a, _)| a)), x, u, k: k as i32, r: r as i32, nb: nb as i32, ldu: ldu as i32 };
-                go.with(&self.lora_a, grid(nseg * r, 256), &a)?;
-                Ok(())
-            };
-            // y = rmsnorm(x) · w in f32, and as the next matvec's int8 input.
-            let norm = |x: u64, w: u64, y: u64, n: usize| -> Result<()> {
-                let mut b = go.builder(&self.rmsnorm);
-                let (n32, eps) = (n as i32, cfg.rms_norm_eps as f32);
-                b.arg(&x).arg(&w).arg(&y).arg(&xq).arg(&xd).arg(&n32).arg(&eps);
-                // SAFETY: (const float*, const float*, float*, int8_t*, float*, int, float) as in decode.cu.
-                unsafe { b.launch(grid(nb, 1024)) }.w()?;
-                Ok(())
-            };
-            let quantize = |x: u64, n: usize| -> Result<()> {
-                let mut b = go.builder(&self.quantize);
-                let n32 = n as i32;
-                b.arg(&x).arg(&xq).arg(&xd).arg(&n32);
-                // SAFETY: (const float*, int8_t*, float*, int) as in decode.cu.
-                unsafe { b.launch(grid(nb, 1024)) }.w()?;
-                Ok(())
+                let a = PrepArgs {
+                    x,
+                    norm_w: norm_w.unwrap_or(0),
+                    xq,
+                    xd,
+                    a: pairs.map(|p| p.map_or(0, |(a, _)| a)),
+                    u,
+                    n: n as i32,
+                    nb: nb as i32,
+                    r: r as i32,
+                    ldu: ldu as i32,
+                    eps: cfg.rms_norm_eps as f32,
+                };
+                go.with(&self.prep, grid(nb + nseg * r, 1024), &a)
             };
             let window = cfg.sliding_window.unwrap_or(usize::MAX).min(i32::MAX as usize) as i32;
             let f = 4u64; // bytes per f32
@@ -429,9 +415,8 @@ mod imp {
                 let (kc, vc) = cache.raw[li];
                 let w = |proj: Proj| &layer.w[proj.index()];
                 // Attention block.
-                norm(x, layer.attn_norm, h, hidden)?;
                 let qkv_pairs = [pair(Proj::Q), pair(Proj::K), pair(Proj::V)];
-                lora_a(qkv_pairs, h, hidden)?;
+                prep(x, Some(layer.attn_norm), hidden, qkv_pairs)?;
                 let (wq, wk, wv) = (w(Proj::Q), w(Proj::K), w(Proj::V));
                 if wq.same_type(wk) && wq.same_type(wv) {
                     mv(&[(wq, qkv_pairs[0]), (wk, qkv_pairs[1]), (wv, qkv_pairs[2])], qkv, ldq, 0, u, false)?;
@@ -460,19 +445,16 @@ mod imp {
                     scale: 1.0 / (hd as f32).sqrt(),
                 };
                 go.with(&self.attn, LaunchConfig { grid_dim: (nh as u32, nb as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, &aa)?;
-                quantize(att, qdim)?;
-                lora_a([pair(Proj::O), None, None], att, qdim)?;
+                prep(att, None, qdim, [pair(Proj::O), None, None])?;
                 mv(&[(w(Proj::O), pair(Proj::O))], x, hidden, x, u, false)?;
                 // MLP block.
-                norm(x, layer.ffn_norm, h, hidden)?;
                 let gu_pairs = [pair(Proj::Gate), pair(Proj::Up), None];
-                lora_a(gu_pairs, h, hidden)?;
+                prep(x, Some(layer.ffn_norm), hidden, gu_pairs)?;
                 mv(&[(w(Proj::Gate), gu_pairs[0]), (w(Proj::Up), gu_pairs[1])], act, inter, 0, u, true)?;
-                quantize(act, inter)?;
-                lora_a([pair(Proj::Down), None, None], act, inter)?;
+                prep(act, None, inter, [pair(Proj::Down), None, None])?;
                 mv(&[(w(Proj::Down), pair(Proj::Down))], x, hidden, x, u, false)?;
             }
-            norm(x, self.final_norm, h, hidden)?;
+            prep(x, Some(self.final_norm), hidden, [None; 3])?;
             let vocab = self.head.rows;
             // SAFETY: the head matvec writes every element.
             let logits = unsafe { self.dev.alloc::<f32>(nb * vocab)? };

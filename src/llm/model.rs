@@ -242,12 +242,15 @@ pub struct Model {
     fast_decode: bool,
     /// Built on the first decode step; `None` inside when the fused path does not apply.
     fast: std::sync::OnceLock<Option<FastDecoder>>,
-    /// Inputs of at least this many rows run each projection as one bf16 GEMM on a weight
-    /// dequantized by the project's kernel (CUDA only); fewer rows use candle's 4-bit kernels.
+    /// Inputs of at least this many tokens per sequence run each projection as one bf16 GEMM on
+    /// a weight dequantized by the project's kernel (CUDA only); shorter ones use candle's 4-bit
+    /// kernels. Counted per sequence, not over the batch, so a sequence's output does not
+    /// depend on what it is batched with.
     dense_rows: usize,
 }
 
-/// Default row count from which prompts use the dequantize + GEMM path on CUDA. Measured on the
+/// Default prompt length (tokens per sequence) from which prompts use the dequantize + GEMM
+/// path on CUDA. Measured on the
 /// H200 (BENCHMARKS.md, performance issue): 512-token prompts 1.12-1.18x faster that way; at
 /// 100 rows dequantizing every weight costs about what the GEMM saves, so those stay on
 /// candle's 4-bit kernels.
@@ -374,7 +377,8 @@ impl Model {
         self.fast_decode = on;
     }
 
-    /// Rows from which prompts use one bf16 GEMM per projection (`usize::MAX`: never).
+    /// Tokens per sequence from which prompts use one bf16 GEMM per projection (`usize::MAX`:
+    /// never).
     pub fn set_dense_prefill_rows(&mut self, rows: usize) {
         self.dense_rows = rows;
     }
@@ -434,17 +438,18 @@ impl Model {
         }
         let (cos, sin) = self.rotary_for(cache, t)?;
         let mask = self.attention_mask(cache, t)?;
+        let dense = t >= self.dense_rows;
         let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let lora = |p: Proj| adapter.and_then(|a| a.pair(i, p));
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), &cache.layers[i], offset, adapter, i)?;
+            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), &cache.layers[i], offset, adapter, i, dense)?;
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let gate = self.linear(layer.proj(Proj::Gate), &h, lora(Proj::Gate))?;
-            let up = self.linear(layer.proj(Proj::Up), &h, lora(Proj::Up))?;
-            let h = self.linear(layer.proj(Proj::Down), &(candle_nn::ops::silu(&gate)? * up)?, lora(Proj::Down))?;
+            let gate = self.linear(layer.proj(Proj::Gate), &h, lora(Proj::Gate), dense)?;
+            let up = self.linear(layer.proj(Proj::Up), &h, lora(Proj::Up), dense)?;
+            let h = self.linear(layer.proj(Proj::Down), &(candle_nn::ops::silu(&gate)? * up)?, lora(Proj::Down), dense)?;
             x = (x2 + h)?;
         }
         cache.len = offset + t;
@@ -454,7 +459,8 @@ impl Model {
         };
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(head.forward_rows(&x, self.dense_rows)?.to_dtype(DType::F32)?)
+        // The head sees one row a sequence for `Logits::Last`: dequantizing it would not pay.
+        Ok(head.forward_maybe_dense(&x, dense && which == Logits::All)?.to_dtype(DType::F32)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -469,14 +475,15 @@ impl Model {
         offset: usize,
         adapter: Option<&LoraAdapter>,
         layer_idx: usize,
+        dense: bool,
     ) -> Result<Tensor> {
         let lora = |p: Proj| adapter.and_then(|a| a.pair(layer_idx, p));
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let q = self.linear(layer.proj(Proj::Q), x, lora(Proj::Q))?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = self.linear(layer.proj(Proj::K), x, lora(Proj::K))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = self.linear(layer.proj(Proj::V), x, lora(Proj::V))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = self.linear(layer.proj(Proj::Q), x, lora(Proj::Q), dense)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = self.linear(layer.proj(Proj::K), x, lora(Proj::K), dense)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = self.linear(layer.proj(Proj::V), x, lora(Proj::V), dense)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         k_buf.slice_set(&k.contiguous()?, 2, offset)?;
@@ -506,12 +513,12 @@ impl Model {
             candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
         };
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.linear(layer.proj(Proj::O), &out, lora(Proj::O))
+        self.linear(layer.proj(Proj::O), &out, lora(Proj::O), dense)
     }
 
     /// Base linear plus the unmerged LoRA path, if any.
-    fn linear(&self, base: &BaseLinear, x: &Tensor, lora: Option<&super::lora::LoraPair>) -> Result<Tensor> {
-        let y = base.forward_rows(x, self.dense_rows)?;
+    fn linear(&self, base: &BaseLinear, x: &Tensor, lora: Option<&super::lora::LoraPair>, dense: bool) -> Result<Tensor> {
+        let y = base.forward_maybe_dense(x, dense)?;
         match lora {
             Some(pair) => Ok((y + pair.forward(x)?)?),
             None => Ok(y),

@@ -30,14 +30,13 @@ impl BaseLinear {
         Ok(self.matmul.forward(x)?)
     }
 
-    /// `x · Wᵀ`; inputs of at least `dense_rows` rows run as one bf16 GEMM on the weight
-    /// dequantized by the project's kernel, where the weight's device and type have one. That
-    /// reads the packed weight once and writes it as bf16 (≈ 4.5× its packed size in traffic)
-    /// in exchange for cuBLAS instead of candle's 4-bit GEMM, which wins for long prompts. The
-    /// output is rounded like the rest of the path: f32 out, bf16 inputs.
-    pub fn forward_rows(&self, x: &Tensor, dense_rows: usize) -> Result<Tensor> {
-        let rows = x.elem_count() / self.in_features.max(1);
-        if rows >= dense_rows {
+    /// `x · Wᵀ`; with `dense`, as one bf16 GEMM on the weight dequantized by the project's
+    /// kernel, where the weight's device and type have one. That reads the packed weight once
+    /// and writes it as bf16 (≈ 4.5× its packed size in traffic) in exchange for cuBLAS instead
+    /// of candle's 4-bit GEMM, which wins for long prompts. The output is rounded like the rest
+    /// of the path: f32 out, bf16 inputs.
+    pub fn forward_maybe_dense(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
+        if dense {
             if let Some(w) = kernel_dequantize(&self.weight, DType::BF16)? {
                 return Ok(dense_matmul(&x.to_dtype(DType::BF16)?, &w)?.to_dtype(x.dtype())?);
             }
