@@ -30,6 +30,8 @@ stage_gen() {
     freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank $r --json "$OUT/gen-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/gen-r$r.txt"
   done
   freeski-bot bench generate --random mistral-7b --quant q4k-m --device cuda:0 --lora-rank 16 --repeats 1 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-r16.txt"
+  # The same fused step launched kernel by kernel instead of replayed as a CUDA graph.
+  freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank 16 --graphs false --compare false --streams 8 2>&1 | grep -E "decode|prefill" | tee "$OUT/gen-r16-nographs.txt"
 }
 stage_ncu() {
   # The card's own clocks and caches (ncu's default of locked base clocks and flushed caches

@@ -59,6 +59,9 @@ pub struct GenerateBench {
     /// Also time everything through candle's ops alone (no fused decode, 4-bit prompt kernels).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub compare: bool,
+    /// Replay the fused decode step as a CUDA graph (false: launch each kernel every step).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub graphs: bool,
 }
 
 /// Which model a benchmark runs: a file, or random weights of a named shape.
@@ -162,6 +165,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     // candle frees device buffers as tensors drop, so "used" right after a forward (logits and
     // KV cache still alive) is the high-water mark; sample it at each of those points.
     let mut peak_dev: Option<(u64, u64)> = None;
+    model.set_decode_graphs(args.graphs)?;
     let fast = time_paths(&model, adapter, &args, &mut peak_dev)?;
     let fused = model.fused_decode_active()?;
     let launches = model.fused_launches_per_step();
@@ -184,7 +188,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     println!(
         "decode path      {}",
         match launches {
-            Some(n) if fused => format!("fused CUDA step, {n} kernel launches per token"),
+            Some(n) if fused => format!("fused CUDA step, {n} kernel launches per token{}", if args.graphs { ", replayed as one CUDA graph" } else { "" }),
             _ => "candle ops".into(),
         }
     );
@@ -214,7 +218,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "model": label, "device": device::describe(&dev), "lora_rank": args.lora_rank,
-            "fused_decode": fused, "fused_launches_per_token": launches,
+            "fused_decode": fused, "fused_launches_per_token": launches, "decode_graphs": args.graphs,
             "prompt_tokens": args.prompt_tokens, "ttft_prompt_tokens": args.ttft_tokens, "decode_tokens": args.decode_tokens,
             "fast": fast.json(), "candle_ops": c.map(PathTimes::json),
             "peak_rss_bytes": rss, "device_peak_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),

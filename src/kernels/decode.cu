@@ -165,21 +165,23 @@ extern "C" __global__ void __launch_bounds__(1024) prep_q8(const PrepArgs p) {
 }
 
 // Interleaved rotary embedding (pairs 2i, 2i+1; GGUF layout) on the q and k heads of
-// qkv[b] = [q heads | k heads | v heads], then k and v appended to the cache at index `at`.
+// qkv[b] = [q heads | k heads | v heads], then k and v appended to the cache at index *at.
 // One block per (row, head), head_dim/2 threads. pos[b] = rotary position of row b's token.
+// Per-step values (pos, at) are read from device memory, so a captured step graph replays.
 struct RopeArgs {
     float *qkv;              // [nb, ldq]
     const float *cos, *sin;  // [max_position, hd/2]
     const int *pos;          // [nb]
+    const int *at;           // [1] cache index of the new token
     float *k_cache, *v_cache;
-    int ldq, nh, nkv, hd, cap, at;
+    int ldq, nh, nkv, hd, cap;
 };
 
 extern "C" __global__ void rope_append_f32(const RopeArgs p) {
     const int b = blockIdx.y, head = blockIdx.x, i = threadIdx.x, half = p.hd / 2;
     if (i >= half) return;
     float *src = p.qkv + (int64_t)b * p.ldq + (int64_t)head * p.hd;
-    const int64_t cache_row = (((int64_t)b * p.nkv + (head - p.nh) % p.nkv) * p.cap + p.at) * p.hd;
+    const int64_t cache_row = (((int64_t)b * p.nkv + (head - p.nh) % p.nkv) * p.cap + *p.at) * p.hd;
     if (head >= p.nh + p.nkv) {  // v head: copy
         float *dst = p.v_cache + cache_row;
         dst[2 * i] = src[2 * i];
@@ -201,7 +203,7 @@ extern "C" __global__ void rope_append_f32(const RopeArgs p) {
 }
 
 // out[b, h*hd ..] = softmax(q·Kᵀ * scale) · V over the keys row b may see: indices
-// [max(start[b], len-window), len). One block of ATT_WARPS warps per (head, row); each warp
+// [max(start[b], len-window), len) with len = *at + 1 (the new token included). One block of ATT_WARPS warps per (head, row); each warp
 // runs an online softmax over every ATT_WARPS-th key, then the warps' partial results merge.
 // head_dim <= 256: lane l holds dims l, l+32, ...
 #define ATT_WARPS 8
@@ -209,8 +211,9 @@ struct AttnArgs {
     const float *q;  // [nb, ldq], head h at h*hd
     const float *k_cache, *v_cache;
     const int *start;  // [nb] first key index of each row (its left padding)
+    const int *at;     // [1] cache index of the new token
     float *out;        // [nb, nh*hd]
-    int ldq, nh, nkv, hd, cap, len, window;
+    int ldq, nh, nkv, hd, cap, window;
     float scale;
 };
 
@@ -221,7 +224,8 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_decode_f32(con
     const int64_t base = ((int64_t)b * p.nkv + kvh) * p.cap * p.hd;
     const float *kc = p.k_cache + base, *vc = p.v_cache + base;
     const float *q = p.q + (int64_t)b * p.ldq + (int64_t)h * p.hd;
-    const int lo = max(p.start[b], p.len - p.window);
+    const int len = *p.at + 1;
+    const int lo = max(p.start[b], len - p.window);
     float qv[8], acc[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) {
@@ -230,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_decode_f32(con
         acc[i] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
-    for (int key = lo + warp; key < p.len; key += ATT_WARPS) {
+    for (int key = lo + warp; key < len; key += ATT_WARPS) {
         const float *kr = kc + (int64_t)key * p.hd;
         float s = 0.f;
 #pragma unroll

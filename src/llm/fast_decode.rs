@@ -35,6 +35,10 @@ impl FastDecoder {
         match *self {}
     }
 
+    pub fn set_graphs(&self, _: bool) {
+        match *self {}
+    }
+
     pub fn step(&self, _: &super::Model, _: &candle_core::Tensor, _: &mut super::KvCache, _: Option<&super::lora::LoraAdapter>) -> anyhow::Result<Option<candle_core::Tensor>> {
         match *self {}
     }
@@ -43,12 +47,12 @@ impl FastDecoder {
 #[cfg(feature = "cuda")]
 mod imp {
     use std::cell::Cell;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
     use anyhow::{ensure, Result};
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{result as cu, sys, CudaFunction, CudaGraph, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, DType, Device, Tensor};
 
@@ -98,6 +102,7 @@ mod imp {
         cos: u64,
         sin: u64,
         pos: u64,
+        at: u64,
         k_cache: u64,
         v_cache: u64,
         ldq: i32,
@@ -105,7 +110,6 @@ mod imp {
         nkv: i32,
         hd: i32,
         cap: i32,
-        at: i32,
     }
     #[repr(C)]
     struct AttnArgs {
@@ -113,13 +117,13 @@ mod imp {
         k_cache: u64,
         v_cache: u64,
         start: u64,
+        at: u64,
         out: u64,
         ldq: i32,
         nh: i32,
         nkv: i32,
         hd: i32,
         cap: i32,
-        len: i32,
         window: i32,
         scale: f32,
     }
@@ -187,9 +191,24 @@ mod imp {
         xd: CudaSlice<f32>,
         /// LoRA `u = A·x`, `[rows, 3·r]`; regrown for a larger rank.
         u: Option<(CudaSlice<f32>, usize)>,
-        /// `[positions (8) | first visible key (8)]`.
+        /// The step's per-token values, written before each step (or its graph) runs:
+        /// `[positions (8) | first visible key (8) | cache index of the new token]`.
         ints: CudaSlice<i32>,
+        /// The step's input ids and output logits, at fixed addresses for the graph.
+        ids: CudaSlice<u32>,
+        logits: CudaSlice<f32>,
+        /// The last captured step and what it was captured for.
+        graph: Option<(Vec<u64>, StepGraph)>,
     }
+
+    /// A captured decode step. CUDA graphs are not thread-safe objects; this one is only
+    /// touched under the scratch mutex, which serialises every use.
+    struct StepGraph {
+        graph: CudaGraph,
+        launches: usize,
+    }
+    // SAFETY: see above; the graph is created, launched and dropped only while the mutex is held.
+    unsafe impl Send for StepGraph {}
 
     pub struct FastDecoder {
         dev: CudaDevice,
@@ -206,6 +225,9 @@ mod imp {
         scratch: Mutex<Scratch>,
         /// Kernel launches of the last step (reported by `bench generate`).
         launches: AtomicUsize,
+        /// Replay the step as a CUDA graph (one launch instead of ~320; captured again when the
+        /// cache grows, the batch changes or another adapter is active).
+        graphs: AtomicBool,
     }
 
     /// Launches on the decoder's stream, counted for `bench generate`.
@@ -283,7 +305,10 @@ mod imp {
                 xq: dev.alloc_zeros::<i8>(MAX_ROWS * widest)?,
                 xd: f32s(widest / 32)?,
                 u: None,
-                ints: dev.alloc_zeros::<i32>(2 * MAX_ROWS)?,
+                ints: dev.alloc_zeros::<i32>(2 * MAX_ROWS + 1)?,
+                ids: dev.alloc_zeros::<u32>(MAX_ROWS)?,
+                logits: dev.alloc_zeros::<f32>(MAX_ROWS * head.rows)?,
+                graph: None,
             };
             Ok(Some(Self {
                 dev: dev.clone(),
@@ -299,12 +324,18 @@ mod imp {
                 k,
                 scratch: Mutex::new(scratch),
                 launches: AtomicUsize::new(0),
+                graphs: AtomicBool::new(true),
             }))
         }
 
-        /// Kernel launches of the last step.
+        /// Kernel launches of the last step (inside its graph, when it replays one).
         pub fn launches(&self) -> usize {
             self.launches.load(Ordering::Relaxed)
+        }
+
+        /// Replay steps as CUDA graphs (on by default) or launch every kernel each step.
+        pub fn set_graphs(&self, on: bool) {
+            self.graphs.store(on, Ordering::Relaxed);
         }
 
         /// Feed `ids: [rows, 1]` after what `cache` holds (its buffers already have room for
@@ -323,51 +354,116 @@ mod imp {
                 None => None,
             };
             let cfg = model.config();
-            let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-            let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
-            let (qdim, kvdim) = (nh * hd, nkv * hd);
-            let ldq = qdim + 2 * kvdim;
             let len = cache.len();
             let max = cfg.max_position;
-            let mut ints = vec![0i32; 2 * MAX_ROWS];
+            let mut ints = vec![0i32; 2 * MAX_ROWS + 1];
             for (b, &pad) in cache.padding().iter().enumerate() {
                 let pos = cache.next_position(b);
                 ensure!(pos < max, "sequence of {} tokens exceeds the model's {max} positions", pos + 1);
                 ints[b] = pos as i32;
                 ints[MAX_ROWS + b] = pad as i32;
             }
+            ints[2 * MAX_ROWS] = len as i32;
             if cache.raw.len() != cache.buffers().len() {
                 cache.raw = cache.buffers().iter().map(|(k, v)| Ok((tensor_ptr(k)?, tensor_ptr(v)?))).collect::<Result<_>>()?;
             }
-            let cap = cache.capacity();
             let mut guard = self.scratch.lock().map_err(|_| anyhow::anyhow!("fused decode scratch poisoned by an earlier panic"))?;
             let s = &mut *guard;
-            self.k.stream.memcpy_htod(&ints, &mut s.ints).w()?;
             if let Some((_, r, _)) = lora {
                 if s.u.as_ref().is_none_or(|(_, have)| *have < r) {
                     s.u = Some((self.dev.alloc_zeros::<f32>(MAX_ROWS * 3 * r)?, r));
                 }
             }
+            let stream = &self.k.stream;
+            // The per-token inputs go to the scratch's fixed addresses; every kernel reads them
+            // from there, so a captured graph of the step replays as it is.
+            stream.memcpy_htod(&ints, &mut s.ints).w()?;
+            // Kept alive to the end: a temporary's free would be ordered before the copy.
+            let ids = ids.contiguous()?;
+            // SAFETY: both buffers hold at least nb u32 and the copy is ordered on the stream.
+            unsafe { cu::memcpy_dtod_async(slice_ptr(&s.ids), tensor_ptr(&ids)?, nb * 4, stream.cu_stream()) }.w()?;
+            let plan = StepPlan {
+                nb,
+                cap: cache.capacity(),
+                lora,
+                u: match (&s.u, lora) {
+                    (Some((buf, _)), Some((_, r, _))) => (slice_ptr(buf), 3 * r),
+                    _ => (0, 0),
+                },
+                raw: &cache.raw,
+            };
+            let vocab = self.head.rows;
+            let key = plan.key();
+            if self.graphs.load(Ordering::Relaxed) && s.graph.as_ref().is_none_or(|(k, _)| *k != key) {
+                s.graph = None;
+                match self.capture(model, s, &plan) {
+                    Ok(g) => s.graph = Some((key.clone(), g)),
+                    Err(e) => {
+                        // A capture that fails recorded (and ran) nothing: launch eagerly from now on.
+                        tracing::warn!("decode step graphs off, capture failed: {e:#}");
+                        self.graphs.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
+            match &s.graph {
+                Some((k, g)) if self.graphs.load(Ordering::Relaxed) && *k == key => {
+                    g.graph.launch().w()?;
+                    self.launches.store(g.launches, Ordering::Relaxed);
+                }
+                _ => {
+                    s.graph = None;
+                    let n = self.launch_step(model, s, &plan)?;
+                    self.launches.store(n, Ordering::Relaxed);
+                }
+            }
+            // SAFETY: the copy fills every element.
+            let logits = unsafe { self.dev.alloc::<f32>(nb * vocab)? };
+            // SAFETY: both buffers hold nb·vocab f32; ordered on the stream after the step.
+            unsafe { cu::memcpy_dtod_async(slice_ptr(&logits), slice_ptr(&s.logits), nb * vocab * 4, stream.cu_stream()) }.w()?;
+            drop(ids);
+            drop(guard);
+            Ok(Some(tensor_from_slice(logits, &self.dev, (nb, 1, vocab))))
+        }
+
+        /// Record the step's launches into a graph on this thread's stream. Thread-local
+        /// capture: other threads (a training run on the same device) keep launching on their
+        /// own streams meanwhile and are not captured.
+        fn capture(&self, model: &Model, s: &Scratch, plan: &StepPlan) -> Result<StepGraph> {
+            let stream = &self.k.stream;
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+            let launched = self.launch_step(model, s, plan);
+            // End the capture whatever happened, or the stream stays unusable.
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+            let launches = launched?;
+            let graph = graph?.ok_or_else(|| anyhow::anyhow!("stream capture of the decode step recorded nothing"))?;
+            Ok(StepGraph { graph, launches })
+        }
+
+        /// Launch every kernel of one step (or record them, while capturing) and return how
+        /// many: reads `s.ids` and `s.ints`, leaves the logits in `s.logits`.
+        fn launch_step(&self, model: &Model, s: &Scratch, plan: &StepPlan) -> Result<usize> {
+            let cfg = model.config();
+            let nb = plan.nb;
+            let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+            let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+            let (qdim, kvdim) = (nh * hd, nkv * hd);
+            let ldq = qdim + 2 * kvdim;
+            let cap = plan.cap;
             let p = |b: &CudaSlice<f32>| slice_ptr(b);
             let (x, qkv, att, act) = (p(&s.x), p(&s.qkv), p(&s.att), p(&s.act));
             let (xq, xd) = (slice_ptr(&s.xq), p(&s.xd));
-            let (u, ldu) = match (&s.u, lora) {
-                (Some((buf, _)), Some((_, r, _))) => (slice_ptr(buf), 3 * r),
-                _ => (0, 0),
-            };
+            let (u, ldu) = plan.u;
             let go = Launcher { k: &self.k, n: Cell::new(0) };
             let pos = slice_ptr(&s.ints);
             let start = pos + (MAX_ROWS * 4) as u64;
-            let (r, scale) = lora.map_or((0, 0.0), |(_, r, s)| (r, s));
+            let at = pos + (2 * MAX_ROWS * 4) as u64;
+            let (r, scale) = plan.lora.map_or((0, 0.0), |(_, r, s)| (r, s));
 
             // Embedding rows straight from the packed table.
-            // Kept alive to the end: a temporary's free would be ordered before the kernel.
-            let ids = ids.contiguous()?;
-            let ids_ptr = tensor_ptr(&ids)?;
             {
                 let mut b = go.builder(&self.embed.f.embed);
-                let (nb32, k32) = (nb as i32, hidden as i32);
-                b.arg(&self.embed.ptr).arg(&ids_ptr).arg(&x).arg(&nb32).arg(&k32);
+                let (ids, nb32, k32) = (slice_ptr(&s.ids), nb as i32, hidden as i32);
+                b.arg(&self.embed.ptr).arg(&ids).arg(&x).arg(&nb32).arg(&k32);
                 // SAFETY: (const uint8_t*, const uint32_t*, float*, int, int) as in EMBED.
                 unsafe { b.launch(grid((nb * hidden / 32).div_ceil(256), 256)) }.w()?;
             }
@@ -411,8 +507,8 @@ mod imp {
             let window = cfg.sliding_window.unwrap_or(usize::MAX).min(i32::MAX as usize) as i32;
             let f = 4u64; // bytes per f32
             for (li, layer) in self.layers.iter().enumerate() {
-                let pair = |proj: Proj| lora.and_then(|(t, _, _)| t[li][proj.index()]);
-                let (kc, vc) = cache.raw[li];
+                let pair = |proj: Proj| plan.lora.and_then(|(t, _, _)| t[li][proj.index()]);
+                let (kc, vc) = plan.raw[li];
                 let w = |proj: Proj| &layer.w[proj.index()];
                 // Attention block.
                 let qkv_pairs = [pair(Proj::Q), pair(Proj::K), pair(Proj::V)];
@@ -426,7 +522,7 @@ mod imp {
                         mv(&[(wp, qkv_pairs[i])], qkv + off as u64 * f, ldq, 0, u + (i * r) as u64 * f, false)?;
                     }
                 }
-                let ra = RopeArgs { qkv, cos: self.cos, sin: self.sin, pos, k_cache: kc, v_cache: vc, ldq: ldq as i32, nh: nh as i32, nkv: nkv as i32, hd: hd as i32, cap: cap as i32, at: len as i32 };
+                let ra = RopeArgs { qkv, cos: self.cos, sin: self.sin, pos, at, k_cache: kc, v_cache: vc, ldq: ldq as i32, nh: nh as i32, nkv: nkv as i32, hd: hd as i32, cap: cap as i32 };
                 let cfg_rope = LaunchConfig { grid_dim: ((nh + 2 * nkv) as u32, nb as u32, 1), block_dim: ((hd / 2).div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
                 go.with(&self.rope, cfg_rope, &ra)?;
                 let aa = AttnArgs {
@@ -434,13 +530,13 @@ mod imp {
                     k_cache: kc,
                     v_cache: vc,
                     start,
+                    at,
                     out: att,
                     ldq: ldq as i32,
                     nh: nh as i32,
                     nkv: nkv as i32,
                     hd: hd as i32,
                     cap: cap as i32,
-                    len: (len + 1) as i32,
                     window,
                     scale: 1.0 / (hd as f32).sqrt(),
                 };
@@ -455,13 +551,35 @@ mod imp {
                 mv(&[(w(Proj::Down), pair(Proj::Down))], x, hidden, x, u, false)?;
             }
             prep(x, Some(self.final_norm), hidden, [None; 3])?;
-            let vocab = self.head.rows;
-            // SAFETY: the head matvec writes every element.
-            let logits = unsafe { self.dev.alloc::<f32>(nb * vocab)? };
-            mv(&[(&self.head, None)], slice_ptr(&logits), vocab, 0, 0, false)?;
-            drop(guard);
-            self.launches.store(go.n.get(), Ordering::Relaxed);
-            Ok(Some(tensor_from_slice(logits, &self.dev, (nb, 1, vocab))))
+            mv(&[(&self.head, None)], slice_ptr(&s.logits), self.head.rows, 0, 0, false)?;
+            Ok(go.n.get())
+        }
+    }
+
+    /// What one step's launches depend on besides the scratch buffers (fixed for the decoder's
+    /// life) and the per-token values in `Scratch::ints`.
+    struct StepPlan<'a> {
+        nb: usize,
+        cap: usize,
+        lora: Option<(&'a LoraPtrs, usize, f32)>,
+        /// LoRA `u` buffer and its row stride.
+        u: (u64, usize),
+        /// Each layer's K and V cache addresses.
+        raw: &'a [(u64, u64)],
+    }
+
+    impl StepPlan<'_> {
+        /// Every value a captured graph bakes in: a step replays a graph only when all match.
+        /// The adapter enters by its device addresses, so a new adapter allocated where an old
+        /// one was freed, with the same addresses, is the same computation.
+        fn key(&self) -> Vec<u64> {
+            let mut k = vec![self.nb as u64, self.cap as u64, self.u.0, self.u.1 as u64];
+            k.extend(self.raw.iter().flat_map(|&(a, b)| [a, b]));
+            if let Some((table, r, scale)) = self.lora {
+                k.extend([r as u64, scale.to_bits() as u64]);
+                k.extend(table.iter().flatten().flat_map(|p| p.map_or([0, 0], |(a, b)| [a, b])));
+            }
+            k
         }
     }
 

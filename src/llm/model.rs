@@ -388,6 +388,15 @@ impl Model {
         Ok(self.fast_decode && self.fast_decoder()?.is_some())
     }
 
+    /// Replay fused decode steps as CUDA graphs (the default) or launch every kernel of each
+    /// step (benchmarks compare the two).
+    pub fn set_decode_graphs(&self, on: bool) -> Result<()> {
+        if let Some(f) = self.fast_decoder()? {
+            f.set_graphs(on);
+        }
+        Ok(())
+    }
+
     /// Kernel launches of the last fused decode step, if one ran.
     pub fn fused_launches_per_step(&self) -> Option<usize> {
         self.fast.get()?.as_ref().map(FastDecoder::launches)
