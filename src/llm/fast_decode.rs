@@ -137,8 +137,16 @@ mod imp {
     struct TypeKernels {
         /// `mv_<type>_b<n>` for n = 1..=8.
         mv: Vec<CudaFunction>,
+        /// The tensor-core matvec `mvq_<type>_b<n>` for n = MMA_MIN_ROWS..=8, where the type
+        /// has one (Q4_K).
+        mma: Vec<CudaFunction>,
         embed: CudaFunction,
     }
+
+    /// From this many rows the matvec runs on tensor cores (int8 MMA), where the type has that
+    /// kernel: the dp4a kernel's instructions grow with the rows (at 8 rows it is issue-bound at
+    /// a fifth of the memory bandwidth), the MMA's barely do.
+    const MMA_MIN_ROWS: usize = 3;
 
     /// A packed weight read in place: its address and the kernels for its block type.
     struct Packed {
@@ -161,7 +169,11 @@ mod imp {
                 Some(f) => f.clone(),
                 None => {
                     let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
-                    let f = Arc::new(TypeKernels { mv, embed: k.quant(&format!("embed_f32_{suffix}"))? });
+                    let mma = match kind.suffix {
+                        "q4k" => (MMA_MIN_ROWS..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
+                        _ => Vec::new(),
+                    };
+                    let f = Arc::new(TypeKernels { mv, mma, embed: k.quant(&format!("embed_f32_{suffix}"))? });
                     by_type.insert(suffix, f.clone());
                     f
                 }
@@ -242,10 +254,16 @@ mod imp {
             Ok(self.k.launch_with(f, cfg, args)?)
         }
 
-        /// The matvec for `w`'s type and `nb` rows (`mv_body` in quant.cu).
+        /// The matvec for `w`'s type and `nb` rows: `mvq_body` (tensor cores, tiles of 16
+        /// weight rows, 8 warps splitting k) or `mv_body` in quant.cu.
         fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
+            let (glu, n) = (a.glu != 0, a.n as usize);
+            if nb >= MMA_MIN_ROWS && !w.f.mma.is_empty() {
+                let tiles = n.div_ceil(if glu { 8 } else { 16 });
+                return self.with(&w.f.mma[nb - MMA_MIN_ROWS], grid(tiles, 256), a);
+            }
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
-            self.with(&w.f.mv[nb - 1], grid(matvec_blocks(a.n as usize, a.glu != 0), threads), a)
+            self.with(&w.f.mv[nb - 1], grid(matvec_blocks(n, glu), threads), a)
         }
 
         fn builder<'b>(&'b self, f: &'b CudaFunction) -> LaunchArgs<'b> {
