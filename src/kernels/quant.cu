@@ -1,7 +1,7 @@
 // Kernels that read GGML-packed weights in place (the bytes candle's QTensor holds on the GPU):
 // dequantization to bf16/f16 (prompt GEMMs and training) and embedding rows, both exact in f32,
-// and the decode matvec for 1-8 token rows on int8-quantized activations, with LoRA, residual
-// and SwiGLU folded into its epilogue.
+// and the decode matvec for 1-8 token rows on int8-quantized activations (dp4a; for Q4_K at 3-8
+// rows, int8 tensor cores), with LoRA, residual and SwiGLU folded into its epilogue.
 //
 // Block layouts follow ggml (k_quants.h / ggml-common.h).
 #include <cuda_bf16.h>
@@ -671,6 +671,19 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
             acc[3] += xd1[j] * (db * small_int(d[3]) - mb * small_int(s1));
         }
     }
+    // LoRA: scale * B[row, :] · u[b, seg*r ..] for each of the four outputs, the rank split over
+    // the warps (entries j ≡ warp mod MQ_WARPS) so it joins the reduction below.
+    auto lora = [&](const MqRow &row, int b) {
+        if (row.b == nullptr || b >= NB) return 0.f;
+        const float *u = a.lora_u + (int64_t)b * a.ldu + row.seg * a.r;
+        float v = 0.f;
+        for (int j = warp; j < a.r; j += MQ_WARPS) v = fmaf(row.b[j], u[j], v);
+        return v * a.lora_scale;
+    };
+    acc[0] += lora(ra, b0);
+    acc[1] += lora(ra, b1);
+    acc[2] += lora(rb, b0);
+    acc[3] += lora(rb, b1);
     __shared__ float red[MQ_WARPS][32][4];
 #pragma unroll
     for (int i = 0; i < 4; i++) red[warp][lane][i] = acc[i];
@@ -683,18 +696,6 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
         for (int w = 0; w < MQ_WARPS; w++) v += red[w][lane][i];
         acc[i] = v;
     }
-    // LoRA: scale * B[row, :] · u[b, seg*r ..] for each of the four outputs.
-    auto lora = [&](const MqRow &row, int b) {
-        if (row.b == nullptr || b >= NB) return 0.f;
-        const float *u = a.lora_u + (int64_t)b * a.ldu + row.seg * a.r;
-        float v = 0.f;
-        for (int j = 0; j < a.r; j++) v = fmaf(row.b[j], u[j], v);
-        return v * a.lora_scale;
-    };
-    acc[0] += lora(ra, b0);
-    acc[1] += lora(ra, b1);
-    acc[2] += lora(rb, b0);
-    acc[3] += lora(rb, b1);
     auto store = [&](int row, int b, float v) {
         if (b >= NB || row >= a.n) return;
         const int64_t at = (int64_t)b * a.ldy + row;
@@ -713,6 +714,8 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
     }
 }
 
+// At 8 rows ptxas fits the kernel in 80 registers without spilling, 3 blocks an SM (24 warps
+// streaming weights instead of 16); fewer rows spill at that bound and keep 2.
 #define MVQ_NB(NB) \
-    extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32) mvq_q4k_b##NB(const MvArgs a) { mvq_q4k_body<NB>(a); }
+    extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, NB == 8 ? 3 : 2) mvq_q4k_b##NB(const MvArgs a) { mvq_q4k_body<NB>(a); }
 MVQ_NB(3) MVQ_NB(4) MVQ_NB(5) MVQ_NB(6) MVQ_NB(7) MVQ_NB(8)
