@@ -37,7 +37,7 @@ stage_ncu() {
   # The card's own clocks and caches (ncu's default of locked base clocks and flushed caches
   # inflates every kernel). The first 4 tokens are skipped.
   $NCU --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
-    -k 'regex:^(mv_|attn_|rope_|prep_|embed)' --launch-skip $((4 * PER_TOKEN)) --launch-count $PER_TOKEN \
+    -k 'regex:^(mvq?_|attn_|rope_|prep_|embed)' --launch-skip $((4 * PER_TOKEN)) --launch-count $PER_TOKEN \
     freeski-bot $A > "$OUT/ncu.csv" 2>/dev/null && python3 bench/ncu_summary.py "$OUT/ncu.csv" 12 | tee "$OUT/ncu.txt"
   # Matvec launches per token: 4 a layer + the head; skip 4 tokens, then layer 0's gate|up and down.
   $NCU --cache-control none --clock-control none --section SpeedOfLight --section Occupancy \
@@ -47,12 +47,12 @@ stage_ncu() {
   # The same for 8 streams (the batched step's gate|up and down).
   $NCU --cache-control none --clock-control none --section SpeedOfLight --section Occupancy \
     --section MemoryWorkloadAnalysis --section WarpStateStats --section ComputeWorkloadAnalysis \
-    -k 'regex:^mv_.*_b8' --launch-skip $((4 * 129 + 2)) --launch-count 2 \
+    -k 'regex:^mvq?_.*_b8' --launch-skip $((4 * 129 + 2)) --launch-count 2 \
     freeski-bot ${A/--streams 0/--streams 8} 2>/dev/null | grep -v "^==PROF==" > "$OUT/ncu-detail-b8.txt"
   # One batched token's 129 matvec launches (the other kernels also run for the one-at-a-time
   # reference decode, so only the matvecs are told apart by name).
   $NCU --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
-    -k 'regex:^mv_.*_b8' --launch-skip $((4 * 129)) --launch-count 129 \
+    -k 'regex:^mvq?_.*_b8' --launch-skip $((4 * 129)) --launch-count 129 \
     freeski-bot ${A/--streams 0/--streams 8} > "$OUT/ncu-b8.csv" 2>/dev/null; python3 bench/ncu_summary.py "$OUT/ncu-b8.csv" 5 | tee "$OUT/ncu-b8.txt"
   grep -hE "mv_|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued" "$OUT/ncu-detail.txt" "$OUT/ncu-detail-b8.txt" | head -60
 }

@@ -547,10 +547,11 @@ fn bench_parity(args: ParityBench) -> Result<()> {
             }
         }
     }
-    // Every model with 3 rows and rank 4; the Q4_K_M mix also with one row and a rank above 32
-    // (the matvec's second LoRA path), and with the full 8 rows.
+    // Every model with 3 rows and rank 4; the Q4_K_M mix at every row count the fused step takes
+    // (each has its own matvec instantiation; from 3 rows the Q4_K ones run on tensor cores),
+    // one row with a rank above 32 (the matvec's second LoRA path).
     let cases = fused_parity_models().into_iter().flat_map(|(label, cfg, quant)| {
-        let more: &[(usize, usize)] = if quant == BenchQuant::Q4kM { &[(3, 4), (1, 40), (8, 16)] } else { &[(3, 4)] };
+        let more: &[(usize, usize)] = if quant == BenchQuant::Q4kM { &[(3, 4), (1, 40), (2, 16), (4, 16), (5, 16), (6, 16), (7, 16), (8, 16)] } else { &[(3, 4)] };
         more.iter().map(move |&(rows, rank)| (label, cfg.clone(), quant, rows, rank)).collect::<Vec<_>>()
     });
     for (label, cfg, quant, rows, rank) in cases {
