@@ -541,14 +541,14 @@ ALL(q4_0, Q4_0)
 
 // ---- batched decode matvec on tensor cores: Q4_K, 3-8 token rows --------------------------------
 //
-// At 8 rows the dp4a matvec above issues ~8 instructions a weight and runs at a fifth of the
-// memory bandwidth (ncu: issue slots 59% busy, DRAM 19%). Here a warp computes a 16-row × 8-batch
+// The dp4a matvec above does its integer work once per activation row, so at 8 rows it is
+// issue-bound at a fifth of the memory bandwidth (ncu: issue slots 59% busy, DRAM 19%). Here a warp computes a 16-row × 8-batch
 // tile with int8 mma.sync (m16n8k32: one Q4_K sub-block of 32 weights per MMA), so the integer
 // dot products cost 8 MMAs per 256 weights of 16 rows. The k order inside an MMA is permuted the
 // same way for weights and activations (MMA column 4t+i is weight 8t+i, column 16+4t+i is weight
 // 8t+4+i, t = lane % 4), so every lane reads 8 contiguous quant bytes of a row. The warps of a
-// block split k and meet in shared memory; the epilogue (scales already applied per sub-block,
-// LoRA B·u, residual, SwiGLU) is the same as mv_body's. Tiles are 16 weight rows: 16 outputs,
+// block split k (and LoRA B·u's rank) and meet in shared memory; scales are applied per
+// sub-block, the residual and SwiGLU in the epilogue as in mv_body. Tiles are 16 weight rows: 16 outputs,
 // or in GLU mode 8 outputs whose gate rows are MMA rows 0-7 and up rows 8-15.
 #define MQ_WARPS 8
 
