@@ -117,20 +117,6 @@ struct Q4_0 {
     }
 };
 
-// Load VEC consecutive floats at p.
-template <int VEC>
-__device__ __forceinline__ void load_vec(const float *p, float *out) {
-    if constexpr (VEC == 4) {
-        const float4 v = __ldg(reinterpret_cast<const float4 *>(p));
-        out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
-    } else if constexpr (VEC == 2) {
-        const float2 v = __ldg(reinterpret_cast<const float2 *>(p));
-        out[0] = v.x; out[1] = v.y;
-    } else {
-        out[0] = __ldg(p);
-    }
-}
-
 // Work item `i` of a [rows, k] matrix: (row, block, lane-in-block) → the lane's weights and the
 // column where its first run starts.
 template <typename Q>
@@ -235,6 +221,16 @@ __device__ __forceinline__ uint32_t ld_stream4(const uint8_t *p) {
     return v;
 }
 
+// The 6-bit scales and mins of Q4_K sub-blocks 4h..4h+3 (hi = h == 1), one a byte of sc and m,
+// branch-free from the header's 12 packed bytes as words s0, s1, s2 (ggml get_scale_min_k4).
+__device__ __forceinline__ void q4k_scale_words(uint32_t s0, uint32_t s1, uint32_t s2, bool hi, uint32_t &sc, uint32_t &m) {
+    const uint32_t sc_lo = s0 & 0x3F3F3F3Fu, m_lo = s1 & 0x3F3F3F3Fu;
+    const uint32_t sc_hi = (s2 & 0x0F0F0F0Fu) | ((s0 >> 2) & 0x30303030u);
+    const uint32_t m_hi = ((s2 >> 4) & 0x0F0F0F0Fu) | ((s1 >> 2) & 0x30303030u);
+    sc = hi ? sc_hi : sc_lo;
+    m = hi ? m_hi : m_lo;
+}
+
 // Per type: DLPB lanes share a block. load_w() requests a lane's weight bytes W; expand() turns
 // them into E, what dot() needs, once for every activation row; X holds what a lane needs of
 // one activation row for one block (loaded once, shared by the output slots); dot() adds that
@@ -276,9 +272,8 @@ struct Q4KDot {
         e.d = dm.x;
         e.dmin = dm.y;
         const int g = a >> 1;
-        // The 8 six-bit (scale, min) pairs, branch-free from the 12 packed bytes.
-        const uint32_t scw = g < 2 ? (s0 & 0x3F3F3F3Fu) : ((s2 & 0x0F0F0F0Fu) | ((s0 >> 2) & 0x30303030u));
-        const uint32_t mw = g < 2 ? (s1 & 0x3F3F3F3Fu) : (((s2 >> 4) & 0x0F0F0F0Fu) | ((s1 >> 2) & 0x30303030u));
+        uint32_t scw, mw;
+        q4k_scale_words(s0, s1, s2, g >= 2, scw, mw);
         const int sh = 16 * (g & 1);
         e.sc0 = (scw >> sh) & 0xFF;
         e.sc1 = (scw >> (sh + 8)) & 0xFF;
@@ -564,11 +559,11 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], cons
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// The 8 (scale, min) pairs of a Q4_K block from its 12 packed bytes s[3] (ggml get_scale_min_k4).
+// The 8 (scale, min) pairs of a Q4_K block from its 12 packed bytes as words s0, s1, s2.
 __device__ __forceinline__ void q4k_scales(uint32_t s0, uint32_t s1, uint32_t s2, int (&sc)[8], int (&mn)[8]) {
-    const uint32_t sc_lo = s0 & 0x3F3F3F3Fu, m_lo = s1 & 0x3F3F3F3Fu;
-    const uint32_t sc_hi = (s2 & 0x0F0F0F0Fu) | ((s0 >> 2) & 0x30303030u);
-    const uint32_t m_hi = ((s2 >> 4) & 0x0F0F0F0Fu) | ((s1 >> 2) & 0x30303030u);
+    uint32_t sc_lo, m_lo, sc_hi, m_hi;
+    q4k_scale_words(s0, s1, s2, false, sc_lo, m_lo);
+    q4k_scale_words(s0, s1, s2, true, sc_hi, m_hi);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         sc[i] = (sc_lo >> (8 * i)) & 0xFF;
