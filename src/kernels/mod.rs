@@ -42,6 +42,15 @@ pub fn matvec_blocks(rows: usize, glu: bool) -> usize {
     rows.div_ceil(MV_WARPS * per_warp).max(1)
 }
 
+/// Warps per block of the tensor-core matvec (`MQ_WARPS` in quant.cu); they split k.
+pub const MQ_WARPS: usize = 8;
+
+/// Blocks of the tensor-core matvec for `rows` outputs: a block takes a tile of 16 weight rows,
+/// 16 outputs, or 8 in GLU mode (MMA rows 0-7 the gate rows, 8-15 the up rows of the same 8).
+pub fn mma_matvec_blocks(rows: usize, glu: bool) -> usize {
+    rows.div_ceil(if glu { 8 } else { 16 }).max(1)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -209,6 +218,10 @@ mod tests {
         // GLU: a warp's two slots are one output's gate and up rows.
         assert_eq!(matvec_blocks(14336, true), 3584);
         assert_eq!(matvec_blocks(1, true), 1);
+        // Tensor-core tiles: 16 weight rows, 8 outputs of gate and up in GLU mode.
+        assert_eq!(mma_matvec_blocks(4096, false), 256);
+        assert_eq!(mma_matvec_blocks(17, false), 2);
+        assert_eq!(mma_matvec_blocks(14336, true), 1792);
         assert!(quant_kind(GgmlDType::Q4_1).is_none());
         assert_eq!(quant_kind(GgmlDType::Q4K).map(|k| k.suffix), Some("q4k"));
     }

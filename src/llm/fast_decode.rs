@@ -57,7 +57,7 @@ mod imp {
     use candle_core::{CudaDevice, DType, Device, Tensor};
 
     use super::MAX_ROWS;
-    use crate::kernels::{matvec_blocks, quant_kind, slice_ptr, tensor_from_slice, tensor_ptr, Kernels, QuantKind};
+    use crate::kernels::{matvec_blocks, mma_matvec_blocks, quant_kind, slice_ptr, tensor_from_slice, tensor_ptr, Kernels, QuantKind, MQ_WARPS};
     use crate::llm::lora::{LoraAdapter, LoraPtrs};
     use crate::llm::model::{KvCache, Model, Proj};
     use crate::llm::qlinear::BaseLinear;
@@ -259,8 +259,7 @@ mod imp {
         fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
             let (glu, n) = (a.glu != 0, a.n as usize);
             if nb >= MMA_MIN_ROWS && !w.f.mma.is_empty() {
-                let tiles = n.div_ceil(if glu { 8 } else { 16 });
-                return self.with(&w.f.mma[nb - MMA_MIN_ROWS], grid(tiles, 256), a);
+                return self.with(&w.f.mma[nb - MMA_MIN_ROWS], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a);
             }
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
             self.with(&w.f.mv[nb - 1], grid(matvec_blocks(n, glu), threads), a)
