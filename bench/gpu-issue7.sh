@@ -9,6 +9,8 @@
 #   serve     `bench serve-train` on a simulated 8 GB card (engine time to first token,
 #             hot-swap, serve + train memory)
 #   train     `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
+#   trainprof GPU time by kernel of one `bench train` step (nsys, or ncu without it)
+#   torchprof the same for one PyTorch + PEFT step (torch.profiler)
 #   pytorch   PyTorch bf16 `generate`, bare and with a PEFT LoRA of rank 16
 # Usage on the GPU machine, from the project root:  bash bench/gpu-issue7.sh [stage ...]
 set -uo pipefail
@@ -62,6 +64,26 @@ stage_serve() {
 stage_train() {
   freeski-bot bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --leave-free-gb 7.0 --json "$OUT/train-r16.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train.txt"
   peft; PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 2>&1 | tail -3 | tee "$OUT/pytorch-train-r16.txt"
+}
+stage_trainprof() {
+  # GPU time by kernel over the last of 2 training steps (the bench marks it for the
+  # profiler), with nsys (or ncu without it).
+  local NSYS; NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/nsight-systems*/bin/nsys 2>/dev/null | head -1)
+  local T="bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --steps 2 --profile-last-step"
+  if [ -n "$NSYS" ]; then
+    $NSYS profile -t cuda --capture-range=cudaProfilerApi --stats=false -o /tmp/train -f true freeski-bot $T 2>&1 | grep -Ev "$F" | tail -8
+    $NSYS stats -r cuda_gpu_trace -f csv -o /tmp/train /tmp/train.nsys-rep >/dev/null 2>&1
+    xz -T0 -k -c /tmp/train_cuda_gpu_trace.csv > "$OUT/train-trace.csv.xz"
+    python3 bench/ncu_summary.py /tmp/train_cuda_gpu_trace.csv 400 | tee "$OUT/train-kern.txt" | sed -n '401,460p'
+  else
+    echo "no nsys: ncu over every launch of the step"
+    $NCU --cache-control none --clock-control none --profile-from-start off --csv --metrics gpu__time_duration.sum freeski-bot $T > /tmp/train-ncu.csv 2>/dev/null
+    xz -T0 -k -c /tmp/train-ncu.csv > "$OUT/train-ncu.csv.xz"
+    python3 bench/ncu_summary.py /tmp/train-ncu.csv 400 | tee "$OUT/train-kern.txt" | sed -n '401,460p'
+  fi
+}
+stage_torchprof() {
+  peft; PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 --steps 2 --profile 2>&1 | tail -50 | tee "$OUT/pytorch-train-prof.txt"
 }
 stage_pytorch() {
   python3 bench/pytorch_generate.py 2>&1 | tail -12 | tee "$OUT/pytorch.txt"

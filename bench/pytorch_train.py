@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's GPU-time table for one extra step")
     args = ap.parse_args()
 
     free0, total = torch.cuda.mem_get_info()
@@ -64,6 +65,12 @@ def main():
         loss = step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
     times.sort()
     med = times[len(times) // 2]
     free1, _ = torch.cuda.mem_get_info()

@@ -140,6 +140,21 @@ pub fn trim_pool(device: &Device) {
     let _ = device;
 }
 
+/// Start (`true`) or stop the CUDA profiler's capture, for `nsys`/`ncu --profile-from-start off`
+/// runs that should see one benchmarked stretch only. No-op off CUDA.
+pub fn profiler_capture(device: &Device, on: bool) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // SAFETY: both calls only toggle the profiler's capture for the current context.
+        let r = unsafe { if on { sys::cuProfilerStart() } else { sys::cuProfilerStop() } };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            tracing::warn!("cuProfiler{}: {r:?}", if on { "Start" } else { "Stop" });
+        }
+    }
+    let _ = (device, on);
+}
+
 /// Device memory held by an allocation outside candle's pool, so that a run on a large card
 /// sees only what a smaller card would leave it (benchmarks: "does this fit in 8 GB?").
 /// Freed on drop.
