@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["dropout", "quant", "decode"];
+const KERNELS: &[&str] = &["dropout", "quant", "decode", "train"];
 
 fn main() {
     println!("cargo::rerun-if-env-changed=NVCC");

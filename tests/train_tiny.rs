@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use freeski_bot::config::Settings;
 use freeski_bot::llm::load::{load_path, LoadedModel};
 use freeski_bot::llm::lora::AdapterConfig;
-use freeski_bot::llm::model::Proj;
+use freeski_bot::llm::model::{KvCache, Logits, Proj};
 use freeski_bot::train::checkpoint;
 use freeski_bot::train::data::{self, Batch, Example};
 use freeski_bot::train::dropout::Dropout;
@@ -68,7 +68,8 @@ fn grads(fwd: &TrainForward, params: &LoraParams, b: &Batch, checkpointing: bool
 /// Every LoRA tensor's gradient against central finite differences of the loss, computed in
 /// f64 through the quantized base (dequantized densely on the f64 path). Six entries per
 /// tensor, always including its largest-gradient entry. Tolerance: 1e-4 of the tensor's largest
-/// gradient (the analytic gradients are stored in f32).
+/// gradient (the analytic gradients are stored in f32). Both backwards are checked: the
+/// whole-graph autograd one and the checkpointed, hand-written one.
 #[test]
 fn lora_gradients_match_finite_differences() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,9 +81,10 @@ fn lora_gradients_match_finite_differences() {
     let b = batch(&mut rng, &[12, 9]);
     let denom = b.targets() as f64;
     let analytic = grads(&fwd, &params, &b, false);
+    let by_hand = grads(&fwd, &params, &b, true);
     let loss = |p: &LoraParams| fwd.loss_sum(Some(&p.view()), &b).unwrap() / denom;
     let mut checked = 0;
-    for ((name, var), g) in params.named_vars().into_iter().zip(&analytic) {
+    for (((name, var), g), g_hand) in params.named_vars().into_iter().zip(&analytic).zip(&by_hand) {
         let gmax = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
         assert!(gmax > 0.0, "{name}: no gradient at all");
         let argmax = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
@@ -100,12 +102,38 @@ fn lora_gradients_match_finite_differences() {
             let (fm, xm) = at(-1e-4);
             var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
             let fd = (fp - fm) / (xp - xm);
-            let err = (fd - g[j] as f64).abs() / gmax;
-            assert!(err < 1e-4, "{name}[{j}]: finite differences {fd:.6e}, backward {:.6e} (error {err:.2e} of max {gmax:.3e})", g[j]);
+            for (path, g) in [("autograd", g), ("checkpointed", g_hand)] {
+                let err = (fd - g[j] as f64).abs() / gmax;
+                assert!(err < 1e-4, "{name}[{j}]: finite differences {fd:.6e}, {path} backward {:.6e} (error {err:.2e} of max {gmax:.3e})", g[j]);
+            }
             checked += 1;
         }
     }
     assert_eq!(checked, 3 * 7 * 2 * 6);
+}
+
+/// The training forward computes what the inference forward computes (GQA, sliding window,
+/// LoRA on every projection): the NLL of one 20-token row (past the window of 8) through
+/// `loss_sum` on the quantized model (dense f32 GEMMs on the dequantized weights) and through
+/// `Model::forward` on the same weights dequantized. Tolerance 1e-5 relative.
+#[test]
+fn training_forward_matches_the_inference_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(dir.path());
+    let params = random_params(&lm, 0.0, 5);
+    let fwd = TrainForward::new(&lm.model, DType::F32, Dropout::off());
+    let b = batch(&mut ChaCha8Rng::seed_from_u64(4), &[20]);
+    let train = fwd.loss_sum(Some(&params.view()), &b).unwrap();
+
+    let exact = freeski_bot::llm::random::dequantized(&lm.model).unwrap();
+    let adapter = params.to_adapter("check").unwrap();
+    let ids = Tensor::new(b.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let mut cache = KvCache::new(exact.config(), 1);
+    let logits = exact.forward(&ids, &mut cache, Some(&adapter), Logits::All).unwrap().squeeze(0).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64).unwrap(), 1).unwrap().to_vec2::<f64>().unwrap();
+    let (pos, next) = b.predictions();
+    let inference: f64 = pos.iter().zip(&next).map(|(&p, &n)| -logp[p as usize][n as usize]).sum();
+    assert!((train - inference).abs() < 1e-5 * inference, "training {train} vs inference {inference}");
 }
 
 /// Recomputing each layer in the backward pass gives the gradients of the whole-graph backward,

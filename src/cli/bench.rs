@@ -431,7 +431,7 @@ fn dequant_parity(dev: &Device, dtype: GgmlDType, to: DType, seed: u64) -> Resul
 }
 
 /// Largest |a - b| relative to the largest |a| (`a` is the reference).
-fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12) as f64;
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64 / scale
 }
@@ -581,6 +581,22 @@ fn bench_parity(args: ParityBench) -> Result<()> {
         if diff != 0.0 {
             failures.push(format!("dropout/{dtype:?} {diff:e}"));
         }
+    }
+    for (kernel, dtype, diff) in super::bench_train::backward_kernel_parity(&dev)? {
+        // One rounding of the f32 result either way, in a different order: a few ulp.
+        let tol = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
+        println!("{kernel} {dtype:?} on {}: fused kernel vs composed ops {diff:.2e} (tolerance {tol:.0e})", args.device);
+        if diff > tol {
+            failures.push(format!("{kernel}/{dtype:?} {diff:.2e}"));
+        }
+    }
+    let g = super::bench_train::grad_parity(&dev, args.seed)?;
+    println!(
+        "LoRA gradients, tiny q8_0, dropout 0.1, 2 padded rows: checkpointed hand-written backward vs whole-graph autograd on {} f32 {:.2e} (tolerance 1e-4), bf16 {:.2e} (tolerance 5e-2); f32 {} vs cpu {:.2e} (tolerance 1e-3)",
+        args.device, g.f32_hand_vs_autograd, g.bf16_hand_vs_autograd, args.device, g.f32_dev_vs_cpu
+    );
+    if g.f32_hand_vs_autograd > 1e-4 || g.bf16_hand_vs_autograd > 5e-2 || g.f32_dev_vs_cpu > 1e-3 {
+        failures.push(format!("train gradients {:.2e} {:.2e} {:.2e}", g.f32_hand_vs_autograd, g.bf16_hand_vs_autograd, g.f32_dev_vs_cpu));
     }
     ensure!(failures.is_empty(), "CPU and {} disagree beyond tolerance: {}", args.device, failures.join(", "));
     println!("parity OK");

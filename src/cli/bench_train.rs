@@ -49,6 +49,10 @@ pub struct TrainBench {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Capture only the last timed step in a profiler run started with
+    /// `--profile-from-start off` (nsys, ncu).
+    #[arg(long)]
+    pub profile_last_step: bool,
 }
 
 /// Run as if on a smaller card (also used by `bench serve-train`).
@@ -127,12 +131,20 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         if step == 1 {
             device::reset_pool_peaks(&dev);
         }
+        let profiled = args.profile_last_step && step == args.steps;
+        if profiled {
+            sync(&dev)?;
+            device::profiler_capture(&dev, true);
+        }
         let t0 = Instant::now();
         loss = fwd.accumulate(&params, &batch, MicroKey { step: step as u64, micro: 0 }, denom, checkpointing, &mut accum)? / denom;
         let mut grads = accum.take()?;
         clip_grad_norm(&mut grads, 1.0)?;
         opt.step(&vars, &grads, 1e-4)?;
         sync(&dev)?;
+        if profiled {
+            device::profiler_capture(&dev, false);
+        }
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -183,4 +195,85 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
     }
     Ok(())
+}
+
+pub(crate) struct GradParity {
+    pub f32_hand_vs_autograd: f64,
+    pub bf16_hand_vs_autograd: f64,
+    pub f32_dev_vs_cpu: f64,
+}
+
+/// One micro-batch's LoRA gradients on the tiny random model (GQA, sliding window, 2 rows of
+/// different lengths, dropout on): the checkpointed step's hand-written backward against
+/// candle's autograd over the whole graph on `dev`, and against the CPU. Differences are
+/// relative to the largest gradient.
+pub(crate) fn grad_parity(dev: &candle_core::Device, seed: u64) -> Result<GradParity> {
+    use candle_core::{DType, Device, Tensor};
+    let cfg = ModelConfig::tiny();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let examples: Vec<Example> = [21usize, 13]
+        .iter()
+        .map(|&n| Example { ids: (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect(), target: (0..n).map(|i| i >= n / 4).collect() })
+        .collect();
+    let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
+    let adapter = AdapterConfig::new(4, 8.0, 0.1, &Proj::ALL, "parity", false);
+    let values: Vec<Vec<f32>> = {
+        let shapes = LoraParams::init(&cfg, adapter.clone(), 1, &Device::Cpu)?;
+        shapes.named_vars().iter().map(|(_, v)| (0..v.elem_count()).map(|_| rng.random_range(-0.05f32..0.05)).collect()).collect()
+    };
+    let grads = |dev: &Device, dtype: DType, checkpointing: bool| -> Result<Vec<f32>> {
+        let model = BenchQuant::Q8_0.random_model(&cfg, seed, dev)?;
+        let params = LoraParams::init(&cfg, adapter.clone(), 1, dev)?;
+        let names: Vec<String> = params.named_vars().into_iter().map(|(n, _)| n).collect();
+        params.load_values(|n| {
+            let i = names.iter().position(|m| m == n)?;
+            let shape = params.named_vars()[i].1.shape().clone();
+            Tensor::from_vec(values[i].clone(), shape, dev).ok()
+        })?;
+        let fwd = TrainForward::new(&model, dtype, Dropout { p: 0.1, seed: 7 });
+        let mut accum = GradAccum::new(&params)?;
+        fwd.accumulate(&params, &batch, MicroKey { step: 2, micro: 1 }, batch.targets() as f64, checkpointing, &mut accum)?;
+        let mut out = Vec::new();
+        for g in accum.take()? {
+            out.extend(g.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    };
+    let rel = super::bench::rel_diff;
+    let f32_auto = grads(dev, DType::F32, false)?;
+    let f32_hand = grads(dev, DType::F32, true)?;
+    Ok(GradParity {
+        f32_hand_vs_autograd: rel(&f32_auto, &f32_hand),
+        bf16_hand_vs_autograd: rel(&grads(dev, DType::BF16, false)?, &grads(dev, DType::BF16, true)?),
+        f32_dev_vs_cpu: rel(&grads(&Device::Cpu, DType::F32, true)?, &f32_hand),
+    })
+}
+
+/// The fused training backwards (`kernels/train.cu` on CUDA) against their composed tensor-op
+/// formulas on the same device, on odd sizes (tails of every loop). Returns
+/// `(kernel, dtype, largest difference relative to the largest composed value)`.
+pub(crate) fn backward_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, candle_core::DType, f64)>> {
+    use crate::train::ops::{self, composed};
+    use candle_core::{DType, Tensor};
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let (a, b) = (a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        Ok(super::bench::rel_diff(&a, &b))
+    };
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let r = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)?) };
+        let (x, g, resid) = (r(&[37, 4100])?, r(&[37, 4100])?, r(&[37, 4100])?);
+        let w = r(&[4100])?;
+        let fused = ops::rms_norm_backward(&x, &w, 1e-5, &g, Some(&resid))?;
+        let plain = (composed::rms_norm_backward(&x, &w, 1e-5, &g)? + &resid)?;
+        out.push(("rms-norm backward", dtype, rel(&plain, &fused)?));
+        let y = candle_nn::ops::softmax_last_dim(&r(&[5, 11, 513])?)?;
+        let gy = r(&[5, 11, 513])?;
+        out.push(("softmax backward", dtype, rel(&composed::softmax_backward(&y, &gy)?, &ops::softmax_backward(&y, &gy)?)?));
+        let (gate, up, dm) = (r(&[3, 10_001])?, r(&[3, 10_001])?, r(&[3, 10_001])?);
+        let (dg, du) = ops::silu_mul_backward(&gate, &up, &dm)?;
+        let (dg0, du0) = composed::silu_mul_backward(&gate, &up, &dm)?;
+        out.push(("silu-mul backward", dtype, rel(&dg0, &dg)?.max(rel(&du0, &du)?)));
+    }
+    Ok(out)
 }

@@ -5,6 +5,7 @@
 //! * `dropout.cu`: keyed dropout for training; its Rust twin is `train::dropout`.
 //! * `quant.cu`: kernels that read GGML-packed weights in place: dequantization to bf16/f16
 //!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fast_decode`).
+//! * `train.cu`: fused backwards of SwiGLU, RMSNorm and softmax for `train::ops`.
 //! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
 //!   kernel), rotary + KV append and decode attention for `llm::fast_decode`.
 //!
@@ -66,6 +67,7 @@ mod cuda {
     const DROPOUT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
     const QUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant.ptx"));
     const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+    const TRAIN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
 
     /// The modules of `quant.cu` and `decode.cu`, loaded for one device's stream. Loaded
     /// through cudarc (candle's own module cache hands out a type it does not export), for
@@ -200,6 +202,107 @@ mod cuda {
             other => bail!("keyed dropout on CUDA: {other:?} is not supported (f32, bf16, f16)"),
         };
         Ok(CudaStorage { slice, device: dev })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Fused training backwards (`train.cu`).
+
+    /// The CUDA device of `t`, and the kernel-name suffix of its dtype.
+    fn train_target(t: &Tensor) -> Result<(CudaDevice, &'static str)> {
+        let Device::Cuda(dev) = t.device() else { bail!("expected a CUDA tensor, got one on {:?}", t.device().location()) };
+        let suffix = match t.dtype() {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => bail!("training kernels take f32, bf16 or f16, not {other:?}"),
+        };
+        Ok((dev.clone(), suffix))
+    }
+
+    /// An uninitialised tensor for a kernel that writes every element.
+    fn empty(dev: &CudaDevice, dtype: DType, shape: &candle_core::Shape) -> Result<Tensor> {
+        let n = shape.elem_count();
+        // SAFETY (each arm): the caller's kernel writes all `n` elements before any is read.
+        Ok(match dtype {
+            DType::F32 => tensor_from_slice(unsafe { dev.alloc::<f32>(n)? }, dev, shape.clone()),
+            DType::BF16 => tensor_from_slice(unsafe { dev.alloc::<half::bf16>(n)? }, dev, shape.clone()),
+            DType::F16 => tensor_from_slice(unsafe { dev.alloc::<half::f16>(n)? }, dev, shape.clone()),
+            other => bail!("training kernels take f32, bf16 or f16, not {other:?}"),
+        })
+    }
+
+    /// Contiguous copies (or the tensors themselves) of `ts`, all of `like`'s dtype and shape.
+    fn operands(like: &Tensor, ts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        ts.iter()
+            .map(|t| {
+                if t.dims() != like.dims() || t.dtype() != like.dtype() {
+                    bail!("training kernel operands differ: {:?} {:?} vs {:?} {:?}", t.shape(), t.dtype(), like.shape(), like.dtype())
+                }
+                t.contiguous()
+            })
+            .collect()
+    }
+
+    /// `(dg, du)` of `m = silu(g) ∘ u` from `dm`.
+    pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dm: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (dev, sfx) = train_target(g)?;
+        let ops = operands(g, &[g, u, dm])?;
+        let (dg, du) = (empty(&dev, g.dtype(), g.shape())?, empty(&dev, g.dtype(), g.shape())?);
+        let n = g.elem_count() as u64;
+        let p = [tensor_ptr(&ops[0])?, tensor_ptr(&ops[1])?, tensor_ptr(&ops[2])?, tensor_ptr(&dg)?, tensor_ptr(&du)?];
+        let func = dev.get_or_load_custom_func(&format!("silu_mul_bwd_{sfx}"), "freeski_train", TRAIN_PTX)?;
+        let mut b = func.builder();
+        b.arg(&n);
+        for ptr in &p {
+            b.arg(ptr);
+        }
+        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: (uint64_t, const T* ×3, T* ×2) as declared in train.cu; the buffers hold n elements.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((dg, du))
+    }
+
+    /// `dx` of `y = rms_norm(x, w, eps)` over the last dim from `g`, plus `resid` if given.
+    pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f32, g: &Tensor, resid: Option<&Tensor>) -> Result<Tensor> {
+        let (dev, sfx) = train_target(x)?;
+        let cols = x.dim(candle_core::D::Minus1)?;
+        if w.dims() != [cols] || w.dtype() != x.dtype() {
+            bail!("rms_norm_backward: weight {:?} {:?} for rows of {cols} {:?}", w.shape(), w.dtype(), x.dtype())
+        }
+        let mut list = vec![x, g];
+        list.extend(resid);
+        let ops = operands(x, &list)?;
+        let w = w.contiguous()?;
+        let dx = empty(&dev, x.dtype(), x.shape())?;
+        let rows = (x.elem_count() / cols.max(1)) as u32;
+        let resid_ptr = if resid.is_some() { tensor_ptr(&ops[2])? } else { 0u64 };
+        let (cols32, xp, wp, gp, dxp) = (cols as i32, tensor_ptr(&ops[0])?, tensor_ptr(&w)?, tensor_ptr(&ops[1])?, tensor_ptr(&dx)?);
+        let func = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{sfx}"), "freeski_train", TRAIN_PTX)?;
+        let mut b = func.builder();
+        b.arg(&cols32).arg(&eps).arg(&xp).arg(&wp).arg(&gp).arg(&resid_ptr).arg(&dxp);
+        let cfg = LaunchConfig { grid_dim: (rows.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: (int, float, const T* ×4 (resid may be null), T*) as declared in train.cu.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(dx)
+    }
+
+    /// `dx` of `y = softmax(x)` over the last dim, from `y` and `g`.
+    pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (dev, sfx) = train_target(y)?;
+        let ops = operands(y, &[y, g])?;
+        let cols = y.dim(candle_core::D::Minus1)?;
+        let rows = (y.elem_count() / cols.max(1)) as u64;
+        let dx = empty(&dev, y.dtype(), y.shape())?;
+        let (cols32, yp, gp, dxp) = (cols as i32, tensor_ptr(&ops[0])?, tensor_ptr(&ops[1])?, tensor_ptr(&dx)?);
+        let func = dev.get_or_load_custom_func(&format!("softmax_bwd_{sfx}"), "freeski_train", TRAIN_PTX)?;
+        let mut b = func.builder();
+        b.arg(&rows).arg(&cols32).arg(&yp).arg(&gp).arg(&dxp);
+        // 8 rows (one a warp) a block.
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: (uint64_t, int, const T* ×2, T*) as declared in train.cu.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(dx)
     }
 }
 

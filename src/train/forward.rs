@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor, TensorId, Var, D};
 
+use super::backward::LayerBackward;
 use super::data::Batch;
 use super::dropout::{Dropout, MaskKey};
 use super::ops;
@@ -24,9 +25,9 @@ use crate::llm::Model;
 const HEAD_CHUNK: usize = 256;
 
 pub struct TrainForward<'m> {
-    model: &'m Model,
-    dtype: DType,
-    dropout: Dropout,
+    pub(super) model: &'m Model,
+    pub(super) dtype: DType,
+    pub(super) dropout: Dropout,
 }
 
 /// Gradients summed over the micro-batches of one optimizer step, in f32 buffers made once
@@ -47,7 +48,7 @@ impl GradAccum {
         Ok(Self { bufs, slot })
     }
 
-    fn add(&mut self, var: &Var, g: &Tensor) -> Result<()> {
+    pub(super) fn add(&mut self, var: &Var, g: &Tensor) -> Result<()> {
         let i = *self.slot.get(&var.id()).context("gradient for a variable outside this accumulator")?;
         let buf = &self.bufs[i];
         buf.set(&(buf.as_tensor() + g.to_dtype(DType::F32)?)?)?;
@@ -91,7 +92,7 @@ impl<'m> TrainForward<'m> {
         let none = LayerLora::default();
         for i in 0..self.model.layers().len() {
             let layer_lora = lora.and_then(|l| l.layers.get(i)).unwrap_or(&none);
-            x = fwd.layer(i, &x, layer_lora, lora.map_or(0.0, |l| l.scale), key, &ctx, None)?;
+            x = fwd.layer(i, &x, layer_lora, lora.map_or(0.0, |l| l.scale), key, &ctx, None)?.0;
         }
         let mut total = 0.0;
         for (pos, next) in ctx.head_chunks()? {
@@ -115,7 +116,7 @@ impl<'m> TrainForward<'m> {
     fn accumulate_whole(&self, params: &LoraParams, key: MicroKey, denom: f64, ctx: &Ctx, accum: &mut GradAccum) -> Result<f64> {
         let mut x = self.embed(&ctx.batch)?;
         for i in 0..self.model.layers().len() {
-            x = self.layer(i, &x, &params.layer(i, true), params.scale, key, ctx, None)?;
+            x = self.layer(i, &x, &params.layer(i, true), params.scale, key, ctx, None)?.0;
         }
         let mut loss: Option<Tensor> = None;
         for (pos, next) in ctx.head_chunks()? {
@@ -145,7 +146,7 @@ impl<'m> TrainForward<'m> {
         let inputs = Tensor::zeros((n_layers, b, t, h), self.dtype, x.device())?;
         for i in 0..n_layers {
             inputs.slice_set(&x.unsqueeze(0)?.contiguous()?, 0, i)?;
-            x = self.layer(i, &x, &params.layer(i, false), params.scale, key, ctx, None)?;
+            x = self.layer(i, &x, &params.layer(i, false), params.scale, key, ctx, None)?.0;
         }
         // Head, chunk by chunk: each chunk's graph lives only for its own backward.
         let flat = x.reshape((b * t, h))?;
@@ -163,9 +164,10 @@ impl<'m> TrainForward<'m> {
         }
         let mut grad = grad.reshape((b, t, h))?.to_dtype(self.dtype)?;
         drop((x, head));
-        // Pass 2: layer by layer from the top, recomputed with its graph.
+        // Pass 2: layer by layer from the top, recomputed (no graph) and differentiated by
+        // hand (`backward.rs`), seeded by the gradient flowing in from the layer above.
         for i in (0..n_layers).rev() {
-            let input = Var::from_tensor(&inputs.get(i)?)?;
+            let input = inputs.get(i)?;
             // The recompute and its backward share one dequantization of the layer's weights.
             let dev = self.model.device();
             let layer = &self.model.layers()[i];
@@ -174,18 +176,14 @@ impl<'m> TrainForward<'m> {
                 debug_assert_eq!(p.index(), dense.len());
                 dense.push(ops::dequantize(layer.proj(p).qtensor(), dev, self.dtype)?);
             }
-            let y = self.layer(i, input.as_tensor(), &params.layer(i, true), params.scale, key, ctx, Some(&dense))?;
-            // d(Σ y∘g)/dθ = (∂y/∂θ)ᵀ g: the layer's backward with `g` as incoming gradient.
-            let grads = (y * &grad)?.sum_all()?.backward()?;
-            for var in params.vars_of_layer(i) {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    accum.add(var, g)?;
-                }
+            let lora = params.layer(i, false);
+            let (_, tape) = self.layer(i, &input, &lora, params.scale, key, ctx, Some(&dense))?;
+            let back = LayerBackward { fwd: self, layer: i, lora: &lora, params, key, ctx, dense: &dense };
+            let dx = back.run(tape, &grad, i > 0, accum)?;
+            if let Some(dx) = dx {
+                grad = dx;
             }
-            if i > 0 {
-                grad = grads.get(input.as_tensor()).context("no gradient reached a layer input")?.clone();
-            }
-            drop((grads, dense));
+            drop(dense);
             crate::llm::device::trim_pool(self.model.device());
         }
         Ok(total)
@@ -222,62 +220,73 @@ impl<'m> TrainForward<'m> {
         Ok(self.model.embedding().embedding(&ids)?.to_dtype(self.dtype)?.detach())
     }
 
-    /// Decoder layer `i`. `dense`: its seven weights dequantized once by the caller, for a
-    /// recompute whose backward uses them again; `None` dequantizes per projection.
+    /// Decoder layer `i`, and the intermediates its hand-written backward needs
+    /// ([`Tape`]; the autograd paths drop it). `dense`: its seven weights dequantized once by
+    /// the caller, for a recompute whose backward uses them again; `None` dequantizes per
+    /// projection.
     #[allow(clippy::too_many_arguments)]
-    fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx, dense: Option<&[Tensor]>) -> Result<Tensor> {
+    pub(super) fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx, dense: Option<&[Tensor]>) -> Result<(Tensor, Tape)> {
         let layer = &self.model.layers()[i];
         let cfg = self.model.config();
         let eps = cfg.rms_norm_eps as f32;
         let (attn_norm, ffn_norm) = layer.norms();
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let proj = |p: Proj, x: &Tensor| {
+        let mut saved: [Option<(Tensor, Tensor)>; 7] = Default::default();
+        let mut proj = |p: Proj, x: &Tensor| -> Result<Tensor> {
             let dense = dense.map(|d| &d[p.index()]);
-            self.proj(layer, p, dense, x, lora, scale, MaskKey { step: key.step, micro: key.micro, layer: i as u64, proj: p.index() as u64 })
+            let (y, low) = self.proj(layer, p, dense, x, &lora[p.index()], scale, mask_key(key, i, p))?;
+            saved[p.index()] = low;
+            Ok(y)
         };
 
-        let h = ops::rms_norm(x, attn_norm, eps)?;
-        let q = proj(Proj::Q, &h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = proj(Proj::K, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = proj(Proj::V, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let h1 = ops::rms_norm(x, attn_norm, eps)?;
+        let q = proj(Proj::Q, &h1)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = proj(Proj::K, &h1)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = proj(Proj::V, &h1)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = ops::rope_interleaved(&q, &ctx.cos, &ctx.sin)?;
         let k = ops::rope_interleaved(&k, &ctx.cos, &ctx.sin)?;
+        // Grouped-query attention without copying k/v per query head: the `rep` query heads of
+        // one kv head are stacked along the rows, [b, kv, rep·t, hd], so each kv head is one
+        // batched GEMM operand (and its gradient sums over its query heads by itself).
         let rep = nh / nkv;
-        let k = repeat_kv(&k, rep)?;
-        let v = repeat_kv(&v.contiguous()?, rep)?;
+        let v = v.contiguous()?;
         // Scale q rather than the scores: the graph keeps a [t, hd] tensor instead of a [t, t] one.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(&ctx.mask)?;
-        let attn = ops::softmax_last_dim(&scores)?.matmul(&v)?;
-        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let qs = (q * attn_scale(hd))?.reshape((b, nkv, rep * t, hd))?;
+        let scores = qs.matmul(&k.t()?)?.reshape((b, nh, t, t))?.broadcast_add(&ctx.mask)?;
+        let probs = ops::softmax_last_dim(&scores)?;
+        let attn = probs.reshape((b, nkv, rep * t, t))?.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let x2 = (x + proj(Proj::O, &attn)?)?;
 
-        let h = ops::rms_norm(&x2, ffn_norm, eps)?;
-        let gate = proj(Proj::Gate, &h)?;
-        let up = proj(Proj::Up, &h)?;
-        let down = proj(Proj::Down, &(gate.silu()? * up)?)?;
-        Ok((x2 + down)?)
+        let h2 = ops::rms_norm(&x2, ffn_norm, eps)?;
+        let gate = proj(Proj::Gate, &h2)?;
+        let up = proj(Proj::Up, &h2)?;
+        let m = (gate.silu()? * &up)?;
+        let out = (&x2 + proj(Proj::Down, &m)?)?;
+        let tape = Tape { x: x.clone(), qs, k, v, probs, x2, gate, up, lora: saved };
+        Ok((out, tape))
     }
 
-    /// Base projection plus `scale · dropout(x)·Aᵀ·Bᵀ`. A and B are f32 variables; they are
+    /// Base projection plus `scale · dropout(x)·Aᵀ·Bᵀ`, and for LoRA `(dropout(x), dropout(x)·Aᵀ)`
+    /// as `[rows, in]` / `[rows, r]` for the backward. A and B are f32 variables; they are
     /// cast to the activation dtype inside the graph, so their gradients arrive in f32.
     #[allow(clippy::too_many_arguments)]
-    fn proj(&self, layer: &DecoderLayer, p: Proj, dense: Option<&Tensor>, x: &Tensor, lora: &LayerLora, scale: f64, key: MaskKey) -> Result<Tensor> {
+    fn proj(&self, layer: &DecoderLayer, p: Proj, dense: Option<&Tensor>, x: &Tensor, lora: &Option<(Tensor, Tensor)>, scale: f64, key: MaskKey) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let y = ops::frozen_qmatmul_with(x, layer.proj(p).qtensor(), dense)?;
-        let Some((a, b)) = &lora[p.index()] else {
-            return Ok(y);
+        let Some((a, b)) = lora else {
+            return Ok((y, None));
         };
         let dims = x.dims().to_vec();
         let in_f = dims[dims.len() - 1];
         let rows = x.elem_count() / in_f;
         let xd = self.dropout.apply(x, key)?.reshape((rows, in_f))?;
         let low = xd.matmul(&a.to_dtype(self.dtype)?.t()?)?;
-        let delta = (low.matmul(&b.to_dtype(self.dtype)?.t()?)? * scale)?;
+        // The scale goes on B ([out, r]), not on the [rows, out] product.
+        let delta = low.matmul(&(b * scale)?.to_dtype(self.dtype)?.t()?)?;
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
         out_dims[last] = delta.dim(1)?;
-        Ok((y + delta.reshape(out_dims)?)?)
+        Ok(((y + delta.reshape(out_dims)?)?, Some((xd, low))))
     }
 
     /// NLL sum over the target rows `pos` of the final hidden state `x: [b, t, h]`.
@@ -298,11 +307,41 @@ impl<'m> TrainForward<'m> {
     }
 }
 
+/// What a layer's hand-written backward needs from its forward (tensors the forward made
+/// anyway; keeping them costs no extra compute).
+pub(super) struct Tape {
+    /// The layer input `[b, t, h]`.
+    pub x: Tensor,
+    /// Rotated, scaled queries `[b, kv_heads, rep·t, hd]` (the query heads of each kv head
+    /// stacked), rotated keys and the values `[b, kv_heads, t, hd]`.
+    pub qs: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Attention probabilities `[b, heads, t, t]`.
+    pub probs: Tensor,
+    /// The residual stream after attention `[b, t, h]`.
+    pub x2: Tensor,
+    /// MLP gate and up projections `[b, t, inter]`.
+    pub gate: Tensor,
+    pub up: Tensor,
+    /// Per projection with LoRA: its dropped-out input `[rows, in]` and `input·Aᵀ` `[rows, r]`.
+    pub lora: [Option<(Tensor, Tensor)>; 7],
+}
+
+pub(super) fn mask_key(key: MicroKey, layer: usize, p: Proj) -> MaskKey {
+    MaskKey { step: key.step, micro: key.micro, layer: layer as u64, proj: p.index() as u64 }
+}
+
+/// `1/√hd`, the attention's score scale (applied to q).
+pub(super) fn attn_scale(hd: usize) -> f64 {
+    1.0 / (hd as f64).sqrt()
+}
+
 /// Per-micro-batch constants.
-struct Ctx {
+pub(super) struct Ctx {
     batch: Batch,
-    cos: Tensor,
-    sin: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
     mask: Tensor,
     pos: Vec<u32>,
     next: Vec<u32>,
@@ -322,13 +361,4 @@ impl Ctx {
 
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// `[b, kv_heads, t, hd]` → `[b, kv_heads * rep, t, hd]`.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, nkv, t, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, nkv, rep, t, hd))?.contiguous()?.reshape((b, nkv * rep, t, hd))?)
 }

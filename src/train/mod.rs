@@ -3,9 +3,10 @@
 //! candle's quantized matmul and its fused RMSNorm / softmax / RoPE kernels have no backward
 //! (DESIGN §3): [`ops`] adds ops with a backward. [`forward`] is the decoder's training pass on
 //! a loaded model's frozen weights with LoRA [`params`], [`dropout`] and per-layer gradient
-//! checkpointing; [`trainer`] is the loop (AdamW from [`optim`], [`checkpoint`]s, evaluation,
+//! checkpointing, whose recomputed layers are differentiated by hand (`backward`); [`trainer`] is the loop (AdamW from [`optim`], [`checkpoint`]s, evaluation,
 //! early stop) fed by [`data`]; [`report`] writes `metrics.json` and `loss.png`.
 
+mod backward;
 pub mod checkpoint;
 pub mod data;
 pub mod dropout;

@@ -178,15 +178,16 @@ impl CustomOp1 for FrozenQMatMul {
         // grad_x = grad · dequant(W), one GEMM in the gradient's dtype (cuBLAS accumulates
         // half-precision products in f32).
         let w = self.dense_weight(grad.device(), grad.dtype())?;
-        let (out_f, _in_f) = w.dims2()?;
-        let rows = grad.elem_count() / out_f;
-        let gx = grad
-            .reshape((rows, out_f))?
-            .matmul(&w)?
-            .reshape(arg.shape())?
-            .to_dtype(arg.dtype())?;
-        Ok(Some(gx))
+        Ok(Some(frozen_linear_backward(grad, &w)?.reshape(arg.shape())?.to_dtype(arg.dtype())?))
     }
+}
+
+/// `∂L/∂x` of `y = x · Wᵀ` from `grad = ∂L/∂y` (`[.., out]`) and the dense `W` (`[out, in]`),
+/// as `[rows, in]`.
+pub fn frozen_linear_backward(grad: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out_f, _in_f) = w.dims2()?;
+    let rows = grad.elem_count() / out_f;
+    grad.reshape((rows, out_f))?.matmul(w)
 }
 
 /// `x · Wᵀ` for a frozen quantized `W` of shape `[out, in]` and `x` of shape `[.., in]`.
@@ -272,19 +273,83 @@ impl CustomOp1 for RmsNormOp {
     detached_forwards!();
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        rms_norm_backward(arg, &self.weight, self.eps, grad, None).map(Some)
+    }
+}
+
+/// `∂L/∂x` of `y = rms_norm(x, weight, eps)` given `grad = ∂L/∂y` (the weight is frozen), plus
+/// `resid` (a gradient arriving around the norm) if given. Shared by the autograd op and the
+/// hand-written layer backward; a fused kernel on CUDA.
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f32, grad: &Tensor, resid: Option<&Tensor>) -> Result<Tensor> {
+    let w = weight.to_dtype(x.dtype())?;
+    let grad = grad.to_dtype(x.dtype())?;
+    #[cfg(feature = "cuda")]
+    if has_train_kernel(x) {
+        return crate::kernels::rms_norm_backward(x, &w, eps, &grad, resid);
+    }
+    let dx = composed::rms_norm_backward(x, &w, eps, &grad)?;
+    match resid {
+        Some(r) => dx + r,
+        None => Ok(dx),
+    }
+}
+
+/// Whether `x` goes to a fused kernel of `kernels/train.cu` (CUDA, f32/bf16/f16).
+#[cfg(feature = "cuda")]
+fn has_train_kernel(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// The backward formulas as tensor ops: the CPU (and f64) path, and the reference the fused
+/// CUDA kernels are checked against (`bench parity`).
+pub mod composed {
+    use super::compute_dtype;
+    use candle_core::{Result, Tensor, D};
+
+    pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f32, grad: &Tensor) -> Result<Tensor> {
         // y = x·r·w with r = (mean(x²) + eps)^-½ per row, so
         // dx = r·(g∘w) − x·r³·mean(g∘w∘x).
-        let cdt = compute_dtype(arg.dtype());
-        let x = arg.detach().to_dtype(cdt)?;
-        let gw = grad
-            .to_dtype(cdt)?
-            .broadcast_mul(&self.weight.to_dtype(cdt)?)?;
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
-            .sqrt()?
-            .recip()?;
-        let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
-        Ok(Some(dx.to_dtype(arg.dtype())?))
+        let cdt = compute_dtype(x.dtype());
+        let xc = x.detach().to_dtype(cdt)?;
+        let gw = grad.to_dtype(cdt)?.broadcast_mul(&weight.to_dtype(cdt)?)?;
+        let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
+        let dot = (&gw * &xc)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - xc.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+        dx.to_dtype(x.dtype())
+    }
+
+    pub fn softmax_backward(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        // dx = y ∘ (g − Σ g∘y) over the last dim, in f32 for half types. Attention scores are
+        // the largest tensors of a training step ([b, heads, t, t]): their f32 temporaries are
+        // made a block of rows at a time, so they stay small next to the kept activations.
+        const CHUNK_ELEMS: usize = 1 << 22;
+        let cdt = compute_dtype(y.dtype());
+        let n = y.dim(D::Minus1)?;
+        let rows = y.elem_count() / n.max(1);
+        let (yf, g) = (y.detach().reshape((rows, n))?, grad.reshape((rows, n))?);
+        let per = (CHUNK_ELEMS / n.max(1)).max(1);
+        let mut parts = Vec::with_capacity(rows.div_ceil(per));
+        for start in (0..rows).step_by(per) {
+            let len = per.min(rows - start);
+            let yc = yf.narrow(0, start, len)?.to_dtype(cdt)?;
+            let gc = g.narrow(0, start, len)?.to_dtype(cdt)?;
+            let dot = (&gc * &yc)?.sum_keepdim(D::Minus1)?;
+            parts.push((yc * gc.broadcast_sub(&dot)?)?.to_dtype(y.dtype())?);
+        }
+        let dx = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 0)? };
+        dx.reshape(y.shape())
+    }
+
+    pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dm: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dt = g.dtype();
+        let cdt = compute_dtype(dt);
+        let (g, u, dm) = (g.to_dtype(cdt)?, u.to_dtype(cdt)?, dm.to_dtype(cdt)?);
+        let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
+        let du = (&dm * (&g * &sig)?)?;
+        // silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
+        let dsilu = (&sig * (&g * sig.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
+        let dg = ((dm * u)? * dsilu)?;
+        Ok((dg.to_dtype(dt)?, du.to_dtype(dt)?))
     }
 }
 
@@ -325,32 +390,39 @@ impl CustomOp1 for SoftmaxOp {
 
     detached_forwards!();
 
-    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // dx = y ∘ (g − Σ g∘y) over the last dim, in f32 for half types. Attention scores are
-        // the largest tensors of a training step ([b, heads, t, t]): their f32 temporaries are
-        // made a block of rows at a time, so they stay small next to the kept activations.
-        const CHUNK_ELEMS: usize = 1 << 22;
-        let cdt = compute_dtype(arg.dtype());
-        let n = arg.dim(D::Minus1)?;
-        let rows = arg.elem_count() / n.max(1);
-        let (y, g) = (res.detach().reshape((rows, n))?, grad.reshape((rows, n))?);
-        let per = (CHUNK_ELEMS / n.max(1)).max(1);
-        let mut parts = Vec::with_capacity(rows.div_ceil(per));
-        for start in (0..rows).step_by(per) {
-            let len = per.min(rows - start);
-            let y = y.narrow(0, start, len)?.to_dtype(cdt)?;
-            let g = g.narrow(0, start, len)?.to_dtype(cdt)?;
-            let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
-            parts.push((y * g.broadcast_sub(&dot)?)?.to_dtype(arg.dtype())?);
-        }
-        let dx = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 0)? };
-        Ok(Some(dx.reshape(arg.shape())?))
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        softmax_backward(res, grad).map(Some)
     }
+}
+
+/// `∂L/∂x` of `y = softmax(x)` over the last dimension, from `y` and `grad = ∂L/∂y`; a fused
+/// kernel on CUDA.
+pub fn softmax_backward(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let grad = grad.to_dtype(y.dtype())?;
+    #[cfg(feature = "cuda")]
+    if has_train_kernel(y) {
+        return crate::kernels::softmax_backward(&y.detach(), &grad);
+    }
+    composed::softmax_backward(y, &grad)
 }
 
 /// Softmax over the last dimension with a backward.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     fresh_contiguous(x)?.apply_op1(SoftmaxOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU.
+
+/// `(∂L/∂g, ∂L/∂u)` of `m = silu(g) ∘ u` from `dm = ∂L/∂m` (f32 arithmetic for half types); a
+/// fused kernel on CUDA.
+pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dm: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dm = dm.to_dtype(g.dtype())?;
+    #[cfg(feature = "cuda")]
+    if has_train_kernel(g) {
+        return crate::kernels::silu_mul_backward(g, u, &dm);
+    }
+    composed::silu_mul_backward(g, u, &dm)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,12 +447,18 @@ impl CustomOp1 for RopeIOp {
     detached_forwards!();
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // Each pair is rotated by an orthogonal 2×2 matrix; its transpose is the rotation by −θ,
-        // i.e. the same kernel with sin negated.
-        let g = grad.contiguous()?;
-        let dx = candle_nn::rotary_emb::rope_i(&g, &self.cos, &self.sin.neg()?)?;
-        Ok(Some(dx))
+        rope_backward(grad, &self.cos, &self.sin).map(Some)
     }
+}
+
+/// `∂L/∂x` of [`rope_interleaved`] with the same `cos`/`sin`, from `grad = ∂L/∂y`.
+pub fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    // Each pair is rotated by an orthogonal 2×2 matrix; its transpose is the rotation by −θ,
+    // i.e. the same kernel with sin negated.
+    let g = grad.contiguous()?;
+    let cos = cos.to_dtype(g.dtype())?.contiguous()?;
+    let sin = sin.to_dtype(g.dtype())?.neg()?.contiguous()?;
+    candle_nn::rotary_emb::rope_i(&g, &cos, &sin)
 }
 
 /// Interleaved rotary embedding (pairs `(2i, 2i+1)`), the convention of

@@ -57,11 +57,12 @@ impl AdamW {
 /// Scale `grads` so their global L2 norm is at most `max_norm` (0 disables); returns the norm
 /// before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let mut sq = 0.0f64;
-    for g in grads.iter() {
-        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    if grads.is_empty() {
+        return Ok(0.0);
     }
-    let norm = sq.sqrt();
+    // One device read for the whole norm (one per tensor would wait on the device each time).
+    let sums = grads.iter().map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+    let norm = (Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt();
     if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
         let k = max_norm / (norm + 1e-6);
         for g in grads.iter_mut() {

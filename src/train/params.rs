@@ -88,6 +88,11 @@ impl LoraParams {
         out
     }
 
+    /// The `(A, B)` variables of projection `p` in layer `layer`, if it is adapted.
+    pub fn pair(&self, layer: usize, p: Proj) -> Option<(&Var, &Var)> {
+        self.slots[layer][p.index()].as_ref().map(|v| (&v.a, &v.b))
+    }
+
     pub fn vars_of_layer(&self, layer: usize) -> Vec<&Var> {
         self.slots[layer].iter().flatten().flat_map(|v| [&v.a, &v.b]).collect()
     }

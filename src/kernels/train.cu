@@ -1,0 +1,101 @@
+// Fused backward kernels for training (`train::ops`): each reads its half-precision inputs once,
+// does the arithmetic in f32 registers and writes one rounded result, where the composed tensor
+// ops they replace cast every operand to f32 in memory and pass over it once per operator.
+// The composed formulas in src/train/ops.rs stay the CPU path and the reference `bench parity`
+// checks these against.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "common.cuh"
+
+__device__ __forceinline__ float ld(const float v) { return v; }
+__device__ __forceinline__ float ld(const __nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ld(const __half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T st(float v);
+template <> __device__ __forceinline__ float st<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half st<__half>(float v) { return __float2half_rn(v); }
+
+// m = silu(g) ∘ u:  du = dm · silu(g),  dg = dm · u · σ(g) · (1 + g · (1 − σ(g))).
+template <typename T>
+__device__ void silu_mul_bwd(const uint64_t n, const T *__restrict__ g, const T *__restrict__ u,
+                             const T *__restrict__ dm, T *__restrict__ dg, T *__restrict__ du) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        const float gv = ld(g[i]), uv = ld(u[i]), d = ld(dm[i]);
+        const float s = 1.0f / (1.0f + __expf(-gv));
+        du[i] = st<T>(d * gv * s);
+        dg[i] = st<T>(d * uv * s * (1.0f + gv * (1.0f - s)));
+    }
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ __forceinline__ float block_sum(float v, float *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read from a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// y = x · r · w with r = (mean(x²) + eps)^-½ per row:
+//   dx = r · (g∘w) − x · r³ · mean(g∘w∘x)  (+ resid, the gradient arriving around the norm).
+// One block per row.
+template <typename T>
+__device__ void rms_norm_bwd(const int cols, const float eps, const T *__restrict__ x,
+                             const T *__restrict__ w, const T *__restrict__ g,
+                             const T *__restrict__ resid, T *__restrict__ dx) {
+    __shared__ float scratch[32];
+    const uint64_t off = (uint64_t)blockIdx.x * cols;
+    float ss = 0.0f, dot = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float xv = ld(x[off + c]);
+        ss += xv * xv;
+        dot += ld(g[off + c]) * ld(w[c]) * xv;
+    }
+    ss = block_sum(ss, scratch);
+    dot = block_sum(dot, scratch);
+    const float r = rsqrtf(ss / cols + eps);
+    const float k = r * r * r * dot / cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = r * ld(g[off + c]) * ld(w[c]) - ld(x[off + c]) * k;
+        if (resid) v += ld(resid[off + c]);
+        dx[off + c] = st<T>(v);
+    }
+}
+
+// y = softmax(x) over rows of `cols`:  dx = y ∘ (g − Σ g∘y). One warp per row.
+template <typename T>
+__device__ void softmax_bwd(const uint64_t rows, const int cols, const T *__restrict__ y,
+                            const T *__restrict__ g, T *__restrict__ dx) {
+    const uint64_t row = blockIdx.x * (uint64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const uint64_t off = row * cols;
+    float dot = 0.0f;
+    for (int c = lane; c < cols; c += 32) dot += ld(g[off + c]) * ld(y[off + c]);
+    dot = warp_sum(dot);
+    for (int c = lane; c < cols; c += 32) dx[off + c] = st<T>(ld(y[off + c]) * (ld(g[off + c]) - dot));
+}
+
+#define TRAIN_KERNELS(SUFFIX, T)                                                                  \
+    extern "C" __global__ void silu_mul_bwd_##SUFFIX(const uint64_t n, const T *g, const T *u,     \
+                                                     const T *dm, T *dg, T *du) {                 \
+        silu_mul_bwd<T>(n, g, u, dm, dg, du);                                                     \
+    }                                                                                             \
+    extern "C" __global__ void rms_norm_bwd_##SUFFIX(const int cols, const float eps, const T *x,  \
+                                                     const T *w, const T *g, const T *resid,      \
+                                                     T *dx) {                                     \
+        rms_norm_bwd<T>(cols, eps, x, w, g, resid, dx);                                           \
+    }                                                                                             \
+    extern "C" __global__ void softmax_bwd_##SUFFIX(const uint64_t rows, const int cols,           \
+                                                    const T *y, const T *g, T *dx) {              \
+        softmax_bwd<T>(rows, cols, y, g, dx);                                                     \
+    }
+
+TRAIN_KERNELS(f32, float)
+TRAIN_KERNELS(bf16, __nv_bfloat16)
+TRAIN_KERNELS(f16, __half)
