@@ -582,7 +582,7 @@ fn bench_parity(args: ParityBench) -> Result<()> {
             failures.push(format!("dropout/{dtype:?} {diff:e}"));
         }
     }
-    for (kernel, dtype, diff) in super::bench_train::backward_kernel_parity(&dev)? {
+    for (kernel, dtype, diff) in super::bench_train::train_kernel_parity(&dev)? {
         // One rounding of the f32 result either way, in a different order: a few ulp.
         let tol = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
         println!("{kernel} {dtype:?} on {}: fused kernel vs composed ops {diff:.2e} (tolerance {tol:.0e})", args.device);

@@ -16,7 +16,7 @@ use crate::llm::ModelConfig;
 use crate::train::data::{Batch, Example};
 use crate::train::dropout::Dropout;
 use crate::train::forward::{GradAccum, MicroKey, TrainForward};
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::optim::{adamw_update, adamw_update_composed, clip_grad_norm, AdamW, AdamWConfig, StepConsts};
 use crate::train::params::LoraParams;
 use crate::train::settings::Precision;
 use crate::train::trainer::activation_dtype;
@@ -249,10 +249,10 @@ pub(crate) fn grad_parity(dev: &candle_core::Device, seed: u64) -> Result<GradPa
     })
 }
 
-/// The fused training backwards (`kernels/train.cu` on CUDA) against their composed tensor-op
+/// The fused training kernels (`kernels/train.cu` on CUDA) against their composed tensor-op
 /// formulas on the same device, on odd sizes (tails of every loop). Returns
 /// `(kernel, dtype, largest difference relative to the largest composed value)`.
-pub(crate) fn backward_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, candle_core::DType, f64)>> {
+pub(crate) fn train_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, candle_core::DType, f64)>> {
     use crate::train::ops::{self, composed};
     use candle_core::{DType, Tensor};
     let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
@@ -275,5 +275,13 @@ pub(crate) fn backward_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&
         let (dg0, du0) = composed::silu_mul_backward(&gate, &up, &dm)?;
         out.push(("silu-mul backward", dtype, rel(&dg0, &dg)?.max(rel(&du0, &du)?)));
     }
+    // AdamW (f32 only): the step p' − p, and the new moments.
+    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, dev);
+    let (p, g, m, v) = (r(&[16, 4099])?, r(&[16, 4099])?, (r(&[16, 4099])? * 0.1)?, (r(&[16, 4099])?.sqr()? * 0.01)?);
+    let k = StepConsts { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: 1.0 - 1e-3 * 0.01, bc1: 1.0 - 0.9f64.powi(3), bc2: 1.0 - 0.999f64.powi(3) };
+    let (p1, m1, v1) = adamw_update(&p, &g, &m, &v, k)?;
+    let (p0, m0, v0) = adamw_update_composed(&p, &g, &m, &v, k)?;
+    let diff = rel(&(p0 - &p)?, &(p1 - &p)?)?.max(rel(&m0, &m1)?).max(rel(&v0, &v1)?);
+    out.push(("adamw update", DType::F32, diff));
     Ok(out)
 }

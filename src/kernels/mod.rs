@@ -5,7 +5,8 @@
 //! * `dropout.cu`: keyed dropout for training; its Rust twin is `train::dropout`.
 //! * `quant.cu`: kernels that read GGML-packed weights in place: dequantization to bf16/f16
 //!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fast_decode`).
-//! * `train.cu`: fused backwards of SwiGLU, RMSNorm and softmax for `train::ops`.
+//! * `train.cu`: fused backwards of SwiGLU, RMSNorm and softmax for `train::ops`, and the
+//!   AdamW update for `train::optim`.
 //! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
 //!   kernel), rotary + KV append and decode attention for `llm::fast_decode`.
 //!
@@ -303,6 +304,48 @@ mod cuda {
         // SAFETY: (uint64_t, int, const T* ×2, T*) as declared in train.cu.
         unsafe { b.launch(cfg) }.w()?;
         Ok(dx)
+    }
+
+    /// `AdamWArgs` of `train.cu`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub struct AdamWArgs {
+        pub lr: f32,
+        pub beta1: f32,
+        pub beta2: f32,
+        pub eps: f32,
+        /// `1 − lr · weight_decay`.
+        pub decay: f32,
+        /// Bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
+        pub bc1: f32,
+        pub bc2: f32,
+    }
+    // SAFETY: plain f32 fields, the C struct's layout.
+    unsafe impl DeviceRepr for AdamWArgs {}
+
+    /// One AdamW update of f32 `p` with gradient `g` and moments `m`, `v` (same shape):
+    /// `(p', m', v')` in fresh buffers.
+    pub fn adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, args: AdamWArgs) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dev, sfx) = train_target(p)?;
+        if sfx != "f32" {
+            bail!("adamw kernel: parameters must be f32, got {:?}", p.dtype())
+        }
+        let ops = operands(p, &[p, g, m, v])?;
+        let outs = [empty(&dev, DType::F32, p.shape())?, empty(&dev, DType::F32, p.shape())?, empty(&dev, DType::F32, p.shape())?];
+        let n = p.elem_count() as u64;
+        let ptrs = [tensor_ptr(&ops[0])?, tensor_ptr(&ops[1])?, tensor_ptr(&ops[2])?, tensor_ptr(&ops[3])?, tensor_ptr(&outs[0])?, tensor_ptr(&outs[1])?, tensor_ptr(&outs[2])?];
+        let func = dev.get_or_load_custom_func("adamw_f32", "freeski_train", TRAIN_PTX)?;
+        let mut b = func.builder();
+        b.arg(&n).arg(&args);
+        for ptr in &ptrs {
+            b.arg(ptr);
+        }
+        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: (uint64_t, AdamWArgs, const float* ×4, float* ×3) as declared in train.cu.
+        unsafe { b.launch(cfg) }.w()?;
+        let [p2, m2, v2] = outs;
+        Ok((p2, m2, v2))
     }
 }
 

@@ -56,12 +56,14 @@ impl GradAccum {
     }
 
     /// This step's gradients in the order of `params.named_vars()` (zero where none arrived);
-    /// the buffers start again from zero.
+    /// the accumulators start again from fresh zeroed buffers (allocated between steps, when
+    /// nothing else is).
     pub fn take(&mut self) -> Result<Vec<Tensor>> {
-        // Detached: a copy of a variable would carry it as graph history into the optimizer.
-        let grads = self.bufs.iter().map(|b| b.as_tensor().detach().copy()).collect::<candle_core::Result<Vec<_>>>()?;
-        for b in &self.bufs {
-            b.set(&b.zeros_like()?)?;
+        let mut grads = Vec::with_capacity(self.bufs.len());
+        for b in self.bufs.iter_mut() {
+            let fresh = Var::zeros(b.shape(), DType::F32, b.device())?;
+            // Detached: a variable's tensor would carry it as graph history into the optimizer.
+            grads.push(std::mem::replace(b, fresh).as_tensor().detach());
         }
         Ok(grads)
     }

@@ -28,7 +28,7 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(cfg: AdamWConfig, vars: &[&Var]) -> Result<Self> {
         let m = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+        let v = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { cfg, t: 0, m, v })
     }
 
@@ -37,14 +37,10 @@ impl AdamW {
         ensure!(vars.len() == grads.len() && vars.len() == self.m.len(), "optimizer: {} variables, {} gradients, {} states", vars.len(), grads.len(), self.m.len());
         self.t += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let k = StepConsts { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay: 1.0 - lr * c.weight_decay, bc1: 1.0 - c.beta1.powi(self.t as i32), bc2: 1.0 - c.beta2.powi(self.t as i32) };
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
+            let (p, m, v) = adamw_update(var.as_tensor(), g, &self.m[i], &self.v[i], k)?;
+            var.set(&p)?;
             // Detached, so a gradient that carries graph history cannot chain one step's moments
             // to the next (each step would keep the previous one's tensors alive).
             self.m[i] = m.detach();
@@ -52,6 +48,40 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// The scalars of one AdamW step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepConsts {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// `1 − lr · weight_decay`.
+    pub decay: f64,
+    /// Bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
+    pub bc1: f64,
+    pub bc2: f64,
+}
+
+/// `(p', m', v')` of one AdamW update; one fused kernel on CUDA for f32.
+pub fn adamw_update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() && [p, g, m, v].iter().all(|t| t.dtype() == candle_core::DType::F32) {
+        let f = |x: f64| x as f32;
+        let args = crate::kernels::AdamWArgs { lr: f(k.lr), beta1: f(k.beta1), beta2: f(k.beta2), eps: f(k.eps), decay: f(k.decay), bc1: f(k.bc1), bc2: f(k.bc2) };
+        return Ok(crate::kernels::adamw(p, &g.detach(), m, v, args)?);
+    }
+    adamw_update_composed(p, g, m, v, k)
+}
+
+/// [`adamw_update`] as tensor ops: the CPU path and the fused kernel's reference.
+pub fn adamw_update_composed(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts) -> Result<(Tensor, Tensor, Tensor)> {
+    let m = ((m * k.beta1)? + (g * (1.0 - k.beta1))?)?;
+    let v = ((v * k.beta2)? + (g.sqr()? * (1.0 - k.beta2))?)?;
+    let update = ((&m / k.bc1)? / ((&v / k.bc2)?.sqrt()? + k.eps)?)?;
+    let p = ((p * k.decay)? - (update * k.lr)?)?;
+    Ok((p, m, v))
 }
 
 /// Scale `grads` so their global L2 norm is at most `max_norm` (0 disables); returns the norm
