@@ -4,8 +4,11 @@
 //! It computes what `Model::forward` computes for a fresh sequence, but with differentiable ops
 //! (`train::ops`), dropout on the LoRA inputs, and the loss only on target tokens. With gradient
 //! checkpointing, the first pass runs every layer without an autograd graph and keeps only each
-//! layer's input; the backward pass then recomputes one layer at a time with its graph,
-//! seeded by the gradient flowing in from the layer above.
+//! layer's input; the backward pass then recomputes one layer at a time (keeping its
+//! intermediates in a `Tape`) and differentiates it by hand (`train::backward`), seeded by the
+//! gradient flowing in from the layer above. Without checkpointing, candle's autograd runs over
+//! the whole graph: slower and larger, it is the reference the hand-written backward is tested
+//! against.
 
 use std::collections::HashMap;
 

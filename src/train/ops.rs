@@ -1,8 +1,8 @@
 //! Differentiable building blocks for training LoRA adapters on a frozen quantized base.
 //!
 //! Each op keeps candle's inference kernel for the forward pass (so a training forward costs what
-//! an inference forward costs) and supplies its own backward with tensor ops, which run on every
-//! device candle supports:
+//! an inference forward costs) and supplies its own backward (tensor ops on every device candle
+//! supports, fused kernels on CUDA where noted below):
 //!
 //! * [`frozen_qmatmul`]: `x · Wᵀ` with a quantized `W`; backward gives `grad_x = grad · dequant(W)`
 //!   and never a gradient for `W` (the base is frozen, and `W` is not even a graph node).
@@ -11,9 +11,10 @@
 //!
 //! The fused forward kernels are private to candle-nn, so the softmax / RMSNorm / RoPE ops run
 //! them on a detached copy of the input storage inside the custom op (one extra copy in, one
-//! out). Later speed work: CPU/CUDA kernels written against the storage directly, fused
-//! backward kernels, and dequantizing `W` tile by tile instead of whole (one matrix at a time is
-//! transient: at most 117 MB in f16 for Mistral-7B's MLP).
+//! out). The backward formulas are public functions (`rms_norm_backward`, `softmax_backward`,
+//! `silu_mul_backward`, `rope_backward`, `frozen_linear_backward`) shared with the hand-written
+//! layer backward (`train::backward`); on CUDA the first three are fused kernels
+//! (`kernels/train.cu`), elsewhere the tensor-op formulas of [`composed`].
 
 use std::sync::Arc;
 

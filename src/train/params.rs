@@ -93,10 +93,6 @@ impl LoraParams {
         self.slots[layer][p.index()].as_ref().map(|v| (&v.a, &v.b))
     }
 
-    pub fn vars_of_layer(&self, layer: usize) -> Vec<&Var> {
-        self.slots[layer].iter().flatten().flat_map(|v| [&v.a, &v.b]).collect()
-    }
-
     pub fn num_parameters(&self) -> usize {
         self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
