@@ -221,16 +221,15 @@ pub(crate) fn grad_parity(dev: &candle_core::Device, seed: u64) -> Result<GradPa
         let shapes = LoraParams::init(&cfg, adapter.clone(), 1, &Device::Cpu)?;
         shapes.named_vars().iter().map(|(_, v)| (0..v.elem_count()).map(|_| rng.random_range(-0.05f32..0.05)).collect()).collect()
     };
-    let grads = |dev: &Device, dtype: DType, checkpointing: bool| -> Result<Vec<f32>> {
-        let model = BenchQuant::Q8_0.random_model(&cfg, seed, dev)?;
+    // One model a device (same seed, same bytes) for every run on it.
+    let (model_dev, model_cpu) = (BenchQuant::Q8_0.random_model(&cfg, seed, dev)?, BenchQuant::Q8_0.random_model(&cfg, seed, &Device::Cpu)?);
+    let grads = |model: &crate::llm::Model, dtype: DType, checkpointing: bool| -> Result<Vec<f32>> {
+        let dev = model.device();
         let params = LoraParams::init(&cfg, adapter.clone(), 1, dev)?;
-        let names: Vec<String> = params.named_vars().into_iter().map(|(n, _)| n).collect();
-        params.load_values(|n| {
-            let i = names.iter().position(|m| m == n)?;
-            let shape = params.named_vars()[i].1.shape().clone();
-            Tensor::from_vec(values[i].clone(), shape, dev).ok()
-        })?;
-        let fwd = TrainForward::new(&model, dtype, Dropout { p: 0.1, seed: 7 });
+        for ((_, var), vals) in params.named_vars().into_iter().zip(&values) {
+            var.set(&Tensor::from_vec(vals.clone(), var.shape(), dev)?)?;
+        }
+        let fwd = TrainForward::new(model, dtype, Dropout { p: 0.1, seed: 7 });
         let mut accum = GradAccum::new(&params)?;
         fwd.accumulate(&params, &batch, MicroKey { step: 2, micro: 1 }, batch.targets() as f64, checkpointing, &mut accum)?;
         let mut out = Vec::new();
@@ -240,12 +239,12 @@ pub(crate) fn grad_parity(dev: &candle_core::Device, seed: u64) -> Result<GradPa
         Ok(out)
     };
     let rel = super::bench::rel_diff;
-    let f32_auto = grads(dev, DType::F32, false)?;
-    let f32_hand = grads(dev, DType::F32, true)?;
+    let f32_auto = grads(&model_dev, DType::F32, false)?;
+    let f32_hand = grads(&model_dev, DType::F32, true)?;
     Ok(GradParity {
         f32_hand_vs_autograd: rel(&f32_auto, &f32_hand),
-        bf16_hand_vs_autograd: rel(&grads(dev, DType::BF16, false)?, &grads(dev, DType::BF16, true)?),
-        f32_dev_vs_cpu: rel(&grads(&Device::Cpu, DType::F32, true)?, &f32_hand),
+        bf16_hand_vs_autograd: rel(&grads(&model_dev, DType::BF16, false)?, &grads(&model_dev, DType::BF16, true)?),
+        f32_dev_vs_cpu: rel(&grads(&model_cpu, DType::F32, true)?, &f32_hand),
     })
 }
 

@@ -174,6 +174,13 @@ mod cuda {
         }))
     }
 
+    /// Launch shape of the grid-stride elementwise kernels (dropout, SwiGLU backward, AdamW):
+    /// 256 threads a block, one element a thread up to 65,535 × 8 blocks, looping past that.
+    fn elementwise_launch(n: u64) -> LaunchConfig {
+        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
+        LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
     /// Launches `keyed_dropout_<dtype>` over the contiguous elements of `x`.
     pub fn keyed_dropout(x: &CudaStorage, layout: &Layout, k0: u32, k1: u32, threshold: u32, scale: f32) -> Result<CudaStorage> {
         let Some((start, end)) = layout.contiguous_offsets() else {
@@ -189,8 +196,7 @@ mod cuda {
             let (k0, k1, threshold, scale) = k;
             let mut b = func.builder();
             b.arg(&n).arg(&k0).arg(&k1).arg(&threshold).arg(&scale).arg(&src).arg(&out);
-            let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
-            let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg = elementwise_launch(n);
             // SAFETY: argument list matches the kernel's signature in dropout.cu.
             unsafe { b.launch(cfg) }.w()?;
             Ok(out)
@@ -257,8 +263,7 @@ mod cuda {
         for ptr in &p {
             b.arg(ptr);
         }
-        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = elementwise_launch(n);
         // SAFETY: (uint64_t, const T* ×3, T* ×2) as declared in train.cu; the buffers hold n elements.
         unsafe { b.launch(cfg) }.w()?;
         Ok((dg, du))
@@ -340,8 +345,7 @@ mod cuda {
         for ptr in &ptrs {
             b.arg(ptr);
         }
-        let blocks = n.div_ceil(256).min(65_535 * 8) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = elementwise_launch(n);
         // SAFETY: (uint64_t, AdamWArgs, const float* ×4, float* ×3) as declared in train.cu.
         unsafe { b.launch(cfg) }.w()?;
         let [p2, m2, v2] = outs;
