@@ -11,4 +11,5 @@ pub mod kernels;
 pub mod scrape;
 pub mod store;
 pub mod train;
+pub mod util;
 pub mod worker;

@@ -76,7 +76,7 @@ fn killed_run_resumes_to_the_uninterrupted_result() {
     let (a, b) = (adapter(root, "killed"), adapter(root, "straight"));
     assert_eq!(a.len(), 3 * 7 * 2);
     for (k, va) in &a {
-        let diff = va.iter().zip(&b[k]).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let diff = freeski_bot::util::compare::max_abs_diff(va, &b[k]);
         assert!(diff < 1e-5, "{k}: resumed and uninterrupted differ by {diff}");
     }
     assert!(!root.join("adapters/killed/checkpoint.safetensors").exists(), "checkpoint removed after success");
@@ -95,4 +95,9 @@ fn killed_run_resumes_to_the_uninterrupted_result() {
     assert!(report.contains("| base |") && report.contains("| adapter |"), "{report}");
     assert!(report.contains("ORIGINAL (base)") && report.contains("FINETUNED (adapter)"), "{report}");
     assert_eq!(report.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| question") && !l.starts_with("| model") && !l.starts_with("| base") && !l.starts_with("| adapter")).count(), 1, "{report}");
+
+    // model.max_context = 0 is the model's own limit, for eval as for answering.
+    let out = ok(bin(root).env("FREESKI__MODEL__MAX_CONTEXT", "0").args(["eval", "--adapter", "straight", "--data", "data", "--model", "model", "--device", "cpu", "--questions", "1"]).output().unwrap());
+    assert!(out.contains("adapter straight"), "{out}");
+    assert_eq!(std::fs::read_to_string(root.join("adapters/straight/eval.md")).unwrap(), report, "same greedy answers with the model's own limit");
 }

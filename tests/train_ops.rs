@@ -57,11 +57,7 @@ fn autograd(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor) -> Result<Vec<f64
 /// scale.
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    freeski_bot::util::compare::max_rel_diff(b, a, 1e-12)
 }
 
 fn weighted_sum(y: &Tensor, r: &Tensor) -> Result<Tensor> {

@@ -85,7 +85,8 @@ fn lora_gradients_match_finite_differences() {
     let loss = |p: &LoraParams| fwd.loss_sum(Some(&p.view()), &b).unwrap() / denom;
     let mut checked = 0;
     for (((name, var), g), g_hand) in params.named_vars().into_iter().zip(&analytic).zip(&by_hand) {
-        let gmax = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let gmax = freeski_bot::util::compare::max_abs(g);
+        assert!(gmax.is_finite(), "{name}: gradient holds NaN or infinity");
         assert!(gmax > 0.0, "{name}: no gradient at all");
         let argmax = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
         let mut picks = vec![argmax];
@@ -148,9 +149,8 @@ fn checkpointed_and_whole_graph_gradients_agree() {
     let whole = grads(&fwd, &params, &b, false);
     let ckpt = grads(&fwd, &params, &b, true);
     for (i, (w, c)) in whole.iter().zip(&ckpt).enumerate() {
-        let scale = w.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-        let diff = w.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff / scale < 1e-5, "tensor {i}: difference {diff} of {scale}");
+        let rel = freeski_bot::util::compare::max_rel_diff(w, c, 1e-12);
+        assert!(rel < 1e-5, "tensor {i}: relative difference {rel}");
     }
     // And dropout really changes the gradients (the masks are not all ones).
     let plain = grads(&TrainForward::new(&lm.model, DType::F32, Dropout::off()), &params, &b, true);
@@ -239,7 +239,7 @@ fn cancelled_and_resumed_run_matches_an_uninterrupted_one() {
     assert_eq!(a.len(), 3 * 7 * 2);
     for (k, va) in &a {
         let vb = &b[k];
-        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let diff = freeski_bot::util::compare::max_abs_diff(va, vb);
         assert!(diff < 1e-5, "{k}: resumed and uninterrupted differ by {diff}");
     }
     // The loss moved: the adapter learned something on its training data.
