@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::lora::LoraAdapter;
 use super::model_config::ModelConfig;
-use super::fast_decode::FastDecoder;
+use super::fast_decode::{FastDecoder, RowKernels, MAX_ROWS};
 use super::qlinear::BaseLinear;
 
 /// The seven linear layers of a decoder block, in PEFT's naming.
@@ -203,6 +203,47 @@ impl KvCache {
         self.capacity = cap;
         self.raw.clear();
         Ok(())
+    }
+
+    /// One cache holding the rows of every part, in order (a row that finished its own prefill
+    /// joins a decoding batch). Rows stay right-aligned: a part shorter than the longest gets
+    /// more left padding, which the model never attends to, so every row computes as before.
+    pub fn merge(mut parts: Vec<KvCache>) -> Result<KvCache> {
+        ensure!(!parts.is_empty(), "no caches to merge");
+        if parts.len() == 1 {
+            if let Some(only) = parts.pop() {
+                return Ok(only);
+            }
+        }
+        let layers = parts[0].layers.len();
+        ensure!(layers > 0 && parts.iter().all(|p| p.layers.len() == layers), "only caches that hold tokens of the same model can be merged");
+        let len = parts.iter().map(|p| p.len).max().unwrap_or(0);
+        let capacity = len.div_ceil(Self::CHUNK).max(1) * Self::CHUNK;
+        let pad = parts.iter().flat_map(|p| p.pad.iter().map(move |&x| x + (len - p.len))).collect();
+        // Each part's held positions, shifted right by what it lacks of `len`, inside zeros.
+        let place = |t: &Tensor, part_len: usize| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            let mut pieces = Vec::with_capacity(3);
+            if len > part_len {
+                pieces.push(Tensor::zeros((b, h, len - part_len, d), t.dtype(), t.device())?);
+            }
+            pieces.push(t.narrow(2, 0, part_len)?);
+            if capacity > len {
+                pieces.push(Tensor::zeros((b, h, capacity - len, d), t.dtype(), t.device())?);
+            }
+            Ok(Tensor::cat(&pieces, 2)?)
+        };
+        let mut merged = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for p in &parts {
+                ks.push(place(&p.layers[i].0, p.len)?);
+                vs.push(place(&p.layers[i].1, p.len)?);
+            }
+            merged.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+        }
+        Ok(KvCache { layers: merged, len, capacity, pad, raw: Vec::new() })
     }
 
     /// Keep only the rows in `keep` (finished sequences leave a batch).
@@ -396,6 +437,24 @@ impl Model {
         Ok(())
     }
 
+    /// Which matvec kernels the fused decode step uses for 1 and 2 rows (see [`RowKernels`]).
+    pub fn set_decode_row_kernels(&self, rows: RowKernels) -> Result<()> {
+        if let Some(f) = self.fast_decoder()? {
+            f.set_row_kernels(rows);
+        }
+        Ok(())
+    }
+
+    /// Most rows a decode step may hold while each row's output stays exactly what it is
+    /// alone: any number on the CPU (every op computes a row on its own), [`MAX_ROWS`] on CUDA
+    /// where the fused step applies, else 1 (candle's CUDA kernels split the work by row count).
+    pub fn invariant_batch_rows(&self) -> Result<usize> {
+        if !self.device.is_cuda() {
+            return Ok(usize::MAX);
+        }
+        Ok(if self.fused_decode_active()? { MAX_ROWS } else { 1 })
+    }
+
     /// Kernel launches of the last fused decode step, if one ran.
     pub fn fused_launches_per_step(&self) -> Option<usize> {
         self.fast.get()?.as_ref().map(FastDecoder::launches)
@@ -445,14 +504,13 @@ impl Model {
             }
         }
         let (cos, sin) = self.rotary_for(cache, t)?;
-        let mask = self.attention_mask(cache, t)?;
         let dense = t >= self.dense_rows;
         let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let lora = |p: Proj| adapter.and_then(|a| a.pair(i, p));
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let h = self.attention(layer, &h, &cos, &sin, mask.as_ref(), &cache.layers[i], offset, adapter, i, dense)?;
+            let h = self.attention(layer, &h, &cos, &sin, &cache.pad, &cache.layers[i], offset, adapter, i, dense)?;
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
             let gate = self.linear(layer.proj(Proj::Gate), &h, lora(Proj::Gate), dense)?;
@@ -478,7 +536,7 @@ impl Model {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        pads: &[usize],
         (k_buf, v_buf): &(Tensor, Tensor),
         offset: usize,
         adapter: Option<&LoraAdapter>,
@@ -496,32 +554,61 @@ impl Model {
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         k_buf.slice_set(&k.contiguous()?, 2, offset)?;
         v_buf.slice_set(&v.contiguous()?, 2, offset)?;
-        let k = k_buf.narrow(2, 0, offset + t)?;
-        let v = v_buf.narrow(2, 0, offset + t)?;
+        let s = offset + t;
+        // Each row attends on its own: its real queries against its own keys, exactly the
+        // tensors it would have alone (the keys start after its left padding). So a row's output
+        // never depends on what it is batched with, and padding is never seen by a real position.
+        let mut rows = Vec::with_capacity(b);
+        for (row, &pad) in pads.iter().enumerate() {
+            // New positions of this row that are padding (only in a left-padded prompt).
+            let skip = pad.saturating_sub(offset).min(t);
+            let mut parts = Vec::with_capacity(2);
+            if skip > 0 {
+                // Padding positions attend to nothing: their output is zero (never NaN), and
+                // their keys are outside every real row's range.
+                parts.push(Tensor::zeros((1, nh, skip, hd), q.dtype(), q.device())?);
+            }
+            if skip < t {
+                let keys = s - pad.min(s);
+                let q = q.narrow(0, row, 1)?.narrow(2, skip, t - skip)?;
+                let k = k_buf.narrow(0, row, 1)?.narrow(2, pad, keys)?;
+                let v = v_buf.narrow(0, row, 1)?.narrow(2, pad, keys)?;
+                parts.push(self.attend(&q, &k, &v)?);
+            }
+            rows.push(Tensor::cat(&parts, 2)?);
+        }
+        let out = Tensor::cat(&rows, 0)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.linear(layer.proj(Proj::O), &out, lora(Proj::O), dense)
+    }
+
+    /// One row's attention: queries `[1, heads, tq, hd]` are the last `tq` of the row's `keys`
+    /// positions (`k`, `v`: `[1, kv_heads, keys, hd]`, the row's first real token at index 0).
+    /// Causal and sliding-window masking by position within the row; every query sees at least
+    /// itself, so no softmax row is ever all −∞.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (_, nh, tq, hd) = q.dims4()?;
+        let (_, nkv, keys, _) = k.dims4()?;
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let out = if t == 1 && mask.is_none() {
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        if tq == 1 && keys <= window {
             // Decode: fold the query heads sharing a KV head into one matmul per KV head, so the
             // (long) cached K/V are never copied.
-            let q = q.reshape((b, nkv, rep, hd))?;
+            let q = q.reshape((1, nkv, rep, hd))?;
             let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-            probs.matmul(&v)?.reshape((b, nh, 1, hd))?
-        } else {
-            // Prefill: expand K/V to every query head. Folding heads into the row axis here
-            // changes gemm's blocking and summation order, and SmolLM2's outlier activations
-            // amplify that rounding noise into visible logit changes; this layout reproduces
-            // the reference implementation exactly.
-            let k = repeat_kv(&k, rep)?;
-            let v = repeat_kv(&v, rep)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
-        };
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.linear(layer.proj(Proj::O), &out, lora(Proj::O), dense)
+            return Ok(probs.matmul(&v.contiguous()?)?.reshape((1, nh, 1, hd))?);
+        }
+        // Prefill: expand K/V to every query head. Folding heads into the row axis here changes
+        // gemm's blocking and summation order, and SmolLM2's outlier activations amplify that
+        // rounding noise into visible logit changes; this layout reproduces the reference
+        // implementation exactly.
+        let k = repeat_kv(&k.contiguous()?, rep)?;
+        let v = repeat_kv(&v.contiguous()?, rep)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let mask = self.causal_mask(tq, keys)?;
+        let scores = scores.broadcast_add(&mask)?;
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
     }
 
     /// Base linear plus the unmerged LoRA path, if any.
@@ -555,36 +642,24 @@ impl Model {
         Ok((cos, sin))
     }
 
-    /// Additive mask `[b, 1, t, s]` (0 or -inf): causal, left padding, sliding window.
-    /// `None` when nothing needs masking (single-token decode inside the window, no padding).
-    fn attention_mask(&self, cache: &KvCache, t: usize) -> Result<Option<Tensor>> {
-        let start = cache.len;
-        let s = start + t;
+    /// Additive mask `[1, 1, tq, keys]` (0 or −∞) for the last `tq` of `keys` positions of one
+    /// row: a query sees keys at or before itself and, with a sliding window, the last `window`
+    /// of them including itself. The diagonal is always visible.
+    fn causal_mask(&self, tq: usize, keys: usize) -> Result<Tensor> {
         let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let padded = cache.pad.iter().any(|&p| p > 0);
-        if t == 1 && !padded && s <= window {
-            return Ok(None);
-        }
-        let b = cache.batch();
-        let mut m = vec![0f32; b * t * s];
-        for (row, &pad) in cache.pad.iter().enumerate() {
-            for qi in 0..t {
-                let q_abs = start + qi;
-                let line = &mut m[(row * t + qi) * s..(row * t + qi + 1) * s];
-                for (k_abs, v) in line.iter_mut().enumerate() {
-                    // A query sees keys at or before itself, after the padding, and (with a
-                    // sliding window) the last `window` tokens including itself.
-                    let visible = k_abs <= q_abs && k_abs >= pad && q_abs - k_abs < window;
-                    if !visible {
-                        *v = f32::NEG_INFINITY;
-                    }
+        let first = keys - tq;
+        let mut m = vec![0f32; tq * keys];
+        for (qi, line) in m.chunks_mut(keys).enumerate() {
+            let q_pos = first + qi;
+            for (k_pos, v) in line.iter_mut().enumerate() {
+                if k_pos > q_pos || q_pos - k_pos >= window {
+                    *v = f32::NEG_INFINITY;
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(m, (b, 1, t, s), &self.device)?.to_dtype(self.dtype)?))
+        Ok(Tensor::from_vec(m, (1, 1, tq, keys), &self.device)?.to_dtype(self.dtype)?)
     }
 }
-
 
 /// `[b, kv_heads, s, hd]` → `[b, kv_heads * rep, s, hd]`, each KV head serving `rep` query heads.
 fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {

@@ -3,6 +3,7 @@
 
 pub mod bot;
 pub mod fake_discord;
+pub mod lora;
 pub mod script_model;
 pub mod tiny;
 
