@@ -141,3 +141,45 @@ async fn dropped_ticket_is_skipped_and_too_long_question_refused() {
     assert!(matches!(engine.submit(long), Err(SubmitError::Prompt(_))));
     engine.shutdown();
 }
+
+/// Continuous batching: a question sent while a full batch decodes joins that batch at the
+/// next step (same run) and streams its answer while the others are still going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_joins_the_running_batch() {
+    let (engine, text) = engine(16, 9);
+    let mut running: Vec<Ticket> = (0..8).map(|_| engine.submit(question(1_000_000)).unwrap()).collect();
+    let mut runs = Vec::new();
+    for t in running.iter_mut() {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), t.next()).await.expect("engine silent") {
+                Some(Event::Started { run, .. }) => runs.push(run),
+                Some(Event::Text(_)) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let late = engine.submit(question(5)).unwrap();
+    let mut late = late;
+    let (mut late_run, mut late_text) = (None, String::new());
+    let gen = loop {
+        match tokio::time::timeout(Duration::from_secs(30), late.next()).await.expect("engine silent") {
+            Some(Event::Started { run, .. }) => late_run = Some(run),
+            Some(Event::Text(t)) => late_text.push_str(&t),
+            Some(Event::Finished(g)) => break g,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(gen.tokens.len(), 5);
+    assert!(text.starts_with(late_text.trim_end()) || late_text.starts_with(&text), "{late_text:?} vs script {text:?}");
+    // It ran in the batch that was already decoding, not in one started after it.
+    assert!(runs.iter().all(|&r| Some(r) == late_run), "runs {runs:?}, late question {late_run:?}");
+    // The long answers were still streaming: each yields more text after the late one finished.
+    for t in running.iter_mut() {
+        match tokio::time::timeout(Duration::from_secs(30), t.next()).await.expect("engine silent") {
+            Some(Event::Text(_)) => {}
+            other => panic!("a long answer stopped: {other:?}"),
+        }
+    }
+    drop(running);
+    engine.shutdown();
+}

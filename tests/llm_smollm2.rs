@@ -57,10 +57,9 @@ fn logits_match_candle_quantized_llama() {
     let mut cache = KvCache::new(lm.model.config(), 1);
     let got = lm.model.forward(&input, &mut cache, None, Logits::Last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(want.len(), got.len());
-    let max_diff = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    let scale = want.iter().map(|a| a.abs()).fold(0f32, f32::max);
     // Tolerance: 1e-3 of the largest logit (different summation orders in attention).
-    assert!(max_diff <= 1e-3 * scale, "max |diff| {max_diff} vs max |logit| {scale}");
+    let rel = freeski_bot::util::compare::max_rel_diff(&want, &got, 0.0);
+    assert!(rel <= 1e-3, "max |diff| is {rel} of the largest |logit|");
 }
 
 #[test]
@@ -174,6 +173,40 @@ fn batched_greedy_equals_one_by_one() {
     let reqs = prompts.iter().map(|p| Request { prompt: p.clone(), opts: greedy(16), on_text: Box::new(|_: &str| ControlFlow::Continue(())) }).collect();
     let batched: Vec<Vec<u32>> = generate_batch(lm, None, reqs).unwrap().into_iter().map(|g| g.tokens).collect();
     assert_eq!(batched, single);
+}
+
+/// Questions of different lengths submitted to the engine at once, with an adapter active,
+/// get exactly the answers each gets alone: batching never changes an answer.
+#[test]
+fn engine_batches_give_the_answers_each_question_gets_alone() {
+    use freeski_bot::llm::engine::{AdapterChoice, Engine, EngineConfig, Event, Question};
+    use std::sync::Arc;
+    let lm = load_path(&common::smollm2_gguf(), &Device::Cpu).expect("load SmolLM2");
+    let adapter = Arc::new(common::lora::random(lm.model.config(), 8, 0.02, 5));
+    let engine = Engine::start(Arc::new(lm), Some(adapter), EngineConfig { queue_capacity: 16, max_batch: 8, system_prompt: "You are a ski coach.".into() }).unwrap();
+    let questions = ["hi", "What is a butter?", "Which wax works best in very cold, dry powder snow at high altitude in January?", "How do I land a switch 900 without catching an edge on the knuckle?", "park or pipe?"];
+    let ask = |q: &str| Question { history: vec![], question: q.into(), opts: greedy(12), adapter: AdapterChoice::Active };
+    let answer = |mut t: freeski_bot::llm::engine::Ticket| -> (usize, Vec<u32>) {
+        let mut batch = 0;
+        while let Some(ev) = t.blocking_next() {
+            match ev {
+                Event::Started { batch: b, .. } => batch = b,
+                Event::Text(_) => {}
+                Event::Finished(g) => return (batch, g.tokens),
+                Event::Failed(e) => panic!("generation failed: {e}"),
+            }
+        }
+        panic!("the engine stopped");
+    };
+    let alone: Vec<Vec<u32>> = questions.iter().map(|q| answer(engine.submit(ask(q)).unwrap()).1).collect();
+    let tickets: Vec<_> = questions.iter().map(|q| engine.submit(ask(q)).unwrap()).collect();
+    let together: Vec<(usize, Vec<u32>)> = tickets.into_iter().map(answer).collect();
+    assert!(together.iter().any(|(b, _)| *b > 1), "the questions never shared a batch: {:?}", together.iter().map(|t| t.0).collect::<Vec<_>>());
+    for ((q, want), (_, got)) in questions.iter().zip(&alone).zip(&together) {
+        assert!(!want.is_empty());
+        assert_eq!(got, want, "{q:?} answered differently in a batch");
+    }
+    engine.shutdown();
 }
 
 #[test]

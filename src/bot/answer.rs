@@ -83,7 +83,7 @@ pub struct AnswerJob {
 }
 
 fn gen_options(bot: &BotState) -> GenOptions {
-    GenOptions::from_settings(&bot.settings.generation, crate::cli::ask::max_context(&bot.settings, bot.engine.model()))
+    GenOptions::from_settings(&bot.settings.generation, bot.settings.model.max_context, bot.engine.model().model.config())
 }
 
 /// Answer `job` to the end: queue it, stream it, store it.

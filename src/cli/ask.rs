@@ -11,7 +11,7 @@ use crate::config::Settings;
 use crate::llm::chat::Message;
 use crate::llm::engine::{AdapterChoice, Engine, EngineConfig, Event, Question};
 use crate::llm::generate::{Finish, GenOptions, Generation};
-use crate::llm::load::{self, LoadedModel};
+use crate::llm::load;
 use crate::llm::lora::{self, LoraAdapter};
 
 /// Options shared by every command that runs the model.
@@ -89,7 +89,7 @@ impl Session {
                 tracing::info!(adapter = %a.id, "adapter merged into the base weights");
             }
         }
-        let opts = GenOptions::from_settings(&settings.generation, max_context(&settings, &lm));
+        let opts = GenOptions::from_settings(&settings.generation, settings.model.max_context, lm.model.config());
         let engine = Engine::start(Arc::new(lm), adapter.map(Arc::new), engine_config(&settings))?;
         Ok(Self { engine, opts })
     }
@@ -109,14 +109,6 @@ impl Session {
             }
         }
         anyhow::bail!("the engine stopped before answering")
-    }
-}
-
-/// Longest prompt + answer: `model.max_context`, capped by the model (0 = the model's own).
-pub fn max_context(settings: &Settings, lm: &LoadedModel) -> usize {
-    match settings.model.max_context {
-        0 => lm.model.config().max_position,
-        n => n.min(lm.model.config().max_position),
     }
 }
 

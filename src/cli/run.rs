@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::ask::{engine_config, max_context, ModelArgs, Session};
+use super::ask::{engine_config, ModelArgs, Session};
 use crate::bot::{self, Token};
 use crate::config::Settings;
 
@@ -21,7 +21,7 @@ pub fn run(settings: &Settings, args: RunArgs) -> Result<()> {
     let token = Token::from_env_or_file(std::env::var("DISCORD_TOKEN").ok(), &settings.discord.token_file)?;
     let session = Session::open(settings, &args.model)?;
     let settings = Arc::new(settings.clone());
-    tracing::info!(max_context = max_context(&settings, session.engine.model()), queue = engine_config(&settings).queue_capacity, "engine ready");
+    tracing::info!(max_context = crate::llm::generate::max_context(settings.model.max_context, session.engine.model().model.config()), queue = engine_config(&settings).queue_capacity, "engine ready");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(bot::run(settings, session.engine, token, shutdown_signal()))
 }

@@ -1,6 +1,8 @@
 //! The answering engine: one worker thread owns generation (one GPU, one model), takes questions
-//! from a bounded queue, runs those that share an adapter as one batch, and streams each answer's
-//! text back through its own channel.
+//! from a bounded queue and answers those that share an adapter together with continuous
+//! batching (a question joins the running batch at the next step instead of waiting for it to
+//! finish), streaming each answer's text back through its own channel. An answer is the same
+//! whether it runs alone or beside others (see `generate::DecodeBatch`).
 //!
 //! - The active LoRA adapter sits behind an `ArcSwapOption`: a batch captures the `Arc` it starts
 //!   with and keeps it to the end, so [`Engine::swap_adapter`] never waits for answering and never
@@ -10,19 +12,20 @@
 //! - The frozen base is shared as `Arc<LoadedModel>` so a trainer can borrow it, and
 //!   [`Engine::has_waiting`] is one atomic load so training can yield to questions.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwapOption;
 use tokio::sync::mpsc;
 
 use super::chat::Message;
-use super::generate::{generate_batch, GenOptions, Generation, Request};
+use super::generate::{DecodeBatch, GenOptions, Generation, Request};
 use super::load::LoadedModel;
 use super::lora::LoraAdapter;
 use super::prompt;
@@ -65,7 +68,7 @@ pub enum Event {
     Started {
         /// Adapter the answer is generated with (`None`: bare base).
         adapter_id: Option<String>,
-        /// Questions answered in the same batch, this one included.
+        /// Questions in the batch when this one joined it, this one included.
         batch: usize,
         /// The batch's number in the engine's run order (1 = its first batch): questions are
         /// answered in the order these increase.
@@ -136,6 +139,8 @@ impl Drop for Ticket {
 
 struct Pending {
     id: u64,
+    /// When it was submitted: its time to first token counts from here.
+    submitted: Instant,
     prompt: Vec<u32>,
     opts: GenOptions,
     adapter: AdapterChoice,
@@ -154,6 +159,9 @@ struct Shared {
     lm: Arc<LoadedModel>,
     adapter: ArcSwapOption<LoraAdapter>,
     cfg: EngineConfig,
+    /// `cfg.max_batch`, capped by the rows the model decodes together without changing any
+    /// row's output (`Model::invariant_batch_rows`).
+    max_batch: usize,
     state: Mutex<State>,
     wake: Condvar,
     /// Mirrors of the queue length and the batch size, readable without the lock.
@@ -173,10 +181,15 @@ impl Engine {
     /// Start the worker thread on `lm` with `adapter` active.
     pub fn start(lm: Arc<LoadedModel>, adapter: Option<Arc<LoraAdapter>>, cfg: EngineConfig) -> Result<Self> {
         anyhow::ensure!(cfg.max_batch >= 1, "the engine needs a batch size of at least 1");
+        let max_batch = cfg.max_batch.min(lm.model.invariant_batch_rows()?);
+        if max_batch < cfg.max_batch {
+            tracing::info!(max_batch, asked = cfg.max_batch, "batch size capped: larger batches would change answers on this device");
+        }
         let shared = Arc::new(Shared {
             lm,
             adapter: ArcSwapOption::new(adapter),
             cfg,
+            max_batch,
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             waiting: AtomicUsize::new(0),
@@ -223,7 +236,7 @@ impl Engine {
         let id = st.next_id;
         let ahead = st.queue.len() + self.shared.running.load(Ordering::SeqCst);
         let prompt_tokens = p.ids.len();
-        st.queue.push_back(Pending { id, prompt: p.ids, opts: q.opts, adapter: q.adapter, tx, cancel: cancel.clone() });
+        st.queue.push_back(Pending { id, submitted: Instant::now(), prompt: p.ids, opts: q.opts, adapter: q.adapter, tx, cancel: cancel.clone() });
         self.shared.waiting.store(st.queue.len(), Ordering::SeqCst);
         drop(st);
         self.shared.wake.notify_one();
@@ -289,101 +302,172 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Take the next batch: the oldest live question, then later ones answered with the same
-/// adapter, up to `max_batch`, keeping queue order. `None` on shutdown.
-fn next_batch(shared: &Shared) -> Option<(Option<Arc<LoraAdapter>>, Vec<Pending>)> {
+/// Wait for the oldest live question and take it with every other waiting question answered
+/// with the same adapter, up to `room`, keeping queue order. `None` on shutdown.
+fn next_group(shared: &Shared, room: usize) -> Option<(Option<Arc<LoraAdapter>>, Vec<Pending>)> {
     let mut st = lock(&shared.state);
     loop {
-        st.queue.retain(|p| !p.cancel.is_cancelled());
-        shared.waiting.store(st.queue.len(), Ordering::SeqCst);
-        if st.shutdown {
-            for p in st.queue.drain(..) {
-                let _ = p.tx.send(Event::Failed("the bot is shutting down".into()));
-            }
-            shared.waiting.store(0, Ordering::SeqCst);
-            return None;
+        if let Some(stop) = shutdown_if_asked(shared, &mut st) {
+            return stop;
         }
         if !st.queue.is_empty() {
             break;
         }
         st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
     }
-    let resolve = |c: &AdapterChoice| match c {
-        AdapterChoice::Active => shared.adapter.load_full(),
-        AdapterChoice::Fixed(a) => a.clone(),
-    };
     let first = st.queue.pop_front()?;
-    let adapter = resolve(&first.adapter);
-    let same = |a: &Option<Arc<LoraAdapter>>| match (a, &adapter) {
+    let adapter = shared.resolve(&first.adapter);
+    let mut group = vec![first];
+    group.extend(take_same_adapter(shared, &mut st, &adapter, room.saturating_sub(1)));
+    Some((adapter, group))
+}
+
+/// With the lock held: on shutdown, fail everything queued and answer `Some(None)`.
+fn shutdown_if_asked(shared: &Shared, st: &mut State) -> Option<Option<(Option<Arc<LoraAdapter>>, Vec<Pending>)>> {
+    st.queue.retain(|p| !p.cancel.is_cancelled());
+    shared.waiting.store(st.queue.len(), Ordering::SeqCst);
+    if !st.shutdown {
+        return None;
+    }
+    for p in st.queue.drain(..) {
+        let _ = p.tx.send(Event::Failed("the bot is shutting down".into()));
+    }
+    shared.waiting.store(0, Ordering::SeqCst);
+    Some(None)
+}
+
+/// With the lock held: remove and return up to `room` waiting questions answered with
+/// `adapter`, in queue order.
+fn take_same_adapter(shared: &Shared, st: &mut State, adapter: &Option<Arc<LoraAdapter>>, room: usize) -> Vec<Pending> {
+    let same = |a: &Option<Arc<LoraAdapter>>| match (a, adapter) {
         (None, None) => true,
         (Some(x), Some(y)) => Arc::ptr_eq(x, y),
         _ => false,
     };
-    let mut batch = vec![first];
+    let mut taken = Vec::new();
     let mut i = 0;
-    while i < st.queue.len() && batch.len() < shared.cfg.max_batch {
-        if same(&resolve(&st.queue[i].adapter)) {
-            if let Some(p) = st.queue.remove(i) {
-                batch.push(p);
-            }
+    while i < st.queue.len() && taken.len() < room {
+        if st.queue[i].cancel.is_cancelled() {
+            st.queue.remove(i);
+        } else if same(&shared.resolve(&st.queue[i].adapter)) {
+            taken.extend(st.queue.remove(i));
         } else {
             i += 1;
         }
     }
-    // Set `running` before `waiting` drops, so `has_waiting` never blinks false in between.
-    shared.running.store(batch.len(), Ordering::SeqCst);
-    shared.waiting.store(st.queue.len(), Ordering::SeqCst);
-    Some((adapter, batch))
+    taken
 }
 
+impl Shared {
+    fn resolve(&self, c: &AdapterChoice) -> Option<Arc<LoraAdapter>> {
+        match c {
+            AdapterChoice::Active => self.adapter.load_full(),
+            AdapterChoice::Fixed(a) => a.clone(),
+        }
+    }
+}
+
+/// A question in the running batch: where its events go.
+struct Live {
+    tx: mpsc::UnboundedSender<Event>,
+    cancel: Canceller,
+}
+
+/// Continuous batching: a batch starts with the oldest waiting question and every other one
+/// that shares its adapter; from then on, questions with that adapter join between decode steps
+/// (each prefilled in chunks, so a long prompt stalls the others one chunk at a time) while
+/// there is room, and rows leave as they finish. When the batch is empty, the next one may use
+/// another adapter.
 fn worker_loop(shared: &Shared) {
     let mut run = 0u64;
-    while let Some((adapter, batch)) = next_batch(shared) {
+    while let Some((adapter, group)) = next_group(shared, shared.max_batch) {
         run += 1;
-        let n = batch.len();
         let adapter_id = adapter.as_ref().map(|a| a.id.clone());
-        tracing::debug!(batch = n, adapter = ?adapter_id, "generating");
-        let mut requests = Vec::with_capacity(n);
-        for p in &batch {
-            let _ = p.tx.send(Event::Started { adapter_id: adapter_id.clone(), batch: n, run });
-            let (tx, cancel, stopping) = (p.tx.clone(), p.cancel.clone(), &shared.stopping);
-            requests.push(Request {
-                prompt: p.prompt.clone(),
-                opts: p.opts.clone(),
-                on_text: Box::new(move |piece: &str| {
-                    // A closed channel means nobody reads the answer any more: stop too.
-                    if cancel.is_cancelled() || stopping.load(Ordering::Relaxed) || tx.send(Event::Text(piece.to_string())).is_err() {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
+        let mut batch = DecodeBatch::new(&shared.lm, adapter.as_deref());
+        let mut live: HashMap<u64, Live> = HashMap::new();
+        admit(shared, &mut batch, &mut live, group, &adapter_id, run);
+        while !batch.is_empty() {
+            // Questions waiting for this adapter join while there is room; cancelled ones
+            // still prefilling leave.
+            let room = shared.max_batch.saturating_sub(batch.len());
+            if room > 0 && shared.waiting.load(Ordering::SeqCst) > 0 {
+                let more = {
+                    let mut st = lock(&shared.state);
+                    let more = if st.shutdown { Vec::new() } else { take_same_adapter(shared, &mut st, &adapter, room) };
+                    // `running` still counts the batch, so `has_waiting` never blinks false here.
+                    shared.waiting.store(st.queue.len(), Ordering::SeqCst);
+                    more
+                };
+                admit(shared, &mut batch, &mut live, more, &adapter_id, run);
+            }
+            let stopping = shared.stopping.load(Ordering::SeqCst);
+            for id in batch.drop_prefilling(|id| !stopping && live.get(id).is_some_and(|l| !l.cancel.is_cancelled())) {
+                if let Some(l) = live.remove(&id) {
+                    let _ = l.tx.send(Event::Failed(if stopping { "the bot is shutting down".into() } else { "cancelled".into() }));
+                }
+            }
+            // A panic in a step (a bug, a device error surfacing as a panic) fails this batch
+            // only; the engine keeps answering.
+            let result = catch_unwind(AssertUnwindSafe(|| batch.step()));
+            let failure = match result {
+                Ok(Ok(done)) => {
+                    // The model is free of these rows before anyone hears they are over.
+                    shared.running.store(batch.len(), Ordering::SeqCst);
+                    for (id, g) in done {
+                        if let Some(l) = live.remove(&id) {
+                            let _ = l.tx.send(Event::Finished(g));
+                        }
                     }
-                }),
-            });
+                    None
+                }
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some("generation crashed".to_string()),
+            };
+            if let Some(why) = failure {
+                tracing::error!(error = %why, "generation failed");
+                shared.running.store(0, Ordering::SeqCst);
+                for (_, l) in live.drain() {
+                    let _ = l.tx.send(Event::Failed(why.clone()));
+                }
+                break;
+            }
         }
-        // A panic in one batch (a bug, a device error surfacing as a panic) fails that batch
-        // only; the engine keeps answering.
-        let result = catch_unwind(AssertUnwindSafe(|| generate_batch(&shared.lm, adapter.as_deref(), requests)));
-        // The model is free before anyone hears the batch is over.
         shared.running.store(0, Ordering::SeqCst);
-        match result {
-            Ok(Ok(gens)) => {
-                for (p, g) in batch.iter().zip(gens) {
-                    let _ = p.tx.send(Event::Finished(g));
+        tracing::trace!(run, "batch done");
+    }
+}
+
+/// Add `group` to the running batch: each question hears `Started` with the batch's size once
+/// the whole group is in, and its text streams from its row's callback.
+fn admit<'a>(shared: &'a Shared, batch: &mut DecodeBatch<'a, u64>, live: &mut HashMap<u64, Live>, group: Vec<Pending>, adapter_id: &Option<String>, run: u64) {
+    if group.is_empty() {
+        return;
+    }
+    let size = batch.len() + group.len();
+    shared.running.store(size, Ordering::SeqCst);
+    tracing::debug!(joining = group.len(), batch = size, adapter = ?adapter_id, "generating");
+    for p in group {
+        let _ = p.tx.send(Event::Started { adapter_id: adapter_id.clone(), batch: size, run });
+        let (tx, cancel, stopping) = (p.tx.clone(), p.cancel.clone(), &shared.stopping);
+        let request = Request {
+            prompt: p.prompt,
+            opts: p.opts,
+            on_text: Box::new(move |piece: &str| {
+                // A closed channel means nobody reads the answer any more: stop too.
+                if cancel.is_cancelled() || stopping.load(Ordering::Relaxed) || tx.send(Event::Text(piece.to_string())).is_err() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
                 }
+            }),
+        };
+        match batch.add(p.id, request, p.submitted) {
+            Ok(()) => {
+                live.insert(p.id, Live { tx: p.tx, cancel: p.cancel });
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = format!("{e:#}"), "generation failed");
-                for p in &batch {
-                    let _ = p.tx.send(Event::Failed(format!("{e:#}")));
-                }
-            }
-            Err(_) => {
-                tracing::error!("generation panicked");
-                for p in &batch {
-                    let _ = p.tx.send(Event::Failed("generation crashed".into()));
-                }
+            Err(e) => {
+                let _ = p.tx.send(Event::Failed(format!("{e:#}")));
             }
         }
-        tracing::trace!(ids = ?batch.iter().map(|p| p.id).collect::<Vec<_>>(), "batch done");
     }
 }

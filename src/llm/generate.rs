@@ -1,7 +1,12 @@
 //! The generation loop: prefill, then one token at a time with sampling, streaming text to a
 //! callback, stopping on EOS, stop strings, the token budget, the context limit or cancellation.
-//! Several prompts can run as one left-padded batch sharing each forward pass.
+//!
+//! Several answers share each decode step as a [`DecodeBatch`]. A question joins a batch after
+//! a prefill of its own (never padded against other prompts), and the decode step computes each
+//! row exactly as it would alone, so an answer does not depend on what it is batched with: the
+//! same question and seed give the same tokens on an idle or a busy bot.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
@@ -12,6 +17,7 @@ use super::detok::StreamDecoder;
 use super::load::LoadedModel;
 use super::lora::LoraAdapter;
 use super::model::{KvCache, Logits};
+use super::model_config::ModelConfig;
 use super::sampling::{Sampler, SamplingParams};
 use crate::config::GenerationSettings;
 
@@ -26,15 +32,25 @@ pub struct GenOptions {
     pub max_context: usize,
 }
 
+/// Longest prompt + answer for a model of shape `cfg` when the settings ask for `setting`
+/// tokens: capped by the model's own positions, and 0 means the model's own limit.
+pub fn max_context(setting: usize, cfg: &ModelConfig) -> usize {
+    match setting {
+        0 => cfg.max_position,
+        n => n.min(cfg.max_position),
+    }
+}
+
 impl GenOptions {
-    /// From settings; `seed: None` in the settings draws a fresh seed.
-    pub fn from_settings(g: &GenerationSettings, max_context: usize) -> Self {
+    /// From the generation settings and `model.max_context` (see [`max_context`]) for a model
+    /// of shape `cfg`; `seed: None` in the settings draws a fresh seed.
+    pub fn from_settings(g: &GenerationSettings, context_setting: usize, cfg: &ModelConfig) -> Self {
         Self {
             sampling: SamplingParams::from(g),
             max_new_tokens: g.max_new_tokens,
             stop: g.stop.clone(),
             seed: g.seed.unwrap_or_else(rand::random),
-            max_context,
+            max_context: max_context(context_setting, cfg),
         }
     }
 }
@@ -92,98 +108,176 @@ pub fn generate(lm: &LoadedModel, adapter: Option<&LoraAdapter>, prompt: &[u32],
     Ok(out.remove(0))
 }
 
-/// Generate answers for several prompts at once (left-padded batch, one forward per step).
-/// Rows leave the batch as they finish. Results come back in request order.
+/// Generate answers for several prompts at once: each is prefilled on its own, then they
+/// decode together, one forward per step, leaving the batch as they finish. Results come back
+/// in request order, each equal to what [`generate`] gives for it alone.
 pub fn generate_batch(lm: &LoadedModel, adapter: Option<&LoraAdapter>, requests: Vec<Request<'_>>) -> Result<Vec<Generation>> {
-    let started = Instant::now();
-    let model = &lm.model;
+    ensure!(!requests.is_empty(), "no prompts to generate from");
+    let mut batch = DecodeBatch::new(lm, adapter);
     let n = requests.len();
-    ensure!(n > 0, "no prompts to generate from");
-    let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-    for r in &requests {
-        ensure!(!r.prompt.is_empty(), "empty prompt");
-        ensure!(r.prompt.len() < r.opts.max_context, "prompt of {} tokens does not fit the context of {} tokens", r.prompt.len(), r.opts.max_context);
+    let started = Instant::now();
+    for (i, r) in requests.into_iter().enumerate() {
+        batch.add(i, r, started)?;
     }
-    let mut rows: Vec<Row> = requests
-        .into_iter()
-        .map(|r| Row {
-            sampler: Sampler::new(r.opts.sampling.clone(), r.opts.seed),
-            context: r.prompt.clone(),
-            answer: Vec::new(),
-            decoder: StreamDecoder::new(&lm.tokenizer),
-            stops: StopScanner::new(r.opts.stop.clone()),
-            finish: None,
-            first_token: None,
-            done_at: None,
-            opts: r.opts,
-            on_text: r.on_text,
-        })
-        .collect();
-
-    // Prefill: left-pad to the longest prompt.
-    let pad_id = 0u32;
-    let pads: Vec<usize> = rows.iter().map(|r| longest - r.context.len()).collect();
-    let mut flat = Vec::with_capacity(n * longest);
-    for (r, &p) in rows.iter().zip(&pads) {
-        flat.extend(std::iter::repeat_n(pad_id, p));
-        flat.extend_from_slice(&r.context);
+    let mut done: Vec<Option<Generation>> = (0..n).map(|_| None).collect();
+    while !batch.is_empty() {
+        for (i, g) in batch.step()? {
+            done[i] = Some(g);
+        }
     }
-    let ids = Tensor::from_vec(flat, (n, longest), model.device())?;
-    let mut cache = KvCache::with_padding(model.config(), pads);
-    let mut logits = model.forward(&ids, &mut cache, adapter, Logits::Last)?;
-    let mut active: Vec<usize> = (0..n).collect();
+    done.into_iter().map(|g| g.ok_or_else(|| anyhow::anyhow!("internal: an answer never finished"))).collect()
+}
 
-    loop {
-        // [rows, 1, vocab] → one Vec per active row (one device→host copy for the batch).
+/// Prompt tokens a row's prefill feeds in one step. Fixed, so that a prompt is always cut the
+/// same way (and so computed the same way) whatever else is running; short enough that a long
+/// prompt joining a batch holds up the answers already decoding for one chunk at a time.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// Answers sharing decode steps (continuous batching). A row is [`added`](DecodeBatch::add)
+/// at any time; each [`step`](DecodeBatch::step) feeds one prompt chunk of the oldest row still
+/// prefilling (on its own cache, never padded against other prompts), then one token for every
+/// row decoding, in one forward pass. A row whose prefill is done joins the decoding rows (its
+/// cache merged into theirs); rows leave when they finish. Every row computes exactly what it
+/// would alone. `K` is the caller's key for a row (an index, a ticket id), handed back with
+/// its [`Generation`].
+pub struct DecodeBatch<'a, K> {
+    lm: &'a LoadedModel,
+    adapter: Option<&'a LoraAdapter>,
+    /// Rows decoding, in cache order, with the token each feeds next.
+    rows: Vec<(K, Row<'a>, u32)>,
+    cache: Option<KvCache>,
+    /// Rows still prefilling, oldest first.
+    joining: VecDeque<Joining<'a, K>>,
+}
+
+struct Joining<'a, K> {
+    key: K,
+    row: Row<'a>,
+    cache: KvCache,
+    /// Prompt tokens fed so far.
+    fed: usize,
+}
+
+impl<'a, K> DecodeBatch<'a, K> {
+    pub fn new(lm: &'a LoadedModel, adapter: Option<&'a LoraAdapter>) -> Self {
+        Self { lm, adapter, rows: Vec::new(), cache: None, joining: VecDeque::new() }
+    }
+
+    /// Rows in the batch, decoding or prefilling.
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.joining.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows decoding (their prefill done).
+    pub fn decoding(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The adapter every row of this batch is answered with.
+    pub fn adapter(&self) -> Option<&'a LoraAdapter> {
+        self.adapter
+    }
+
+    /// Queue `req` for prefill; it decodes with the batch once its prompt is fed. `started` is
+    /// when the answer's clock started (its time to first token counts from there).
+    pub fn add(&mut self, key: K, req: Request<'a>, started: Instant) -> Result<()> {
+        ensure!(!req.prompt.is_empty(), "empty prompt");
+        ensure!(req.prompt.len() < req.opts.max_context, "prompt of {} tokens does not fit the context of {} tokens", req.prompt.len(), req.opts.max_context);
+        let cache = KvCache::new(self.lm.model.config(), 1);
+        self.joining.push_back(Joining { key, row: Row::new(self.lm, req, started), cache, fed: 0 });
+        Ok(())
+    }
+
+    /// Remove the rows still prefilling for which `keep` says no (a question cancelled before
+    /// its first token); returns their keys.
+    pub fn drop_prefilling(&mut self, mut keep: impl FnMut(&K) -> bool) -> Vec<K> {
+        let mut dropped = Vec::new();
+        for j in std::mem::take(&mut self.joining) {
+            if keep(&j.key) {
+                self.joining.push_back(j);
+            } else {
+                dropped.push(j.key);
+            }
+        }
+        dropped
+    }
+
+    /// One step: a prompt chunk of the oldest prefilling row, then one token for every row
+    /// decoding. Returns the answers that finished in it.
+    pub fn step(&mut self) -> Result<Vec<(K, Generation)>> {
+        let mut done = Vec::new();
+        if let Some(finished) = self.prefill_chunk()? {
+            done.push(finished);
+        }
+        done.extend(self.decode()?);
+        Ok(done)
+    }
+
+    /// Feed the next chunk of the oldest prefilling row; when its prompt is fed, sample its
+    /// first token and move it to the decoding rows (or return it, if that token ended it).
+    fn prefill_chunk(&mut self) -> Result<Option<(K, Generation)>> {
+        let Some(j) = self.joining.front_mut() else { return Ok(None) };
+        let model = &self.lm.model;
+        let end = (j.fed + PREFILL_CHUNK).min(j.row.context.len());
+        let ids = Tensor::new(&j.row.context[j.fed..end], model.device())?.unsqueeze(0)?;
+        let logits = model.forward(&ids, &mut j.cache, self.adapter, Logits::Last)?;
+        j.fed = end;
+        if j.fed < j.row.context.len() {
+            return Ok(None);
+        }
+        let Some(Joining { key, mut row, cache, .. }) = self.joining.pop_front() else { return Ok(None) };
+        let mut l: Vec<f32> = logits.i((0, 0))?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let tok = row.sample(&mut l, &self.lm.stop_ids)?;
+        if row.finish.is_some() {
+            return Ok(Some((key, row.into_generation()?)));
+        }
+        self.cache = Some(match self.cache.take() {
+            Some(batch) => KvCache::merge(vec![batch, cache])?,
+            None => cache,
+        });
+        self.rows.push((key, row, tok));
+        Ok(None)
+    }
+
+    /// One token for every decoding row, in one forward pass.
+    fn decode(&mut self) -> Result<Vec<(K, Generation)>> {
+        let Some(cache) = self.cache.as_mut() else { return Ok(Vec::new()) };
+        let model = &self.lm.model;
+        let ids = Tensor::from_vec(self.rows.iter().map(|r| r.2).collect::<Vec<u32>>(), (self.rows.len(), 1), model.device())?;
+        let logits = model.forward(&ids, cache, self.adapter, Logits::Last)?;
+        // [rows, 1, vocab] → one Vec per row (one device→host copy for the batch).
         let all: Vec<Vec<f32>> = logits.i((.., 0, ..))?.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        let mut next_tokens = Vec::with_capacity(active.len());
-        for (slot, &ri) in active.iter().enumerate() {
-            let row = &mut rows[ri];
-            let mut l = all[slot].clone();
-            let tok = row.sampler.sample(&mut l, &row.context, &row.answer);
-            row.first_token.get_or_insert_with(|| started.elapsed());
-            row.step(tok, &lm.stop_ids, cache.len() + 1)?;
-            next_tokens.push(tok);
+        for ((_, row, next), mut l) in self.rows.iter_mut().zip(all) {
+            *next = row.sample(&mut l, &self.lm.stop_ids)?;
         }
-        let keep: Vec<usize> = (0..active.len()).filter(|&s| rows[active[s]].finish.is_none()).collect();
-        for &ri in &active {
-            if rows[ri].finish.is_some() && rows[ri].done_at.is_none() {
-                rows[ri].done_at = Some(started.elapsed());
+        let keep: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].1.finish.is_none()).collect();
+        let mut done = Vec::new();
+        if keep.len() != self.rows.len() {
+            if keep.is_empty() {
+                self.cache = None;
+            } else {
+                cache.retain_rows(&keep)?;
             }
+            let mut kept = Vec::with_capacity(keep.len());
+            for (key, row, next) in std::mem::take(&mut self.rows) {
+                if row.finish.is_some() {
+                    done.push((key, row.into_generation()?));
+                } else {
+                    kept.push((key, row, next));
+                }
+            }
+            self.rows = kept;
         }
-        if keep.is_empty() {
-            break;
-        }
-        if keep.len() != active.len() {
-            cache.retain_rows(&keep)?;
-            next_tokens = keep.iter().map(|&s| next_tokens[s]).collect();
-            active = keep.iter().map(|&s| active[s]).collect();
-        }
-        let ids = Tensor::from_vec(next_tokens, (active.len(), 1), model.device())?;
-        logits = model.forward(&ids, &mut cache, adapter, Logits::Last)?;
+        Ok(done)
     }
-
-    rows.into_iter()
-        .map(|mut r| {
-            let tail = r.decoder.finish()?.unwrap_or_default();
-            let rest = r.stops.finish(&tail);
-            if !rest.is_empty() && r.finish != Some(Finish::Cancelled) {
-                let _ = (r.on_text)(&rest);
-            }
-            let first = r.first_token.unwrap_or_default();
-            Ok(Generation {
-                text: r.stops.text,
-                prompt_tokens: r.context.len() - r.answer.len(),
-                tokens: r.answer,
-                finish: r.finish.unwrap_or(Finish::Length),
-                time_to_first_token: first,
-                decode_time: r.done_at.unwrap_or(first).saturating_sub(first),
-            })
-        })
-        .collect()
 }
 
 struct Row<'a> {
+    started: Instant,
     sampler: Sampler,
     context: Vec<u32>,
     answer: Vec<u32>,
@@ -196,9 +290,55 @@ struct Row<'a> {
     on_text: OnText<'a>,
 }
 
-impl Row<'_> {
-    /// Take sampled token `tok`; `cache_len` is the context length once it is fed back.
-    fn step(&mut self, tok: u32, stop_ids: &[u32], cache_len: usize) -> Result<()> {
+impl<'a> Row<'a> {
+    fn new(lm: &'a LoadedModel, r: Request<'a>, started: Instant) -> Self {
+        Row {
+            started,
+            sampler: Sampler::new(r.opts.sampling.clone(), r.opts.seed),
+            context: r.prompt,
+            answer: Vec::new(),
+            decoder: StreamDecoder::new(&lm.tokenizer),
+            stops: StopScanner::new(r.opts.stop.clone()),
+            finish: None,
+            first_token: None,
+            done_at: None,
+            opts: r.opts,
+            on_text: r.on_text,
+        }
+    }
+
+    /// Sample the next token from this row's `logits` and take it; returns the token (to feed
+    /// back unless the row finished).
+    fn sample(&mut self, logits: &mut [f32], stop_ids: &[u32]) -> Result<u32> {
+        let tok = self.sampler.sample(logits, &self.context, &self.answer);
+        self.first_token.get_or_insert_with(|| self.started.elapsed());
+        self.step(tok, stop_ids)?;
+        if self.finish.is_some() {
+            self.done_at = Some(self.started.elapsed());
+        }
+        Ok(tok)
+    }
+
+    /// The finished answer: flush what the detokenizer and the stop scanner hold back.
+    fn into_generation(mut self) -> Result<Generation> {
+        let tail = self.decoder.finish()?.unwrap_or_default();
+        let rest = self.stops.finish(&tail);
+        if !rest.is_empty() && self.finish != Some(Finish::Cancelled) {
+            let _ = (self.on_text)(&rest);
+        }
+        let first = self.first_token.unwrap_or_default();
+        Ok(Generation {
+            text: self.stops.text,
+            prompt_tokens: self.context.len() - self.answer.len(),
+            tokens: self.answer,
+            finish: self.finish.unwrap_or(Finish::Length),
+            time_to_first_token: first,
+            decode_time: self.done_at.unwrap_or(first).saturating_sub(first),
+        })
+    }
+
+    /// Take sampled token `tok`.
+    fn step(&mut self, tok: u32, stop_ids: &[u32]) -> Result<()> {
         if stop_ids.contains(&tok) {
             self.finish = Some(Finish::Eos);
             return Ok(());
@@ -218,7 +358,7 @@ impl Row<'_> {
         }
         if self.answer.len() >= self.opts.max_new_tokens {
             self.finish = Some(Finish::Length);
-        } else if cache_len >= self.opts.max_context {
+        } else if self.context.len() >= self.opts.max_context {
             self.finish = Some(Finish::Context);
         }
         Ok(())
@@ -292,6 +432,14 @@ impl StopScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_context_zero_is_the_models_own_limit() {
+        let cfg = ModelConfig::tiny();
+        assert_eq!(max_context(0, &cfg), cfg.max_position);
+        assert_eq!(max_context(100, &cfg), 100);
+        assert_eq!(max_context(cfg.max_position * 4, &cfg), cfg.max_position);
+    }
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, String, Option<String>) {
         let mut s = StopScanner::new(stops.iter().map(|x| x.to_string()).collect());

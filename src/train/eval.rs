@@ -44,7 +44,7 @@ pub fn compare(lm: &LoadedModel, adapter: &LoraAdapter, data_dir: &Path, setting
     let adapter_loss = evaluate(&fwd, Some(&view), &data.test, ts.batch_size)?;
 
     let (convs, _) = read_conversations(&data_dir.join(crate::dataset::output::TEST), ts.bad_lines, None)?;
-    let mut opts = GenOptions::from_settings(&settings.generation, model.config().max_position.min(settings.model.max_context.max(1)));
+    let mut opts = GenOptions::from_settings(&settings.generation, settings.model.max_context, model.config());
     opts.sampling.temperature = 0.0; // the same answer every run: a fair side-by-side
     let eos = lm.stop_ids.first().copied();
     let mut answers = Vec::new();

@@ -311,7 +311,7 @@ pub fn retrain(jc: &JobCx<'_>) -> Result<Done> {
 fn compare(jc: &JobCx<'_>, old: Option<Arc<LoraAdapter>>, new: Arc<LoraAdapter>) -> String {
     let s = &jc.cx.settings;
     let engine = &jc.cx.engine;
-    let mut opts = GenOptions::from_settings(&s.generation, crate::cli::ask::max_context(s, engine.model()));
+    let mut opts = GenOptions::from_settings(&s.generation, s.model.max_context, engine.model().model.config());
     opts.sampling.temperature = 0.0; // the same answer every time: a fair side-by-side
     opts.max_new_tokens = s.worker.compare_max_new_tokens;
     let ask = |q: &str, adapter: Option<Arc<LoraAdapter>>| -> String {
