@@ -309,16 +309,67 @@ fn looks_like_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://") || s.starts_with("www.")
 }
 
+/// Class names (whole, or as the end of a `-` compound such as `post-actions`) of a post's
+/// furniture: header, meta line, action links, vote counters, footer, signature.
+const CHROME_CLASSES: &[&str] = &[
+    "header", "meta", "info", "details", "actions", "action", "tools", "toolbar", "controls",
+    "buttons", "links", "footer", "votes", "vote", "vote-count", "score", "points", "rating",
+    "likes", "like-count", "permalink", "report", "signature", "sig",
+];
+
+/// Link texts that are a post's action links, not something the poster wrote ("edit" and
+/// "share" are left out: a ski film is an edit, and posters link them).
+const ACTION_WORDS: &[&str] = &["quote", "+quote", "multiquote", "report", "reply", "permalink"];
+
+fn is_chrome_class(c: &str) -> bool {
+    let c = c.to_ascii_lowercase();
+    // Inside a quote, its own header ("X wrote:") is handled with the quote.
+    if c.starts_with("quote") || c.ends_with("quote") || c.starts_with("bb") {
+        return false;
+    }
+    CHROME_CLASSES
+        .iter()
+        .any(|k| c == *k || c.strip_suffix(k).is_some_and(|p| p.ends_with(['-', '_'])))
+}
+
+/// Whether an element inside a post body is page furniture rather than the post's text. In
+/// well-formed pages these blocks follow the body; where the body's `</div>` is missing,
+/// html5ever puts them inside it, so the body's text ends at the first one.
+fn is_chrome(el: &ElementRef<'_>) -> bool {
+    let v = el.value();
+    if matches!(v.name(), "footer" | "header" | "nav" | "menu") {
+        return true;
+    }
+    if v.classes().any(is_chrome_class) || v.attr("data-action").is_some() {
+        return true;
+    }
+    if matches!(v.name(), "a" | "button") {
+        let text = inline_text(el).to_ascii_lowercase();
+        let text = text.trim_matches(|c: char| !c.is_alphanumeric() && c != '+');
+        return ACTION_WORDS.contains(&text);
+    }
+    false
+}
+
+/// Whether walking reached the end of the post's own text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    Continue,
+    /// Post furniture or the next post: nothing after this point is the post's text.
+    End,
+}
+
 /// Post body DOM → text. Paragraph structure becomes line breaks; quotes go to `quotes`;
-/// signatures, scripts and images are skipped; autolinks become their full URL (the visible
-/// text is often shortened with "…").
+/// scripts and images are skipped; autolinks become their full URL (the visible text is often
+/// shortened with "…"). The walk ends at the post's furniture (see [`is_chrome`]) or at a
+/// post nested by broken markup.
 fn walk(
     node: NodeRef<'_, Node>,
     page: &Url,
     opts: &CleanOptions,
     out: &mut String,
     quotes: &mut Vec<String>,
-) {
+) -> Walk {
     for child in node.children() {
         match child.value() {
             Node::Text(t) => {
@@ -338,19 +389,21 @@ fn walk(
                 let name = e.name();
                 if matches!(
                     name,
-                    "script" | "style" | "noscript" | "template" | "button" | "form"
+                    "script" | "style" | "noscript" | "template" | "form"
                 ) {
                     continue;
                 }
-                if has_class(&el, |c| {
-                    c == "signature" || c == "sig" || c.ends_with("-signature")
-                }) {
-                    continue;
+                // Broken markup can nest the next post inside this body; it is its own post,
+                // and what follows it belongs to it too.
+                if has_class(&el, |c| c == "post" || c == "post-body")
+                    || e.attr("data-post-id").is_some()
+                {
+                    return Walk::End;
                 }
-                // Broken markup can nest the next post inside this body; it is its own post.
-                if has_class(&el, |c| {
-                    c == "post" || c == "post-body" || c == "post-header"
-                }) {
+                if is_chrome(&el) {
+                    return Walk::End;
+                }
+                if name == "button" {
                     continue;
                 }
                 if name == "blockquote"
@@ -360,9 +413,12 @@ fn walk(
                 {
                     let mut q = String::new();
                     let mut nested = Vec::new();
-                    walk(child, page, opts, &mut q, &mut nested);
+                    let end = walk(child, page, opts, &mut q, &mut nested);
                     quotes.push(q);
                     out.push_str("\n\n");
+                    if end == Walk::End {
+                        return end;
+                    }
                     continue;
                 }
                 match name {
@@ -399,7 +455,11 @@ fn walk(
                                 out.push_str(h.as_str());
                                 out.push(' ');
                             }
-                            _ => walk(child, page, opts, out, quotes),
+                            _ => {
+                                if walk(child, page, opts, out, quotes) == Walk::End {
+                                    return Walk::End;
+                                }
+                            }
                         }
                     }
                     _ => {
@@ -407,7 +467,9 @@ fn walk(
                         if let Some(s) = sep {
                             out.push_str(s);
                         }
-                        walk(child, page, opts, out, quotes);
+                        if walk(child, page, opts, out, quotes) == Walk::End {
+                            return Walk::End;
+                        }
                         if let Some(s) = sep {
                             out.push_str(s);
                         }
@@ -417,6 +479,7 @@ fn walk(
             _ => {}
         }
     }
+    Walk::Continue
 }
 
 #[cfg(test)]
@@ -482,7 +545,11 @@ in the park?<br><br>I mostly ride
               <div class="post-signature">Sponsored by nobody</div></div></div>
           <div class="pagination"><a href="https://ns.test/forum/thread/5/T?page=3">3</a></div></body></html>"#;
         let page = url("https://ns.test/forum/thread/5/T?page=1");
-        let p = parse_thread_page(html, &page, &CleanOptions::default()).unwrap();
+        let keep = CleanOptions {
+            keep_urls: true,
+            keep_emoji: false,
+        };
+        let p = parse_thread_page(html, &page, &keep).unwrap();
         assert_eq!(p.last_page, Some(3));
         assert_eq!(p.posts.len(), 2);
         let op = &p.posts[0];
@@ -550,5 +617,57 @@ in the park?<br><br>I mostly ride
             thread_id_from_url(&url("https://ns.test/forum/1/Ski")),
             None
         );
+    }
+
+    #[test]
+    fn post_chrome_is_never_body_text_even_when_the_body_is_unclosed() {
+        let page = url("https://ns.test/forum/thread/5/T?page=1");
+        let o = CleanOptions::default().for_store();
+        let post = |id: u32, body: &str, close_body: bool| {
+            format!(
+                "<div class=\"post\" id=\"post-{id}\"><div class=\"post-header\"><a class=\"username\">user{id}</a> \
+                 <span class=\"post-date\">Jan 4th 2023</span></div><div class=\"post-body\">{body}{}\n\
+                 <div class=\"post-footer\"><span class=\"post-votes\"><a class=\"vote-up\">&#9650;</a> 12 <a class=\"vote-down\">&#9660;</a></span>\
+                 <a href=\"/forum/reply/5?quote={id}\">Quote</a> &middot; <a href=\"/report/{id}\">Report</a> &middot; <a href=\"/forum/reply/5\">Reply</a></div>\
+                 <div class=\"signature\">Team Couch</div></div>\n",
+                if close_body { "</div>" } else { "" }
+            )
+        };
+        for close in [true, false] {
+            let html = format!(
+                "<html><body>{}{}{}</body></html>",
+                post(1, "Mount them at true center for park.", true),
+                post(
+                    2,
+                    "<a href=\"https://youtu.be/a\">https://youtu.be/a</a> <a href=\"https://youtu.be/b\">https://youtu.be/b</a>",
+                    close
+                ),
+                post(3, "<p>Wax them every few days in spring.</p>", close)
+            );
+            let p = parse_thread_page(&html, &page, &o).unwrap();
+            let bodies: Vec<_> = p.posts.iter().map(|p| p.body.as_str()).collect();
+            assert_eq!(
+                bodies,
+                vec![
+                    "Mount them at true center for park.",
+                    "https://youtu.be/a https://youtu.be/b",
+                    "Wax them every few days in spring."
+                ],
+                "body closed: {close}"
+            );
+            let authors: Vec<_> = p.posts.iter().map(|p| p.author.as_deref()).collect();
+            assert_eq!(authors, vec![Some("user1"), Some("user2"), Some("user3")]);
+        }
+        // Bare action links straight after an unclosed body end it too.
+        let html = "<div class=post><div class=post-body>Boots matter more than skis.\n\
+                    <a href=\"/q/1\">Quote</a> · <a href=\"/r/1\">Report</a></div>";
+        let p = parse_thread_page(html, &page, &o).unwrap();
+        assert_eq!(p.posts[0].body, "Boots matter more than skis.");
+        // A film edit linked by name is the poster's text, and a quote's header is the quote's.
+        let html = "<div class=post><div class=post-body><div class=quote><div class=quote-header>x wrote:</div>old</div>\
+                    Check my <a href=\"https://youtu.be/e\">edit</a> from Laax.</div></div>";
+        let p = parse_thread_page(html, &page, &o).unwrap();
+        assert_eq!(p.posts[0].body, "Check my edit from Laax.");
+        assert_eq!(p.posts[0].quotes.len(), 1);
     }
 }

@@ -1,4 +1,4 @@
-//! Synthetic forum pages with the real site's structure and artifacts (DESIGN §6): page chrome
+//! Synthetic forum pages with the real site's structure and artifacts: page chrome
 //! and guest banner, `div.post-body` posts with author and date, quotes (some nested), edit
 //! notes, signatures, BBCode remnants, emoji, curly quotes, link-only and image-only replies.
 //! Used by `bench parse` to build a store of realistic size without the network.

@@ -1,8 +1,10 @@
-//! A fixture forum with the newschoolers markup (DESIGN §6), served over real HTTP on
+//! A fixture forum with the newschoolers markup, served over real HTTP on
 //! 127.0.0.1 by the test itself. It knows what every post should clean to, logs every request,
 //! and misbehaves on purpose: 429 with Retry-After, a 500 that succeeds on retry, a response
 //! slower than the client timeout, a page that always answers 503, a deleted thread (404), a
-//! page of broken HTML, and a robots.txt that disallows one listed thread.
+//! page of broken HTML, a thread whose post bodies miss their closing tag (so the post's vote
+//! counter and "Quote · Report · Reply" links fall inside the body), and a robots.txt that
+//! disallows one listed thread. Every post carries that footer, as the forum's pages do.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -115,6 +117,10 @@ pub enum Special {
     ServerError,
     /// Page 1 answers after 1.2 s the first time.
     Slow,
+    /// Every `div.post-body` lacks its `</div>`: the post footer (votes, Quote · Report ·
+    /// Reply) and signature are parsed as inside the body, and each next post nests inside the
+    /// one before.
+    Unclosed,
 }
 
 #[derive(Debug, Clone)]
@@ -317,15 +323,20 @@ impl State {
         );
         h.push_str("<div class=\"banner\">Welcome to the Newschoolers forums! You may read the forums as a guest.</div>\n");
         h.push_str(&format!("<h1>{}</h1>\n", esc(&t.title)));
+        let body_end = if t.special == Special::Unclosed { "" } else { "</div>" };
         for (i, p) in t.posts_on(page).iter().enumerate() {
+            let post_id = format!("{}{page:02}{i:02}", t.id);
             h.push_str(&format!(
-                "<div class=\"post\" id=\"post-{}{page:02}{i:02}\"><div class=\"post-header\"><a class=\"username\" href=\"/profile/{0}\">{}</a> \
-                 <span class=\"post-date\">Jan {}th 2023 at 9:{:02}pm</span></div>\n<div class=\"post-body\">{}</div>\n",
-                t.id,
-                p.author,
+                "<div class=\"post\" id=\"post-{post_id}\"><div class=\"post-header\"><a class=\"username\" href=\"/profile/{1}\">{1}</a> \
+                 <span class=\"post-date\">Jan {0}th 2023 at 9:{2:02}pm</span></div>\n<div class=\"post-body\">{4}{body_end}\n\
+                 <div class=\"post-footer\"><span class=\"post-votes\"><a class=\"vote-up\" href=\"/vote/{post_id}/up\">&#9650;</a> {5} <a class=\"vote-down\" href=\"/vote/{post_id}/down\">&#9660;</a></span> \
+                 <a href=\"{3}/reply?quote={post_id}\">Quote</a> &middot; <a href=\"/forum/report/{post_id}\">Report</a> &middot; <a href=\"{3}/reply\">Reply</a></div>\n",
                 4 + i,
+                p.author,
                 10 + i,
-                p.html
+                t.path(),
+                p.html,
+                3 * i + page as usize,
             ));
             if i % 3 == 1 {
                 h.push_str("<div class=\"signature\">Sponsored by nobody | Team Couch</div>");
@@ -447,7 +458,7 @@ const LAYOUT: &[(u32, usize, Special)] = &[
     (1, 3, Special::Down),
     (2, 3, Special::None), // crosspost: replaced by a copy of thread 1 below
     (1, 2, Special::None),
-    (2, 5, Special::None),
+    (2, 5, Special::Unclosed),
     (1, 3, Special::None),
     (4, 1, Special::None),
     (2, 4, Special::None),
