@@ -7,8 +7,8 @@ mod fixture_forum;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use fixture_forum::{crawl, settings, Expect, Forum, CROSSPOST_IDX};
-use freeski_bot::dataset::pairs::question;
+use fixture_forum::{crawl, settings, Expect, Forum, Special, CROSSPOST_IDX};
+use freeski_bot::dataset::pairs::{question, training_text};
 use freeski_bot::dataset::split::is_test;
 use freeski_bot::dataset::{self, BuildOptions, DatasetSettings};
 use freeski_bot::scrape::CleanOptions;
@@ -31,14 +31,25 @@ fn ds_settings(out: &Path) -> DatasetSettings {
 }
 
 fn build(db: &Path, s: &DatasetSettings) -> dataset::BuildReport {
+    build_with(db, s, &CleanOptions::default())
+}
+
+fn build_with(db: &Path, s: &DatasetSettings, clean: &CleanOptions) -> dataset::BuildReport {
     let mut store = Store::open(db).unwrap();
-    dataset::build(
-        &mut store,
-        s,
-        &CleanOptions::default(),
-        &BuildOptions::default(),
-    )
-    .unwrap()
+    dataset::build(&mut store, s, clean, &BuildOptions::default()).unwrap()
+}
+
+/// Every (question, answer) of a dataset folder's train and test files.
+fn pairs_of(folder: &Path) -> Vec<(String, String)> {
+    ["train.jsonl", "test.jsonl"]
+        .iter()
+        .flat_map(|f| lines(&folder.join(f)))
+        .map(|r| {
+            let m = r["messages"].as_array().unwrap();
+            let text = |i: usize| m[i]["content"].as_str().unwrap().to_string();
+            (text(0), text(m.len() - 1))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,6 +82,9 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
     let by_id: HashMap<u64, &fixture_forum::FThread> = threads.iter().map(|t| (t.id, t)).collect();
     let mut want_pairs = 0usize;
     let mut want_drops: BTreeMap<&str, u64> = BTreeMap::new();
+    // Replies whose own text is an answer's worth, whoever wrote them.
+    let mut want_substantive = 0u64;
+    let mut want_answers: HashSet<String> = HashSet::new();
     for (idx, t) in threads.iter().enumerate() {
         let pages = t.readable_pages();
         if !pages.contains(&1) {
@@ -90,15 +104,44 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
         if replies.is_empty() {
             *want_drops.entry("no_replies").or_default() += 1;
         }
-        let kept = answers.min(s.max_answers_per_thread);
-        *want_drops.entry("not_selected").or_default() += (answers - kept) as u64;
+        want_substantive += replies
+            .iter()
+            .filter(|p| matches!(p.expect, Expect::Answer | Expect::Skip("by_original_poster")))
+            .count() as u64;
+        // No cap by default: every reply that passes screening is a pair.
         if idx == CROSSPOST_IDX {
-            *want_drops.entry("exact_duplicate").or_default() += kept as u64;
+            *want_drops.entry("exact_duplicate").or_default() += answers as u64;
         } else {
-            want_pairs += kept;
+            want_pairs += answers;
+            for p in replies.iter().filter(|p| p.expect == Expect::Answer) {
+                want_answers.insert(training_text(&p.body, false));
+            }
         }
     }
+    assert_eq!(s.max_answers_per_thread, 0);
     assert_eq!(train.len() + test.len(), want_pairs, "{}", report.stats);
+    assert_eq!(report.stats.dropped.get("not_selected"), None);
+    let got_answers: HashSet<String> = pairs_of(folder).into_iter().map(|(_, a)| a).collect();
+    let missing: Vec<_> = want_answers.difference(&got_answers).collect();
+    assert!(missing.is_empty(), "substantive replies missing: {missing:?}");
+    // Coverage: every substantive reply is used or dropped for a named reason.
+    let c = &report.stats.substantive_replies;
+    assert_eq!(c.seen, want_substantive);
+    assert_eq!(c.used, want_pairs as u64);
+    assert_eq!(c.used + c.dropped.values().sum::<u64>(), c.seen, "{c:?}");
+    assert_eq!(
+        c.dropped.get("by_original_poster").copied(),
+        want_drops.get("by_original_poster").copied()
+    );
+    assert_eq!(
+        c.dropped.get("exact_duplicate").copied(),
+        want_drops.get("exact_duplicate").copied()
+    );
+    let summary = report.to_string();
+    assert!(
+        summary.contains(&format!("substantive replies: {} seen, {} used", c.seen, c.used)),
+        "{summary}"
+    );
     assert_eq!(report.stats.train as usize, train.len());
     for (reason, n) in &want_drops {
         assert_eq!(
@@ -109,7 +152,11 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
         );
     }
 
-    let artifacts = regex::Regex::new(r"(?i)edited on|\[/?(url|img|quote|b|i|youtube)\b|wrote:|Insta: @|Sponsored by|Team Couch|Welcome to the Newschoolers|&amp;|&quot;").unwrap();
+    // Artifacts of the text and of the page around it: the post footer's vote counter and
+    // action links must not leak in, not even from the thread whose bodies are unclosed.
+    let artifacts = regex::Regex::new(r"(?i)edited on|\[/?(url|img|quote|b|i|youtube)\b|wrote:|Insta: @|Sponsored by|Team Couch|Welcome to the Newschoolers|&amp;|&quot;|&middot;|\bquote\b|\breport\b|\breply\b|[\u{25B2}\u{25BC}\u{00B7}]|https?://|www\.").unwrap();
+    let unclosed = forum.thread(Special::Unclosed);
+    let mut unclosed_answers = 0;
     let mut train_threads = HashSet::new();
     let mut test_threads = HashSet::new();
     for (rows, held_out) in [(&train, false), (&test, true)] {
@@ -122,7 +169,10 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
             assert_eq!(msgs[1]["role"], "assistant");
             let q = msgs[0]["content"].as_str().unwrap();
             let a = msgs[1]["content"].as_str().unwrap();
-            assert_eq!(q, question(&t.title, &t.posts[0].body));
+            assert_eq!(q, training_text(&question(&t.title, &t.posts[0].body), false));
+            if id == unclosed.id {
+                unclosed_answers += 1;
+            }
             for text in [q, a] {
                 assert!(!text.trim().is_empty());
                 assert!(!artifacts.is_match(text), "artifact in {text:?}");
@@ -134,11 +184,12 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
                     "{text:?}"
                 );
             }
-            // The answer is exactly one reply's own text: no quoted text of other posts.
+            // The answer is exactly one reply's own text, its URLs dropped (the default): no
+            // quoted text of other posts, nothing of the page.
             assert!(
                 t.posts
                     .iter()
-                    .any(|p| p.expect == Expect::Answer && p.body == a),
+                    .any(|p| p.expect == Expect::Answer && training_text(&p.body, false) == a),
                 "answer not a clean reply of thread {id}: {a:?}"
             );
             assert_eq!(is_test(id, s.split_seed, s.test_fraction), held_out);
@@ -152,6 +203,60 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
     assert!(
         train_threads.is_disjoint(&test_threads),
         "a thread is in both splits"
+    );
+    let unclosed_want = unclosed
+        .posts
+        .iter()
+        .filter(|p| p.expect == Expect::Answer)
+        .count();
+    assert_eq!(unclosed_answers, unclosed_want, "answers of the unclosed-body thread");
+    assert!(
+        report.stats.dropped["link_only"] > 0,
+        "link-only replies are still recognised with URLs dropped"
+    );
+
+    // keep_urls = true: answers are the stored text, URLs included; link-only still dropped.
+    let with_urls = build_with(
+        &db,
+        &ds_settings(&dir.path().join("with-urls")),
+        &CleanOptions {
+            keep_urls: true,
+            keep_emoji: false,
+        },
+    );
+    assert_eq!(with_urls.stats.train + with_urls.stats.test, want_pairs as u64);
+    assert_eq!(with_urls.stats.dropped["link_only"], report.stats.dropped["link_only"]);
+    let url_answers: HashSet<String> = pairs_of(&with_urls.written.path)
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    assert!(url_answers.iter().any(|a| a.contains("https://youtu.be/v")));
+    for a in &url_answers {
+        assert!(
+            threads
+                .iter()
+                .flat_map(|t| &t.posts)
+                .any(|p| p.expect == Expect::Answer && &p.body == a),
+            "{a:?}"
+        );
+    }
+
+    // Multi-turn: the fixture's opening posters only add statements, never a question, so no
+    // follow-up becomes a user turn and each one after an answer is counted as such.
+    let mt = build(
+        &db,
+        &DatasetSettings {
+            multi_turn: true,
+            ..ds_settings(&dir.path().join("multi"))
+        },
+    );
+    assert_eq!(mt.stats.multi_turn, 0);
+    assert_eq!(mt.stats.train + mt.stats.test, want_pairs as u64);
+    let n = |r: &str| mt.stats.dropped.get(r).copied().unwrap_or(0);
+    assert!(n("follow_up_not_question") > 0, "{:?}", mt.stats.dropped);
+    assert_eq!(
+        n("follow_up_not_question") + n("by_original_poster"),
+        want_drops["by_original_poster"]
     );
 
     let stats: Value =

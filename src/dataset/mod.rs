@@ -39,9 +39,11 @@ pub struct DatasetSettings {
     pub split_seed: u64,
     /// Also emit conversations where the opening poster's follow-ups are further user turns.
     pub multi_turn: bool,
-    /// Best replies kept per thread as single-turn pairs.
+    /// Single-turn pairs kept per thread, best first; 0 keeps every reply that passes
+    /// screening.
     pub max_answers_per_thread: usize,
-    /// Replies with fewer words (URLs not counted) are left out.
+    /// Replies with fewer words are left out (see [`pairs::word_count`]: tokens with a letter;
+    /// URLs, punctuation, bullets and emoji are not words).
     pub min_answer_words: usize,
     pub max_answer_chars: usize,
     pub max_question_chars: usize,
@@ -63,7 +65,7 @@ impl Default for DatasetSettings {
             test_fraction: 0.1,
             split_seed: 0,
             multi_turn: false,
-            max_answers_per_thread: 3,
+            max_answers_per_thread: 0,
             min_answer_words: 3,
             max_answer_chars: 2000,
             max_question_chars: 4000,
@@ -86,10 +88,6 @@ impl DatasetSettings {
             (0.0..1.0).contains(&self.test_fraction),
             "{k}.test_fraction must be in [0, 1), got {}",
             self.test_fraction
-        );
-        anyhow::ensure!(
-            self.max_answers_per_thread >= 1,
-            "{k}.max_answers_per_thread must be at least 1"
         );
         anyhow::ensure!(
             self.min_answer_words >= 1,
@@ -192,14 +190,13 @@ pub fn build(
     settings.validate()?;
     let started = Instant::now();
     let reparse = if opts.reparse {
-        Some(reparse::reparse_all(
-            store,
-            clean,
-            opts.jobs,
-            opts.progress,
-        )?)
+        Some(
+            reparse::reparse_all(store, clean, opts.jobs, opts.progress)
+                .map_err(|e| store.named(e))?,
+        )
     } else {
-        reparse::ensure_current(store, clean, opts.jobs, opts.progress)?
+        reparse::ensure_current(store, clean, opts.jobs, opts.progress)
+            .map_err(|e| store.named(e))?
     };
     let word_filter = filter::WordFilter::from_settings(settings)?;
     let root = opts.out_dir.clone().unwrap_or_else(|| settings.dir.clone());
@@ -209,18 +206,31 @@ pub fn build(
 
     store.for_each_thread(|thread| {
         st.threads += 1;
-        let outcome = pairs::build_thread(&thread, settings, &word_filter);
+        let outcome = pairs::build_thread(&thread, settings, &word_filter, clean.keep_urls);
         for reason in &outcome.dropped {
             st.drop(reason);
+        }
+        st.substantive.seen += outcome.substantive as u64;
+        for reason in &outcome.substantive_dropped {
+            st.substantive.drop(reason, 1);
         }
         let test = split::is_test(thread.id, settings.split_seed, settings.test_fraction);
         let mut kept = 0;
         for conv in &outcome.conversations {
+            // Every turn after the question is one substantive reply of the thread.
+            let replies = conv.messages.len().saturating_sub(1) as u64;
             match dedup.check(conv) {
-                dedup::Verdict::Exact => st.drop("exact_duplicate"),
-                dedup::Verdict::Near => st.drop("near_duplicate"),
+                dedup::Verdict::Exact => {
+                    st.drop("exact_duplicate");
+                    st.substantive.drop("exact_duplicate", replies);
+                }
+                dedup::Verdict::Near => {
+                    st.drop("near_duplicate");
+                    st.substantive.drop("near_duplicate", replies);
+                }
                 dedup::Verdict::Unique => {
                     kept += 1;
+                    st.substantive.used += replies;
                     record_lengths(&mut st, conv);
                     if conv.messages.len() > 2 {
                         st.multi_turn += 1;
@@ -253,7 +263,7 @@ pub fn build(
     })?;
 
     if settings.include_feedback {
-        for row in store.feedback_rows()? {
+        for row in store.feedback_rows().map_err(|e| store.named(e))? {
             let export = feedback::classify(&row);
             if let Some(r) = &export.rejected {
                 writer.write(output::Part::Rejected, r)?;
@@ -310,7 +320,7 @@ pub fn build(
 }
 
 fn record_lengths(st: &mut stats::Collector, conv: &Conversation) {
-    let words = |s: &str| s.split_whitespace().count();
+    let words = pairs::word_count;
     st.question_words
         .push(conv.messages.first().map_or(0, |m| words(&m.content)));
     for m in conv.messages.iter().filter(|m| m.role == "assistant") {

@@ -50,6 +50,32 @@ pub fn estimate_tokens(text: &str) -> usize {
     text.chars().count().div_ceil(4)
 }
 
+/// Coverage of the forum's signal: replies whose text passed screening (whoever wrote them),
+/// how many are in a written conversation, and why the others are not.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Coverage {
+    pub seen: u64,
+    pub used: u64,
+    pub dropped: BTreeMap<String, u64>,
+}
+
+impl Coverage {
+    pub fn drop(&mut self, reason: &str, n: u64) {
+        if n > 0 {
+            *self.dropped.entry(reason.to_string()).or_default() += n;
+        }
+    }
+
+    /// Share of substantive replies used (1 when there were none).
+    pub fn recall(&self) -> f64 {
+        if self.seen == 0 {
+            1.0
+        } else {
+            self.used as f64 / self.seen as f64
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Collector {
     pub threads: u64,
@@ -60,6 +86,7 @@ pub struct Collector {
     pub feedback_train: u64,
     pub rejected: u64,
     pub dropped: BTreeMap<String, u64>,
+    pub substantive: Coverage,
     pub question_words: Lengths,
     pub answer_words: Lengths,
     pub conversation_tokens: Lengths,
@@ -75,6 +102,8 @@ pub struct Stats {
     pub feedback_train: u64,
     pub rejected: u64,
     pub dropped: BTreeMap<String, u64>,
+    /// Substantive replies seen, used, and left out by reason.
+    pub substantive_replies: Coverage,
     pub question_words: Percentiles,
     pub answer_words: Percentiles,
     /// Whole conversation, tokens estimated as characters / 4.
@@ -96,6 +125,7 @@ impl Collector {
             feedback_train: self.feedback_train,
             rejected: self.rejected,
             dropped: self.dropped.clone(),
+            substantive_replies: self.substantive.clone(),
             question_words: self.question_words.summary(),
             answer_words: self.answer_words.summary(),
             conversation_tokens_est: self.conversation_tokens.summary(),
@@ -115,6 +145,17 @@ impl std::fmt::Display for Stats {
             "pairs:   {} train, {} test ({} multi-turn), feedback: {} to train, {} rejected",
             self.train, self.test, self.multi_turn, self.feedback_train, self.rejected
         )?;
+        let c = &self.substantive_replies;
+        writeln!(
+            f,
+            "substantive replies: {} seen, {} used ({:.0}%)",
+            c.seen,
+            c.used,
+            c.recall() * 100.0
+        )?;
+        for (reason, n) in &c.dropped {
+            writeln!(f, "  not used: {reason:<22} {n}")?;
+        }
         writeln!(f, "dropped:")?;
         for (reason, n) in &self.dropped {
             writeln!(f, "  {reason:<22} {n}")?;

@@ -8,12 +8,15 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 /// Bump when cleaning output changes, so stored posts are re-parsed from the raw HTML.
-pub const CLEANER_VERSION: u32 = 1;
+/// 2: post meta, action and footer blocks end a post body; URLs are always stored.
+pub const CLEANER_VERSION: u32 = 2;
 
 /// How much of a post's text to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanOptions {
-    /// Keep links as plain URLs (true) or drop them (false).
+    /// Keep links as plain URLs (true) or drop them (false). The store always keeps them (see
+    /// [`CleanOptions::for_store`]), so a link-only post is still recognised as one and the
+    /// links stay citable; the dataset builder applies this to the training text.
     pub keep_urls: bool,
     /// Keep emoji characters and emoticon images' alt text.
     pub keep_emoji: bool,
@@ -22,13 +25,22 @@ pub struct CleanOptions {
 impl Default for CleanOptions {
     fn default() -> Self {
         Self {
-            keep_urls: true,
+            keep_urls: false,
             keep_emoji: false,
         }
     }
 }
 
 impl CleanOptions {
+    /// The cleaning stored posts are made with: URLs kept whatever `keep_urls` says, since
+    /// dropping them is a choice about training text, not about what the forum said.
+    pub fn for_store(&self) -> CleanOptions {
+        CleanOptions {
+            keep_urls: true,
+            ..*self
+        }
+    }
+
     /// Identifies the cleaning that produced stored posts.
     pub fn fingerprint(&self) -> String {
         format!(

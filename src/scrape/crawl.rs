@@ -111,7 +111,7 @@ impl Ctx<'_> {
             .store
             .lock()
             .map_err(|_| anyhow::anyhow!("store lock poisoned by an earlier panic"))?;
-        f(&mut guard)
+        f(&mut guard).map_err(|e| guard.named(e))
     }
 
     fn page_done(&self, unchanged: bool) {
@@ -154,12 +154,13 @@ pub async fn scrape(
 ) -> Result<CrawlReport> {
     settings.validate()?;
     let started = Instant::now();
-    let clean = settings.clean_options();
+    // Posts are stored with their URLs; `keep_urls` applies when the dataset is built.
+    let clean = settings.clean_options().for_store();
     {
         let mut guard = store
             .lock()
             .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
-        reparse::ensure_current(&mut guard, &clean, 0, false)?;
+        reparse::ensure_current(&mut guard, &clean, 0, false).map_err(|e| guard.named(e))?;
     }
     let mut fetcher = Fetcher::new(settings)?;
     let robots = fetch_robots(&fetcher, settings).await?;

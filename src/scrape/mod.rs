@@ -54,7 +54,8 @@ pub struct ScrapeSettings {
     pub max_retry_after_s: u64,
     pub max_pages_per_thread: u32,
     pub max_list_pages: u32,
-    /// Keep links in post text as plain URLs (true) or drop them (false).
+    /// Keep links as plain URLs in the training text (true) or drop them (false). Stored posts
+    /// keep them either way; a model trained on links learns to invent them.
     pub keep_urls: bool,
     /// Keep emoji in post text.
     pub keep_emoji: bool,
@@ -162,7 +163,7 @@ impl Default for ScrapeSettings {
             max_retry_after_s: 600,
             max_pages_per_thread: 10,
             max_list_pages: 250,
-            keep_urls: true,
+            keep_urls: false,
             keep_emoji: false,
         }
     }

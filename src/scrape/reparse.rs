@@ -43,6 +43,7 @@ pub fn ensure_current(
     jobs: usize,
     progress: bool,
 ) -> Result<Option<ReparseReport>> {
+    let clean = &clean.for_store();
     let want = clean.fingerprint();
     let have = store.meta_get(FINGERPRINT_KEY)?;
     if have.as_deref() == Some(want.as_str()) {
@@ -65,6 +66,7 @@ pub fn reparse_all(
     jobs: usize,
     progress: bool,
 ) -> Result<ReparseReport> {
+    let clean = &clean.for_store();
     let started = Instant::now();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs)

@@ -78,25 +78,36 @@ impl Store {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating store folder {}", dir.display()))?;
         }
+        // SQLite reads the file lazily: a corrupt file or a read-only folder shows up at the
+        // first statement below, so each names the file.
+        let named = || format!("store {}", path.display());
         let mut conn =
             Connection::open(path).with_context(|| format!("opening store {}", path.display()))?;
-        conn.busy_timeout(busy)?;
+        conn.busy_timeout(busy).with_context(named)?;
         // WAL: the bot reads feedback while a scrape writes; NORMAL sync is durable at
         // transaction boundaries in WAL mode except on power loss, which is fine for a cache
         // that a re-scrape can rebuild.
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .with_context(named)?;
         anyhow::ensure!(
             mode.eq_ignore_ascii_case("wal"),
             "store {}: could not switch to WAL (got {mode})",
             path.display()
         );
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .with_context(named)?;
         migrate::migrate(&mut conn)
             .with_context(|| format!("migrating store {}", path.display()))?;
         Ok(Self {
             conn,
             path: path.to_path_buf(),
         })
+    }
+
+    /// `err` with this store's file named, for errors of calls made after opening.
+    pub fn named(&self, err: anyhow::Error) -> anyhow::Error {
+        err.context(format!("store {}", self.path.display()))
     }
 
     pub fn path(&self) -> &Path {
@@ -169,5 +180,35 @@ mod tests {
             busy_timeout_ms: 10,
         };
         assert!(format!("{:#}", s.validate().unwrap_err()).contains("store.path"));
+    }
+
+    #[test]
+    fn a_corrupt_or_unwritable_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("corrupt.sqlite");
+        std::fs::write(&path, "this is not a database, just text. ".repeat(200)).unwrap();
+        let err = format!("{:#}", Store::open(&path).unwrap_err());
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("not a database"), "{err}");
+
+        // A store whose folder became read-only fails at its first write, named.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let ro = dir.path().join("ro");
+            let path = ro.join("s.sqlite");
+            drop(Store::open(&path).unwrap());
+            std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+            let writable = std::fs::write(ro.join("probe"), b"x").is_ok();
+            let res = Store::open(&path).and_then(|s| {
+                s.meta_set("k", "v").map_err(|e| s.named(e))
+            });
+            std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+            // Root ignores folder permissions; there is nothing to check then.
+            if !writable {
+                let err = format!("{:#}", res.unwrap_err());
+                assert!(err.contains(&path.display().to_string()), "{err}");
+            }
+        }
     }
 }
