@@ -1,6 +1,7 @@
 //! `scrape`: crawl the configured subforum into the store. Ctrl-C stops after the pages in
-//! flight (everything fetched so far is kept; the next run resumes); a second Ctrl-C exits at
-//! once, which is safe too since every page is committed on its own.
+//! flight (everything fetched so far is kept; the next run resumes) and exits with 130, so
+//! `scrape && dataset build` never builds from half a crawl; a second Ctrl-C exits at once,
+//! which is safe too since every page is committed on its own.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -57,7 +58,7 @@ pub fn run(settings: &Settings, args: ScrapeArgs) -> Result<()> {
     let store = store
         .into_inner()
         .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
-    let c = store.forum_counts()?;
+    let c = store.forum_counts().map_err(|e| store.named(e))?;
     println!(
         "store {}: {} threads ({} done, {} failed, {} gone, {} blocked), {} pages, {} posts, {} parse errors",
         path.display(),
@@ -71,7 +72,11 @@ pub fn run(settings: &Settings, args: ScrapeArgs) -> Result<()> {
         c.parse_errors
     );
     if report.cancelled {
-        println!("stopped early; run `freeski-bot scrape` again to continue");
+        // Not finished: the shell's convention for a run ended by SIGINT (128 + 2).
+        eprintln!("interrupted: stopped early; run `freeski-bot scrape` again to continue");
+        drop(store);
+        drop(rt);
+        std::process::exit(130);
     }
     Ok(())
 }
