@@ -79,7 +79,7 @@ async fn interrupted_scrape_exits_130_and_the_next_run_completes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     // Slow enough (25 requests/s) that SIGINT lands in the middle of the crawl.
-    let mut child = ForumRef(forum.origin())
+    let child = ForumRef(forum.origin())
         .command(&d, &["scrape", "--no-progress"])
         .env("FREESKI__SCRAPE__REQUESTS_PER_SECOND", "25")
         .env("FREESKI__SCRAPE__BURST", "1")
