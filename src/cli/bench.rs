@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{QuantType, Settings};
 use crate::llm::device::{self, gib};
 use crate::llm::lora::{AdapterConfig, LoraAdapter};
+use crate::llm::fast_decode::RowKernels;
 use crate::llm::model::{KvCache, Logits, Model, Proj};
 use crate::llm::{load, random, sampling};
 use crate::train::dropout::{Dropout, MaskKey};
@@ -29,6 +30,25 @@ pub enum BenchCommand {
     Train(super::bench_train::TrainBench),
     /// Answer latency idle vs while training on the same base, and peak memory of both.
     ServeTrain(super::bench_serve_train::ServeTrainBench),
+    /// Questions of different lengths through the engine, alone and all at once with an
+    /// adapter active: every answer must be the same both ways (fails otherwise).
+    Batching(BatchingBench),
+}
+
+#[derive(Debug, Args)]
+pub struct BatchingBench {
+    /// Model file, folder or hub id with a tokenizer (default: model.source).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu or cuda:N (default: model.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Random LoRA adapter of this rank on all seven projections (0 = bare base).
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    /// Tokens generated for each question.
+    #[arg(long, default_value_t = 48)]
+    pub new_tokens: usize,
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +82,25 @@ pub struct GenerateBench {
     /// Replay the fused decode step as a CUDA graph (false: launch each kernel every step).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub graphs: bool,
+    /// Matvec kernels for 1-2 rows: `exact` (the default: a row's output never depends on the
+    /// batch) or `fastest` (the quicker kernel at 1-2 rows, which sums in another order).
+    #[arg(long, value_enum, default_value = "exact")]
+    pub row_kernels: RowKernelsArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RowKernelsArg {
+    Exact,
+    Fastest,
+}
+
+impl From<RowKernelsArg> for RowKernels {
+    fn from(a: RowKernelsArg) -> Self {
+        match a {
+            RowKernelsArg::Exact => RowKernels::Exact,
+            RowKernelsArg::Fastest => RowKernels::Fastest,
+        }
+    }
 }
 
 /// Which model a benchmark runs: a file, or random weights of a named shape.
@@ -135,7 +174,89 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Parse(args) => super::bench_parse::run(args),
         BenchCommand::Train(args) => super::bench_train::run(settings, args),
         BenchCommand::ServeTrain(args) => super::bench_serve_train::run(settings, args),
+        BenchCommand::Batching(args) => bench_batching(settings, args),
     }
+}
+
+/// Eight questions of different lengths; odd ones greedy, even ones sampled with their own seed.
+const BATCHING_QUESTIONS: [&str; 8] = [
+    "hi",
+    "What is a butter?",
+    "park or pipe?",
+    "Which wax works best in very cold, dry powder snow at high altitude in January?",
+    "How do I land a switch 900 without catching an edge on the knuckle of a big jump?",
+    "Is a 100 mm waist ski too wide for a first season in the park?",
+    "My boots hurt on the outside of my foot after an hour of riding, the shop says they fit. What should I try before buying new ones, and is heat moulding worth it for a liner that is three seasons old?",
+    "Best way to learn rails?",
+];
+
+fn bench_batching(settings: &Settings, args: BatchingBench) -> Result<()> {
+    use crate::llm::engine::{AdapterChoice, Engine, EngineConfig, Event, Question, Ticket};
+    use crate::llm::generate::GenOptions;
+    use std::sync::Arc;
+    let dev = device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+    let lm = load::load(&settings.model, args.model.as_deref(), &dev)?;
+    let label = lm.name.clone();
+    let adapter = match args.lora_rank {
+        0 => None,
+        r => Some(Arc::new(random_adapter(lm.model.config(), r, &dev)?)),
+    };
+    let fused = lm.model.fused_decode_active()?;
+    let rows = lm.model.invariant_batch_rows()?;
+    let engine = Engine::start(Arc::new(lm), adapter, EngineConfig { queue_capacity: 64, max_batch: 8, system_prompt: settings.generation.system_prompt.clone() })?;
+    let question = |i: usize| {
+        let mut opts = GenOptions::from_settings(&settings.generation, settings.model.max_context, engine.model().model.config());
+        opts.max_new_tokens = args.new_tokens;
+        opts.stop.clear();
+        opts.seed = 1000 + i as u64;
+        if i % 2 == 0 {
+            opts.sampling = sampling::SamplingParams::greedy();
+        }
+        Question { history: vec![], question: BATCHING_QUESTIONS[i].into(), opts, adapter: AdapterChoice::Active }
+    };
+    // (batch size it ran in, tokens, time to first token)
+    let answer = |mut t: Ticket| -> Result<(usize, Vec<u32>, Duration)> {
+        let mut batch = 0;
+        while let Some(ev) = t.blocking_next() {
+            match ev {
+                Event::Started { batch: b, .. } => batch = b,
+                Event::Text(_) => {}
+                Event::Finished(g) => return Ok((batch, g.tokens, g.time_to_first_token)),
+                Event::Failed(e) => anyhow::bail!("generation failed: {e}"),
+            }
+        }
+        anyhow::bail!("the engine stopped before answering")
+    };
+    let n = BATCHING_QUESTIONS.len();
+    let alone = (0..n).map(|i| answer(engine.submit(question(i))?)).collect::<Result<Vec<_>>>()?;
+    let t0 = Instant::now();
+    let tickets = (0..n).map(|i| Ok(engine.submit(question(i))?)).collect::<Result<Vec<_>>>()?;
+    let prompt_tokens: Vec<usize> = tickets.iter().map(|t| t.prompt_tokens).collect();
+    let together = tickets.into_iter().map(answer).collect::<Result<Vec<_>>>()?;
+    let wall = t0.elapsed();
+    engine.shutdown();
+    println!("model            {label}");
+    println!("device           {}", device::describe(&dev));
+    println!("lora             {}", if args.lora_rank == 0 { "none".to_string() } else { format!("r={} on all 7 projections", args.lora_rank) });
+    println!("decode path      {}; rows decoded together without changing a row: {}", if fused { "fused CUDA step" } else { "candle ops" }, if rows == usize::MAX { "any".to_string() } else { rows.to_string() });
+    let mut equal = 0;
+    for (i, ((_, want, _), (batch, got, ttft))) in alone.iter().zip(&together).enumerate() {
+        let same = got == want;
+        equal += same as usize;
+        println!(
+            "question {i} ({:>3} prompt tokens, {}): ran in a batch of {batch}, {} tokens, first token {:.1} ms, {}",
+            prompt_tokens[i],
+            if i % 2 == 0 { "greedy" } else { "sampled" },
+            got.len(),
+            ttft.as_secs_f64() * 1e3,
+            if same { "same as alone".to_string() } else { format!("DIFFERS from alone at token {}", got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()))) }
+        );
+    }
+    let tokens: usize = together.iter().map(|t| t.1.len()).sum();
+    println!("together         {tokens} tokens in {:.2} s ({:.1} tokens/s aggregate, queueing included)", wall.as_secs_f64(), tokens as f64 / wall.as_secs_f64());
+    println!("answers equal to the same question alone: {equal}/{n}");
+    ensure!(equal == n, "{} of {n} answers changed when batched", n - equal);
+    Ok(())
 }
 
 fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
@@ -166,6 +287,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     // KV cache still alive) is the high-water mark; sample it at each of those points.
     let mut peak_dev: Option<(u64, u64)> = None;
     model.set_decode_graphs(args.graphs)?;
+    model.set_decode_row_kernels(args.row_kernels.into())?;
     let fast = time_paths(&model, adapter, &args, &mut peak_dev)?;
     let fused = model.fused_decode_active()?;
     let launches = model.fused_launches_per_step();
@@ -188,7 +310,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     println!(
         "decode path      {}",
         match launches {
-            Some(n) if fused => format!("fused CUDA step, {n} kernel launches per token{}", if args.graphs { ", replayed as one CUDA graph" } else { "" }),
+            Some(n) if fused => format!("fused CUDA step, {n} kernel launches per token{}, {:?} row kernels", if args.graphs { ", replayed as one CUDA graph" } else { "" }, args.row_kernels),
             _ => "candle ops".into(),
         }
     );
@@ -296,7 +418,8 @@ fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench
     }
     let batched = match args.streams {
         0 | 1 => None,
-        n => Some(batched_decode(model, adapter, &(0..n).map(|_| prompt(32)).collect::<Vec<_>>(), args.decode_tokens, reps)?),
+        // Different lengths, as real questions are (the batch pads each row to the longest).
+        n => Some(batched_decode(model, adapter, &(0..n).map(|i| prompt(32 + 9 * i)).collect::<Vec<_>>(), args.decode_tokens, reps)?),
     };
     Ok(PathTimes {
         prefill_tps: args.prompt_tokens as f64 / median(&prefill).as_secs_f64(),
@@ -313,8 +436,9 @@ struct Batched {
     identical: usize,
 }
 
-/// Greedy decode of `prompts` (same length) as one batch, timed over `tokens` steps (median of
-/// `reps`), and each prompt alone for the outputs the batch must reproduce.
+/// Greedy decode of `prompts` (of different lengths) as one batch the way answers share the
+/// engine's steps (each prompt prefilled alone, the caches merged), timed over `tokens` steps
+/// (median of `reps`), and each prompt alone for the outputs the batch must reproduce.
 fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>], tokens: usize, reps: usize) -> Result<Batched> {
     let cfg = model.config();
     let n = prompts.len();
@@ -329,20 +453,26 @@ fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u
             Ok(out)
         })
         .collect::<Result<_>>()?;
-    let step = |cache: &mut KvCache, ids: Vec<u32>, len: usize| -> Result<Vec<u32>> {
-        let logits = model.forward(&Tensor::from_vec(ids, (n, len), model.device())?, cache, adapter, Logits::Last)?;
+    let step = |cache: &mut KvCache, ids: Vec<u32>| -> Result<Vec<u32>> {
+        let logits = model.forward(&Tensor::from_vec(ids, (n, 1), model.device())?, cache, adapter, Logits::Last)?;
         let flat = logits.flatten_all()?.to_vec1::<f32>()?;
         Ok(flat.chunks(flat.len() / n).map(sampling::argmax).collect())
     };
     let mut times = Vec::new();
     let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
     for _ in 0..reps.max(1) {
-        let mut cache = KvCache::new(cfg, n);
-        let mut next = step(&mut cache, prompts.concat(), prompts[0].len())?;
+        let mut caches = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
+        for p in prompts {
+            let mut c = KvCache::new(cfg, 1);
+            next.push(greedy_step(model, &mut c, p, adapter)?);
+            caches.push(c);
+        }
+        let mut cache = KvCache::merge(caches)?;
         outs = next.iter().map(|&t| vec![t]).collect();
         let t = Instant::now();
         for _ in 1..tokens {
-            next = step(&mut cache, next, 1)?;
+            next = step(&mut cache, next)?;
             for (o, &tok) in outs.iter_mut().zip(&next) {
                 o.push(tok);
             }
@@ -390,7 +520,7 @@ pub fn random_adapter(cfg: &crate::llm::ModelConfig, r: usize, dev: &Device) -> 
 
 /// The training dropout (a CUDA kernel on the GPU, Rust on the CPU) on the same input and key:
 /// forward and backward must match exactly. Returns the element count and the largest difference.
-fn dropout_parity(dev: &Device, dtype: DType, seed: u64) -> Result<(usize, f32)> {
+fn dropout_parity(dev: &Device, dtype: DType, seed: u64) -> Result<(usize, f64)> {
     let d = Dropout { p: 0.05, seed };
     let key = MaskKey { step: 3, micro: 1, layer: 17, proj: 6 };
     // An odd size, so a tail that is not a multiple of the launch's block is covered too.
@@ -404,9 +534,7 @@ fn dropout_parity(dev: &Device, dtype: DType, seed: u64) -> Result<(usize, f32)>
     };
     let (y_cpu, g_cpu) = both(&x)?;
     let (y_dev, g_dev) = both(&x.to_device(dev)?)?;
-    let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-    };
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f64> { Ok(crate::util::compare::tensor_max_abs_diff(a, b)?) };
     Ok((x.elem_count(), diff(&y_cpu, &y_dev)?.max(diff(&g_cpu, &g_dev)?)))
 }
 
@@ -430,10 +558,9 @@ fn dequant_parity(dev: &Device, dtype: GgmlDType, to: DType, seed: u64) -> Resul
     Ok((rows * cols, ulps))
 }
 
-/// Largest |a - b| relative to the largest |a| (`a` is the reference).
+/// Largest |a - b| relative to the largest |a| (`a` is the reference); +∞ on NaN or infinity.
 pub(crate) fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12) as f64;
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64 / scale
+    crate::util::compare::max_rel_diff(a, b, 1e-12)
 }
 
 /// Shapes for the fused-decode parity: the tiny GQA/sliding-window model in the two 32-wide

@@ -1,7 +1,9 @@
 // Kernels that read GGML-packed weights in place (the bytes candle's QTensor holds on the GPU):
 // dequantization to bf16/f16 (prompt GEMMs and training) and embedding rows, both exact in f32,
-// and the decode matvec for 1-8 token rows on int8-quantized activations (dp4a; for Q4_K at 3-8
-// rows, int8 tensor cores), with LoRA, residual and SwiGLU folded into its epilogue.
+// and the decode matvec for 1-8 token rows on int8-quantized activations (dp4a, and for Q4_K int8
+// tensor cores), with LoRA, residual and SwiGLU folded into its epilogue. Either kernel computes
+// a token row the same way whatever the number of rows beside it, so batching never changes an
+// output; the two kernels differ from each other, so a weight type uses one for every row count.
 //
 // Block layouts follow ggml (k_quants.h / ggml-common.h).
 #include <cuda_bf16.h>
@@ -534,7 +536,7 @@ ALL(q6k, Q6K)
 ALL(q8_0, Q8_0)
 ALL(q4_0, Q4_0)
 
-// ---- batched decode matvec on tensor cores: Q4_K, 3-8 token rows --------------------------------
+// ---- decode matvec on tensor cores: Q4_K, 1-8 token rows -----------------------------------------
 //
 // The dp4a matvec above does its integer work once per activation row, so at 8 rows it is
 // issue-bound at a fifth of the memory bandwidth (ncu: issue slots 59% busy, DRAM 19%). Here a warp computes a 16-row × 8-batch
@@ -594,6 +596,12 @@ __device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, i
     r.b = lb == nullptr ? nullptr : lb + (int64_t)lrow * a.r;
     r.seg = seg;
     return r;
+}
+
+// One sub-block's share: acc + xd·(d·sc·dot − dmin·m·sum), every rounding spelled out so that
+// each row-count instantiation (and the compiler's FMA contraction) computes it identically.
+__device__ __forceinline__ float mq_sub(float acc, float xd, float dsc, int dot, float dmn, int sum) {
+    return __fmaf_rn(xd, __fsub_rn(__fmul_rn(dsc, small_int(dot)), __fmul_rn(dmn, small_int(sum))), acc);
 }
 
 template <int NB>
@@ -660,10 +668,10 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
             const float da = dma.x * small_uint(sca[j]), ma = dma.y * small_uint(mna[j]);
             const float db = dmb.x * small_uint(scb[j]), mb = dmb.y * small_uint(mnb[j]);
             // |d| <= 32*15*127 and |s| <= 32*128: exact through small_int.
-            acc[0] += xd0[j] * (da * small_int(d[0]) - ma * small_int(s0));
-            acc[1] += xd1[j] * (da * small_int(d[1]) - ma * small_int(s1));
-            acc[2] += xd0[j] * (db * small_int(d[2]) - mb * small_int(s0));
-            acc[3] += xd1[j] * (db * small_int(d[3]) - mb * small_int(s1));
+            acc[0] = mq_sub(acc[0], xd0[j], da, d[0], ma, s0);
+            acc[1] = mq_sub(acc[1], xd1[j], da, d[1], ma, s1);
+            acc[2] = mq_sub(acc[2], xd0[j], db, d[2], mb, s0);
+            acc[3] = mq_sub(acc[3], xd1[j], db, d[3], mb, s1);
         }
     }
     // LoRA: scale * B[row, :] · u[b, seg*r ..] for each of the four outputs, the rank split over
@@ -672,13 +680,13 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
         if (row.b == nullptr || b >= NB) return 0.f;
         const float *u = a.lora_u + (int64_t)b * a.ldu + row.seg * a.r;
         float v = 0.f;
-        for (int j = warp; j < a.r; j += MQ_WARPS) v = fmaf(row.b[j], u[j], v);
-        return v * a.lora_scale;
+        for (int j = warp; j < a.r; j += MQ_WARPS) v = __fmaf_rn(row.b[j], u[j], v);
+        return __fmul_rn(v, a.lora_scale);
     };
-    acc[0] += lora(ra, b0);
-    acc[1] += lora(ra, b1);
-    acc[2] += lora(rb, b0);
-    acc[3] += lora(rb, b1);
+    acc[0] = __fadd_rn(acc[0], lora(ra, b0));
+    acc[1] = __fadd_rn(acc[1], lora(ra, b1));
+    acc[2] = __fadd_rn(acc[2], lora(rb, b0));
+    acc[3] = __fadd_rn(acc[3], lora(rb, b1));
     __shared__ float red[MQ_WARPS][32][4];
 #pragma unroll
     for (int i = 0; i < 4; i++) red[warp][lane][i] = acc[i];
@@ -688,7 +696,7 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
     for (int i = 0; i < 4; i++) {
         float v = 0.f;
 #pragma unroll
-        for (int w = 0; w < MQ_WARPS; w++) v += red[w][lane][i];
+        for (int w = 0; w < MQ_WARPS; w++) v = __fadd_rn(v, red[w][lane][i]);
         acc[i] = v;
     }
     auto store = [&](int row, int b, float v) {
@@ -713,4 +721,4 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
 // streaming weights instead of 16); fewer rows spill at that bound and keep 2.
 #define MVQ_NB(NB) \
     extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, NB == 8 ? 3 : 2) mvq_q4k_b##NB(const MvArgs a) { mvq_q4k_body<NB>(a); }
-MVQ_NB(3) MVQ_NB(4) MVQ_NB(5) MVQ_NB(6) MVQ_NB(7) MVQ_NB(8)
+MVQ_NB(1) MVQ_NB(2) MVQ_NB(3) MVQ_NB(4) MVQ_NB(5) MVQ_NB(6) MVQ_NB(7) MVQ_NB(8)

@@ -19,11 +19,19 @@
 pub const MAX_ROWS: usize = 8;
 
 #[cfg(feature = "cuda")]
-pub use imp::FastDecoder;
+pub use imp::{FastDecoder, RowKernels};
 
 /// Without CUDA there is no fused step: the type has no values and `new` never builds one.
 #[cfg(not(feature = "cuda"))]
 pub enum FastDecoder {}
+
+/// Which matvec kernels serve 1 and 2 rows (CUDA only; see the CUDA build's documentation).
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKernels {
+    Exact,
+    Fastest,
+}
 
 #[cfg(not(feature = "cuda"))]
 impl FastDecoder {
@@ -36,6 +44,10 @@ impl FastDecoder {
     }
 
     pub fn set_graphs(&self, _: bool) {
+        match *self {}
+    }
+
+    pub fn set_row_kernels(&self, _: RowKernels) {
         match *self {}
     }
 
@@ -137,16 +149,27 @@ mod imp {
     struct TypeKernels {
         /// `mv_<type>_b<n>` for n = 1..=8.
         mv: Vec<CudaFunction>,
-        /// The tensor-core matvec `mvq_<type>_b<n>` for n = MMA_MIN_ROWS..=8, where the type
-        /// has one (Q4_K).
+        /// The tensor-core matvec `mvq_<type>_b<n>` for n = 1..=8, where the type has one (Q4_K).
         mma: Vec<CudaFunction>,
         embed: CudaFunction,
     }
 
-    /// From this many rows the matvec runs on tensor cores (int8 MMA), where the type has that
-    /// kernel: the dp4a kernel's instructions grow with the rows (at 8 rows it is issue-bound at
-    /// a fifth of the memory bandwidth), the MMA's barely do.
-    const MMA_MIN_ROWS: usize = 3;
+    /// Which matvec a weight with a tensor-core kernel (Q4_K) takes for a number of rows.
+    ///
+    /// A row's output must not depend on how many rows share the step (the same question gives
+    /// the same answer alone or on a busy bot), and the two kernels sum a row in different orders.
+    /// So by default the tensor-core kernel serves every row count. `Fastest` takes the dp4a
+    /// kernel below 3 rows, where it is quicker; `bench generate` measures the difference.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RowKernels {
+        Exact,
+        Fastest,
+    }
+
+    /// From this many rows `RowKernels::Fastest` runs the matvec on tensor cores: the dp4a
+    /// kernel's instructions grow with the rows (at 8 rows it is issue-bound at a fifth of the
+    /// memory bandwidth), the MMA's barely do.
+    const FASTEST_MMA_MIN_ROWS: usize = 3;
 
     /// A packed weight read in place: its address and the kernels for its block type.
     struct Packed {
@@ -170,7 +193,7 @@ mod imp {
                 None => {
                     let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
                     let mma = match kind.suffix {
-                        "q4k" => (MMA_MIN_ROWS..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
+                        "q4k" => (1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
                         _ => Vec::new(),
                     };
                     let f = Arc::new(TypeKernels { mv, mma, embed: k.quant(&format!("embed_f32_{suffix}"))? });
@@ -240,12 +263,15 @@ mod imp {
         /// Replay the step as a CUDA graph (one launch instead of ~320; captured again when the
         /// cache grows, the batch changes or another adapter is active).
         graphs: AtomicBool,
+        /// `RowKernels::Fastest` when set (the default is `Exact`).
+        fastest_rows: AtomicBool,
     }
 
     /// Launches on the decoder's stream, counted for `bench generate`.
     struct Launcher<'a> {
         k: &'a Kernels,
         n: Cell<usize>,
+        rows: RowKernels,
     }
 
     impl Launcher<'_> {
@@ -258,8 +284,12 @@ mod imp {
         /// weight rows, 8 warps splitting k) or `mv_body` in quant.cu.
         fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
             let (glu, n) = (a.glu != 0, a.n as usize);
-            if nb >= MMA_MIN_ROWS && !w.f.mma.is_empty() {
-                return self.with(&w.f.mma[nb - MMA_MIN_ROWS], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a);
+            let mma_from = match self.rows {
+                RowKernels::Exact => 1,
+                RowKernels::Fastest => FASTEST_MMA_MIN_ROWS,
+            };
+            if nb >= mma_from && !w.f.mma.is_empty() {
+                return self.with(&w.f.mma[nb - 1], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a);
             }
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
             self.with(&w.f.mv[nb - 1], grid(matvec_blocks(n, glu), threads), a)
@@ -342,6 +372,7 @@ mod imp {
                 scratch: Mutex::new(scratch),
                 launches: AtomicUsize::new(0),
                 graphs: AtomicBool::new(true),
+                fastest_rows: AtomicBool::new(false),
             }))
         }
 
@@ -353,6 +384,19 @@ mod imp {
         /// Replay steps as CUDA graphs (on by default) or launch every kernel each step.
         pub fn set_graphs(&self, on: bool) {
             self.graphs.store(on, Ordering::Relaxed);
+        }
+
+        /// Which matvec kernels serve 1 and 2 rows (see [`RowKernels`]); `Exact` by default.
+        pub fn set_row_kernels(&self, rows: RowKernels) {
+            self.fastest_rows.store(rows == RowKernels::Fastest, Ordering::Relaxed);
+        }
+
+        fn row_kernels(&self) -> RowKernels {
+            if self.fastest_rows.load(Ordering::Relaxed) {
+                RowKernels::Fastest
+            } else {
+                RowKernels::Exact
+            }
         }
 
         /// Feed `ids: [rows, 1]` after what `cache` holds (its buffers already have room for
@@ -401,6 +445,7 @@ mod imp {
             unsafe { cu::memcpy_dtod_async(slice_ptr(&s.ids), tensor_ptr(&ids)?, nb * 4, stream.cu_stream()) }.w()?;
             let plan = StepPlan {
                 nb,
+                rows: self.row_kernels(),
                 cap: cache.capacity(),
                 lora,
                 u: match (&s.u, lora) {
@@ -470,7 +515,7 @@ mod imp {
             let (x, qkv, att, act) = (p(&s.x), p(&s.qkv), p(&s.att), p(&s.act));
             let (xq, xd) = (slice_ptr(&s.xq), p(&s.xd));
             let (u, ldu) = plan.u;
-            let go = Launcher { k: &self.k, n: Cell::new(0) };
+            let go = Launcher { k: &self.k, n: Cell::new(0), rows: self.row_kernels() };
             let pos = slice_ptr(&s.ints);
             let start = pos + (MAX_ROWS * 4) as u64;
             let at = pos + (2 * MAX_ROWS * 4) as u64;
@@ -577,6 +622,7 @@ mod imp {
     /// life) and the per-token values in `Scratch::ints`.
     struct StepPlan<'a> {
         nb: usize,
+        rows: RowKernels,
         cap: usize,
         lora: Option<(&'a LoraPtrs, usize, f32)>,
         /// LoRA `u` buffer and its row stride.
@@ -590,7 +636,7 @@ mod imp {
         /// The adapter enters by its device addresses, so a new adapter allocated where an old
         /// one was freed, with the same addresses, is the same computation.
         fn key(&self) -> Vec<u64> {
-            let mut k = vec![self.nb as u64, self.cap as u64, self.u.0, self.u.1 as u64];
+            let mut k = vec![self.nb as u64, self.cap as u64, self.u.0, self.u.1 as u64, self.rows as u64];
             k.extend(self.raw.iter().flat_map(|&(a, b)| [a, b]));
             if let Some((table, r, scale)) = self.lora {
                 k.extend([r as u64, scale.to_bits() as u64]);
