@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# Device calls for the performance issue. Stages, run in the order given (default: all):
-#   parity    CPU/GPU parity (fused decode at 1, 3 and 8 rows, dequantization, dense prefill)
-#   gen       `bench generate` on the random Mistral-7B shape, bare and with a rank-16 LoRA
-#             (prefill, time to first token, decode at batch 1 and 8 streams; every run also
-#             times candle's ops in the same process), and the Q4_K_M mix with LoRA
-#   ncu       kernel time per launch of one fused r=16 decode token, and ncu's memory/occupancy
-#             sections for the gate|up and down matvecs
-#   serve     `bench serve-train` on a simulated 8 GB card (engine time to first token,
-#             hot-swap, serve + train memory)
-#   train     `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
-#   trainprof GPU time by kernel of one `bench train` step (nsys, or ncu without it)
-#   torchprof the same for one PyTorch + PEFT step (torch.profiler)
-#   pytorch   PyTorch bf16 `generate`, bare and with a PEFT LoRA of rank 16
-# Usage on the GPU machine, from the project root:  bash bench/gpu-issue7.sh [stage ...]
+# The GPU benchmark and correctness suite, run on the GPU machine from the project root after
+# `scripts/cuda/build.sh` packed the binary into .gpu/ (and, for the peer stages,
+# `bench/peers/fetch-llamacpp.sh` and the PEFT wheel in .gpu/wheels). Stages, run in the order
+# given (default: parity batching gen serve train pytorch):
+#   parity     CPU/GPU parity (fused decode at 1-8 rows, dequantization, dense prefill, training kernels)
+#   q4km       llama.cpp built from source, a random Mistral-7B converted and quantized to Q4_K_M by
+#              llama.cpp's own tools ($Q4KM); later stages use that file where they can
+#   batching   answers alone vs together through the engine with a LoRA adapter, on the Q4_K_M
+#              file (every answer must be the same), and `bench generate` equality bare and r=16
+#   llamacpp   llama-bench on the same Q4_K_M file (pp512, tg128, pp100+tg1, flash attention)
+#   gen        `bench generate` on the random Mistral-7B shape, bare and with a rank-16 LoRA, and
+#              the Q4_K_M mix; every run also times candle's ops in the same process
+#   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
+#              gate|up and down matvecs
+#   serve      `bench serve-train` on a simulated 8 GB card
+#   train      `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
+#   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
+#   torchprof  the same for one PyTorch + PEFT step (torch.profiler)
+#   pytorch    PyTorch bf16 `generate`, bare and with a PEFT LoRA of rank 16
+# Usage:  bash bench/gpu-suite.sh [stage ...]
 set -uo pipefail
 source .gpu/activate
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 F='^ *[0-9]*: <unknown>|^\s*$|INFO'
-# PEFT is not installed on that machine: its wheel travels in .gpu/wheels (download it there first:
+# PEFT is not installed on that machine: its wheel travels in .gpu/wheels (download it first:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .gpu/wheels peft==0.21.2).
 PYDIR=/tmp/peft-lib
 peft() { [ -d "$PYDIR/peft" ] || pip install -q --no-deps --target "$PYDIR" .gpu/wheels/peft-*.whl >/dev/null 2>&1; }
@@ -25,7 +31,29 @@ NCU=/usr/local/cuda/bin/ncu
 # One fused decode token: 1 embedding + 32 layers × 10 + final prepare + head = 323 launches.
 PER_TOKEN=323
 A="bench generate --random mistral-7b --device cuda:0 --lora-rank 16 --repeats 1 --streams 0 --compare false --prompt-tokens 64 --ttft-tokens 16 --decode-tokens 16"
+export WORK=${WORK:-/tmp/llamacpp}
+Q4KM=$WORK/mistral-7b-random.Q4_K_M.gguf
 
+stage_q4km() {
+  [ -x "$WORK/build/bin/llama-quantize" ] || bash bench/peers/llamacpp.sh build 2>&1 | tail -3
+  bash bench/peers/llamacpp.sh mistral-q4km 2>&1 | tail -3
+  ls -la "$Q4KM" | tee "$OUT/q4km.txt"
+}
+stage_batching() {
+  local m=(--model "$Q4KM"); [ -f "$Q4KM" ] || m=()
+  for r in 16 0; do
+    freeski-bot bench batching "${m[@]}" --device cuda:0 --lora-rank $r 2>&1 | grep -Ev "$F" | tee "$OUT/batching-r$r.txt"
+  done
+  if [ -f "$Q4KM" ]; then
+    for r in 0 16; do
+      freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank $r --compare false 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-file-r$r.txt"
+    done
+    freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --row-kernels fastest 2>&1 | grep -E "decode|prefill|path" | tee "$OUT/gen-q4km-file-fastest.txt"
+  fi
+}
+stage_llamacpp() {
+  bash bench/peers/llamacpp.sh bench "$Q4KM" 2>&1 | grep -E "^\|" | tee "$OUT/llamacpp-bench.txt"
+}
 stage_parity() { freeski-bot bench parity --device cuda:0 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"; }
 stage_gen() {
   for r in 0 16; do
@@ -92,7 +120,7 @@ stage_pytorch() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 git log -1 --format='commit %h %s' 2>/dev/null | tee "$OUT/commit.txt"
-for s in "${@:-parity gen ncu serve train pytorch}"; do
+for s in "${@:-parity batching gen serve train pytorch}"; do
   for t in $s; do
     echo "=== $t ($(date +%T))"
     "stage_$t"

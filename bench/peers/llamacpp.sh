@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# llama.cpp beside freeski-bot on the GPU machine (run from the project root there; needs
+# .gpu/peers/llama.cpp.tar.gz from fetch-llamacpp.sh, CMake, a C++ compiler, nvcc, and PyTorch +
+# transformers for the random checkpoint).
+#
+#   bash bench/peers/llamacpp.sh build            # llama-bench, llama-quantize (~3 min, 16 cores)
+#   bash bench/peers/llamacpp.sh mistral-q4km     # random Mistral-7B -> llama.cpp's converter ->
+#                                                 # Q4_K_M GGUF at $WORK/mistral-7b-random.Q4_K_M.gguf
+#   bash bench/peers/llamacpp.sh bench FILE       # llama-bench: pp512, tg128, pp100+tg1, flash attention
+#
+# CPU backend only (no CUDA): LLAMA_CPU=1 bash bench/peers/llamacpp.sh build
+set -euo pipefail
+WORK=${WORK:-/tmp/llamacpp}
+SRC=$WORK/llama.cpp
+BUILD=$WORK/build${LLAMA_CPU:+-cpu}
+mkdir -p "$WORK"
+
+build() {
+  [ -d "$SRC" ] || tar xzf .gpu/peers/llama.cpp.tar.gz -C "$WORK"
+  local cuda=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90a})
+  [ -n "${LLAMA_CPU:-}" ] && cuda=(-DGGML_CUDA=OFF)
+  local gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+  cmake -S "$SRC" -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${cuda[@]}" \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >/dev/null
+  cmake --build "$BUILD" --target llama-bench llama-quantize -j"$(nproc)" 2>&1 | tail -2
+  ls "$BUILD"/bin
+}
+
+# A random MistralForCausalLM (the Mistral-7B-v0.1 shape, bf16, seed 0) saved with the real
+# Mistral tokenizer, converted by llama.cpp's convert_hf_to_gguf.py and quantized to Q4_K_M by
+# llama-quantize: the format real Mistral files come in, made by llama.cpp's own tools.
+mistral_q4km() {
+  local hf=$WORK/mistral-7b-random f16=$WORK/mistral-7b-random.f16.gguf q=$WORK/mistral-7b-random.Q4_K_M.gguf
+  [ -f "$q" ] && { echo "$q"; return; }
+  python3 - "$hf" <<'PY'
+import json, shutil, sys, torch
+from transformers import MistralConfig, MistralForCausalLM
+out = sys.argv[1]
+cfg = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    sliding_window=4096, max_position_embeddings=32768, tie_word_embeddings=False)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = MistralForCausalLM(cfg).to(torch.bfloat16)
+model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
+shutil.copy("tests/fixtures/tokenizers/mistral-7b-v0.1.tokenizer.json", f"{out}/tokenizer.json")
+json.dump({"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "model_max_length": 32768}, open(f"{out}/tokenizer_config.json", "w"))
+PY
+  PYTHONPATH=$SRC/gguf-py python3 "$SRC/convert_hf_to_gguf.py" "$hf" --outtype f16 --outfile "$f16" 2>&1 | tail -2
+  "$BUILD/bin/llama-quantize" "$f16" "$q" Q4_K_M 2>&1 | tail -2
+  rm -rf "$hf" "$f16"
+  echo "$q"
+}
+
+bench() {
+  local f=$1
+  "$BUILD/bin/llama-bench" -m "$f" -ngl 99 -fa 1 -p 512 -n 128 -r 3 -o md
+  "$BUILD/bin/llama-bench" -m "$f" -ngl 99 -fa 1 -p 0 -n 0 -pg 100,1 -r 3 -o md
+}
+
+cmd=${1:-}; shift || true
+case "$cmd" in
+  build) build ;;
+  mistral-q4km) mistral_q4km ;;
+  bench) bench "$@" ;;
+  *) echo "usage: $0 build | mistral-q4km | bench FILE" >&2; exit 2 ;;
+esac
