@@ -93,7 +93,7 @@ pub struct GenerationSettings {
 
 impl GenerationSettings {
     /// Reject values that deserialize fine but make no sense, naming the key.
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let g = "generation";
         anyhow::ensure!(self.temperature >= 0.0 && self.temperature.is_finite(), "{g}.temperature must be >= 0, got {}", self.temperature);
         anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "{g}.top_p must be in (0, 1], got {}", self.top_p);

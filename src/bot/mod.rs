@@ -22,6 +22,7 @@ pub mod commands;
 pub mod feedback;
 pub mod handler;
 pub mod ratelimit;
+pub mod redact;
 pub mod render;
 pub mod rest;
 pub mod settings;

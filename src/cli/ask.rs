@@ -57,19 +57,34 @@ pub struct Session {
     pub opts: GenOptions,
 }
 
-impl Session {
-    pub fn open(settings: &Settings, args: &ModelArgs) -> Result<Self> {
+impl ModelArgs {
+    /// `settings` with this command line's generation overrides (`--seed`, `--temperature`,
+    /// `--max-new-tokens`) and `--device` applied. The one place they are applied: `ask`,
+    /// `chat` and `run` all answer with the settings this returns.
+    pub fn apply(&self, settings: &Settings) -> Result<Settings> {
         let mut settings = settings.clone();
-        if let Some(seed) = args.seed {
+        if let Some(seed) = self.seed {
             settings.generation.seed = Some(seed);
         }
-        if let Some(t) = args.temperature {
+        if let Some(t) = self.temperature {
             settings.generation.temperature = t;
         }
-        if let Some(n) = args.max_new_tokens {
+        if let Some(n) = self.max_new_tokens {
             settings.generation.max_new_tokens = n;
         }
-        let device = crate::llm::device::parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+        if let Some(d) = &self.device {
+            settings.model.device = d.clone();
+        }
+        settings.generation.validate().context("command-line generation options")?;
+        Ok(settings)
+    }
+}
+
+impl Session {
+    /// Load the model and start the engine with `settings` and the overrides in `args`.
+    pub fn open(settings: &Settings, args: &ModelArgs) -> Result<Self> {
+        let settings = args.apply(settings)?;
+        let device = crate::llm::device::parse_device(&settings.model.device)?;
         let t0 = std::time::Instant::now();
         let mut lm = load::load(&settings.model, args.model.as_deref(), &device)?;
         tracing::info!(model = %lm.name, device = %crate::llm::device::describe(&device), secs = format!("{:.1}", t0.elapsed().as_secs_f64()), "model loaded");

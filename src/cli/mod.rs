@@ -79,8 +79,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn init_tracing() {
+    use std::io::IsTerminal;
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_env("FREESKI_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr so that `ask` output on stdout stays clean for pipes.
-    let _ = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    // Logs go to stderr so that `ask` output on stdout stays clean for pipes; colours only on a
+    // terminal (not in log files); tokens and request bodies are redacted from every line.
+    let _ = fmt()
+        .with_env_filter(filter)
+        .with_writer(crate::bot::redact::RedactingStderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }

@@ -19,8 +19,9 @@ pub struct RunArgs {
 pub fn run(settings: &Settings, args: RunArgs) -> Result<()> {
     // Read the token before the (slow) model load, so a missing one fails at once.
     let token = Token::from_env_or_file(std::env::var("DISCORD_TOKEN").ok(), &settings.discord.token_file)?;
-    let session = Session::open(settings, &args.model)?;
-    let settings = Arc::new(settings.clone());
+    // The bot answers with these settings, so the generation flags apply to every answer.
+    let settings = Arc::new(args.model.apply(settings)?);
+    let session = Session::open(&settings, &args.model)?;
     tracing::info!(max_context = crate::llm::generate::max_context(settings.model.max_context, session.engine.model().model.config()), queue = engine_config(&settings).queue_capacity, "engine ready");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(bot::run(settings, session.engine, token, shutdown_signal()))
