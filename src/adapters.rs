@@ -66,11 +66,66 @@ pub fn load(engine: &Engine, dir: &Path, id: &str) -> Result<Arc<LoraAdapter>> {
 
 /// Make `id` active ("" = bare base): load and validate it, hot-swap it into the engine and
 /// persist it (the one it replaces becomes the rollback target). Returns the previous id.
+/// `id` may be a path (the command line's way); Discord goes through [`activate_id`].
 pub fn activate(engine: &Engine, store: &Store, dir: &Path, id: &str) -> Result<String> {
     let adapter = match id {
         "" => None,
         id => Some(load(engine, dir, id)?),
     };
+    swap_and_persist(engine, store, adapter, id)
+}
+
+/// Longest adapter id accepted from Discord.
+pub const MAX_ID_CHARS: usize = 100;
+
+/// Check that `id` names a folder directly inside the adapters folder: one plain path
+/// component (no separators, no `.`/`..`, not absolute), not hidden (temporary folders start
+/// with a dot), no control characters, at most [`MAX_ID_CHARS`] characters. The error never
+/// repeats the id (it may be long or hostile).
+pub fn validate_id(id: &str) -> Result<()> {
+    let one_plain_component = {
+        let mut c = Path::new(id).components();
+        matches!((c.next(), c.next()), (Some(std::path::Component::Normal(_)), None))
+    };
+    anyhow::ensure!(
+        !id.is_empty()
+            && id.chars().count() <= MAX_ID_CHARS
+            && one_plain_component
+            && !id.starts_with('.')
+            && !id.contains(['/', '\\'])
+            && !id.chars().any(char::is_control),
+        "not an adapter id: ids are folder names inside the adapters folder (no paths, at most {MAX_ID_CHARS} characters)"
+    );
+    Ok(())
+}
+
+/// [`activate`] for ids coming from Discord: `id` ("" = bare base) must pass [`validate_id`]
+/// and is loaded from `dir/<id>` only, never as a path of its own or from the working folder.
+pub fn activate_id(engine: &Engine, store: &Store, dir: &Path, id: &str) -> Result<String> {
+    let adapter = match id {
+        "" => None,
+        id => {
+            validate_id(id)?;
+            let path = dir.join(id);
+            if !path.join(lora::CONFIG_FILE).is_file() {
+                let known: Vec<String> = list(dir)?.into_iter().map(|a| a.id).collect();
+                anyhow::bail!("no adapter `{id}` in the adapters folder; available: {}", if known.is_empty() { "none".to_string() } else { known.join(", ") });
+            }
+            let lm = engine.model();
+            Some(Arc::new(LoraAdapter::load(&path, lm.model.config(), lm.model.device()).with_context(|| format!("loading adapter {id}"))?))
+        }
+    };
+    swap_and_persist(engine, store, adapter, id)
+}
+
+/// [`rollback`] for Discord: the adapter to return to is loaded through [`activate_id`].
+pub fn rollback_id(engine: &Engine, store: &Store, dir: &Path) -> Result<String> {
+    let previous = store.meta_get(PREVIOUS_KEY)?.context("no earlier adapter to roll back to")?;
+    activate_id(engine, store, dir, &previous)?;
+    Ok(previous)
+}
+
+fn swap_and_persist(engine: &Engine, store: &Store, adapter: Option<Arc<LoraAdapter>>, id: &str) -> Result<String> {
     let previous = engine.active_adapter_id().unwrap_or_default();
     engine.swap_adapter(adapter);
     store.meta_set(PREVIOUS_KEY, &previous)?;
@@ -100,6 +155,23 @@ pub fn restore(engine: &Engine, store: &Store, dir: &Path, configured: &str) -> 
         Err(e) => {
             tracing::error!(adapter = %wanted, error = format!("{e:#}"), "the saved active adapter does not load; answering without it");
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_id;
+
+    #[test]
+    fn only_plain_folder_names_are_ids() {
+        for ok in ["lora-job3", "my adapter v2", "a.b"] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        let long = "x".repeat(5000);
+        for bad in ["", "/etc", "../x", "..", ".", "a/b", "a\\b", ".hidden", "x\n", long.as_str()] {
+            let e = validate_id(bad).expect_err(bad).to_string();
+            assert!(e.chars().count() < 200, "{e}");
         }
     }
 }

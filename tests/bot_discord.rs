@@ -22,6 +22,11 @@ const T: Duration = Duration::from_secs(60);
 
 
 fn settings(dir: &Path, fake: &FakeDiscord, extra: &[(&str, &str)]) -> Arc<Settings> {
+    Arc::new(Settings::load_with_env(None, settings_env(dir, fake, extra)).unwrap())
+}
+
+/// The test settings as `FREESKI__…` variables (also for the bot binary in a child process).
+fn settings_env(dir: &Path, fake: &FakeDiscord, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("FREESKI__STORE__PATH", dir.join("store.sqlite").display().to_string()),
         ("FREESKI__ADAPTER__DIR", dir.join("adapters").display().to_string()),
@@ -41,7 +46,7 @@ fn settings(dir: &Path, fake: &FakeDiscord, extra: &[(&str, &str)]) -> Arc<Setti
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Arc::new(Settings::load_with_env(None, env).unwrap())
+    env
 }
 
 
@@ -280,16 +285,25 @@ async fn admin_commands_are_checked_and_retrain_is_single_flight() {
     let e1 = fake.wait_for("the first retrain reply", T, |f| f.calls().into_iter().find(|c| c.method == "PATCH" && c.path.contains(&first))).await;
     let second = fake.slash(8, true, "retrain", json!([]));
     let e2 = fake.wait_for("the second retrain reply", T, |f| f.calls().into_iter().find(|c| c.method == "PATCH" && c.path.contains(&second))).await;
-    let jobs = Store::open(&db).unwrap().active_jobs().unwrap();
+    // The status message is recorded once its edit has returned to the bot.
+    let jobs = wait_store(&db, "the job's status message", |s| Some(s.active_jobs().unwrap()).filter(|j| j.iter().all(|j| j.status_message_id.is_some()))).await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!((jobs[0].kind, jobs[0].requested_by, jobs[0].status_message_id), (JobKind::Retrain, Some(8), e1.message_id));
     assert!(e1.body["content"].as_str().unwrap().contains(&format!("retrain job #{}", jobs[0].id)));
     assert!(e2.body["content"].as_str().unwrap().contains("Already on it") && e2.body["content"].as_str().unwrap().contains(&format!("#{}", jobs[0].id)));
 
-    let status = fake.slash(8, false, "status", json!([]));
+    let status = fake.slash(8, true, "status", json!([]));
     let c = fake.wait_for("/status", T, |f| f.calls().into_iter().find(|c| c.path.contains(&status) && c.path.ends_with("/callback"))).await;
     let text = c.body["data"]["content"].as_str().unwrap();
     assert!(text.contains("script") && text.contains("none (base model)") && text.contains(&format!("retrain job #{}", jobs[0].id)), "{text}");
+    assert!(text.contains("**Memory:** host"), "admins see memory: {text}");
+    // Members see the model, adapter and queue, not the host's memory or job details.
+    let status = fake.slash(7, false, "status", json!([]));
+    let c = fake.wait_for("/status for a member", T, |f| f.calls().into_iter().find(|c| c.path.contains(&status) && c.path.ends_with("/callback"))).await;
+    let text = c.body["data"]["content"].as_str().unwrap();
+    eprintln!("DEBUG {status} {} {:?}", c.path, fake.calls().iter().filter(|c| c.path.contains("callback")).map(|c| c.path.clone()).collect::<Vec<_>>());
+    assert!(text.contains("none (base model)") && text.contains("**Queue:**") && text.contains("**Jobs:** 1 queued or running"), "{text}");
+    assert!(!text.contains("Memory") && !text.contains("retrain job"), "{text}");
 
     let cancel = fake.slash(8, true, "cancel", json!([]));
     fake.wait_for("/cancel", T, |f| f.calls().into_iter().find(|c| c.path.contains(&cancel) && c.path.ends_with("/callback"))).await;
@@ -335,7 +349,7 @@ async fn reactions_become_votes_also_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn burst_from_one_user_is_limited_and_twenty_users_queue_in_order() {
+async fn a_flood_from_one_user_gets_one_notice_and_twenty_users_queue_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeDiscord::start().await;
     // A cycling script: the bot's answers stop at max_new_tokens, the blocker runs until dropped.
@@ -348,11 +362,13 @@ async fn burst_from_one_user_is_limited_and_twenty_users_queue_in_order() {
     );
     let bot = start(&fake, s, lm).await;
     let db = dir.path().join("store.sqlite");
-    let burst: Vec<u64> = (0..20).map(|i| id_of(&fake.say(7, &format!("<@{BOT_ID}> question {i}"), true, None))).collect();
+    // 30 mentions at once from one user: 3 answered (the burst), one notice, the rest dropped
+    // without a message (a notice per message would flood the channel).
+    let burst: Vec<u64> = (0..30).map(|i| id_of(&fake.say(7, &format!("<@{BOT_ID}> question {i}"), true, None))).collect();
     let refusals = |f: &FakeDiscord| {
         f.calls().iter().filter(|c| c.method == "POST" && c.body["content"].as_str().is_some_and(|t| t.contains("faster than I can keep up"))).count()
     };
-    fake.wait_for("17 refusals", T, |f| (refusals(f) == 17).then_some(())).await;
+    fake.wait_for("the rate-limit notice", T, |f| (refusals(f) >= 1).then_some(())).await;
     wait_store(&db, "3 answers", |s| (burst.iter().filter(|q| replies_to(&fake, **q).first().is_some_and(|m| answer_for(s, *m).is_some())).count() == 3).then_some(())).await;
 
     // 20 users while the engine is busy: each is told its place, and answers come in order.
@@ -376,7 +392,11 @@ async fn burst_from_one_user_is_limited_and_twenty_users_queue_in_order() {
     for q in &questions {
         assert!(!content(&fake, replies_to(&fake, *q)[0]).contains("ahead"), "the notice became the answer");
     }
+    // Stopping waits for every notice in flight: the count is final.
     bot.stop().await;
+    assert_eq!(refusals(&fake), 1, "one notice for the whole flood");
+    let noticed: Vec<u64> = burst.iter().copied().filter(|q| replies_to(&fake, *q).iter().any(|m| content(&fake, *m).contains("faster than I can keep up"))).collect();
+    assert_eq!(noticed.len(), 1, "one refused question gets the notice: {noticed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,4 +462,195 @@ async fn deleting_the_question_cancels_and_shutdown_closes_answers() {
     assert!(last.ends_with("*(cut short: the bot is restarting)*"), "{last}");
     let stored = store.answer(AnswerId(1)).unwrap().expect("the cut answer is stored");
     assert_eq!(stored.generation["finish"], json!("Cancelled"));
+}
+
+/// The PATCH that completed interaction `token`'s deferred response, the last one.
+async fn final_edit(fake: &FakeDiscord, token: &str, what: &str) -> common::fake_discord::Call {
+    fake.wait_for(what, T, |f| f.calls().into_iter().rev().find(|c| c.method == "PATCH" && c.status == 200 && c.path.contains(token) && c.path.ends_with("@original")))
+        .await
+}
+
+fn adapter_activate(fake: &FakeDiscord, id: &str) -> String {
+    fake.slash(8, true, "adapter", json!([{"name": "activate", "type": 1, "options": [{"name": "id", "type": 3, "value": id}]}]))
+}
+
+/// Whether reads of `path` move its access time here (relatime/strictatime), so a test can
+/// tell that a file was not read.
+fn reads_are_visible(dir: &Path) -> bool {
+    let probe = dir.join("atime-probe");
+    std::fs::write(&probe, "x").unwrap();
+    set_old_atime(&probe);
+    std::fs::read(&probe).unwrap();
+    accessed(&probe) > std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000)
+}
+
+fn set_old_atime(path: &Path) {
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(999_999_000);
+    f.set_times(std::fs::FileTimes::new().set_accessed(old).set_modified(std::time::SystemTime::now())).unwrap();
+}
+
+fn accessed(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path).unwrap().accessed().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_ids_from_discord_stay_in_the_adapters_folder_and_every_response_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeDiscord::start().await;
+    let (lm, _) = stop_script(4);
+    let s = settings(dir.path(), &fake, &[]);
+    let retries = s.discord.rest_retries;
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    // An adapter-looking folder outside the adapters folder: its config must never be read.
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let config = outside.join("adapter_config.json");
+    std::fs::write(&config, "{}").unwrap();
+    let watch_reads = reads_are_visible(dir.path());
+    set_old_atime(&config);
+    let bot = start(&fake, s, lm).await;
+    let host = dir.path().display().to_string();
+
+    // 5,000 characters (Discord allows 6,000 in an option without max_length): the deferral is
+    // edited with a bounded refusal that does not echo the id.
+    let long = "x".repeat(5000);
+    let token = adapter_activate(&fake, &long);
+    let edit = final_edit(&fake, &token, "the refusal of a 5,000-character id").await;
+    let text = edit.body["content"].as_str().unwrap();
+    assert!(text.chars().count() <= 2000 && text.contains("not an adapter id") && !text.contains(&"x".repeat(200)), "{text}");
+
+    for id in [outside.display().to_string(), "../outside".to_string(), "nope".to_string()] {
+        let token = adapter_activate(&fake, &id);
+        let edit = final_edit(&fake, &token, "the adapter refusal").await;
+        let text = edit.body["content"].as_str().unwrap();
+        assert!(text.starts_with("Adapter unchanged:"), "{id}: {text}");
+        assert!(!text.contains(&host), "{id}: a host path in {text}");
+        if id == "nope" {
+            assert!(text.contains("no adapter `nope` in the adapters folder"), "{text}");
+        } else {
+            assert!(text.contains("not an adapter id"), "{id}: {text}");
+        }
+    }
+    assert_eq!(bot.engine.active_adapter_id(), None);
+    if watch_reads {
+        assert!(accessed(&config) < std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000), "the outside adapter config was read");
+    } else {
+        eprintln!("note: file reads are not visible on this filesystem (noatime); checked the replies only");
+    }
+
+    // The adapters list shows no host path either.
+    let token = fake.slash(8, true, "adapter", json!([{"name": "list", "type": 1, "options": []}]));
+    let c = fake.wait_for("/adapter list", T, |f| f.calls().into_iter().find(|c| c.path.contains(&token) && c.path.ends_with("/callback"))).await;
+    let text = c.body["data"]["content"].as_str().unwrap();
+    assert!(text.contains("No adapters") && !text.contains(&host), "{text}");
+
+    // An edit that fails for good (every retry): the response is still completed, with a short error.
+    fake.fail_next("PATCH", "/api/v10/webhooks/", retries + 1);
+    let token = fake.slash(8, true, "adapter", json!([{"name": "rollback", "type": 1, "options": []}]));
+    let edit = final_edit(&fake, &token, "the completed rollback response").await;
+    let text = edit.body["content"].as_str().unwrap();
+    assert!(text.starts_with("Sorry, that didn't work (editing a command response)"), "{text}");
+    let failed = fake.calls().iter().filter(|c| c.method == "PATCH" && c.path.contains(&token) && c.status == 500).count();
+    assert_eq!(failed, retries as usize + 1);
+    bot.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_on_an_answer_still_streaming_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeDiscord::start().await;
+    let tok = script_model::tokenizer();
+    let lm = Arc::new(script_model::model(&script_model::words(&tok, 10, &[]), End::Cycle));
+    // The answer runs until the bot stops: every reaction below lands while it streams.
+    let s = settings(dir.path(), &fake, &[("FREESKI__GENERATION__MAX_NEW_TOKENS", "10000000")]);
+    let bot = start(&fake, s, lm).await;
+    let db = dir.path().join("store.sqlite");
+    let q = fake.say(7, &format!("<@{BOT_ID}> tell me everything"), true, None);
+    let reply = fake.wait_for("the answer to start", T, |f| replies_to(f, id_of(&q)).first().copied()).await;
+    fake.react(20, reply, "👍", true, false);
+    fake.react(21, reply, "👎", true, false);
+    fake.react(22, reply, "👍", true, false);
+    fake.react(22, reply, "👍", false, false);
+    // Events are handled in order of arrival: once a later question has its queue notice, the
+    // reactions before it have been seen.
+    let later = fake.say(8, &format!("<@{BOT_ID}> me too"), true, None);
+    fake.wait_for("the later question's queue notice", T, |f| replies_to(f, id_of(&later)).first().copied()).await;
+    assert!(Store::open(&db).unwrap().answer(AnswerId(1)).unwrap().is_none(), "the answer is still streaming");
+    bot.stop().await;
+    let store = Store::open(&db).unwrap();
+    let a = store.answer_for_message(reply).unwrap().expect("the cut-short answer is stored");
+    assert_eq!(store.answer(a).unwrap().unwrap().generation["finish"], json!("Cancelled"));
+    assert_eq!(store.vote_tally(a).unwrap(), (1, 1), "👍 of user 20 and 👎 of user 21; user 22 took theirs back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_over_the_token_limit_is_refused_before_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeDiscord::start().await;
+    let (lm, text) = stop_script(4);
+    let s = settings(dir.path(), &fake, &[("FREESKI__BOT__MAX_QUESTION_TOKENS", "12")]);
+    let bot = start(&fake, s, lm).await;
+    let db = dir.path().join("store.sqlite");
+    let long = fake.say(7, &format!("<@{BOT_ID}> {}", "how do I ski powder ".repeat(20)), true, None);
+    let reply = fake.wait_for("the refusal", T, |f| replies_to(f, id_of(&long)).first().copied()).await;
+    let refusal = content(&fake, reply);
+    assert!(refusal.contains("too long") && refusal.contains("the limit is 12"), "{refusal}");
+    // A question within the limit is answered as usual; the long one never reached the engine.
+    let short = fake.say(7, &format!("<@{BOT_ID}> powder tips?"), true, None);
+    let a = wait_store(&db, "the short question's answer", |s| replies_to(&fake, id_of(&short)).first().and_then(|&m| answer_for(s, m))).await;
+    let store = Store::open(&db).unwrap();
+    assert_eq!(store.answer(a).unwrap().unwrap().answer, text);
+    assert_eq!((a, store.answer_for_message(reply).unwrap()), (AnswerId(1), None), "only the short question was answered");
+    bot.stop().await;
+}
+
+/// The real binary: `run` answers with the generation flags given on its command line (not
+/// the settings they override), and its debug log (a file, not a terminal) has no colour codes
+/// and no interaction token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_binary_honours_generation_flags_and_keeps_tokens_out_of_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeDiscord::start().await;
+    let model = dir.path().join("model");
+    common::tiny::TinyWeights::random(common::tiny::TinySpec::standard(), 11).write_hf_folder(&model);
+    let env = settings_env(
+        dir.path(),
+        &fake,
+        &[("FREESKI__GENERATION__MAX_NEW_TOKENS", "64"), ("FREESKI__GENERATION__TEMPERATURE", "0.9"), ("FREESKI__GENERATION__SEED", "77"), ("FREESKI__GENERATION__SYSTEM_PROMPT", "")],
+    );
+    let err_log = dir.path().join("bot.err");
+    let sessions = fake.identifies() + 1;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_freeski-bot"))
+        .args(["run", "--max-new-tokens", "16", "--temperature", "0", "--seed", "5", "--model"])
+        .arg(&model)
+        .envs(env)
+        .env("DISCORD_TOKEN", "test-token")
+        .env("FREESKI_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_log).unwrap())
+        .spawn()
+        .expect("starting freeski-bot run");
+    fake.wait_connected(sessions).await;
+    let db = dir.path().join("store.sqlite");
+    let q = fake.say(7, &format!("<@{BOT_ID}> which wax for spring snow?"), true, None);
+    let a1 = wait_store(&db, "the mention's answer", |s| replies_to(&fake, id_of(&q)).first().and_then(|&m| answer_for(s, m))).await;
+    let token = fake.slash(7, false, "ask", json!([{"name": "question", "type": 3, "value": "how long are park skis?"}]));
+    let edit = final_edit(&fake, &token, "the /ask answer").await;
+    let a2 = wait_store(&db, "the /ask answer", |s| answer_for(s, edit.message_id.unwrap())).await;
+    child.kill().expect("stopping the bot");
+    child.wait().unwrap();
+
+    let store = Store::open(&db).unwrap();
+    for a in [a1, a2] {
+        let g = store.answer(a).unwrap().unwrap().generation;
+        assert_eq!((g["max_new_tokens"].clone(), g["temperature"].clone(), g["seed"].clone()), (json!(16), json!(0.0), json!(5)), "{g}");
+        assert!(g["answer_tokens"].as_u64().unwrap() <= 16, "{g}");
+    }
+    let log = std::fs::read_to_string(&err_log).unwrap();
+    assert!(log.contains("DEBUG"), "the log is at debug level:\n{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
+    assert!(!log.contains(&token), "the interaction token is in the log");
+    assert!(log.contains("***"), "serenity's request spans (which carry tokens) were logged, redacted:\n{log}");
+    assert!(!log.contains("test-token"), "the bot token is in the log");
 }

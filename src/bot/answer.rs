@@ -95,6 +95,18 @@ pub async fn run(bot: Arc<BotState>, job: AnswerJob) {
         _ => None,
     };
     let mut streamer = Streamer::new(job.outlet, interval, bot.retry_policy());
+    // Each message is linked to this answer when it is created, so votes on an answer still
+    // streaming are kept (and stored with it); the guard forgets them if it is never stored.
+    let streaming = StreamingGuard { bot: bot.clone(), key: bot.streaming.begin() };
+    let key = streaming.key;
+    let b = bot.clone();
+    streamer.on_post(move |id| b.streaming.link(key, id.get()));
+    if let Some(refusal) = too_long(&bot, &job.question) {
+        drop(typing);
+        streamer.push(&refusal);
+        streamer.finish().await;
+        return;
+    }
     let q = Question { history: job.history.clone(), question: job.question.clone(), opts: opts.clone(), adapter: AdapterChoice::Active };
     let mut ticket = match bot.engine.submit(q) {
         Ok(t) => t,
@@ -175,17 +187,48 @@ pub async fn run(bot: Arc<BotState>, job: AnswerJob) {
         generation: generation_record(&opts, &gen, ticket.history_kept_from, (batch, run), streamer.failed.as_deref()),
     };
     let ids = streamer.message_ids();
-    let store = bot.store();
-    let stored = store.record_answer(&record).and_then(|a| {
+    let stored = bot.streaming.finish(key, |votes| {
+        let store = bot.store();
+        let a = store.record_answer(&record)?;
         for (part, id) in ids.iter().enumerate() {
             store.link_message(a, id.get(), part as u32)?;
         }
-        Ok(a)
+        for &(user, vote) in votes {
+            store.set_vote(a, user, vote)?;
+        }
+        anyhow::Ok((a, votes.len()))
     });
     match stored {
-        Ok(a) => tracing::info!(answer = a.0, parts = ids.len(), adapter = ?adapter_id, tokens = gen.tokens.len(), "answer stored"),
+        Ok((a, votes)) => tracing::info!(answer = a.0, parts = ids.len(), votes, adapter = ?adapter_id, tokens = gen.tokens.len(), "answer stored"),
         Err(e) => tracing::error!(error = format!("{e:#}"), "storing an answer"),
     }
+    drop(streaming);
+}
+
+/// Forgets a streaming answer's votes when the answer ends without being stored.
+struct StreamingGuard {
+    bot: Arc<BotState>,
+    key: u64,
+}
+
+impl Drop for StreamingGuard {
+    fn drop(&mut self) {
+        self.bot.streaming.abandon(self.key);
+    }
+}
+
+/// The reply to a question over `bot.max_question_tokens` (counted with the model's
+/// tokenizer), or `None` when it may be asked.
+fn too_long(bot: &BotState, question: &str) -> Option<String> {
+    let max = bot.settings.bot.max_question_tokens;
+    let tokens = match bot.engine.model().tokenizer.encode(question, false) {
+        Ok(e) => e.len(),
+        Err(e) => {
+            tracing::warn!(error = %e, "counting a question's tokens; using its length in characters");
+            question.chars().count()
+        }
+    };
+    (tokens > max).then(|| format!("Your question is too long for me ({tokens} tokens; the limit is {max}). Please shorten it and ask again."))
 }
 
 fn role_name(r: Role) -> &'static str {

@@ -2,7 +2,7 @@
 //! commands are registered with `default_member_permissions = 0` so only admins see them, and
 //! checked again here: Discord lets server owners override what the registration says.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use serenity::all::{
@@ -11,6 +11,8 @@ use serenity::all::{
 };
 
 use super::answer::{self, AnswerJob};
+use super::render::{bounded, clip, redact_paths};
+use super::rest::{with_retries, RetryPolicy};
 use super::stream::{no_mentions, Outlet};
 use super::BotState;
 use crate::store::{JobCreated, JobKind, NewJob};
@@ -29,12 +31,15 @@ pub fn definitions() -> Vec<CreateCommand> {
         CreateCommand::new("ask")
             .description("Ask the freeski bot a question")
             .add_option(CreateCommandOption::new(CommandOptionType::String, "question", "Your question").required(true).max_length(1500)),
-        CreateCommand::new("status").description("Model, adapter, queue and running job"),
+        CreateCommand::new("status").description("Model, adapter and queue (admins also see memory and jobs)"),
         admin("rescrape", "Scrape the forum again for new threads (admin)"),
         admin("retrain", "Train a new adapter on the latest data and feedback (admin)"),
         admin("adapter", "List, activate or roll back LoRA adapters (admin)")
             .add_option(sub("list", "List the adapters"))
-            .add_option(sub("activate", "Answer with this adapter from now on").add_sub_option(CreateCommandOption::new(CommandOptionType::String, "id", "Adapter id").required(true)))
+            .add_option(
+                sub("activate", "Answer with this adapter from now on")
+                    .add_sub_option(CreateCommandOption::new(CommandOptionType::String, "id", "Adapter id (see /adapter list)").required(true).max_length(crate::adapters::MAX_ID_CHARS as u16)),
+            )
             .add_option(sub("rollback", "Go back to the previous adapter")),
         admin("flagged", "Recent answers voted down, with their questions (admin)"),
         admin("cancel", "Cancel the running job (admin)"),
@@ -64,33 +69,105 @@ pub fn is_admin(bot: &BotState, cmd: &CommandInteraction) -> bool {
     member.permissions.is_some_and(|p| p.contains(Permissions::ADMINISTRATOR)) || member.roles.iter().any(|r| d.admin_role_ids.contains(&r.get()))
 }
 
-async fn reply(http: &Http, cmd: &CommandInteraction, text: &str, ephemeral: bool) -> Result<()> {
-    let msg = CreateInteractionResponseMessage::new().content(text).ephemeral(ephemeral).allowed_mentions(no_mentions());
-    cmd.create_response(http, CreateInteractionResponse::Message(msg)).await.context("answering a command")
+/// One slash command's response. Discord wants one initial response (a message or a deferral)
+/// within 3 seconds, and after a deferral shows "thinking…" until the response is edited; so
+/// every way a command ends completes its response ([`Responder::fail`] does it with a short
+/// error). Every text goes through [`bounded`], so nothing built from user input can be
+/// refused for its length.
+struct Responder {
+    http: Arc<Http>,
+    cmd: CommandInteraction,
+    retry: RetryPolicy,
+    state: Mutex<Ack>,
 }
 
-async fn edit(http: &Http, cmd: &CommandInteraction, text: &str) -> Result<serenity::all::Message> {
-    cmd.edit_response(http, EditInteractionResponse::new().content(text).allowed_mentions(no_mentions())).await.context("editing a command response")
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    /// Nothing sent yet: the first response must be a message or a deferral.
+    Nothing,
+    /// Deferred or answered: the response is completed by editing it.
+    Sent,
+}
+
+impl Responder {
+    fn acked(&self) -> Ack {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_sent(&self) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Ack::Sent;
+    }
+
+    async fn reply(&self, text: &str, ephemeral: bool) -> Result<()> {
+        let content = bounded(text);
+        with_retries(self.retry, "answering a command", || {
+            let msg = CreateInteractionResponseMessage::new().content(content.clone()).ephemeral(ephemeral).allowed_mentions(no_mentions());
+            self.cmd.create_response(self.http.as_ref(), CreateInteractionResponse::Message(msg))
+        })
+        .await
+        .context("answering a command")?;
+        self.set_sent();
+        Ok(())
+    }
+
+    async fn defer(&self, ephemeral: bool) -> Result<()> {
+        let r = if ephemeral { self.cmd.defer_ephemeral(self.http.as_ref()).await } else { self.cmd.defer(self.http.as_ref()).await };
+        r.with_context(|| format!("deferring /{}", self.cmd.data.name))?;
+        self.set_sent();
+        Ok(())
+    }
+
+    async fn edit(&self, text: &str) -> Result<serenity::all::Message> {
+        let content = bounded(text);
+        with_retries(self.retry, "editing a command response", || {
+            self.cmd.edit_response(self.http.as_ref(), EditInteractionResponse::new().content(content.clone()).allowed_mentions(no_mentions()))
+        })
+        .await
+        .context("editing a command response")
+    }
+
+    /// Complete the response after `e`: a short ephemeral message, or the deferral edited. Only
+    /// the outermost context of `e` is shown (its causes may carry URLs with tokens, or paths).
+    async fn fail(&self, e: &anyhow::Error) {
+        let text = format!("Sorry, that didn't work ({}). The details are in the bot's log.", redact_paths(&clip(&e.to_string(), 200)));
+        let sent = match self.acked() {
+            Ack::Nothing => self.reply(&text, true).await,
+            Ack::Sent => self.edit(&text).await.map(|_| ()),
+        };
+        if let Err(e) = sent {
+            tracing::error!(command = %self.cmd.data.name, error = format!("{e:#}"), "could not complete a command's response");
+        }
+    }
 }
 
 fn string_option(cmd: &CommandInteraction, name: &str) -> Option<String> {
     cmd.data.options.iter().find(|o| o.name == name).and_then(|o| o.value.as_str()).map(str::to_string)
 }
 
-/// Handle one slash command.
+/// Handle one slash command. Whatever happens, the interaction gets a response.
 pub async fn handle(bot: Arc<BotState>, http: Arc<Http>, cmd: CommandInteraction) -> Result<()> {
+    let r = Responder { http, cmd, retry: bot.retry_policy(), state: Mutex::new(Ack::Nothing) };
+    let result = dispatch(bot, &r).await;
+    if let Err(e) = &result {
+        r.fail(e).await;
+    }
+    result
+}
+
+async fn dispatch(bot: Arc<BotState>, r: &Responder) -> Result<()> {
+    let cmd = &r.cmd;
     let name = cmd.data.name.as_str();
-    if is_admin_command(name) && !is_admin(&bot, &cmd) {
+    if is_admin_command(name) && !is_admin(&bot, cmd) {
         tracing::info!(user = cmd.user.id.get(), command = name, "admin command refused");
-        return reply(&http, &cmd, "Sorry, only admins can use this command.", true).await;
+        return r.reply("Sorry, only admins can use this command.", true).await;
     }
     match name {
-        "ask" => ask(bot, http, cmd).await,
-        "status" => reply(&http, &cmd, &status_text(&bot), true).await,
-        "rescrape" => request_job(&bot, &http, &cmd, JobKind::Rescrape).await,
-        "retrain" => request_job(&bot, &http, &cmd, JobKind::Retrain).await,
-        "adapter" => adapter(bot, &http, &cmd).await,
-        "flagged" => reply(&http, &cmd, &flagged_text(&bot)?, true).await,
+        "ask" => ask(bot, r).await,
+        "status" => r.reply(&status_text(&bot, is_admin(&bot, cmd)), true).await,
+        "rescrape" => request_job(&bot, r, JobKind::Rescrape).await,
+        "retrain" => request_job(&bot, r, JobKind::Retrain).await,
+        "adapter" => adapter(bot, r).await,
+        "flagged" => r.reply(&flagged_text(&bot)?, true).await,
         "cancel" => {
             let hit = bot.store_mut().request_cancel(None)?;
             let text = if hit.is_empty() {
@@ -98,22 +175,23 @@ pub async fn handle(bot: Arc<BotState>, http: Arc<Http>, cmd: CommandInteraction
             } else {
                 hit.iter().map(|j| format!("Cancel requested: {}", j.summary())).collect::<Vec<_>>().join("\n")
             };
-            reply(&http, &cmd, &text, true).await
+            r.reply(&text, true).await
         }
-        other => reply(&http, &cmd, &format!("Unknown command `/{other}`."), true).await,
+        other => r.reply(&format!("Unknown command `/{}`.", clip(other, 50)), true).await,
     }
 }
 
-async fn ask(bot: Arc<BotState>, http: Arc<Http>, cmd: CommandInteraction) -> Result<()> {
-    let question = string_option(&cmd, "question").unwrap_or_default();
+async fn ask(bot: Arc<BotState>, r: &Responder) -> Result<()> {
+    let cmd = &r.cmd;
+    let question = string_option(cmd, "question").unwrap_or_default();
     if question.trim().is_empty() {
-        return reply(&http, &cmd, "Ask me something, e.g. `/ask question: how do I learn switch?`", true).await;
+        return r.reply("Ask me something, e.g. `/ask question: how do I learn switch?`", true).await;
     }
     if !bot.limiter.allow(cmd.user.id.get()) {
-        return reply(&http, &cmd, "You're asking faster than I can keep up. Please wait a minute.", true).await;
+        return r.reply("You're asking faster than I can keep up. Please wait a minute.", true).await;
     }
     // Defer first: the answer may wait in the queue far longer than Discord's 3 seconds.
-    cmd.defer(http.as_ref()).await.context("deferring /ask")?;
+    r.defer(false).await?;
     let job = AnswerJob {
         asker: cmd.user.id,
         guild: cmd.guild_id,
@@ -121,13 +199,15 @@ async fn ask(bot: Arc<BotState>, http: Arc<Http>, cmd: CommandInteraction) -> Re
         question_message: None,
         question,
         history: Vec::new(),
-        outlet: Outlet::Interaction { http, interaction: Box::new(cmd) },
+        outlet: Outlet::Interaction { http: r.http.clone(), interaction: Box::new(cmd.clone()) },
     };
     answer::run(bot, job).await;
     Ok(())
 }
 
-fn status_text(bot: &BotState) -> String {
+/// `/status`: model, adapter and queue for everyone; host and device memory and job details
+/// only for admins (`admin`).
+fn status_text(bot: &BotState, admin: bool) -> String {
     let lm = bot.engine.model();
     let device = lm.model.device();
     let mut lines = vec![format!("**Model:** {} on {}", if lm.name.is_empty() { "(unnamed)" } else { &lm.name }, crate::llm::device::describe(device))];
@@ -140,6 +220,14 @@ fn status_text(bot: &BotState) -> String {
         None => "**Adapter:** none (base model)".to_string(),
     });
     lines.push(format!("**Queue:** {} waiting, {} being answered", bot.engine.queue_depth(), bot.engine.running()));
+    if !admin {
+        let jobs = bot.store().active_jobs().map(|j| j.len()).unwrap_or(0);
+        lines.push(match jobs {
+            0 => "**Jobs:** none running".to_string(),
+            n => format!("**Jobs:** {n} queued or running"),
+        });
+        return lines.join("\n");
+    }
     let mut mem = Vec::new();
     if let Some(rss) = crate::llm::device::rss_bytes() {
         mem.push(format!("host {:.2} GiB", crate::llm::device::gib(rss)));
@@ -153,13 +241,14 @@ fn status_text(bot: &BotState) -> String {
     match bot.store().active_jobs() {
         Ok(jobs) if jobs.is_empty() => lines.push("**Jobs:** none running".into()),
         Ok(jobs) => lines.extend(jobs.iter().map(|j| format!("**Job:** {}", j.summary()))),
-        Err(e) => lines.push(format!("**Jobs:** unavailable ({e:#})")),
+        Err(e) => lines.push(format!("**Jobs:** unavailable ({})", redact_paths(&format!("{e:#}")))),
     }
     lines.join("\n")
 }
 
-async fn request_job(bot: &BotState, http: &Http, cmd: &CommandInteraction, kind: JobKind) -> Result<()> {
-    cmd.defer(http).await.context("deferring a job command")?;
+async fn request_job(bot: &BotState, r: &Responder, kind: JobKind) -> Result<()> {
+    let cmd = &r.cmd;
+    r.defer(false).await?;
     let who = NewJob {
         requested_by: Some(cmd.user.id.get()),
         guild_id: cmd.guild_id.map(|g| g.get()),
@@ -170,26 +259,27 @@ async fn request_job(bot: &BotState, http: &Http, cmd: &CommandInteraction, kind
     let created = bot.store_mut().create_job(kind, &who)?;
     match created {
         JobCreated::Created(job) => {
-            let msg = edit(http, cmd, &format!("Queued {}. Progress will show in this message.", job.summary())).await?;
+            let msg = r.edit(&format!("Queued {}. Progress will show in this message.", job.summary())).await?;
             bot.store().set_job_status_message(job.id, cmd.channel_id.get(), msg.id.get())?;
         }
         JobCreated::AlreadyActive(job) => {
-            edit(http, cmd, &format!("Already on it: {}. Use /cancel to stop it.", job.summary())).await?;
+            r.edit(&format!("Already on it: {}. Use /cancel to stop it.", job.summary())).await?;
         }
     }
     Ok(())
 }
 
-async fn adapter(bot: Arc<BotState>, http: &Http, cmd: &CommandInteraction) -> Result<()> {
-    let Some(sub) = cmd.data.options.first() else { return reply(http, cmd, "Use /adapter list, activate or rollback.", true).await };
-    let CommandDataOptionValue::SubCommand(args) = &sub.value else { return reply(http, cmd, "Use /adapter list, activate or rollback.", true).await };
+async fn adapter(bot: Arc<BotState>, r: &Responder) -> Result<()> {
+    let usage = "Use /adapter list, activate or rollback.";
+    let Some(sub) = r.cmd.data.options.first() else { return r.reply(usage, true).await };
+    let CommandDataOptionValue::SubCommand(args) = &sub.value else { return r.reply(usage, true).await };
     let dir = bot.settings.adapter.dir.clone();
     match sub.name.as_str() {
         "list" => {
             let active = bot.engine.active_adapter_id();
-            let list = crate::adapters::list(&dir)?;
+            let list = crate::adapters::list(&dir).context("listing the adapters folder")?;
             let text = if list.is_empty() {
-                format!("No adapters in `{}`.", dir.display())
+                "No adapters in the adapters folder yet.".to_string()
             } else {
                 list.iter()
                     .map(|a| {
@@ -200,20 +290,21 @@ async fn adapter(bot: Arc<BotState>, http: &Http, cmd: &CommandInteraction) -> R
                     .collect::<Vec<_>>()
                     .join("\n")
             };
-            reply(http, cmd, &text, true).await
+            r.reply(&text, true).await
         }
         "activate" | "rollback" => {
             // Loading an adapter can take longer than the 3 seconds Discord waits.
-            cmd.defer_ephemeral(http).await.context("deferring /adapter")?;
+            r.defer(true).await?;
             let id = args.iter().find(|o| o.name == "id").and_then(|o| o.value.as_str()).unwrap_or_default().to_string();
             let rollback = sub.name == "rollback";
             let b = bot.clone();
+            // From Discord an adapter is an id inside the adapters folder, never a path.
             let result = tokio::task::spawn_blocking(move || {
                 let store = b.store();
                 if rollback {
-                    crate::adapters::rollback(&b.engine, &store, &dir)
+                    crate::adapters::rollback_id(&b.engine, &store, &dir)
                 } else {
-                    crate::adapters::activate(&b.engine, &store, &dir, &id).map(|_| id)
+                    crate::adapters::activate_id(&b.engine, &store, &dir, &id).map(|_| id)
                 }
             })
             .await
@@ -221,11 +312,14 @@ async fn adapter(bot: Arc<BotState>, http: &Http, cmd: &CommandInteraction) -> R
             let text = match result {
                 Ok(id) if id.is_empty() => "Now answering with the base model (no adapter).".to_string(),
                 Ok(id) => format!("Now answering with adapter `{id}`."),
-                Err(e) => format!("Adapter unchanged: {e:#}"),
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "adapter not changed");
+                    format!("Adapter unchanged: {}", redact_paths(&format!("{e:#}")))
+                }
             };
-            edit(http, cmd, &text).await.map(|_| ())
+            r.edit(&text).await.map(|_| ())
         }
-        other => reply(http, cmd, &format!("Unknown subcommand `{other}`."), true).await,
+        other => r.reply(&format!("Unknown subcommand `{}`.", clip(other, 50)), true).await,
     }
 }
 

@@ -8,6 +8,8 @@ use serenity::all::{ChannelId, Context, CreateMessage, EventHandler, GuildId, In
 use serenity::async_trait;
 
 use super::answer::{self, AnswerJob};
+use super::ratelimit::Verdict;
+use super::render::bounded;
 use super::stream::{no_mentions, Outlet};
 use super::{commands, feedback, BotState};
 
@@ -51,16 +53,27 @@ impl EventHandler for Handler {
         if question.is_empty() {
             return;
         }
-        if !bot.limiter.allow(msg.author.id.get()) {
-            tracing::info!(user = msg.author.id.get(), "rate limited");
-            let b = CreateMessage::new()
-                .content("You're asking faster than I can keep up. Please wait a minute before the next question.")
-                .reference_message(&msg)
-                .allowed_mentions(no_mentions());
-            if let Err(e) = msg.channel_id.send_message(&ctx.http, b).await {
-                tracing::warn!(error = %e, "sending a rate-limit notice");
+        match bot.limiter.check(msg.author.id.get()) {
+            Verdict::Allowed => {}
+            Verdict::Refused { notify: false } => {
+                tracing::debug!(user = msg.author.id.get(), "rate limited (already told)");
+                return;
             }
-            return;
+            Verdict::Refused { notify: true } => {
+                tracing::info!(user = msg.author.id.get(), "rate limited");
+                let b = CreateMessage::new()
+                    .content(bounded("You're asking faster than I can keep up. Please wait a minute; I'll skip your questions until then."))
+                    .reference_message(&msg)
+                    .allowed_mentions(no_mentions());
+                let http = ctx.http.clone();
+                let channel = msg.channel_id;
+                bot.tasks.spawn(async move {
+                    if let Err(e) = channel.send_message(&http, b).await {
+                        tracing::warn!(error = %e, "sending a rate-limit notice");
+                    }
+                });
+                return;
+            }
         }
         let history = answer::reply_context(bot, &msg);
         let job = AnswerJob {

@@ -73,6 +73,8 @@ pub struct BotState {
     pub inflight: Mutex<HashMap<MessageId, Canceller>>,
     pub shutting_down: AtomicBool,
     seen: Mutex<SeenIds>,
+    /// Votes on answers whose messages exist but which are not stored yet.
+    pub streaming: feedback::StreamingVotes,
     pub tasks: TaskTracker,
 }
 
@@ -87,6 +89,7 @@ impl BotState {
             inflight: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             seen: Mutex::new(SeenIds::default()),
+            streaming: feedback::StreamingVotes::default(),
             tasks: TaskTracker::new(),
         }
     }

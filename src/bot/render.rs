@@ -4,14 +4,76 @@
 //! The split is greedy from the front and each part depends only on the text up to the message
 //! limit, so while an answer streams, every part but the last is final.
 
+use std::sync::LazyLock;
+
+use regex::Regex;
+
 /// Discord's limit for one message, in characters.
 pub const MESSAGE_LIMIT: usize = 2000;
 
-/// Make `@everyone`, `@here`, `<@id>`, `<@!id>` and `<@&id>` inert: a zero-width space after every
-/// `@` stops Discord from parsing a mention (allowed mentions are also empty on every message;
-/// this keeps the text from even looking like a ping).
+/// Ends a message that had to be cut to fit [`MESSAGE_LIMIT`].
+pub const CUT_NOTE: &str = "\n… *(cut: too long for one Discord message)*";
+
+/// `text` as one Discord message: unchanged if it fits [`MESSAGE_LIMIT`], else cut on a
+/// character boundary and ended with [`CUT_NOTE`]. Every message and interaction response the
+/// bot sends goes through this (streamed answers are split first, see [`split`]), so no reply
+/// built from user input can exceed the limit and be refused.
+pub fn bounded(text: &str) -> String {
+    if text.chars().count() <= MESSAGE_LIMIT {
+        return text.to_string();
+    }
+    let keep = MESSAGE_LIMIT - CUT_NOTE.chars().count();
+    let mut out: String = text.chars().take(keep).collect();
+    out.push_str(CUT_NOTE);
+    out
+}
+
+/// At most `max` characters of `s`, with "…" when cut (for quoting user input in replies).
+pub fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// `text` with every absolute filesystem path replaced by `…/` and its last component, for
+/// errors shown in Discord: the host's folder layout stays in the log.
+pub fn redact_paths(text: &str) -> String {
+    const BEFORE: &[char] = &['`', '\'', '"', '(', '[', '='];
+    const AFTER: &[char] = &['`', '\'', '"', ')', ']', ','];
+    let mut out = String::with_capacity(text.len());
+    let mut prev: Option<char> = None;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if c == '/' && prev.is_none_or(|p| p.is_whitespace() || BEFORE.contains(&p)) {
+            let end = rest.find(|ch: char| ch.is_whitespace() || AFTER.contains(&ch)).unwrap_or(rest.len());
+            // Sentence punctuation after a path is not part of it.
+            let path = rest[..end].trim_end_matches(['.', ':', ';']);
+            let last = path.rsplit('/').find(|s| !s.is_empty()).unwrap_or_default();
+            out.push_str("…/");
+            out.push_str(last);
+            rest = &rest[path.len()..];
+            prev = last.chars().last().or(Some('/'));
+            continue;
+        }
+        out.push(c);
+        prev = Some(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Make `@everyone`, `@here` and raw mention syntax (`<@id>`, `<@!id>`, `<@&id>`, `<#id>`)
+/// inert with a zero-width space (after the `@` of the first two, after the `<` of the others),
+/// so the text does not even look like a ping. Every other `@` (email addresses, handles) is
+/// left alone: allowed mentions are empty on every message anyway, this is cosmetic.
 pub fn neutralize_mentions(text: &str) -> String {
-    text.replace('@', "@\u{200B}")
+    static EVERYONE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"@(everyone|here)").expect("valid regex"));
+    static RAW: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"<([@#][!&]?[0-9]+>)").expect("valid regex"));
+    let text = EVERYONE.replace_all(text, "@\u{200B}$1");
+    RAW.replace_all(&text, "<\u{200B}$1").into_owned()
 }
 
 /// Split `text` into messages of at most `limit` characters.
@@ -129,11 +191,37 @@ mod tests {
 
     #[test]
     fn neutralizes_every_mention_form() {
-        let out = neutralize_mentions("hey @everyone and @here, <@123> <@!42> <@&456>");
-        for bad in ["@everyone", "@here", "<@123>", "<@!42>", "<@&456>"] {
+        let text = "hey @everyone and @here, <@123> <@!42> <@&456> in <#789>";
+        let out = neutralize_mentions(text);
+        for bad in ["@everyone", "@here", "<@123>", "<@!42>", "<@&456>", "<#789>"] {
             assert!(!out.contains(bad), "{bad} survived in {out:?}");
         }
-        assert_eq!(out.replace('\u{200B}', ""), "hey @everyone and @here, <@123> <@!42> <@&456>");
+        assert_eq!(out.replace('\u{200B}', ""), text);
+        for kept in ["write to coach@freeski.example", "@newschoolers on the forum", "a <@ b> c", "x<#>"] {
+            assert_eq!(neutralize_mentions(kept), kept);
+        }
+    }
+
+    #[test]
+    fn bounded_keeps_short_text_and_cuts_long_text_with_a_note() {
+        assert_eq!(bounded("hi"), "hi");
+        let exact = "é".repeat(MESSAGE_LIMIT);
+        assert_eq!(bounded(&exact), exact);
+        let long = "é".repeat(5 * MESSAGE_LIMIT);
+        let out = bounded(&long);
+        assert_eq!(out.chars().count(), MESSAGE_LIMIT);
+        assert!(out.ends_with(CUT_NOTE));
+        assert_eq!(clip("abcdef", 4), "abc…");
+        assert_eq!(clip("abc", 4), "abc");
+    }
+
+    #[test]
+    fn host_paths_are_reduced_to_their_last_component() {
+        let e = "loading adapter x: reading adapter config /srv/bot/adapters/x/adapter_config.json: No such file (os error 2)";
+        assert_eq!(redact_paths(e), "loading adapter x: reading adapter config …/adapter_config.json: No such file (os error 2)");
+        assert_eq!(redact_paths("in `/etc/passwd`."), "in `…/passwd`.");
+        assert_eq!(redact_paths("/"), "…/");
+        assert_eq!(redact_paths("see https://example.com/a/b and 1/2"), "see https://example.com/a/b and 1/2");
     }
 
     #[test]

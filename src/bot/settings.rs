@@ -72,6 +72,9 @@ pub struct BotSettings {
     pub vote_down_emoji: String,
     /// Tokens of reply-chain history given to the model, newest turns first.
     pub context_tokens: usize,
+    /// Longest question in tokens (counted with the model's tokenizer); longer ones are refused
+    /// with a reply saying so, before they reach the engine.
+    pub max_question_tokens: usize,
     /// Answers listed by `/flagged`.
     pub flagged_limit: usize,
     /// On SIGINT/SIGTERM, how long answers in flight may take to close their messages.
@@ -102,6 +105,7 @@ impl BotSettings {
         ensure!(!self.vote_up_emoji.is_empty() && !self.vote_down_emoji.is_empty(), "{b}.vote_up_emoji and {b}.vote_down_emoji must not be empty");
         ensure!(self.vote_up_emoji != self.vote_down_emoji, "{b}.vote_up_emoji and {b}.vote_down_emoji must differ");
         ensure!(self.flagged_limit >= 1, "{b}.flagged_limit must be at least 1");
+        ensure!(self.max_question_tokens >= 1, "{b}.max_question_tokens must be at least 1");
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use serenity::all::{
 };
 use tokio::time::Instant;
 
-use super::render::{neutralize_mentions, split, MESSAGE_LIMIT};
+use super::render::{bounded, neutralize_mentions, split, MESSAGE_LIMIT};
 use super::rest::{with_retries, RetryPolicy};
 
 /// Nobody is ever pinged by the bot: no parsed mentions, no explicit ids, and replies don't
@@ -31,6 +31,8 @@ pub enum Outlet {
 
 impl Outlet {
     async fn post(&self, index: usize, content: &str) -> serenity::Result<MessageId> {
+        let content = bounded(content);
+        let content = content.as_str();
         match self {
             Self::Reply { http, channel, question } => {
                 let mut b = CreateMessage::new().content(content).allowed_mentions(no_mentions());
@@ -50,6 +52,8 @@ impl Outlet {
     }
 
     async fn edit(&self, index: usize, id: MessageId, content: &str) -> serenity::Result<()> {
+        let content = bounded(content);
+        let content = content.as_str();
         match self {
             Self::Reply { http, channel, .. } => {
                 channel.edit_message(http.as_ref(), id, EditMessage::new().content(content).allowed_mentions(no_mentions())).await?;
@@ -89,11 +93,19 @@ pub struct Streamer {
     last_write: Option<Instant>,
     /// Set when a write failed for good: the answer can no longer be shown completely.
     pub failed: Option<String>,
+    /// Called with each message's id as soon as it is created.
+    on_post: Option<Box<dyn FnMut(MessageId) + Send>>,
 }
 
 impl Streamer {
     pub fn new(outlet: Outlet, interval: Duration, retry: RetryPolicy) -> Self {
-        Self { outlet, interval, retry, text: String::new(), footer: String::new(), posted: Vec::new(), last_write: None, failed: None }
+        Self { outlet, interval, retry, text: String::new(), footer: String::new(), posted: Vec::new(), last_write: None, failed: None, on_post: None }
+    }
+
+    /// Call `f` with the id of every message of this answer when it is created (votes count
+    /// from the first visible token, long before the answer is stored).
+    pub fn on_post(&mut self, f: impl FnMut(MessageId) + Send + 'static) {
+        self.on_post = Some(Box::new(f));
     }
 
     /// Show `content` as the first message before any answer text (the queue notice); the
@@ -179,7 +191,12 @@ impl Streamer {
         let id = result.with_context(|| format!("writing part {} of an answer", i + 1))?;
         match self.posted.get_mut(i) {
             Some(slot) => slot.1 = content.to_string(),
-            None => self.posted.push((id, content.to_string())),
+            None => {
+                self.posted.push((id, content.to_string()));
+                if let Some(f) = self.on_post.as_mut() {
+                    f(id);
+                }
+            }
         }
         Ok(())
     }

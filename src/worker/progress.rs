@@ -15,7 +15,7 @@ use serenity::all::{ChannelId, CreateAttachment, CreateMessage, EditMessage, Htt
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use crate::bot::render::{split, MESSAGE_LIMIT};
+use crate::bot::render::{bounded, split, MESSAGE_LIMIT};
 use crate::bot::rest::{with_retries, RetryPolicy};
 use crate::bot::stream::no_mentions;
 use crate::store::{Job, Store};
@@ -151,6 +151,9 @@ impl Reporter {
 }
 
 async fn edit(http: &Http, t: StatusMessage, text: &str, retry: RetryPolicy) {
+    // A status line can carry an error's text: bounded like every message the bot sends.
+    let text = bounded(text);
+    let text = text.as_str();
     let r = with_retries(retry, "editing a job status message", || t.channel.edit_message(http, t.message, EditMessage::new().content(text).allowed_mentions(no_mentions()))).await;
     if let Err(e) = r {
         tracing::warn!(error = %e, "job status message not updated");

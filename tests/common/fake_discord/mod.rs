@@ -422,10 +422,16 @@ async fn handle_rest(req: Request<Incoming>, st: &Arc<Mutex<State>>, ch: &Arc<No
     let mut status = 200;
     let mut message_id = None;
     let failing = s.failures.iter_mut().find(|(m, p, n)| *m == method && path.starts_with(p.as_str()) && *n > 0);
+    // Discord refuses message content over 2,000 characters (messages, edits, interaction responses).
+    let content = body.get("content").or_else(|| body.get("data").and_then(|d| d.get("content"))).and_then(|c| c.as_str());
+    let too_long = content.is_some_and(|c| c.chars().count() > 2000);
     let reply: Value = if let Some(f) = failing {
         f.2 -= 1;
         status = 500;
         json!({"message": "500: Internal Server Error", "code": 0})
+    } else if too_long {
+        status = 400;
+        json!({"message": "Invalid Form Body", "code": 50035, "errors": {"content": {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}}})
     } else {
         let segs: Vec<&str> = path.trim_start_matches("/api/v10/").split('/').collect();
         match (method.as_str(), segs.as_slice()) {
