@@ -49,6 +49,10 @@ pub struct BatchingBench {
     /// Tokens generated for each question.
     #[arg(long, default_value_t = 48)]
     pub new_tokens: usize,
+    /// Questions arriving one after another while 7 long answers decode (time to first token
+    /// under load; 0 = skip).
+    #[arg(long, default_value_t = 20)]
+    pub arrivals: usize,
 }
 
 #[derive(Debug, Args)]
@@ -234,7 +238,6 @@ fn bench_batching(settings: &Settings, args: BatchingBench) -> Result<()> {
     let prompt_tokens: Vec<usize> = tickets.iter().map(|t| t.prompt_tokens).collect();
     let together = tickets.into_iter().map(answer).collect::<Result<Vec<_>>>()?;
     let wall = t0.elapsed();
-    engine.shutdown();
     println!("model            {label}");
     println!("device           {}", device::describe(&dev));
     println!("lora             {}", if args.lora_rank == 0 { "none".to_string() } else { format!("r={} on all 7 projections", args.lora_rank) });
@@ -254,10 +257,63 @@ fn bench_batching(settings: &Settings, args: BatchingBench) -> Result<()> {
     }
     let tokens: usize = together.iter().map(|t| t.1.len()).sum();
     println!("together         {tokens} tokens in {:.2} s ({:.1} tokens/s aggregate, queueing included)", wall.as_secs_f64(), tokens as f64 / wall.as_secs_f64());
+
+    // Questions arriving while the batch decodes: 7 long answers run, then short questions
+    // come one after another and join at the next step (continuous batching).
+    let long_question = |i: usize| {
+        let mut q = question(i);
+        q.opts.max_new_tokens = 3000;
+        q
+    };
+    let mut running = (0..7).map(|i| Ok(engine.submit(long_question(i))?)).collect::<Result<Vec<_>>>()?;
+    for t in running.iter_mut() {
+        while let Some(ev) = t.blocking_next() {
+            match ev {
+                Event::Text(_) => break,
+                Event::Failed(e) => anyhow::bail!("generation failed: {e}"),
+                _ => {}
+            }
+        }
+    }
+    let t1 = Instant::now();
+    let (mut arrivals, mut arrival_tokens) = (Vec::new(), 0);
+    for k in 0..args.arrivals {
+        let mut q = question(k % n);
+        q.opts.max_new_tokens = 16;
+        let (_, toks, ttft) = answer(engine.submit(q)?)?;
+        arrivals.push(ttft);
+        arrival_tokens += toks.len();
+    }
+    let phase = t1.elapsed();
+    let mut long_tokens = 0;
+    for t in running.iter_mut() {
+        t.canceller().cancel();
+        while let Some(ev) = t.blocking_next() {
+            if let Event::Finished(g) = ev {
+                long_tokens += g.tokens.len();
+            }
+        }
+    }
+    // The long answers' tokens include their first few before the phase: a slight over-count.
+    let total = long_tokens + arrival_tokens;
+    arrivals.sort();
+    let pct = |p: f64| arrivals[((arrivals.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    if !arrivals.is_empty() {
+        println!(
+            "mid-batch        {} questions arriving one after another beside 7 running answers: time to first token p50 {:.1} ms, p95 {:.1} ms; {:.1} tokens/s aggregate over {:.2} s",
+            arrivals.len(),
+            pct(0.5),
+            pct(0.95),
+            total as f64 / phase.as_secs_f64(),
+            phase.as_secs_f64()
+        );
+    }
+    engine.shutdown();
     println!("answers equal to the same question alone: {equal}/{n}");
     ensure!(equal == n, "{} of {n} answers changed when batched", n - equal);
     Ok(())
 }
+
 
 fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     let src = &args.source;
