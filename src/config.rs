@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+pub use crate::llm::settings::{GenerationSettings, ModelSettings, QuantType, TemplateChoice};
+
 /// The committed defaults, compiled into the binary so it runs from any working directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -31,78 +33,10 @@ pub struct Settings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelSettings {
-    pub source: String,
-    pub revision: String,
-    pub offline: bool,
-    pub hub_cache_dir: String,
-    pub quantize: QuantType,
-    pub quantized_cache_dir: PathBuf,
-    pub device: String,
-    pub chat_template: TemplateChoice,
-    pub max_context: usize,
-}
-
-/// 4-bit (or 8-bit) GGML types a safetensors model may be quantized to at load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QuantType {
-    Q4k,
-    #[serde(rename = "q4_0")]
-    Q4_0,
-    #[serde(rename = "q4_1")]
-    Q4_1,
-    #[serde(rename = "q8_0")]
-    Q8_0,
-    /// No quantization: for reference checks and debugging, not for serving.
-    F16,
-    F32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TemplateChoice {
-    Auto,
-    Mistral,
-    Chatml,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AdapterSettings {
     pub dir: PathBuf,
     pub active: String,
     pub merge: bool,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerationSettings {
-    pub max_new_tokens: usize,
-    pub temperature: f64,
-    pub top_k: usize,
-    pub top_p: f64,
-    pub repetition_penalty: f32,
-    pub repetition_window: usize,
-    pub no_repeat_ngram: usize,
-    pub stop: Vec<String>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    pub system_prompt: String,
-}
-
-impl GenerationSettings {
-    /// Reject values that deserialize fine but make no sense, naming the key.
-    pub fn validate(&self) -> Result<()> {
-        let g = "generation";
-        anyhow::ensure!(self.temperature >= 0.0 && self.temperature.is_finite(), "{g}.temperature must be >= 0, got {}", self.temperature);
-        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "{g}.top_p must be in (0, 1], got {}", self.top_p);
-        anyhow::ensure!(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(), "{g}.repetition_penalty must be > 0, got {}", self.repetition_penalty);
-        anyhow::ensure!(self.max_new_tokens > 0, "{g}.max_new_tokens must be at least 1");
-        anyhow::ensure!(self.no_repeat_ngram != 1, "{g}.no_repeat_ngram = 1 would forbid every repeated token; use 0 to disable or >= 2");
-        anyhow::ensure!(self.stop.iter().all(|s| !s.is_empty()), "{g}.stop must not contain an empty string");
-        Ok(())
-    }
 }
 
 impl Settings {

@@ -190,7 +190,7 @@ pub fn eval(settings: &Settings, args: EvalArgs) -> Result<()> {
     let dir = crate::llm::lora::resolve_dir(&args.adapter, &settings.adapter.dir)?;
     let adapter = crate::llm::lora::LoraAdapter::load(&dir, lm.model.config(), lm.model.device())?;
     let questions = args.questions.unwrap_or(settings.train.eval_questions);
-    let report = crate::train::eval::compare(&lm, &adapter, &data_dir, settings, questions)?;
+    let report = crate::train::eval::compare(&lm, &adapter, &data_dir, &settings.train, &settings.generation, settings.model.max_context, questions)?;
     let markdown = report.markdown(Metrics::read(&dir).ok().as_ref());
     let path = args.report.unwrap_or_else(|| dir.join("eval.md"));
     std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;

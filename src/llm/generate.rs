@@ -19,7 +19,7 @@ use super::lora::LoraAdapter;
 use super::model::{KvCache, Logits};
 use super::model_config::ModelConfig;
 use super::sampling::{Sampler, SamplingParams};
-use crate::config::GenerationSettings;
+use super::settings::GenerationSettings;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenOptions {

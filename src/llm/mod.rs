@@ -15,6 +15,7 @@ pub mod prompt;
 pub mod qlinear;
 pub mod random;
 pub mod sampling;
+pub mod settings;
 pub mod tokenizer;
 
 pub use model::{KvCache, Model};

@@ -4,7 +4,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::GenerationSettings;
+use super::settings::GenerationSettings;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {

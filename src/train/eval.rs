@@ -11,12 +11,13 @@ use super::dropout::Dropout;
 use super::forward::TrainForward;
 use super::params::LoraView;
 use super::report::Metrics;
+use super::settings::TrainSettings;
 use super::trainer::{activation_dtype, evaluate};
-use crate::config::Settings;
 use crate::llm::chat::Role;
 use crate::llm::generate::{generate, GenOptions};
 use crate::llm::load::LoadedModel;
 use crate::llm::lora::LoraAdapter;
+use crate::llm::settings::GenerationSettings;
 
 pub struct Answered {
     pub question: String,
@@ -34,9 +35,10 @@ pub struct EvalReport {
 }
 
 /// Held-out loss of the base and of `adapter`, and `questions` answers from each (greedy).
-pub fn compare(lm: &LoadedModel, adapter: &LoraAdapter, data_dir: &Path, settings: &Settings, questions: usize) -> Result<EvalReport> {
-    let ts = &settings.train;
-    let data = data::load(data_dir, lm, ts, &settings.generation.system_prompt)?;
+/// `gen` gives the system prompt and the sampling options (temperature forced to 0), and
+/// `max_context` the context limit (`model.max_context`, 0 = the model's own).
+pub fn compare(lm: &LoadedModel, adapter: &LoraAdapter, data_dir: &Path, ts: &TrainSettings, gen: &GenerationSettings, max_context: usize, questions: usize) -> Result<EvalReport> {
+    let data = data::load(data_dir, lm, ts, &gen.system_prompt)?;
     let model = &lm.model;
     let fwd = TrainForward::new(model, activation_dtype(ts.precision, model.device()), Dropout::off());
     let view = LoraView::from_adapter(adapter, model.config().num_layers);
@@ -44,14 +46,14 @@ pub fn compare(lm: &LoadedModel, adapter: &LoraAdapter, data_dir: &Path, setting
     let adapter_loss = evaluate(&fwd, Some(&view), &data.test, ts.batch_size)?;
 
     let (convs, _) = read_conversations(&data_dir.join(crate::dataset::output::TEST), ts.bad_lines, None)?;
-    let mut opts = GenOptions::from_settings(&settings.generation, settings.model.max_context, model.config());
+    let mut opts = GenOptions::from_settings(gen, max_context, model.config());
     opts.sampling.temperature = 0.0; // the same answer every run: a fair side-by-side
     let eos = lm.stop_ids.first().copied();
     let mut answers = Vec::new();
     for (_, conv) in convs.into_iter().take(questions) {
         let question = conv.iter().find(|m| m.role == Role::User).map(|m| m.content.clone()).unwrap_or_default();
         let truth = conv.iter().find(|m| m.role == Role::Assistant).map(|m| m.content.clone()).unwrap_or_default();
-        let prompt = lm.template.prompt(&lm.tokenizer, lm.bos_id, eos, &settings.generation.system_prompt, &[], &question)?;
+        let prompt = lm.template.prompt(&lm.tokenizer, lm.bos_id, eos, &gen.system_prompt, &[], &question)?;
         let base = generate(lm, None, &prompt, &opts, |_| std::ops::ControlFlow::Continue(()))?.text;
         let tuned = generate(lm, Some(adapter), &prompt, &opts, |_| std::ops::ControlFlow::Continue(()))?.text;
         answers.push(Answered { question, truth, base, adapter: tuned });

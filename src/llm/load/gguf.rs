@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 use super::LoadedModel;
-use crate::config::TemplateChoice;
+use crate::llm::settings::TemplateChoice;
 use crate::llm::chat::ChatTemplate;
 use crate::llm::model::Model;
 use crate::llm::model_config::ModelConfig;

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::gguf::HF_TOKENIZER_KEY;
-use crate::config::QuantType;
+use crate::llm::settings::QuantType;
 use crate::llm::lora::hf_to_gguf_rows;
 use crate::llm::model::Proj;
 use crate::llm::model_config::ModelConfig;

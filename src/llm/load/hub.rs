@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::config::ModelSettings;
+use crate::llm::settings::ModelSettings;
 
 /// Files of an HF model folder that the loader reads (shards come from the index).
 const FOLDER_FILES: [&str; 2] = ["config.json", "tokenizer.json"];

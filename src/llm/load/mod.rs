@@ -13,7 +13,7 @@ use candle_core::Device;
 
 use super::chat::ChatTemplate;
 use super::model::Model;
-use crate::config::ModelSettings;
+use crate::llm::settings::ModelSettings;
 
 /// Where a model comes from, parsed from `model.source` / `--model`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,8 +101,7 @@ pub fn load(settings: &ModelSettings, source_override: Option<&str>, device: &De
 
 /// [`load`] with the default settings and a local path or `hf:` id (tests, tools).
 pub fn load_path(path: &Path, device: &Device) -> Result<LoadedModel> {
-    let settings = crate::config::Settings::load_with_env(None, std::iter::empty())?;
-    load(&settings.model, Some(&path.to_string_lossy()), device)
+    load(&ModelSettings::defaults()?, Some(&path.to_string_lossy()), device)
 }
 
 #[cfg(test)]
