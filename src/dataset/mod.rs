@@ -299,7 +299,7 @@ pub fn build(
         let meta = Metadata {
             name,
             hash,
-            created_at: crate::store::now_secs(),
+            created_at: crate::util::clock::now_secs(),
             format: "chat-messages-jsonl-v1",
             source_store,
             cleaner: clean.fingerprint(),

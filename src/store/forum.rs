@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 use rusqlite::{params, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
-use super::{now_secs, Store};
+use super::Store;
+use crate::util::clock::now_secs;
 
 /// zstd level for raw HTML: fast to write, ~8x smaller than the page.
 const ZSTD_LEVEL: i32 = 3;

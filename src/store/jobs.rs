@@ -5,7 +5,8 @@
 use anyhow::{bail, Context, Result};
 use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 
-use super::{now_secs, Store};
+use super::Store;
+use crate::util::clock::now_secs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobKind {

@@ -5,7 +5,7 @@
 //! scraper's threads/pages/posts, [`feedback`] for bot answers, their Discord messages and votes.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension};
@@ -140,14 +140,6 @@ impl Store {
             .with_context(|| format!("writing meta {key}"))?;
         Ok(())
     }
-}
-
-/// Seconds since the Unix epoch; the store keeps times as integers.
-pub fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

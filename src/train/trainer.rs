@@ -322,7 +322,7 @@ impl TrainRun<'_> {
             wall_time_s: state.elapsed_s,
             device: crate::llm::device::describe(&device),
             activation_dtype: format!("{dtype:?}").to_lowercase(),
-            finished_at: crate::store::now_secs(),
+            finished_at: crate::util::clock::now_secs(),
         };
         report::write(&self.run_dir, &metrics)?;
         checkpoint::remove(&self.run_dir)?;

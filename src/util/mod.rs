@@ -1,3 +1,4 @@
 //! Small helpers shared by every part of the crate, depending on none of them.
 
+pub mod clock;
 pub mod compare;

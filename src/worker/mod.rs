@@ -81,7 +81,7 @@ async fn poll_loop(cx: WorkerCtx, store: Store) {
                 for job in jobs.into_iter().filter(|j| j.state == JobState::Queued) {
                     // The command records its response message right after queueing the job:
                     // wait for it (briefly), or progress would have nowhere to go.
-                    let awaiting_message = job.interaction_token.is_some() && job.status_message_id.is_none() && crate::store::now_secs() - job.created_at < 10;
+                    let awaiting_message = job.interaction_token.is_some() && job.status_message_id.is_none() && crate::util::clock::now_secs() - job.created_at < 10;
                     if running.contains_key(&job.kind) || awaiting_message {
                         continue;
                     }
