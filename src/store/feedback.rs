@@ -1,6 +1,7 @@
 //! Feedback the Discord bot collects: every answer it sends (keyed by the message ids that carry
 //! it, since reaction events name only the message), one vote per user per answer, and admin
-//! corrections. `dataset build` exports them (see `crate::dataset::feedback`).
+//! corrections. `dataset build` exports them (corrected and upvoted answers to training, downvoted ones
+//! to the rejected file).
 
 use anyhow::{Context, Result};
 use rusqlite::{params, OptionalExtension};
