@@ -56,7 +56,7 @@ fn rows_of(logits: &Tensor) -> Vec<Vec<f32>> {
 
 /// Logits after the prompt, then after each of `extra` fed tokens, for one prompt alone.
 fn alone(model: &Model, prompt: &[u32], extra: &[u32], adapter: Option<&LoraAdapter>) -> Vec<Vec<f32>> {
-    let mut cache = KvCache::new(model.config(), 1);
+    let mut cache = KvCache::new(1);
     let ids = Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let mut out = vec![rows_of(&model.forward(&ids, &mut cache, adapter, Logits::Last).unwrap()).remove(0)];
     for &t in extra {
@@ -76,7 +76,7 @@ fn batched(model: &Model, prompts: &[Vec<u32>], extra: &[u32], adapter: Option<&
         flat.extend(p);
     }
     let n = prompts.len();
-    let mut cache = KvCache::with_padding(model.config(), pads);
+    let mut cache = KvCache::with_padding(pads);
     let ids = Tensor::from_vec(flat, (n, longest), &Device::Cpu).unwrap();
     let mut steps = vec![rows_of(&model.forward(&ids, &mut cache, adapter, Logits::Last).unwrap())];
     for &t in extra {
@@ -154,7 +154,7 @@ fn merged_caches_decode_like_each_row_alone() {
         let mut caches = Vec::new();
         let mut firsts = Vec::new();
         for p in &prompts {
-            let mut c = KvCache::new(f.model.config(), 1);
+            let mut c = KvCache::new(1);
             let ids = Tensor::new(p.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
             firsts.push(rows_of(&f.model.forward(&ids, &mut c, a, Logits::Last).unwrap()).remove(0));
             caches.push(c);

@@ -47,7 +47,7 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 }
 
 fn all_logits(lm: &LoadedModel, ids: &[u32], adapter: Option<&LoraAdapter>) -> Vec<Vec<f32>> {
-    let mut cache = KvCache::new(lm.model.config(), 1);
+    let mut cache = KvCache::new(1);
     let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     lm.model.forward(&input, &mut cache, adapter, Logits::All).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
 }
@@ -87,13 +87,12 @@ fn sliding_window_changes_late_positions_only() {
 fn padded_batch_equals_single_rows() {
     let (dir, _) = setup(3);
     let lm = load_tiny(dir.path(), "f32");
-    let cfg = lm.model.config();
     let (a, b) = (prompt(12, 3), prompt(20, 4));
     let single = |ids: &[u32]| all_logits(&lm, ids, None).pop().unwrap();
     let mut flat = vec![0u32; 8];
     flat.extend(&a);
     flat.extend(&b);
-    let mut cache = KvCache::with_padding(cfg, vec![8, 0]);
+    let mut cache = KvCache::with_padding(vec![8, 0]);
     let input = Tensor::from_vec(flat, (2, 20), &Device::Cpu).unwrap();
     let batched: Vec<Vec<f32>> = lm.model.forward(&input, &mut cache, None, Logits::Last).unwrap().squeeze(1).unwrap().to_vec2().unwrap();
     for (row, ids) in [(0, &a), (1, &b)] {
@@ -119,7 +118,7 @@ fn kv_cache_decode_equals_full_prefill() {
     let lm = load_tiny(dir.path(), "f32");
     let ids = prompt(16, 5);
     let full = all_logits(&lm, &ids, None);
-    let mut cache = KvCache::new(lm.model.config(), 1);
+    let mut cache = KvCache::new(1);
     let head = Tensor::new(&ids[..5], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     lm.model.forward(&head, &mut cache, None, Logits::Last).unwrap();
     for (i, &t) in ids.iter().enumerate().skip(5) {
@@ -140,12 +139,12 @@ fn kv_cache_grows_in_chunks_and_keeps_what_it_holds() {
     let chunk = KvCache::CHUNK;
     let ids: Vec<u32> = (0..chunk as u32 + 12).map(|i| (i * 37 + 11) % cfg.vocab_size as u32).collect();
     let full: Vec<Vec<f32>> = {
-        let mut cache = KvCache::new(&cfg, 1);
+        let mut cache = KvCache::new(1);
         let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         model.forward(&input, &mut cache, None, Logits::All).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
     };
     let start = chunk - 4;
-    let mut cache = KvCache::new(&cfg, 1);
+    let mut cache = KvCache::new(1);
     let head = Tensor::new(&ids[..start], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     model.forward(&head, &mut cache, None, Logits::Last).unwrap();
     assert_eq!(cache.capacity(), chunk);
@@ -157,7 +156,7 @@ fn kv_cache_grows_in_chunks_and_keeps_what_it_holds() {
     assert_eq!(cache.len(), ids.len());
     assert_eq!(cache.capacity(), 2 * chunk, "grown by one chunk");
     // Dropping rows keeps the capacity and the padding of the rows kept.
-    let mut two = KvCache::with_padding(&cfg, vec![3, 0]);
+    let mut two = KvCache::with_padding(vec![3, 0]);
     let mut flat = vec![0u32; 3];
     flat.extend(&ids[..7]);
     flat.extend(&ids[..10]);

@@ -30,7 +30,7 @@ fn core_loss(lm: &LoadedModel, adapter: &LoraAdapter, examples: &[Example]) -> f
     let (mut nll, mut n) = (0.0, 0usize);
     for ex in examples {
         let ids = Tensor::new(ex.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let mut cache = KvCache::new(lm.model.config(), 1);
+        let mut cache = KvCache::new(1);
         let logits = lm.model.forward(&ids, &mut cache, Some(adapter), Logits::All).unwrap().squeeze(0).unwrap();
         let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64).unwrap(), D::Minus1).unwrap().to_vec2::<f64>().unwrap();
         for t in 0..ex.len() - 1 {

@@ -129,7 +129,7 @@ fn training_forward_matches_the_inference_forward() {
     let exact = freeski_bot::llm::random::dequantized(&lm.model).unwrap();
     let adapter = params.to_adapter("check").unwrap();
     let ids = Tensor::new(b.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let mut cache = KvCache::new(exact.config(), 1);
+    let mut cache = KvCache::new(1);
     let logits = exact.forward(&ids, &mut cache, Some(&adapter), Logits::All).unwrap().squeeze(0).unwrap();
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64).unwrap(), 1).unwrap().to_vec2::<f64>().unwrap();
     let (pos, next) = b.predictions();

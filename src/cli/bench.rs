@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{QuantType, Settings};
 use crate::llm::device::{self, gib};
 use crate::llm::lora::{AdapterConfig, LoraAdapter};
-use crate::llm::fast_decode::RowKernels;
+use crate::llm::fused_decode::RowKernels;
 use crate::llm::model::{KvCache, Logits, Model, Proj};
 use crate::llm::{load, random, sampling};
 use crate::train::dropout::{Dropout, MaskKey};
@@ -350,7 +350,7 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     // The same measurements through candle's ops alone (4-bit kernels for prompts too), for the
     // before/after in one run on one card.
     let candle = if args.compare && dev.is_cuda() {
-        model.set_fast_decode(false);
+        model.set_fused_decode(false);
         model.set_dense_prefill_rows(usize::MAX);
         Some(time_paths(&model, adapter, &args, &mut peak_dev)?)
     } else {
@@ -440,7 +440,7 @@ fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench
     // Warm up kernels, cuBLAS and the allocator once on every shape timed below (the long
     // prompt may take the dense GEMM path and the short one candle's 4-bit kernels).
     for n in [args.prompt_tokens, args.ttft_tokens] {
-        let mut warm = KvCache::new(cfg, 1);
+        let mut warm = KvCache::new(1);
         let tok = greedy_step(model, &mut warm, &prompt(n.max(2)), adapter)?;
         greedy_step(model, &mut warm, &[tok], adapter)?;
     }
@@ -449,7 +449,7 @@ fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench
     for _ in 0..reps {
         let p = prompt(args.prompt_tokens);
         let t = Instant::now();
-        let mut cache = KvCache::new(cfg, 1);
+        let mut cache = KvCache::new(1);
         greedy_step(model, &mut cache, &p, adapter)?;
         prefill.push(t.elapsed());
         sample();
@@ -458,12 +458,12 @@ fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench
     for _ in 0..reps {
         let p = prompt(args.ttft_tokens);
         let t = Instant::now();
-        greedy_step(model, &mut KvCache::new(cfg, 1), &p, adapter)?;
+        greedy_step(model, &mut KvCache::new(1), &p, adapter)?;
         ttft.push(t.elapsed());
     }
     let mut decode = Vec::new();
     for _ in 0..reps {
-        let mut cache = KvCache::new(cfg, 1);
+        let mut cache = KvCache::new(1);
         let mut tok = greedy_step(model, &mut cache, &prompt(32), adapter)?;
         let t = Instant::now();
         for _ in 0..args.decode_tokens {
@@ -496,12 +496,11 @@ struct Batched {
 /// engine's steps (each prompt prefilled alone, the caches merged), timed over `tokens` steps
 /// (median of `reps`), and each prompt alone for the outputs the batch must reproduce.
 fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>], tokens: usize, reps: usize) -> Result<Batched> {
-    let cfg = model.config();
     let n = prompts.len();
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
-            let mut cache = KvCache::new(cfg, 1);
+            let mut cache = KvCache::new(1);
             let mut out = vec![greedy_step(model, &mut cache, p, adapter)?];
             for _ in 1..tokens {
                 out.push(greedy_step(model, &mut cache, &[*out.last().expect("one token")], adapter)?);
@@ -520,7 +519,7 @@ fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u
         let mut caches = Vec::with_capacity(n);
         let mut next = Vec::with_capacity(n);
         for p in prompts {
-            let mut c = KvCache::new(cfg, 1);
+            let mut c = KvCache::new(1);
             next.push(greedy_step(model, &mut c, p, adapter)?);
             caches.push(c);
         }
@@ -658,7 +657,7 @@ fn fused_decode_parity(dev: &Device, cfg: &crate::llm::ModelConfig, quant: Bench
     let ids = Tensor::from_vec(flat, (rows, longest), dev)?;
     let rel = |a: &Tensor, b: &Tensor| -> Result<f64> { Ok(rel_diff(&a.flatten_all()?.to_vec1::<f32>()?, &b.flatten_all()?.to_vec1::<f32>()?)) };
     let prefill = |m: &Model| -> Result<(KvCache, Tensor)> {
-        let mut cache = KvCache::with_padding(cfg, pads.clone());
+        let mut cache = KvCache::with_padding(pads.clone());
         let l = m.forward(&ids, &mut cache, a, Logits::Last)?;
         Ok((cache, l))
     };
@@ -673,10 +672,10 @@ fn fused_decode_parity(dev: &Device, cfg: &crate::llm::ModelConfig, quant: Bench
     for _ in 0..steps {
         let next: Vec<u32> = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
         let t = Tensor::from_vec(next, (rows, 1), dev)?;
-        packed.set_fast_decode(true);
+        packed.set_fused_decode(true);
         let lf = packed.forward(&t, &mut c_fused, a, Logits::Last)?;
         used_fused &= packed.fused_launches_per_step().is_some_and(|n| n > 0);
-        packed.set_fast_decode(false);
+        packed.set_fused_decode(false);
         let lo = packed.forward(&t, &mut c_ops, a, Logits::Last)?;
         l_exact = exact.forward(&t, &mut c_exact, a, Logits::Last)?;
         fused = fused.max(rel(&l_exact, &lf)?);
@@ -697,7 +696,7 @@ fn bench_parity(args: ParityBench) -> Result<()> {
     let tensors = adapter_cpu.to_hf_tensors()?.into_iter().map(|(k, v)| Ok((k, v.to_device(&dev)?))).collect::<Result<HashMap<_, _>>>()?;
     let adapter_dev = LoraAdapter::from_hf_tensors(adapter_cpu.id.clone(), adapter_cpu.config.clone(), tensors, &cfg)?;
     let run = |m: &Model, a: &LoraAdapter| -> Result<Vec<f32>> {
-        let mut cache = KvCache::new(&cfg, 1);
+        let mut cache = KvCache::new(1);
         let l = m.forward(&Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?, &mut cache, Some(a), Logits::All)?;
         Ok(l.flatten_all()?.to_vec1::<f32>()?)
     };

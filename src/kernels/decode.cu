@@ -1,4 +1,4 @@
-// The non-matmul kernels of the fused decode step (src/llm/fast_decode.rs): preparing a matvec's
+// The non-matmul kernels of the fused decode step (src/llm/fused_decode.rs): preparing a matvec's
 // input (RMSNorm, int8 quantization and LoRA's down-projection u = A·x for the projections that
 // share the input, in one launch), rotary embedding with the KV-cache append, and single-query
 // attention. Activations are f32, laid out [rows, features] with rows <= 8; the KV cache is

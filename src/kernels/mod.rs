@@ -4,11 +4,11 @@
 //!
 //! * `dropout.cu`: keyed dropout for training; its Rust twin is `train::dropout`.
 //! * `quant.cu`: kernels that read GGML-packed weights in place: dequantization to bf16/f16
-//!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fast_decode`).
+//!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fused_decode`).
 //! * `train.cu`: fused backwards of SwiGLU, RMSNorm and softmax for `train::ops`, and the
 //!   AdamW update for `train::optim`.
 //! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
-//!   kernel), rotary + KV append and decode attention for `llm::fast_decode`.
+//!   kernel), rotary + KV append and decode attention for `llm::fused_decode`.
 //!
 //! The CPU build has no kernels; the candle path is the reference each kernel is checked against
 //! (`bench parity` on the GPU machine, BENCHMARKS.md).

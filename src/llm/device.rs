@@ -1,7 +1,7 @@
 //! Device selection (`cpu`, `cuda:N`) and memory readings for reports and benchmarks.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 /// Parse `cpu` or `cuda:N` (`cuda` alone means `cuda:0`).
 pub fn parse_device(spec: &str) -> Result<Device> {
@@ -18,11 +18,6 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         bail!("device `{spec}` asked for, but this binary was built without CUDA (rebuild with `--features cuda`)");
     }
     Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
-}
-
-/// Activation dtype: f32 everywhere for now; quantized matmuls take f32 input on every backend.
-pub fn compute_dtype(_device: &Device) -> DType {
-    DType::F32
 }
 
 pub fn describe(device: &Device) -> String {

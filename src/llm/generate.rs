@@ -187,7 +187,7 @@ impl<'a, K> DecodeBatch<'a, K> {
     pub fn add(&mut self, key: K, req: Request<'a>, started: Instant) -> Result<()> {
         ensure!(!req.prompt.is_empty(), "empty prompt");
         ensure!(req.prompt.len() < req.opts.max_context, "prompt of {} tokens does not fit the context of {} tokens", req.prompt.len(), req.opts.max_context);
-        let cache = KvCache::new(self.lm.model.config(), 1);
+        let cache = KvCache::new(1);
         self.joining.push_back(Joining { key, row: Row::new(self.lm, req, started), cache, fed: 0 });
         Ok(())
     }

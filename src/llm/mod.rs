@@ -5,7 +5,7 @@ pub mod chat;
 pub mod detok;
 pub mod device;
 pub mod engine;
-pub mod fast_decode;
+pub mod fused_decode;
 pub mod generate;
 pub mod load;
 pub mod lora;

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::lora::LoraAdapter;
 use super::model_config::ModelConfig;
-use super::fast_decode::{FastDecoder, RowKernels, MAX_ROWS};
+use super::fused_decode::{FusedDecoder, RowKernels, MAX_ROWS};
 use super::qlinear::BaseLinear;
 
 /// The seven linear layers of a decoder block, in PEFT's naming.
@@ -131,12 +131,12 @@ impl KvCache {
     pub const CHUNK: usize = 256;
 
     /// An empty cache for `batch` rows without padding.
-    pub fn new(cfg: &ModelConfig, batch: usize) -> Self {
-        Self::with_padding(cfg, vec![0; batch])
+    pub fn new(batch: usize) -> Self {
+        Self::with_padding(vec![0; batch])
     }
 
     /// An empty cache whose rows are left-padded by `pad[b]` tokens.
-    pub fn with_padding(_cfg: &ModelConfig, pad: Vec<usize>) -> Self {
+    pub fn with_padding(pad: Vec<usize>) -> Self {
         Self { layers: Vec::new(), len: 0, capacity: 0, pad, raw: Vec::new() }
     }
 
@@ -279,10 +279,10 @@ pub struct Model {
     lm_head: Option<BaseLinear>,
     cos: Tensor,
     sin: Tensor,
-    /// Decode steps take the fused CUDA path where it applies ([`FastDecoder`]).
-    fast_decode: bool,
+    /// Decode steps take the fused CUDA path where it applies ([`FusedDecoder`]).
+    fused_decode: bool,
     /// Built on the first decode step; `None` inside when the fused path does not apply.
-    fast: std::sync::OnceLock<Option<FastDecoder>>,
+    fused: std::sync::OnceLock<Option<FusedDecoder>>,
     /// Inputs of at least this many tokens per sequence run each projection as one bf16 GEMM on
     /// a weight dequantized by the project's kernel (CUDA only); shorter ones use candle's 4-bit
     /// kernels. Counted per sequence, not over the batch, so a sequence's output does not
@@ -331,7 +331,8 @@ impl Model {
         cfg.tie_embeddings = lm_head.is_none();
         let (cos, sin) = rope_tables(&cfg, device)?;
         Ok(Self {
-            dtype: super::device::compute_dtype(device),
+            // Activations are f32 on every backend: candle's quantized matmuls take f32 input.
+            dtype: DType::F32,
             device: device.clone(),
             cfg,
             embed,
@@ -340,8 +341,8 @@ impl Model {
             lm_head,
             cos,
             sin,
-            fast_decode: true,
-            fast: Default::default(),
+            fused_decode: true,
+            fused: Default::default(),
             dense_rows: if device.is_cuda() { DENSE_PREFILL_ROWS } else { usize::MAX },
         })
     }
@@ -405,16 +406,16 @@ impl Model {
             lm_head: self.lm_head.as_ref().map(&mut map).transpose()?,
             cos: self.cos.clone(),
             sin: self.sin.clone(),
-            fast_decode: self.fast_decode,
-            fast: Default::default(),
+            fused_decode: self.fused_decode,
+            fused: Default::default(),
             dense_rows: self.dense_rows,
         })
     }
 
     /// Turn the fused CUDA decode step on or off (off: every step runs candle's ops; benchmarks
     /// and parity checks compare the two).
-    pub fn set_fast_decode(&mut self, on: bool) {
-        self.fast_decode = on;
+    pub fn set_fused_decode(&mut self, on: bool) {
+        self.fused_decode = on;
     }
 
     /// Tokens per sequence from which prompts use one bf16 GEMM per projection (`usize::MAX`:
@@ -425,13 +426,13 @@ impl Model {
 
     /// Whether one-token steps take the fused CUDA path on this model (built on first use).
     pub fn fused_decode_active(&self) -> Result<bool> {
-        Ok(self.fast_decode && self.fast_decoder()?.is_some())
+        Ok(self.fused_decode && self.fused_decoder()?.is_some())
     }
 
     /// Replay fused decode steps as CUDA graphs (the default) or launch every kernel of each
     /// step (benchmarks compare the two).
     pub fn set_decode_graphs(&self, on: bool) -> Result<()> {
-        if let Some(f) = self.fast_decoder()? {
+        if let Some(f) = self.fused_decoder()? {
             f.set_graphs(on);
         }
         Ok(())
@@ -439,7 +440,7 @@ impl Model {
 
     /// Which matvec kernels the fused decode step uses for 1 and 2 rows (see [`RowKernels`]).
     pub fn set_decode_row_kernels(&self, rows: RowKernels) -> Result<()> {
-        if let Some(f) = self.fast_decoder()? {
+        if let Some(f) = self.fused_decoder()? {
             f.set_row_kernels(rows);
         }
         Ok(())
@@ -457,16 +458,16 @@ impl Model {
 
     /// Kernel launches of the last fused decode step, if one ran.
     pub fn fused_launches_per_step(&self) -> Option<usize> {
-        self.fast.get()?.as_ref().map(FastDecoder::launches)
+        self.fused.get()?.as_ref().map(FusedDecoder::launches)
     }
 
-    fn fast_decoder(&self) -> Result<Option<&FastDecoder>> {
-        if let Some(f) = self.fast.get() {
+    fn fused_decoder(&self) -> Result<Option<&FusedDecoder>> {
+        if let Some(f) = self.fused.get() {
             return Ok(f.as_ref());
         }
-        let built = FastDecoder::new(self)?;
+        let built = FusedDecoder::new(self)?;
         // Two threads may race to build it; the loser's copy is dropped.
-        Ok(self.fast.get_or_init(|| built).as_ref())
+        Ok(self.fused.get_or_init(|| built).as_ref())
     }
 
     /// Fold an adapter into the base weights (re-quantizing them); the model then answers as
@@ -482,7 +483,7 @@ impl Model {
             }
         }
         // The fused step holds the old weights' addresses.
-        self.fast = Default::default();
+        self.fused = Default::default();
         Ok(())
     }
 
@@ -497,8 +498,8 @@ impl Model {
         }
         let offset = cache.len;
         cache.reserve(&self.cfg, t, self.dtype, &self.device)?;
-        if t == 1 && self.fast_decode {
-            if let Some(logits) = self.fast_decoder()?.map(|f| f.step(self, ids, cache, adapter)).transpose()?.flatten() {
+        if t == 1 && self.fused_decode {
+            if let Some(logits) = self.fused_decoder()?.map(|f| f.step(self, ids, cache, adapter)).transpose()?.flatten() {
                 cache.len = offset + 1;
                 return Ok(logits);
             }

@@ -19,11 +19,11 @@
 pub const MAX_ROWS: usize = 8;
 
 #[cfg(feature = "cuda")]
-pub use imp::{FastDecoder, RowKernels};
+pub use imp::{FusedDecoder, RowKernels};
 
 /// Without CUDA there is no fused step: the type has no values and `new` never builds one.
 #[cfg(not(feature = "cuda"))]
-pub enum FastDecoder {}
+pub enum FusedDecoder {}
 
 /// Which matvec kernels serve 1 and 2 rows (CUDA only; see the CUDA build's documentation).
 #[cfg(not(feature = "cuda"))]
@@ -34,7 +34,7 @@ pub enum RowKernels {
 }
 
 #[cfg(not(feature = "cuda"))]
-impl FastDecoder {
+impl FusedDecoder {
     pub fn new(_model: &super::Model) -> anyhow::Result<Option<Self>> {
         Ok(None)
     }
@@ -245,7 +245,7 @@ mod imp {
     // SAFETY: see above; the graph is created, launched and dropped only while the mutex is held.
     unsafe impl Send for StepGraph {}
 
-    pub struct FastDecoder {
+    pub struct FusedDecoder {
         dev: CudaDevice,
         k: Kernels,
         layers: Vec<Layer>,
@@ -305,7 +305,7 @@ mod imp {
         LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
     }
 
-    impl FastDecoder {
+    impl FusedDecoder {
         /// The fused step for `model`, or `None` when it does not apply (not on CUDA, a weight
         /// type without a kernel, a head size over 256).
         pub fn new(model: &Model) -> Result<Option<Self>> {
