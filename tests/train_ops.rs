@@ -1,4 +1,4 @@
-//! Gradient checks for the training ops in `freeski_bot::train::ops` (issue 4).
+//! Gradient checks for the training ops in `freeski_bot::train::ops`.
 //!
 //! Dense ops are checked in f64 against central finite differences of a scalar loss
 //! `L(x) = Σ op(x) ∘ R` (R fixed random). The quantized op's forward quantizes activations on

@@ -1,4 +1,4 @@
-//! Real learning (issue 4): SmolLM2-135M-Instruct fine-tuned on the committed freeski
+//! Real learning: SmolLM2-135M-Instruct fine-tuned on the committed freeski
 //! conversations (tests/fixtures/freeski_chat) for a bounded number of CPU steps lowers the
 //! held-out loss by a stated margin; the saved adapter is in PEFT's format and, reloaded by the
 //! LLM core, reproduces the final held-out loss.
@@ -83,7 +83,7 @@ fn smollm2_learns_freeski_answers_and_the_adapter_reloads() {
     let (core, train_path) = (core_loss(&lm, &adapter, few), evaluate(&fwd, Some(&view), few, 4).unwrap());
     assert!((core - train_path).abs() / train_path < 0.02, "inference path {core} vs training path {train_path}");
 
-    // PEFT's format (DESIGN §4).
+    // PEFT's format, so PEFT and transformers load the adapter as they load their own.
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 8);

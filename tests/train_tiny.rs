@@ -1,4 +1,4 @@
-//! QLoRA training on a tiny random model with quantized base layers (issue 4): gradients against
+//! QLoRA training on a tiny random model with quantized base layers: gradients against
 //! finite differences, checkpointed against whole-graph backward, cancel + resume against an
 //! uninterrupted run, and bad datasets.
 

@@ -1,4 +1,4 @@
-//! The worker end to end (issue 6): `/retrain` and friends through the real bot, engine,
+//! The worker end to end: `/retrain` and friends through the real bot, engine,
 //! scraper, dataset builder and trainer, against the fake Discord and the fixture forum, on the
 //! tiny random Llama (SmolLM2 tokenizer) so that training takes seconds on a CPU.
 

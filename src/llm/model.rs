@@ -291,7 +291,7 @@ pub struct Model {
 }
 
 /// Default prompt length (tokens per sequence) from which prompts use the dequantize + GEMM
-/// path on CUDA. Measured on the H200 (BENCHMARKS.md, performance issue): 512-token prompts
+/// path on CUDA. Measured on the H200 (BENCHMARKS.md): 512-token prompts
 /// 1.3-1.4x faster that way; at 100 tokens dequantizing every weight costs about what the GEMM
 /// saves, so those stay on candle's 4-bit kernels.
 pub const DENSE_PREFILL_ROWS: usize = 128;

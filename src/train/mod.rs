@@ -1,7 +1,7 @@
-//! QLoRA training through a frozen 4-bit base (issue 4).
+//! QLoRA training through a frozen 4-bit base.
 //!
-//! candle's quantized matmul and its fused RMSNorm / softmax / RoPE kernels have no backward
-//! (DESIGN §3): [`ops`] adds ops with a backward. [`forward`] is the decoder's training pass on
+//! candle's quantized matmul and its fused RMSNorm / softmax / RoPE kernels have no backward,
+//! so [`ops`] adds ops with a backward. [`forward`] is the decoder's training pass on
 //! a loaded model's frozen weights with LoRA [`params`], [`dropout`] and per-layer gradient
 //! checkpointing, whose recomputed layers are differentiated by hand (`backward`); [`trainer`] is the loop (AdamW from [`optim`], [`checkpoint`]s, evaluation,
 //! early stop) fed by [`data`]; [`report`] writes `metrics.json` and `loss.png`.

@@ -1,8 +1,8 @@
 //! A fake Discord on 127.0.0.1 that the real serenity client talks to: REST (hyper) and the
 //! gateway (WebSocket). It records every REST call with its own clock, answers with full
 //! Message objects, runs the gateway handshake, and lets tests inject events, reconnects,
-//! invalid sessions, malformed payloads and REST failures. Recipe and serenity 0.12.5 quirks:
-//! shared DESIGN §5.
+//! invalid sessions, malformed payloads and REST failures. The bot reaches it through
+//! `discord.api_base`; `GET /gateway` hands serenity the fake's WebSocket URL.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
