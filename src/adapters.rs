@@ -88,12 +88,7 @@ pub fn validate_id(id: &str) -> Result<()> {
         matches!((c.next(), c.next()), (Some(std::path::Component::Normal(_)), None))
     };
     anyhow::ensure!(
-        !id.is_empty()
-            && id.chars().count() <= MAX_ID_CHARS
-            && one_plain_component
-            && !id.starts_with('.')
-            && !id.contains(['/', '\\'])
-            && !id.chars().any(char::is_control),
+        !id.is_empty() && id.chars().count() <= MAX_ID_CHARS && one_plain_component && !id.starts_with('.') && !id.contains(['/', '\\']) && !id.chars().any(char::is_control),
         "not an adapter id: ids are folder names inside the adapters folder (no paths, at most {MAX_ID_CHARS} characters)"
     );
     Ok(())

@@ -76,10 +76,7 @@ impl Settings {
                 .source(Some(env)),
         );
         let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults/local.toml/environment".into());
-        let settings: Settings = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .with_context(|| format!("invalid settings ({origin})"))?;
+        let settings: Settings = builder.build().and_then(|c| c.try_deserialize()).with_context(|| format!("invalid settings ({origin})"))?;
         settings.generation.validate()?;
         settings.scrape.validate()?;
         settings.dataset.validate()?;
@@ -111,15 +108,13 @@ mod tests {
 
     #[test]
     fn env_overrides_and_parses() {
-        let s = Settings::load_with_env(
-            None,
-            env(&[("FREESKI__GENERATION__TEMPERATURE", "0"), ("FREESKI__MODEL__DEVICE", "cuda:1"), ("FREESKI__GENERATION__STOP", "a,b")]),
-        )
-        .unwrap();
+        let s =
+            Settings::load_with_env(None, env(&[("FREESKI__GENERATION__TEMPERATURE", "0"), ("FREESKI__MODEL__DEVICE", "cuda:1"), ("FREESKI__GENERATION__STOP", "a,b")])).unwrap();
         assert_eq!(s.generation.temperature, 0.0);
         assert_eq!(s.model.device, "cuda:1");
         assert_eq!(s.generation.stop, vec!["a", "b"]);
-        let s = Settings::load_with_env(None, env(&[("FREESKI__DISCORD__GUILD_IDS", "1,22"), ("FREESKI__DISCORD__ADMIN_USER_IDS", "5"), ("FREESKI__BOT__USER_BURST", "2")])).unwrap();
+        let s =
+            Settings::load_with_env(None, env(&[("FREESKI__DISCORD__GUILD_IDS", "1,22"), ("FREESKI__DISCORD__ADMIN_USER_IDS", "5"), ("FREESKI__BOT__USER_BURST", "2")])).unwrap();
         assert_eq!((s.discord.guild_ids, s.discord.admin_user_ids, s.bot.user_burst), (vec![1, 22], vec![5], 2));
         let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__BOT__VOTE_DOWN_EMOJI", "👍")])).unwrap_err());
         assert!(err.contains("bot.vote_up_emoji"), "{err}");

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fake_discord::{FakeDiscord, BOT_ID, CHANNEL_ID, GUILD_ID};
 use common::bot::start;
+use common::fake_discord::{FakeDiscord, BOT_ID, CHANNEL_ID, GUILD_ID};
 use common::script_model::{self, End};
 use freeski_bot::config::Settings;
 use freeski_bot::llm::engine::{AdapterChoice, Engine, Event, Question, Ticket};
@@ -19,7 +19,6 @@ use freeski_bot::store::{AnswerId, JobKind, Store};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
-
 
 fn settings(dir: &Path, fake: &FakeDiscord, extra: &[(&str, &str)]) -> Arc<Settings> {
     Arc::new(Settings::load_with_env(None, settings_env(dir, fake, extra)).unwrap())
@@ -48,7 +47,6 @@ fn settings_env(dir: &Path, fake: &FakeDiscord, extra: &[(&str, &str)]) -> Vec<(
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env
 }
-
 
 fn stop_script(words: usize) -> (Arc<LoadedModel>, String) {
     let tok = script_model::tokenizer();
@@ -219,17 +217,13 @@ async fn slash_ask_is_deferred_at_once_while_the_engine_is_busy() {
     let busy = blocker(&bot.engine).await;
     let sent = fake.now();
     let token = fake.slash(7, false, "ask", json!([{"name": "question", "type": 3, "value": "what wax?"}]));
-    let callback = fake
-        .wait_for("the deferral", T, |f| f.calls().into_iter().find(|c| c.path.ends_with("/callback") && c.path.contains(&token)))
-        .await;
+    let callback = fake.wait_for("the deferral", T, |f| f.calls().into_iter().find(|c| c.path.ends_with("/callback") && c.path.contains(&token))).await;
     assert_eq!(callback.body["type"], json!(5), "a deferred response");
     assert!(callback.at - sent < Duration::from_secs(3), "deferred after {:?}", callback.at - sent);
     assert!(bot.engine.has_waiting());
     drop(busy);
     let db = dir.path().join("store.sqlite");
-    let edit = fake
-        .wait_for("the answer", T, |f| f.calls().into_iter().rev().find(|c| c.method == "PATCH" && c.path.contains(&token) && c.path.ends_with("@original")))
-        .await;
+    let edit = fake.wait_for("the answer", T, |f| f.calls().into_iter().rev().find(|c| c.method == "PATCH" && c.path.contains(&token) && c.path.ends_with("@original"))).await;
     no_mentions_allowed(&edit.body);
     let id = wait_store(&db, "the stored /ask answer", |s| answer_for(s, edit.message_id.unwrap())).await;
     assert_eq!(Store::open(&db).unwrap().answer(id).unwrap().unwrap().answer, text);
@@ -365,9 +359,7 @@ async fn a_flood_from_one_user_gets_one_notice_and_twenty_users_queue_in_order()
     // 30 mentions at once from one user: 3 answered (the burst), one notice, the rest dropped
     // without a message (a notice per message would flood the channel).
     let burst: Vec<u64> = (0..30).map(|i| id_of(&fake.say(7, &format!("<@{BOT_ID}> question {i}"), true, None))).collect();
-    let refusals = |f: &FakeDiscord| {
-        f.calls().iter().filter(|c| c.method == "POST" && c.body["content"].as_str().is_some_and(|t| t.contains("faster than I can keep up"))).count()
-    };
+    let refusals = |f: &FakeDiscord| f.calls().iter().filter(|c| c.method == "POST" && c.body["content"].as_str().is_some_and(|t| t.contains("faster than I can keep up"))).count();
     fake.wait_for("the rate-limit notice", T, |f| (refusals(f) >= 1).then_some(())).await;
     wait_store(&db, "3 answers", |s| (burst.iter().filter(|q| replies_to(&fake, **q).first().is_some_and(|m| answer_for(s, *m).is_some())).count() == 3).then_some(())).await;
 
@@ -379,7 +371,12 @@ async fn a_flood_from_one_user_gets_one_notice_and_twenty_users_queue_in_order()
         let ahead = u + 1;
         let notice = fake.wait_for("a queue notice", T, |f| replies_to(f, q).first().copied()).await;
         let text = content(&fake, notice);
-        assert!(text.contains(&format!("{ahead} question{} ahead", if ahead == 1 { "" } else { "s" })), "user {u}: {text} (running {}, waiting {})", bot.engine.running(), bot.engine.queue_depth());
+        assert!(
+            text.contains(&format!("{ahead} question{} ahead", if ahead == 1 { "" } else { "s" })),
+            "user {u}: {text} (running {}, waiting {})",
+            bot.engine.running(),
+            bot.engine.queue_depth()
+        );
         questions.push(q);
     }
     drop(busy);
@@ -466,8 +463,7 @@ async fn deleting_the_question_cancels_and_shutdown_closes_answers() {
 
 /// The PATCH that completed interaction `token`'s deferred response, the last one.
 async fn final_edit(fake: &FakeDiscord, token: &str, what: &str) -> common::fake_discord::Call {
-    fake.wait_for(what, T, |f| f.calls().into_iter().rev().find(|c| c.method == "PATCH" && c.status == 200 && c.path.contains(token) && c.path.ends_with("@original")))
-        .await
+    fake.wait_for(what, T, |f| f.calls().into_iter().rev().find(|c| c.method == "PATCH" && c.status == 200 && c.path.contains(token) && c.path.ends_with("@original"))).await
 }
 
 fn adapter_activate(fake: &FakeDiscord, id: &str) -> String {
@@ -617,7 +613,12 @@ async fn run_binary_honours_generation_flags_and_keeps_tokens_out_of_its_log() {
     let env = settings_env(
         dir.path(),
         &fake,
-        &[("FREESKI__GENERATION__MAX_NEW_TOKENS", "64"), ("FREESKI__GENERATION__TEMPERATURE", "0.9"), ("FREESKI__GENERATION__SEED", "77"), ("FREESKI__GENERATION__SYSTEM_PROMPT", "")],
+        &[
+            ("FREESKI__GENERATION__MAX_NEW_TOKENS", "64"),
+            ("FREESKI__GENERATION__TEMPERATURE", "0.9"),
+            ("FREESKI__GENERATION__SEED", "77"),
+            ("FREESKI__GENERATION__SYSTEM_PROMPT", ""),
+        ],
     );
     let err_log = dir.path().join("bot.err");
     let sessions = fake.identifies() + 1;

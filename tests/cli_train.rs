@@ -94,10 +94,21 @@ fn killed_run_resumes_to_the_uninterrupted_result() {
     let report = std::fs::read_to_string(root.join("adapters/straight/eval.md")).unwrap();
     assert!(report.contains("| base |") && report.contains("| adapter |"), "{report}");
     assert!(report.contains("ORIGINAL (base)") && report.contains("FINETUNED (adapter)"), "{report}");
-    assert_eq!(report.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| question") && !l.starts_with("| model") && !l.starts_with("| base") && !l.starts_with("| adapter")).count(), 1, "{report}");
+    assert_eq!(
+        report
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| question") && !l.starts_with("| model") && !l.starts_with("| base") && !l.starts_with("| adapter"))
+            .count(),
+        1,
+        "{report}"
+    );
 
     // model.max_context = 0 is the model's own limit, for eval as for answering.
-    let out = ok(bin(root).env("FREESKI__MODEL__MAX_CONTEXT", "0").args(["eval", "--adapter", "straight", "--data", "data", "--model", "model", "--device", "cpu", "--questions", "1"]).output().unwrap());
+    let out = ok(bin(root)
+        .env("FREESKI__MODEL__MAX_CONTEXT", "0")
+        .args(["eval", "--adapter", "straight", "--data", "data", "--model", "model", "--device", "cpu", "--questions", "1"])
+        .output()
+        .unwrap());
     assert!(out.contains("adapter straight"), "{out}");
     assert_eq!(std::fs::read_to_string(root.join("adapters/straight/eval.md")).unwrap(), report, "same greedy answers with the model's own limit");
 }

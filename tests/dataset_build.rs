@@ -16,18 +16,11 @@ use freeski_bot::store::{NewAnswer, Store, Turn, Vote};
 use serde_json::Value;
 
 fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("valid JSON line"))
-        .collect()
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).expect("valid JSON line")).collect()
 }
 
 fn ds_settings(out: &Path) -> DatasetSettings {
-    DatasetSettings {
-        dir: out.to_path_buf(),
-        ..DatasetSettings::default()
-    }
+    DatasetSettings { dir: out.to_path_buf(), ..DatasetSettings::default() }
 }
 
 fn build(db: &Path, s: &DatasetSettings) -> dataset::BuildReport {
@@ -61,17 +54,8 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
     let s = ds_settings(&dir.path().join("datasets"));
     let report = build(&db, &s);
     let folder = &report.written.path;
-    assert!(
-        report.written.name.starts_with("ds-")
-            && report.written.hash.starts_with(&report.written.name[3..])
-    );
-    for f in [
-        "train.jsonl",
-        "test.jsonl",
-        "rejected.jsonl",
-        "stats.json",
-        "metadata.json",
-    ] {
+    assert!(report.written.name.starts_with("ds-") && report.written.hash.starts_with(&report.written.name[3..]));
+    for f in ["train.jsonl", "test.jsonl", "rejected.jsonl", "stats.json", "metadata.json"] {
         assert!(folder.join(f).is_file(), "{f} missing");
     }
     let train = lines(&folder.join("train.jsonl"));
@@ -90,12 +74,8 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
         if !pages.contains(&1) {
             continue; // gone, blocked or down: nothing stored
         }
-        let replies: Vec<&fixture_forum::FPost> =
-            pages.iter().flat_map(|p| t.posts_on(*p)).skip(1).collect();
-        let answers = replies
-            .iter()
-            .filter(|p| p.expect == Expect::Answer)
-            .count();
+        let replies: Vec<&fixture_forum::FPost> = pages.iter().flat_map(|p| t.posts_on(*p)).skip(1).collect();
+        let answers = replies.iter().filter(|p| p.expect == Expect::Answer).count();
         for p in &replies {
             if let Expect::Skip(reason) = p.expect {
                 *want_drops.entry(reason).or_default() += 1;
@@ -104,10 +84,7 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
         if replies.is_empty() {
             *want_drops.entry("no_replies").or_default() += 1;
         }
-        want_substantive += replies
-            .iter()
-            .filter(|p| matches!(p.expect, Expect::Answer | Expect::Skip("by_original_poster")))
-            .count() as u64;
+        want_substantive += replies.iter().filter(|p| matches!(p.expect, Expect::Answer | Expect::Skip("by_original_poster"))).count() as u64;
         // No cap by default: every reply that passes screening is a pair.
         if idx == CROSSPOST_IDX {
             *want_drops.entry("exact_duplicate").or_default() += answers as u64;
@@ -134,27 +111,13 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
     assert_eq!(c.seen, want_substantive);
     assert_eq!(c.used + near, want_pairs as u64);
     assert_eq!(c.used + c.dropped.values().sum::<u64>(), c.seen, "{c:?}");
-    assert_eq!(
-        c.dropped.get("by_original_poster").copied(),
-        want_drops.get("by_original_poster").copied()
-    );
-    assert_eq!(
-        c.dropped.get("exact_duplicate").copied(),
-        want_drops.get("exact_duplicate").copied()
-    );
+    assert_eq!(c.dropped.get("by_original_poster").copied(), want_drops.get("by_original_poster").copied());
+    assert_eq!(c.dropped.get("exact_duplicate").copied(), want_drops.get("exact_duplicate").copied());
     let summary = report.to_string();
-    assert!(
-        summary.contains(&format!("substantive replies: {} seen, {} used", c.seen, c.used)),
-        "{summary}"
-    );
+    assert!(summary.contains(&format!("substantive replies: {} seen, {} used", c.seen, c.used)), "{summary}");
     assert_eq!(report.stats.train as usize, train.len());
     for (reason, n) in &want_drops {
-        assert_eq!(
-            report.stats.dropped.get(*reason).copied().unwrap_or(0),
-            *n,
-            "dropped for {reason}: {:?}",
-            report.stats.dropped
-        );
+        assert_eq!(report.stats.dropped.get(*reason).copied().unwrap_or(0), *n, "dropped for {reason}: {:?}", report.stats.dropped);
     }
 
     // Artifacts of the text and of the page around it: the post footer's vote counter and
@@ -181,22 +144,11 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
             for text in [q, a] {
                 assert!(!text.trim().is_empty());
                 assert!(!artifacts.is_match(text), "artifact in {text:?}");
-                assert!(
-                    !text.contains('\u{2019}')
-                        && !text
-                            .chars()
-                            .any(|c| ('\u{1F300}'..='\u{1FAFF}').contains(&c)),
-                    "{text:?}"
-                );
+                assert!(!text.contains('\u{2019}') && !text.chars().any(|c| ('\u{1F300}'..='\u{1FAFF}').contains(&c)), "{text:?}");
             }
             // The answer is exactly one reply's own text, its URLs dropped (the default): no
             // quoted text of other posts, nothing of the page.
-            assert!(
-                t.posts
-                    .iter()
-                    .any(|p| p.expect == Expect::Answer && training_text(&p.body, false) == a),
-                "answer not a clean reply of thread {id}: {a:?}"
-            );
+            assert!(t.posts.iter().any(|p| p.expect == Expect::Answer && training_text(&p.body, false) == a), "answer not a clean reply of thread {id}: {a:?}");
             assert_eq!(is_test(id, s.split_seed, s.test_fraction), held_out);
             if held_out {
                 test_threads.insert(id)
@@ -205,117 +157,49 @@ async fn dataset_from_the_fixture_forum_is_clean_complete_and_split_by_thread() 
             };
         }
     }
-    assert!(
-        train_threads.is_disjoint(&test_threads),
-        "a thread is in both splits"
-    );
-    let unclosed_want = unclosed
-        .posts
-        .iter()
-        .filter(|p| p.expect == Expect::Answer)
-        .count();
+    assert!(train_threads.is_disjoint(&test_threads), "a thread is in both splits");
+    let unclosed_want = unclosed.posts.iter().filter(|p| p.expect == Expect::Answer).count();
     assert_eq!(unclosed_answers, unclosed_want, "answers of the unclosed-body thread");
-    assert!(
-        report.stats.dropped["link_only"] > 0,
-        "link-only replies are still recognised with URLs dropped"
-    );
+    assert!(report.stats.dropped["link_only"] > 0, "link-only replies are still recognised with URLs dropped");
 
     // keep_urls = true: answers are the stored text, URLs included; link-only still dropped.
-    let with_urls = build_with(
-        &db,
-        &ds_settings(&dir.path().join("with-urls")),
-        &CleanOptions {
-            keep_urls: true,
-            keep_emoji: false,
-        },
-    );
-    assert_eq!(
-        with_urls.stats.train + with_urls.stats.test + near,
-        want_pairs as u64
-    );
+    let with_urls = build_with(&db, &ds_settings(&dir.path().join("with-urls")), &CleanOptions { keep_urls: true, keep_emoji: false });
+    assert_eq!(with_urls.stats.train + with_urls.stats.test + near, want_pairs as u64);
     assert_eq!(with_urls.stats.dropped["link_only"], report.stats.dropped["link_only"]);
-    let url_answers: HashSet<String> = pairs_of(&with_urls.written.path)
-        .into_iter()
-        .map(|(_, a)| a)
-        .collect();
+    let url_answers: HashSet<String> = pairs_of(&with_urls.written.path).into_iter().map(|(_, a)| a).collect();
     assert!(url_answers.iter().any(|a| a.contains("https://youtu.be/v")));
     for a in &url_answers {
-        assert!(
-            threads
-                .iter()
-                .flat_map(|t| &t.posts)
-                .any(|p| p.expect == Expect::Answer && &p.body == a),
-            "{a:?}"
-        );
+        assert!(threads.iter().flat_map(|t| &t.posts).any(|p| p.expect == Expect::Answer && &p.body == a), "{a:?}");
     }
 
     // Multi-turn: the fixture's opening posters only add statements, never a question, so no
     // follow-up becomes a user turn and each one after an answer is counted as such.
-    let mt = build(
-        &db,
-        &DatasetSettings {
-            multi_turn: true,
-            ..ds_settings(&dir.path().join("multi"))
-        },
-    );
+    let mt = build(&db, &DatasetSettings { multi_turn: true, ..ds_settings(&dir.path().join("multi")) });
     assert_eq!(mt.stats.multi_turn, 0);
     assert_eq!(mt.stats.train + mt.stats.test + near, want_pairs as u64);
     let n = |r: &str| mt.stats.dropped.get(r).copied().unwrap_or(0);
     assert!(n("follow_up_not_question") > 0, "{:?}", mt.stats.dropped);
-    assert_eq!(
-        n("follow_up_not_question") + n("by_original_poster"),
-        want_drops["by_original_poster"]
-    );
+    assert_eq!(n("follow_up_not_question") + n("by_original_poster"), want_drops["by_original_poster"]);
 
-    let stats: Value =
-        serde_json::from_slice(&std::fs::read(folder.join("stats.json")).unwrap()).unwrap();
+    let stats: Value = serde_json::from_slice(&std::fs::read(folder.join("stats.json")).unwrap()).unwrap();
     assert_eq!(stats["train"].as_u64().unwrap() as usize, train.len());
     assert!(stats["answer_words"]["p50"].as_u64().unwrap() > 5);
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(folder.join("metadata.json")).unwrap()).unwrap();
+    let meta: Value = serde_json::from_slice(&std::fs::read(folder.join("metadata.json")).unwrap()).unwrap();
     assert_eq!(meta["hash"], report.written.hash.as_str());
-    assert_eq!(
-        std::fs::read_to_string(dir.path().join("datasets/LATEST"))
-            .unwrap()
-            .trim(),
-        report.written.name
-    );
+    assert_eq!(std::fs::read_to_string(dir.path().join("datasets/LATEST")).unwrap().trim(), report.written.name);
 
     // Deterministic: same input and settings, same dataset; another seed, another split.
     assert_eq!(build(&db, &s).written.hash, report.written.hash);
-    let reseeded = build(
-        &db,
-        &DatasetSettings {
-            split_seed: 99,
-            ..s.clone()
-        },
-    );
+    let reseeded = build(&db, &DatasetSettings { split_seed: 99, ..s.clone() });
     assert_ne!(reseeded.written.hash, report.written.hash);
-    assert_eq!(
-        reseeded.stats.train + reseeded.stats.test,
-        report.stats.train + report.stats.test
-    );
+    assert_eq!(reseeded.stats.train + reseeded.stats.test, report.stats.train + report.stats.test);
 
     // The word filter drops pairs that contain a listed word.
-    let filtered = build(
-        &db,
-        &DatasetSettings {
-            blocked_words: vec!["mammoth".into()],
-            ..s.clone()
-        },
-    );
+    let filtered = build(&db, &DatasetSettings { blocked_words: vec!["mammoth".into()], ..s.clone() });
     let d = &filtered.stats.dropped;
-    assert!(
-        d.get("word_filter").copied().unwrap_or(0)
-            + d.get("question_filtered").copied().unwrap_or(0)
-            > 0,
-        "{d:?}"
-    );
+    assert!(d.get("word_filter").copied().unwrap_or(0) + d.get("question_filtered").copied().unwrap_or(0) > 0, "{d:?}");
     for f in ["train.jsonl", "test.jsonl"] {
-        assert!(!std::fs::read_to_string(filtered.written.path.join(f))
-            .unwrap()
-            .to_lowercase()
-            .contains("mammoth"));
+        assert!(!std::fs::read_to_string(filtered.written.path.join(f)).unwrap().to_lowercase().contains("mammoth"));
     }
 }
 
@@ -330,23 +214,11 @@ fn synthetic_store_splits_deterministically_without_leaks() {
     }
     let s = ds_settings(&dir.path().join("a"));
     let a = build(&db, &s);
-    assert_eq!(
-        a.reparse.as_ref().map(|r| r.pages),
-        Some(240),
-        "posts come from the stored raw HTML"
-    );
+    assert_eq!(a.reparse.as_ref().map(|r| r.pages), Some(240), "posts come from the stored raw HTML");
     let b = build(&db, &ds_settings(&dir.path().join("b")));
     assert_eq!(a.written.hash, b.written.hash);
-    assert_eq!(
-        std::fs::read(a.written.path.join("train.jsonl")).unwrap(),
-        std::fs::read(b.written.path.join("train.jsonl")).unwrap()
-    );
-    let ids = |f: &str| -> HashSet<u64> {
-        lines(&a.written.path.join(f))
-            .iter()
-            .map(|r| r["thread_id"].as_u64().unwrap())
-            .collect()
-    };
+    assert_eq!(std::fs::read(a.written.path.join("train.jsonl")).unwrap(), std::fs::read(b.written.path.join("train.jsonl")).unwrap());
+    let ids = |f: &str| -> HashSet<u64> { lines(&a.written.path.join(f)).iter().map(|r| r["thread_id"].as_u64().unwrap()).collect() };
     let (train, test) = (ids("train.jsonl"), ids("test.jsonl"));
     assert!(train.is_disjoint(&test));
     let share = test.len() as f64 / (train.len() + test.len()) as f64;
@@ -363,16 +235,7 @@ fn feedback_votes_and_corrections_are_exported() {
             store
                 .record_answer(&NewAnswer {
                     question: q.into(),
-                    context: vec![
-                        Turn {
-                            role: "user".into(),
-                            content: "hi bot".into(),
-                        },
-                        Turn {
-                            role: "assistant".into(),
-                            content: "hey!".into(),
-                        },
-                    ],
+                    context: vec![Turn { role: "user".into(), content: "hi bot".into() }, Turn { role: "assistant".into(), content: "hey!".into() }],
                     answer: a.into(),
                     adapter_id: Some("adapter-1".into()),
                     channel_id: Some(42),
@@ -381,28 +244,18 @@ fn feedback_votes_and_corrections_are_exported() {
                 })
                 .unwrap()
         };
-        let liked = answer(
-            "How do I butter?",
-            "Press your weight onto the tails and keep your chest over your knees.",
-        );
+        let liked = answer("How do I butter?", "Press your weight onto the tails and keep your chest over your knees.");
         let disliked = answer("Best wax?", "Candle wax works great on skis.");
         let corrected = answer("What is a 540?", "A 540 is two full rotations.");
         let tie = answer("Park or pow?", "Both.");
         let switched = answer("Helmet?", "Nah, you don't need one.");
-        store
-            .link_message(liked, 1_100_000_000_000_000_001, 0)
-            .unwrap();
-        let via_message = store
-            .answer_for_message(1_100_000_000_000_000_001)
-            .unwrap()
-            .unwrap();
+        store.link_message(liked, 1_100_000_000_000_000_001, 0).unwrap();
+        let via_message = store.answer_for_message(1_100_000_000_000_000_001).unwrap().unwrap();
         store.set_vote(via_message, 1, Vote::Up).unwrap();
         store.set_vote(liked, 2, Vote::Up).unwrap();
         store.set_vote(disliked, 1, Vote::Down).unwrap();
         store.set_vote(corrected, 3, Vote::Down).unwrap();
-        store
-            .add_correction(corrected, 99, "A 540 is one and a half rotations.")
-            .unwrap();
+        store.add_correction(corrected, 99, "A 540 is one and a half rotations.").unwrap();
         store.set_vote(tie, 1, Vote::Up).unwrap();
         store.set_vote(tie, 2, Vote::Down).unwrap();
         store.set_vote(switched, 1, Vote::Up).unwrap();
@@ -412,26 +265,10 @@ fn feedback_votes_and_corrections_are_exported() {
     let report = build(&db, &s);
     let train = lines(&report.written.path.join("train.jsonl"));
     let rejected = lines(&report.written.path.join("rejected.jsonl"));
-    assert!(
-        lines(&report.written.path.join("test.jsonl")).is_empty(),
-        "feedback never goes to the test split"
-    );
+    assert!(lines(&report.written.path.join("test.jsonl")).is_empty(), "feedback never goes to the test split");
 
-    let answers: Vec<&str> = train
-        .iter()
-        .map(|r| {
-            r["messages"].as_array().unwrap().last().unwrap()["content"]
-                .as_str()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(
-        answers,
-        vec![
-            "Press your weight onto the tails and keep your chest over your knees.",
-            "A 540 is one and a half rotations."
-        ]
-    );
+    let answers: Vec<&str> = train.iter().map(|r| r["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap()).collect();
+    assert_eq!(answers, vec!["Press your weight onto the tails and keep your chest over your knees.", "A 540 is one and a half rotations."]);
     for r in &train {
         assert!(r["thread_id"].is_null());
         assert!(r["answer_id"].as_i64().is_some());
@@ -439,35 +276,12 @@ fn feedback_votes_and_corrections_are_exported() {
         assert_eq!(m.len(), 4, "context turns come first");
         assert_eq!(m[0]["content"], "hi bot");
     }
-    let rejected_answers: Vec<&str> = rejected
-        .iter()
-        .map(|r| {
-            r["messages"].as_array().unwrap().last().unwrap()["content"]
-                .as_str()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(
-        rejected_answers,
-        vec![
-            "Candle wax works great on skis.",
-            "A 540 is two full rotations.",
-            "Nah, you don't need one."
-        ]
-    );
+    let rejected_answers: Vec<&str> = rejected.iter().map(|r| r["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap()).collect();
+    assert_eq!(rejected_answers, vec!["Candle wax works great on skis.", "A 540 is two full rotations.", "Nah, you don't need one."]);
     assert_eq!(rejected[0]["messages"][2]["content"], "Best wax?");
-    assert_eq!(
-        rejected[1]["correction"],
-        "A 540 is one and a half rotations."
-    );
+    assert_eq!(rejected[1]["correction"], "A 540 is one and a half rotations.");
     assert_eq!((report.stats.feedback_train, report.stats.rejected), (2, 3));
 
-    let without = build(
-        &db,
-        &DatasetSettings {
-            include_feedback: false,
-            ..s
-        },
-    );
+    let without = build(&db, &DatasetSettings { include_feedback: false, ..s });
     assert_eq!((without.stats.train, without.stats.rejected), (0, 0));
 }

@@ -32,7 +32,10 @@ fn mistral_system_prompt_is_folded_into_first_turn() {
     let tok = mistral();
     let ids = ChatTemplate::Mistral.prompt(&tok, Some(1), Some(2), "You are freeski-bot.", &[], "What wax for spring slush?").unwrap();
     // "[INST] You are freeski-bot.\n\nWhat wax for spring slush? [/INST]"
-    let want: Vec<u32> = [1].into_iter().chain([733, 16289, 28793, 995, 460, 285, 7803, 3430, 28733, 10093, 28723, 13, 13, 3195, 26627, 354, 7474, 1135, 1426, 28804, 733, 28748, 16289, 28793]).collect();
+    let want: Vec<u32> = [1]
+        .into_iter()
+        .chain([733, 16289, 28793, 995, 460, 285, 7803, 3430, 28733, 10093, 28723, 13, 13, 3195, 26627, 354, 7474, 1135, 1426, 28804, 733, 28748, 16289, 28793])
+        .collect();
     assert_eq!(ids, want);
 }
 

@@ -185,12 +185,7 @@ fn concatenation_equals_full_decode_on_real_text() {
                 failures.push(e);
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{name}: {} failures, e.g.\n{}",
-            failures.len(),
-            failures[..failures.len().min(5)].join("\n")
-        );
+        assert!(failures.is_empty(), "{name}: {} failures, e.g.\n{}", failures.len(), failures[..failures.len().min(5)].join("\n"));
     }
 }
 
@@ -205,18 +200,12 @@ fn concatenation_equals_full_decode_on_random_ids() {
         for _ in 0..300 {
             let len = rng.random_range(1..40);
             // Bias towards the low ids: specials and (for Mistral) byte tokens.
-            let ids: Vec<u32> =
-                (0..len).map(|_| if rng.random_bool(0.3) { rng.random_range(0..300) } else { rng.random_range(0..n) }).collect();
+            let ids: Vec<u32> = (0..len).map(|_| if rng.random_bool(0.3) { rng.random_range(0..300) } else { rng.random_range(0..n) }).collect();
             if let Err(e) = check_stream(&tok, &ids) {
                 failures.push(e);
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{name}: {} failures, e.g.\n{}",
-            failures.len(),
-            failures[..failures.len().min(5)].join("\n")
-        );
+        assert!(failures.is_empty(), "{name}: {} failures, e.g.\n{}", failures.len(), failures[..failures.len().min(5)].join("\n"));
     }
 }
 

@@ -23,11 +23,8 @@ fn rel_err(got: &[Vec<f32>], want: &[Vec<f64>]) -> f64 {
 }
 
 fn settings(quant: &str, cache: &Path) -> Settings {
-    Settings::load_with_env(
-        None,
-        [("FREESKI__MODEL__QUANTIZE".to_string(), quant.to_string()), ("FREESKI__MODEL__QUANTIZED_CACHE_DIR".into(), cache.display().to_string())],
-    )
-    .unwrap()
+    Settings::load_with_env(None, [("FREESKI__MODEL__QUANTIZE".to_string(), quant.to_string()), ("FREESKI__MODEL__QUANTIZED_CACHE_DIR".into(), cache.display().to_string())])
+        .unwrap()
 }
 
 fn load_tiny(dir: &Path, quant: &str) -> LoadedModel {

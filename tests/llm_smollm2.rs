@@ -184,7 +184,13 @@ fn engine_batches_give_the_answers_each_question_gets_alone() {
     let lm = load_path(&common::smollm2_gguf(), &Device::Cpu).expect("load SmolLM2");
     let adapter = Arc::new(common::lora::random(lm.model.config(), 8, 0.02, 5));
     let engine = Engine::start(Arc::new(lm), Some(adapter), EngineConfig { queue_capacity: 16, max_batch: 8, system_prompt: "You are a ski coach.".into() }).unwrap();
-    let questions = ["hi", "What is a butter?", "Which wax works best in very cold, dry powder snow at high altitude in January?", "How do I land a switch 900 without catching an edge on the knuckle?", "park or pipe?"];
+    let questions = [
+        "hi",
+        "What is a butter?",
+        "Which wax works best in very cold, dry powder snow at high altitude in January?",
+        "How do I land a switch 900 without catching an edge on the knuckle?",
+        "park or pipe?",
+    ];
     let ask = |q: &str| Question { history: vec![], question: q.into(), opts: greedy(12), adapter: AdapterChoice::Active };
     let answer = |mut t: freeski_bot::llm::engine::Ticket| -> (usize, Vec<u32>) {
         let mut batch = 0;
@@ -216,7 +222,11 @@ fn cancelling_from_the_callback_stops_generation() {
     let mut pieces = 0;
     let gen = generate(lm, None, &p, &greedy(100), |_| {
         pieces += 1;
-        if pieces == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if pieces == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     })
     .unwrap();
     assert_eq!(gen.finish, Finish::Cancelled);

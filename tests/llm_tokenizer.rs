@@ -63,17 +63,8 @@ const CODE: &[&str] = &[
 ];
 #[rustfmt::skip]
 const EMOJI: &[&str] = &["🎿", "⛷️", "🏔️", "😀", "👍🏽", "👨‍👩‍👧", "❄️", "🔥🔥🔥", "🤙", "🇨🇭", "✨", "🏂🏻"];
-const SCRIPTS: &[&str] = &[
-    "日本のスキー場は最高です",
-    "滑雪很好玩",
-    "스키 타는 거 좋아해요",
-    "Ски и сноуборд",
-    "Καλή χιονοδρομία",
-    "स्कीइंग",
-    "تزلج على الجليد",
-    "שלג טרי",
-    "ไปเล่นสกี",
-];
+const SCRIPTS: &[&str] =
+    &["日本のスキー場は最高です", "滑雪很好玩", "스키 타는 거 좋아해요", "Ски и сноуборд", "Καλή χιονοδρομία", "स्कीइंग", "تزلج على الجليد", "שלג טרי", "ไปเล่นสกี"];
 #[rustfmt::skip]
 const ACCENTED: &[&str] = &[
     "crème brûlée", "São Paulo", "naïve façade", "Señor Ñandú", "Ærøskøbing", "İstanbul", "straße", "e\u{301}te",
@@ -125,10 +116,7 @@ fn random_unicode(rng: &mut ChaCha8Rng) -> String {
 /// Fixed strings, random mixes of the pools above (with the model's special tokens inline) and
 /// random unicode.
 fn test_strings(specials: &[&str]) -> Vec<String> {
-    let mut out: Vec<String> = [WORDS, NUMBERS, CODE, EMOJI, SCRIPTS, ACCENTED, SPACES, specials]
-        .iter()
-        .flat_map(|pool| pool.iter().map(|s| s.to_string()))
-        .collect();
+    let mut out: Vec<String> = [WORDS, NUMBERS, CODE, EMOJI, SCRIPTS, ACCENTED, SPACES, specials].iter().flat_map(|pool| pool.iter().map(|s| s.to_string())).collect();
     out.extend(
         [
             "How do I land a switch 900?",
@@ -200,13 +188,7 @@ fn assert_same_as_reference(ours: &Tokenizer, reference: &Tokenizer, strings: &[
         }
     }
     assert!(total_ids > 10_000, "suspiciously few ids: {total_ids}");
-    assert!(
-        failures.is_empty(),
-        "{} of {} strings differ, e.g.:\n{}",
-        failures.len(),
-        strings.len(),
-        failures[..failures.len().min(8)].join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} strings differ, e.g.:\n{}", failures.len(), strings.len(), failures[..failures.len().min(8)].join("\n"));
 }
 
 fn ids(tok: &Tokenizer, s: &str) -> Vec<u32> {
@@ -241,8 +223,7 @@ fn smollm2_gguf_matches_reference_tokenizer() {
     assert_eq!(ours.get_vocab(true), reference.get_vocab(true), "vocabularies differ");
     assert_eq!(merges_of(&ours), merges_of(&reference), "merges differ");
 
-    let specials =
-        ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<jupyter_code>", "<|im_start|>user\nhi<|im_end|>"];
+    let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<jupyter_code>", "<|im_start|>user\nhi<|im_end|>"];
     let strings = test_strings(&specials);
     assert_same_as_reference(&ours, &reference, &strings, None);
 }
@@ -338,10 +319,7 @@ fn tiny_gpt2(pre: &str) -> Metadata {
     md.insert("tokenizer.ggml.pre".into(), Value::String(pre.into()));
     md.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.to_string())).collect()));
     md.insert("tokenizer.ggml.token_type".into(), Value::Array([3, 1, 1, 1, 1, 1].iter().map(|&t| Value::I32(t)).collect()));
-    md.insert(
-        "tokenizer.ggml.merges".into(),
-        Value::Array(["h i", "Ġ hi"].iter().map(|m| Value::String(m.to_string())).collect()),
-    );
+    md.insert("tokenizer.ggml.merges".into(), Value::Array(["h i", "Ġ hi"].iter().map(|m| Value::String(m.to_string())).collect()));
     md.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(0));
     md
 }
@@ -380,41 +358,13 @@ fn malformed_metadata_errors_name_the_key() {
     let cases: Vec<(&str, Edit, &[&str])> = vec![
         ("missing tokens", Box::new(|md| drop(md.remove("tokenizer.ggml.tokens"))), &["tokenizer.ggml.tokens", "lacks"]),
         ("missing model", Box::new(|md| drop(md.remove("tokenizer.ggml.model"))), &["tokenizer.ggml.model"]),
-        (
-            "unknown model kind",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.model".into(), Value::String("wordpiece".into())))),
-            &["tokenizer.ggml.model", "\"wordpiece\""],
-        ),
-        (
-            "model not a string",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.model".into(), Value::U32(2)))),
-            &["tokenizer.ggml.model", "u32"],
-        ),
-        (
-            "unknown pre-tokenizer",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.pre".into(), Value::String("no-such-pre".into())))),
-            &["tokenizer.ggml.pre", "\"no-such-pre\""],
-        ),
-        (
-            "merges not an array",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.merges".into(), Value::U32(7)))),
-            &["tokenizer.ggml.merges", "u32"],
-        ),
-        (
-            "merges of integers",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.merges".into(), Value::Array(vec![Value::U32(1)])))),
-            &["tokenizer.ggml.merges`[0]", "u32"],
-        ),
-        (
-            "merge without a space",
-            Box::new(move |md| drop(md.insert("tokenizer.ggml.merges".into(), strs(&["hi"])))),
-            &["tokenizer.ggml.merges`[0]"],
-        ),
-        (
-            "merge of unknown tokens",
-            Box::new(move |md| drop(md.insert("tokenizer.ggml.merges".into(), strs(&["h x"])))),
-            &["tokenizer.ggml.merges"],
-        ),
+        ("unknown model kind", Box::new(|md| drop(md.insert("tokenizer.ggml.model".into(), Value::String("wordpiece".into())))), &["tokenizer.ggml.model", "\"wordpiece\""]),
+        ("model not a string", Box::new(|md| drop(md.insert("tokenizer.ggml.model".into(), Value::U32(2)))), &["tokenizer.ggml.model", "u32"]),
+        ("unknown pre-tokenizer", Box::new(|md| drop(md.insert("tokenizer.ggml.pre".into(), Value::String("no-such-pre".into())))), &["tokenizer.ggml.pre", "\"no-such-pre\""]),
+        ("merges not an array", Box::new(|md| drop(md.insert("tokenizer.ggml.merges".into(), Value::U32(7)))), &["tokenizer.ggml.merges", "u32"]),
+        ("merges of integers", Box::new(|md| drop(md.insert("tokenizer.ggml.merges".into(), Value::Array(vec![Value::U32(1)])))), &["tokenizer.ggml.merges`[0]", "u32"]),
+        ("merge without a space", Box::new(move |md| drop(md.insert("tokenizer.ggml.merges".into(), strs(&["hi"])))), &["tokenizer.ggml.merges`[0]"]),
+        ("merge of unknown tokens", Box::new(move |md| drop(md.insert("tokenizer.ggml.merges".into(), strs(&["h x"])))), &["tokenizer.ggml.merges"]),
         ("missing merges", Box::new(|md| drop(md.remove("tokenizer.ggml.merges"))), &["tokenizer.ggml.merges"]),
         ("missing token types", Box::new(|md| drop(md.remove("tokenizer.ggml.token_type"))), &["tokenizer.ggml.token_type"]),
         (
@@ -422,41 +372,13 @@ fn malformed_metadata_errors_name_the_key() {
             Box::new(|md| drop(md.insert("tokenizer.ggml.token_type".into(), Value::Array(vec![Value::I32(1); 3])))),
             &["tokenizer.ggml.token_type", "3 entries", "tokenizer.ggml.tokens"],
         ),
-        (
-            "bad token type",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.token_type".into(), Value::Array(vec![Value::I32(9); 6])))),
-            &["tokenizer.ggml.token_type`[0]"],
-        ),
-        (
-            "token not a string",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.tokens".into(), Value::Array(vec![Value::F32(1.0); 6])))),
-            &["tokenizer.ggml.tokens`[0]", "f32"],
-        ),
-        (
-            "empty vocabulary",
-            Box::new(move |md| drop(md.insert("tokenizer.ggml.tokens".into(), strs(&[])))),
-            &["tokenizer.ggml.tokens", "empty"],
-        ),
-        (
-            "bos out of range",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(60)))),
-            &["tokenizer.ggml.bos_token_id", "60"],
-        ),
-        (
-            "eos not an integer",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.eos_token_id".into(), Value::String("2".into())))),
-            &["tokenizer.ggml.eos_token_id", "string"],
-        ),
-        (
-            "negative pad",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.padding_token_id".into(), Value::I32(-1)))),
-            &["tokenizer.ggml.padding_token_id", "-1"],
-        ),
-        (
-            "llama without scores",
-            Box::new(|md| drop(md.insert("tokenizer.ggml.model".into(), Value::String("llama".into())))),
-            &["tokenizer.ggml.scores", "lacks"],
-        ),
+        ("bad token type", Box::new(|md| drop(md.insert("tokenizer.ggml.token_type".into(), Value::Array(vec![Value::I32(9); 6])))), &["tokenizer.ggml.token_type`[0]"]),
+        ("token not a string", Box::new(|md| drop(md.insert("tokenizer.ggml.tokens".into(), Value::Array(vec![Value::F32(1.0); 6])))), &["tokenizer.ggml.tokens`[0]", "f32"]),
+        ("empty vocabulary", Box::new(move |md| drop(md.insert("tokenizer.ggml.tokens".into(), strs(&[])))), &["tokenizer.ggml.tokens", "empty"]),
+        ("bos out of range", Box::new(|md| drop(md.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(60)))), &["tokenizer.ggml.bos_token_id", "60"]),
+        ("eos not an integer", Box::new(|md| drop(md.insert("tokenizer.ggml.eos_token_id".into(), Value::String("2".into())))), &["tokenizer.ggml.eos_token_id", "string"]),
+        ("negative pad", Box::new(|md| drop(md.insert("tokenizer.ggml.padding_token_id".into(), Value::I32(-1)))), &["tokenizer.ggml.padding_token_id", "-1"]),
+        ("llama without scores", Box::new(|md| drop(md.insert("tokenizer.ggml.model".into(), Value::String("llama".into())))), &["tokenizer.ggml.scores", "lacks"]),
         (
             "llama with short scores",
             Box::new(|md| {

@@ -42,14 +42,7 @@ fn snapshot(db: &Path, origin: &str) -> (Vec<String>, BTreeMap<u64, String>) {
         .filter(|line| !line.contains("Ski-Gabber"))
         .collect();
     let mut threads = BTreeMap::new();
-    let ids: Vec<u64> = store
-        .pages()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p.thread_id)
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    let ids: Vec<u64> = store.pages().unwrap().iter().filter_map(|p| p.thread_id).collect::<HashSet<_>>().into_iter().collect();
     for id in ids {
         let status = store.thread_status(id).unwrap();
         let posts = store.thread_posts(id).unwrap();
@@ -89,78 +82,31 @@ async fn killed_crawl_resumes_to_the_same_store_without_refetching() {
         }
     }
     let before_kill = forum.requests().len();
-    let stored_at_kill: HashSet<String> = Store::open(&db)
-        .unwrap()
-        .pages()
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.has_html)
-        .map(|p| p.url.replace(&forum.origin(), ""))
-        .collect();
-    assert!(
-        stored_at_kill.len() >= 5,
-        "the kill came too early to test anything: {stored_at_kill:?}"
-    );
+    let stored_at_kill: HashSet<String> = Store::open(&db).unwrap().pages().unwrap().into_iter().filter(|p| p.has_html).map(|p| p.url.replace(&forum.origin(), "")).collect();
+    assert!(stored_at_kill.len() >= 5, "the kill came too early to test anything: {stored_at_kill:?}");
     let (pages_at_kill, _) = snapshot(&db, &forum.origin());
-    assert_ne!(
-        pages_at_kill, want.0,
-        "the kill came after the crawl was done"
-    );
+    assert_ne!(pages_at_kill, want.0, "the kill came after the crawl was done");
 
     let report = crawl(&s, &db).await;
     assert!(report.resumed, "{report}");
-    assert_eq!(
-        report.list_pages_fetched, 0,
-        "the resumed run must not redo the finished list phase"
-    );
-    assert_eq!(
-        snapshot(&db, &forum.origin()),
-        want,
-        "resumed store differs from an uninterrupted crawl"
-    );
+    assert_eq!(report.list_pages_fetched, 0, "the resumed run must not redo the finished list phase");
+    assert_eq!(snapshot(&db, &forum.origin()), want, "resumed store differs from an uninterrupted crawl");
 
     // Nothing stored before the kill was requested again; what was in flight may be (at most
     // one page per concurrent thread).
-    let after: Vec<String> = forum.requests()[before_kill..]
-        .iter()
-        .map(|r| r.path.clone())
-        .collect();
-    let refetched: Vec<&String> = after
-        .iter()
-        .filter(|p| stored_at_kill.contains(*p))
-        .collect();
-    assert!(
-        refetched.is_empty(),
-        "pages stored before the kill were fetched again: {refetched:?}"
-    );
-    let first_run: HashSet<String> = forum.requests()[..before_kill]
-        .iter()
-        .map(|r| r.path.clone())
-        .collect();
+    let after: Vec<String> = forum.requests()[before_kill..].iter().map(|r| r.path.clone()).collect();
+    let refetched: Vec<&String> = after.iter().filter(|p| stored_at_kill.contains(*p)).collect();
+    assert!(refetched.is_empty(), "pages stored before the kill were fetched again: {refetched:?}");
+    let first_run: HashSet<String> = forum.requests()[..before_kill].iter().map(|r| r.path.clone()).collect();
     let down = forum.thread(Special::Down).path();
-    let repeated: HashSet<&String> = after
-        .iter()
-        .filter(|p| first_run.contains(*p) && !p.starts_with(&down) && p.as_str() != "/robots.txt")
-        .collect();
-    assert!(
-        repeated.len() <= s.concurrency,
-        "more than the in-flight pages repeated: {repeated:?}"
-    );
+    let repeated: HashSet<&String> = after.iter().filter(|p| first_run.contains(*p) && !p.starts_with(&down) && p.as_str() != "/robots.txt").collect();
+    assert!(repeated.len() <= s.concurrency, "more than the in-flight pages repeated: {repeated:?}");
 }
 
 fn build(db: &Path, out: &Path) -> dataset::BuildReport {
     let mut store = Store::open(db).unwrap();
-    let s = DatasetSettings {
-        dir: out.to_path_buf(),
-        ..DatasetSettings::default()
-    };
-    dataset::build(
-        &mut store,
-        &s,
-        &CleanOptions::default(),
-        &BuildOptions::default(),
-    )
-    .unwrap()
+    let s = DatasetSettings { dir: out.to_path_buf(), ..DatasetSettings::default() };
+    dataset::build(&mut store, &s, &CleanOptions::default(), &BuildOptions::default()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,10 +119,7 @@ async fn rescrape_fetches_only_changed_threads_and_the_dataset_hash_follows() {
     crawl(&s, &db).await;
     let first = build(&db, &out);
     let again = build(&db, &out);
-    assert_eq!(
-        again.written.hash, first.written.hash,
-        "same input, same dataset"
-    );
+    assert_eq!(again.written.hash, first.written.hash, "same input, same dataset");
     assert!(again.written.reused);
 
     // Two threads get replies (one grows a page), and a new thread appears.
@@ -187,19 +130,10 @@ async fn rescrape_fetches_only_changed_threads_and_the_dataset_hash_follows() {
     let threads = forum.threads();
     forum.clear_requests();
     let report = crawl(&s, &db).await;
-    assert_eq!(
-        (report.threads_new, report.threads_changed),
-        (1, 3),
-        "{report}"
-    );
+    assert_eq!((report.threads_new, report.threads_changed), (1, 3), "{report}");
 
     let down = forum.thread(Special::Down).path();
-    let mut fetched: Vec<String> = forum
-        .thread_requests()
-        .into_iter()
-        .map(|r| r.path)
-        .filter(|p| !p.starts_with(&down))
-        .collect();
+    let mut fetched: Vec<String> = forum.thread_requests().into_iter().map(|r| r.path).filter(|p| !p.starts_with(&down)).collect();
     fetched.sort();
     let mut want = vec![
         // Resumes at the last page held (where replies land) and follows new pages.
@@ -220,20 +154,14 @@ async fn rescrape_fetches_only_changed_threads_and_the_dataset_hash_follows() {
     drop(store);
 
     let changed = build(&db, &out);
-    assert_ne!(
-        changed.written.hash, first.written.hash,
-        "new replies must change the dataset"
-    );
+    assert_ne!(changed.written.hash, first.written.hash, "new replies must change the dataset");
     assert!(!changed.written.reused);
     assert!(changed.stats.train + changed.stats.test > first.stats.train + first.stats.test);
 
     // Nothing changed since: nothing fetched, same hash.
     forum.clear_requests();
     crawl(&s, &db).await;
-    assert!(forum
-        .thread_requests()
-        .iter()
-        .all(|r| r.path.starts_with(&down)));
+    assert!(forum.thread_requests().iter().all(|r| r.path.starts_with(&down)));
     assert_eq!(build(&db, &out).written.hash, changed.written.hash);
 }
 
@@ -257,10 +185,7 @@ async fn cancel_token_stops_cleanly_and_the_next_run_resumes() {
     assert!(report.cancelled, "{report}");
     drop(store);
     let seen = forum.thread_requests().len();
-    assert!(
-        seen < 30,
-        "cancellation did not stop the crawl ({seen} thread requests)"
-    );
+    assert!(seen < 30, "cancellation did not stop the crawl ({seen} thread requests)");
 
     let again = crawl(&s, &db).await;
     assert!(again.resumed && !again.cancelled, "{again}");

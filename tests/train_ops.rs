@@ -46,11 +46,7 @@ fn autograd(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor) -> Result<Vec<f64
     let var = Var::from_tensor(x)?;
     let loss = f(var.as_tensor())?;
     let grads = loss.backward()?;
-    to_vec(
-        grads
-            .get(var.as_tensor())
-            .context("no gradient reached x")?,
-    )
+    to_vec(grads.get(var.as_tensor()).context("no gradient reached x")?)
 }
 
 /// Max |a − b| relative to max(|b|, floor), so a tolerance reads as a fraction of the gradient's
@@ -69,11 +65,7 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 /// Checks `op`'s gradient in f64 against finite differences and returns the relative error.
-fn check_f64(
-    op: &dyn Fn(&Tensor) -> Result<Tensor>,
-    x: &Tensor,
-    rng: &mut ChaCha8Rng,
-) -> Result<f64> {
+fn check_f64(op: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor, rng: &mut ChaCha8Rng) -> Result<f64> {
     let y = op(x)?;
     let r = rand_t(rng, y.dims(), DType::F64)?;
     let loss = |t: &Tensor| weighted_sum(&op(t)?, &r);
@@ -97,11 +89,7 @@ fn rms_norm_gradient_matches_finite_differences() -> Result<()> {
     // The f32 path (fused forward) gives the same gradient within f32 precision.
     let r = rand_t(&mut rng, &[2, 3, 8], DType::F64)?;
     let g64 = autograd(&|t| weighted_sum(&rms_norm(t, &w, 1e-5)?, &r), &x)?;
-    let (x32, w32, r32) = (
-        x.to_dtype(DType::F32)?,
-        w.to_dtype(DType::F32)?,
-        r.to_dtype(DType::F32)?,
-    );
+    let (x32, w32, r32) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?, r.to_dtype(DType::F32)?);
     let g32 = autograd(&|t| weighted_sum(&rms_norm(t, &w32, 1e-5)?, &r32), &x32)?;
     let err = rel_err(&g32, &g64);
     assert!(err < 1e-5, "rms_norm f32 vs f64 grad rel err {err:e}");
@@ -121,22 +109,15 @@ fn softmax_gradient_matches_finite_differences() -> Result<()> {
     assert!(err < F64_TOL, "softmax f64 grad rel err {err:e}");
 
     let x32 = x.to_dtype(DType::F32)?;
-    let err = rel_err(
-        &to_vec(&softmax_last_dim(&x32)?)?,
-        &to_vec(&candle_nn::ops::softmax_last_dim(&x32)?)?,
-    );
+    let err = rel_err(&to_vec(&softmax_last_dim(&x32)?)?, &to_vec(&candle_nn::ops::softmax_last_dim(&x32)?)?);
     assert!(err < 1e-6, "softmax forward rel err {err:e}");
     Ok(())
 }
 
 /// cos/sin tables for positions 0..t as a Llama-style model builds them.
 fn rope_tables(t: usize, hd: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f64> = (0..hd / 2)
-        .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / hd as f64))
-        .collect();
-    let ang: Vec<f64> = (0..t)
-        .flat_map(|p| inv.iter().map(move |f| p as f64 * f))
-        .collect();
+    let inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / hd as f64)).collect();
+    let ang: Vec<f64> = (0..t).flat_map(|p| inv.iter().map(move |f| p as f64 * f)).collect();
     let ang = Tensor::from_vec(ang, (t, hd / 2), &Device::Cpu)?;
     Ok((ang.cos()?.to_dtype(dtype)?, ang.sin()?.to_dtype(dtype)?))
 }
@@ -158,20 +139,12 @@ fn rope_gradient_matches_finite_differences() -> Result<()> {
 
     let x32 = x.to_dtype(DType::F32)?;
     let (c32, s32) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
-    let err = rel_err(
-        &to_vec(&rope_interleaved(&x32, &c32, &s32)?)?,
-        &to_vec(&candle_nn::rotary_emb::rope_i(&x32, &c32, &s32)?)?,
-    );
+    let err = rel_err(&to_vec(&rope_interleaved(&x32, &c32, &s32)?)?, &to_vec(&candle_nn::rotary_emb::rope_i(&x32, &c32, &s32)?)?);
     assert!(err < 1e-6, "rope forward rel err {err:e}");
     Ok(())
 }
 
-fn quantized(
-    rng: &mut ChaCha8Rng,
-    out_f: usize,
-    in_f: usize,
-    dtype: GgmlDType,
-) -> Result<Arc<QTensor>> {
+fn quantized(rng: &mut ChaCha8Rng, out_f: usize, in_f: usize, dtype: GgmlDType) -> Result<Arc<QTensor>> {
     let w = rand_t(rng, &[out_f, in_f], DType::F32)?;
     Ok(Arc::new(QTensor::quantize(&w, dtype)?))
 }
@@ -193,11 +166,7 @@ fn frozen_qmatmul_backward_is_grad_times_dequantized_weight() -> Result<()> {
         // quantizes activations to 8 bits, hence the loose bound).
         let y = frozen_qmatmul(&x, &wq)?;
         let y_inf = QMatMul::from_arc(wq.clone())?.forward(&x)?;
-        assert_eq!(
-            rel_err(&to_vec(&y)?, &to_vec(&y_inf)?),
-            0.0,
-            "{dtype:?} forward != QMatMul"
-        );
+        assert_eq!(rel_err(&to_vec(&y)?, &to_vec(&y_inf)?), 0.0, "{dtype:?} forward != QMatMul");
         let y_dense = x.broadcast_matmul(&deq.t()?)?;
         let err = rel_err(&to_vec(&y)?, &to_vec(&y_dense)?);
         assert!(err < 2e-2, "{dtype:?} forward vs dense rel err {err:e}");
@@ -206,38 +175,22 @@ fn frozen_qmatmul_backward_is_grad_times_dequantized_weight() -> Result<()> {
         let xv = Var::from_tensor(&x)?;
         let loss = weighted_sum(&frozen_qmatmul(xv.as_tensor(), &wq)?, &r)?;
         let grads = loss.backward()?;
-        assert!(
-            grads.get(w_src.as_tensor()).is_none(),
-            "{dtype:?}: weight got a gradient"
-        );
+        assert!(grads.get(w_src.as_tensor()).is_none(), "{dtype:?}: weight got a gradient");
         let gx = to_vec(grads.get(xv.as_tensor()).context("no grad for x")?)?;
         let want = to_vec(&r.broadcast_matmul(&deq)?)?;
         let err = rel_err(&gx, &want);
         assert!(err < 1e-6, "{dtype:?} grad_x rel err {err:e}");
 
         // Same against autograd of the dense computation on dequant(W) in f64.
-        let (x64, r64, deq64) = (
-            x.to_dtype(DType::F64)?,
-            r.to_dtype(DType::F64)?,
-            deq.to_dtype(DType::F64)?,
-        );
-        let dense = autograd(
-            &|t| weighted_sum(&t.broadcast_matmul(&deq64.t()?)?, &r64),
-            &x64,
-        )?;
+        let (x64, r64, deq64) = (x.to_dtype(DType::F64)?, r.to_dtype(DType::F64)?, deq.to_dtype(DType::F64)?);
+        let dense = autograd(&|t| weighted_sum(&t.broadcast_matmul(&deq64.t()?)?, &r64), &x64)?;
         let err = rel_err(&gx, &dense);
-        assert!(
-            err < 1e-5,
-            "{dtype:?} grad_x vs dense f64 autograd rel err {err:e}"
-        );
+        assert!(err < 1e-5, "{dtype:?} grad_x vs dense f64 autograd rel err {err:e}");
 
         // The f64 path runs the same custom backward; check it against finite differences.
         let xs = rand_t(&mut rng, &[2, in_f], DType::F64)?;
         let err = check_f64(&|t| Ok(frozen_qmatmul(t, &wq)?), &xs, &mut rng)?;
-        assert!(
-            err < F64_TOL,
-            "{dtype:?} f64 grad vs finite differences rel err {err:e}"
-        );
+        assert!(err < F64_TOL, "{dtype:?} f64 grad vs finite differences rel err {err:e}");
     }
     Ok(())
 }
@@ -250,12 +203,7 @@ fn lora(x: &Tensor, w: &Arc<QTensor>, a: &Tensor, b: &Tensor, s: f64) -> Result<
 }
 
 /// Gradient of `loss(params)` with respect to `params[which]`, by finite differences.
-fn fd_param(
-    loss: &dyn Fn(&[Tensor]) -> Result<f64>,
-    params: &[Tensor],
-    which: usize,
-    h: f64,
-) -> Result<Vec<f64>> {
+fn fd_param(loss: &dyn Fn(&[Tensor]) -> Result<f64>, params: &[Tensor], which: usize, h: f64) -> Result<Vec<f64>> {
     fd_grad(
         &|t| {
             let mut p = params.to_vec();
@@ -289,22 +237,13 @@ fn lora_gradients_match_finite_differences() -> Result<()> {
     let params = [a.as_tensor().detach(), b.as_tensor().detach()];
     let err_a = rel_err(&ga, &fd_param(&f, &params, 0, 1e-2)?);
     let err_b = rel_err(&gb, &fd_param(&f, &params, 1, 1e-2)?);
-    assert!(
-        err_a < 1e-3 && err_b < 1e-3,
-        "lora grad rel err A {err_a:e} B {err_b:e}"
-    );
+    assert!(err_a < 1e-3 && err_b < 1e-3, "lora grad rel err A {err_a:e} B {err_b:e}");
     Ok(())
 }
 
 /// Two LoRA layers with the norm, RoPE and softmax between them, so the first layer's gradient
 /// has to pass back through every custom op.
-fn two_layer(
-    x: &Tensor,
-    w: &[Arc<QTensor>; 2],
-    p: &[Tensor],
-    norm_w: &Tensor,
-    rope: &(Tensor, Tensor),
-) -> Result<Tensor> {
+fn two_layer(x: &Tensor, w: &[Arc<QTensor>; 2], p: &[Tensor], norm_w: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
     let (b, t, d) = x.dims3()?;
     let (heads, hd) = (2, d / 2);
     let h = rms_norm(x, norm_w, 1e-6)?;
@@ -320,10 +259,7 @@ fn two_layer(
 fn gradients_reach_earlier_lora_through_all_ops() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let (d, rank) = (32, 2);
-    let w = [
-        quantized(&mut rng, d, d, GgmlDType::Q8_0)?,
-        quantized(&mut rng, d, d, GgmlDType::Q4_0)?,
-    ];
+    let w = [quantized(&mut rng, d, d, GgmlDType::Q8_0)?, quantized(&mut rng, d, d, GgmlDType::Q4_0)?];
     let x = rand_t(&mut rng, &[1, 3, d], DType::F64)?;
     let norm_w = rand_t(&mut rng, &[d], DType::F64)?.affine(0.1, 1.0)?;
     let rope = rope_tables(3, d / 2, DType::F64)?;
@@ -335,47 +271,27 @@ fn gradients_reach_earlier_lora_through_all_ops() -> Result<()> {
 
     // Reference: f64 throughout (the quantized layers run densely on dequant(W)).
     let f = |p: &[Tensor]| scalar(&weighted_sum(&two_layer(&x, &w, p, &norm_w, &rope)?, &r)?);
-    let vars = params
-        .iter()
-        .map(Var::from_tensor)
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let vars = params.iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
     let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let grads = weighted_sum(&two_layer(&x, &w, &tracked, &norm_w, &rope)?, &r)?.backward()?;
 
     // The same model on the real path: f32 activations through candle's quantized kernels.
     let cast = |t: &Tensor| t.to_dtype(DType::F32);
-    let vars32 = params
-        .iter()
-        .map(|p| Var::from_tensor(&cast(p)?))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let vars32 = params.iter().map(|p| Var::from_tensor(&cast(p)?)).collect::<candle_core::Result<Vec<_>>>()?;
     let tracked32: Vec<Tensor> = vars32.iter().map(|v| v.as_tensor().clone()).collect();
     let rope32 = (cast(&rope.0)?, cast(&rope.1)?);
     let y32 = two_layer(&cast(&x)?, &w, &tracked32, &cast(&norm_w)?, &rope32)?;
     let grads32 = weighted_sum(&y32, &cast(&r)?)?.backward()?;
 
     for (i, (v, v32)) in vars.iter().zip(&vars32).enumerate() {
-        let g = to_vec(
-            grads
-                .get(v.as_tensor())
-                .with_context(|| format!("no grad for param {i}"))?,
-        )?;
+        let g = to_vec(grads.get(v.as_tensor()).with_context(|| format!("no grad for param {i}"))?)?;
         let fd = fd_param(&f, &params, i, 1e-5)?;
         let err = rel_err(&g, &fd);
-        assert!(
-            err < 1e-6,
-            "param {i}: f64 grad vs finite differences rel err {err:e}"
-        );
+        assert!(err < 1e-6, "param {i}: f64 grad vs finite differences rel err {err:e}");
         // Loose: the real path quantizes activations to 8 bits in both quantized matmuls.
-        let g32 = to_vec(
-            grads32
-                .get(v32.as_tensor())
-                .with_context(|| format!("no f32 grad for param {i}"))?,
-        )?;
+        let g32 = to_vec(grads32.get(v32.as_tensor()).with_context(|| format!("no f32 grad for param {i}"))?)?;
         let err = rel_err(&g32, &g);
-        assert!(
-            err < 5e-2,
-            "param {i}: f32 quantized-path grad vs f64 reference rel err {err:e}"
-        );
+        assert!(err < 5e-2, "param {i}: f32 quantized-path grad vs f64 reference rel err {err:e}");
     }
     Ok(())
 }
@@ -392,11 +308,7 @@ fn ops_accept_rank_one_and_strided_inputs() -> Result<()> {
     let grads = y.sum_all()?.backward()?;
     let g = grads.get(xt.as_tensor()).context("no grad for strided x")?;
     assert_eq!(g.dims(), &[32, 4]);
-    let want = w
-        .dequantize(&Device::Cpu)?
-        .sum_keepdim(0)?
-        .t()?
-        .broadcast_as((32, 4))?;
+    let want = w.dequantize(&Device::Cpu)?.sum_keepdim(0)?.t()?.broadcast_as((32, 4))?;
     let err = rel_err(&to_vec(g)?, &to_vec(&want.contiguous()?)?);
     assert!(err < 1e-6, "strided grad rel err {err:e}");
     // softmax over a last dim reached through a transpose.
@@ -429,28 +341,16 @@ fn cuda_matches_cpu() -> Result<()> {
         let grads = weighted_sum(&y, &rg)?.backward()?;
         let g = to_vec(grads.get(xv.as_tensor()).context("no grad for x")?)?;
         let want = to_vec(&rg.broadcast_matmul(&deq)?)?;
-        let (e_inf, e_dense, e_grad) = (
-            rel_err(&to_vec(&y)?, &to_vec(&y_inf)?),
-            rel_err(&to_vec(&y)?, &to_vec(&y_dense)?),
-            rel_err(&g, &want),
-        );
-        eprintln!(
-            "cuda {dtype:?}: forward vs QMatMul {e_inf:e}, vs dense {e_dense:e}; grad {e_grad:e}"
-        );
-        assert!(
-            e_inf == 0.0 && e_dense < 2e-2 && e_grad < 1e-5,
-            "cuda {dtype:?} frozen_qmatmul"
-        );
+        let (e_inf, e_dense, e_grad) = (rel_err(&to_vec(&y)?, &to_vec(&y_inf)?), rel_err(&to_vec(&y)?, &to_vec(&y_dense)?), rel_err(&g, &want));
+        eprintln!("cuda {dtype:?}: forward vs QMatMul {e_inf:e}, vs dense {e_dense:e}; grad {e_grad:e}");
+        assert!(e_inf == 0.0 && e_dense < 2e-2 && e_grad < 1e-5, "cuda {dtype:?} frozen_qmatmul");
     }
 
     let norm_w = rand_t(&mut rng, &[d], DType::F32)?.affine(0.1, 1.0)?;
     let (cos, sin) = rope_tables(t, d / 2, DType::F32)?;
     type Op<'a> = Box<dyn Fn(&Tensor, &Device) -> Result<Tensor> + 'a>;
     let ops: Vec<(&str, Op)> = vec![
-        (
-            "rms_norm",
-            Box::new(|x, dev| Ok(rms_norm(x, &norm_w.to_device(dev)?, 1e-6)?)),
-        ),
+        ("rms_norm", Box::new(|x, dev| Ok(rms_norm(x, &norm_w.to_device(dev)?, 1e-6)?))),
         ("softmax", Box::new(|x, _| Ok(softmax_last_dim(x)?))),
         (
             "rope",
@@ -472,10 +372,7 @@ fn cuda_matches_cpu() -> Result<()> {
         let ((y_cpu, g_cpu), (y_gpu, g_gpu)) = (run(&Device::Cpu)?, run(&gpu)?);
         let (ey, eg) = (rel_err(&y_gpu, &y_cpu), rel_err(&g_gpu, &g_cpu));
         eprintln!("cuda {name}: vs cpu forward {ey:e} grad {eg:e}");
-        assert!(
-            ey < 1e-5 && eg < 1e-5,
-            "cuda {name}: forward {ey:e} grad {eg:e}"
-        );
+        assert!(ey < 1e-5 && eg < 1e-5, "cuda {name}: forward {ey:e} grad {eg:e}");
     }
     Ok(())
 }
@@ -504,21 +401,12 @@ fn cuda_timing() -> Result<()> {
             f()?;
         }
         gpu.synchronize()?;
-        eprintln!(
-            "{name}: {:.3} ms",
-            t0.elapsed().as_secs_f64() * 1e3 / iters as f64
-        );
+        eprintln!("{name}: {:.3} ms", t0.elapsed().as_secs_f64() * 1e3 / iters as f64);
         Ok(())
     };
-    time("QMatMul::forward (inference)", &|| {
-        Ok(drop(qmm.forward(&x)?))
-    })?;
-    time("frozen_qmatmul forward", &|| {
-        Ok(drop(frozen_qmatmul(&x, &wq)?))
-    })?;
-    time("dequantize W (Q4K → f32)", &|| {
-        Ok(drop(wq.dequantize(&gpu)?))
-    })?;
+    time("QMatMul::forward (inference)", &|| Ok(drop(qmm.forward(&x)?)))?;
+    time("frozen_qmatmul forward", &|| Ok(drop(frozen_qmatmul(&x, &wq)?)))?;
+    time("dequantize W (Q4K → f32)", &|| Ok(drop(wq.dequantize(&gpu)?)))?;
     time("frozen_qmatmul forward + backward", &|| {
         let xv = Var::from_tensor(&x)?;
         let g = weighted_sum(&frozen_qmatmul(xv.as_tensor(), &wq)?, &r)?.backward()?;
@@ -526,17 +414,9 @@ fn cuda_timing() -> Result<()> {
     })?;
     let h = Tensor::randn(0f32, 1.0, (m, k), &gpu)?;
     let nw = Tensor::ones(k, DType::F32, &gpu)?;
-    time("candle_nn rms_norm (fused, no grad)", &|| {
-        Ok(drop(candle_nn::ops::rms_norm(&h, &nw, 1e-5)?))
-    })?;
-    time("train rms_norm forward", &|| {
-        Ok(drop(rms_norm(&h, &nw, 1e-5)?))
-    })?;
-    time("candle_nn softmax_last_dim (fused)", &|| {
-        Ok(drop(candle_nn::ops::softmax_last_dim(&h)?))
-    })?;
-    time("train softmax_last_dim forward", &|| {
-        Ok(drop(softmax_last_dim(&h)?))
-    })?;
+    time("candle_nn rms_norm (fused, no grad)", &|| Ok(drop(candle_nn::ops::rms_norm(&h, &nw, 1e-5)?)))?;
+    time("train rms_norm forward", &|| Ok(drop(rms_norm(&h, &nw, 1e-5)?)))?;
+    time("candle_nn softmax_last_dim (fused)", &|| Ok(drop(candle_nn::ops::softmax_last_dim(&h)?)))?;
+    time("train softmax_last_dim forward", &|| Ok(drop(softmax_last_dim(&h)?)))?;
     Ok(())
 }

@@ -35,10 +35,7 @@ fn settings() -> TrainSettings {
 }
 
 fn batch(rng: &mut ChaCha8Rng, lens: &[usize]) -> Batch {
-    let ex: Vec<Example> = lens
-        .iter()
-        .map(|&n| Example { ids: (0..n).map(|_| rng.random_range(0..49152u32)).collect(), target: (0..n).map(|i| i >= n / 3).collect() })
-        .collect();
+    let ex: Vec<Example> = lens.iter().map(|&n| Example { ids: (0..n).map(|_| rng.random_range(0..49152u32)).collect(), target: (0..n).map(|i| i >= n / 3).collect() }).collect();
     Batch::new(&ex.iter().collect::<Vec<_>>())
 }
 

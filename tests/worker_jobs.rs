@@ -140,7 +140,10 @@ impl Env {
         let q: u64 = self.fake.say(user, &format!("<@{BOT_ID}> {text}"), true, None)["id"].as_str().unwrap().parse().unwrap();
         let fake = &self.fake;
         self.wait_store("an answer", |s| {
-            fake.calls().iter().filter(|c| c.method == "POST" && c.status == 200 && c.body["message_reference"]["message_id"].as_str() == Some(&q.to_string())).find_map(|c| s.answer_for_message(c.message_id?).unwrap())
+            fake.calls()
+                .iter()
+                .filter(|c| c.method == "POST" && c.status == 200 && c.body["message_reference"]["message_id"].as_str() == Some(&q.to_string()))
+                .find_map(|c| s.answer_for_message(c.message_id?).unwrap())
         })
         .await
     }
@@ -148,7 +151,9 @@ impl Env {
     /// The job's final report: a message posted in reply to its status message.
     async fn report(&self, job: &Job) -> common::fake_discord::Call {
         let status = job.status_message_id.expect("the job has a status message").to_string();
-        self.fake.wait_for("the final report", T, |f| f.calls().into_iter().find(|c| c.method == "POST" && c.body["message_reference"]["message_id"].as_str() == Some(status.as_str()))).await
+        self.fake
+            .wait_for("the final report", T, |f| f.calls().into_iter().find(|c| c.method == "POST" && c.body["message_reference"]["message_id"].as_str() == Some(status.as_str())))
+            .await
     }
 
     /// Contents the status message was edited to, in order.
@@ -157,7 +162,6 @@ impl Env {
         self.fake.calls().iter().filter(|c| c.method == "PATCH" && c.message_id == Some(id)).filter_map(|c| c.body["content"].as_str().map(str::to_string)).collect()
     }
 }
-
 
 fn stored_adapter(s: &Store, a: AnswerId) -> Option<String> {
     s.answer(a).unwrap().unwrap().adapter_id

@@ -36,10 +36,9 @@ pub fn definitions() -> Vec<CreateCommand> {
         admin("retrain", "Train a new adapter on the latest data and feedback (admin)"),
         admin("adapter", "List, activate or roll back LoRA adapters (admin)")
             .add_option(sub("list", "List the adapters"))
-            .add_option(
-                sub("activate", "Answer with this adapter from now on")
-                    .add_sub_option(CreateCommandOption::new(CommandOptionType::String, "id", "Adapter id (see /adapter list)").required(true).max_length(crate::adapters::MAX_ID_CHARS as u16)),
-            )
+            .add_option(sub("activate", "Answer with this adapter from now on").add_sub_option(
+                CreateCommandOption::new(CommandOptionType::String, "id", "Adapter id (see /adapter list)").required(true).max_length(crate::adapters::MAX_ID_CHARS as u16),
+            ))
             .add_option(sub("rollback", "Go back to the previous adapter")),
         admin("flagged", "Recent answers voted down, with their questions (admin)"),
         admin("cancel", "Cancel the running job (admin)"),

@@ -154,10 +154,7 @@ pub async fn run(settings: Arc<Settings>, engine: Engine, token: Token, shutdown
         http = http.proxy(api_base).ratelimiter_disabled(true);
         tracing::info!(api_base, "Discord REST goes through the configured API base");
     }
-    let mut client = ClientBuilder::new_with_http(http.build(), intents())
-        .event_handler(handler::Handler::new(bot.clone()))
-        .await
-        .context("connecting to Discord")?;
+    let mut client = ClientBuilder::new_with_http(http.build(), intents()).event_handler(handler::Handler::new(bot.clone())).await.context("connecting to Discord")?;
     let shards = client.shard_manager.clone();
     // Jobs queued by /rescrape and /retrain run here, beside the bot, on their own threads.
     let worker = crate::worker::Worker::spawn(settings.clone(), engine.clone(), client.http.clone())?;

@@ -24,7 +24,9 @@ pub struct UserLimiter {
 pub enum Verdict {
     Allowed,
     /// Refused; `notify` is true for the first refusal in a [`NOTICE_WINDOW`].
-    Refused { notify: bool },
+    Refused {
+        notify: bool,
+    },
 }
 
 impl UserLimiter {

@@ -12,8 +12,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{QuantType, Settings};
 use crate::llm::device::{self, gib};
-use crate::llm::lora::{AdapterConfig, LoraAdapter};
 use crate::llm::fused_decode::RowKernels;
+use crate::llm::lora::{AdapterConfig, LoraAdapter};
 use crate::llm::model::{KvCache, Logits, Model, Proj};
 use crate::llm::{load, random, sampling};
 use crate::train::dropout::{Dropout, MaskKey};
@@ -241,7 +241,11 @@ fn bench_batching(settings: &Settings, args: BatchingBench) -> Result<()> {
     println!("model            {label}");
     println!("device           {}", device::describe(&dev));
     println!("lora             {}", if args.lora_rank == 0 { "none".to_string() } else { format!("r={} on all 7 projections", args.lora_rank) });
-    println!("decode path      {}; rows decoded together without changing a row: {}", if fused { "fused CUDA step" } else { "candle ops" }, if rows == usize::MAX { "any".to_string() } else { rows.to_string() });
+    println!(
+        "decode path      {}; rows decoded together without changing a row: {}",
+        if fused { "fused CUDA step" } else { "candle ops" },
+        if rows == usize::MAX { "any".to_string() } else { rows.to_string() }
+    );
     let mut equal = 0;
     for (i, ((_, want, _), (batch, got, ttft))) in alone.iter().zip(&together).enumerate() {
         let same = got == want;
@@ -252,7 +256,11 @@ fn bench_batching(settings: &Settings, args: BatchingBench) -> Result<()> {
             if i % 2 == 0 { "greedy" } else { "sampled" },
             got.len(),
             ttft.as_secs_f64() * 1e3,
-            if same { "same as alone".to_string() } else { format!("DIFFERS from alone at token {}", got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()))) }
+            if same {
+                "same as alone".to_string()
+            } else {
+                format!("DIFFERS from alone at token {}", got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len())))
+            }
         );
     }
     let tokens: usize = together.iter().map(|t| t.1.len()).sum();
@@ -314,7 +322,6 @@ fn bench_batching(settings: &Settings, args: BatchingBench) -> Result<()> {
     Ok(())
 }
 
-
 fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     let src = &args.source;
     let dev = device::parse_device(src.device.as_deref().unwrap_or(&settings.model.device))?;
@@ -366,7 +373,8 @@ fn bench_generate(settings: &Settings, args: GenerateBench) -> Result<()> {
     println!(
         "decode path      {}",
         match launches {
-            Some(n) if fused => format!("fused CUDA step, {n} kernel launches per token{}, {:?} row kernels", if args.graphs { ", replayed as one CUDA graph" } else { "" }, args.row_kernels),
+            Some(n) if fused =>
+                format!("fused CUDA step, {n} kernel launches per token{}, {:?} row kernels", if args.graphs { ", replayed as one CUDA graph" } else { "" }, args.row_kernels),
             _ => "candle ops".into(),
         }
     );
@@ -712,7 +720,10 @@ fn bench_parity(args: ParityBench) -> Result<()> {
         let q_dev = run(&dev_q, &adapter_dev)?;
         let (q_diff, cpu_err, dev_err) = (rel_diff(&q_cpu, &q_dev), rel_diff(&reference, &q_cpu), rel_diff(&reference, &q_dev));
         println!("{dtype:?} weights dequantized to f32: cpu vs {} relative {f32_diff:.2e} (tolerance {:.0e})", args.device, args.tolerance);
-        println!("{dtype:?} weights quantized: cpu vs {} relative {q_diff:.2e}; vs exact f32: cpu {cpu_err:.2e}, {} {dev_err:.2e} (tolerance {:.0e})", args.device, args.device, args.quantized_tolerance);
+        println!(
+            "{dtype:?} weights quantized: cpu vs {} relative {q_diff:.2e}; vs exact f32: cpu {cpu_err:.2e}, {} {dev_err:.2e} (tolerance {:.0e})",
+            args.device, args.device, args.quantized_tolerance
+        );
         if f32_diff > args.tolerance {
             failures.push(format!("{dtype:?}/f32 {f32_diff:.2e}"));
         }

@@ -40,16 +40,10 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(args: ParseBench) -> Result<()> {
-    anyhow::ensure!(
-        args.threads > 0 && args.pages_per_thread > 0 && args.posts_per_page > 0,
-        "--threads, --pages-per-thread and --posts-per-page must be at least 1"
-    );
+    anyhow::ensure!(args.threads > 0 && args.pages_per_thread > 0 && args.posts_per_page > 0, "--threads, --pages-per-thread and --posts-per-page must be at least 1");
     let (dir, remove) = match &args.dir {
         Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("freeski-bench-parse-{}", std::process::id())),
-            true,
-        ),
+        None => (std::env::temp_dir().join(format!("freeski-bench-parse-{}", std::process::id())), true),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let result = measure(&args, &dir);
@@ -61,69 +55,34 @@ pub fn run(args: ParseBench) -> Result<()> {
 
 fn measure(args: &ParseBench, dir: &std::path::Path) -> Result<()> {
     let db = dir.join("bench.sqlite");
-    anyhow::ensure!(
-        !db.exists(),
-        "{} already exists; use an empty --dir",
-        db.display()
-    );
+    anyhow::ensure!(!db.exists(), "{} already exists; use an empty --dir", db.display());
     let mut store = Store::open(&db)?;
     let base = url::Url::parse("https://www.newschoolers.com").context("base URL")?;
-    println!(
-        "generating {} threads x {} pages x {} posts ...",
-        args.threads, args.pages_per_thread, args.posts_per_page
-    );
-    let gen = synth::populate(
-        &store,
-        &base,
-        args.threads,
-        args.pages_per_thread,
-        args.posts_per_page,
-        2024,
-    )?;
+    println!("generating {} threads x {} pages x {} posts ...", args.threads, args.pages_per_thread, args.posts_per_page);
+    let gen = synth::populate(&store, &base, args.threads, args.pages_per_thread, args.posts_per_page, 2024)?;
     let rss_gen = peak_rss_mib();
-    println!(
-        "generated {} pages, {:.0} MiB of HTML in {:.1}s",
-        gen.pages,
-        gen.html_bytes as f64 / 1048576.0,
-        gen.secs
-    );
+    println!("generated {} pages, {:.0} MiB of HTML in {:.1}s", gen.pages, gen.html_bytes as f64 / 1048576.0, gen.secs);
 
     let started = Instant::now();
-    let settings = DatasetSettings {
-        dir: dir.join("datasets"),
-        ..DatasetSettings::default()
-    };
-    let opts = BuildOptions {
-        out_dir: None,
-        jobs: args.jobs,
-        progress: true,
-        reparse: true,
-    };
+    let settings = DatasetSettings { dir: dir.join("datasets"), ..DatasetSettings::default() };
+    let opts = BuildOptions { out_dir: None, jobs: args.jobs, progress: true, reparse: true };
     let report = build(&mut store, &settings, &CleanOptions::default(), &opts)?;
     let total = started.elapsed().as_secs_f64();
-    let reparse = report
-        .reparse
-        .clone()
-        .context("the build re-parses every page")?;
+    let reparse = report.reparse.clone().context("the build re-parses every page")?;
     let parse_secs = reparse.elapsed.as_secs_f64();
     let peak = peak_rss_mib();
-    let jobs = if args.jobs == 0 {
-        rayon::current_num_threads()
-    } else {
-        args.jobs
-    };
+    let jobs = if args.jobs == 0 { rayon::current_num_threads() } else { args.jobs };
 
-    println!("parse:   {} pages in {parse_secs:.1}s = {:.0} pages/s ({:.1} MiB/s of HTML), {} posts, {} parse errors, {jobs} threads",
-        reparse.pages, reparse.pages_per_sec(), reparse.html_bytes as f64 / 1048576.0 / parse_secs, reparse.posts, reparse.parse_errors);
     println!(
-        "build:   {total:.1}s in all (parse + pairs + dedup + write): {} train, {} test pairs",
-        report.stats.train, report.stats.test
+        "parse:   {} pages in {parse_secs:.1}s = {:.0} pages/s ({:.1} MiB/s of HTML), {} posts, {} parse errors, {jobs} threads",
+        reparse.pages,
+        reparse.pages_per_sec(),
+        reparse.html_bytes as f64 / 1048576.0 / parse_secs,
+        reparse.posts,
+        reparse.parse_errors
     );
-    println!(
-        "peak RSS: {} (after generating: {})",
-        fmt_mib(peak),
-        fmt_mib(rss_gen)
-    );
+    println!("build:   {total:.1}s in all (parse + pairs + dedup + write): {} train, {} test pairs", report.stats.train, report.stats.test);
+    println!("peak RSS: {} (after generating: {})", fmt_mib(peak), fmt_mib(rss_gen));
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "threads": args.threads, "pages": reparse.pages, "html_bytes": reparse.html_bytes,
@@ -131,13 +90,11 @@ fn measure(args: &ParseBench, dir: &std::path::Path) -> Result<()> {
             "build_secs": total, "train": report.stats.train, "test": report.stats.test,
             "peak_rss_mib": peak, "jobs": jobs,
         });
-        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
 
 fn fmt_mib(v: Option<f64>) -> String {
-    v.map(|m| format!("{m:.0} MiB"))
-        .unwrap_or_else(|| "unknown (no /proc/self/status)".into())
+    v.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "unknown (no /proc/self/status)".into())
 }

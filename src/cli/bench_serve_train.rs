@@ -102,7 +102,9 @@ fn synthetic_dataset(dir: &Path, seq: usize) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for (file, n) in [("train.jsonl", 64), ("test.jsonl", 4)] {
         let lines: Vec<String> = (0..n)
-            .map(|_| serde_json::json!({"messages": [{"role": "user", "content": words(&mut rng, seq / 16)}, {"role": "assistant", "content": words(&mut rng, seq / 4)}]}).to_string())
+            .map(|_| {
+                serde_json::json!({"messages": [{"role": "user", "content": words(&mut rng, seq / 16)}, {"role": "assistant", "content": words(&mut rng, seq / 4)}]}).to_string()
+            })
             .collect();
         std::fs::write(dir.join(file), lines.join("\n") + "\n")?;
     }
@@ -240,23 +242,58 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     engine.shutdown();
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("serve + train: {} on {}, {} questions per phase, ~{} prompt words, {} new tokens; training seq {} batch {} rank {}", lm.name, device::describe(&dev), args.questions, args.prompt_words, args.new_tokens, args.shape.seq, args.shape.batch, args.shape.rank);
+    println!(
+        "serve + train: {} on {}, {} questions per phase, ~{} prompt words, {} new tokens; training seq {} batch {} rank {}",
+        lm.name,
+        device::describe(&dev),
+        args.questions,
+        args.prompt_words,
+        args.new_tokens,
+        args.shape.seq,
+        args.shape.batch,
+        args.shape.rank
+    );
     for (label, v) in [("idle", &idle), ("while training", &busy)] {
-        println!("{label:<16} TTFT median {:.1} ms (max {:.1}), total median {:.1} ms", ms(median(&v.iter().map(|x| x.0).collect::<Vec<_>>())), ms(v.iter().map(|x| x.0).max().unwrap_or_default()), ms(median(&v.iter().map(|x| x.1).collect::<Vec<_>>())));
+        println!(
+            "{label:<16} TTFT median {:.1} ms (max {:.1}), total median {:.1} ms",
+            ms(median(&v.iter().map(|x| x.0).collect::<Vec<_>>())),
+            ms(v.iter().map(|x| x.0).max().unwrap_or_default()),
+            ms(median(&v.iter().map(|x| x.1).collect::<Vec<_>>()))
+        );
     }
     println!("training steps done while answering: {steps_during}");
-    println!("idle, ~100-token question: TTFT median {:.1} ms (max {:.1})", ms(median(&short.iter().map(|x| x.0).collect::<Vec<_>>())), ms(short.iter().map(|x| x.0).max().unwrap_or_default()));
-    println!("hot-swap         swap call {:.3} ms; first token of the next question, with the new adapter, {:.1} ms after the call (median of {}, ~100-token questions, LoRA r={})", ms(swap.call), ms(swap.first_token), swap.repeats, args.shape.rank);
+    println!(
+        "idle, ~100-token question: TTFT median {:.1} ms (max {:.1})",
+        ms(median(&short.iter().map(|x| x.0).collect::<Vec<_>>())),
+        ms(short.iter().map(|x| x.0).max().unwrap_or_default())
+    );
+    println!(
+        "hot-swap         swap call {:.3} ms; first token of the next question, with the new adapter, {:.1} ms after the call (median of {}, ~100-token questions, LoRA r={})",
+        ms(swap.call),
+        ms(swap.first_token),
+        swap.repeats,
+        args.shape.rank
+    );
     match &poller {
         Some(p) => {
             let peak = p.peak() - held_back;
-            println!("device memory    {:.2} GiB peak used ({:.2} GB) for serve + train, {:.2} GiB before the model, of {:.2} GiB", gib(peak), peak as f64 / 1e9, gib(p.baseline), gib(p.total));
+            println!(
+                "device memory    {:.2} GiB peak used ({:.2} GB) for serve + train, {:.2} GiB before the model, of {:.2} GiB",
+                gib(peak),
+                peak as f64 / 1e9,
+                gib(p.baseline),
+                gib(p.total)
+            );
             println!("process peak     {:.2} GB above the pre-model baseline (CUDA context)", (peak - p.baseline) as f64 / 1e9);
         }
         None => println!("peak host RSS    {:.2} GiB (the CPU reports no device memory)", gib(device::peak_rss_bytes().unwrap_or(0))),
     }
     if let Some(p) = device::pool_peaks(&dev) {
-        println!("allocator        {:.2} GB peak in live tensors (weights included), {:.2} GB peak reserved by candle's CUDA pool", p.used_high as f64 / 1e9, p.reserved_high as f64 / 1e9);
+        println!(
+            "allocator        {:.2} GB peak in live tensors (weights included), {:.2} GB peak reserved by candle's CUDA pool",
+            p.used_high as f64 / 1e9,
+            p.reserved_high as f64 / 1e9
+        );
     }
     Ok(())
 }

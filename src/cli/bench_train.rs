@@ -117,9 +117,7 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     let vars: Vec<_> = params.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, &vars)?;
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let examples: Vec<Example> = (0..rows)
-        .map(|_| Example { ids: (0..seq).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect(), target: vec![true; seq] })
-        .collect();
+    let examples: Vec<Example> = (0..rows).map(|_| Example { ids: (0..seq).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect(), target: vec![true; seq] }).collect();
     let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
     let denom = batch.targets() as f64;
     let checkpointing = !args.no_checkpointing;
@@ -164,7 +162,18 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     let fwd_only = fwd_times[1];
     let tokens = (rows * seq) as f64;
     let tok_s = tokens / median;
-    println!("train step: random {} ({:?}), seq {}, batch {}, LoRA r={} on all 7 projections, {} params, checkpointing {}, activations {:?}, {}", args.random, args.quant, seq, rows, rank, params.num_parameters(), if checkpointing { "on" } else { "off" }, dtype, device::describe(&dev));
+    println!(
+        "train step: random {} ({:?}), seq {}, batch {}, LoRA r={} on all 7 projections, {} params, checkpointing {}, activations {:?}, {}",
+        args.random,
+        args.quant,
+        seq,
+        rows,
+        rank,
+        params.num_parameters(),
+        if checkpointing { "on" } else { "off" },
+        dtype,
+        device::describe(&dev)
+    );
     println!("step time        {:.1} ms (median of {})", median * 1e3, times.len());
     println!("throughput       {tok_s:.0} tokens/s");
     println!("forward only     {:.1} ms (no graph; a checkpointed step runs it twice plus the backward)", fwd_only * 1e3);
@@ -175,14 +184,25 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         None => (None, None, None),
     };
     if let (Some(peak), Some(base), Some(total)) = (peak, baseline, total) {
-        println!("device memory    {:.2} GiB peak used ({:.2} GB), {:.2} GiB of it before the model (CUDA context), {:.2} GiB after loading weights, of {:.2} GiB", gib(peak), peak as f64 / 1e9, gib(base), gib(after_weights.unwrap_or(0)), gib(total));
+        println!(
+            "device memory    {:.2} GiB peak used ({:.2} GB), {:.2} GiB of it before the model (CUDA context), {:.2} GiB after loading weights, of {:.2} GiB",
+            gib(peak),
+            peak as f64 / 1e9,
+            gib(base),
+            gib(after_weights.unwrap_or(0)),
+            gib(total)
+        );
         println!("process peak     {:.2} GB above the pre-model baseline", (peak - base) as f64 / 1e9);
     } else {
         println!("peak host RSS    {:.2} GiB", gib(device::peak_rss_bytes().unwrap_or(0)));
     }
     let pool = device::pool_peaks(&dev);
     if let Some(p) = pool {
-        println!("allocator        {:.2} GB peak in live tensors (weights included), {:.2} GB peak reserved by candle's CUDA pool", p.used_high as f64 / 1e9, p.reserved_high as f64 / 1e9);
+        println!(
+            "allocator        {:.2} GB peak in live tensors (weights included), {:.2} GB peak reserved by candle's CUDA pool",
+            p.used_high as f64 / 1e9,
+            p.reserved_high as f64 / 1e9
+        );
     }
     if let Some(path) = &args.json {
         let v = serde_json::json!({

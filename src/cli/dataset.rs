@@ -38,24 +38,10 @@ pub fn run(settings: &Settings, cmd: DatasetCommand) -> Result<()> {
     match cmd {
         DatasetCommand::Build(args) => {
             let path = args.store.unwrap_or_else(|| settings.store.path.clone());
-            anyhow::ensure!(
-                path.is_file(),
-                "store {} does not exist: run `freeski-bot scrape` first",
-                path.display()
-            );
+            anyhow::ensure!(path.is_file(), "store {} does not exist: run `freeski-bot scrape` first", path.display());
             let mut store = Store::open_with(&StoreSettings { path: path.clone(), ..settings.store.clone() })?;
-            let opts = BuildOptions {
-                out_dir: args.out,
-                jobs: args.jobs,
-                progress: !args.no_progress,
-                reparse: args.reparse,
-            };
-            let report = build(
-                &mut store,
-                &settings.dataset,
-                &settings.scrape.clean_options(),
-                &opts,
-            )?;
+            let opts = BuildOptions { out_dir: args.out, jobs: args.jobs, progress: !args.no_progress, reparse: args.reparse };
+            let report = build(&mut store, &settings.dataset, &settings.scrape.clean_options(), &opts)?;
             println!("{report}");
             Ok(())
         }

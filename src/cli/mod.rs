@@ -84,10 +84,5 @@ fn init_tracing() {
     let filter = EnvFilter::try_from_env("FREESKI_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr so that `ask` output on stdout stays clean for pipes; colours only on a
     // terminal (not in log files); tokens and request bodies are redacted from every line.
-    let _ = fmt()
-        .with_env_filter(filter)
-        .with_writer(crate::bot::redact::RedactingStderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+    let _ = fmt().with_env_filter(filter).with_writer(crate::bot::redact::RedactingStderr).with_ansi(std::io::stderr().is_terminal()).with_target(false).try_init();
 }

@@ -22,7 +22,11 @@ pub fn run(settings: &Settings, args: RunArgs) -> Result<()> {
     // The bot answers with these settings, so the generation flags apply to every answer.
     let settings = Arc::new(args.model.apply(settings)?);
     let session = Session::open(&settings, &args.model)?;
-    tracing::info!(max_context = crate::llm::generate::max_context(settings.model.max_context, session.engine.model().model.config()), queue = engine_config(&settings).queue_capacity, "engine ready");
+    tracing::info!(
+        max_context = crate::llm::generate::max_context(settings.model.max_context, session.engine.model().model.config()),
+        queue = engine_config(&settings).queue_capacity,
+        "engine ready"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(bot::run(settings, session.engine, token, shutdown_signal()))
 }

@@ -30,22 +30,14 @@ pub struct ScrapeArgs {
 pub fn run(settings: &Settings, args: ScrapeArgs) -> Result<()> {
     let path = args.store.unwrap_or_else(|| settings.store.path.clone());
     let store = Mutex::new(Store::open_with(&StoreSettings { path: path.clone(), ..settings.store.clone() })?);
-    let opts = CrawlOptions {
-        revalidate: args.revalidate,
-        progress: !args.no_progress,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let opts = CrawlOptions { revalidate: args.revalidate, progress: !args.no_progress };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let report = rt.block_on(async {
         let cancel = CancellationToken::new();
         let on_signal = cancel.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!(
-                    "interrupted: finishing the pages in flight (Ctrl-C again to stop now)"
-                );
+                tracing::warn!("interrupted: finishing the pages in flight (Ctrl-C again to stop now)");
                 on_signal.cancel();
                 if tokio::signal::ctrl_c().await.is_ok() {
                     std::process::exit(130);
@@ -55,9 +47,7 @@ pub fn run(settings: &Settings, args: ScrapeArgs) -> Result<()> {
         scrape(&settings.scrape, &store, &opts, &cancel).await
     })?;
     println!("{report}");
-    let store = store
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
+    let store = store.into_inner().map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
     let c = store.forum_counts().map_err(|e| store.named(e))?;
     println!(
         "store {}: {} threads ({} done, {} failed, {} gone, {} blocked), {} pages, {} posts, {} parse errors",

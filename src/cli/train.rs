@@ -67,7 +67,8 @@ pub fn dataset_dir(settings: &Settings, given: Option<&Path>) -> Result<PathBuf>
     }
     let root = &settings.dataset.dir;
     let latest = root.join(crate::dataset::output::LATEST);
-    let name = std::fs::read_to_string(&latest).with_context(|| format!("no --data given and no dataset built yet ({} missing): run `freeski-bot dataset build` first", latest.display()))?;
+    let name = std::fs::read_to_string(&latest)
+        .with_context(|| format!("no --data given and no dataset built yet ({} missing): run `freeski-bot dataset build` first", latest.display()))?;
     Ok(root.join(name.trim()))
 }
 
@@ -178,7 +179,15 @@ pub fn train(settings: &Settings, args: TrainArgs) -> Result<()> {
         }
         Outcome::Completed(m) => {
             println!("adapter {id} saved in {}", run_dir.display());
-            println!("steps {}{}  train loss {:.4}  held-out loss {}  {:.0} tokens/s  {:.1} s", m.steps, if m.stopped_early { " (stopped early)" } else { "" }, m.train_loss.last().map_or(f64::NAN, |r| r.loss), m.final_eval_loss.map_or("-".into(), |l| format!("{l:.4}")), m.tokens_per_s, m.wall_time_s);
+            println!(
+                "steps {}{}  train loss {:.4}  held-out loss {}  {:.0} tokens/s  {:.1} s",
+                m.steps,
+                if m.stopped_early { " (stopped early)" } else { "" },
+                m.train_loss.last().map_or(f64::NAN, |r| r.loss),
+                m.final_eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                m.tokens_per_s,
+                m.wall_time_s
+            );
         }
     }
     Ok(())

@@ -35,11 +35,7 @@ pub struct Deduper {
 }
 
 fn normalise(text: &str) -> String {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect::<Vec<_>>()
-        .join(" ")
+    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect::<Vec<_>>().join(" ")
 }
 
 /// FNV-1a: stable across Rust versions, unlike the std hasher, so dedup decisions (and so the
@@ -94,12 +90,7 @@ impl Deduper {
     /// `threshold`: Jaccard similarity (0, 1] from which two conversations are near
     /// duplicates; 1.0 keeps only exact deduplication.
     pub fn new(threshold: f64) -> Self {
-        Self {
-            exact: HashSet::new(),
-            kept: Vec::new(),
-            buckets: HashMap::new(),
-            threshold,
-        }
+        Self { exact: HashSet::new(), kept: Vec::new(), buckets: HashMap::new(), threshold }
     }
 
     /// Judge `c` against everything kept so far; remember it when unique.
@@ -123,10 +114,7 @@ impl Deduper {
                 }
                 let idx = self.kept.len() as u32;
                 for band in 0..BANDS {
-                    self.buckets
-                        .entry((band as u8, band_key(&a, band)))
-                        .or_default()
-                        .push(idx);
+                    self.buckets.entry((band as u8, band_key(&a, band))).or_default().push(idx);
                 }
                 self.kept.push((q, a));
             }
@@ -137,14 +125,12 @@ impl Deduper {
 
     fn is_near(&self, q: &Signature, a: &Signature) -> bool {
         (0..BANDS).any(|band| {
-            self.buckets
-                .get(&(band as u8, band_key(a, band)))
-                .is_some_and(|ids| {
-                    ids.iter().any(|&i| {
-                        let (kq, ka) = &self.kept[i as usize];
-                        similarity(ka, a) >= self.threshold && similarity(kq, q) >= self.threshold
-                    })
+            self.buckets.get(&(band as u8, band_key(a, band))).is_some_and(|ids| {
+                ids.iter().any(|&i| {
+                    let (kq, ka) = &self.kept[i as usize];
+                    similarity(ka, a) >= self.threshold && similarity(kq, q) >= self.threshold
                 })
+            })
         })
     }
 }
@@ -155,15 +141,10 @@ mod tests {
     use crate::dataset::pairs::turn;
 
     fn conv(q: &str, a: &str) -> Conversation {
-        Conversation {
-            thread_id: Some(1),
-            answer_id: None,
-            messages: vec![turn("user", q), turn("assistant", a)],
-        }
+        Conversation { thread_id: Some(1), answer_id: None, messages: vec![turn("user", q), turn("assistant", a)] }
     }
 
-    const Q: &str =
-        "Which park skis should I buy for my first season riding rails and small jumps?";
+    const Q: &str = "Which park skis should I buy for my first season riding rails and small jumps?";
     const A: &str = "Get something soft and twin tipped, mount it at true center, and buy used to save money for a \
                      season pass. Honestly the first season is all about mileage, so ride as many days as you can and \
                      don't stress about the gear too much.";
@@ -172,40 +153,18 @@ mod tests {
     fn exact_near_and_distinct() {
         let mut d = Deduper::new(0.7);
         assert_eq!(d.check(&conv(Q, A)), Verdict::Unique);
-        assert_eq!(
-            d.check(&conv(&Q.to_uppercase(), &format!("{A}!!"))),
-            Verdict::Exact,
-            "case and punctuation do not matter"
-        );
-        assert_eq!(
-            d.check(&conv(Q, &A.replace("Honestly", "Really"))),
-            Verdict::Near
-        );
-        assert_eq!(
-            d.check(&conv(Q, &format!("{A} Good luck out there!"))),
-            Verdict::Near
-        );
+        assert_eq!(d.check(&conv(&Q.to_uppercase(), &format!("{A}!!"))), Verdict::Exact, "case and punctuation do not matter");
+        assert_eq!(d.check(&conv(Q, &A.replace("Honestly", "Really"))), Verdict::Near);
+        assert_eq!(d.check(&conv(Q, &format!("{A} Good luck out there!"))), Verdict::Near);
         let other = "Boots matter more than skis, go to a proper boot fitter before you spend anything on new planks this year.";
-        assert_eq!(
-            d.check(&conv(Q, other)),
-            Verdict::Unique,
-            "another answer to the same question is kept"
-        );
-        let other_q =
-            "What wax should I use for spring slush at my local hill in April when it is warm?";
-        assert_eq!(
-            d.check(&conv(other_q, A)),
-            Verdict::Unique,
-            "the same answer to another question is kept"
-        );
+        assert_eq!(d.check(&conv(Q, other)), Verdict::Unique, "another answer to the same question is kept");
+        let other_q = "What wax should I use for spring slush at my local hill in April when it is warm?";
+        assert_eq!(d.check(&conv(other_q, A)), Verdict::Unique, "the same answer to another question is kept");
         assert_eq!(d.check(&conv("short q", "short answer")), Verdict::Unique);
         assert_eq!(d.check(&conv("short q", "short answer")), Verdict::Exact);
         let mut exact_only = Deduper::new(1.0);
         assert_eq!(exact_only.check(&conv(Q, A)), Verdict::Unique);
-        assert_eq!(
-            exact_only.check(&conv(Q, &A.replace("Honestly", "Really"))),
-            Verdict::Unique
-        );
+        assert_eq!(exact_only.check(&conv(Q, &A.replace("Honestly", "Really"))), Verdict::Unique);
     }
 
     #[test]
@@ -213,12 +172,7 @@ mod tests {
         let words: Vec<String> = (0..200).map(|i| format!("w{i}")).collect();
         let a = words.join(" ");
         // Replacing the last 40 words keeps 158 of 238 distinct shingles: Jaccard ~0.66.
-        let b = words[..160]
-            .iter()
-            .cloned()
-            .chain((0..40).map(|i| format!("x{i}")))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let b = words[..160].iter().cloned().chain((0..40).map(|i| format!("x{i}"))).collect::<Vec<_>>().join(" ");
         let s = similarity(&minhash(&a).unwrap(), &minhash(&b).unwrap());
         assert!((0.5..0.82).contains(&s), "{s}");
         assert_eq!(minhash("too short"), None);

@@ -35,11 +35,7 @@ fn messages(row: &FeedbackRow, answer: &str) -> Vec<Turn> {
 }
 
 pub fn classify(row: &FeedbackRow) -> Export {
-    let correction = row
-        .correction
-        .as_deref()
-        .map(str::trim)
-        .filter(|c| !c.is_empty());
+    let correction = row.correction.as_deref().map(str::trim).filter(|c| !c.is_empty());
     let rejected = |row: &FeedbackRow| Rejected {
         messages: messages(row, &row.answer),
         answer_id: row.id.0,
@@ -48,26 +44,13 @@ pub fn classify(row: &FeedbackRow) -> Export {
         down: row.down,
         correction: correction.map(str::to_string),
     };
-    let train = |answer: &str| Conversation {
-        thread_id: None,
-        answer_id: Some(row.id.0),
-        messages: messages(row, answer),
-    };
+    let train = |answer: &str| Conversation { thread_id: None, answer_id: Some(row.id.0), messages: messages(row, answer) };
     if let Some(c) = correction {
-        return Export {
-            train: Some(train(c)),
-            rejected: Some(rejected(row)),
-        };
+        return Export { train: Some(train(c)), rejected: Some(rejected(row)) };
     }
     match row.up.cmp(&row.down) {
-        std::cmp::Ordering::Greater => Export {
-            train: Some(train(&row.answer)),
-            rejected: None,
-        },
-        std::cmp::Ordering::Less => Export {
-            train: None,
-            rejected: Some(rejected(row)),
-        },
+        std::cmp::Ordering::Greater => Export { train: Some(train(&row.answer)), rejected: None },
+        std::cmp::Ordering::Less => Export { train: None, rejected: Some(rejected(row)) },
         std::cmp::Ordering::Equal => Export::default(),
     }
 }
@@ -98,18 +81,8 @@ mod tests {
         assert!(r.train.is_none());
         assert_eq!(r.rejected.unwrap().messages[1].content, "Lean back.");
         assert_eq!(classify(&row(1, 1, None)), Export::default());
-        let c = classify(&row(
-            0,
-            2,
-            Some("Press on the tips and tails, stay centred."),
-        ));
-        assert_eq!(
-            c.train.unwrap().messages[1].content,
-            "Press on the tips and tails, stay centred."
-        );
-        assert_eq!(
-            c.rejected.unwrap().correction.as_deref(),
-            Some("Press on the tips and tails, stay centred.")
-        );
+        let c = classify(&row(0, 2, Some("Press on the tips and tails, stay centred.")));
+        assert_eq!(c.train.unwrap().messages[1].content, "Press on the tips and tails, stay centred.");
+        assert_eq!(c.rejected.unwrap().correction.as_deref(), Some("Press on the tips and tails, stay centred."));
     }
 }

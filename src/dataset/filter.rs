@@ -12,9 +12,7 @@ pub struct WordFilter {
 }
 
 fn tokens(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'').filter(|w| !w.is_empty()).map(str::to_lowercase)
 }
 
 impl WordFilter {
@@ -26,8 +24,7 @@ impl WordFilter {
                 continue;
             }
             if e.contains(char::is_whitespace) {
-                f.phrases
-                    .push(e.split_whitespace().collect::<Vec<_>>().join(" "));
+                f.phrases.push(e.split_whitespace().collect::<Vec<_>>().join(" "));
             } else {
                 f.words.insert(e);
             }
@@ -40,12 +37,7 @@ impl WordFilter {
     pub fn from_settings(s: &DatasetSettings) -> Result<Self> {
         let mut entries = s.blocked_words.clone();
         if !s.blocked_words_file.as_os_str().is_empty() {
-            let text = std::fs::read_to_string(&s.blocked_words_file).with_context(|| {
-                format!(
-                    "reading dataset.blocked_words_file {}",
-                    s.blocked_words_file.display()
-                )
-            })?;
+            let text = std::fs::read_to_string(&s.blocked_words_file).with_context(|| format!("reading dataset.blocked_words_file {}", s.blocked_words_file.display()))?;
             entries.extend(text.lines().map(str::to_string));
         }
         Ok(Self::new(entries))
@@ -66,9 +58,7 @@ impl WordFilter {
             return false;
         }
         let joined = tokens(text).collect::<Vec<_>>().join(" ");
-        self.phrases
-            .iter()
-            .any(|p| format!(" {joined} ").contains(&format!(" {p} ")))
+        self.phrases.iter().any(|p| format!(" {joined} ").contains(&format!(" {p} ")))
     }
 }
 

@@ -80,36 +80,17 @@ impl Default for DatasetSettings {
 impl DatasetSettings {
     pub fn validate(&self) -> Result<()> {
         let k = "dataset";
-        anyhow::ensure!(
-            !self.dir.as_os_str().is_empty(),
-            "{k}.dir must not be empty"
-        );
-        anyhow::ensure!(
-            (0.0..1.0).contains(&self.test_fraction),
-            "{k}.test_fraction must be in [0, 1), got {}",
-            self.test_fraction
-        );
-        anyhow::ensure!(
-            self.min_answer_words >= 1,
-            "{k}.min_answer_words must be at least 1"
-        );
-        anyhow::ensure!(
-            self.max_answer_chars > self.min_answer_words,
-            "{k}.max_answer_chars must be larger than dataset.min_answer_words"
-        );
-        anyhow::ensure!(
-            self.max_question_chars >= 1,
-            "{k}.max_question_chars must be at least 1"
-        );
+        anyhow::ensure!(!self.dir.as_os_str().is_empty(), "{k}.dir must not be empty");
+        anyhow::ensure!((0.0..1.0).contains(&self.test_fraction), "{k}.test_fraction must be in [0, 1), got {}", self.test_fraction);
+        anyhow::ensure!(self.min_answer_words >= 1, "{k}.min_answer_words must be at least 1");
+        anyhow::ensure!(self.max_answer_chars > self.min_answer_words, "{k}.max_answer_chars must be larger than dataset.min_answer_words");
+        anyhow::ensure!(self.max_question_chars >= 1, "{k}.max_question_chars must be at least 1");
         anyhow::ensure!(
             self.near_duplicate_threshold > 0.3 && self.near_duplicate_threshold <= 1.0,
             "{k}.near_duplicate_threshold must be in (0.3, 1], got {}",
             self.near_duplicate_threshold
         );
-        anyhow::ensure!(
-            self.blocked_words.iter().all(|w| !w.trim().is_empty()),
-            "{k}.blocked_words must not contain empty entries"
-        );
+        anyhow::ensure!(self.blocked_words.iter().all(|w| !w.trim().is_empty()), "{k}.blocked_words must not contain empty entries");
         Ok(())
     }
 }
@@ -136,26 +117,9 @@ pub struct BuildReport {
 impl std::fmt::Display for BuildReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if let Some(r) = &self.reparse {
-            writeln!(
-                f,
-                "re-parsed {} pages ({:.0} pages/s), {} posts, {} parse errors",
-                r.pages,
-                r.pages_per_sec(),
-                r.posts,
-                r.parse_errors
-            )?;
+            writeln!(f, "re-parsed {} pages ({:.0} pages/s), {} posts, {} parse errors", r.pages, r.pages_per_sec(), r.posts, r.parse_errors)?;
         }
-        writeln!(
-            f,
-            "dataset {} ({}) at {}",
-            self.written.name,
-            if self.written.reused {
-                "unchanged, existing folder kept"
-            } else {
-                "new"
-            },
-            self.written.path.display()
-        )?;
+        writeln!(f, "dataset {} ({}) at {}", self.written.name, if self.written.reused { "unchanged, existing folder kept" } else { "new" }, self.written.path.display())?;
         write!(f, "{}", self.stats)
     }
 }
@@ -181,22 +145,13 @@ struct Metadata<'a> {
 }
 
 /// Build a dataset from everything in `store`.
-pub fn build(
-    store: &mut Store,
-    settings: &DatasetSettings,
-    clean: &CleanOptions,
-    opts: &BuildOptions,
-) -> Result<BuildReport> {
+pub fn build(store: &mut Store, settings: &DatasetSettings, clean: &CleanOptions, opts: &BuildOptions) -> Result<BuildReport> {
     settings.validate()?;
     let started = Instant::now();
     let reparse = if opts.reparse {
-        Some(
-            reparse::reparse_all(store, clean, opts.jobs, opts.progress)
-                .map_err(|e| store.named(e))?,
-        )
+        Some(reparse::reparse_all(store, clean, opts.jobs, opts.progress).map_err(|e| store.named(e))?)
     } else {
-        reparse::ensure_current(store, clean, opts.jobs, opts.progress)
-            .map_err(|e| store.named(e))?
+        reparse::ensure_current(store, clean, opts.jobs, opts.progress).map_err(|e| store.named(e))?
     };
     let word_filter = filter::WordFilter::from_settings(settings)?;
     let root = opts.out_dir.clone().unwrap_or_else(|| settings.dir.clone());
@@ -235,19 +190,8 @@ pub fn build(
                     if conv.messages.len() > 2 {
                         st.multi_turn += 1;
                     }
-                    let part = if test {
-                        output::Part::Test
-                    } else {
-                        output::Part::Train
-                    };
-                    writer.write(
-                        part,
-                        &Record {
-                            messages: &conv.messages,
-                            thread_id: conv.thread_id,
-                            answer_id: None,
-                        },
-                    )?;
+                    let part = if test { output::Part::Test } else { output::Part::Train };
+                    writer.write(part, &Record { messages: &conv.messages, thread_id: conv.thread_id, answer_id: None })?;
                     if test {
                         st.test += 1;
                     } else {
@@ -270,8 +214,7 @@ pub fn build(
                 st.rejected += 1;
             }
             let Some(conv) = export.train else { continue };
-            if word_filter.matches(&conv.user_text()) || word_filter.matches(&conv.assistant_text())
-            {
+            if word_filter.matches(&conv.user_text()) || word_filter.matches(&conv.assistant_text()) {
                 st.drop("feedback_word_filter");
                 continue;
             }
@@ -281,14 +224,7 @@ pub fn build(
             }
             // Feedback trains only: the test split stays forum data so evaluations compare.
             record_lengths(&mut st, &conv);
-            writer.write(
-                output::Part::Train,
-                &Record {
-                    messages: &conv.messages,
-                    thread_id: None,
-                    answer_id: conv.answer_id,
-                },
-            )?;
+            writer.write(output::Part::Train, &Record { messages: &conv.messages, thread_id: None, answer_id: conv.answer_id })?;
             st.feedback_train += 1;
         }
     }
@@ -296,40 +232,18 @@ pub fn build(
     let stats = st.finish();
     let source_store = store.path().display().to_string();
     let written = writer.finish(|name, hash| {
-        let meta = Metadata {
-            name,
-            hash,
-            created_at: crate::util::clock::now_secs(),
-            format: "chat-messages-jsonl-v1",
-            source_store,
-            cleaner: clean.fingerprint(),
-            settings,
-        };
-        Ok(vec![
-            ("stats.json", serde_json::to_value(&stats)?),
-            ("metadata.json", serde_json::to_value(&meta)?),
-        ])
+        let meta = Metadata { name, hash, created_at: crate::util::clock::now_secs(), format: "chat-messages-jsonl-v1", source_store, cleaner: clean.fingerprint(), settings };
+        Ok(vec![("stats.json", serde_json::to_value(&stats)?), ("metadata.json", serde_json::to_value(&meta)?)])
     })?;
     tracing::info!(dataset = %written.name, train = stats.train, test = stats.test, "dataset built");
-    Ok(BuildReport {
-        written,
-        stats,
-        reparse,
-        elapsed: started.elapsed(),
-    })
+    Ok(BuildReport { written, stats, reparse, elapsed: started.elapsed() })
 }
 
 fn record_lengths(st: &mut stats::Collector, conv: &Conversation) {
     let words = pairs::word_count;
-    st.question_words
-        .push(conv.messages.first().map_or(0, |m| words(&m.content)));
+    st.question_words.push(conv.messages.first().map_or(0, |m| words(&m.content)));
     for m in conv.messages.iter().filter(|m| m.role == "assistant") {
         st.answer_words.push(words(&m.content));
     }
-    st.conversation_tokens.push(
-        conv.messages
-            .iter()
-            .map(|m| stats::estimate_tokens(&m.content))
-            .sum(),
-    );
+    st.conversation_tokens.push(conv.messages.iter().map(|m| stats::estimate_tokens(&m.content)).sum());
 }

@@ -35,12 +35,7 @@ impl HashedFile {
     fn create(dir: &Path, name: &'static str) -> Result<Self> {
         let path = dir.join(name);
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self {
-            name,
-            out: BufWriter::new(file),
-            hash: Sha256::new(),
-            lines: 0,
-        })
+        Ok(Self { name, out: BufWriter::new(file), hash: Sha256::new(), lines: 0 })
     }
 
     fn line(&mut self, bytes: &[u8]) -> Result<()> {
@@ -71,31 +66,18 @@ pub struct Written {
 
 impl DatasetWriter {
     pub fn create(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root)
-            .with_context(|| format!("creating dataset folder {}", root.display()))?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        std::fs::create_dir_all(root).with_context(|| format!("creating dataset folder {}", root.display()))?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tmp = root.join(format!(".building-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let files = vec![
-            HashedFile::create(&tmp, TRAIN)?,
-            HashedFile::create(&tmp, TEST)?,
-            HashedFile::create(&tmp, REJECTED)?,
-        ];
-        Ok(Self {
-            root: root.to_path_buf(),
-            tmp,
-            files,
-        })
+        let files = vec![HashedFile::create(&tmp, TRAIN)?, HashedFile::create(&tmp, TEST)?, HashedFile::create(&tmp, REJECTED)?];
+        Ok(Self { root: root.to_path_buf(), tmp, files })
     }
 
     pub fn write<T: Serialize>(&mut self, part: Part, record: &T) -> Result<()> {
         let bytes = serde_json::to_vec(record)?;
         let f = &mut self.files[part as usize];
-        f.line(&bytes)
-            .with_context(|| format!("writing {}", f.name))
+        f.line(&bytes).with_context(|| format!("writing {}", f.name))
     }
 
     pub fn lines(&self, part: Part) -> u64 {
@@ -103,15 +85,10 @@ impl DatasetWriter {
     }
 
     /// Hash, then write the extra JSON files `extra(name, hash)` returns, then publish.
-    pub fn finish(
-        mut self,
-        extra: impl FnOnce(&str, &str) -> Result<Vec<(&'static str, serde_json::Value)>>,
-    ) -> Result<Written> {
+    pub fn finish(mut self, extra: impl FnOnce(&str, &str) -> Result<Vec<(&'static str, serde_json::Value)>>) -> Result<Written> {
         let mut overall = Sha256::new();
         for mut f in std::mem::take(&mut self.files) {
-            f.out
-                .flush()
-                .with_context(|| format!("writing {}", f.name))?;
+            f.out.flush().with_context(|| format!("writing {}", f.name))?;
             overall.update(f.name.as_bytes());
             overall.update(b"\n");
             overall.update(hex::encode(f.hash.finalize()).as_bytes());
@@ -123,16 +100,13 @@ impl DatasetWriter {
         let result = (|| -> Result<bool> {
             for (file, value) in extra(&name, &hash)? {
                 let p = self.tmp.join(file);
-                std::fs::write(&p, serde_json::to_vec_pretty(&value)?)
-                    .with_context(|| format!("writing {}", p.display()))?;
+                std::fs::write(&p, serde_json::to_vec_pretty(&value)?).with_context(|| format!("writing {}", p.display()))?;
             }
             if path.is_dir() {
-                std::fs::remove_dir_all(&self.tmp)
-                    .with_context(|| format!("removing {}", self.tmp.display()))?;
+                std::fs::remove_dir_all(&self.tmp).with_context(|| format!("removing {}", self.tmp.display()))?;
                 return Ok(true);
             }
-            std::fs::rename(&self.tmp, &path)
-                .with_context(|| format!("moving {} to {}", self.tmp.display(), path.display()))?;
+            std::fs::rename(&self.tmp, &path).with_context(|| format!("moving {} to {}", self.tmp.display(), path.display()))?;
             Ok(false)
         })();
         let reused = match result {
@@ -143,12 +117,7 @@ impl DatasetWriter {
             }
         };
         std::fs::write(self.root.join(LATEST), format!("{name}\n")).context("writing LATEST")?;
-        Ok(Written {
-            name,
-            path,
-            hash,
-            reused,
-        })
+        Ok(Written { name, path, hash, reused })
     }
 }
 

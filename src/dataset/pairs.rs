@@ -18,29 +18,16 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn user_text(&self) -> String {
-        self.messages
-            .iter()
-            .filter(|m| m.role == "user")
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.messages.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")
     }
 
     pub fn assistant_text(&self) -> String {
-        self.messages
-            .iter()
-            .filter(|m| m.role == "assistant")
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.messages.iter().filter(|m| m.role == "assistant").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")
     }
 }
 
 pub fn turn(role: &str, content: &str) -> Turn {
-    Turn {
-        role: role.to_string(),
-        content: content.to_string(),
-    }
+    Turn { role: role.to_string(), content: content.to_string() }
 }
 
 /// Conversations of one thread and why the rest was left out.
@@ -71,10 +58,7 @@ pub fn question(title: &str, body: &str) -> String {
 /// punctuation, bullets, middots, emoji and bare numbers are not words, so "Quote · Report" is
 /// two words and a link with a "+1" is none.
 pub fn word_count(s: &str) -> usize {
-    without_urls(s)
-        .split_whitespace()
-        .filter(|w| w.chars().any(char::is_alphabetic))
-        .count()
+    without_urls(s).split_whitespace().filter(|w| w.chars().any(char::is_alphabetic)).count()
 }
 
 /// Training text of a post: its URLs dropped unless `keep_urls`.
@@ -93,11 +77,7 @@ fn is_question(body: &str) -> bool {
 
 /// Normalised start of a text, to recognise it inside a later post's quote.
 fn fingerprint(s: &str) -> String {
-    s.split_whitespace()
-        .take(8)
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
+    s.split_whitespace().take(8).collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
 /// Whether one of `quotes` holds the start of `body` (long enough not to match by chance).
@@ -107,18 +87,9 @@ fn quotes_text(quotes: &[String], body: &str) -> bool {
 }
 
 /// Why a reply cannot be an answer, or `None` when it can.
-fn screen(
-    body: &str,
-    quotes: &[String],
-    s: &DatasetSettings,
-    filter: &WordFilter,
-) -> Option<&'static str> {
+fn screen(body: &str, quotes: &[String], s: &DatasetSettings, filter: &WordFilter) -> Option<&'static str> {
     if body.trim().is_empty() {
-        return Some(if quotes.is_empty() {
-            "empty_reply"
-        } else {
-            "quote_only"
-        });
+        return Some(if quotes.is_empty() { "empty_reply" } else { "quote_only" });
     }
     let text_words = word_count(body);
     if urls(body).next().is_some() && text_words < s.min_answer_words {
@@ -137,12 +108,7 @@ fn screen(
 }
 
 /// Conversations of one thread. `keep_urls` = false drops URLs from every turn.
-pub fn build_thread(
-    t: &ThreadPosts,
-    s: &DatasetSettings,
-    filter: &WordFilter,
-    keep_urls: bool,
-) -> ThreadOutcome {
+pub fn build_thread(t: &ThreadPosts, s: &DatasetSettings, filter: &WordFilter, keep_urls: bool) -> ThreadOutcome {
     let mut out = ThreadOutcome::default();
     let Some(((1, op), replies)) = t.posts.split_first().map(|((p, op), r)| ((*p, op), r)) else {
         out.dropped.push("no_opening_post");
@@ -170,10 +136,7 @@ pub fn build_thread(
         return out;
     }
     let op_author = op.author.as_deref().filter(|a| !a.is_empty());
-    let later_quotes: Vec<String> = replies
-        .iter()
-        .flat_map(|(_, p)| p.quotes.iter().map(|q| q.to_lowercase()))
-        .collect();
+    let later_quotes: Vec<String> = replies.iter().flat_map(|(_, p)| p.quotes.iter().map(|q| q.to_lowercase())).collect();
 
     // Screen every reply once: Ok(score) for usable answers, Err(reason) otherwise. A reply by
     // the opening poster is never an answer, but counts as substantive when its text passes.
@@ -215,12 +178,7 @@ pub fn build_thread(
         }
     }
 
-    let mut ranked: Vec<(usize, f64)> = screened
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !used[*i])
-        .filter_map(|(i, v)| v.ok().map(|score| (i, score)))
-        .collect();
+    let mut ranked: Vec<(usize, f64)> = screened.iter().enumerate().filter(|(i, _)| !used[*i]).filter_map(|(i, v)| v.ok().map(|score| (i, score))).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     // 0 = no cap: every usable reply becomes a pair (the ranking still decides under a cap).
     let keep = match s.max_answers_per_thread {
@@ -246,10 +204,7 @@ pub fn build_thread(
         out.conversations.push(Conversation {
             thread_id: Some(t.id),
             answer_id: None,
-            messages: vec![
-                turn("user", &q),
-                turn("assistant", &training_text(&replies[i].1.body, keep_urls)),
-            ],
+            messages: vec![turn("user", &q), turn("assistant", &training_text(&replies[i].1.body, keep_urls))],
         });
     }
     if out.conversations.is_empty() {
@@ -282,10 +237,7 @@ fn multi_turn(
 ) -> MultiTurn {
     let mut op_reasons = vec![None; replies.len()];
     let Some(op_author) = op_author else {
-        return MultiTurn {
-            conversation: None,
-            op_reasons,
-        };
+        return MultiTurn { conversation: None, op_reasons };
     };
     let by_op = |i: usize| replies[i].1.author.as_deref() == Some(op_author);
     let text = |i: usize| training_text(&replies[i].1.body, keep_urls);
@@ -304,9 +256,7 @@ fn multi_turn(
         if picked.is_empty() || !substantive[i] {
             continue;
         }
-        let quoted = (0..i).find(|&k| {
-            screened[k].is_ok() && quotes_text(&r.quotes, &replies[k].1.body)
-        });
+        let quoted = (0..i).find(|&k| screened[k].is_ok() && quotes_text(&r.quotes, &replies[k].1.body));
         if !is_question(&r.body) && quoted.is_none() {
             op_reasons[i] = Some("follow_up_not_question");
             continue;
@@ -316,17 +266,10 @@ fn multi_turn(
             messages[1] = turn("assistant", &text(k));
             picked[0] = k;
         }
-        let answer = (i + 1..replies.len())
-            .find(|&j| {
-                screened[j].is_ok()
-                    && !picked.contains(&j)
-                    && quotes_text(&replies[j].1.quotes, &r.body)
-            })
-            .or_else(|| {
-                let j = i + 1;
-                (j < replies.len() && !by_op(j) && screened[j].is_ok() && !picked.contains(&j))
-                    .then_some(j)
-            });
+        let answer = (i + 1..replies.len()).find(|&j| screened[j].is_ok() && !picked.contains(&j) && quotes_text(&replies[j].1.quotes, &r.body)).or_else(|| {
+            let j = i + 1;
+            (j < replies.len() && !by_op(j) && screened[j].is_ok() && !picked.contains(&j)).then_some(j)
+        });
         let Some(j) = answer else {
             op_reasons[i] = Some("follow_up_unanswered");
             continue;
@@ -336,20 +279,8 @@ fn multi_turn(
         picked.push(i);
         picked.push(j);
     }
-    let conversation = (messages.len() >= 4).then(|| {
-        (
-            Conversation {
-                thread_id: Some(thread_id),
-                answer_id: None,
-                messages,
-            },
-            picked,
-        )
-    });
-    MultiTurn {
-        conversation,
-        op_reasons,
-    }
+    let conversation = (messages.len() >= 4).then(|| (Conversation { thread_id: Some(thread_id), answer_id: None, messages }, picked));
+    MultiTurn { conversation, op_reasons }
 }
 
 #[cfg(test)]
@@ -358,39 +289,21 @@ mod tests {
     use crate::store::StoredPost;
 
     fn post(pos: u32, author: &str, body: &str) -> StoredPost {
-        StoredPost {
-            position: pos,
-            author: Some(author.into()),
-            body: body.into(),
-            ..Default::default()
-        }
+        StoredPost { position: pos, author: Some(author.into()), body: body.into(), ..Default::default() }
     }
 
     fn thread(posts: Vec<StoredPost>) -> ThreadPosts {
-        ThreadPosts {
-            id: 9,
-            title: "Park skis for a beginner".into(),
-            posts: posts.into_iter().map(|p| (1, p)).collect(),
-        }
+        ThreadPosts { id: 9, title: "Park skis for a beginner".into(), posts: posts.into_iter().map(|p| (1, p)).collect() }
     }
 
     fn settings() -> DatasetSettings {
-        DatasetSettings {
-            max_answers_per_thread: 2,
-            ..DatasetSettings::default()
-        }
+        DatasetSettings { max_answers_per_thread: 2, ..DatasetSettings::default() }
     }
 
     #[test]
     fn question_format() {
-        assert_eq!(
-            question("Park skis", "I'm 5'8, what length?"),
-            "Park skis: I'm 5'8, what length?"
-        );
-        assert_eq!(
-            question("Which length?", "I'm 5'8."),
-            "Which length? I'm 5'8."
-        );
+        assert_eq!(question("Park skis", "I'm 5'8, what length?"), "Park skis: I'm 5'8, what length?");
+        assert_eq!(question("Which length?", "I'm 5'8."), "Which length? I'm 5'8.");
         assert_eq!(question("Best skis - 2023", ""), "Best skis - 2023");
     }
 
@@ -400,106 +313,51 @@ mod tests {
         quoted.quotes = vec!["something".into()];
         let t = thread(vec![
             post(0, "op", "What should I get to start hitting rails?"),
-            post(
-                1,
-                "a",
-                "Get something soft and twin tipped, mount at center, around chin height.",
-            ),
+            post(1, "a", "Get something soft and twin tipped, mount at center, around chin height."),
             post(2, "b", "https://youtu.be/abc"),
             post(3, "op", "thanks guys"),
             post(4, "d", "+1"),
             quoted,
             post(6, "e", ""),
-            post(
-                7,
-                "f",
-                "Used gear is the way, old Line Chronics are cheap and bomber on rails for years.",
-            ),
-            post(
-                8,
-                "g",
-                "I'd also say boots first, a soft park boot helps a lot when learning rails.",
-            ),
+            post(7, "f", "Used gear is the way, old Line Chronics are cheap and bomber on rails for years."),
+            post(8, "g", "I'd also say boots first, a soft park boot helps a lot when learning rails."),
         ]);
         let out = build_thread(&t, &settings(), &WordFilter::default(), true);
         assert_eq!(out.conversations.len(), 2);
-        assert!(out.conversations[0].messages[0]
-            .content
-            .starts_with("Park skis for a beginner: What should"));
-        let answers: Vec<_> = out
-            .conversations
-            .iter()
-            .map(|c| c.messages[1].content.clone())
-            .collect();
+        assert!(out.conversations[0].messages[0].content.starts_with("Park skis for a beginner: What should"));
+        let answers: Vec<_> = out.conversations.iter().map(|c| c.messages[1].content.clone()).collect();
         // The two most substantive replies win, kept in thread order.
         assert!(answers[0].starts_with("Used gear"), "{answers:?}");
         assert!(answers[1].starts_with("I'd also say"), "{answers:?}");
         let mut d = out.dropped.clone();
         d.sort();
-        assert_eq!(
-            d,
-            vec![
-                "by_original_poster",
-                "empty_reply",
-                "link_only",
-                "not_selected",
-                "quote_only",
-                "too_short"
-            ]
-        );
+        assert_eq!(d, vec!["by_original_poster", "empty_reply", "link_only", "not_selected", "quote_only", "too_short"]);
     }
 
     #[test]
     fn multi_turn_uses_op_follow_ups() {
         let t = thread(vec![
             post(0, "op", "What should I get to start hitting rails?"),
-            post(
-                1,
-                "a",
-                "Get something soft and twin tipped, mount at center.",
-            ),
+            post(1, "a", "Get something soft and twin tipped, mount at center."),
             post(2, "op", "What length should they be for someone my height?"),
             post(3, "b", "Around chin height is a good start for rails."),
             post(4, "c", "Also wax them often, rails eat bases alive."),
         ]);
-        let s = DatasetSettings {
-            multi_turn: true,
-            max_answers_per_thread: 3,
-            ..DatasetSettings::default()
-        };
+        let s = DatasetSettings { multi_turn: true, max_answers_per_thread: 3, ..DatasetSettings::default() };
         let out = build_thread(&t, &s, &WordFilter::default(), true);
         assert_eq!(out.conversations[0].messages.len(), 4);
         assert_eq!(out.conversations[0].messages[2].role, "user");
-        assert_eq!(
-            out.conversations.len(),
-            2,
-            "remaining reply becomes a single-turn pair"
-        );
-        assert_eq!(
-            out.conversations[1].messages[1].content,
-            "Also wax them often, rails eat bases alive."
-        );
+        assert_eq!(out.conversations.len(), 2, "remaining reply becomes a single-turn pair");
+        assert_eq!(out.conversations[1].messages[1].content, "Also wax them often, rails eat bases alive.");
     }
 
     #[test]
     fn threads_without_answers_say_why() {
-        let out = build_thread(
-            &thread(vec![post(0, "op", "Anyone skiing Mammoth this weekend?")]),
-            &settings(),
-            &WordFilter::default(),
-            true,
-        );
+        let out = build_thread(&thread(vec![post(0, "op", "Anyone skiing Mammoth this weekend?")]), &settings(), &WordFilter::default(), true);
         assert!(out.conversations.is_empty());
         assert_eq!(out.dropped, vec!["no_replies"]);
-        let t = ThreadPosts {
-            id: 1,
-            title: "x".into(),
-            posts: vec![(2, post(0, "op", "page one missing"))],
-        };
-        assert_eq!(
-            build_thread(&t, &settings(), &WordFilter::default(), true).dropped,
-            vec!["no_opening_post"]
-        );
+        let t = ThreadPosts { id: 1, title: "x".into(), posts: vec![(2, post(0, "op", "page one missing"))] };
+        assert_eq!(build_thread(&t, &settings(), &WordFilter::default(), true).dropped, vec!["no_opening_post"]);
     }
 
     #[test]
@@ -508,10 +366,7 @@ mod tests {
         assert_eq!(word_count("• • • — ... !!! +1 540"), 0);
         assert_eq!(word_count("- mount at center\n- wax often"), 5);
         assert_eq!(word_count("\u{1F602}\u{1F919} sick edit \u{1F525}"), 2);
-        assert_eq!(
-            word_count("https://youtu.be/abc www.newschoolers.com/x check this"),
-            2
-        );
+        assert_eq!(word_count("https://youtu.be/abc www.newschoolers.com/x check this"), 2);
         assert_eq!(word_count("don't 3s I'd"), 3);
         assert_eq!(word_count(""), 0);
     }
@@ -526,10 +381,7 @@ mod tests {
         ]);
         let out = build_thread(&t, &settings(), &WordFilter::default(), true);
         assert!(out.conversations.is_empty());
-        assert_eq!(
-            out.dropped,
-            vec!["link_only", "too_short", "too_short", "no_usable_reply"]
-        );
+        assert_eq!(out.dropped, vec!["link_only", "too_short", "too_short", "no_usable_reply"]);
         assert_eq!(out.substantive, 0);
     }
 
@@ -546,11 +398,7 @@ mod tests {
         let s = DatasetSettings::default();
         assert_eq!(s.max_answers_per_thread, 0, "no cap by default");
         let out = build_thread(&t, &s, &WordFilter::default(), true);
-        let answers: Vec<_> = out
-            .conversations
-            .iter()
-            .map(|c| c.messages[1].content.as_str())
-            .collect();
+        let answers: Vec<_> = out.conversations.iter().map(|c| c.messages[1].content.as_str()).collect();
         assert_eq!(answers.len(), 4);
         assert!(answers[0].starts_with("Something soft"));
         assert!(answers[3].starts_with("Detune"));
@@ -558,10 +406,7 @@ mod tests {
         assert_eq!(out.substantive, 5);
         assert_eq!(out.substantive_dropped, vec!["by_original_poster"]);
         // A cap still keeps the best ones.
-        let capped = DatasetSettings {
-            max_answers_per_thread: 1,
-            ..DatasetSettings::default()
-        };
+        let capped = DatasetSettings { max_answers_per_thread: 1, ..DatasetSettings::default() };
         let out = build_thread(&t, &capped, &WordFilter::default(), true);
         assert_eq!(out.conversations.len(), 1);
         assert_eq!(out.substantive_dropped.iter().filter(|r| **r == "not_selected").count(), 3);
@@ -569,14 +414,8 @@ mod tests {
 
     #[test]
     fn urls_are_stripped_from_training_text_unless_kept() {
-        assert_eq!(
-            training_text("Watch this (https://youtu.be/abc), it helps.\n\nhttps://x.io/y", false),
-            "Watch this, it helps."
-        );
-        assert_eq!(
-            training_text("Watch https://youtu.be/abc", true),
-            "Watch https://youtu.be/abc"
-        );
+        assert_eq!(training_text("Watch this (https://youtu.be/abc), it helps.\n\nhttps://x.io/y", false), "Watch this, it helps.");
+        assert_eq!(training_text("Watch https://youtu.be/abc", true), "Watch https://youtu.be/abc");
         assert_eq!(training_text("no links here", false), "no links here");
         let t = thread(vec![
             post(0, "op", "Any edits to learn rails from? https://ns.test/forum/x"),
@@ -593,10 +432,7 @@ mod tests {
 
     #[test]
     fn multi_turn_needs_a_question_and_its_answer() {
-        let s = DatasetSettings {
-            multi_turn: true,
-            ..DatasetSettings::default()
-        };
+        let s = DatasetSettings { multi_turn: true, ..DatasetSettings::default() };
         // A thank-you is not a question: no user turn, and the next reply is not its answer.
         let t = thread(vec![
             post(0, "op", "What bindings should I put on my new park skis?"),
@@ -611,11 +447,7 @@ mod tests {
         assert_eq!(out.substantive_dropped, vec!["follow_up_not_question"]);
 
         // A question answered by a later reply that quotes it, across another post.
-        let mut quoting = post(
-            4,
-            "c",
-            "Go with the shorter length, it spins and butters way easier.",
-        );
+        let mut quoting = post(4, "c", "Go with the shorter length, it spins and butters way easier.");
         quoting.quotes = vec!["Should I go 172 or 178 for a park setup?".into()];
         let t = thread(vec![
             post(0, "op", "What bindings should I put on my new park skis?"),
@@ -645,9 +477,6 @@ mod tests {
         let out = build_thread(&t, &s, &WordFilter::default(), true);
         assert_eq!(out.conversations.len(), 1);
         assert_eq!(out.conversations[0].messages.len(), 2);
-        assert_eq!(
-            out.dropped,
-            vec!["follow_up_unanswered", "follow_up_not_question"]
-        );
+        assert_eq!(out.dropped, vec!["follow_up_unanswered", "follow_up_not_question"]);
     }
 }

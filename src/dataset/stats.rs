@@ -35,9 +35,7 @@ impl Lengths {
         let at = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
         Percentiles {
             count: v.len(),
-            mean: (v.iter().map(|x| u64::from(*x)).sum::<u64>() as f64 / v.len() as f64 * 10.0)
-                .round()
-                / 10.0,
+            mean: (v.iter().map(|x| u64::from(*x)).sum::<u64>() as f64 / v.len() as f64 * 10.0).round() / 10.0,
             p50: at(0.5),
             p90: at(0.9),
             p99: at(0.99),
@@ -135,24 +133,10 @@ impl Collector {
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "threads: {} ({} gave pairs)",
-            self.threads, self.threads_with_pairs
-        )?;
-        writeln!(
-            f,
-            "pairs:   {} train, {} test ({} multi-turn), feedback: {} to train, {} rejected",
-            self.train, self.test, self.multi_turn, self.feedback_train, self.rejected
-        )?;
+        writeln!(f, "threads: {} ({} gave pairs)", self.threads, self.threads_with_pairs)?;
+        writeln!(f, "pairs:   {} train, {} test ({} multi-turn), feedback: {} to train, {} rejected", self.train, self.test, self.multi_turn, self.feedback_train, self.rejected)?;
         let c = &self.substantive_replies;
-        writeln!(
-            f,
-            "substantive replies: {} seen, {} used ({:.0}%)",
-            c.seen,
-            c.used,
-            c.recall() * 100.0
-        )?;
+        writeln!(f, "substantive replies: {} seen, {} used ({:.0}%)", c.seen, c.used, c.recall() * 100.0)?;
         for (reason, n) in &c.dropped {
             writeln!(f, "  not used: {reason:<22} {n}")?;
         }
@@ -160,16 +144,8 @@ impl std::fmt::Display for Stats {
         for (reason, n) in &self.dropped {
             writeln!(f, "  {reason:<22} {n}")?;
         }
-        for (name, p) in [
-            ("question words", &self.question_words),
-            ("answer words", &self.answer_words),
-            ("tokens (est.)", &self.conversation_tokens_est),
-        ] {
-            writeln!(
-                f,
-                "{name:<15} p50 {:>5}  p90 {:>5}  p99 {:>5}  max {:>6}  mean {:>7.1}",
-                p.p50, p.p90, p.p99, p.max, p.mean
-            )?;
+        for (name, p) in [("question words", &self.question_words), ("answer words", &self.answer_words), ("tokens (est.)", &self.conversation_tokens_est)] {
+            writeln!(f, "{name:<15} p50 {:>5}  p90 {:>5}  p99 {:>5}  max {:>6}  mean {:>7.1}", p.p50, p.p90, p.p99, p.max, p.mean)?;
         }
         Ok(())
     }
@@ -186,10 +162,7 @@ mod tests {
             l.push(v);
         }
         let p = l.summary();
-        assert_eq!(
-            (p.p50, p.p90, p.p99, p.max, p.count),
-            (50, 90, 99, 100, 100)
-        );
+        assert_eq!((p.p50, p.p90, p.p99, p.max, p.count), (50, 90, 99, 100, 100));
         assert_eq!(p.mean, 50.5);
         assert_eq!(Lengths::default().summary().count, 0);
         assert_eq!(estimate_tokens("abcde"), 2);

@@ -183,9 +183,7 @@ mod cuda {
 
     /// Launches `keyed_dropout_<dtype>` over the contiguous elements of `x`.
     pub fn keyed_dropout(x: &CudaStorage, layout: &Layout, k0: u32, k1: u32, threshold: u32, scale: f32) -> Result<CudaStorage> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("keyed dropout: input must be contiguous, got {layout:?}")
-        };
+        let Some((start, end)) = layout.contiguous_offsets() else { bail!("keyed dropout: input must be contiguous, got {layout:?}") };
         let dev = x.device().clone();
         let n = (end - start) as u64;
         fn launch<T: DeviceRepr>(dev: &CudaDevice, name: &str, src: &CudaSlice<T>, start: usize, n: u64, k: (u32, u32, u32, f32)) -> Result<CudaSlice<T>> {

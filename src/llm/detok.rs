@@ -53,8 +53,7 @@ impl<'a> StreamDecoder<'a> {
 
     /// Adds one generated token; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
-        let token =
-            self.tokenizer.id_to_token(id).with_context(|| format!("token id {id} is not in the tokenizer's vocabulary"))?;
+        let token = self.tokenizer.id_to_token(id).with_context(|| format!("token id {id} is not in the tokenizer's vocabulary"))?;
         // Skipped tokens add no text; keeping them out of the window keeps it short.
         if self.skip_special_tokens && self.tokenizer.get_added_vocabulary().is_special_token(&token) {
             return Ok(None);

@@ -142,7 +142,13 @@ pub fn profiler_capture(device: &Device, on: bool) {
     if let Device::Cuda(_) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
         // SAFETY: both calls only toggle the profiler's capture for the current context.
-        let r = unsafe { if on { sys::cuProfilerStart() } else { sys::cuProfilerStop() } };
+        let r = unsafe {
+            if on {
+                sys::cuProfilerStart()
+            } else {
+                sys::cuProfilerStop()
+            }
+        };
         if r != sys::CUresult::CUDA_SUCCESS {
             tracing::warn!("cuProfiler{}: {r:?}", if on { "Start" } else { "Stop" });
         }

@@ -220,8 +220,7 @@ impl Engine {
     /// Queue a question. Its prompt is built (and trimmed) here, so a question that can never
     /// fit is refused at once instead of failing a batch later.
     pub fn submit(&self, q: Question) -> Result<Ticket, SubmitError> {
-        let p = prompt::build(&self.shared.lm, &self.shared.cfg.system_prompt, &q.history, &q.question, q.opts.max_context, q.opts.max_new_tokens)
-            .map_err(SubmitError::Prompt)?;
+        let p = prompt::build(&self.shared.lm, &self.shared.cfg.system_prompt, &q.history, &q.question, q.opts.max_context, q.opts.max_new_tokens).map_err(SubmitError::Prompt)?;
         let (tx, events) = mpsc::unbounded_channel();
         let cancel = Canceller(Arc::new(AtomicBool::new(false)));
         let mut st = lock(&self.shared.state);

@@ -59,8 +59,8 @@ impl FusedDecoder {
 #[cfg(feature = "cuda")]
 mod imp {
     use std::cell::Cell;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     use anyhow::{ensure, Result};
@@ -534,7 +534,20 @@ mod imp {
             // written by the kernel before it.
             let mv = |segs: &[(&Packed, Option<(u64, u64)>)], y: u64, ldy: usize, residual: u64, u: u64, glu: bool| -> Result<()> {
                 let first = segs[0].0;
-                let mut a = MvArgs { xq, xd, y, residual, lora_u: u, k: first.cols as i32, ldy: ldy as i32, ldu: ldu as i32, r: r as i32, glu: glu as i32, lora_scale: scale, ..Default::default() };
+                let mut a = MvArgs {
+                    xq,
+                    xd,
+                    y,
+                    residual,
+                    lora_u: u,
+                    k: first.cols as i32,
+                    ldy: ldy as i32,
+                    ldu: ldu as i32,
+                    r: r as i32,
+                    glu: glu as i32,
+                    lora_scale: scale,
+                    ..Default::default()
+                };
                 let mut end = 0;
                 for i in 0..3 {
                     if let Some((w, pair)) = segs.get(i) {
@@ -584,7 +597,20 @@ mod imp {
                         mv(&[(wp, qkv_pairs[i])], qkv + off as u64 * f, ldq, 0, u + (i * r) as u64 * f, false)?;
                     }
                 }
-                let ra = RopeArgs { qkv, cos: self.cos, sin: self.sin, pos, at, k_cache: kc, v_cache: vc, ldq: ldq as i32, nh: nh as i32, nkv: nkv as i32, hd: hd as i32, cap: cap as i32 };
+                let ra = RopeArgs {
+                    qkv,
+                    cos: self.cos,
+                    sin: self.sin,
+                    pos,
+                    at,
+                    k_cache: kc,
+                    v_cache: vc,
+                    ldq: ldq as i32,
+                    nh: nh as i32,
+                    nkv: nkv as i32,
+                    hd: hd as i32,
+                    cap: cap as i32,
+                };
                 let cfg_rope = LaunchConfig { grid_dim: ((nh + 2 * nkv) as u32, nb as u32, 1), block_dim: ((hd / 2).div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
                 go.with(&self.rope, cfg_rope, &ra)?;
                 let aa = AttnArgs {
@@ -645,5 +671,4 @@ mod imp {
             k
         }
     }
-
 }

@@ -227,13 +227,18 @@ impl LoraAdapter {
         let on_cuda = self.pairs.iter().flatten().flatten().all(|p| p.a.device().is_cuda() && p.b.device().is_cuda());
         let table = if on_cuda {
             let ptr = |p: &LoraPair| -> Result<(u64, u64)> { Ok((crate::kernels::tensor_ptr(&p.a)?, crate::kernels::tensor_ptr(&p.b)?)) };
-            Some(self.pairs.iter().map(|row| -> Result<[Option<(u64, u64)>; 7]> {
-                let mut out = [None; 7];
-                for (slot, p) in out.iter_mut().zip(row) {
-                    *slot = p.as_ref().map(ptr).transpose()?;
-                }
-                Ok(out)
-            }).collect::<Result<LoraPtrs>>()?)
+            Some(
+                self.pairs
+                    .iter()
+                    .map(|row| -> Result<[Option<(u64, u64)>; 7]> {
+                        let mut out = [None; 7];
+                        for (slot, p) in out.iter_mut().zip(row) {
+                            *slot = p.as_ref().map(ptr).transpose()?;
+                        }
+                        Ok(out)
+                    })
+                    .collect::<Result<LoraPtrs>>()?,
+            )
         } else {
             None
         };

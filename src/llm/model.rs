@@ -10,9 +10,9 @@ use anyhow::{ensure, Context, Result};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
+use super::fused_decode::{FusedDecoder, RowKernels, MAX_ROWS};
 use super::lora::LoraAdapter;
 use super::model_config::ModelConfig;
-use super::fused_decode::{FusedDecoder, RowKernels, MAX_ROWS};
 use super::qlinear::BaseLinear;
 
 /// The seven linear layers of a decoder block, in PEFT's naming.

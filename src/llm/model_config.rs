@@ -90,7 +90,12 @@ impl ModelConfig {
 
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.num_layers > 0 && self.hidden_size > 0 && self.vocab_size > 0, "model config has a zero dimension: {self:?}");
-        anyhow::ensure!(self.num_heads > 0 && self.num_kv_heads > 0 && self.num_heads.is_multiple_of(self.num_kv_heads), "heads ({}) must be a multiple of KV heads ({})", self.num_heads, self.num_kv_heads);
+        anyhow::ensure!(
+            self.num_heads > 0 && self.num_kv_heads > 0 && self.num_heads.is_multiple_of(self.num_kv_heads),
+            "heads ({}) must be a multiple of KV heads ({})",
+            self.num_heads,
+            self.num_kv_heads
+        );
         anyhow::ensure!(self.head_dim.is_multiple_of(2), "head_dim {} must be even for rotary embeddings", self.head_dim);
         anyhow::ensure!(self.rope_theta > 0.0 && self.rms_norm_eps > 0.0, "rope_theta and rms_norm_eps must be positive");
         Ok(())
@@ -161,9 +166,7 @@ impl ModelConfig {
     /// Parse an HF `config.json` (LlamaForCausalLM / MistralForCausalLM), old and new layouts.
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
-        let int = |k: &str| -> Result<usize> {
-            v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).with_context(|| format!("config.json lacks integer `{k}`"))
-        };
+        let int = |k: &str| -> Result<usize> { v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).with_context(|| format!("config.json lacks integer `{k}`")) };
         if let Some(mt) = v.get("model_type").and_then(|m| m.as_str()) {
             if mt != "llama" && mt != "mistral" {
                 bail!("config.json model_type `{mt}` is not supported (expected llama or mistral)");
@@ -172,11 +175,8 @@ impl ModelConfig {
         let hidden_size = int("hidden_size")?;
         let num_heads = int("num_attention_heads")?;
         // transformers >= 5 nests rope_theta in rope_parameters; older files keep it top level.
-        let rope_theta = v
-            .get("rope_theta")
-            .and_then(|x| x.as_f64())
-            .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
-            .unwrap_or(10_000.0);
+        let rope_theta =
+            v.get("rope_theta").and_then(|x| x.as_f64()).or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64())).unwrap_or(10_000.0);
         let head_dim = v.get("head_dim").and_then(|x| x.as_u64()).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
         let cfg = Self {
             vocab_size: int("vocab_size")?,

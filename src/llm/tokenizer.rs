@@ -86,14 +86,7 @@ pub fn special_tokens(metadata: &Metadata) -> SpecialTokens {
             None
         })
     };
-    SpecialTokens {
-        bos: id(KEY_BOS),
-        eos: id(KEY_EOS),
-        pad: id(KEY_PAD),
-        unk: id(KEY_UNK),
-        add_bos: flag(KEY_ADD_BOS),
-        add_eos: flag(KEY_ADD_EOS),
-    }
+    SpecialTokens { bos: id(KEY_BOS), eos: id(KEY_EOS), pad: id(KEY_PAD), unk: id(KEY_UNK), add_bos: flag(KEY_ADD_BOS), add_eos: flag(KEY_ADD_EOS) }
 }
 
 /// Like [`special_tokens`] but strict: a value of the wrong type, or an id outside
@@ -116,19 +109,13 @@ pub fn tokenizer_from_gguf(metadata: &Metadata) -> Result<Tokenizer> {
     let kind = get_str(metadata, KEY_MODEL)?;
     let tokens = str_array(metadata, KEY_TOKENS)?;
     ensure!(!tokens.is_empty(), "GGUF metadata `{KEY_TOKENS}` is empty");
-    ensure!(
-        u32::try_from(tokens.len()).is_ok(),
-        "GGUF metadata `{KEY_TOKENS}` has {} entries, more than u32 ids can address",
-        tokens.len()
-    );
+    ensure!(u32::try_from(tokens.len()).is_ok(), "GGUF metadata `{KEY_TOKENS}` has {} entries, more than u32 ids can address", tokens.len());
     let types = token_types(metadata, tokens.len())?;
     let specials = try_special_tokens(metadata)?;
     match kind {
         "gpt2" => build_gpt2(metadata, &tokens, &types),
         "llama" => build_llama(metadata, &tokens, &types, specials.unk),
-        other => bail!(
-            "unsupported GGUF `{KEY_MODEL}` = {other:?} (supported: \"gpt2\" byte-level BPE and \"llama\" SentencePiece BPE)"
-        ),
+        other => bail!("unsupported GGUF `{KEY_MODEL}` = {other:?} (supported: \"gpt2\" byte-level BPE and \"llama\" SentencePiece BPE)"),
     }
 }
 
@@ -145,11 +132,7 @@ enum TokenType {
 
 fn token_types(md: &Metadata, n_tokens: usize) -> Result<Vec<TokenType>> {
     let raw = int_array(md, KEY_TOKEN_TYPE)?;
-    ensure!(
-        raw.len() == n_tokens,
-        "GGUF metadata `{KEY_TOKEN_TYPE}` has {} entries but `{KEY_TOKENS}` has {n_tokens}",
-        raw.len()
-    );
+    ensure!(raw.len() == n_tokens, "GGUF metadata `{KEY_TOKEN_TYPE}` has {} entries but `{KEY_TOKENS}` has {n_tokens}", raw.len());
     raw.iter()
         .enumerate()
         .map(|(i, &t)| {
@@ -203,8 +186,7 @@ fn added_tokens(tokens: &[&str], types: &[TokenType]) -> Vec<AddedToken> {
 }
 
 fn add_tokens(tok: &mut Tokenizer, tokens: &[&str], types: &[TokenType]) -> Result<()> {
-    tok.add_tokens(added_tokens(tokens, types))
-        .map_err(|e| anyhow!("registering control/user-defined tokens from `{KEY_TOKEN_TYPE}`: {e}"))?;
+    tok.add_tokens(added_tokens(tokens, types)).map_err(|e| anyhow!("registering control/user-defined tokens from `{KEY_TOKEN_TYPE}`: {e}"))?;
     Ok(())
 }
 
@@ -261,11 +243,9 @@ struct Gpt2Setup {
 /// GPT-2's word regex, as HF's `ByteLevel(use_regex = true)` and llama.cpp's "gpt-2" use it.
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3's tokenizer.json split regex (numbers in groups of up to three digits).
-const LLAMA3_REGEX: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's tokenizer.json split regex (single digits).
-const QWEN2_REGEX: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// llama.cpp's "default" chain, applied one after the other (each splits the previous pieces).
 const DEFAULT_REGEXES: [&str; 4] = [r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"];
 
@@ -283,9 +263,7 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<Gpt2Setup> {
     let setup = |pre_tokenizer, normalizer, ignore_merges| Gpt2Setup { normalizer, pre_tokenizer, ignore_merges };
     Ok(match pre {
         // StarCoder's tokenizer (SmolLM inherited it): every digit alone, then GPT-2 bytes/regex.
-        "smollm" | "starcoder" => {
-            setup(seq(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]), None, false)
-        }
+        "smollm" | "starcoder" => setup(seq(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]), None, false),
         "gpt-2" | "gpt2" => setup(ByteLevel::new(false, true, true).into(), None, false),
         "default" => {
             let mut steps = DEFAULT_REGEXES.iter().map(|re| split(re)).collect::<Result<Vec<_>>>()?;
@@ -295,9 +273,7 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<Gpt2Setup> {
         // Llama 3 looks whole words up before merging (`ignore_merges`), as its tokenizer.json says.
         "llama-bpe" | "llama3" | "llama-v3" => setup(seq(vec![split(LLAMA3_REGEX)?, byte_level()]), None, true),
         "qwen2" => setup(seq(vec![split(QWEN2_REGEX)?, byte_level()]), Some(NFC.into()), false),
-        other => bail!(
-            "unsupported GGUF `{KEY_PRE}` = {other:?} (supported: \"smollm\", \"starcoder\", \"gpt-2\", \"default\", \"llama-bpe\", \"qwen2\")"
-        ),
+        other => bail!("unsupported GGUF `{KEY_PRE}` = {other:?} (supported: \"smollm\", \"starcoder\", \"gpt-2\", \"default\", \"llama-bpe\", \"qwen2\")"),
     })
 }
 
@@ -306,18 +282,12 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<Gpt2Setup> {
 
 fn build_llama(md: &Metadata, tokens: &[&str], types: &[TokenType], unk_id: Option<u32>) -> Result<Tokenizer> {
     let scores = f32_array(md, KEY_SCORES)?;
-    ensure!(
-        scores.len() == tokens.len(),
-        "GGUF metadata `{KEY_SCORES}` has {} entries but `{KEY_TOKENS}` has {}",
-        scores.len(),
-        tokens.len()
-    );
+    ensure!(scores.len() == tokens.len(), "GGUF metadata `{KEY_SCORES}` has {} entries but `{KEY_TOKENS}` has {}", scores.len(), tokens.len());
     // SentencePiece's add_dummy_prefix; llama.cpp's default for "llama" vocabularies is true.
     let add_space_prefix = opt_bool(md, KEY_ADD_SPACE_PREFIX)?.unwrap_or(true);
 
     let unk_id = unk_id.or_else(|| types.iter().position(|t| *t == TokenType::Unknown).map(|i| i as u32));
-    let mut builder =
-        BPE::builder().vocab_and_merges(vocab_map(tokens), spm_merges(tokens, types, &scores)).byte_fallback(true).fuse_unk(true);
+    let mut builder = BPE::builder().vocab_and_merges(vocab_map(tokens), spm_merges(tokens, types, &scores)).byte_fallback(true).fuse_unk(true);
     if let Some(id) = unk_id {
         builder = builder.unk_token(tokens[id as usize].to_owned());
     }
@@ -326,11 +296,8 @@ fn build_llama(md: &Metadata, tokens: &[&str], types: &[TokenType], unk_id: Opti
     let mut tok = Tokenizer::new(bpe);
     // Same layout as HF's Llama/Mistral tokenizer.json: spaces become "▁", plus one in front.
     let to_marker = Replace::new(" ", SPM_SPACE).map_err(|e| anyhow!("building the normalizer: {e}"))?;
-    let normalizer: NormalizerWrapper = if add_space_prefix {
-        NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.to_owned()).into(), to_marker.into()]).into()
-    } else {
-        to_marker.into()
-    };
+    let normalizer: NormalizerWrapper =
+        if add_space_prefix { NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.to_owned()).into(), to_marker.into()]).into() } else { to_marker.into() };
     tok.with_normalizer(Some(normalizer)).map_err(|e| anyhow!("setting the normalizer: {e}"))?;
 
     let from_marker = Replace::new(SPM_SPACE, " ").map_err(|e| anyhow!("building the decoder: {e}"))?;
@@ -389,9 +356,7 @@ fn spm_merges(tokens: &[&str], types: &[TokenType], scores: &[f32]) -> Merges {
         candidates[start..].sort_by_key(|c| (c.left, c.right));
     }
     // Stable sort, so full ties keep vocabulary order (as Python's sorted does).
-    candidates.sort_by(|a, b| {
-        b.score.total_cmp(&a.score).then(b.left_chars.cmp(&a.left_chars)).then(b.right_chars.cmp(&a.right_chars))
-    });
+    candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then(b.left_chars.cmp(&a.left_chars)).then(b.right_chars.cmp(&a.right_chars)));
     candidates.into_iter().map(|c| (tokens[c.left as usize].to_owned(), tokens[c.right as usize].to_owned())).collect()
 }
 
@@ -463,9 +428,7 @@ fn int_array(md: &Metadata, key: &str) -> Result<Vec<i64>> {
     get_array(md, key, "integers")?
         .iter()
         .enumerate()
-        .map(|(i, v)| {
-            as_i64(v).with_context(|| format!("GGUF metadata `{key}`[{i}] should be an integer, found {}", type_name(v)))
-        })
+        .map(|(i, v)| as_i64(v).with_context(|| format!("GGUF metadata `{key}`[{i}] should be an integer, found {}", type_name(v))))
         .collect()
 }
 
@@ -499,8 +462,7 @@ fn vocab_len(md: &Metadata) -> Option<usize> {
 
 fn read_token_id(md: &Metadata, key: &str, n_tokens: Option<usize>) -> Result<Option<u32>> {
     let Some(v) = md.get(key) else { return Ok(None) };
-    let raw =
-        as_i64(v).with_context(|| format!("GGUF metadata `{key}` should be an integer token id, found {}", type_name(v)))?;
+    let raw = as_i64(v).with_context(|| format!("GGUF metadata `{key}` should be an integer token id, found {}", type_name(v)))?;
     let id = u32::try_from(raw).map_err(|_| anyhow!("GGUF metadata `{key}` = {raw} is not a valid token id"))?;
     if let Some(n) = n_tokens {
         ensure!((id as usize) < n, "GGUF metadata `{key}` = {id} is outside the vocabulary ({n} tokens in `{KEY_TOKENS}`)");
@@ -528,8 +490,7 @@ mod tests {
         // "bc" outranks "ab"; "abc" last, its two splits ordered by left length (longer first).
         let scores = [0.0, 0.0, 0.0, -5.0, -1.0, -9.0, 0.0];
         let merges = spm_merges(&tokens, &types, &scores);
-        let want: Vec<(String, String)> =
-            [("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")].iter().map(|(l, r)| (l.to_string(), r.to_string())).collect();
+        let want: Vec<(String, String)> = [("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")].iter().map(|(l, r)| (l.to_string(), r.to_string())).collect();
         assert_eq!(merges, want);
     }
 }

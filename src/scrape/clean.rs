@@ -24,10 +24,7 @@ pub struct CleanOptions {
 
 impl Default for CleanOptions {
     fn default() -> Self {
-        Self {
-            keep_urls: false,
-            keep_emoji: false,
-        }
+        Self { keep_urls: false, keep_emoji: false }
     }
 }
 
@@ -35,18 +32,12 @@ impl CleanOptions {
     /// The cleaning stored posts are made with: URLs kept whatever `keep_urls` says, since
     /// dropping them is a choice about training text, not about what the forum said.
     pub fn for_store(&self) -> CleanOptions {
-        CleanOptions {
-            keep_urls: true,
-            ..*self
-        }
+        CleanOptions { keep_urls: true, ..*self }
     }
 
     /// Identifies the cleaning that produced stored posts.
     pub fn fingerprint(&self) -> String {
-        format!(
-            "clean-v{CLEANER_VERSION};keep_urls={};keep_emoji={}",
-            self.keep_urls, self.keep_emoji
-        )
+        format!("clean-v{CLEANER_VERSION};keep_urls={};keep_emoji={}", self.keep_urls, self.keep_emoji)
     }
 }
 
@@ -68,13 +59,10 @@ static EDIT_NOTE: LazyLock<Regex> = LazyLock::new(|| {
     )
 });
 static QUOTE_TAG: LazyLock<Regex> = LazyLock::new(|| re(r#"(?i)\[(/?)quote(?:=[^\]\n]*)?\]"#));
-static BB_URL_NAMED: LazyLock<Regex> =
-    LazyLock::new(|| re(r#"(?is)\[url=["']?([^\]"']+)["']?\](.*?)\[/url\]"#));
+static BB_URL_NAMED: LazyLock<Regex> = LazyLock::new(|| re(r#"(?is)\[url=["']?([^\]"']+)["']?\](.*?)\[/url\]"#));
 static BB_URL: LazyLock<Regex> = LazyLock::new(|| re(r"(?is)\[url\](.*?)\[/url\]"));
 static BB_IMG: LazyLock<Regex> = LazyLock::new(|| re(r"(?is)\[img(?:=[^\]]*)?\].*?\[/img\]"));
-static BB_MEDIA: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?is)\[(?:youtube|video|media)(?:=[^\]]*)?\]\s*([^\[\s]*)\s*\[/(?:youtube|video|media)\]")
-});
+static BB_MEDIA: LazyLock<Regex> = LazyLock::new(|| re(r"(?is)\[(?:youtube|video|media)(?:=[^\]]*)?\]\s*([^\[\s]*)\s*\[/(?:youtube|video|media)\]"));
 static BB_LIST_ITEM: LazyLock<Regex> = LazyLock::new(|| re(r"\[\*\]"));
 static BB_TAG: LazyLock<Regex> = LazyLock::new(|| {
     re(
@@ -82,16 +70,12 @@ static BB_TAG: LazyLock<Regex> = LazyLock::new(|| {
     )
 });
 // A URL never ends in punctuation that belongs to the sentence around it.
-static URL: LazyLock<Regex> =
-    LazyLock::new(|| re(r#"(?i)\b(?:https?://|www\.)[^\s<>"\[\]]*[^\s<>"\[\]().,;:!?'"]"#));
+static URL: LazyLock<Regex> = LazyLock::new(|| re(r#"(?i)\b(?:https?://|www\.)[^\s<>"\[\]]*[^\s<>"\[\]().,;:!?'"]"#));
 static PARENS_AROUND_DROPPED: LazyLock<Regex> = LazyLock::new(|| re("[(\\[] *\u{0} *[)\\]]"));
 static DROPPED_URL_BEFORE_PUNCT: LazyLock<Regex> = LazyLock::new(|| re(" *\u{0} *([,.;:!?])"));
-static ENTITY: LazyLock<Regex> =
-    LazyLock::new(|| re(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});"));
-static SIG_DELIM: LazyLock<Regex> =
-    LazyLock::new(|| re(r"^\s*(?:--|—|_{4,}|-{4,}|={4,}|~{4,})\s*$"));
-static GUEST_BANNER: LazyLock<Regex> =
-    LazyLock::new(|| re(r"(?i)welcome to the newschoolers forums![^\n]*"));
+static ENTITY: LazyLock<Regex> = LazyLock::new(|| re(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});"));
+static SIG_DELIM: LazyLock<Regex> = LazyLock::new(|| re(r"^\s*(?:--|—|_{4,}|-{4,}|={4,}|~{4,})\s*$"));
+static GUEST_BANNER: LazyLock<Regex> = LazyLock::new(|| re(r"(?i)welcome to the newschoolers forums![^\n]*"));
 static SPACES: LazyLock<Regex> = LazyLock::new(|| re(r"[ \t\x0B\x0C]+"));
 static EMPTY_PARENS: LazyLock<Regex> = LazyLock::new(|| re(r"\(\s*\)|\[\s*\]"));
 
@@ -101,11 +85,7 @@ pub fn clean_post(text: &str, opts: &CleanOptions) -> Cleaned {
     let text = decode_entities(&text);
     let (body, bb_quotes) = split_bbcode_quotes(&text);
     let body = clean_fragment(&body, opts);
-    let quotes = bb_quotes
-        .iter()
-        .map(|q| clean_fragment(q, opts))
-        .filter(|q| !q.is_empty())
-        .collect();
+    let quotes = bb_quotes.iter().map(|q| clean_fragment(q, opts)).filter(|q| !q.is_empty()).collect();
     Cleaned { body, quotes }
 }
 
@@ -115,11 +95,7 @@ pub fn clean_quote(text: &str, opts: &CleanOptions) -> String {
     let (body, inner) = split_bbcode_quotes(&text);
     let mut out = clean_fragment(&body, opts);
     if out.is_empty() {
-        out = inner
-            .iter()
-            .map(|q| clean_fragment(q, opts))
-            .collect::<Vec<_>>()
-            .join("\n\n");
+        out = inner.iter().map(|q| clean_fragment(q, opts)).collect::<Vec<_>>().join("\n\n");
     }
     out
 }
@@ -128,10 +104,7 @@ pub fn clean_quote(text: &str, opts: &CleanOptions) -> String {
 pub fn clean_title(text: &str, opts: &CleanOptions) -> String {
     let text = decode_entities(&normalize_chars(text, opts));
     let text = BB_TAG.replace_all(&text, "");
-    SPACES
-        .replace_all(&text.replace('\n', " "), " ")
-        .trim()
-        .to_string()
+    SPACES.replace_all(&text.replace('\n', " "), " ").trim().to_string()
 }
 
 fn clean_fragment(text: &str, opts: &CleanOptions) -> String {
@@ -139,11 +112,7 @@ fn clean_fragment(text: &str, opts: &CleanOptions) -> String {
     let text = GUEST_BANNER.replace_all(&text, "");
     let text = resolve_bbcode(&text);
     let text = cut_signature(&text);
-    let text = if opts.keep_urls {
-        text
-    } else {
-        drop_urls(&text)
-    };
+    let text = if opts.keep_urls { text } else { drop_urls(&text) };
     normalize_whitespace(&text)
 }
 
@@ -245,11 +214,7 @@ fn split_bbcode_quotes(text: &str) -> (String, Vec<String>) {
     for (open_start, open_end, close_start, close_end) in outer {
         body.push_str(&text[at..open_start]);
         body.push('\n');
-        quotes.push(
-            QUOTE_TAG
-                .replace_all(&text[open_end..close_start], "\n")
-                .into_owned(),
-        );
+        quotes.push(QUOTE_TAG.replace_all(&text[open_end..close_start], "\n").into_owned());
         at = close_end;
     }
     body.push_str(&text[at..]);
@@ -293,11 +258,7 @@ fn cut_signature(text: &str) -> String {
     let Some(idx) = lines.iter().rposition(|l| SIG_DELIM.is_match(l)) else {
         return text.to_string();
     };
-    let tail: Vec<&str> = lines[idx + 1..]
-        .iter()
-        .copied()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
+    let tail: Vec<&str> = lines[idx + 1..].iter().copied().filter(|l| !l.trim().is_empty()).collect();
     let tail_chars: usize = tail.iter().map(|l| l.len()).sum();
     if tail.len() <= 6 && tail_chars <= 400 {
         lines[..idx].join("\n")
@@ -351,54 +312,32 @@ mod tests {
     use super::*;
 
     fn keep() -> CleanOptions {
-        CleanOptions {
-            keep_urls: true,
-            keep_emoji: false,
-        }
+        CleanOptions { keep_urls: true, keep_emoji: false }
     }
 
     #[test]
     fn removes_prototype_edit_notes() {
         let t = "Go with the Line Chronic, it's a great park ski.\n\n**This post was edited on Jan 10th 2023 at 9:58:47pm";
-        assert_eq!(
-            clean_post(t, &keep()).body,
-            "Go with the Line Chronic, it's a great park ski."
-        );
+        assert_eq!(clean_post(t, &keep()).body, "Go with the Line Chronic, it's a great park ski.");
         let t = "Looking for a new pair of skis for next season.**This thread was edited on Oct 21st 2020 at 8:21:07pm";
-        assert_eq!(
-            clean_post(t, &keep()).body,
-            "Looking for a new pair of skis for next season."
-        );
+        assert_eq!(clean_post(t, &keep()).body, "Looking for a new pair of skis for next season.");
         let t = "**This post was edited on Jan 13th 2022 at 9:58:47pm\nActual text";
         assert_eq!(clean_post(t, &keep()).body, "Actual text");
     }
 
     #[test]
     fn bbcode_url_does_not_glue_next_word() {
-        let t =
-            "Watch this edit [URL]https://youtu.be/dQw4w9WgXcQ[/URL]Anyway the landing was sketchy";
-        assert_eq!(
-            clean_post(t, &keep()).body,
-            "Watch this edit https://youtu.be/dQw4w9WgXcQ Anyway the landing was sketchy"
-        );
-        let drop = CleanOptions {
-            keep_urls: false,
-            keep_emoji: false,
-        };
-        assert_eq!(
-            clean_post(t, &drop).body,
-            "Watch this edit Anyway the landing was sketchy"
-        );
+        let t = "Watch this edit [URL]https://youtu.be/dQw4w9WgXcQ[/URL]Anyway the landing was sketchy";
+        assert_eq!(clean_post(t, &keep()).body, "Watch this edit https://youtu.be/dQw4w9WgXcQ Anyway the landing was sketchy");
+        let drop = CleanOptions { keep_urls: false, keep_emoji: false };
+        assert_eq!(clean_post(t, &drop).body, "Watch this edit Anyway the landing was sketchy");
         let t = "[url=https://example.com/review]my review[/url] says [b]stiff[/b] [COLOR=red]but fun[/COLOR] [IMG]https://i.imgur.com/x.jpg[/IMG]";
         assert_eq!(clean_post(t, &keep()).body, "my review says stiff but fun");
         let t = "[YOUTUBE]abc123[/YOUTUBE]";
         assert_eq!(clean_post(t, &keep()).body, "https://youtu.be/abc123");
         assert_eq!(clean_post(t, &drop).body, "");
         // Brackets that are not BBCode stay.
-        assert_eq!(
-            clean_post("he said [sic] it", &keep()).body,
-            "he said [sic] it"
-        );
+        assert_eq!(clean_post("he said [sic] it", &keep()).body, "he said [sic] it");
     }
 
     #[test]
@@ -417,31 +356,17 @@ mod tests {
     #[test]
     fn signature_block_is_cut_but_long_tail_kept() {
         let t = "Mount them at +1 from true center.\n--\nInstagram: @sendit_steve | Sponsored by my mom";
-        assert_eq!(
-            clean_post(t, &keep()).body,
-            "Mount them at +1 from true center."
-        );
-        let long_tail = format!(
-            "Intro\n----\n{}",
-            "A real second section of the post. ".repeat(20)
-        );
-        assert!(clean_post(&long_tail, &keep())
-            .body
-            .contains("real second section"));
+        assert_eq!(clean_post(t, &keep()).body, "Mount them at +1 from true center.");
+        let long_tail = format!("Intro\n----\n{}", "A real second section of the post. ".repeat(20));
+        assert!(clean_post(&long_tail, &keep()).body.contains("real second section"));
     }
 
     #[test]
     fn entities_quotes_emoji_and_whitespace() {
         let t = "It\u{2019}s \u{201c}fine\u{201d}\u{2026} &amp;quot;ok&amp;quot; 😂🤙🏼 tom &amp; jerry\u{a0}\u{a0}x\u{200b}y\n\n\n\n  next   para  ";
         let c = clean_post(&decode_entities(t), &keep());
-        assert_eq!(
-            c.body,
-            "It's \"fine\"... \"ok\" tom & jerry xy\n\nnext para"
-        );
-        let emoji = CleanOptions {
-            keep_urls: true,
-            keep_emoji: true,
-        };
+        assert_eq!(c.body, "It's \"fine\"... \"ok\" tom & jerry xy\n\nnext para");
+        let emoji = CleanOptions { keep_urls: true, keep_emoji: true };
         assert!(clean_post("sick 🤙", &emoji).body.contains('🤙'));
         assert_eq!(decode_entities("&#39;&#x41;&bogus;"), "'A&bogus;");
     }
@@ -449,25 +374,12 @@ mod tests {
     #[test]
     fn banner_and_urls() {
         let t = "Welcome to the Newschoolers forums! You may read the forums as a guest.\nReal text www.example.com/a, and (https://x.y/z).";
-        assert_eq!(
-            clean_post(
-                t,
-                &CleanOptions {
-                    keep_urls: false,
-                    keep_emoji: false
-                }
-            )
-            .body,
-            "Real text, and."
-        );
+        assert_eq!(clean_post(t, &CleanOptions { keep_urls: false, keep_emoji: false }).body, "Real text, and.");
         assert_eq!(urls(t).count(), 2);
     }
 
     #[test]
     fn titles_are_not_split() {
-        assert_eq!(
-            clean_title("  Best park skis - 2023 &amp; beyond?  ", &keep()),
-            "Best park skis - 2023 & beyond?"
-        );
+        assert_eq!(clean_title("  Best park skis - 2023 &amp; beyond?  ", &keep()), "Best park skis - 2023 & beyond?");
     }
 }

@@ -21,9 +21,7 @@ use super::progress::Progress;
 use super::robots::Robots;
 use super::{reparse, CleanOptions, ScrapeSettings};
 use crate::store::forum::content_hash;
-use crate::store::{
-    ListedOutcome, PageFailure, PageKind, PageRecord, PageRow, Store, ThreadStatus, ThreadTask,
-};
+use crate::store::{ListedOutcome, PageFailure, PageKind, PageRecord, PageRow, Store, ThreadStatus, ThreadTask};
 
 #[derive(Debug, Clone, Default)]
 pub struct CrawlOptions {
@@ -56,30 +54,15 @@ pub struct CrawlReport {
 
 impl std::fmt::Display for CrawlReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "crawl {}{}in {:.1}s", if self.resumed { "(resumed) " } else { "" }, if self.cancelled { "CANCELLED " } else { "" }, self.elapsed.as_secs_f64())?;
+        writeln!(f, "  list pages: {} fetched, {} unchanged", self.list_pages_fetched, self.list_pages_unchanged)?;
         writeln!(
             f,
-            "crawl {}{}in {:.1}s",
-            if self.resumed { "(resumed) " } else { "" },
-            if self.cancelled { "CANCELLED " } else { "" },
-            self.elapsed.as_secs_f64()
+            "  threads:    {} new, {} with new replies, {} crawled, {} failed, {} gone, {} blocked by robots.txt",
+            self.threads_new, self.threads_changed, self.threads_crawled, self.threads_failed, self.threads_gone, self.threads_blocked
         )?;
-        writeln!(
-            f,
-            "  list pages: {} fetched, {} unchanged",
-            self.list_pages_fetched, self.list_pages_unchanged
-        )?;
-        writeln!(f, "  threads:    {} new, {} with new replies, {} crawled, {} failed, {} gone, {} blocked by robots.txt",
-            self.threads_new, self.threads_changed, self.threads_crawled, self.threads_failed, self.threads_gone, self.threads_blocked)?;
-        writeln!(
-            f,
-            "  pages:      {} fetched, {} unchanged, {} parse errors",
-            self.pages_fetched, self.pages_unchanged, self.parse_errors
-        )?;
-        write!(
-            f,
-            "  requests:   {} ({} retries)",
-            self.requests, self.retries
-        )
+        writeln!(f, "  pages:      {} fetched, {} unchanged, {} parse errors", self.pages_fetched, self.pages_unchanged, self.parse_errors)?;
+        write!(f, "  requests:   {} ({} retries)", self.requests, self.retries)
     }
 }
 
@@ -107,59 +90,35 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
-        let mut guard = self
-            .store
-            .lock()
-            .map_err(|_| anyhow::anyhow!("store lock poisoned by an earlier panic"))?;
+        let mut guard = self.store.lock().map_err(|_| anyhow::anyhow!("store lock poisoned by an earlier panic"))?;
         f(&mut guard).map_err(|e| guard.named(e))
     }
 
     fn page_done(&self, unchanged: bool) {
-        let c = if unchanged {
-            &self.counters.pages_unchanged
-        } else {
-            &self.counters.pages_fetched
-        };
+        let c = if unchanged { &self.counters.pages_unchanged } else { &self.counters.pages_fetched };
         c.fetch_add(1, Ordering::Relaxed);
-        let pages = self.counters.pages_fetched.load(Ordering::Relaxed)
-            + self.counters.pages_unchanged.load(Ordering::Relaxed);
-        let errors = self.counters.threads_failed.load(Ordering::Relaxed)
-            + self.counters.parse_errors.load(Ordering::Relaxed);
-        self.progress
-            .note("pages", pages, &format!(", errors {errors}"));
+        let pages = self.counters.pages_fetched.load(Ordering::Relaxed) + self.counters.pages_unchanged.load(Ordering::Relaxed);
+        let errors = self.counters.threads_failed.load(Ordering::Relaxed) + self.counters.parse_errors.load(Ordering::Relaxed);
+        self.progress.note("pages", pages, &format!(", errors {errors}"));
     }
 }
 
 fn validators(prev: &Option<PageRow>) -> Option<Validators> {
-    prev.as_ref()
-        .filter(|p| p.has_html && (p.etag.is_some() || p.last_modified.is_some()))
-        .map(|p| Validators {
-            etag: p.etag.clone(),
-            last_modified: p.last_modified.clone(),
-        })
+    prev.as_ref().filter(|p| p.has_html && (p.etag.is_some() || p.last_modified.is_some())).map(|p| Validators { etag: p.etag.clone(), last_modified: p.last_modified.clone() })
 }
 
 fn unchanged_body(prev: &Option<PageRow>, body: &[u8]) -> bool {
-    prev.as_ref().is_some_and(|p| {
-        p.has_html && p.content_hash.as_deref() == Some(content_hash(body).as_str())
-    })
+    prev.as_ref().is_some_and(|p| p.has_html && p.content_hash.as_deref() == Some(content_hash(body).as_str()))
 }
 
 /// Crawl the configured subforum into `store`. Stops early (state saved) when `cancel` fires.
-pub async fn scrape(
-    settings: &ScrapeSettings,
-    store: &Mutex<Store>,
-    opts: &CrawlOptions,
-    cancel: &CancellationToken,
-) -> Result<CrawlReport> {
+pub async fn scrape(settings: &ScrapeSettings, store: &Mutex<Store>, opts: &CrawlOptions, cancel: &CancellationToken) -> Result<CrawlReport> {
     settings.validate()?;
     let started = Instant::now();
     // Posts are stored with their URLs; `keep_urls` applies when the dataset is built.
     let clean = settings.clean_options().for_store();
     {
-        let mut guard = store
-            .lock()
-            .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
+        let mut guard = store.lock().map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
         reparse::ensure_current(&mut guard, &clean, 0, false).map_err(|e| guard.named(e))?;
     }
     let mut fetcher = Fetcher::new(settings)?;
@@ -168,44 +127,16 @@ pub async fn scrape(
         fetcher.apply_crawl_delay(delay, settings)?;
     }
     let list_base = settings.list_url()?;
-    anyhow::ensure!(
-        robots.allowed(&page_url(&list_base, 1)),
-        "robots.txt of {} disallows the thread list {list_base}; not crawling",
-        settings.base_url
-    );
+    anyhow::ensure!(robots.allowed(&page_url(&list_base, 1)), "robots.txt of {} disallows the thread list {list_base}; not crawling", settings.base_url);
 
-    let ctx = Ctx {
-        settings,
-        clean,
-        store,
-        fetcher,
-        robots,
-        cancel,
-        counters: Counters::default(),
-        progress: Progress::new(opts.progress, 0, "threads"),
-    };
+    let ctx = Ctx { settings, clean, store, fetcher, robots, cancel, counters: Counters::default(), progress: Progress::new(opts.progress, 0, "threads") };
     let run = ctx.store(|s| s.start_or_resume_run())?;
-    let mut report = CrawlReport {
-        resumed: run.resumed,
-        ..Default::default()
-    };
+    let mut report = CrawlReport { resumed: run.resumed, ..Default::default() };
     if run.resumed {
-        tracing::info!(
-            run = run.id,
-            list_pages_done = run.list_pages_done,
-            "resuming an interrupted crawl"
-        );
+        tracing::info!(run = run.id, list_pages_done = run.list_pages_done, "resuming an interrupted crawl");
     }
 
-    crawl_list(
-        &ctx,
-        &list_base,
-        run.id,
-        run.list_pages_done,
-        run.list_pages_total,
-        &mut report,
-    )
-    .await?;
+    crawl_list(&ctx, &list_base, run.id, run.list_pages_done, run.list_pages_total, &mut report).await?;
 
     if !cancel.is_cancelled() {
         if opts.revalidate && !run.resumed {
@@ -215,9 +146,7 @@ pub async fn scrape(
         let tasks = ctx.store(|s| s.pending_threads())?;
         tracing::info!(threads = tasks.len(), "threads to crawl");
         ctx.progress.set_len(tasks.len() as u64);
-        let mut results = stream::iter(tasks)
-            .map(|t| crawl_thread(&ctx, t))
-            .buffer_unordered(settings.concurrency);
+        let mut results = stream::iter(tasks).map(|t| crawl_thread(&ctx, t)).buffer_unordered(settings.concurrency);
         while let Some(res) = results.next().await {
             res?;
             ctx.progress.inc(1);
@@ -243,38 +172,20 @@ pub async fn scrape(
 }
 
 async fn fetch_robots(fetcher: &Fetcher, settings: &ScrapeSettings) -> Result<Robots> {
-    let url = settings
-        .base()?
-        .join("/robots.txt")
-        .context("robots.txt URL")?;
+    let url = settings.base()?.join("/robots.txt").context("robots.txt URL")?;
     Ok(match fetcher.get(&url, None).await {
-        Fetched::Body { body, .. } => {
-            Robots::parse(&String::from_utf8_lossy(&body), &settings.user_agent)
-        }
+        Fetched::Body { body, .. } => Robots::parse(&String::from_utf8_lossy(&body), &settings.user_agent),
         // RFC 9309: a missing robots.txt (4xx) allows everything; an unreachable one (5xx,
         // network) must be read as "disallow all", so stop rather than crawl blind.
-        Fetched::Missing { .. }
-        | Fetched::Failed {
-            status: Some(400..=499),
-            ..
-        } => Robots::allow_all(),
+        Fetched::Missing { .. } | Fetched::Failed { status: Some(400..=499), .. } => Robots::allow_all(),
         Fetched::NotModified { .. } => Robots::allow_all(),
         Fetched::Failed { reason, .. } => {
-            anyhow::bail!(
-                "robots.txt at {url} is unreachable ({reason}); not crawling, as RFC 9309 requires"
-            )
+            anyhow::bail!("robots.txt at {url} is unreachable ({reason}); not crawling, as RFC 9309 requires")
         }
     })
 }
 
-async fn crawl_list(
-    ctx: &Ctx<'_>,
-    base: &Url,
-    run_id: i64,
-    done: u32,
-    known_total: Option<u32>,
-    report: &mut CrawlReport,
-) -> Result<()> {
+async fn crawl_list(ctx: &Ctx<'_>, base: &Url, run_id: i64, done: u32, known_total: Option<u32>, report: &mut CrawlReport) -> Result<()> {
     let cap = ctx.settings.max_list_pages;
     let mut total = known_total;
     let mut n = done + 1;
@@ -286,20 +197,13 @@ async fn crawl_list(
         let prev = ctx.store(|s| s.page(url.as_str()))?;
         let mut last_seen = None;
         match ctx.fetcher.get(&url, validators(&prev).as_ref()).await {
-            Fetched::Body {
-                status,
-                body,
-                etag,
-                last_modified,
-                attempts,
-            } => {
+            Fetched::Body { status, body, etag, last_modified, attempts } => {
                 if unchanged_body(&prev, &body) {
                     ctx.store(|s| s.record_list_page_unchanged(run_id, url.as_str(), n, attempts))?;
                     report.list_pages_unchanged += 1;
                     last_seen = prev.as_ref().and_then(|p| p.page_count);
                 } else {
-                    let parsed = decode_body(&body)
-                        .and_then(|html| parse_list_page(&html, &url, &ctx.clean));
+                    let parsed = decode_body(&body).and_then(|html| parse_list_page(&html, &url, &ctx.clean));
                     let (listed, page_count, parse_error) = match parsed {
                         Ok(p) => {
                             if p.skipped > 0 {
@@ -328,14 +232,8 @@ async fn crawl_list(
                     };
                     let outcomes = ctx.store(|s| s.record_list_page(run_id, &record, &listed))?;
                     report.list_pages_fetched += 1;
-                    report.threads_new += outcomes
-                        .iter()
-                        .filter(|o| **o == ListedOutcome::New)
-                        .count() as u64;
-                    report.threads_changed += outcomes
-                        .iter()
-                        .filter(|o| **o == ListedOutcome::Changed)
-                        .count() as u64;
+                    report.threads_new += outcomes.iter().filter(|o| **o == ListedOutcome::New).count() as u64;
+                    report.threads_changed += outcomes.iter().filter(|o| **o == ListedOutcome::Changed).count() as u64;
                     if listed.is_empty() && parse_error.is_none() {
                         // An empty list page: we are past the last one.
                         return ctx.store(|s| s.set_run_list_total(run_id, n));
@@ -363,23 +261,11 @@ async fn crawl_list(
                 })?;
                 total = Some(n - 1);
             }
-            Fetched::Failed {
-                status,
-                reason,
-                attempts,
-            } => {
+            Fetched::Failed { status, reason, attempts } => {
                 anyhow::ensure!(n > 1, "thread list {url}: {reason}");
                 tracing::warn!(%url, %reason, "list page failed; its threads are not updated this run");
                 ctx.store(|s| {
-                    s.record_page_failure(&PageFailure {
-                        url: url.as_str(),
-                        kind: PageKind::List,
-                        thread_id: None,
-                        page_no: n,
-                        http_status: status,
-                        attempts,
-                        error: &reason,
-                    })
+                    s.record_page_failure(&PageFailure { url: url.as_str(), kind: PageKind::List, thread_id: None, page_no: n, http_status: status, attempts, error: &reason })
                 })?;
             }
         }
@@ -399,8 +285,7 @@ async fn crawl_list(
 }
 
 async fn crawl_thread(ctx: &Ctx<'_>, task: ThreadTask) -> Result<()> {
-    let base = Url::parse(&task.url)
-        .with_context(|| format!("thread {} has a bad stored URL {:?}", task.id, task.url))?;
+    let base = Url::parse(&task.url).with_context(|| format!("thread {} has a bad stored URL {:?}", task.id, task.url))?;
     let cap = ctx.settings.max_pages_per_thread;
     let mut p = task.next_page.max(1);
     let mut count = task.page_count;
@@ -409,27 +294,13 @@ async fn crawl_thread(ctx: &Ctx<'_>, task: ThreadTask) -> Result<()> {
             tracing::info!(thread = task.id, url = %base, "disallowed by robots.txt; skipping");
         }
         ctx.counters.threads_blocked.fetch_add(1, Ordering::Relaxed);
-        return ctx.store(|s| {
-            s.finish_thread(
-                task.id,
-                ThreadStatus::Blocked,
-                Some("disallowed by robots.txt"),
-                None,
-            )
-        });
+        return ctx.store(|s| s.finish_thread(task.id, ThreadStatus::Blocked, Some("disallowed by robots.txt"), None));
     }
     loop {
         let last = count.map(|c| c.min(cap));
         if last.is_some_and(|l| p > l) || p > cap {
             ctx.counters.threads_crawled.fetch_add(1, Ordering::Relaxed);
-            return ctx.store(|s| {
-                s.finish_thread(
-                    task.id,
-                    ThreadStatus::Done,
-                    None,
-                    Some(last.unwrap_or(cap).min(p - 1)),
-                )
-            });
+            return ctx.store(|s| s.finish_thread(task.id, ThreadStatus::Done, None, Some(last.unwrap_or(cap).min(p - 1))));
         }
         if ctx.cancel.is_cancelled() {
             return Ok(());
@@ -442,24 +313,15 @@ async fn crawl_thread(ctx: &Ctx<'_>, task: ThreadTask) -> Result<()> {
         }
         let prev = ctx.store(|s| s.page(url.as_str()))?;
         match ctx.fetcher.get(&url, validators(&prev).as_ref()).await {
-            Fetched::Body {
-                status,
-                body,
-                etag,
-                last_modified,
-                attempts,
-            } => {
+            Fetched::Body { status, body, etag, last_modified, attempts } => {
                 if unchanged_body(&prev, &body) {
-                    ctx.store(|s| {
-                        s.record_thread_page_unchanged(url.as_str(), task.id, p, attempts)
-                    })?;
+                    ctx.store(|s| s.record_thread_page_unchanged(url.as_str(), task.id, p, attempts))?;
                     count = prev.as_ref().and_then(|r| r.page_count).or(count);
                     ctx.page_done(true);
                 } else {
                     // Parse before touching the store: the DOM is not Send and must not live
                     // across an await.
-                    let parsed = decode_body(&body)
-                        .and_then(|html| parse_thread_page(&html, &url, &ctx.clean));
+                    let parsed = decode_body(&body).and_then(|html| parse_thread_page(&html, &url, &ctx.clean));
                     let (posts, page_count, parse_error) = match parsed {
                         Ok(tp) => (tp.posts, tp.last_page, None),
                         Err(e) => {
@@ -488,11 +350,7 @@ async fn crawl_thread(ctx: &Ctx<'_>, task: ThreadTask) -> Result<()> {
             }
             Fetched::NotModified { attempts } => {
                 ctx.store(|s| s.record_thread_page_unchanged(url.as_str(), task.id, p, attempts))?;
-                count = prev
-                    .as_ref()
-                    .and_then(|r| r.page_count)
-                    .or(count)
-                    .or(Some(p));
+                count = prev.as_ref().and_then(|r| r.page_count).or(count).or(Some(p));
                 ctx.page_done(true);
             }
             Fetched::Missing { status, attempts } => {
@@ -507,12 +365,7 @@ async fn crawl_thread(ctx: &Ctx<'_>, task: ThreadTask) -> Result<()> {
                             attempts,
                             error: "not found",
                         })?;
-                        s.finish_thread(
-                            task.id,
-                            ThreadStatus::Gone,
-                            Some(&format!("HTTP {status}")),
-                            None,
-                        )
+                        s.finish_thread(task.id, ThreadStatus::Gone, Some(&format!("HTTP {status}")), None)
                     })?;
                     ctx.counters.threads_gone.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -522,11 +375,7 @@ async fn crawl_thread(ctx: &Ctx<'_>, task: ThreadTask) -> Result<()> {
                 }
                 return Ok(());
             }
-            Fetched::Failed {
-                status,
-                reason,
-                attempts,
-            } => {
+            Fetched::Failed { status, reason, attempts } => {
                 tracing::warn!(%url, %reason, "giving up on thread for this run");
                 let why = format!("page {p}: {reason}");
                 ctx.store(|s| {

@@ -9,9 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
-use reqwest::header::{
-    HeaderMap, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RETRY_AFTER,
-};
+use reqwest::header::{HeaderMap, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RETRY_AFTER};
 use reqwest::StatusCode;
 use url::Url;
 
@@ -62,11 +60,7 @@ pub struct FetchStats {
 
 enum Attempt {
     Done(Fetched),
-    Retry {
-        status: Option<u16>,
-        reason: String,
-        retry_after: Option<Duration>,
-    },
+    Retry { status: Option<u16>, reason: String, retry_after: Option<Duration> },
 }
 
 pub struct Fetcher {
@@ -97,10 +91,7 @@ impl Fetcher {
             .context("building HTTP client")?;
         Ok(Self {
             client,
-            limiter: limiter(
-                Duration::from_secs_f64(1.0 / s.requests_per_second),
-                s.burst,
-            )?,
+            limiter: limiter(Duration::from_secs_f64(1.0 / s.requests_per_second), s.burst)?,
             max_retries: s.max_retries,
             backoff_base: Duration::from_millis(s.backoff_base_ms),
             backoff_max: Duration::from_millis(s.backoff_max_ms),
@@ -114,10 +105,7 @@ impl Fetcher {
     pub fn apply_crawl_delay(&mut self, delay: Duration, settings: &ScrapeSettings) -> Result<()> {
         let ours = Duration::from_secs_f64(1.0 / settings.requests_per_second);
         if delay > ours {
-            tracing::info!(
-                delay_ms = delay.as_millis() as u64,
-                "robots.txt Crawl-delay is slower than scrape.requests_per_second; using it"
-            );
+            tracing::info!(delay_ms = delay.as_millis() as u64, "robots.txt Crawl-delay is slower than scrape.requests_per_second; using it");
             self.limiter = limiter(delay, 1)?;
         }
         Ok(())
@@ -152,30 +140,15 @@ impl Fetcher {
                     }
                     return done;
                 }
-                Attempt::Retry {
-                    status,
-                    reason,
-                    retry_after,
-                } => (status, reason, retry_after),
+                Attempt::Retry { status, reason, retry_after } => (status, reason, retry_after),
             };
             if attempts > self.max_retries {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                return Fetched::Failed {
-                    status,
-                    reason: format!("gave up after {attempts} attempts: {reason}"),
-                    attempts,
-                };
+                return Fetched::Failed { status, reason: format!("gave up after {attempts} attempts: {reason}"), attempts };
             }
             if let Some(ra) = retry_after.filter(|ra| *ra > self.max_retry_after) {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                return Fetched::Failed {
-                    status,
-                    reason: format!(
-                        "{reason}; Retry-After {}s exceeds scrape.max_retry_after_s",
-                        ra.as_secs()
-                    ),
-                    attempts,
-                };
+                return Fetched::Failed { status, reason: format!("{reason}; Retry-After {}s exceeds scrape.max_retry_after_s", ra.as_secs()), attempts };
             }
             let delay = self.backoff(attempts).max(retry_after.unwrap_or_default());
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -187,10 +160,7 @@ impl Fetcher {
     /// Exponential backoff with "equal jitter": half fixed, half random, so many clients (or
     /// threads) that failed together do not retry in lockstep.
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .backoff_base
-            .saturating_mul(1u32 << (attempt - 1).min(20))
-            .min(self.backoff_max);
+        let exp = self.backoff_base.saturating_mul(1u32 << (attempt - 1).min(20)).min(self.backoff_max);
         let half = exp / 2;
         half + half.mul_f64(rand::rng().random_range(0.0..=1.0))
     }
@@ -202,22 +172,10 @@ impl Fetcher {
             let (etag, last_modified) = validators_of(resp.headers());
             return match resp.bytes().await {
                 Ok(body) => {
-                    self.stats
-                        .bytes
-                        .fetch_add(body.len() as u64, Ordering::Relaxed);
-                    Attempt::Done(Fetched::Body {
-                        status: code,
-                        body: body.to_vec(),
-                        etag,
-                        last_modified,
-                        attempts: 0,
-                    })
+                    self.stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                    Attempt::Done(Fetched::Body { status: code, body: body.to_vec(), etag, last_modified, attempts: 0 })
                 }
-                Err(e) => Attempt::Retry {
-                    status: Some(code),
-                    reason: format!("reading body: {}", self.describe(&e)),
-                    retry_after: None,
-                },
+                Err(e) => Attempt::Retry { status: Some(code), reason: format!("reading body: {}", self.describe(&e)), retry_after: None },
             };
         }
         match status {
@@ -225,42 +183,21 @@ impl Fetcher {
                 self.stats.not_modified.fetch_add(1, Ordering::Relaxed);
                 Attempt::Done(Fetched::NotModified { attempts: 0 })
             }
-            StatusCode::NOT_FOUND | StatusCode::GONE => Attempt::Done(Fetched::Missing {
-                status: code,
-                attempts: 0,
-            }),
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => Attempt::Retry {
-                status: Some(code),
-                reason: format!("HTTP {status}"),
-                retry_after: retry_after(resp.headers()),
-            },
-            s if s.is_server_error() => Attempt::Retry {
-                status: Some(code),
-                reason: format!("HTTP {status}"),
-                retry_after: retry_after(resp.headers()),
-            },
-            _ => Attempt::Done(Fetched::Failed {
-                status: Some(code),
-                reason: format!("HTTP {status}"),
-                attempts: 0,
-            }),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Attempt::Done(Fetched::Missing { status: code, attempts: 0 }),
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
+                Attempt::Retry { status: Some(code), reason: format!("HTTP {status}"), retry_after: retry_after(resp.headers()) }
+            }
+            s if s.is_server_error() => Attempt::Retry { status: Some(code), reason: format!("HTTP {status}"), retry_after: retry_after(resp.headers()) },
+            _ => Attempt::Done(Fetched::Failed { status: Some(code), reason: format!("HTTP {status}"), attempts: 0 }),
         }
     }
 
     fn classify_error(&self, e: &reqwest::Error) -> Attempt {
         let reason = self.describe(e);
         if e.is_timeout() || e.is_connect() || e.is_request() || e.is_body() || e.is_decode() {
-            Attempt::Retry {
-                status: None,
-                reason,
-                retry_after: None,
-            }
+            Attempt::Retry { status: None, reason, retry_after: None }
         } else {
-            Attempt::Done(Fetched::Failed {
-                status: None,
-                reason,
-                attempts: 0,
-            })
+            Attempt::Done(Fetched::Failed { status: None, reason, attempts: 0 })
         }
     }
 
@@ -282,19 +219,12 @@ impl Fetcher {
 
 fn set_attempts(f: &mut Fetched, n: u32) {
     match f {
-        Fetched::Body { attempts, .. }
-        | Fetched::NotModified { attempts }
-        | Fetched::Missing { attempts, .. }
-        | Fetched::Failed { attempts, .. } => *attempts = n,
+        Fetched::Body { attempts, .. } | Fetched::NotModified { attempts } | Fetched::Missing { attempts, .. } | Fetched::Failed { attempts, .. } => *attempts = n,
     }
 }
 
 fn validators_of(h: &HeaderMap) -> (Option<String>, Option<String>) {
-    let get = |k| {
-        h.get(k)
-            .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
-            .map(str::to_string)
-    };
+    let get = |k| h.get(k).and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok()).map(str::to_string);
     (get(ETAG), get(LAST_MODIFIED))
 }
 
@@ -322,38 +252,22 @@ mod tests {
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
         h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
         let d = retry_after(&h).unwrap();
-        assert!(
-            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
-            "{d:?}"
-        );
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
     }
 
     #[test]
     fn backoff_doubles_with_bounded_jitter() {
-        let s = ScrapeSettings {
-            backoff_base_ms: 100,
-            backoff_max_ms: 1000,
-            ..Default::default()
-        };
+        let s = ScrapeSettings { backoff_base_ms: 100, backoff_max_ms: 1000, ..Default::default() };
         let f = Fetcher::new(&s).unwrap();
         for _ in 0..50 {
             let d1 = f.backoff(1);
-            assert!(
-                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
-                "{d1:?}"
-            );
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
             let d3 = f.backoff(3);
-            assert!(
-                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400),
-                "{d3:?}"
-            );
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
             let d9 = f.backoff(9);
-            assert!(
-                d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1000),
-                "{d9:?}"
-            );
+            assert!(d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1000), "{d9:?}");
         }
     }
 }

@@ -65,60 +65,26 @@ impl ScrapeSettings {
     /// Reject values that deserialize but make no sense, naming the key.
     pub fn validate(&self) -> Result<()> {
         let k = "scrape";
-        let base = Url::parse(&self.base_url)
-            .map_err(|e| anyhow::anyhow!("{k}.base_url {:?} is not a URL: {e}", self.base_url))?;
+        let base = Url::parse(&self.base_url).map_err(|e| anyhow::anyhow!("{k}.base_url {:?} is not a URL: {e}", self.base_url))?;
+        anyhow::ensure!(matches!(base.scheme(), "http" | "https"), "{k}.base_url must be http(s), got {:?}", self.base_url);
+        anyhow::ensure!(self.subforum_path.starts_with('/'), "{k}.subforum_path must start with '/', got {:?}", self.subforum_path);
         anyhow::ensure!(
-            matches!(base.scheme(), "http" | "https"),
-            "{k}.base_url must be http(s), got {:?}",
-            self.base_url
-        );
-        anyhow::ensure!(
-            self.subforum_path.starts_with('/'),
-            "{k}.subforum_path must start with '/', got {:?}",
-            self.subforum_path
-        );
-        anyhow::ensure!(
-            !self.user_agent.trim().is_empty()
-                && !robots::product_token(&self.user_agent).is_empty(),
+            !self.user_agent.trim().is_empty() && !robots::product_token(&self.user_agent).is_empty(),
             "{k}.user_agent must name the crawler (e.g. \"freeski-bot/0.1 (+contact)\")"
         );
         anyhow::ensure!(
-            self.requests_per_second.is_finite()
-                && self.requests_per_second > 0.0
-                && self.requests_per_second <= 1000.0,
+            self.requests_per_second.is_finite() && self.requests_per_second > 0.0 && self.requests_per_second <= 1000.0,
             "{k}.requests_per_second must be in (0, 1000], got {}",
             self.requests_per_second
         );
         anyhow::ensure!(self.burst >= 1, "{k}.burst must be at least 1");
-        anyhow::ensure!(
-            (1..=64).contains(&self.concurrency),
-            "{k}.concurrency must be 1..=64, got {}",
-            self.concurrency
-        );
-        anyhow::ensure!(
-            self.connect_timeout_ms > 0,
-            "{k}.connect_timeout_ms must be at least 1"
-        );
-        anyhow::ensure!(
-            self.request_timeout_ms > 0,
-            "{k}.request_timeout_ms must be at least 1"
-        );
-        anyhow::ensure!(
-            self.backoff_base_ms > 0,
-            "{k}.backoff_base_ms must be at least 1"
-        );
-        anyhow::ensure!(
-            self.backoff_max_ms >= self.backoff_base_ms,
-            "{k}.backoff_max_ms must be >= scrape.backoff_base_ms"
-        );
-        anyhow::ensure!(
-            self.max_pages_per_thread >= 1,
-            "{k}.max_pages_per_thread must be at least 1"
-        );
-        anyhow::ensure!(
-            self.max_list_pages >= 1,
-            "{k}.max_list_pages must be at least 1"
-        );
+        anyhow::ensure!((1..=64).contains(&self.concurrency), "{k}.concurrency must be 1..=64, got {}", self.concurrency);
+        anyhow::ensure!(self.connect_timeout_ms > 0, "{k}.connect_timeout_ms must be at least 1");
+        anyhow::ensure!(self.request_timeout_ms > 0, "{k}.request_timeout_ms must be at least 1");
+        anyhow::ensure!(self.backoff_base_ms > 0, "{k}.backoff_base_ms must be at least 1");
+        anyhow::ensure!(self.backoff_max_ms >= self.backoff_base_ms, "{k}.backoff_max_ms must be >= scrape.backoff_base_ms");
+        anyhow::ensure!(self.max_pages_per_thread >= 1, "{k}.max_pages_per_thread must be at least 1");
+        anyhow::ensure!(self.max_list_pages >= 1, "{k}.max_list_pages must be at least 1");
         Ok(())
     }
 
@@ -128,16 +94,11 @@ impl ScrapeSettings {
 
     /// Thread list URL without the page parameter.
     pub fn list_url(&self) -> Result<Url> {
-        self.base()?
-            .join(&self.subforum_path)
-            .map_err(|e| anyhow::anyhow!("scrape.subforum_path: {e}"))
+        self.base()?.join(&self.subforum_path).map_err(|e| anyhow::anyhow!("scrape.subforum_path: {e}"))
     }
 
     pub fn clean_options(&self) -> CleanOptions {
-        CleanOptions {
-            keep_urls: self.keep_urls,
-            keep_emoji: self.keep_emoji,
-        }
+        CleanOptions { keep_urls: self.keep_urls, keep_emoji: self.keep_emoji }
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -176,36 +137,12 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_values_named() {
         ScrapeSettings::default().validate().unwrap();
-        let bad = ScrapeSettings {
-            requests_per_second: 0.0,
-            ..Default::default()
-        };
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("scrape.requests_per_second"));
-        let bad = ScrapeSettings {
-            base_url: "ftp://x".into(),
-            ..Default::default()
-        };
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("scrape.base_url"));
-        let bad = ScrapeSettings {
-            subforum_path: "forum/1".into(),
-            ..Default::default()
-        };
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("scrape.subforum_path"));
-        assert_eq!(
-            ScrapeSettings::default().list_url().unwrap().as_str(),
-            "https://www.newschoolers.com/forum/1/Ski-Gabber"
-        );
+        let bad = ScrapeSettings { requests_per_second: 0.0, ..Default::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("scrape.requests_per_second"));
+        let bad = ScrapeSettings { base_url: "ftp://x".into(), ..Default::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("scrape.base_url"));
+        let bad = ScrapeSettings { subforum_path: "forum/1".into(), ..Default::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("scrape.subforum_path"));
+        assert_eq!(ScrapeSettings::default().list_url().unwrap().as_str(), "https://www.newschoolers.com/forum/1/Ski-Gabber");
     }
 }

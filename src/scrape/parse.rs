@@ -31,8 +31,7 @@ static THREAD_LINK: LazyLock<Selector> = LazyLock::new(|| sel("a.thread"));
 static TITLE: LazyLock<Selector> = LazyLock::new(|| sel("h2"));
 static POST_BODY: LazyLock<Selector> = LazyLock::new(|| sel("div.post-body"));
 static LINK: LazyLock<Selector> = LazyLock::new(|| sel("a[href]"));
-static AUTHOR: LazyLock<Selector> =
-    LazyLock::new(|| sel(".username, .author, .post-author, [itemprop=author]"));
+static AUTHOR: LazyLock<Selector> = LazyLock::new(|| sel(".username, .author, .post-author, [itemprop=author]"));
 static DATE: LazyLock<Selector> = LazyLock::new(|| sel("time, .post-date, .date, .timestamp"));
 
 /// Entries of one thread list page.
@@ -58,10 +57,7 @@ pub fn decode_body(bytes: &[u8]) -> Result<String, ParseError> {
     let text = String::from_utf8_lossy(bytes);
     let head: String = text.chars().take(2048).collect();
     if !head.contains('<') {
-        return Err(ParseError::NotHtml(format!(
-            "{} bytes without markup",
-            bytes.len()
-        )));
+        return Err(ParseError::NotHtml(format!("{} bytes without markup", bytes.len())));
     }
     Ok(text.into_owned())
 }
@@ -94,9 +90,7 @@ pub fn canonical(url: &Url) -> Url {
 }
 
 fn page_of(url: &Url) -> Option<u32> {
-    url.query_pairs()
-        .find(|(k, _)| k == "page")
-        .and_then(|(_, v)| v.parse().ok())
+    url.query_pairs().find(|(k, _)| k == "page").and_then(|(_, v)| v.parse().ok())
 }
 
 /// Highest page number linked from `doc` for the same path as `page`.
@@ -124,29 +118,16 @@ fn has_class(e: &ElementRef<'_>, pred: impl Fn(&str) -> bool) -> bool {
 
 /// Text of an element with whitespace collapsed to single spaces.
 fn inline_text(e: &ElementRef<'_>) -> String {
-    e.text()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    e.text().collect::<Vec<_>>().join(" ").split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-pub fn parse_list_page(
-    html: &str,
-    page: &Url,
-    opts: &CleanOptions,
-) -> Result<ListPage, ParseError> {
+pub fn parse_list_page(html: &str, page: &Url, opts: &CleanOptions) -> Result<ListPage, ParseError> {
     let doc = Html::parse_document(html);
     let mut threads = Vec::new();
     let mut skipped = 0;
     for a in doc.select(&THREAD_LINK) {
         let url = a.value().attr("href").and_then(|h| page.join(h).ok());
-        let title = a
-            .select(&TITLE)
-            .next()
-            .map(|h| clean_title(&inline_text(&h), opts))
-            .filter(|t| !t.is_empty());
+        let title = a.select(&TITLE).next().map(|h| clean_title(&inline_text(&h), opts)).filter(|t| !t.is_empty());
         let (Some(url), Some(title)) = (url, title) else {
             skipped += 1;
             continue;
@@ -155,21 +136,12 @@ pub fn parse_list_page(
             skipped += 1;
             continue;
         };
-        threads.push(ListedThread {
-            id,
-            url: canonical(&url).to_string(),
-            title,
-            signature: list_signature(&a),
-        });
+        threads.push(ListedThread { id, url: canonical(&url).to_string(), title, signature: list_signature(&a) });
     }
     if threads.is_empty() && skipped == 0 && page_of(page).unwrap_or(1) <= 1 {
         return Err(ParseError::NoThreads);
     }
-    Ok(ListPage {
-        threads,
-        last_page: last_page(&doc, page),
-        skipped,
-    })
+    Ok(ListPage { threads, last_page: last_page(&doc, page), skipped })
 }
 
 /// What the list shows about a thread besides view counters (which change on every visit):
@@ -177,11 +149,7 @@ pub fn parse_list_page(
 fn list_signature(a: &ElementRef<'_>) -> String {
     let mut parts = Vec::new();
     collect_signature_text(**a, &mut parts);
-    parts
-        .join(" ")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    parts.join(" ").split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn collect_signature_text(node: NodeRef<'_, Node>, out: &mut Vec<String>) {
@@ -195,49 +163,27 @@ fn collect_signature_text(node: NodeRef<'_, Node>, out: &mut Vec<String>) {
     }
 }
 
-pub fn parse_thread_page(
-    html: &str,
-    page: &Url,
-    opts: &CleanOptions,
-) -> Result<ThreadPage, ParseError> {
+pub fn parse_thread_page(html: &str, page: &Url, opts: &CleanOptions) -> Result<ThreadPage, ParseError> {
     let doc = Html::parse_document(html);
     let mut posts = Vec::new();
     for (i, body) in doc.select(&POST_BODY).enumerate() {
         let container = post_container(&body);
         let (post_id, author, posted_at) = match &container {
-            Some(c) => (
-                post_id(c),
-                header_field(c, &body, &AUTHOR, false),
-                header_field(c, &body, &DATE, true),
-            ),
+            Some(c) => (post_id(c), header_field(c, &body, &AUTHOR, false), header_field(c, &body, &DATE, true)),
             None => (None, None, None),
         };
         let mut text = String::new();
         let mut html_quotes = Vec::new();
         walk(*body, page, opts, &mut text, &mut html_quotes);
         let cleaned = clean_post(&text, opts);
-        let mut quotes: Vec<String> = html_quotes
-            .iter()
-            .map(|q| clean_quote(q, opts))
-            .filter(|q| !q.is_empty())
-            .collect();
+        let mut quotes: Vec<String> = html_quotes.iter().map(|q| clean_quote(q, opts)).filter(|q| !q.is_empty()).collect();
         quotes.extend(cleaned.quotes);
-        posts.push(StoredPost {
-            position: i as u32,
-            post_id,
-            author,
-            posted_at,
-            body: cleaned.body,
-            quotes,
-        });
+        posts.push(StoredPost { position: i as u32, post_id, author, posted_at, body: cleaned.body, quotes });
     }
     if posts.is_empty() {
         return Err(ParseError::NoPosts);
     }
-    Ok(ThreadPage {
-        posts,
-        last_page: last_page(&doc, page),
-    })
+    Ok(ThreadPage { posts, last_page: last_page(&doc, page) })
 }
 
 /// The element wrapping one post (header, body, signature): the nearest ancestor marked as a
@@ -249,10 +195,7 @@ fn post_container<'a>(body: &ElementRef<'a>) -> Option<ElementRef<'a>> {
             parent = Some(anc);
         }
         let v = anc.value();
-        if v.classes().any(|c| c == "post")
-            || v.attr("data-post-id").is_some()
-            || v.id().is_some_and(|id| id.starts_with("post"))
-        {
+        if v.classes().any(|c| c == "post") || v.attr("data-post-id").is_some() || v.id().is_some_and(|id| id.starts_with("post")) {
             return Some(anc);
         }
     }
@@ -263,32 +206,19 @@ fn post_id(c: &ElementRef<'_>) -> Option<String> {
     let v = c.value();
     v.attr("data-post-id")
         .map(str::to_string)
-        .or_else(|| {
-            v.id()
-                .and_then(|id| id.strip_prefix("post"))
-                .map(|s| s.trim_start_matches(['-', '_']).to_string())
-        })
+        .or_else(|| v.id().and_then(|id| id.strip_prefix("post")).map(|s| s.trim_start_matches(['-', '_']).to_string()))
         .filter(|s| !s.is_empty())
 }
 
 /// First match of `sel` inside the post container but outside its body (so a quote's
 /// "X wrote:" never becomes the author). Dates prefer a machine-readable `datetime`.
-fn header_field(
-    container: &ElementRef<'_>,
-    body: &ElementRef<'_>,
-    sel: &Selector,
-    datetime: bool,
-) -> Option<String> {
+fn header_field(container: &ElementRef<'_>, body: &ElementRef<'_>, sel: &Selector, datetime: bool) -> Option<String> {
     let body_id = body.id();
     container
         .select(sel)
         .find(|e| !e.ancestors().any(|a| a.id() == body_id) && e.id() != body_id)
         .and_then(|e| {
-            let attr = if datetime {
-                e.value().attr("datetime").map(str::to_string)
-            } else {
-                None
-            };
+            let attr = if datetime { e.value().attr("datetime").map(str::to_string) } else { None };
             attr.or_else(|| Some(inline_text(&e)))
         })
         .filter(|s| !s.is_empty())
@@ -296,9 +226,7 @@ fn header_field(
 
 fn is_block(name: &str) -> Option<&'static str> {
     Some(match name {
-        "p" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" | "ul" | "ol" | "pre" | "table" | "hr" => {
-            "\n\n"
-        }
+        "p" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" | "ul" | "ol" | "pre" | "table" | "hr" => "\n\n",
         "div" | "li" | "tr" | "dd" | "dt" | "section" | "article" => "\n",
         _ => return None,
     })
@@ -312,9 +240,30 @@ fn looks_like_url(s: &str) -> bool {
 /// Class names (whole, or as the end of a `-` compound such as `post-actions`) of a post's
 /// furniture: header, meta line, action links, vote counters, footer, signature.
 const CHROME_CLASSES: &[&str] = &[
-    "header", "meta", "info", "details", "actions", "action", "tools", "toolbar", "controls",
-    "buttons", "links", "footer", "votes", "vote", "vote-count", "score", "points", "rating",
-    "likes", "like-count", "permalink", "report", "signature", "sig",
+    "header",
+    "meta",
+    "info",
+    "details",
+    "actions",
+    "action",
+    "tools",
+    "toolbar",
+    "controls",
+    "buttons",
+    "links",
+    "footer",
+    "votes",
+    "vote",
+    "vote-count",
+    "score",
+    "points",
+    "rating",
+    "likes",
+    "like-count",
+    "permalink",
+    "report",
+    "signature",
+    "sig",
 ];
 
 /// Link texts that are a post's action links, not something the poster wrote ("edit" and
@@ -327,9 +276,7 @@ fn is_chrome_class(c: &str) -> bool {
     if c.starts_with("quote") || c.ends_with("quote") || c.starts_with("bb") {
         return false;
     }
-    CHROME_CLASSES
-        .iter()
-        .any(|k| c == *k || c.strip_suffix(k).is_some_and(|p| p.ends_with(['-', '_'])))
+    CHROME_CLASSES.iter().any(|k| c == *k || c.strip_suffix(k).is_some_and(|p| p.ends_with(['-', '_'])))
 }
 
 /// Whether an element inside a post body is page furniture rather than the post's text. In
@@ -363,23 +310,13 @@ enum Walk {
 /// scripts and images are skipped; autolinks become their full URL (the visible text is often
 /// shortened with "…"). The walk ends at the post's furniture (see [`is_chrome`]) or at a
 /// post nested by broken markup.
-fn walk(
-    node: NodeRef<'_, Node>,
-    page: &Url,
-    opts: &CleanOptions,
-    out: &mut String,
-    quotes: &mut Vec<String>,
-) -> Walk {
+fn walk(node: NodeRef<'_, Node>, page: &Url, opts: &CleanOptions, out: &mut String, quotes: &mut Vec<String>) -> Walk {
     for child in node.children() {
         match child.value() {
             Node::Text(t) => {
                 // Source line breaks are layout, not content; only <br>/<p> break lines.
                 for c in t.chars() {
-                    out.push(if c.is_whitespace() && c != '\u{a0}' {
-                        ' '
-                    } else {
-                        c
-                    });
+                    out.push(if c.is_whitespace() && c != '\u{a0}' { ' ' } else { c });
                 }
             }
             Node::Element(e) => {
@@ -387,17 +324,12 @@ fn walk(
                     continue;
                 };
                 let name = e.name();
-                if matches!(
-                    name,
-                    "script" | "style" | "noscript" | "template" | "form"
-                ) {
+                if matches!(name, "script" | "style" | "noscript" | "template" | "form") {
                     continue;
                 }
                 // Broken markup can nest the next post inside this body; it is its own post,
                 // and what follows it belongs to it too.
-                if has_class(&el, |c| c == "post" || c == "post-body")
-                    || e.attr("data-post-id").is_some()
-                {
+                if has_class(&el, |c| c == "post" || c == "post-body") || e.attr("data-post-id").is_some() {
                     return Walk::End;
                 }
                 if is_chrome(&el) {
@@ -406,11 +338,7 @@ fn walk(
                 if name == "button" {
                     continue;
                 }
-                if name == "blockquote"
-                    || has_class(&el, |c| {
-                        c == "quote" || c.ends_with("-quote") || c == "quotebox"
-                    })
-                {
+                if name == "blockquote" || has_class(&el, |c| c == "quote" || c.ends_with("-quote") || c == "quotebox") {
                     let mut q = String::new();
                     let mut nested = Vec::new();
                     let end = walk(child, page, opts, &mut q, &mut nested);
@@ -425,10 +353,7 @@ fn walk(
                     "br" => out.push('\n'),
                     "img" => {
                         let v = e;
-                        let emoticon =
-                            has_class(&el, |c| c.contains("emoji") || c.contains("smil"))
-                                || v.attr("src")
-                                    .is_some_and(|s| s.contains("smil") || s.contains("emoji"));
+                        let emoticon = has_class(&el, |c| c.contains("emoji") || c.contains("smil")) || v.attr("src").is_some_and(|s| s.contains("smil") || s.contains("emoji"));
                         if emoticon && opts.keep_emoji {
                             if let Some(alt) = v.attr("alt") {
                                 out.push(' ');
@@ -445,10 +370,7 @@ fn walk(
                     }
                     "a" => {
                         let text = inline_text(&el);
-                        let href = e
-                            .attr("href")
-                            .and_then(|h| page.join(h).ok())
-                            .filter(|u| matches!(u.scheme(), "http" | "https"));
+                        let href = e.attr("href").and_then(|h| page.join(h).ok()).filter(|u| matches!(u.scheme(), "http" | "https"));
                         match href {
                             Some(h) if text.is_empty() || looks_like_url(&text) => {
                                 out.push(' ');
@@ -499,32 +421,17 @@ mod tests {
           <a class="thread" href="/forum/somewhere/else"><h2>No id</h2></a>
           <div class="pagination"><a href="?page=2">2</a><a href="/forum/1/Ski-Gabber?page=7">Last</a><a href="/forum/2/Other?page=99">x</a></div>
         </body></html>"#;
-        let p = parse_list_page(
-            html,
-            &url("https://ns.test/forum/1/Ski-Gabber?page=1"),
-            &CleanOptions::default(),
-        )
-        .unwrap();
+        let p = parse_list_page(html, &url("https://ns.test/forum/1/Ski-Gabber?page=1"), &CleanOptions::default()).unwrap();
         assert_eq!(p.threads.len(), 2);
         assert_eq!(p.skipped, 1);
         assert_eq!(p.last_page, Some(7));
         assert_eq!(p.threads[0].id, 981234);
-        assert_eq!(
-            p.threads[0].url,
-            "https://ns.test/forum/thread/981234/Best-park-ski-2023"
-        );
+        assert_eq!(p.threads[0].url, "https://ns.test/forum/thread/981234/Best-park-ski-2023");
         assert_eq!(p.threads[0].title, "Best park ski & mount point?");
         assert!(p.threads[0].signature.contains("12 replies"));
         assert!(!p.threads[0].signature.contains("views"));
-        assert_eq!(
-            p.threads[1].url,
-            "https://ns.test/forum/thread/981235/Beacon-recs"
-        );
-        let err = parse_list_page(
-            "<html><body>nothing</body></html>",
-            &url("https://ns.test/forum/1/x?page=1"),
-            &CleanOptions::default(),
-        );
+        assert_eq!(p.threads[1].url, "https://ns.test/forum/thread/981235/Beacon-recs");
+        let err = parse_list_page("<html><body>nothing</body></html>", &url("https://ns.test/forum/1/x?page=1"), &CleanOptions::default());
         assert_eq!(err.unwrap_err(), ParseError::NoThreads);
     }
 
@@ -545,10 +452,7 @@ in the park?<br><br>I mostly ride
               <div class="post-signature">Sponsored by nobody</div></div></div>
           <div class="pagination"><a href="https://ns.test/forum/thread/5/T?page=3">3</a></div></body></html>"#;
         let page = url("https://ns.test/forum/thread/5/T?page=1");
-        let keep = CleanOptions {
-            keep_urls: true,
-            keep_emoji: false,
-        };
+        let keep = CleanOptions { keep_urls: true, keep_emoji: false };
         let p = parse_thread_page(html, &page, &keep).unwrap();
         assert_eq!(p.last_page, Some(3));
         assert_eq!(p.posts.len(), 2);
@@ -558,47 +462,23 @@ in the park?<br><br>I mostly ride
         assert_eq!(op.posted_at.as_deref(), Some("2023-01-10T21:58:47Z"));
         assert_eq!(op.body, "Are Bent Chetler 100s any good in the park?\n\nI mostly ride pow but want one quiver ski.");
         let r = &p.posts[1];
-        assert_eq!(
-            r.author.as_deref(),
-            Some("sendit"),
-            "quote header must not become the author"
-        );
+        assert_eq!(r.author.as_deref(), Some("sendit"), "quote header must not become the author");
         assert_eq!(r.posted_at.as_deref(), Some("Jan 11th 2023"));
-        assert_eq!(
-            r.body,
-            "They're playful but soft underfoot.\n\nCheck https://youtu.be/abc and my review"
-        );
+        assert_eq!(r.body, "They're playful but soft underfoot.\n\nCheck https://youtu.be/abc and my review");
         assert_eq!(r.quotes.len(), 1);
         assert!(r.quotes[0].contains("Bent Chetler"));
         assert!(!r.quotes[0].contains("nested older quote"));
-        let with = CleanOptions {
-            keep_urls: false,
-            keep_emoji: true,
-        };
+        let with = CleanOptions { keep_urls: false, keep_emoji: true };
         let p = parse_thread_page(html, &page, &with).unwrap();
-        assert_eq!(
-            p.posts[1].body,
-            "They're playful but soft underfoot.\n\nCheck and my review :D"
-        );
+        assert_eq!(p.posts[1].body, "They're playful but soft underfoot.\n\nCheck and my review :D");
     }
 
     #[test]
     fn broken_markup_is_an_error_not_a_panic() {
         let page = url("https://ns.test/forum/thread/5/T?page=2");
         let o = CleanOptions::default();
-        assert_eq!(
-            parse_thread_page(
-                "<html><body><div class=\"post\"><div class=\"post-b",
-                &page,
-                &o
-            )
-            .unwrap_err(),
-            ParseError::NoPosts
-        );
-        assert!(matches!(
-            decode_body(b"\xff\xfe\x00garbage").unwrap_err(),
-            ParseError::NotHtml(_)
-        ));
+        assert_eq!(parse_thread_page("<html><body><div class=\"post\"><div class=\"post-b", &page, &o).unwrap_err(), ParseError::NoPosts);
+        assert!(matches!(decode_body(b"\xff\xfe\x00garbage").unwrap_err(), ParseError::NotHtml(_)));
         // Unclosed tags around complete posts still parse.
         let p = parse_thread_page("<div class=post><div class=post-body>still <b>here<div class=post><div class=post-body>two", &page, &o).unwrap();
         assert_eq!(p.posts.len(), 2);
@@ -609,14 +489,8 @@ in the park?<br><br>I mostly ride
     fn urls_helpers() {
         let u = url("https://ns.test/forum/thread/42/Slug?page=3#x");
         assert_eq!(thread_id_from_url(&u), Some(42));
-        assert_eq!(
-            page_url(&canonical(&u), 2).as_str(),
-            "https://ns.test/forum/thread/42/Slug?page=2"
-        );
-        assert_eq!(
-            thread_id_from_url(&url("https://ns.test/forum/1/Ski")),
-            None
-        );
+        assert_eq!(page_url(&canonical(&u), 2).as_str(), "https://ns.test/forum/thread/42/Slug?page=2");
+        assert_eq!(thread_id_from_url(&url("https://ns.test/forum/1/Ski")), None);
     }
 
     #[test]
@@ -637,24 +511,12 @@ in the park?<br><br>I mostly ride
             let html = format!(
                 "<html><body>{}{}{}</body></html>",
                 post(1, "Mount them at true center for park.", true),
-                post(
-                    2,
-                    "<a href=\"https://youtu.be/a\">https://youtu.be/a</a> <a href=\"https://youtu.be/b\">https://youtu.be/b</a>",
-                    close
-                ),
+                post(2, "<a href=\"https://youtu.be/a\">https://youtu.be/a</a> <a href=\"https://youtu.be/b\">https://youtu.be/b</a>", close),
                 post(3, "<p>Wax them every few days in spring.</p>", close)
             );
             let p = parse_thread_page(&html, &page, &o).unwrap();
             let bodies: Vec<_> = p.posts.iter().map(|p| p.body.as_str()).collect();
-            assert_eq!(
-                bodies,
-                vec![
-                    "Mount them at true center for park.",
-                    "https://youtu.be/a https://youtu.be/b",
-                    "Wax them every few days in spring."
-                ],
-                "body closed: {close}"
-            );
+            assert_eq!(bodies, vec!["Mount them at true center for park.", "https://youtu.be/a https://youtu.be/b", "Wax them every few days in spring."], "body closed: {close}");
             let authors: Vec<_> = p.posts.iter().map(|p| p.author.as_deref()).collect();
             assert_eq!(authors, vec![Some("user1"), Some("user2"), Some("user3")]);
         }

@@ -13,21 +13,14 @@ pub struct Progress {
 impl Progress {
     /// A bar of `len` units (`unit` names them, e.g. "threads").
     pub fn new(show: bool, len: u64, unit: &str) -> Self {
-        let target = if show {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
+        let target = if show { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
         let bar = ProgressBar::with_draw_target(Some(len), target);
         let template = format!("{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit} (ETA {{eta}}) {{msg}}");
         if let Ok(style) = ProgressStyle::with_template(&template) {
             bar.set_style(style);
         }
         bar.enable_steady_tick(Duration::from_millis(250));
-        Self {
-            bar,
-            started: Instant::now(),
-        }
+        Self { bar, started: Instant::now() }
     }
 
     pub fn inc(&self, n: u64) {
@@ -41,10 +34,7 @@ impl Progress {
     /// Show `count` items of a secondary kind with their rate, plus an extra note.
     pub fn note(&self, what: &str, count: u64, extra: &str) {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        self.bar.set_message(format!(
-            "{what} {count} ({:.1}/s){extra}",
-            count as f64 / secs
-        ));
+        self.bar.set_message(format!("{what} {count} ({:.1}/s){extra}", count as f64 / secs));
     }
 
     pub fn finish(&self) {

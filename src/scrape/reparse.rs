@@ -37,12 +37,7 @@ impl ReparseReport {
 
 /// Re-parse if the stored posts were made by other cleaning settings (or none were recorded
 /// while pages exist). Returns the report when it did.
-pub fn ensure_current(
-    store: &mut Store,
-    clean: &CleanOptions,
-    jobs: usize,
-    progress: bool,
-) -> Result<Option<ReparseReport>> {
+pub fn ensure_current(store: &mut Store, clean: &CleanOptions, jobs: usize, progress: bool) -> Result<Option<ReparseReport>> {
     let clean = &clean.for_store();
     let want = clean.fingerprint();
     let have = store.meta_get(FINGERPRINT_KEY)?;
@@ -60,18 +55,10 @@ pub fn ensure_current(
 type ParsedBatch = Vec<(RawPage, std::result::Result<Vec<StoredPost>, String>)>;
 
 /// Parse every stored thread page again and replace its posts. `jobs` = 0 uses all cores.
-pub fn reparse_all(
-    store: &mut Store,
-    clean: &CleanOptions,
-    jobs: usize,
-    progress: bool,
-) -> Result<ReparseReport> {
+pub fn reparse_all(store: &mut Store, clean: &CleanOptions, jobs: usize, progress: bool) -> Result<ReparseReport> {
     let clean = &clean.for_store();
     let started = Instant::now();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs)
-        .build()
-        .context("starting parse threads")?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build().context("starting parse threads")?;
     let total = store.raw_thread_page_count()?;
     let bar = Progress::new(progress, total, "pages");
     let mut report = ReparseReport::default();
@@ -119,10 +106,7 @@ pub fn reparse_all(
     Ok(report)
 }
 
-fn parse_raw(
-    mut page: RawPage,
-    clean: &CleanOptions,
-) -> (RawPage, std::result::Result<Vec<StoredPost>, String>, u64) {
+fn parse_raw(mut page: RawPage, clean: &CleanOptions) -> (RawPage, std::result::Result<Vec<StoredPost>, String>, u64) {
     let html = match decompress(&page.html_zstd) {
         Ok(h) => h,
         Err(e) => return (page, Err(format!("{e:#}")), 0),
@@ -131,11 +115,7 @@ fn parse_raw(
     let bytes = html.len() as u64;
     let result = Url::parse(&page.url)
         .map_err(|e| format!("stored URL {:?}: {e}", page.url))
-        .and_then(|url| {
-            decode_body(&html)
-                .and_then(|text| parse_thread_page(&text, &url, clean))
-                .map_err(|e| e.to_string())
-        })
+        .and_then(|url| decode_body(&html).and_then(|text| parse_thread_page(&text, &url, clean)).map_err(|e| e.to_string()))
         .map(|tp| tp.posts);
     (page, result, bytes)
 }

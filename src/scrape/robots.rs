@@ -31,31 +31,18 @@ pub struct Robots {
 /// The product token robots.txt groups are matched against: `freeski-bot/0.1 (+url)` →
 /// `freeski-bot`.
 pub fn product_token(user_agent: &str) -> String {
-    user_agent
-        .split(|c: char| c == '/' || c.is_whitespace())
-        .next()
-        .unwrap_or("")
-        .to_ascii_lowercase()
+    user_agent.split(|c: char| c == '/' || c.is_whitespace()).next().unwrap_or("").to_ascii_lowercase()
 }
 
 impl Robots {
     /// No robots.txt (4xx): everything is allowed.
     pub fn allow_all() -> Self {
-        Self {
-            rules: Vec::new(),
-            crawl_delay: None,
-        }
+        Self { rules: Vec::new(), crawl_delay: None }
     }
 
     /// robots.txt unreachable (5xx, network): RFC 9309 says assume complete disallow.
     pub fn disallow_all() -> Self {
-        Self {
-            rules: vec![Rule {
-                allow: false,
-                pattern: "/".into(),
-            }],
-            crawl_delay: None,
-        }
+        Self { rules: vec![Rule { allow: false, pattern: "/".into() }], crawl_delay: None }
     }
 
     pub fn parse(text: &str, user_agent: &str) -> Self {
@@ -95,10 +82,7 @@ impl Robots {
                         continue; // `Disallow:` with no path means "nothing disallowed".
                     }
                     if let Some(g) = groups.last_mut() {
-                        g.rules.push(Rule {
-                            allow: key == "allow",
-                            pattern: value.to_string(),
-                        });
+                        g.rules.push(Rule { allow: key == "allow", pattern: value.to_string() });
                     }
                 }
                 "crawl-delay" => {
@@ -113,25 +97,9 @@ impl Robots {
             }
         }
         let token = product_token(user_agent);
-        let mine: Vec<&Group> = groups
-            .iter()
-            .filter(|g| g.agents.contains(&token))
-            .collect();
-        let chosen = if mine.is_empty() {
-            groups
-                .iter()
-                .filter(|g| g.agents.iter().any(|a| a == "*"))
-                .collect()
-        } else {
-            mine
-        };
-        Self {
-            rules: chosen
-                .iter()
-                .flat_map(|g| g.rules.iter().cloned())
-                .collect(),
-            crawl_delay: chosen.iter().filter_map(|g| g.crawl_delay).max(),
-        }
+        let mine: Vec<&Group> = groups.iter().filter(|g| g.agents.contains(&token)).collect();
+        let chosen = if mine.is_empty() { groups.iter().filter(|g| g.agents.iter().any(|a| a == "*")).collect() } else { mine };
+        Self { rules: chosen.iter().flat_map(|g| g.rules.iter().cloned()).collect(), crawl_delay: chosen.iter().filter_map(|g| g.crawl_delay).max() }
     }
 
     pub fn crawl_delay(&self) -> Option<Duration> {

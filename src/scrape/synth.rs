@@ -33,21 +33,8 @@ const SENTENCES: &[&str] = &[
     "Rental skis are fine for the first few days, don't overthink it.",
 ];
 
-const USERS: &[&str] = &[
-    "powder_hound",
-    "sendit_steve",
-    "jibbin4life",
-    "corn_snow",
-    "buttery_mike",
-    "treeskier",
-    "park_rat_99",
-    "gnarwhal",
-];
-const SIGNATURES: &[&str] = &[
-    "Insta: @sendit_steve",
-    "Sponsored by my mom's credit card",
-    "Team Nobody | 2012 Park Rat of the Year",
-];
+const USERS: &[&str] = &["powder_hound", "sendit_steve", "jibbin4life", "corn_snow", "buttery_mike", "treeskier", "park_rat_99", "gnarwhal"];
+const SIGNATURES: &[&str] = &["Insta: @sendit_steve", "Sponsored by my mom's credit card", "Team Nobody | 2012 Park Rat of the Year"];
 const EMOJI: &[&str] = &["😂", "🤙", "🔥", "😎"];
 
 fn paragraph(rng: &mut StdRng) -> String {
@@ -69,9 +56,7 @@ fn paragraph(rng: &mut StdRng) -> String {
 fn post_body(rng: &mut StdRng, prev: Option<(&str, &str)>) -> String {
     let mut b = String::new();
     if let Some((who, text)) = prev.filter(|_| rng.random_bool(0.3)) {
-        b.push_str(&format!(
-            "<div class=\"quote\"><div class=\"quote-header\">{who} wrote:</div>{text}"
-        ));
+        b.push_str(&format!("<div class=\"quote\"><div class=\"quote-header\">{who} wrote:</div>{text}"));
         if rng.random_bool(0.2) {
             b.push_str("<div class=\"quote\">older quoted text</div>");
         }
@@ -107,14 +92,7 @@ fn post_body(rng: &mut StdRng, prev: Option<(&str, &str)>) -> String {
 }
 
 /// One thread page of `posts` posts, linking pages 1..=`pages`.
-pub fn thread_page_html(
-    url: &Url,
-    title: &str,
-    page: u32,
-    pages: u32,
-    posts: u32,
-    rng: &mut StdRng,
-) -> String {
+pub fn thread_page_html(url: &Url, title: &str, page: u32, pages: u32, posts: u32, rng: &mut StdRng) -> String {
     let mut h = String::with_capacity(16 * 1024);
     h.push_str("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>");
     h.push_str(title);
@@ -136,10 +114,7 @@ pub fn thread_page_html(
             rng.random_range(0..60)
         ));
         if rng.random_bool(0.2) {
-            h.push_str(&format!(
-                "<div class=\"signature\">{}</div>",
-                SIGNATURES[rng.random_range(0..SIGNATURES.len())]
-            ));
+            h.push_str(&format!("<div class=\"signature\">{}</div>", SIGNATURES[rng.random_range(0..SIGNATURES.len())]));
         }
         h.push_str("</div>\n");
         prev = Some((who.to_string(), paragraph(rng)));
@@ -161,14 +136,7 @@ pub struct SynthReport {
 }
 
 /// Fill `store` with `threads` threads of `pages` pages of `posts` posts, as if crawled.
-pub fn populate(
-    store: &Store,
-    base: &Url,
-    threads: u32,
-    pages: u32,
-    posts: u32,
-    seed: u64,
-) -> Result<SynthReport> {
+pub fn populate(store: &Store, base: &Url, threads: u32, pages: u32, posts: u32, seed: u64) -> Result<SynthReport> {
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut report = SynthReport::default();
@@ -177,17 +145,9 @@ pub fn populate(
         store.in_transaction(|s| {
             for t in chunk_start..(chunk_start + 100).min(threads) {
                 let id = 100_000 + u64::from(t);
-                let title = format!(
-                    "{} #{t}",
-                    SENTENCES[t as usize % SENTENCES.len()].trim_end_matches('.')
-                );
+                let title = format!("{} #{t}", SENTENCES[t as usize % SENTENCES.len()].trim_end_matches('.'));
                 let url = base.join(&format!("/forum/thread/{id}/Synthetic-Thread-{t}"))?;
-                let listed = ListedThread {
-                    id,
-                    url: url.to_string(),
-                    title: title.clone(),
-                    signature: format!("{} replies", pages * posts - 1),
-                };
+                let listed = ListedThread { id, url: url.to_string(), title: title.clone(), signature: format!("{} replies", pages * posts - 1) };
                 s.insert_thread(&listed, ThreadStatus::Done, Some(pages))?;
                 for p in 1..=pages {
                     let html = thread_page_html(&url, &title, p, pages, posts, &mut rng);
@@ -228,27 +188,12 @@ mod tests {
         let url = Url::parse("https://ns.test/forum/thread/1/T").unwrap();
         let mut rng = StdRng::seed_from_u64(1);
         let html = thread_page_html(&url, "T", 2, 10, 20, &mut rng);
-        let page = parse_thread_page(
-            &html,
-            &Url::parse("https://ns.test/forum/thread/1/T?page=2").unwrap(),
-            &CleanOptions::default(),
-        )
-        .unwrap();
+        let page = parse_thread_page(&html, &Url::parse("https://ns.test/forum/thread/1/T?page=2").unwrap(), &CleanOptions::default()).unwrap();
         assert_eq!(page.posts.len(), 20);
         assert_eq!(page.last_page, Some(10));
         for p in &page.posts {
-            assert!(
-                !p.body.contains("edited on")
-                    && !p.body.contains("[URL]")
-                    && !p.body.contains("wrote:"),
-                "{}",
-                p.body
-            );
-            assert!(
-                !p.body.contains("Welcome to the Newschoolers") && !p.body.contains("Sponsored"),
-                "{}",
-                p.body
-            );
+            assert!(!p.body.contains("edited on") && !p.body.contains("[URL]") && !p.body.contains("wrote:"), "{}", p.body);
+            assert!(!p.body.contains("Welcome to the Newschoolers") && !p.body.contains("Sponsored"), "{}", p.body);
             assert!(p.author.is_some());
         }
     }

@@ -130,25 +130,15 @@ impl Store {
     }
 
     pub fn answer_for_message(&self, message_id: u64) -> Result<Option<AnswerId>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT answer_id FROM answer_messages WHERE message_id = ?1",
-                [snowflake(message_id)?],
-                |r| r.get(0),
-            )
-            .optional()?
-            .map(AnswerId))
+        Ok(self.conn().query_row("SELECT answer_id FROM answer_messages WHERE message_id = ?1", [snowflake(message_id)?], |r| r.get(0)).optional()?.map(AnswerId))
     }
 
     pub fn answer(&self, id: AnswerId) -> Result<Option<StoredAnswer>> {
         let row = self
             .conn()
-            .query_row(
-                "SELECT question, context, answer, adapter_id, generation, asked_by FROM answers WHERE id = ?1",
-                [id.0],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?, r.get::<_, Option<i64>>(5)?)),
-            )
+            .query_row("SELECT question, context, answer, adapter_id, generation, asked_by FROM answers WHERE id = ?1", [id.0], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?, r.get::<_, Option<i64>>(5)?))
+            })
             .optional()?;
         let Some((question, context, answer, adapter_id, generation, asked_by)) = row else { return Ok(None) };
         Ok(Some(StoredAnswer {
@@ -199,31 +189,23 @@ impl Store {
     /// A removed reaction removes the vote, but only if it is still that vote (removing 👍
     /// after switching to 👎 must not erase the 👎). Returns whether a vote was removed.
     pub fn remove_vote(&self, answer: AnswerId, user: u64, vote: Vote) -> Result<bool> {
-        let n = self.conn().execute(
-            "DELETE FROM votes WHERE answer_id = ?1 AND user_id = ?2 AND value = ?3",
-            params![answer.0, snowflake(user)?, vote.value()],
-        )?;
+        let n = self.conn().execute("DELETE FROM votes WHERE answer_id = ?1 AND user_id = ?2 AND value = ?3", params![answer.0, snowflake(user)?, vote.value()])?;
         Ok(n > 0)
     }
 
     pub fn add_correction(&self, answer: AnswerId, admin: u64, text: &str) -> Result<()> {
         anyhow::ensure!(!text.trim().is_empty(), "a correction needs text");
         self.conn()
-            .execute(
-                "INSERT INTO corrections(answer_id, admin_id, text, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![answer.0, snowflake(admin)?, text, now_secs()],
-            )
+            .execute("INSERT INTO corrections(answer_id, admin_id, text, created_at) VALUES (?1, ?2, ?3, ?4)", params![answer.0, snowflake(admin)?, text, now_secs()])
             .with_context(|| format!("correcting answer {}", answer.0))?;
         Ok(())
     }
 
     /// (👍, 👎) counts.
     pub fn vote_tally(&self, answer: AnswerId) -> Result<(u32, u32)> {
-        Ok(self.conn().query_row(
-            "SELECT COALESCE(SUM(value > 0), 0), COALESCE(SUM(value < 0), 0) FROM votes WHERE answer_id = ?1",
-            [answer.0],
-            |r| Ok((r.get::<_, i64>(0)? as u32, r.get::<_, i64>(1)? as u32)),
-        )?)
+        Ok(self.conn().query_row("SELECT COALESCE(SUM(value > 0), 0), COALESCE(SUM(value < 0), 0) FROM votes WHERE answer_id = ?1", [answer.0], |r| {
+            Ok((r.get::<_, i64>(0)? as u32, r.get::<_, i64>(1)? as u32))
+        })?)
     }
 
     /// Every answer with votes or a correction, oldest first.
@@ -252,18 +234,8 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, question, context, answer, adapter_id, up, down, correction) = row?;
-            let context = serde_json::from_str(&context)
-                .with_context(|| format!("answer {id}: stored context is not JSON turns"))?;
-            out.push(FeedbackRow {
-                id: AnswerId(id),
-                question,
-                context,
-                answer,
-                adapter_id,
-                up: up as u32,
-                down: down as u32,
-                correction,
-            });
+            let context = serde_json::from_str(&context).with_context(|| format!("answer {id}: stored context is not JSON turns"))?;
+            out.push(FeedbackRow { id: AnswerId(id), question, context, answer, adapter_id, up: up as u32, down: down as u32, correction });
         }
         Ok(out)
     }
@@ -277,18 +249,9 @@ mod tests {
     fn one_vote_per_user_and_removal_only_of_that_vote() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("s.db")).unwrap();
-        let a = s
-            .record_answer(&NewAnswer {
-                question: "q".into(),
-                answer: "a".into(),
-                ..Default::default()
-            })
-            .unwrap();
+        let a = s.record_answer(&NewAnswer { question: "q".into(), answer: "a".into(), ..Default::default() }).unwrap();
         s.link_message(a, 1_234_567_890_123_456_789, 0).unwrap();
-        assert_eq!(
-            s.answer_for_message(1_234_567_890_123_456_789).unwrap(),
-            Some(a)
-        );
+        assert_eq!(s.answer_for_message(1_234_567_890_123_456_789).unwrap(), Some(a));
         assert_eq!(s.answer_for_message(5).unwrap(), None);
         s.set_vote(a, 10, Vote::Up).unwrap();
         s.set_vote(a, 10, Vote::Up).unwrap();

@@ -204,9 +204,7 @@ pub fn compress(bytes: &[u8]) -> Result<Vec<u8>> {
 
 pub fn decompress(bytes: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(bytes.len() * 6);
-    zstd::stream::Decoder::new(bytes)
-        .and_then(|mut d| d.read_to_end(&mut out))
-        .context("decompressing stored page")?;
+    zstd::stream::Decoder::new(bytes).and_then(|mut d| d.read_to_end(&mut out)).context("decompressing stored page")?;
     Ok(out)
 }
 
@@ -235,37 +233,13 @@ fn page_row(r: &Row<'_>) -> rusqlite::Result<PageRow> {
     })
 }
 
-fn insert_posts(
-    tx: &rusqlite::Connection,
-    thread_id: i64,
-    page_no: u32,
-    posts: &[StoredPost],
-) -> Result<()> {
-    tx.execute(
-        "DELETE FROM posts WHERE thread_id = ?1 AND page_no = ?2",
-        params![thread_id, page_no],
-    )?;
-    let mut ins = tx.prepare_cached(
-        "INSERT INTO posts(thread_id, page_no, position, post_id, author, posted_at, body, quotes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
+fn insert_posts(tx: &rusqlite::Connection, thread_id: i64, page_no: u32, posts: &[StoredPost]) -> Result<()> {
+    tx.execute("DELETE FROM posts WHERE thread_id = ?1 AND page_no = ?2", params![thread_id, page_no])?;
+    let mut ins = tx.prepare_cached("INSERT INTO posts(thread_id, page_no, position, post_id, author, posted_at, body, quotes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
     for p in posts {
         let quotes = serde_json::to_string(&p.quotes)?;
-        ins.execute(params![
-            thread_id,
-            page_no,
-            p.position,
-            p.post_id,
-            p.author,
-            p.posted_at,
-            p.body,
-            quotes
-        ])
-        .with_context(|| {
-            format!(
-                "storing post {} of thread {thread_id} page {page_no}",
-                p.position
-            )
-        })?;
+        ins.execute(params![thread_id, page_no, p.position, p.post_id, p.author, p.posted_at, p.body, quotes])
+            .with_context(|| format!("storing post {} of thread {thread_id} page {page_no}", p.position))?;
     }
     Ok(())
 }
@@ -305,45 +279,24 @@ impl Store {
     pub fn start_or_resume_run(&self) -> Result<CrawlRun> {
         let open = self
             .conn()
-            .query_row(
-                "SELECT id, list_pages_total, list_pages_done FROM crawl_runs WHERE finished_at IS NULL ORDER BY id DESC LIMIT 1",
-                [],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?, r.get::<_, i64>(2)?)),
-            )
+            .query_row("SELECT id, list_pages_total, list_pages_done FROM crawl_runs WHERE finished_at IS NULL ORDER BY id DESC LIMIT 1", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?, r.get::<_, i64>(2)?))
+            })
             .optional()?;
         if let Some((id, total, done)) = open {
-            return Ok(CrawlRun {
-                id,
-                resumed: true,
-                list_pages_total: opt_u32(total),
-                list_pages_done: done as u32,
-            });
+            return Ok(CrawlRun { id, resumed: true, list_pages_total: opt_u32(total), list_pages_done: done as u32 });
         }
-        self.conn().execute(
-            "INSERT INTO crawl_runs(started_at) VALUES (?1)",
-            [now_secs()],
-        )?;
-        Ok(CrawlRun {
-            id: self.conn().last_insert_rowid(),
-            resumed: false,
-            list_pages_total: None,
-            list_pages_done: 0,
-        })
+        self.conn().execute("INSERT INTO crawl_runs(started_at) VALUES (?1)", [now_secs()])?;
+        Ok(CrawlRun { id: self.conn().last_insert_rowid(), resumed: false, list_pages_total: None, list_pages_done: 0 })
     }
 
     pub fn set_run_list_total(&self, run_id: i64, total: u32) -> Result<()> {
-        self.conn().execute(
-            "UPDATE crawl_runs SET list_pages_total = ?2 WHERE id = ?1",
-            params![run_id, total],
-        )?;
+        self.conn().execute("UPDATE crawl_runs SET list_pages_total = ?2 WHERE id = ?1", params![run_id, total])?;
         Ok(())
     }
 
     pub fn finish_run(&self, run_id: i64) -> Result<()> {
-        self.conn().execute(
-            "UPDATE crawl_runs SET finished_at = ?2 WHERE id = ?1",
-            params![run_id, now_secs()],
-        )?;
+        self.conn().execute("UPDATE crawl_runs SET finished_at = ?2 WHERE id = ?1", params![run_id, now_secs()])?;
         Ok(())
     }
 
@@ -365,31 +318,18 @@ impl Store {
             "SELECT url, thread_id, page_no, http_status, attempts, etag, last_modified, content_hash, html IS NOT NULL, page_count, fetch_error, parse_error
              FROM pages ORDER BY url",
         )?;
-        let rows = st
-            .query_map([], page_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = st.query_map([], page_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
     /// The raw (decompressed) body stored for `url`.
     pub fn page_html(&self, url: &str) -> Result<Option<Vec<u8>>> {
-        let blob: Option<Option<Vec<u8>>> = self
-            .conn()
-            .query_row("SELECT html FROM pages WHERE url = ?1", [url], |r| r.get(0))
-            .optional()?;
-        blob.flatten()
-            .map(|b| decompress(&b))
-            .transpose()
-            .with_context(|| format!("page {url}"))
+        let blob: Option<Option<Vec<u8>>> = self.conn().query_row("SELECT html FROM pages WHERE url = ?1", [url], |r| r.get(0)).optional()?;
+        blob.flatten().map(|b| decompress(&b)).transpose().with_context(|| format!("page {url}"))
     }
 
     /// Store a list page and what it lists, and count it done for `run_id`, atomically.
-    pub fn record_list_page(
-        &mut self,
-        run_id: i64,
-        page: &PageRecord<'_>,
-        listed: &[ListedThread],
-    ) -> Result<Vec<ListedOutcome>> {
+    pub fn record_list_page(&mut self, run_id: i64, page: &PageRecord<'_>, listed: &[ListedThread]) -> Result<Vec<ListedOutcome>> {
         let now = now_secs();
         let tx = self.conn_mut().transaction()?;
         upsert_page(&tx, page, now)?;
@@ -397,67 +337,36 @@ impl Store {
         for t in listed {
             outcomes.push(upsert_listed(&tx, t, now)?);
         }
-        tx.execute(
-            "UPDATE crawl_runs SET list_pages_done = MAX(list_pages_done, ?2) WHERE id = ?1",
-            params![run_id, page.page_no],
-        )?;
+        tx.execute("UPDATE crawl_runs SET list_pages_done = MAX(list_pages_done, ?2) WHERE id = ?1", params![run_id, page.page_no])?;
         tx.commit()?;
         Ok(outcomes)
     }
 
     /// A list page answered 304 (or came back byte-identical): nothing it lists changed.
-    pub fn record_list_page_unchanged(
-        &self,
-        run_id: i64,
-        url: &str,
-        page_no: u32,
-        attempts: u32,
-    ) -> Result<()> {
+    pub fn record_list_page_unchanged(&self, run_id: i64, url: &str, page_no: u32, attempts: u32) -> Result<()> {
         let tx = self.conn().unchecked_transaction()?;
-        tx.execute(
-            "UPDATE pages SET fetched_at = ?2, attempts = ?3, fetch_error = NULL WHERE url = ?1",
-            params![url, now_secs(), attempts],
-        )?;
-        tx.execute(
-            "UPDATE crawl_runs SET list_pages_done = MAX(list_pages_done, ?2) WHERE id = ?1",
-            params![run_id, page_no],
-        )?;
+        tx.execute("UPDATE pages SET fetched_at = ?2, attempts = ?3, fetch_error = NULL WHERE url = ?1", params![url, now_secs(), attempts])?;
+        tx.execute("UPDATE crawl_runs SET list_pages_done = MAX(list_pages_done, ?2) WHERE id = ?1", params![run_id, page_no])?;
         tx.commit()?;
         Ok(())
     }
 
     /// Store a thread page with its posts and advance the thread past it, atomically.
-    pub fn record_thread_page(
-        &mut self,
-        page: &PageRecord<'_>,
-        posts: &[StoredPost],
-    ) -> Result<()> {
+    pub fn record_thread_page(&mut self, page: &PageRecord<'_>, posts: &[StoredPost]) -> Result<()> {
         let thread_id = id_i64(page.thread_id.context("thread page without thread id")?)?;
         let now = now_secs();
         let tx = self.conn_mut().transaction()?;
         upsert_page(&tx, page, now)?;
         insert_posts(&tx, thread_id, page.page_no, posts)?;
-        tx.execute(
-            "UPDATE threads SET next_page = ?2, page_count = COALESCE(?3, page_count) WHERE id = ?1",
-            params![thread_id, page.page_no + 1, page.page_count],
-        )?;
+        tx.execute("UPDATE threads SET next_page = ?2, page_count = COALESCE(?3, page_count) WHERE id = ?1", params![thread_id, page.page_no + 1, page.page_count])?;
         tx.commit()?;
         Ok(())
     }
 
     /// A thread page answered 304 or came back identical: keep its posts, advance the thread.
-    pub fn record_thread_page_unchanged(
-        &self,
-        url: &str,
-        thread_id: u64,
-        page_no: u32,
-        attempts: u32,
-    ) -> Result<()> {
+    pub fn record_thread_page_unchanged(&self, url: &str, thread_id: u64, page_no: u32, attempts: u32) -> Result<()> {
         let tx = self.conn().unchecked_transaction()?;
-        tx.execute(
-            "UPDATE pages SET fetched_at = ?2, attempts = ?3, fetch_error = NULL WHERE url = ?1",
-            params![url, now_secs(), attempts],
-        )?;
+        tx.execute("UPDATE pages SET fetched_at = ?2, attempts = ?3, fetch_error = NULL WHERE url = ?1", params![url, now_secs(), attempts])?;
         tx.execute(
             "UPDATE threads SET next_page = ?2, page_count = COALESCE((SELECT page_count FROM pages WHERE url = ?3), page_count) WHERE id = ?1",
             params![id_i64(thread_id)?, page_no + 1, url],
@@ -468,15 +377,7 @@ impl Store {
 
     /// A fetch that gave up: keep any earlier good copy of the page, record why.
     pub fn record_page_failure(&self, f: &PageFailure<'_>) -> Result<()> {
-        let PageFailure {
-            url,
-            kind,
-            thread_id,
-            page_no,
-            http_status,
-            attempts,
-            error,
-        } = *f;
+        let PageFailure { url, kind, thread_id, page_no, http_status, attempts, error } = *f;
         let thread_id = thread_id.map(id_i64).transpose()?;
         self.conn()
             .execute(
@@ -491,28 +392,13 @@ impl Store {
 
     /// Close a thread's crawl. For `Done` with a known last page, pages past it (the thread got
     /// shorter, or `max_pages_per_thread` shrank) are dropped with their posts.
-    pub fn finish_thread(
-        &self,
-        id: u64,
-        status: ThreadStatus,
-        error: Option<&str>,
-        last_page: Option<u32>,
-    ) -> Result<()> {
+    pub fn finish_thread(&self, id: u64, status: ThreadStatus, error: Option<&str>, last_page: Option<u32>) -> Result<()> {
         let id = id_i64(id)?;
         let tx = self.conn().unchecked_transaction()?;
-        tx.execute(
-            "UPDATE threads SET status = ?2, error = ?3, crawled_at = ?4 WHERE id = ?1",
-            params![id, status.as_str(), error, now_secs()],
-        )?;
+        tx.execute("UPDATE threads SET status = ?2, error = ?3, crawled_at = ?4 WHERE id = ?1", params![id, status.as_str(), error, now_secs()])?;
         if let (ThreadStatus::Done, Some(last)) = (status, last_page) {
-            tx.execute(
-                "DELETE FROM posts WHERE thread_id = ?1 AND page_no > ?2",
-                params![id, last],
-            )?;
-            tx.execute(
-                "DELETE FROM pages WHERE thread_id = ?1 AND page_no > ?2",
-                params![id, last],
-            )?;
+            tx.execute("DELETE FROM posts WHERE thread_id = ?1 AND page_no > ?2", params![id, last])?;
+            tx.execute("DELETE FROM pages WHERE thread_id = ?1 AND page_no > ?2", params![id, last])?;
         }
         tx.commit()?;
         Ok(())
@@ -521,30 +407,12 @@ impl Store {
     /// Threads with work to do: pending, failed last time, or blocked (robots.txt may have
     /// changed; the crawler checks again before any request).
     pub fn pending_threads(&self) -> Result<Vec<ThreadTask>> {
-        let mut st = self.conn().prepare(
-            "SELECT id, url, title, status, next_page, page_count FROM threads WHERE status IN ('pending', 'failed', 'blocked') ORDER BY id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get(5)?,
-            ))
-        })?;
+        let mut st = self.conn().prepare("SELECT id, url, title, status, next_page, page_count FROM threads WHERE status IN ('pending', 'failed', 'blocked') ORDER BY id")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?, r.get(5)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (id, url, title, status, next_page, page_count) = row?;
-            out.push(ThreadTask {
-                id: id as u64,
-                url,
-                title,
-                status: ThreadStatus::parse(&status)?,
-                next_page: next_page.max(1) as u32,
-                page_count: opt_u32(page_count),
-            });
+            out.push(ThreadTask { id: id as u64, url, title, status: ThreadStatus::parse(&status)?, next_page: next_page.max(1) as u32, page_count: opt_u32(page_count) });
         }
         Ok(out)
     }
@@ -555,29 +423,16 @@ impl Store {
     }
 
     pub fn thread_status(&self, id: u64) -> Result<Option<(ThreadStatus, Option<String>)>> {
-        let row: Option<(String, Option<String>)> = self
-            .conn()
-            .query_row(
-                "SELECT status, error FROM threads WHERE id = ?1",
-                [id_i64(id)?],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        row.map(|(s, e)| Ok((ThreadStatus::parse(&s)?, e)))
-            .transpose()
+        let row: Option<(String, Option<String>)> =
+            self.conn().query_row("SELECT status, error FROM threads WHERE id = ?1", [id_i64(id)?], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        row.map(|(s, e)| Ok((ThreadStatus::parse(&s)?, e))).transpose()
     }
 
     /// Posts of one thread in page order.
     pub fn thread_posts(&self, id: u64) -> Result<Vec<(u32, StoredPost)>> {
-        let mut st = self.conn().prepare(
-            "SELECT page_no, position, post_id, author, posted_at, body, quotes FROM posts WHERE thread_id = ?1 ORDER BY page_no, position",
-        )?;
+        let mut st = self.conn().prepare("SELECT page_no, position, post_id, author, posted_at, body, quotes FROM posts WHERE thread_id = ?1 ORDER BY page_no, position")?;
         let rows = st.query_map([id_i64(id)?], post_row)?;
-        rows.map(|r| {
-            r.map_err(anyhow::Error::from)
-                .and_then(|(p, post, q)| Ok((p, with_quotes(post, &q)?)))
-        })
-        .collect()
+        rows.map(|r| r.map_err(anyhow::Error::from).and_then(|(p, post, q)| Ok((p, with_quotes(post, &q)?)))).collect()
     }
 
     /// Stream every thread that is not gone, with its posts, in thread-id order; memory holds
@@ -598,24 +453,13 @@ impl Store {
                     f(done)?;
                 }
             }
-            let cur = current.get_or_insert_with(|| ThreadPosts {
-                id,
-                title: String::new(),
-                posts: Vec::new(),
-            });
+            let cur = current.get_or_insert_with(|| ThreadPosts { id, title: String::new(), posts: Vec::new() });
             if cur.posts.is_empty() {
                 cur.title = r.get(1)?;
             }
             let page_no = r.get::<_, i64>(2)? as u32;
             let quotes: String = r.get(8)?;
-            let post = StoredPost {
-                position: r.get::<_, i64>(3)? as u32,
-                post_id: r.get(4)?,
-                author: r.get(5)?,
-                posted_at: r.get(6)?,
-                body: r.get(7)?,
-                quotes: Vec::new(),
-            };
+            let post = StoredPost { position: r.get::<_, i64>(3)? as u32, post_id: r.get(4)?, author: r.get(5)?, posted_at: r.get(6)?, body: r.get(7)?, quotes: Vec::new() };
             cur.posts.push((page_no, with_quotes(post, &quotes)?));
         }
         if let Some(done) = current {
@@ -632,50 +476,28 @@ impl Store {
              WHERE kind = 'thread' AND html IS NOT NULL AND rowid > ?1 ORDER BY rowid LIMIT ?2",
         )?;
         let rows = st.query_map(params![after_rowid, limit as i64], |r| {
-            Ok(RawPage {
-                rowid: r.get(0)?,
-                url: r.get(1)?,
-                thread_id: r.get::<_, i64>(2)? as u64,
-                page_no: r.get::<_, i64>(3)? as u32,
-                html_zstd: r.get(4)?,
-            })
+            Ok(RawPage { rowid: r.get(0)?, url: r.get(1)?, thread_id: r.get::<_, i64>(2)? as u64, page_no: r.get::<_, i64>(3)? as u32, html_zstd: r.get(4)? })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     pub fn raw_thread_page_count(&self) -> Result<u64> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*) FROM pages WHERE kind = 'thread' AND html IS NOT NULL",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+        Ok(self.conn().query_row("SELECT COUNT(*) FROM pages WHERE kind = 'thread' AND html IS NOT NULL", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// Replace the posts of re-parsed pages in one transaction.
-    pub fn replace_parsed(
-        &mut self,
-        parsed: &[(RawPage, std::result::Result<Vec<StoredPost>, String>)],
-    ) -> Result<()> {
+    pub fn replace_parsed(&mut self, parsed: &[(RawPage, std::result::Result<Vec<StoredPost>, String>)]) -> Result<()> {
         let tx = self.conn_mut().transaction()?;
         for (page, result) in parsed {
             let tid = id_i64(page.thread_id)?;
             match result {
                 Ok(posts) => {
                     insert_posts(&tx, tid, page.page_no, posts)?;
-                    tx.execute(
-                        "UPDATE pages SET parse_error = NULL WHERE rowid = ?1",
-                        [page.rowid],
-                    )?;
+                    tx.execute("UPDATE pages SET parse_error = NULL WHERE rowid = ?1", [page.rowid])?;
                 }
                 Err(reason) => {
-                    tx.execute(
-                        "DELETE FROM posts WHERE thread_id = ?1 AND page_no = ?2",
-                        params![tid, page.page_no],
-                    )?;
-                    tx.execute(
-                        "UPDATE pages SET parse_error = ?2 WHERE rowid = ?1",
-                        params![page.rowid, reason],
-                    )?;
+                    tx.execute("DELETE FROM posts WHERE thread_id = ?1 AND page_no = ?2", params![tid, page.page_no])?;
+                    tx.execute("UPDATE pages SET parse_error = ?2 WHERE rowid = ?1", params![page.rowid, reason])?;
                 }
             }
         }
@@ -685,15 +507,8 @@ impl Store {
 
     pub fn forum_counts(&self) -> Result<ForumCounts> {
         let c = self.conn();
-        let one =
-            |sql: &str| -> Result<u64> { Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64) };
-        let status = |s: &str| -> Result<u64> {
-            Ok(
-                c.query_row("SELECT COUNT(*) FROM threads WHERE status = ?1", [s], |r| {
-                    r.get::<_, i64>(0)
-                })? as u64,
-            )
-        };
+        let one = |sql: &str| -> Result<u64> { Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64) };
+        let status = |s: &str| -> Result<u64> { Ok(c.query_row("SELECT COUNT(*) FROM threads WHERE status = ?1", [s], |r| r.get::<_, i64>(0))? as u64) };
         Ok(ForumCounts {
             threads: one("SELECT COUNT(*) FROM threads")?,
             threads_done: status("done")?,
@@ -709,12 +524,7 @@ impl Store {
     }
 
     /// Insert a thread as already listed (used by the synthetic bench store and tests).
-    pub fn insert_thread(
-        &self,
-        t: &ListedThread,
-        status: ThreadStatus,
-        page_count: Option<u32>,
-    ) -> Result<()> {
+    pub fn insert_thread(&self, t: &ListedThread, status: ThreadStatus, page_count: Option<u32>) -> Result<()> {
         let now = now_secs();
         self.conn().execute(
             "INSERT INTO threads(id, url, title, list_signature, status, next_page, page_count, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?7)",
@@ -745,19 +555,9 @@ impl Store {
     }
 }
 
-fn upsert_listed(
-    tx: &rusqlite::Transaction<'_>,
-    t: &ListedThread,
-    now: i64,
-) -> Result<ListedOutcome> {
+fn upsert_listed(tx: &rusqlite::Transaction<'_>, t: &ListedThread, now: i64) -> Result<ListedOutcome> {
     let id = id_i64(t.id)?;
-    let known: Option<(String, String)> = tx
-        .query_row(
-            "SELECT status, list_signature FROM threads WHERE id = ?1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
+    let known: Option<(String, String)> = tx.query_row("SELECT status, list_signature FROM threads WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
     let Some((status, signature)) = known else {
         tx.execute(
             "INSERT INTO threads(id, url, title, list_signature, status, next_page, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, 'pending', 1, ?5, ?5)",
@@ -765,10 +565,7 @@ fn upsert_listed(
         )?;
         return Ok(ListedOutcome::New);
     };
-    tx.execute(
-        "UPDATE threads SET url = ?2, title = ?3, last_seen = ?4 WHERE id = ?1",
-        params![id, t.url, t.title, now],
-    )?;
+    tx.execute("UPDATE threads SET url = ?2, title = ?3, last_seen = ?4 WHERE id = ?1", params![id, t.url, t.title, now])?;
     if signature == t.signature {
         return Ok(ListedOutcome::Unchanged);
     }
@@ -776,24 +573,16 @@ fn upsert_listed(
     // hold; conditional GETs make any unchanged page cheap anyway. A finished thread that has
     // more pages than we hold was cut at max_pages_per_thread: its new replies lie beyond the
     // cut, so start past the last page held and the crawler fetches nothing.
-    let (held, count): (Option<i64>, Option<i64>) = tx.query_row(
-        "SELECT (SELECT MAX(page_no) FROM pages WHERE thread_id = ?1 AND html IS NOT NULL), page_count FROM threads WHERE id = ?1",
-        [id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (held, count): (Option<i64>, Option<i64>) =
+        tx.query_row("SELECT (SELECT MAX(page_no) FROM pages WHERE thread_id = ?1 AND html IS NOT NULL), page_count FROM threads WHERE id = ?1", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     let from = match (held, count) {
         (Some(h), Some(c)) if status == "done" && c > h => Some(h + 1),
         _ => held,
     };
-    let keep_status = if status == "blocked" {
-        "blocked"
-    } else {
-        "pending"
-    };
-    tx.execute(
-        "UPDATE threads SET list_signature = ?2, status = ?3, next_page = ?4 WHERE id = ?1",
-        params![id, t.signature, keep_status, from.unwrap_or(1).max(1)],
-    )?;
+    let keep_status = if status == "blocked" { "blocked" } else { "pending" };
+    tx.execute("UPDATE threads SET list_signature = ?2, status = ?3, next_page = ?4 WHERE id = ?1", params![id, t.signature, keep_status, from.unwrap_or(1).max(1)])?;
     Ok(ListedOutcome::Changed)
 }
 
@@ -802,21 +591,13 @@ type PostParts = (u32, StoredPost, String);
 fn post_row(r: &Row<'_>) -> rusqlite::Result<PostParts> {
     Ok((
         r.get::<_, i64>(0)? as u32,
-        StoredPost {
-            position: r.get::<_, i64>(1)? as u32,
-            post_id: r.get(2)?,
-            author: r.get(3)?,
-            posted_at: r.get(4)?,
-            body: r.get(5)?,
-            quotes: Vec::new(),
-        },
+        StoredPost { position: r.get::<_, i64>(1)? as u32, post_id: r.get(2)?, author: r.get(3)?, posted_at: r.get(4)?, body: r.get(5)?, quotes: Vec::new() },
         r.get(6)?,
     ))
 }
 
 fn with_quotes(mut post: StoredPost, json: &str) -> Result<StoredPost> {
-    post.quotes =
-        serde_json::from_str(json).context("stored quotes are not a JSON string array")?;
+    post.quotes = serde_json::from_str(json).context("stored quotes are not a JSON string array")?;
     Ok(post)
 }
 
@@ -825,22 +606,13 @@ mod tests {
     use super::*;
 
     fn listed(id: u64, sig: &str) -> ListedThread {
-        ListedThread {
-            id,
-            url: format!("http://f/forum/thread/{id}/t"),
-            title: format!("T{id}"),
-            signature: sig.into(),
-        }
+        ListedThread { id, url: format!("http://f/forum/thread/{id}/t"), title: format!("T{id}"), signature: sig.into() }
     }
 
     fn page<'a>(url: &'a str, thread: Option<u64>, page_no: u32, html: &'a [u8]) -> PageRecord<'a> {
         PageRecord {
             url,
-            kind: if thread.is_some() {
-                PageKind::Thread
-            } else {
-                PageKind::List
-            },
+            kind: if thread.is_some() { PageKind::Thread } else { PageKind::List },
             thread_id: thread,
             page_no,
             http_status: 200,
@@ -859,13 +631,7 @@ mod tests {
         let mut s = Store::open(&dir.path().join("s.db")).unwrap();
         let run = s.start_or_resume_run().unwrap();
         assert!(!run.resumed);
-        let out = s
-            .record_list_page(
-                run.id,
-                &page("http://f/l?page=1", None, 1, b"<html>"),
-                &[listed(7, "3 replies")],
-            )
-            .unwrap();
+        let out = s.record_list_page(run.id, &page("http://f/l?page=1", None, 1, b"<html>"), &[listed(7, "3 replies")]).unwrap();
         assert_eq!(out, vec![ListedOutcome::New]);
         // An interrupted run is resumed with its progress.
         let again = s.start_or_resume_run().unwrap();
@@ -875,51 +641,20 @@ mod tests {
         let tasks = s.pending_threads().unwrap();
         assert_eq!(tasks.len(), 1);
         assert_eq!(tasks[0].next_page, 1);
-        let post = StoredPost {
-            position: 0,
-            body: "hello".into(),
-            quotes: vec!["q".into()],
-            ..Default::default()
-        };
-        s.record_thread_page(
-            &page("http://f/forum/thread/7/t?page=1", Some(7), 1, b"<p>1</p>"),
-            std::slice::from_ref(&post),
-        )
-        .unwrap();
-        s.record_thread_page(
-            &page("http://f/forum/thread/7/t?page=2", Some(7), 2, b"<p>2</p>"),
-            &[],
-        )
-        .unwrap();
-        s.finish_thread(7, ThreadStatus::Done, None, Some(2))
-            .unwrap();
+        let post = StoredPost { position: 0, body: "hello".into(), quotes: vec!["q".into()], ..Default::default() };
+        s.record_thread_page(&page("http://f/forum/thread/7/t?page=1", Some(7), 1, b"<p>1</p>"), std::slice::from_ref(&post)).unwrap();
+        s.record_thread_page(&page("http://f/forum/thread/7/t?page=2", Some(7), 2, b"<p>2</p>"), &[]).unwrap();
+        s.finish_thread(7, ThreadStatus::Done, None, Some(2)).unwrap();
         assert!(s.pending_threads().unwrap().is_empty());
         assert_eq!(s.thread_posts(7).unwrap(), vec![(1, post)]);
-        assert_eq!(
-            s.page_html("http://f/forum/thread/7/t?page=2")
-                .unwrap()
-                .unwrap(),
-            b"<p>2</p>"
-        );
+        assert_eq!(s.page_html("http://f/forum/thread/7/t?page=2").unwrap().unwrap(), b"<p>2</p>");
         s.finish_run(run.id).unwrap();
 
         let run2 = s.start_or_resume_run().unwrap();
         assert!(!run2.resumed);
-        let out = s
-            .record_list_page(
-                run2.id,
-                &page("http://f/l?page=1", None, 1, b"<html>"),
-                &[listed(7, "3 replies")],
-            )
-            .unwrap();
+        let out = s.record_list_page(run2.id, &page("http://f/l?page=1", None, 1, b"<html>"), &[listed(7, "3 replies")]).unwrap();
         assert_eq!(out, vec![ListedOutcome::Unchanged]);
-        let out = s
-            .record_list_page(
-                run2.id,
-                &page("http://f/l?page=1", None, 1, b"<html>"),
-                &[listed(7, "5 replies")],
-            )
-            .unwrap();
+        let out = s.record_list_page(run2.id, &page("http://f/l?page=1", None, 1, b"<html>"), &[listed(7, "5 replies")]).unwrap();
         assert_eq!(out, vec![ListedOutcome::Changed]);
         let tasks = s.pending_threads().unwrap();
         // Resumes at the last page held, where new replies appear.
@@ -930,41 +665,18 @@ mod tests {
     fn failure_keeps_good_copy_and_shrinking_thread_drops_pages() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("s.db")).unwrap();
-        s.insert_thread(&listed(1, "x"), ThreadStatus::Pending, None)
-            .unwrap();
+        s.insert_thread(&listed(1, "x"), ThreadStatus::Pending, None).unwrap();
         let url = "http://f/forum/thread/1/t?page=1";
-        let p = StoredPost {
-            position: 0,
-            body: "b".into(),
-            ..Default::default()
-        };
-        s.record_thread_page(&page(url, Some(1), 1, b"good"), std::slice::from_ref(&p))
-            .unwrap();
-        s.record_thread_page(
-            &page("http://f/forum/thread/1/t?page=2", Some(1), 2, b"two"),
-            &[p],
-        )
-        .unwrap();
-        s.record_page_failure(&PageFailure {
-            url,
-            kind: PageKind::Thread,
-            thread_id: Some(1),
-            page_no: 1,
-            http_status: Some(503),
-            attempts: 4,
-            error: "gave up",
-        })
-        .unwrap();
+        let p = StoredPost { position: 0, body: "b".into(), ..Default::default() };
+        s.record_thread_page(&page(url, Some(1), 1, b"good"), std::slice::from_ref(&p)).unwrap();
+        s.record_thread_page(&page("http://f/forum/thread/1/t?page=2", Some(1), 2, b"two"), &[p]).unwrap();
+        s.record_page_failure(&PageFailure { url, kind: PageKind::Thread, thread_id: Some(1), page_no: 1, http_status: Some(503), attempts: 4, error: "gave up" }).unwrap();
         let row = s.page(url).unwrap().unwrap();
         assert_eq!(row.fetch_error.as_deref(), Some("gave up"));
         assert!(row.has_html);
         assert_eq!(s.page_html(url).unwrap().unwrap(), b"good");
-        s.finish_thread(1, ThreadStatus::Done, None, Some(1))
-            .unwrap();
+        s.finish_thread(1, ThreadStatus::Done, None, Some(1)).unwrap();
         assert_eq!(s.thread_posts(1).unwrap().len(), 1);
-        assert!(s
-            .page("http://f/forum/thread/1/t?page=2")
-            .unwrap()
-            .is_none());
+        assert!(s.page("http://f/forum/thread/1/t?page=2").unwrap().is_none());
     }
 }

@@ -205,9 +205,7 @@ impl Store {
     pub fn create_job(&mut self, kind: JobKind, who: &NewJob) -> Result<JobCreated> {
         let now = now_secs();
         let tx = self.conn_mut().transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing = tx
-            .query_row(&format!("SELECT {COLUMNS} FROM jobs WHERE kind = ?1 AND state IN ('queued', 'running')"), [kind.as_str()], job_from_row)
-            .optional()?;
+        let existing = tx.query_row(&format!("SELECT {COLUMNS} FROM jobs WHERE kind = ?1 AND state IN ('queued', 'running')"), [kind.as_str()], job_from_row).optional()?;
         if let Some(raw) = existing {
             return Ok(JobCreated::AlreadyActive(finish_row(raw)?));
         }
@@ -278,10 +276,9 @@ impl Store {
     /// Worker side: a queued job starts. Fails unless it is queued and not cancelled.
     pub fn start_job(&self, id: i64) -> Result<Job> {
         let now = now_secs();
-        let n = self.conn().execute(
-            "UPDATE jobs SET state = 'running', started_at = ?2, updated_at = ?2 WHERE id = ?1 AND state = 'queued' AND cancel_requested = 0",
-            params![id, now],
-        )?;
+        let n = self
+            .conn()
+            .execute("UPDATE jobs SET state = 'running', started_at = ?2, updated_at = ?2 WHERE id = ?1 AND state = 'queued' AND cancel_requested = 0", params![id, now])?;
         anyhow::ensure!(n == 1, "job {id} is not queued");
         self.job(id)?.with_context(|| format!("job {id} vanished"))
     }
@@ -310,10 +307,9 @@ impl Store {
             JobOutcome::Cancelled => ("cancelled", None),
             JobOutcome::Interrupted => ("interrupted", None),
         };
-        let n = self.conn().execute(
-            "UPDATE jobs SET state = ?2, error = ?3, finished_at = ?4, updated_at = ?4 WHERE id = ?1 AND state = 'running'",
-            params![id, state, error, now_secs()],
-        )?;
+        let n = self
+            .conn()
+            .execute("UPDATE jobs SET state = ?2, error = ?3, finished_at = ?4, updated_at = ?4 WHERE id = ?1 AND state = 'running'", params![id, state, error, now_secs()])?;
         anyhow::ensure!(n == 1, "job {id} is not running");
         Ok(())
     }

@@ -146,9 +146,7 @@ const MIGRATIONS: &[&str] = &[
 pub const LATEST: u32 = MIGRATIONS.len() as u32;
 
 pub fn version(conn: &Connection) -> Result<u32> {
-    let v: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .context("reading user_version")?;
+    let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).context("reading user_version")?;
     Ok(v as u32)
 }
 
@@ -156,17 +154,12 @@ pub fn version(conn: &Connection) -> Result<u32> {
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     let found = version(conn)?;
     if found > LATEST {
-        return Err(MigrateError::TooNew {
-            found,
-            supported: LATEST,
-        }
-        .into());
+        return Err(MigrateError::TooNew { found, supported: LATEST }.into());
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let to = i as u32 + 1;
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)
-            .with_context(|| format!("applying migration {to}"))?;
+        tx.execute_batch(sql).with_context(|| format!("applying migration {to}"))?;
         tx.pragma_update(None, "user_version", to)?;
         tx.commit()?;
         tracing::debug!(version = to, "store migrated");
@@ -184,16 +177,12 @@ mod tests {
         // Simulate a store written by the first release, then upgraded.
         conn.execute_batch(MIGRATIONS[0]).unwrap();
         conn.pragma_update(None, "user_version", 1).unwrap();
-        conn.execute("INSERT INTO meta VALUES ('a', 'b')", [])
-            .unwrap();
+        conn.execute("INSERT INTO meta VALUES ('a', 'b')", []).unwrap();
         migrate(&mut conn).unwrap();
         assert_eq!(version(&conn).unwrap(), LATEST);
-        let kept: String = conn
-            .query_row("SELECT value FROM meta WHERE key = 'a'", [], |r| r.get(0))
-            .unwrap();
+        let kept: String = conn.query_row("SELECT value FROM meta WHERE key = 'a'", [], |r| r.get(0)).unwrap();
         assert_eq!(kept, "b");
-        conn.pragma_update(None, "user_version", LATEST + 1)
-            .unwrap();
+        conn.pragma_update(None, "user_version", LATEST + 1).unwrap();
         let err = migrate(&mut conn).unwrap_err();
         assert!(err.to_string().contains("newer"), "{err}");
     }

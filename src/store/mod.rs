@@ -17,11 +17,8 @@ pub mod jobs;
 pub mod migrate;
 
 pub use feedback::{AnswerId, FeedbackRow, FlaggedAnswer, NewAnswer, StoredAnswer, Turn, Vote};
+pub use forum::{CrawlRun, ForumCounts, ListedOutcome, ListedThread, PageFailure, PageKind, PageRecord, PageRow, RawPage, StoredPost, ThreadPosts, ThreadStatus, ThreadTask};
 pub use jobs::{Job, JobCreated, JobKind, JobOutcome, JobState, NewJob};
-pub use forum::{
-    CrawlRun, ForumCounts, ListedOutcome, ListedThread, PageFailure, PageKind, PageRecord, PageRow,
-    RawPage, StoredPost, ThreadPosts, ThreadStatus, ThreadTask,
-};
 
 /// `[store]` settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -35,14 +32,8 @@ pub struct StoreSettings {
 
 impl StoreSettings {
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(
-            !self.path.as_os_str().is_empty(),
-            "store.path must not be empty"
-        );
-        anyhow::ensure!(
-            self.busy_timeout_ms > 0,
-            "store.busy_timeout_ms must be at least 1"
-        );
+        anyhow::ensure!(!self.path.as_os_str().is_empty(), "store.path must not be empty");
+        anyhow::ensure!(self.busy_timeout_ms > 0, "store.busy_timeout_ms must be at least 1");
         Ok(())
     }
 }
@@ -62,10 +53,7 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Open with the configured path and busy timeout.
     pub fn open_with(settings: &StoreSettings) -> Result<Self> {
-        Self::open_inner(
-            &settings.path,
-            Duration::from_millis(settings.busy_timeout_ms),
-        )
+        Self::open_inner(&settings.path, Duration::from_millis(settings.busy_timeout_ms))
     }
 
     /// Open (creating if needed) and migrate the store at `path`.
@@ -75,34 +63,21 @@ impl Store {
 
     fn open_inner(path: &Path, busy: Duration) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating store folder {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating store folder {}", dir.display()))?;
         }
         // SQLite reads the file lazily: a corrupt file or a read-only folder shows up at the
         // first statement below, so each names the file.
         let named = || format!("store {}", path.display());
-        let mut conn =
-            Connection::open(path).with_context(|| format!("opening store {}", path.display()))?;
+        let mut conn = Connection::open(path).with_context(|| format!("opening store {}", path.display()))?;
         conn.busy_timeout(busy).with_context(named)?;
         // WAL: the bot reads feedback while a scrape writes; NORMAL sync is durable at
         // transaction boundaries in WAL mode except on power loss, which is fine for a cache
         // that a re-scrape can rebuild.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .with_context(named)?;
-        anyhow::ensure!(
-            mode.eq_ignore_ascii_case("wal"),
-            "store {}: could not switch to WAL (got {mode})",
-            path.display()
-        );
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
-            .with_context(named)?;
-        migrate::migrate(&mut conn)
-            .with_context(|| format!("migrating store {}", path.display()))?;
-        Ok(Self {
-            conn,
-            path: path.to_path_buf(),
-        })
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).with_context(named)?;
+        anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "store {}: could not switch to WAL (got {mode})", path.display());
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;").with_context(named)?;
+        migrate::migrate(&mut conn).with_context(|| format!("migrating store {}", path.display()))?;
+        Ok(Self { conn, path: path.to_path_buf() })
     }
 
     /// `err` with this store's file named, for errors of calls made after opening.
@@ -128,10 +103,7 @@ impl Store {
     }
 
     pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
-        self.conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()
-            .with_context(|| format!("reading meta {key}"))
+        self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().with_context(|| format!("reading meta {key}"))
     }
 
     pub fn meta_set(&self, key: &str, value: &str) -> Result<()> {
@@ -152,10 +124,7 @@ mod tests {
         let path = dir.path().join("sub/store.sqlite");
         let store = Store::open(&path).unwrap();
         assert_eq!(store.schema_version().unwrap(), migrate::LATEST);
-        let mode: String = store
-            .conn()
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
+        let mode: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         store.meta_set("k", "v1").unwrap();
         store.meta_set("k", "v2").unwrap();
@@ -167,10 +136,7 @@ mod tests {
 
     #[test]
     fn settings_validation_names_key() {
-        let s = StoreSettings {
-            path: PathBuf::new(),
-            busy_timeout_ms: 10,
-        };
+        let s = StoreSettings { path: PathBuf::new(), busy_timeout_ms: 10 };
         assert!(format!("{:#}", s.validate().unwrap_err()).contains("store.path"));
     }
 
@@ -192,9 +158,7 @@ mod tests {
             drop(Store::open(&path).unwrap());
             std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
             let writable = std::fs::write(ro.join("probe"), b"x").is_ok();
-            let res = Store::open(&path).and_then(|s| {
-                s.meta_set("k", "v").map_err(|e| s.named(e))
-            });
+            let res = Store::open(&path).and_then(|s| s.meta_set("k", "v").map_err(|e| s.named(e)));
             std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
             // Root ignores folder permissions; there is nothing to check then.
             if !writable {

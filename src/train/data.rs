@@ -280,7 +280,14 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..101).collect::<Vec<_>>());
         // Length grouping: padding is far below what random batches would waste.
-        let waste = |plan: &[Vec<usize>]| -> usize { plan.iter().map(|b| { let m = b.iter().map(|&i| lengths[i]).max().unwrap(); b.iter().map(|&i| m - lengths[i]).sum::<usize>() }).sum() };
+        let waste = |plan: &[Vec<usize>]| -> usize {
+            plan.iter()
+                .map(|b| {
+                    let m = b.iter().map(|&i| lengths[i]).max().unwrap();
+                    b.iter().map(|&i| m - lengths[i]).sum::<usize>()
+                })
+                .sum()
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let mut order: Vec<usize> = (0..101).collect();
         order.shuffle(&mut rng);

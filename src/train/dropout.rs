@@ -63,12 +63,7 @@ impl Dropout {
         }
         let keep = 1.0 - self.p;
         let seed = self.mask_seed(key);
-        let op = KeyedDropout {
-            k0: seed as u32,
-            k1: (seed >> 32) as u32,
-            threshold: (keep * (1u64 << 24) as f64).round() as u32,
-            scale: (1.0 / keep) as f32,
-        };
+        let op = KeyedDropout { k0: seed as u32, k1: (seed >> 32) as u32, threshold: (keep * (1u64 << 24) as f64).round() as u32, scale: (1.0 / keep) as f32 };
         x.contiguous()?.apply_op1(op)
     }
 }
@@ -100,9 +95,7 @@ impl CustomOp1 for KeyedDropout {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            bail!("keyed dropout: input must be contiguous, got {l:?}")
-        };
+        let Some((a, b)) = l.contiguous_offsets() else { bail!("keyed dropout: input must be contiguous, got {l:?}") };
         let scale = self.scale;
         // Half types: product in f32, rounded once (what the kernel does).
         let out = match s {

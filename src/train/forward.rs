@@ -276,7 +276,16 @@ impl<'m> TrainForward<'m> {
     /// as `[rows, in]` / `[rows, r]` for the backward. A and B are f32 variables; they are
     /// cast to the activation dtype inside the graph, so their gradients arrive in f32.
     #[allow(clippy::too_many_arguments)]
-    fn proj(&self, layer: &DecoderLayer, p: Proj, dense: Option<&Tensor>, x: &Tensor, lora: &Option<(Tensor, Tensor)>, scale: f64, key: MaskKey) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    fn proj(
+        &self,
+        layer: &DecoderLayer,
+        p: Proj,
+        dense: Option<&Tensor>,
+        x: &Tensor,
+        lora: &Option<(Tensor, Tensor)>,
+        scale: f64,
+        key: MaskKey,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let y = ops::frozen_qmatmul_with(x, layer.proj(p).qtensor(), dense)?;
         let Some((a, b)) = lora else {
             return Ok((y, None));
@@ -356,11 +365,7 @@ impl Ctx {
     /// Target rows and their next tokens in chunks of [`HEAD_CHUNK`], as device tensors.
     fn head_chunks(&self) -> Result<Vec<(Tensor, Tensor)>> {
         let dev = self.mask.device();
-        self.pos
-            .chunks(HEAD_CHUNK)
-            .zip(self.next.chunks(HEAD_CHUNK))
-            .map(|(p, n)| Ok((Tensor::new(p, dev)?, Tensor::new(n, dev)?)))
-            .collect()
+        self.pos.chunks(HEAD_CHUNK).zip(self.next.chunks(HEAD_CHUNK)).map(|(p, n)| Ok((Tensor::new(p, dev)?, Tensor::new(n, dev)?))).collect()
     }
 }
 

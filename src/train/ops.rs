@@ -21,10 +21,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::quantized::QTensor;
-use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
-    Tensor, D,
-};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor, D};
 
 /// Returns `x` itself when its storage can be handed to a custom op as one contiguous block
 /// starting at offset 0, else a tracked contiguous copy (gradients still flow through it).
@@ -44,11 +41,7 @@ trait DenseForward {
 
 /// Wraps `storage` (contiguous from offset 0, as guaranteed by [`fresh_contiguous`]) in a detached
 /// tensor, runs `op.forward` and hands back the result's storage.
-fn run_detached(
-    op: &dyn DenseForward,
-    storage: Storage,
-    layout: &Layout,
-) -> Result<(Storage, Shape)> {
+fn run_detached(op: &dyn DenseForward, storage: Storage, layout: &Layout) -> Result<(Storage, Shape)> {
     if !layout.is_contiguous() || layout.start_offset() != 0 {
         bail!("train op: input must be contiguous from offset 0, got {layout:?}")
     }
@@ -207,24 +200,13 @@ pub fn frozen_qmatmul_with(x: &Tensor, w: &Arc<QTensor>, dense: Option<&Tensor>)
     let dims = x.dims();
     match dims.last() {
         Some(&k) if k == in_f => {}
-        _ => bail!(
-            "frozen_qmatmul: input {:?} does not end in {in_f} (weight [{out_f}, {in_f}])",
-            x.shape()
-        ),
+        _ => bail!("frozen_qmatmul: input {:?} does not end in {in_f} (weight [{out_f}, {in_f}])", x.shape()),
     }
     if !x.device().same_device(&w.device()) {
-        bail!(
-            "frozen_qmatmul: input on {:?}, weight on {:?}",
-            x.device().location(),
-            w.device().location()
-        )
+        bail!("frozen_qmatmul: input on {:?}, weight on {:?}", x.device().location(), w.device().location())
     }
     // The quantized kernel wants at least a 2-D, contiguous input.
-    let x2 = if dims.len() < 2 {
-        x.unsqueeze(0)?
-    } else {
-        x.clone()
-    };
+    let x2 = if dims.len() < 2 { x.unsqueeze(0)? } else { x.clone() };
     let x2 = fresh_contiguous(&x2)?;
     if let Some(d) = dense {
         if d.dims() != [out_f, in_f] {
@@ -252,8 +234,7 @@ impl RmsNormOp {
     fn composed(&self, x: &Tensor) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let r = (ms + self.eps as f64)?.sqrt()?.recip()?;
-        x.broadcast_mul(&r)?
-            .broadcast_mul(&self.weight.to_dtype(x.dtype())?)
+        x.broadcast_mul(&r)?.broadcast_mul(&self.weight.to_dtype(x.dtype())?)
     }
 }
 
@@ -359,11 +340,7 @@ pub mod composed {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let hidden = x.dim(D::Minus1)?;
     if weight.dims() != [hidden] {
-        bail!(
-            "rms_norm: weight {:?} does not match input {:?}",
-            weight.shape(),
-            x.shape()
-        )
+        bail!("rms_norm: weight {:?} does not match input {:?}", weight.shape(), x.shape())
     }
     let weight = weight.detach().to_dtype(x.dtype())?;
     fresh_contiguous(x)?.apply_op1(RmsNormOp { weight, eps })
@@ -492,18 +469,8 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev)?;
         let w = Tensor::randn(1f32, 0.1, 64, &dev)?;
-        assert!(
-            max_abs_diff(
-                &rms_norm(&x, &w, 1e-5)?,
-                &candle_nn::ops::rms_norm(&x, &w, 1e-5)?
-            )? < 1e-6
-        );
-        assert!(
-            max_abs_diff(
-                &softmax_last_dim(&x)?,
-                &candle_nn::ops::softmax_last_dim(&x)?
-            )? < 1e-7
-        );
+        assert!(max_abs_diff(&rms_norm(&x, &w, 1e-5)?, &candle_nn::ops::rms_norm(&x, &w, 1e-5)?)? < 1e-6);
+        assert!(max_abs_diff(&softmax_last_dim(&x)?, &candle_nn::ops::softmax_last_dim(&x)?)? < 1e-7);
 
         let q = Tensor::randn(0f32, 1.0, (1, 2, 3, 16), &dev)?;
         let cos = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
@@ -511,10 +478,7 @@ mod tests {
         let r = rope_interleaved(&q, &cos, &sin)?;
         assert!(max_abs_diff(&r, &candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?)? < 1e-7);
 
-        let wq = Arc::new(QTensor::quantize(
-            &Tensor::randn(0f32, 1.0, (32, 64), &dev)?,
-            GgmlDType::Q8_0,
-        )?);
+        let wq = Arc::new(QTensor::quantize(&Tensor::randn(0f32, 1.0, (32, 64), &dev)?, GgmlDType::Q8_0)?);
         let y = frozen_qmatmul(&x, &wq)?;
         let y_ref = QMatMul::from_arc(wq.clone())?.forward(&x)?;
         assert_eq!(y.dims(), &[2, 3, 32]);
@@ -548,10 +512,7 @@ mod tests {
     fn shape_errors_are_reported() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 48), DType::F32, &dev)?;
-        let wq = Arc::new(QTensor::quantize(
-            &Tensor::zeros((32, 64), DType::F32, &dev)?,
-            GgmlDType::Q8_0,
-        )?);
+        let wq = Arc::new(QTensor::quantize(&Tensor::zeros((32, 64), DType::F32, &dev)?, GgmlDType::Q8_0)?);
         assert!(frozen_qmatmul(&x, &wq).is_err());
         assert!(rms_norm(&x, &Tensor::ones(64, DType::F32, &dev)?, 1e-5).is_err());
         assert!(rope_interleaved(&x, &x, &x).is_err());

@@ -37,7 +37,15 @@ impl AdamW {
         ensure!(vars.len() == grads.len() && vars.len() == self.m.len(), "optimizer: {} variables, {} gradients, {} states", vars.len(), grads.len(), self.m.len());
         self.t += 1;
         let c = self.cfg;
-        let k = StepConsts { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay: 1.0 - lr * c.weight_decay, bc1: 1.0 - c.beta1.powi(self.t as i32), bc2: 1.0 - c.beta2.powi(self.t as i32) };
+        let k = StepConsts {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            decay: 1.0 - lr * c.weight_decay,
+            bc1: 1.0 - c.beta1.powi(self.t as i32),
+            bc2: 1.0 - c.beta2.powi(self.t as i32),
+        };
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
             let (p, m, v) = adamw_update(var.as_tensor(), g, &self.m[i], &self.v[i], k)?;
             var.set(&p)?;

@@ -94,13 +94,7 @@ pub fn draw_chart(path: &Path, train: &[StepRecord], eval: &[EvalRecord], title:
         .y_label_area_size(56)
         .build_cartesian_2d(0f64..max_step as f64, (lo - pad).max(0.0)..hi + pad)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("loss (nats/token)")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart.configure_mesh().x_desc("step").y_desc("loss (nats/token)").label_style(("sans-serif", 14)).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
     let blue = RGBColor(31, 119, 180);
     let orange = RGBColor(255, 127, 14);
     chart
@@ -114,17 +108,9 @@ pub fn draw_chart(path: &Path, train: &[StepRecord], eval: &[EvalRecord], title:
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label("held-out")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange.stroke_width(3)));
-        chart
-            .draw_series(eval.iter().map(|e| Circle::new((e.step as f64, e.loss), 4, orange.filled())))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart.draw_series(eval.iter().map(|e| Circle::new((e.step as f64, e.loss), 4, orange.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

@@ -65,7 +65,9 @@ pub struct TrainRun<'a> {
 pub enum Outcome {
     Completed(Box<Metrics>),
     /// Stopped on request; the checkpoint at `step` resumes it.
-    Cancelled { step: usize },
+    Cancelled {
+        step: usize,
+    },
 }
 
 /// Activation dtype for `precision` on `device`.
@@ -133,8 +135,18 @@ impl TrainRun<'_> {
 
         let mut state = match checkpoint::load(&self.run_dir, &device)? {
             Some(ck) => {
-                ensure!(ck.state.dataset_hash == self.data.hash, "the checkpoint in {} was made on another dataset (hash {}, now {}): train under a new id", self.run_dir.display(), &ck.state.dataset_hash[..12.min(ck.state.dataset_hash.len())], &self.data.hash[..12]);
-                ensure!(ck.state.fingerprint == fingerprint, "the checkpoint in {} was made with other [train] settings; resume with the same settings or train under a new id", self.run_dir.display());
+                ensure!(
+                    ck.state.dataset_hash == self.data.hash,
+                    "the checkpoint in {} was made on another dataset (hash {}, now {}): train under a new id",
+                    self.run_dir.display(),
+                    &ck.state.dataset_hash[..12.min(ck.state.dataset_hash.len())],
+                    &self.data.hash[..12]
+                );
+                ensure!(
+                    ck.state.fingerprint == fingerprint,
+                    "the checkpoint in {} was made with other [train] settings; resume with the same settings or train under a new id",
+                    self.run_dir.display()
+                );
                 params.load_values(|n| ck.tensors.get(&format!("param.{n}")).cloned())?;
                 for (i, n) in names.iter().enumerate() {
                     opt.m[i] = ck.tensors.get(&format!("adam_m.{n}")).with_context(|| format!("checkpoint lacks adam_m.{n}"))?.clone();
@@ -221,10 +233,17 @@ impl TrainRun<'_> {
             let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
             if !loss.is_finite() || !grad_norm.is_finite() {
                 let kept = match checkpoint::path(&self.run_dir).is_file() {
-                    true => format!("the last good checkpoint (step {}) is kept in {}", checkpoint::load(&self.run_dir, &Device::Cpu).ok().flatten().map_or(0, |c| c.state.step), self.run_dir.display()),
+                    true => format!(
+                        "the last good checkpoint (step {}) is kept in {}",
+                        checkpoint::load(&self.run_dir, &Device::Cpu).ok().flatten().map_or(0, |c| c.state.step),
+                        self.run_dir.display()
+                    ),
                     false => "no checkpoint had been written yet".to_string(),
                 };
-                bail!("training diverged at step {}: loss {loss}, gradient norm {grad_norm}; stopped before updating the weights; {kept}. Try a lower train.learning_rate", state.step + 1);
+                bail!(
+                    "training diverged at step {}: loss {loss}, gradient norm {grad_norm}; stopped before updating the weights; {kept}. Try a lower train.learning_rate",
+                    state.step + 1
+                );
             }
             let lr = learning_rate(s.schedule, s.learning_rate, state.step, s.warmup_steps, total_steps);
             opt.step(&vars, &grads, lr)?;

@@ -31,7 +31,7 @@ use crate::llm::load::LoadedModel;
 use crate::llm::lora::LoraAdapter;
 use crate::scrape::{scrape, CrawlOptions};
 use crate::store::{Job, JobKind, JobState, Store};
-use crate::train::{data, checkpoint, Outcome, Progress, TrainHooks, TrainRun};
+use crate::train::{checkpoint, data, Outcome, Progress, TrainHooks, TrainRun};
 
 /// Written into a retrain's run folder before training: what a resume needs.
 pub const RUN_FILE: &str = "worker-run.json";
@@ -115,7 +115,10 @@ fn scrape_stage(jc: &JobCx<'_>) -> Result<std::result::Result<String, Done>> {
     if let Some(why) = stop {
         return Ok(Err(jc.stopped(why, format!("scrape stopped after {} pages (kept; the next scrape continues)", report.pages_fetched))));
     }
-    Ok(Ok(format!("scraped {} new and {} changed threads, {} pages fetched, {} failed threads", report.threads_new, report.threads_changed, report.pages_fetched, report.threads_failed)))
+    Ok(Ok(format!(
+        "scraped {} new and {} changed threads, {} pages fetched, {} failed threads",
+        report.threads_new, report.threads_changed, report.pages_fetched, report.threads_failed
+    )))
 }
 
 /// Rebuild the dataset from the store (reaction feedback included). Returns its folder and a line.
@@ -125,7 +128,8 @@ fn dataset_stage(jc: &JobCx<'_>) -> Result<(PathBuf, String)> {
     let mut store = Store::open_with(&s.store)?;
     let opts = BuildOptions { jobs: 1, ..Default::default() };
     let r = dataset::build(&mut store, &s.dataset, &s.scrape.clean_options(), &opts).context("building the dataset")?;
-    let line = format!("dataset `{}`: {} train ({} from feedback), {} held out, {} rejected", r.written.name, r.stats.train, r.stats.feedback_train, r.stats.test, r.stats.rejected);
+    let line =
+        format!("dataset `{}`: {} train ({} from feedback), {} held out, {} rejected", r.written.name, r.stats.train, r.stats.feedback_train, r.stats.test, r.stats.rejected);
     Ok((r.written.path, line))
 }
 
@@ -350,4 +354,3 @@ fn one_line(s: &str) -> String {
         flat
     }
 }
-

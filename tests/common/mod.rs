@@ -41,8 +41,7 @@ pub fn fixture(rel: &str) -> PathBuf {
 /// control and unknown pieces score 0.
 pub fn mistral_gguf_metadata() -> Metadata {
     let path = fixture("tokenizers/mistral-7b-v0.1.tokenizer.json");
-    let json: serde_json::Value =
-        serde_json::from_reader(BufReader::new(File::open(&path).expect("open fixture"))).expect("json");
+    let json: serde_json::Value = serde_json::from_reader(BufReader::new(File::open(&path).expect("open fixture"))).expect("json");
     let vocab = json["model"]["vocab"].as_object().expect("model.vocab");
     let mut tokens = vec![String::new(); vocab.len()];
     for (tok, id) in vocab {

@@ -57,7 +57,8 @@ pub fn ids(tok: &Tokenizer, pieces: &[&str]) -> Vec<u32> {
 
 /// `n` distinct lowercase word tokens (" carve", " powder", …) not in `avoid`, deterministic.
 pub fn words(tok: &Tokenizer, n: usize, avoid: &[u32]) -> Vec<u32> {
-    let mut vocab: Vec<(String, u32)> = tok.get_vocab(false).into_iter().filter(|(s, _)| s.len() > 5 && s.starts_with('Ġ') && s[2..].chars().all(|c| c.is_ascii_lowercase())).collect();
+    let mut vocab: Vec<(String, u32)> =
+        tok.get_vocab(false).into_iter().filter(|(s, _)| s.len() > 5 && s.starts_with('Ġ') && s[2..].chars().all(|c| c.is_ascii_lowercase())).collect();
     vocab.sort_by_key(|(_, id)| *id);
     vocab.into_iter().map(|(_, id)| id).filter(|id| !avoid.contains(id)).take(n).collect()
 }

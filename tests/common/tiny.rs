@@ -114,9 +114,7 @@ impl TinyWeights {
             let (shape, w) = &self.t[name];
             let (rows, cols) = (shape[0], shape[1]);
             let d = deltas.get(module);
-            (0..rows)
-                .map(|r| (0..cols).map(|c| (w[r * cols + c] + d.map_or(0.0, |d| d[r * cols + c])) * v[c]).sum())
-                .collect()
+            (0..rows).map(|r| (0..cols).map(|c| (w[r * cols + c] + d.map_or(0.0, |d| d[r * cols + c])) * v[c]).sum()).collect()
         };
         let rms = |v: &[f64], w: &[f64]| -> Vec<f64> {
             let ms = v.iter().map(|a| a * a).sum::<f64>() / v.len() as f64;
@@ -154,10 +152,7 @@ impl TinyWeights {
                 for head in 0..nh {
                     let kvh = head / (nh / nkv);
                     let visible: Vec<usize> = (0..=t).filter(|&j| s.window.is_none_or(|w| t - j < w)).collect();
-                    let scores: Vec<f64> = visible
-                        .iter()
-                        .map(|&j| (0..hd).map(|d| q[t][head * hd + d] * k[j][kvh * hd + d]).sum::<f64>() / (hd as f64).sqrt())
-                        .collect();
+                    let scores: Vec<f64> = visible.iter().map(|&j| (0..hd).map(|d| q[t][head * hd + d] * k[j][kvh * hd + d]).sum::<f64>() / (hd as f64).sqrt()).collect();
                     let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = scores.iter().map(|sc| (sc - mx).exp()).collect();
                     let z: f64 = e.iter().sum();

@@ -59,29 +59,8 @@ const SKIS: &[&str] = &[
     "4FRNT Hoji",
     "Blizzard Rustler 10s",
 ];
-const RESORTS: &[&str] = &[
-    "Mammoth",
-    "Breck",
-    "Whistler",
-    "Keystone",
-    "Park City",
-    "Mount Hood",
-    "Big White",
-    "Killington",
-    "Laax",
-    "Stubai",
-    "Copper",
-    "Tahoe",
-];
-const REPLIERS: &[&str] = &[
-    "sendit_steve",
-    "jibbin4life",
-    "corn_snow",
-    "buttery_mike",
-    "treeskier",
-    "park_rat_99",
-    "gnarwhal",
-];
+const RESORTS: &[&str] = &["Mammoth", "Breck", "Whistler", "Keystone", "Park City", "Mount Hood", "Big White", "Killington", "Laax", "Stubai", "Copper", "Tahoe"];
+const REPLIERS: &[&str] = &["sendit_steve", "jibbin4life", "corn_snow", "buttery_mike", "treeskier", "park_rat_99", "gnarwhal"];
 const SIGNATURES: &[&str] = &["Insta: @sendit_steve", "Sponsored by my mom's credit card"];
 
 /// What the dataset should do with a post.
@@ -146,9 +125,7 @@ impl FThread {
     pub fn readable_pages(&self) -> Vec<u32> {
         match self.special {
             Special::Deleted | Special::Blocked | Special::Down => vec![],
-            Special::Broken => (1..=self.pages().min(MAX_PAGES))
-                .filter(|p| *p != 2)
-                .collect(),
+            Special::Broken => (1..=self.pages().min(MAX_PAGES)).filter(|p| *p != 2).collect(),
             _ => (1..=self.pages().min(MAX_PAGES)).collect(),
         }
     }
@@ -180,9 +157,7 @@ pub struct State {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 impl State {
@@ -192,11 +167,7 @@ impl State {
         self.next_post += 1;
         let a = ADVICE[k % ADVICE.len()];
         let rest = k / ADVICE.len();
-        format!(
-            "{a} I ride {} at {}.",
-            SKIS[rest % SKIS.len()],
-            RESORTS[(rest / SKIS.len()) % RESORTS.len()]
-        )
+        format!("{a} I ride {} at {}.", SKIS[rest % SKIS.len()], RESORTS[(rest / SKIS.len()) % RESORTS.len()])
     }
 
     fn reply(&mut self, kind: usize, op_author: &str, prev: &str) -> FPost {
@@ -204,9 +175,7 @@ impl State {
         let k = self.next_post;
         let author = REPLIERS[k % REPLIERS.len()].to_string();
         let e = esc(&own);
-        let quote = |who: &str, text: &str| {
-            format!("<div class=\"quote\"><div class=\"quote-header\"><span class=\"username\">{who}</span> wrote:</div>{}</div>", esc(text))
-        };
+        let quote = |who: &str, text: &str| format!("<div class=\"quote\"><div class=\"quote-header\"><span class=\"username\">{who}</span> wrote:</div>{}</div>", esc(text));
         let (author, html, body, expect) = match kind {
             0 => {
                 let (a, b) = own.split_once(". ").unwrap_or((&own, ""));
@@ -221,12 +190,7 @@ impl State {
             ),
             3 => (author, format!("{e}<br><br>**This post was edited on Jan 10th 2023 at 9:58:47pm"), own.clone(), Expect::Answer),
             4 => (author, format!("{e}<br>--<br>{}", esc(SIGNATURES[k % 2])), own.clone(), Expect::Answer),
-            5 => (
-                author,
-                format!("{e} [URL]https://youtu.be/v{k}[/URL]Anyway that's my take."),
-                format!("{own} https://youtu.be/v{k} Anyway that's my take."),
-                Expect::Answer,
-            ),
+            5 => (author, format!("{e} [URL]https://youtu.be/v{k}[/URL]Anyway that's my take."), format!("{own} https://youtu.be/v{k} Anyway that's my take."), Expect::Answer),
             6 => (author, format!("{} \u{1F602}\u{1F919}", esc(&own.replace('\'', "\u{2019}"))), own.clone(), Expect::Answer),
             7 => (author, format!("<a href=\"https://youtu.be/x{k}\">https://youtu.be/x{k}</a>"), format!("https://youtu.be/x{k}"), Expect::Skip("link_only")),
             8 => (author, format!("<img src=\"https://i.imgur.com/{k}.jpg\">"), String::new(), Expect::Skip("empty_reply")),
@@ -235,38 +199,16 @@ impl State {
             11 => (author, format!("[QUOTE=powder_hound]{}[/QUOTE]{e}", esc(prev)), own.clone(), Expect::Answer),
             _ => (op_author.to_string(), e.clone(), own.clone(), Expect::Skip("by_original_poster")),
         };
-        FPost {
-            author,
-            html,
-            body,
-            expect,
-        }
+        FPost { author, html, body, expect }
     }
 
-    fn make_thread(
-        &mut self,
-        idx: usize,
-        pages: u32,
-        last_page_posts: usize,
-        special: Special,
-    ) -> FThread {
+    fn make_thread(&mut self, idx: usize, pages: u32, last_page_posts: usize, special: Special) -> FThread {
         let id = 9001 + idx as u64;
         let op_author = format!("powderday_{idx}");
-        let title = format!(
-            "{} question #{idx}: what would you do?",
-            SKIS[idx % SKIS.len()].trim_end_matches('s')
-        );
+        let title = format!("{} question #{idx}: what would you do?", SKIS[idx % SKIS.len()].trim_end_matches('s'));
         let op_own = self.own();
-        let op_html = format!(
-            "{}<br><br>**This thread was edited on Oct 21st 2020 at 8:21:07pm",
-            esc(&op_own.replace('\'', "\u{2019}"))
-        );
-        let mut posts = vec![FPost {
-            author: op_author.clone(),
-            html: op_html,
-            body: op_own.clone(),
-            expect: Expect::Skip("opening_post"),
-        }];
+        let op_html = format!("{}<br><br>**This thread was edited on Oct 21st 2020 at 8:21:07pm", esc(&op_own.replace('\'', "\u{2019}")));
+        let mut posts = vec![FPost { author: op_author.clone(), html: op_html, body: op_own.clone(), expect: Expect::Skip("opening_post") }];
         let total = (pages as usize - 1) * POSTS_PER_PAGE + last_page_posts;
         let mut prev = op_own;
         for i in 1..total {
@@ -275,14 +217,7 @@ impl State {
             posts.push(p);
         }
         self.clock += 1;
-        FThread {
-            id,
-            slug: format!("Thread-{idx}"),
-            title,
-            posts,
-            special,
-            last_activity: self.clock,
-        }
+        FThread { id, slug: format!("Thread-{idx}"), title, posts, special, last_activity: self.clock }
     }
 
     fn list_page(&self, n: usize) -> String {
@@ -292,11 +227,7 @@ impl State {
         let mut h = String::from("<!DOCTYPE html><html><head><title>Ski Gabber - Newschoolers.com</title></head><body>\n");
         h.push_str("<div class=\"banner\">Welcome to the Newschoolers forums! You may read the forums as a guest.</div>\n");
         h.push_str("<a href=\"/forum/search?q=\">Search</a> <a href=\"/forum/1/Ski-Gabber?sort=new\">Newest</a>\n");
-        for t in sorted
-            .iter()
-            .skip((n - 1) * PER_LIST_PAGE)
-            .take(PER_LIST_PAGE)
-        {
+        for t in sorted.iter().skip((n - 1) * PER_LIST_PAGE).take(PER_LIST_PAGE) {
             let last = t.posts.last().map(|p| p.author.as_str()).unwrap_or("");
             h.push_str(&format!(
                 "<a class=\"thread\" href=\"{}{}\"><h2>{}</h2><div class=\"meta\"><span class=\"replies\">{} replies</span> \
@@ -317,10 +248,7 @@ impl State {
     }
 
     fn thread_page(&self, t: &FThread, page: u32) -> String {
-        let mut h = format!(
-            "<!DOCTYPE html><html><head><title>{} - Newschoolers.com</title></head><body>\n",
-            esc(&t.title)
-        );
+        let mut h = format!("<!DOCTYPE html><html><head><title>{} - Newschoolers.com</title></head><body>\n", esc(&t.title));
         h.push_str("<div class=\"banner\">Welcome to the Newschoolers forums! You may read the forums as a guest.</div>\n");
         h.push_str(&format!("<h1>{}</h1>\n", esc(&t.title)));
         let body_end = if t.special == Special::Unclosed { "" } else { "</div>" };
@@ -351,18 +279,9 @@ impl State {
         h
     }
 
-    fn respond(
-        &mut self,
-        path_and_query: &str,
-        if_none_match: Option<&str>,
-    ) -> (u16, Vec<(&'static str, String)>, String, Option<Duration>) {
-        let (path, query) = path_and_query
-            .split_once('?')
-            .unwrap_or((path_and_query, ""));
-        let page: u32 = query
-            .strip_prefix("page=")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(1);
+    fn respond(&mut self, path_and_query: &str, if_none_match: Option<&str>) -> (u16, Vec<(&'static str, String)>, String, Option<Duration>) {
+        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+        let page: u32 = query.strip_prefix("page=").and_then(|p| p.parse().ok()).unwrap_or(1);
         let mut delay = None;
         let body = if path == "/robots.txt" {
             self.robots.clone()
@@ -378,27 +297,10 @@ impl State {
             match (t.special, page) {
                 (Special::Deleted, _) => return (404, vec![], "thread deleted".into(), None),
                 (Special::Down, 1) => return (503, vec![], "maintenance".into(), None),
-                (Special::TooMany, 1) if first_time => {
-                    return (
-                        429,
-                        vec![("retry-after", "1".into())],
-                        "slow down".into(),
-                        None,
-                    )
-                }
-                (Special::ServerError, 2) if first_time => {
-                    return (500, vec![], "oops".into(), None)
-                }
+                (Special::TooMany, 1) if first_time => return (429, vec![("retry-after", "1".into())], "slow down".into(), None),
+                (Special::ServerError, 2) if first_time => return (500, vec![], "oops".into(), None),
                 (Special::Slow, 1) if first_time => delay = Some(Duration::from_millis(1200)),
-                (Special::Broken, 2) => {
-                    return (
-                        200,
-                        vec![],
-                        "<html><body><div class=\"post\"><div class=\"post-b\u{fffd}\u{0}<<<</"
-                            .into(),
-                        None,
-                    )
-                }
+                (Special::Broken, 2) => return (200, vec![], "<html><body><div class=\"post\"><div class=\"post-b\u{fffd}\u{0}<<<</".into(), None),
                 _ => {}
             }
             if page > t.pages() {
@@ -412,22 +314,12 @@ impl State {
         if if_none_match == Some(etag.as_str()) {
             return (304, vec![("etag", etag)], String::new(), delay);
         }
-        (
-            200,
-            vec![
-                ("etag", etag),
-                ("content-type", "text/html; charset=utf-8".into()),
-            ],
-            body,
-            delay,
-        )
+        (200, vec![("etag", etag), ("content-type", "text/html; charset=utf-8".into())], body, delay)
     }
 }
 
 fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
-        (h ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3)
-    })
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3))
 }
 
 pub struct Forum {
@@ -478,9 +370,7 @@ pub const CROSSPOST_IDX: usize = 12;
 
 impl Forum {
     pub async fn start() -> Forum {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1");
         let addr = listener.local_addr().expect("local addr");
         let mut st = State {
             threads: Vec::new(),
@@ -501,12 +391,7 @@ impl Forum {
         let cross = &mut st.threads[CROSSPOST_IDX];
         cross.title = copy.title;
         cross.posts = copy.posts;
-        let blocked = st
-            .threads
-            .iter()
-            .find(|t| t.special == Special::Blocked)
-            .map(|t| t.id)
-            .unwrap_or(0);
+        let blocked = st.threads.iter().find(|t| t.special == Special::Blocked).map(|t| t.id).unwrap_or(0);
         st.robots = format!(
             "# robots for the fixture forum\nUser-agent: *\nDisallow: /forum/search\nDisallow: /*?sort=\nDisallow: /forum/thread/{blocked}/\n\nUser-agent: BadBot\nDisallow: /\n"
         );
@@ -520,9 +405,7 @@ impl Forum {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(shared.clone(), req));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });
@@ -538,10 +421,7 @@ impl Forum {
     }
 
     pub fn thread(&self, special: Special) -> FThread {
-        self.threads()
-            .into_iter()
-            .find(|t| t.special == special)
-            .expect("fixture has that thread")
+        self.threads().into_iter().find(|t| t.special == special).expect("fixture has that thread")
     }
 
     pub fn requests(&self) -> Vec<Req> {
@@ -554,10 +434,7 @@ impl Forum {
 
     /// Requests for thread pages (not list pages or robots.txt).
     pub fn thread_requests(&self) -> Vec<Req> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.path.starts_with("/forum/thread/"))
-            .collect()
+        self.requests().into_iter().filter(|r| r.path.starts_with("/forum/thread/")).collect()
     }
 
     /// Add `n` replies to thread `idx` (bumping it to the top of the list).
@@ -565,11 +442,7 @@ impl Forum {
         let mut st = self.state.lock().unwrap();
         let op = st.threads[idx].posts[0].author.clone();
         for _ in 0..n {
-            let prev = st.threads[idx]
-                .posts
-                .last()
-                .map(|p| p.body.clone())
-                .unwrap_or_default();
+            let prev = st.threads[idx].posts.last().map(|p| p.body.clone()).unwrap_or_default();
             let p = st.reply(0, &op, &prev);
             st.threads[idx].posts.push(p);
         }
@@ -587,33 +460,16 @@ impl Forum {
     }
 }
 
-async fn handle(
-    state: Arc<Mutex<State>>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let ua = header("user-agent").unwrap_or_default();
     let inm = header("if-none-match");
     let at = Instant::now();
     let (status, headers, body, delay) = {
         let mut st = state.lock().unwrap();
         let r = st.respond(&path, inm.as_deref());
-        st.requests.push(Req {
-            at,
-            path: path.clone(),
-            status: r.0,
-            user_agent: ua,
-        });
+        st.requests.push(Req { at, path: path.clone(), status: r.0, user_agent: ua });
         r
     };
     if let Some(d) = delay {
@@ -652,13 +508,8 @@ pub fn settings(forum: &Forum) -> freeski_bot::scrape::ScrapeSettings {
 }
 
 /// Crawl `forum` into the store at `path` to the end.
-pub async fn crawl(
-    s: &freeski_bot::scrape::ScrapeSettings,
-    path: &std::path::Path,
-) -> freeski_bot::scrape::CrawlReport {
+pub async fn crawl(s: &freeski_bot::scrape::ScrapeSettings, path: &std::path::Path) -> freeski_bot::scrape::CrawlReport {
     let store = Mutex::new(freeski_bot::store::Store::open(path).expect("open store"));
     let cancel = tokio_util::sync::CancellationToken::new();
-    freeski_bot::scrape::scrape(s, &store, &Default::default(), &cancel)
-        .await
-        .expect("crawl")
+    freeski_bot::scrape::scrape(s, &store, &Default::default(), &cancel).await.expect("crawl")
 }

@@ -9,10 +9,10 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 use super::LoadedModel;
-use crate::llm::settings::TemplateChoice;
 use crate::llm::chat::ChatTemplate;
 use crate::llm::model::Model;
 use crate::llm::model_config::ModelConfig;
+use crate::llm::settings::TemplateChoice;
 use crate::llm::tokenizer;
 
 /// Metadata key holding a whole HF `tokenizer.json` (a standard GGUF key; our quantized cache of

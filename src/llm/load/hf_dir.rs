@@ -12,10 +12,10 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::gguf::HF_TOKENIZER_KEY;
-use crate::llm::settings::QuantType;
 use crate::llm::lora::hf_to_gguf_rows;
 use crate::llm::model::Proj;
 use crate::llm::model_config::ModelConfig;
+use crate::llm::settings::QuantType;
 
 pub fn ggml_type(q: QuantType) -> GgmlDType {
     match q {
@@ -55,7 +55,8 @@ impl Inputs {
     fn scan(dir: &Path) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
             let p = dir.join(name);
-            std::fs::read_to_string(&p).with_context(|| format!("{} is missing or unreadable (a Hugging Face model folder needs config.json, tokenizer.json and *.safetensors)", p.display()))
+            std::fs::read_to_string(&p)
+                .with_context(|| format!("{} is missing or unreadable (a Hugging Face model folder needs config.json, tokenizer.json and *.safetensors)", p.display()))
         };
         let config_json = read("config.json")?;
         let tokenizer_json = read("tokenizer.json")?;
@@ -151,7 +152,8 @@ fn write_quantized(inputs: &Inputs, quant: QuantType, out: &Path) -> Result<()> 
     }
 
     let pb = indicatif::ProgressBar::new(jobs.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} tensors [{elapsed_precise}, eta {eta}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} tensors [{elapsed_precise}, eta {eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     // Quantization runs on one CPU thread per tensor in candle: spread tensors over the cores.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

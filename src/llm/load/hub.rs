@@ -52,7 +52,8 @@ fn fetch_blocking(repo: &str, file: Option<&str>, settings: &ModelSettings) -> R
             let shards = match get("model.safetensors.index.json") {
                 Ok(index) => {
                     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-                    let names: std::collections::BTreeSet<String> = v["weight_map"].as_object().map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default();
+                    let names: std::collections::BTreeSet<String> =
+                        v["weight_map"].as_object().map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default();
                     names.into_iter().collect::<Vec<_>>()
                 }
                 Err(_) => vec!["model.safetensors".to_string()],
@@ -76,8 +77,7 @@ impl DownloadBar {
     fn new(file: &str) -> Self {
         let bar = indicatif::ProgressBar::hidden();
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_message(file.to_string());
         Self { bar, done: Default::default() }

@@ -30,9 +30,7 @@ impl ModelSource {
             let parts: Vec<&str> = rest.splitn(3, '/').collect();
             return match parts.as_slice() {
                 [owner, name] if !owner.is_empty() && !name.is_empty() => Ok(Self::Hub { repo: format!("{owner}/{name}"), file: None }),
-                [owner, name, file] if !owner.is_empty() && !name.is_empty() && !file.is_empty() => {
-                    Ok(Self::Hub { repo: format!("{owner}/{name}"), file: Some(file.to_string()) })
-                }
+                [owner, name, file] if !owner.is_empty() && !name.is_empty() && !file.is_empty() => Ok(Self::Hub { repo: format!("{owner}/{name}"), file: Some(file.to_string()) }),
                 _ => bail!("bad model source `{spec}`: expected hf:OWNER/NAME or hf:OWNER/NAME/FILE.gguf"),
             };
         }
