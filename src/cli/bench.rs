@@ -213,7 +213,7 @@ fn bench_batching(settings: &Settings, args: BatchingBench) -> Result<()> {
         opts.max_new_tokens = args.new_tokens;
         opts.stop.clear();
         opts.seed = 1000 + i as u64;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             opts.sampling = sampling::SamplingParams::greedy();
         }
         Question { history: vec![], question: BATCHING_QUESTIONS[i].into(), opts, adapter: AdapterChoice::Active }

@@ -279,7 +279,7 @@ fn multi_turn(
         picked.push(i);
         picked.push(j);
     }
-    let conversation = (messages.len() >= 4).then(|| (Conversation { thread_id: Some(thread_id), answer_id: None, messages }, picked));
+    let conversation = (messages.len() >= 4).then_some((Conversation { thread_id: Some(thread_id), answer_id: None, messages }, picked));
     MultiTurn { conversation, op_reasons }
 }
 

@@ -301,9 +301,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Questions starting a batch together, and the adapter they share.
+type Group = (Option<Arc<LoraAdapter>>, Vec<Pending>);
+
 /// Wait for the oldest live question and take it with every other waiting question answered
 /// with the same adapter, up to `room`, keeping queue order. `None` on shutdown.
-fn next_group(shared: &Shared, room: usize) -> Option<(Option<Arc<LoraAdapter>>, Vec<Pending>)> {
+fn next_group(shared: &Shared, room: usize) -> Option<Group> {
     let mut st = lock(&shared.state);
     loop {
         if let Some(stop) = shutdown_if_asked(shared, &mut st) {
@@ -322,7 +325,7 @@ fn next_group(shared: &Shared, room: usize) -> Option<(Option<Arc<LoraAdapter>>,
 }
 
 /// With the lock held: on shutdown, fail everything queued and answer `Some(None)`.
-fn shutdown_if_asked(shared: &Shared, st: &mut State) -> Option<Option<(Option<Arc<LoraAdapter>>, Vec<Pending>)>> {
+fn shutdown_if_asked(shared: &Shared, st: &mut State) -> Option<Option<Group>> {
     st.queue.retain(|p| !p.cancel.is_cancelled());
     shared.waiting.store(st.queue.len(), Ordering::SeqCst);
     if !st.shutdown {

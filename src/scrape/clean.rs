@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub const CLEANER_VERSION: u32 = 2;
 
 /// How much of a post's text to keep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanOptions {
     /// Keep links as plain URLs (true) or drop them (false). The store always keeps them (see
     /// [`CleanOptions::for_store`]), so a link-only post is still recognised as one and the
@@ -20,12 +20,6 @@ pub struct CleanOptions {
     pub keep_urls: bool,
     /// Keep emoji characters and emoticon images' alt text.
     pub keep_emoji: bool,
-}
-
-impl Default for CleanOptions {
-    fn default() -> Self {
-        Self { keep_urls: false, keep_emoji: false }
-    }
 }
 
 impl CleanOptions {
