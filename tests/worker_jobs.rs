@@ -271,11 +271,18 @@ async fn good_adapter(env: &Env, settings: &Settings) -> f64 {
     let mut store = Store::open(&env.db()).unwrap();
     let built = freeski_bot::dataset::build(&mut store, &settings.dataset, &settings.scrape.clean_options(), &Default::default()).unwrap();
     let mut ts = settings.train.clone();
-    // On the random tiny model, a few large steps lower the held-out loss by ~0.4 nats; longer
-    // runs at smaller rates overfit the 43 examples and end above the base.
-    ts.max_steps = 4;
-    ts.learning_rate = 2.0;
-    let data = data::load(&built.written.path, &env.lm, &ts, "").unwrap();
+    // The random tiny model learns nothing that carries over to unseen conversations, so the
+    // adapter that must beat an honest run is trained on the held-out conversations themselves:
+    // it has memorised the split the promotion gate measures.
+    // (16 steps at 0.01 take it ~3 nats below the base; larger rates diverge on this model.)
+    ts.max_steps = 16;
+    ts.learning_rate = 0.01;
+    let held_out = env.dir.path().join("held-out-as-training");
+    std::fs::create_dir_all(&held_out).unwrap();
+    for name in ["train.jsonl", "test.jsonl"] {
+        std::fs::copy(built.written.path.join("test.jsonl"), held_out.join(name)).unwrap();
+    }
+    let data = data::load(&held_out, &env.lm, &ts, "").unwrap();
     let run = TrainRun { lm: &env.lm, data: &data, settings: ts, run_dir: env.adapters().join("good"), id: "good".into(), base_model: "tiny".into() };
     let Outcome::Completed(m) = run.run(&NoHooks).unwrap() else { panic!("the good adapter did not finish") };
     store.meta_set(freeski_bot::adapters::ACTIVE_KEY, "good").unwrap();

@@ -437,17 +437,22 @@ impl Store {
 
     /// Stream every thread that is not gone, with its posts, in thread-id order; memory holds
     /// one thread at a time.
+    /// Errors reading the store name its file; errors of `f` pass through as they are.
     pub fn for_each_thread(&self, mut f: impl FnMut(ThreadPosts) -> Result<()>) -> Result<()> {
-        let mut st = self.conn().prepare(
-            "SELECT p.thread_id, t.title, p.page_no, p.position, p.post_id, p.author, p.posted_at, p.body, p.quotes
+        let db = |e: rusqlite::Error| self.named(e.into());
+        let mut st = self
+            .conn()
+            .prepare(
+                "SELECT p.thread_id, t.title, p.page_no, p.position, p.post_id, p.author, p.posted_at, p.body, p.quotes
              FROM posts p JOIN threads t ON t.id = p.thread_id
              WHERE t.status NOT IN ('gone', 'blocked')
              ORDER BY p.thread_id, p.page_no, p.position",
-        )?;
-        let mut rows = st.query([])?;
+            )
+            .map_err(db)?;
+        let mut rows = st.query([]).map_err(db)?;
         let mut current: Option<ThreadPosts> = None;
-        while let Some(r) = rows.next()? {
-            let id = r.get::<_, i64>(0)? as u64;
+        while let Some(r) = rows.next().map_err(db)? {
+            let id = r.get::<_, i64>(0).map_err(db)? as u64;
             if current.as_ref().is_some_and(|c| c.id != id) {
                 if let Some(done) = current.take() {
                     f(done)?;
@@ -455,12 +460,19 @@ impl Store {
             }
             let cur = current.get_or_insert_with(|| ThreadPosts { id, title: String::new(), posts: Vec::new() });
             if cur.posts.is_empty() {
-                cur.title = r.get(1)?;
+                cur.title = r.get(1).map_err(db)?;
             }
-            let page_no = r.get::<_, i64>(2)? as u32;
-            let quotes: String = r.get(8)?;
-            let post = StoredPost { position: r.get::<_, i64>(3)? as u32, post_id: r.get(4)?, author: r.get(5)?, posted_at: r.get(6)?, body: r.get(7)?, quotes: Vec::new() };
-            cur.posts.push((page_no, with_quotes(post, &quotes)?));
+            let page_no = r.get::<_, i64>(2).map_err(db)? as u32;
+            let quotes: String = r.get(8).map_err(db)?;
+            let post = StoredPost {
+                position: r.get::<_, i64>(3).map_err(db)? as u32,
+                post_id: r.get(4).map_err(db)?,
+                author: r.get(5).map_err(db)?,
+                posted_at: r.get(6).map_err(db)?,
+                body: r.get(7).map_err(db)?,
+                quotes: Vec::new(),
+            };
+            cur.posts.push((page_no, with_quotes(post, &quotes).map_err(|e| self.named(e))?));
         }
         if let Some(done) = current {
             f(done)?;
@@ -678,5 +690,22 @@ mod tests {
         s.finish_thread(1, ThreadStatus::Done, None, Some(1)).unwrap();
         assert_eq!(s.thread_posts(1).unwrap().len(), 1);
         assert!(s.page("http://f/forum/thread/1/t?page=2").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_broken_row_read_while_streaming_names_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut s = Store::open(&path).unwrap();
+        s.insert_thread(&listed(1, "x"), ThreadStatus::Pending, None).unwrap();
+        let p = StoredPost { position: 0, body: "b".into(), ..Default::default() };
+        s.record_thread_page(&page("http://f/forum/thread/1/t?page=1", Some(1), 1, b"good"), &[p]).unwrap();
+        s.conn().execute("UPDATE posts SET quotes = 'not json'", []).unwrap();
+        let err = s.for_each_thread(|_| Ok(())).unwrap_err();
+        assert!(format!("{err:#}").contains(&path.display().to_string()), "{err:#}");
+        // An error of the callback is its own, not the store's.
+        s.conn().execute("UPDATE posts SET quotes = '[]'", []).unwrap();
+        let err = s.for_each_thread(|_| anyhow::bail!("writer full")).unwrap_err();
+        assert_eq!(format!("{err:#}"), "writer full");
     }
 }
