@@ -564,6 +564,9 @@ async fn a_vote_on_an_answer_still_streaming_is_stored() {
     let db = dir.path().join("store.sqlite");
     let q = fake.say(7, &format!("<@{BOT_ID}> tell me everything"), true, None);
     let reply = fake.wait_for("the answer to start", T, |f| replies_to(f, id_of(&q)).first().copied()).await;
+    // A user sees the message once the bot has it: its first streaming edit shows the bot got the
+    // create response (a reaction can't reach the bot before its own message does).
+    fake.wait_for("the answer's first edit", T, |f| f.calls().iter().any(|c| c.method == "PATCH" && c.message_id == Some(reply)).then_some(())).await;
     fake.react(20, reply, "👍", true, false);
     fake.react(21, reply, "👎", true, false);
     fake.react(22, reply, "👍", true, false);
