@@ -172,16 +172,6 @@ impl<'a, K> DecodeBatch<'a, K> {
         self.len() == 0
     }
 
-    /// Rows decoding (their prefill done).
-    pub fn decoding(&self) -> usize {
-        self.rows.len()
-    }
-
-    /// The adapter every row of this batch is answered with.
-    pub fn adapter(&self) -> Option<&'a LoraAdapter> {
-        self.adapter
-    }
-
     /// Queue `req` for prefill; it decodes with the batch once its prompt is fed. `started` is
     /// when the answer's clock started (its time to first token counts from there).
     pub fn add(&mut self, key: K, req: Request<'a>, started: Instant) -> Result<()> {
