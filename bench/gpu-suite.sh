@@ -3,7 +3,8 @@
 # `scripts/cuda/build.sh` packed the binary into .gpu/ (and, for the peer stages,
 # `bench/peers/fetch-llamacpp.sh` and the PEFT wheel in .gpu/wheels). Stages, run in the order
 # given (default: parity batching gen serve train pytorch):
-#   parity     CPU/GPU parity (fused decode at 1-8 rows, dequantization, dense prefill, training kernels)
+#   parity     the GPU correctness tests (tests/cuda_parity.rs, packed by scripts/cuda/build.sh): CPU/GPU
+#              logits, fused decode at 1-8 rows, dequantization, dense prefill, training kernels, gradients
 #   q4km       llama.cpp built from source, a random Mistral-7B converted and quantized to Q4_K_M by
 #              llama.cpp's own tools ($Q4KM); later stages use that file where they can
 #   batching   answers alone vs together through the engine with a LoRA adapter, on the Q4_K_M
@@ -54,7 +55,7 @@ stage_batching() {
 stage_llamacpp() {
   bash bench/peers/llamacpp.sh bench "$Q4KM" 2>&1 | grep -E "^\|" | tee "$OUT/llamacpp-bench.txt"
 }
-stage_parity() { freeski-bot bench parity --device cuda:0 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"; }
+stage_parity() { cuda_parity --ignored --nocapture --test-threads 1 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"; }
 stage_gen() {
   for r in 0 16; do
     freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank $r --json "$OUT/gen-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/gen-r$r.txt"

@@ -7,10 +7,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use serde::Deserialize;
 
 use crate::llm::engine::Engine;
 use crate::llm::lora::{self, LoraAdapter};
 use crate::store::Store;
+
+/// `[adapter]` settings: where adapters live, which one is active at start, and whether it is
+/// merged into the base (documented with their defaults in `config/default.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSettings {
+    pub dir: PathBuf,
+    pub active: String,
+    pub merge: bool,
+}
 
 /// `meta` key of the active adapter id ("" = bare base).
 pub const ACTIVE_KEY: &str = "adapter.active";
@@ -72,7 +83,7 @@ pub fn activate(engine: &Engine, store: &Store, dir: &Path, id: &str) -> Result<
         "" => None,
         id => Some(load(engine, dir, id)?),
     };
-    swap_and_persist(engine, store, adapter, id)
+    install(engine, store, adapter, id)
 }
 
 /// Longest adapter id accepted from Discord.
@@ -110,7 +121,7 @@ pub fn activate_id(engine: &Engine, store: &Store, dir: &Path, id: &str) -> Resu
             Some(Arc::new(LoraAdapter::load(&path, lm.model.config(), lm.model.device()).with_context(|| format!("loading adapter {id}"))?))
         }
     };
-    swap_and_persist(engine, store, adapter, id)
+    install(engine, store, adapter, id)
 }
 
 /// [`rollback`] for Discord: the adapter to return to is loaded through [`activate_id`].
@@ -120,7 +131,10 @@ pub fn rollback_id(engine: &Engine, store: &Store, dir: &Path) -> Result<String>
     Ok(previous)
 }
 
-fn swap_and_persist(engine: &Engine, store: &Store, adapter: Option<Arc<LoraAdapter>>, id: &str) -> Result<String> {
+/// Hot-swap `adapter` (loaded and validated by the caller; `None` = bare base) into the engine
+/// and persist `id` as active, the one it replaces as the rollback target. Returns that one.
+/// Every activation ends here: [`activate`], [`activate_id`] and the worker's promotion gate.
+pub fn install(engine: &Engine, store: &Store, adapter: Option<Arc<LoraAdapter>>, id: &str) -> Result<String> {
     let previous = engine.active_adapter_id().unwrap_or_default();
     engine.swap_adapter(adapter);
     store.meta_set(PREVIOUS_KEY, &previous)?;

@@ -3,11 +3,12 @@
 //! Every struct denies unknown fields, so a typo in a local file or an environment variable is an
 //! error naming the key instead of a silently ignored setting.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+pub use crate::adapters::AdapterSettings;
 pub use crate::llm::settings::{GenerationSettings, ModelSettings, QuantType, TemplateChoice};
 
 /// The committed defaults, compiled into the binary so it runs from any working directory.
@@ -26,17 +27,9 @@ pub struct Settings {
     pub dataset: crate::dataset::DatasetSettings,
     pub store: crate::store::StoreSettings,
     pub train: crate::train::TrainSettings,
-    pub discord: crate::bot::DiscordSettings,
+    pub discord: crate::discord::DiscordSettings,
     pub bot: crate::bot::BotSettings,
     pub worker: crate::worker::WorkerSettings,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdapterSettings {
-    pub dir: PathBuf,
-    pub active: String,
-    pub merge: bool,
 }
 
 impl Settings {
@@ -86,6 +79,41 @@ impl Settings {
         settings.bot.validate()?;
         settings.worker.validate()?;
         Ok(settings)
+    }
+}
+
+impl Settings {
+    /// The answering engine's settings, from `[bot]` and `[generation]`.
+    pub fn engine_config(&self) -> crate::llm::engine::EngineConfig {
+        crate::llm::engine::EngineConfig { queue_capacity: self.bot.queue_capacity, max_batch: self.bot.max_batch, system_prompt: self.generation.system_prompt.clone() }
+    }
+
+    /// What the worker's jobs read.
+    pub fn worker_config(&self) -> crate::worker::WorkerConfig {
+        crate::worker::WorkerConfig {
+            model: self.model.clone(),
+            generation: self.generation.clone(),
+            adapter: self.adapter.clone(),
+            scrape: self.scrape.clone(),
+            dataset: self.dataset.clone(),
+            store: self.store.clone(),
+            train: self.train.clone(),
+            discord: self.discord.clone(),
+            worker: self.worker.clone(),
+        }
+    }
+
+    /// What the bot reads, with the worker's part for the worker it starts.
+    pub fn bot_config(&self) -> crate::bot::BotConfig {
+        crate::bot::BotConfig {
+            discord: self.discord.clone(),
+            bot: self.bot.clone(),
+            model: self.model.clone(),
+            generation: self.generation.clone(),
+            adapter: self.adapter.clone(),
+            store: self.store.clone(),
+            worker: self.worker_config(),
+        }
     }
 }
 

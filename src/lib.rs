@@ -2,10 +2,12 @@
 //! QLoRA-tuned Llama-family model. See ARCHITECTURE.md for the parts and how data flows.
 
 pub mod adapters;
+pub mod bench;
 pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod dataset;
+pub mod discord;
 pub mod kernels;
 pub mod llm;
 pub mod scrape;

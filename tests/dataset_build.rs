@@ -210,7 +210,7 @@ fn synthetic_store_splits_deterministically_without_leaks() {
     {
         let store = Store::open(&db).unwrap();
         let base = url::Url::parse("https://ns.test").unwrap();
-        freeski_bot::scrape::synth::populate(&store, &base, 120, 2, 6, 7).unwrap();
+        freeski_bot::bench::forum::populate(&store, &base, 120, 2, 6, 7).unwrap();
     }
     let s = ds_settings(&dir.path().join("a"));
     let a = build(&db, &s);

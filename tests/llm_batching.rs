@@ -11,9 +11,10 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
+use freeski_bot::bench::random;
 use freeski_bot::llm::lora::LoraAdapter;
 use freeski_bot::llm::model::{KvCache, Logits, Model};
-use freeski_bot::llm::{random, ModelConfig};
+use freeski_bot::llm::ModelConfig;
 use freeski_bot::util::compare::max_rel_diff;
 use proptest::prelude::*;
 

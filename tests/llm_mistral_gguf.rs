@@ -8,11 +8,11 @@ use std::ops::ControlFlow;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use freeski_bot::bench::random::random_qtensor;
 use freeski_bot::llm::chat::ChatTemplate;
 use freeski_bot::llm::generate::{generate, GenOptions};
 use freeski_bot::llm::load::load_path;
 use freeski_bot::llm::model::Proj;
-use freeski_bot::llm::random::random_qtensor;
 use freeski_bot::llm::sampling::SamplingParams;
 use freeski_bot::llm::ModelConfig;
 use rand::SeedableRng;

@@ -131,8 +131,8 @@ fn kv_cache_grows_in_chunks_and_keeps_what_it_holds() {
     // move what it holds into the larger buffer unchanged. A random tiny model (1024 positions,
     // f32 weights) so the walk can cross the first chunk.
     let cfg = freeski_bot::llm::ModelConfig::tiny();
-    let q = freeski_bot::llm::random::random_model(&cfg, candle_core::quantized::GgmlDType::Q8_0, 9, &Device::Cpu).unwrap();
-    let model = freeski_bot::llm::random::dequantized(&q).unwrap();
+    let q = freeski_bot::bench::random::random_model(&cfg, candle_core::quantized::GgmlDType::Q8_0, 9, &Device::Cpu).unwrap();
+    let model = freeski_bot::bench::random::dequantized(&q).unwrap();
     let chunk = KvCache::CHUNK;
     let ids: Vec<u32> = (0..chunk as u32 + 12).map(|i| (i * 37 + 11) % cfg.vocab_size as u32).collect();
     let full: Vec<Vec<f32>> = {

@@ -123,7 +123,7 @@ fn training_forward_matches_the_inference_forward() {
     let b = batch(&mut ChaCha8Rng::seed_from_u64(4), &[20]);
     let train = fwd.loss_sum(Some(&params.view()), &b).unwrap();
 
-    let exact = freeski_bot::llm::random::dequantized(&lm.model).unwrap();
+    let exact = freeski_bot::bench::random::dequantized(&lm.model).unwrap();
     let adapter = params.to_adapter("check").unwrap();
     let ids = Tensor::new(b.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let mut cache = KvCache::new(1);

@@ -13,7 +13,6 @@ use std::time::Duration;
 use candle_core::Device;
 use common::bot::Bot;
 use common::fake_discord::{FakeDiscord, BOT_ID};
-use freeski_bot::cli::ask::engine_config;
 use freeski_bot::config::Settings;
 use freeski_bot::llm::engine::{AdapterChoice, Engine, Event, Question};
 use freeski_bot::llm::generate::GenOptions;
@@ -442,7 +441,7 @@ async fn a_generation_in_flight_at_the_swap_keeps_its_adapter() {
     let data = data::load(&built.written.path, &env.lm, &s.train, "").unwrap();
     let run = TrainRun { lm: &env.lm, data: &data, settings: s.train.clone(), run_dir: env.adapters().join("new"), id: "new".into(), base_model: "tiny".into() };
     let Outcome::Completed(m) = run.run(&NoHooks).unwrap() else { panic!() };
-    let engine = Engine::start(env.lm.clone(), None, engine_config(&s)).unwrap();
+    let engine = Engine::start(env.lm.clone(), None, s.engine_config()).unwrap();
     let opts = GenOptions { sampling: SamplingParams::greedy(), max_new_tokens: 200, stop: vec![], seed: 1, max_context: 256 };
     let ask = || engine.submit(Question { history: vec![], question: "tell me a long story".into(), opts: opts.clone(), adapter: AdapterChoice::Active }).unwrap();
     let mut ticket = ask();

@@ -2,7 +2,8 @@
 # Build the project's CUDA binary on a machine with no GPU and no CUDA toolkit, and pack it
 # (with a loader script) into .gpu/ for a machine that has an NVIDIA driver >= 580 (CUDA 13.0).
 #
-#   scripts/cuda/build.sh                      # builds --bin freeski-bot --features cuda
+#   scripts/cuda/build.sh                      # builds --bin freeski-bot --features cuda, and the
+#                                              # GPU correctness tests (tests/cuda_parity.rs)
 #   BIN=freeski-bot FEATURES=cuda scripts/cuda/build.sh
 #   CUDA_COMPUTE_CAP=86 scripts/cuda/build.sh  # another GPU generation (default 90: H100/H200)
 #
@@ -60,11 +61,21 @@ grep -ohE "^pub unsafe fn cu[A-Za-z0-9_]+" "$CUDARC_DIR"/src/driver/sys/*.rs | a
   | awk '{print "void "$1"(void){}"}' > "$TK/libcuda_stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$C/lib/stubs/libcuda.so" "$TK/libcuda_stub.c"
 
-# 4. Build and pack.
+# 4. Build and pack: the binary, and the GPU correctness tests as a binary of their own
+#    (`cuda_parity --ignored` on the GPU machine; it is what `bench/gpu-suite.sh parity` runs).
 cargo build --release --features "$FEATURES" --bin "$BIN"
 B="$CARGO_TARGET_DIR/release/$BIN"
-strip "$B" 2>/dev/null || true
+T=$(cargo test --release --features "$FEATURES" --test cuda_parity --no-run --message-format=json \
+    | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_parity":
+        print(m["executable"])')
 mkdir -p .gpu
+for f in "$B" "$T"; do
+  strip "$f" 2>/dev/null || true
+done
 xz -6 -T2 -c "$B" > ".gpu/$BIN.xz"
+xz -6 -T2 -c "$T" > .gpu/cuda_parity.xz
 cp "$(dirname "$0")/activate" .gpu/activate
 ls -la .gpu

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serenity::all::{ChannelId, GuildId, Message as DiscordMessage, MessageId, UserId};
 
-use super::stream::{Outlet, Streamer};
 use super::BotState;
+use crate::discord::stream::{Outlet, Streamer};
 use crate::llm::chat::{Message, Role};
 use crate::llm::engine::{AdapterChoice, Event, Question, SubmitError};
 use crate::llm::generate::{Finish, GenOptions, Generation};

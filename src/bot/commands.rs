@@ -11,10 +11,10 @@ use serenity::all::{
 };
 
 use super::answer::{self, AnswerJob};
-use super::render::{bounded, clip, redact_paths};
-use super::rest::{with_retries, RetryPolicy};
-use super::stream::{no_mentions, Outlet};
 use super::BotState;
+use crate::discord::render::{bounded, clip, redact_paths};
+use crate::discord::rest::{with_retries, RetryPolicy};
+use crate::discord::stream::{no_mentions, Outlet};
 use crate::store::{JobCreated, JobKind, NewJob};
 
 const ADMIN_COMMANDS: [&str; 5] = ["rescrape", "retrain", "adapter", "flagged", "cancel"];
@@ -331,10 +331,10 @@ fn flagged_text(bot: &BotState) -> Result<String> {
     let mut out = String::new();
     for r in rows {
         let entry = format!("**#{}** 👎{} 👍{}\nQ: {}\nA: {}\n\n", r.id.0, r.down, r.up, clip(&r.question, 150), clip(&r.answer, 200));
-        if out.chars().count() + entry.chars().count() > super::render::MESSAGE_LIMIT {
+        if out.chars().count() + entry.chars().count() > crate::discord::render::MESSAGE_LIMIT {
             break;
         }
         out.push_str(&entry);
     }
-    Ok(super::render::neutralize_mentions(out.trim_end()))
+    Ok(crate::discord::render::neutralize_mentions(out.trim_end()))
 }

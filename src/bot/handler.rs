@@ -9,9 +9,9 @@ use serenity::async_trait;
 
 use super::answer::{self, AnswerJob};
 use super::ratelimit::Verdict;
-use super::render::bounded;
-use super::stream::{no_mentions, Outlet};
 use super::{commands, feedback, BotState};
+use crate::discord::render::bounded;
+use crate::discord::stream::{no_mentions, Outlet};
 
 pub struct Handler {
     pub bot: Arc<BotState>,

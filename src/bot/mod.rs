@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use serenity::all::{ClientBuilder, GatewayIntents, HttpBuilder, MessageId};
 use tokio_util::task::TaskTracker;
 
-use crate::config::Settings;
 use crate::llm::engine::{Canceller, Engine};
 use crate::store::Store;
 
@@ -23,12 +22,9 @@ pub mod feedback;
 pub mod handler;
 pub mod ratelimit;
 pub mod redact;
-pub mod render;
-pub mod rest;
 pub mod settings;
-pub mod stream;
 
-pub use settings::{BotSettings, DiscordSettings};
+pub use settings::{BotConfig, BotSettings};
 
 /// The bot token. Never printed: `Debug` hides it and nothing logs it.
 pub struct Token(String);
@@ -65,7 +61,7 @@ struct SeenIds {
 
 /// Everything the handlers share.
 pub struct BotState {
-    pub settings: Arc<Settings>,
+    pub settings: Arc<BotConfig>,
     pub engine: Engine,
     store: Mutex<Store>,
     pub limiter: ratelimit::UserLimiter,
@@ -79,7 +75,7 @@ pub struct BotState {
 }
 
 impl BotState {
-    pub fn new(settings: Arc<Settings>, engine: Engine, store: Store) -> Self {
+    pub fn new(settings: Arc<BotConfig>, engine: Engine, store: Store) -> Self {
         let limiter = ratelimit::UserLimiter::new(settings.bot.user_questions_per_minute, settings.bot.user_burst);
         Self {
             settings,
@@ -103,9 +99,8 @@ impl BotState {
         self.store()
     }
 
-    pub fn retry_policy(&self) -> rest::RetryPolicy {
-        let d = &self.settings.discord;
-        rest::RetryPolicy { retries: d.rest_retries, backoff: Duration::from_millis(d.rest_retry_backoff_ms) }
+    pub fn retry_policy(&self) -> crate::discord::rest::RetryPolicy {
+        self.settings.discord.retry_policy()
     }
 
     /// True the first time a message id is seen.
@@ -137,7 +132,7 @@ pub fn intents() -> GatewayIntents {
 /// Run the bot until `shutdown` resolves (or the gateway connection ends for good). On
 /// shutdown, answers in flight are cancelled and their messages closed with a note (within
 /// `bot.shutdown_grace_ms`), then the gateway is closed and the engine stopped.
-pub async fn run(settings: Arc<Settings>, engine: Engine, token: Token, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+pub async fn run(settings: Arc<BotConfig>, engine: Engine, token: Token, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     let store = Store::open_with(&settings.store)?;
     let interrupted = store.interrupt_running_jobs()?;
     if interrupted > 0 {
@@ -157,7 +152,7 @@ pub async fn run(settings: Arc<Settings>, engine: Engine, token: Token, shutdown
     let mut client = ClientBuilder::new_with_http(http.build(), intents()).event_handler(handler::Handler::new(bot.clone())).await.context("connecting to Discord")?;
     let shards = client.shard_manager.clone();
     // Jobs queued by /rescrape and /retrain run here, beside the bot, on their own threads.
-    let worker = crate::worker::Worker::spawn(settings.clone(), engine.clone(), client.http.clone())?;
+    let worker = crate::worker::Worker::spawn(Arc::new(settings.worker.clone()), engine.clone(), client.http.clone())?;
     let mut gateway = tokio::spawn(async move { client.start().await });
 
     let ended_by_gateway = tokio::select! {

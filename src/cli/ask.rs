@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::config::Settings;
 use crate::llm::chat::Message;
-use crate::llm::engine::{AdapterChoice, Engine, EngineConfig, Event, Question};
+use crate::llm::engine::{AdapterChoice, Engine, Event, Question};
 use crate::llm::generate::{Finish, GenOptions, Generation};
 use crate::llm::load;
 use crate::llm::lora::{self, LoraAdapter};
@@ -105,7 +105,7 @@ impl Session {
             }
         }
         let opts = GenOptions::from_settings(&settings.generation, settings.model.max_context, lm.model.config());
-        let engine = Engine::start(Arc::new(lm), adapter.map(Arc::new), engine_config(&settings))?;
+        let engine = Engine::start(Arc::new(lm), adapter.map(Arc::new), settings.engine_config())?;
         Ok(Self { engine, opts })
     }
 
@@ -125,11 +125,6 @@ impl Session {
         }
         anyhow::bail!("the engine stopped before answering")
     }
-}
-
-/// Engine settings from `[bot]` and `[generation]`.
-pub fn engine_config(settings: &Settings) -> EngineConfig {
-    EngineConfig { queue_capacity: settings.bot.queue_capacity, max_batch: settings.bot.max_batch, system_prompt: settings.generation.system_prompt.clone() }
 }
 
 fn report(gen: &Generation) {

@@ -10,9 +10,6 @@ use crate::config::Settings;
 
 pub mod ask;
 pub mod bench;
-pub mod bench_parse;
-pub mod bench_serve_train;
-pub mod bench_train;
 pub mod dataset;
 pub mod run;
 pub mod scrape;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::ask::{engine_config, ModelArgs, Session};
+use super::ask::{ModelArgs, Session};
 use crate::bot::{self, Token};
 use crate::config::Settings;
 
@@ -24,11 +24,11 @@ pub fn run(settings: &Settings, args: RunArgs) -> Result<()> {
     let session = Session::open(&settings, &args.model)?;
     tracing::info!(
         max_context = crate::llm::generate::max_context(settings.model.max_context, session.engine.model().model.config()),
-        queue = engine_config(&settings).queue_capacity,
+        queue = settings.bot.queue_capacity,
         "engine ready"
     );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    rt.block_on(bot::run(settings, session.engine, token, shutdown_signal()))
+    rt.block_on(bot::run(Arc::new(settings.bot_config()), session.engine, token, shutdown_signal()))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

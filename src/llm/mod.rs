@@ -13,7 +13,6 @@ pub mod model;
 pub mod model_config;
 pub mod prompt;
 pub mod qlinear;
-pub mod random;
 pub mod sampling;
 pub mod settings;
 pub mod tokenizer;

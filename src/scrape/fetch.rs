@@ -8,12 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use rand::Rng;
 use reqwest::header::{HeaderMap, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RETRY_AFTER};
 use reqwest::StatusCode;
 use url::Url;
 
 use super::ScrapeSettings;
+use crate::util::backoff::Backoff;
 
 /// Stored validators for a conditional GET.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -67,8 +67,7 @@ pub struct Fetcher {
     client: reqwest::Client,
     limiter: DefaultDirectRateLimiter,
     max_retries: u32,
-    backoff_base: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
     max_retry_after: Duration,
     timeout: Duration,
     pub stats: FetchStats,
@@ -93,8 +92,7 @@ impl Fetcher {
             client,
             limiter: limiter(Duration::from_secs_f64(1.0 / s.requests_per_second), s.burst)?,
             max_retries: s.max_retries,
-            backoff_base: Duration::from_millis(s.backoff_base_ms),
-            backoff_max: Duration::from_millis(s.backoff_max_ms),
+            backoff: Backoff { base: Duration::from_millis(s.backoff_base_ms), max: Duration::from_millis(s.backoff_max_ms) },
             max_retry_after: Duration::from_secs(s.max_retry_after_s),
             timeout: s.request_timeout(),
             stats: FetchStats::default(),
@@ -150,19 +148,11 @@ impl Fetcher {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 return Fetched::Failed { status, reason: format!("{reason}; Retry-After {}s exceeds scrape.max_retry_after_s", ra.as_secs()), attempts };
             }
-            let delay = self.backoff(attempts).max(retry_after.unwrap_or_default());
+            let delay = self.backoff.delay(attempts).max(retry_after.unwrap_or_default());
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%url, attempt = attempts, delay_ms = delay.as_millis() as u64, %reason, "retrying");
             tokio::time::sleep(delay).await;
         }
-    }
-
-    /// Exponential backoff with "equal jitter": half fixed, half random, so many clients (or
-    /// threads) that failed together do not retry in lockstep.
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.backoff_base.saturating_mul(1u32 << (attempt - 1).min(20)).min(self.backoff_max);
-        let half = exp / 2;
-        half + half.mul_f64(rand::rng().random_range(0.0..=1.0))
     }
 
     async fn classify(&self, resp: reqwest::Response) -> Attempt {
@@ -258,16 +248,9 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_with_bounded_jitter() {
+    fn backoff_comes_from_the_settings() {
         let s = ScrapeSettings { backoff_base_ms: 100, backoff_max_ms: 1000, ..Default::default() };
         let f = Fetcher::new(&s).unwrap();
-        for _ in 0..50 {
-            let d1 = f.backoff(1);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
-            let d3 = f.backoff(3);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400), "{d3:?}");
-            let d9 = f.backoff(9);
-            assert!(d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1000), "{d9:?}");
-        }
+        assert_eq!(f.backoff, Backoff { base: Duration::from_millis(100), max: Duration::from_millis(1000) });
     }
 }

@@ -21,7 +21,6 @@ pub mod parse;
 pub mod progress;
 pub mod reparse;
 pub mod robots;
-pub mod synth;
 
 pub use clean::CleanOptions;
 pub use crawl::{scrape, CrawlOptions, CrawlReport};

@@ -1,4 +1,5 @@
 //! Small helpers shared by every part of the crate, depending on none of them.
 
+pub mod backoff;
 pub mod clock;
 pub mod compare;

@@ -22,8 +22,6 @@ use anyhow::{Context, Result};
 use serenity::all::Http;
 use tokio::runtime::Handle;
 
-use crate::bot::rest::RetryPolicy;
-use crate::config::Settings;
 use crate::llm::engine::Engine;
 use crate::store::{Job, JobKind, JobOutcome, JobState, Store};
 
@@ -32,12 +30,12 @@ pub mod promote;
 pub mod settings;
 pub mod stages;
 
-pub use settings::WorkerSettings;
+pub use settings::{WorkerConfig, WorkerSettings};
 
 /// What a job thread needs from the bot.
 #[derive(Clone)]
 pub struct WorkerCtx {
-    pub settings: Arc<Settings>,
+    pub settings: Arc<WorkerConfig>,
     pub engine: Engine,
     pub http: Arc<Http>,
     pub rt: Handle,
@@ -53,7 +51,7 @@ pub struct Worker {
 
 impl Worker {
     /// Start polling for jobs on the current runtime.
-    pub fn spawn(settings: Arc<Settings>, engine: Engine, http: Arc<Http>) -> Result<Self> {
+    pub fn spawn(settings: Arc<WorkerConfig>, engine: Engine, http: Arc<Http>) -> Result<Self> {
         let store = Store::open_with(&settings.store).context("the worker's store connection")?;
         let stopping = Arc::new(AtomicBool::new(false));
         let cx = WorkerCtx { settings, engine, http, rt: Handle::current(), stopping: stopping.clone() };
@@ -124,7 +122,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 
 fn run_job(cx: &WorkerCtx, job: Job) {
     let s = &cx.settings;
-    let retry = RetryPolicy { retries: s.discord.rest_retries, backoff: Duration::from_millis(s.discord.rest_retry_backoff_ms) };
+    let retry = s.discord.retry_policy();
     let reporter = progress::Reporter::start(cx.http.clone(), cx.rt.clone(), &job, Duration::from_millis(s.worker.status_interval_ms), retry);
     let store = match Store::open_with(&s.store) {
         Ok(st) => st,

@@ -15,9 +15,9 @@ use serenity::all::{ChannelId, CreateAttachment, CreateMessage, EditMessage, Htt
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use crate::bot::render::{bounded, split, MESSAGE_LIMIT};
-use crate::bot::rest::{with_retries, RetryPolicy};
-use crate::bot::stream::no_mentions;
+use crate::discord::render::{bounded, split, MESSAGE_LIMIT};
+use crate::discord::rest::{with_retries, RetryPolicy};
+use crate::discord::stream::no_mentions;
 use crate::store::{Job, Store};
 
 /// Where a job's progress is shown.

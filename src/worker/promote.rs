@@ -54,11 +54,8 @@ pub fn gate(engine: &Engine, store: &Store, dir: &Path, id: &str, old_loss: f64,
         tracing::warn!(adapter = id, new_loss, old_loss, margin, "adapter not promoted");
         return Ok((Decision::Kept { reason }, adapter));
     }
-    let previous = engine.active_adapter_id().unwrap_or_default();
     // Swap the Arc just loaded (the same weights the gate validated) and persist the choice.
-    engine.swap_adapter(Some(adapter.clone()));
-    store.meta_set(adapters::PREVIOUS_KEY, &previous)?;
-    store.meta_set(adapters::ACTIVE_KEY, id)?;
+    let previous = adapters::install(engine, store, Some(adapter.clone()), id)?;
     tracing::info!(adapter = id, previous = %previous, new_loss, old_loss, "adapter promoted");
     Ok((Decision::Promoted { previous }, adapter))
 }

@@ -3,6 +3,29 @@
 use anyhow::{ensure, Result};
 use serde::Deserialize;
 
+use crate::adapters::AdapterSettings;
+use crate::dataset::DatasetSettings;
+use crate::discord::DiscordSettings;
+use crate::llm::settings::{GenerationSettings, ModelSettings};
+use crate::scrape::ScrapeSettings;
+use crate::store::StoreSettings;
+use crate::train::TrainSettings;
+
+/// Everything the worker's jobs read, assembled from the settings file by `config` (the worker
+/// never imports `config`). `discord` is for the retry policy of its status messages.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub model: ModelSettings,
+    pub generation: GenerationSettings,
+    pub adapter: AdapterSettings,
+    pub scrape: ScrapeSettings,
+    pub dataset: DatasetSettings,
+    pub store: StoreSettings,
+    pub train: TrainSettings,
+    pub discord: DiscordSettings,
+    pub worker: WorkerSettings,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {

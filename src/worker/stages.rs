@@ -327,7 +327,7 @@ fn compare(jc: &JobCx<'_>, old: Option<Arc<LoraAdapter>>, new: Arc<LoraAdapter>)
         jc.cx.rt.block_on(async {
             while let Some(ev) = ticket.next().await {
                 match ev {
-                    Event::Finished(g) => return crate::bot::render::neutralize_mentions(g.text.trim()),
+                    Event::Finished(g) => return crate::discord::render::neutralize_mentions(g.text.trim()),
                     Event::Failed(e) => return format!("*(failed: {e})*"),
                     _ => {}
                 }
@@ -339,7 +339,7 @@ fn compare(jc: &JobCx<'_>, old: Option<Arc<LoraAdapter>>, new: Arc<LoraAdapter>)
     let mut out = String::new();
     for q in &s.worker.compare_questions {
         let (a_old, a_new) = (ask(q, old.clone()), ask(q, Some(new.clone())));
-        out += &format!("\n**Q: {}**\n> old ({old_label}): {}\n> new ({}): {}\n", crate::bot::render::neutralize_mentions(q), one_line(&a_old), new.id, one_line(&a_new));
+        out += &format!("\n**Q: {}**\n> old ({old_label}): {}\n> new ({}): {}\n", crate::discord::render::neutralize_mentions(q), one_line(&a_old), new.id, one_line(&a_new));
     }
     out
 }

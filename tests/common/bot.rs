@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use freeski_bot::bot::{self, Token};
-use freeski_bot::cli::ask::engine_config;
 use freeski_bot::config::Settings;
 use freeski_bot::llm::engine::Engine;
 use freeski_bot::llm::load::LoadedModel;
@@ -21,9 +20,9 @@ pub struct Bot {
 /// Starts an engine on `lm` and the bot on it; returns once the bot's gateway session is up.
 pub async fn start(fake: &FakeDiscord, settings: Arc<Settings>, lm: Arc<LoadedModel>) -> Bot {
     let sessions = fake.identifies() + 1;
-    let engine = Engine::start(lm, None, engine_config(&settings)).unwrap();
+    let engine = Engine::start(lm, None, settings.engine_config()).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(bot::run(settings, engine.clone(), Token::new("test-token"), async move {
+    let task = tokio::spawn(bot::run(Arc::new(settings.bot_config()), engine.clone(), Token::new("test-token"), async move {
         let _ = rx.await;
     }));
     fake.wait_connected(sessions).await;

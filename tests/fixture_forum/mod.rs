@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use freeski_bot::bench::forum::{self, escape, ListEntry, PagePost};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -156,10 +157,6 @@ pub struct State {
     origin: String,
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
 impl State {
     /// Unique own text for the k-th generated post: advice + what I ride where.
     fn own(&mut self) -> String {
@@ -174,29 +171,29 @@ impl State {
         let own = self.own();
         let k = self.next_post;
         let author = REPLIERS[k % REPLIERS.len()].to_string();
-        let e = esc(&own);
-        let quote = |who: &str, text: &str| format!("<div class=\"quote\"><div class=\"quote-header\"><span class=\"username\">{who}</span> wrote:</div>{}</div>", esc(text));
+        let e = escape(&own);
+        let quote = |who: &str, text: &str| format!("<div class=\"quote\"><div class=\"quote-header\"><span class=\"username\">{who}</span> wrote:</div>{}</div>", escape(text));
         let (author, html, body, expect) = match kind {
             0 => {
                 let (a, b) = own.split_once(". ").unwrap_or((&own, ""));
-                (author, format!("<p>{}.</p>\n<p>{}</p>", esc(a), esc(b)), format!("{a}.\n\n{b}"), Expect::Answer)
+                (author, format!("<p>{}.</p>\n<p>{}</p>", escape(a), escape(b)), format!("{a}.\n\n{b}"), Expect::Answer)
             }
             1 => (author, format!("{}\n{e}", quote("powder_hound", prev)), own.clone(), Expect::Answer),
             2 => (
                 author,
-                format!("<div class=\"quote\"><div class=\"quote-header\">corn_snow wrote:</div>{}{}</div>{e}", quote("gnarwhal", "an older quote"), esc(prev)),
+                format!("<div class=\"quote\"><div class=\"quote-header\">corn_snow wrote:</div>{}{}</div>{e}", quote("gnarwhal", "an older quote"), escape(prev)),
                 own.clone(),
                 Expect::Answer,
             ),
             3 => (author, format!("{e}<br><br>**This post was edited on Jan 10th 2023 at 9:58:47pm"), own.clone(), Expect::Answer),
-            4 => (author, format!("{e}<br>--<br>{}", esc(SIGNATURES[k % 2])), own.clone(), Expect::Answer),
+            4 => (author, format!("{e}<br>--<br>{}", escape(SIGNATURES[k % 2])), own.clone(), Expect::Answer),
             5 => (author, format!("{e} [URL]https://youtu.be/v{k}[/URL]Anyway that's my take."), format!("{own} https://youtu.be/v{k} Anyway that's my take."), Expect::Answer),
-            6 => (author, format!("{} \u{1F602}\u{1F919}", esc(&own.replace('\'', "\u{2019}"))), own.clone(), Expect::Answer),
+            6 => (author, format!("{} \u{1F602}\u{1F919}", escape(&own.replace('\'', "\u{2019}"))), own.clone(), Expect::Answer),
             7 => (author, format!("<a href=\"https://youtu.be/x{k}\">https://youtu.be/x{k}</a>"), format!("https://youtu.be/x{k}"), Expect::Skip("link_only")),
             8 => (author, format!("<img src=\"https://i.imgur.com/{k}.jpg\">"), String::new(), Expect::Skip("empty_reply")),
             9 => (author, "+1".to_string(), "+1".to_string(), Expect::Skip("too_short")),
             10 => (author, quote("treeskier", prev), String::new(), Expect::Skip("quote_only")),
-            11 => (author, format!("[QUOTE=powder_hound]{}[/QUOTE]{e}", esc(prev)), own.clone(), Expect::Answer),
+            11 => (author, format!("[QUOTE=powder_hound]{}[/QUOTE]{e}", escape(prev)), own.clone(), Expect::Answer),
             _ => (op_author.to_string(), e.clone(), own.clone(), Expect::Skip("by_original_poster")),
         };
         FPost { author, html, body, expect }
@@ -207,7 +204,7 @@ impl State {
         let op_author = format!("powderday_{idx}");
         let title = format!("{} question #{idx}: what would you do?", SKIS[idx % SKIS.len()].trim_end_matches('s'));
         let op_own = self.own();
-        let op_html = format!("{}<br><br>**This thread was edited on Oct 21st 2020 at 8:21:07pm", esc(&op_own.replace('\'', "\u{2019}")));
+        let op_html = format!("{}<br><br>**This thread was edited on Oct 21st 2020 at 8:21:07pm", escape(&op_own.replace('\'', "\u{2019}")));
         let mut posts = vec![FPost { author: op_author.clone(), html: op_html, body: op_own.clone(), expect: Expect::Skip("opening_post") }];
         let total = (pages as usize - 1) * POSTS_PER_PAGE + last_page_posts;
         let mut prev = op_own;
@@ -224,59 +221,36 @@ impl State {
         let mut sorted: Vec<&FThread> = self.threads.iter().collect();
         sorted.sort_by(|a, b| b.last_activity.cmp(&a.last_activity).then(a.id.cmp(&b.id)));
         let pages = sorted.len().div_ceil(PER_LIST_PAGE);
-        let mut h = String::from("<!DOCTYPE html><html><head><title>Ski Gabber - Newschoolers.com</title></head><body>\n");
-        h.push_str("<div class=\"banner\">Welcome to the Newschoolers forums! You may read the forums as a guest.</div>\n");
-        h.push_str("<a href=\"/forum/search?q=\">Search</a> <a href=\"/forum/1/Ski-Gabber?sort=new\">Newest</a>\n");
-        for t in sorted.iter().skip((n - 1) * PER_LIST_PAGE).take(PER_LIST_PAGE) {
-            let last = t.posts.last().map(|p| p.author.as_str()).unwrap_or("");
-            h.push_str(&format!(
-                "<a class=\"thread\" href=\"{}{}\"><h2>{}</h2><div class=\"meta\"><span class=\"replies\">{} replies</span> \
-                 <span class=\"views\">{} views</span> <span class=\"last\">last post by {last}</span></div></a>\n",
-                self.origin,
-                t.path(),
-                esc(&t.title),
-                t.posts.len() - 1,
-                100 + self.views.get(&t.id).copied().unwrap_or(0),
-            ));
-        }
-        h.push_str("<div class=\"pagination\">");
-        for p in 1..=pages {
-            h.push_str(&format!("<a href=\"{SUBFORUM}?page={p}\">{p}</a> "));
-        }
-        h.push_str("</div></body></html>\n");
-        h
+        let entries: Vec<ListEntry> = sorted
+            .iter()
+            .skip((n - 1) * PER_LIST_PAGE)
+            .take(PER_LIST_PAGE)
+            .map(|t| ListEntry {
+                url: format!("{}{}", self.origin, t.path()),
+                title: &t.title,
+                replies: t.posts.len() - 1,
+                views: 100 + self.views.get(&t.id).copied().unwrap_or(0),
+                last_author: t.posts.last().map(|p| p.author.as_str()).unwrap_or(""),
+            })
+            .collect();
+        forum::list_page(&entries, SUBFORUM, pages)
     }
 
     fn thread_page(&self, t: &FThread, page: u32) -> String {
-        let mut h = format!("<!DOCTYPE html><html><head><title>{} - Newschoolers.com</title></head><body>\n", esc(&t.title));
-        h.push_str("<div class=\"banner\">Welcome to the Newschoolers forums! You may read the forums as a guest.</div>\n");
-        h.push_str(&format!("<h1>{}</h1>\n", esc(&t.title)));
-        let body_end = if t.special == Special::Unclosed { "" } else { "</div>" };
-        for (i, p) in t.posts_on(page).iter().enumerate() {
-            let post_id = format!("{}{page:02}{i:02}", t.id);
-            h.push_str(&format!(
-                "<div class=\"post\" id=\"post-{post_id}\"><div class=\"post-header\"><a class=\"username\" href=\"/profile/{1}\">{1}</a> \
-                 <span class=\"post-date\">Jan {0}th 2023 at 9:{2:02}pm</span></div>\n<div class=\"post-body\">{4}{body_end}\n\
-                 <div class=\"post-footer\"><span class=\"post-votes\"><a class=\"vote-up\" href=\"/vote/{post_id}/up\">&#9650;</a> {5} <a class=\"vote-down\" href=\"/vote/{post_id}/down\">&#9660;</a></span> \
-                 <a href=\"{3}/reply?quote={post_id}\">Quote</a> &middot; <a href=\"/forum/report/{post_id}\">Report</a> &middot; <a href=\"{3}/reply\">Reply</a></div>\n",
-                4 + i,
-                p.author,
-                10 + i,
-                t.path(),
-                p.html,
-                3 * i + page as usize,
-            ));
-            if i % 3 == 1 {
-                h.push_str("<div class=\"signature\">Sponsored by nobody | Team Couch</div>");
-            }
-            h.push_str("</div>\n");
-        }
-        h.push_str("<div class=\"pagination\">");
-        for p in 1..=t.pages() {
-            h.push_str(&format!("<a href=\"{}?page={p}\">{p}</a> ", t.path()));
-        }
-        h.push_str("</div></body></html>\n");
-        h
+        let posts: Vec<PagePost> = t
+            .posts_on(page)
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PagePost {
+                id: format!("{}{page:02}{i:02}", t.id),
+                author: &p.author,
+                date: format!("Jan {}th 2023 at 9:{:02}pm", 4 + i, 10 + i),
+                body_html: &p.html,
+                votes: (3 * i + page as usize) as i64,
+                signature: (i % 3 == 1).then_some("Sponsored by nobody | Team Couch"),
+            })
+            .collect();
+        forum::thread_page(&t.title, &t.path(), t.pages(), &posts, t.special != Special::Unclosed)
     }
 
     fn respond(&mut self, path_and_query: &str, if_none_match: Option<&str>) -> (u16, Vec<(&'static str, String)>, String, Option<Duration>) {

@@ -1,7 +1,8 @@
 //! Synthetic forum pages with the real site's structure and artifacts: page chrome
 //! and guest banner, `div.post-body` posts with author and date, quotes (some nested), edit
 //! notes, signatures, BBCode remnants, emoji, curly quotes, link-only and image-only replies.
-//! Used by `bench parse` to build a store of realistic size without the network.
+//! Used by `bench parse` to build a store of realistic size without the network; its page
+//! renderer ([`thread_page`], [`list_page`]) also serves the test suite's forum server.
 
 use std::time::Instant;
 
@@ -91,40 +92,114 @@ fn post_body(rng: &mut StdRng, prev: Option<(&str, &str)>) -> String {
     b
 }
 
-/// One thread page of `posts` posts, linking pages 1..=`pages`.
-pub fn thread_page_html(url: &Url, title: &str, page: u32, pages: u32, posts: u32, rng: &mut StdRng) -> String {
-    let mut h = String::with_capacity(16 * 1024);
-    h.push_str("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>");
-    h.push_str(title);
-    h.push_str(" - Newschoolers.com</title><script>window.ns={user:null};</script></head><body>\n");
-    h.push_str("<div class=\"nav\"><a href=\"/\">Home</a> <a href=\"/forum\">Forums</a> <a href=\"/videos\">Videos</a> <a href=\"/gear\">Gear</a></div>\n");
-    h.push_str("<div class=\"banner\">Welcome to the Newschoolers forums! You may read the forums as a guest, but please sign up to post.</div>\n");
+/// One post as a thread page shows it.
+pub struct PagePost<'a> {
+    pub id: String,
+    pub author: &'a str,
+    /// As the site writes it, e.g. "Jan 4th 2023 at 9:10pm".
+    pub date: String,
+    /// The post's HTML as the site serves it (quotes, BBCode remnants, edit notes, ...).
+    pub body_html: &'a str,
+    pub votes: i64,
+    pub signature: Option<&'a str>,
+}
+
+/// `&`, `<`, `>` and `"` as entities.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+const HEAD_END: &str = "<script>window.ns={user:null};</script></head><body>\n\
+<div class=\"nav\"><a href=\"/\">Home</a> <a href=\"/forum\">Forums</a> <a href=\"/videos\">Videos</a> <a href=\"/gear\">Gear</a></div>\n\
+<div class=\"banner\">Welcome to the Newschoolers forums! You may read the forums as a guest, but please sign up to post.</div>\n";
+const FOOTER: &str = "<div class=\"footer\">&copy; Newschoolers.com &middot; <a href=\"/privacy\">Privacy</a></div></body></html>\n";
+
+fn pagination(h: &mut String, path: &str, pages: usize) {
+    h.push_str("<div class=\"pagination\">");
+    for p in 1..=pages {
+        h.push_str(&format!("<a href=\"{path}?page={p}\">{p}</a> "));
+    }
+    h.push_str("</div>\n");
+}
+
+/// A thread page with the real site's chrome around the posts: navigation, guest banner, each
+/// post's header (author, date) and footer (votes, Quote / Report / Reply), signatures,
+/// pagination to `pages`, site footer. `close_bodies = false` leaves every post body's `div`
+/// open (broken markup the parser must survive). The one generator of thread pages for the
+/// test forum server and `bench parse`.
+pub fn thread_page(title: &str, path: &str, pages: u32, posts: &[PagePost], close_bodies: bool) -> String {
+    let mut h = String::with_capacity(4096 + posts.iter().map(|p| p.body_html.len() + 700).sum::<usize>());
+    let title = escape(title);
+    h.push_str(&format!("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{title} - Newschoolers.com</title>"));
+    h.push_str(HEAD_END);
     h.push_str(&format!("<h1>{title}</h1>\n"));
+    let body_end = if close_bodies { "</div>" } else { "" };
+    for p in posts {
+        let (id, who) = (&p.id, p.author);
+        h.push_str(&format!(
+            "<div class=\"post\" id=\"post-{id}\"><div class=\"post-header\"><a class=\"username\" href=\"/profile/{who}\">{who}</a> \
+             <span class=\"post-date\">{}</span></div>\n<div class=\"post-body\">{}{body_end}\n\
+             <div class=\"post-footer\"><span class=\"post-votes\"><a class=\"vote-up\" href=\"/vote/{id}/up\">&#9650;</a> {} <a class=\"vote-down\" href=\"/vote/{id}/down\">&#9660;</a></span> \
+             <a href=\"{path}/reply?quote={id}\">Quote</a> &middot; <a href=\"/forum/report/{id}\">Report</a> &middot; <a href=\"{path}/reply\">Reply</a></div>\n",
+            p.date, p.body_html, p.votes
+        ));
+        if let Some(sig) = p.signature {
+            h.push_str(&format!("<div class=\"signature\">{}</div>", escape(sig)));
+        }
+        h.push_str("</div>\n");
+    }
+    pagination(&mut h, path, pages as usize);
+    h.push_str(FOOTER);
+    h
+}
+
+/// One thread as a list page shows it.
+pub struct ListEntry<'a> {
+    pub url: String,
+    pub title: &'a str,
+    pub replies: usize,
+    pub views: u64,
+    pub last_author: &'a str,
+}
+
+/// A subforum list page: chrome, search and sort links, one entry a thread, pagination.
+pub fn list_page(entries: &[ListEntry], list_path: &str, pages: usize) -> String {
+    let mut h = String::from("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Ski Gabber - Newschoolers.com</title>");
+    h.push_str(HEAD_END);
+    h.push_str(&format!("<a href=\"/forum/search?q=\">Search</a> <a href=\"{list_path}?sort=new\">Newest</a>\n"));
+    for e in entries {
+        h.push_str(&format!(
+            "<a class=\"thread\" href=\"{}\"><h2>{}</h2><div class=\"meta\"><span class=\"replies\">{} replies</span> \
+             <span class=\"views\">{} views</span> <span class=\"last\">last post by {}</span></div></a>\n",
+            e.url,
+            escape(e.title),
+            e.replies,
+            e.views,
+            e.last_author
+        ));
+    }
+    pagination(&mut h, list_path, pages);
+    h.push_str(FOOTER);
+    h
+}
+
+/// A thread page of `posts` random posts, linking pages 1..=`pages`.
+pub fn thread_page_html(url: &Url, title: &str, page: u32, pages: u32, posts: u32, rng: &mut StdRng) -> String {
+    let mut bodies = Vec::with_capacity(posts as usize);
     let mut prev: Option<(String, String)> = None;
     for i in 0..posts {
         let who = USERS[rng.random_range(0..USERS.len())];
         let body = post_body(rng, prev.as_ref().map(|(a, b)| (a.as_str(), b.as_str())));
-        h.push_str(&format!(
-            "<div class=\"post\" id=\"post-{}{:04}\"><div class=\"post-header\"><a class=\"username\" href=\"/profile/{who}\">{who}</a> \
-             <span class=\"post-date\">Posted Jan {}th 2023 at {}:{:02}pm</span></div>\n<div class=\"post-body\">{body}</div>\n",
-            page,
-            i,
-            rng.random_range(4..28),
-            rng.random_range(1..12),
-            rng.random_range(0..60)
-        ));
-        if rng.random_bool(0.2) {
-            h.push_str(&format!("<div class=\"signature\">{}</div>", SIGNATURES[rng.random_range(0..SIGNATURES.len())]));
-        }
-        h.push_str("</div>\n");
+        let date = format!("Posted Jan {}th 2023 at {}:{:02}pm", rng.random_range(4..28), rng.random_range(1..12), rng.random_range(0..60));
+        let signature = rng.random_bool(0.2).then(|| SIGNATURES[rng.random_range(0..SIGNATURES.len())]);
+        bodies.push((format!("{page}{i:04}"), who, date, body, rng.random_range(-3..40), signature));
         prev = Some((who.to_string(), paragraph(rng)));
     }
-    h.push_str("<div class=\"pagination\">");
-    for p in 1..=pages {
-        h.push_str(&format!("<a href=\"{}?page={p}\">{p}</a> ", url.path()));
-    }
-    h.push_str("</div>\n<div class=\"footer\">&copy; Newschoolers.com &middot; <a href=\"/privacy\">Privacy</a></div></body></html>\n");
-    h
+    let posts: Vec<PagePost> = bodies
+        .iter()
+        .map(|(id, who, date, body, votes, signature)| PagePost { id: id.clone(), author: who, date: date.clone(), body_html: body, votes: *votes, signature: *signature })
+        .collect();
+    thread_page(title, url.path(), pages, &posts, true)
 }
 
 #[derive(Debug, Clone, Default)]

@@ -7,7 +7,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::{sync, BenchQuant};
+use super::{sync, BenchQuant};
 use crate::config::Settings;
 use crate::llm::device::{self, gib, MemoryPoller};
 use crate::llm::lora::AdapterConfig;
@@ -16,7 +16,7 @@ use crate::llm::ModelConfig;
 use crate::train::data::{Batch, Example};
 use crate::train::dropout::Dropout;
 use crate::train::forward::{GradAccum, MicroKey, TrainForward};
-use crate::train::optim::{adamw_update, adamw_update_composed, clip_grad_norm, AdamW, AdamWConfig, StepConsts};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::params::LoraParams;
 use crate::train::settings::Precision;
 use crate::train::trainer::activation_dtype;
@@ -65,9 +65,9 @@ pub struct MemoryCap {
 }
 
 impl MemoryCap {
-    pub fn apply(&self, dev: &candle_core::Device) -> Result<Option<device::Ballast>> {
+    pub fn apply(&self, dev: &candle_core::Device) -> Result<Option<super::ballast::Ballast>> {
         let Some(gb) = self.leave_free_gb else { return Ok(None) };
-        let b = device::Ballast::leave_free(dev, (gb * 1e9) as u64)?;
+        let b = super::ballast::Ballast::leave_free(dev, (gb * 1e9) as u64)?;
         println!("memory cap       {gb:.2} GB left free ({:.2} GB held back)", b.bytes as f64 / 1e9);
         Ok(Some(b))
     }
@@ -215,92 +215,4 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
     }
     Ok(())
-}
-
-pub(crate) struct GradParity {
-    pub f32_hand_vs_autograd: f64,
-    pub bf16_hand_vs_autograd: f64,
-    pub f32_dev_vs_cpu: f64,
-}
-
-/// One micro-batch's LoRA gradients on the tiny random model (GQA, sliding window, 2 rows of
-/// different lengths, dropout on): the checkpointed step's hand-written backward against
-/// candle's autograd over the whole graph on `dev`, and against the CPU. Differences are
-/// relative to the largest gradient.
-pub(crate) fn grad_parity(dev: &candle_core::Device, seed: u64) -> Result<GradParity> {
-    use candle_core::{DType, Device, Tensor};
-    let cfg = ModelConfig::tiny();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let examples: Vec<Example> = [21usize, 13]
-        .iter()
-        .map(|&n| Example { ids: (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect(), target: (0..n).map(|i| i >= n / 4).collect() })
-        .collect();
-    let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
-    let adapter = AdapterConfig::new(4, 8.0, 0.1, &Proj::ALL, "parity", false);
-    let values: Vec<Vec<f32>> = {
-        let shapes = LoraParams::init(&cfg, adapter.clone(), 1, &Device::Cpu)?;
-        shapes.named_vars().iter().map(|(_, v)| (0..v.elem_count()).map(|_| rng.random_range(-0.05f32..0.05)).collect()).collect()
-    };
-    // One model a device (same seed, same bytes) for every run on it.
-    let (model_dev, model_cpu) = (BenchQuant::Q8_0.random_model(&cfg, seed, dev)?, BenchQuant::Q8_0.random_model(&cfg, seed, &Device::Cpu)?);
-    let grads = |model: &crate::llm::Model, dtype: DType, checkpointing: bool| -> Result<Vec<f32>> {
-        let dev = model.device();
-        let params = LoraParams::init(&cfg, adapter.clone(), 1, dev)?;
-        for ((_, var), vals) in params.named_vars().into_iter().zip(&values) {
-            var.set(&Tensor::from_vec(vals.clone(), var.shape(), dev)?)?;
-        }
-        let fwd = TrainForward::new(model, dtype, Dropout { p: 0.1, seed: 7 });
-        let mut accum = GradAccum::new(&params)?;
-        fwd.accumulate(&params, &batch, MicroKey { step: 2, micro: 1 }, batch.targets() as f64, checkpointing, &mut accum)?;
-        let mut out = Vec::new();
-        for g in accum.take()? {
-            out.extend(g.flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok(out)
-    };
-    let rel = super::bench::rel_diff;
-    let f32_auto = grads(&model_dev, DType::F32, false)?;
-    let f32_hand = grads(&model_dev, DType::F32, true)?;
-    Ok(GradParity {
-        f32_hand_vs_autograd: rel(&f32_auto, &f32_hand),
-        bf16_hand_vs_autograd: rel(&grads(&model_dev, DType::BF16, false)?, &grads(&model_dev, DType::BF16, true)?),
-        f32_dev_vs_cpu: rel(&grads(&model_cpu, DType::F32, true)?, &f32_hand),
-    })
-}
-
-/// The fused training kernels (`kernels/train.cu` on CUDA) against their composed tensor-op
-/// formulas on the same device, on odd sizes (tails of every loop). Returns
-/// `(kernel, dtype, largest difference relative to the largest composed value)`.
-pub(crate) fn train_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, candle_core::DType, f64)>> {
-    use crate::train::ops::{self, composed};
-    use candle_core::{DType, Tensor};
-    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
-        let (a, b) = (a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        Ok(super::bench::rel_diff(&a, &b))
-    };
-    let mut out = Vec::new();
-    for dtype in [DType::F32, DType::BF16] {
-        let r = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)?) };
-        let (x, g, resid) = (r(&[37, 4100])?, r(&[37, 4100])?, r(&[37, 4100])?);
-        let w = r(&[4100])?;
-        let fused = ops::rms_norm_backward(&x, &w, 1e-5, &g, Some(&resid))?;
-        let plain = (composed::rms_norm_backward(&x, &w, 1e-5, &g)? + &resid)?;
-        out.push(("rms-norm backward", dtype, rel(&plain, &fused)?));
-        let y = candle_nn::ops::softmax_last_dim(&r(&[5, 11, 513])?)?;
-        let gy = r(&[5, 11, 513])?;
-        out.push(("softmax backward", dtype, rel(&composed::softmax_backward(&y, &gy)?, &ops::softmax_backward(&y, &gy)?)?));
-        let (gate, up, dm) = (r(&[3, 10_001])?, r(&[3, 10_001])?, r(&[3, 10_001])?);
-        let (dg, du) = ops::silu_mul_backward(&gate, &up, &dm)?;
-        let (dg0, du0) = composed::silu_mul_backward(&gate, &up, &dm)?;
-        out.push(("silu-mul backward", dtype, rel(&dg0, &dg)?.max(rel(&du0, &du)?)));
-    }
-    // AdamW (f32 only): the step p' − p, and the new moments.
-    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, dev);
-    let (p, g, m, v) = (r(&[16, 4099])?, r(&[16, 4099])?, (r(&[16, 4099])? * 0.1)?, (r(&[16, 4099])?.sqr()? * 0.01)?);
-    let k = StepConsts { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: 1.0 - 1e-3 * 0.01, bc1: 1.0 - 0.9f64.powi(3), bc2: 1.0 - 0.999f64.powi(3) };
-    let (p1, m1, v1) = adamw_update(&p, &g, &m, &v, k)?;
-    let (p0, m0, v0) = adamw_update_composed(&p, &g, &m, &v, k)?;
-    let diff = rel(&(p0 - &p)?, &(p1 - &p)?)?.max(rel(&m0, &m1)?).max(rel(&v0, &v1)?);
-    out.push(("adamw update", DType::F32, diff));
-    Ok(out)
 }

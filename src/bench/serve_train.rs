@@ -13,8 +13,8 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::{median, BenchModel};
-use super::bench_train::{MemoryCap, TrainShape};
+use super::train::{MemoryCap, TrainShape};
+use super::{median, BenchModel};
 use crate::config::Settings;
 use crate::llm::chat::ChatTemplate;
 use crate::llm::device::{self, gib, MemoryPoller};
@@ -154,7 +154,7 @@ struct HotSwap {
 /// loads and validates before it swaps) and ends with the bare base active again.
 fn hot_swap(engine: &Engine, cfg: &ModelConfig, rank: usize, dev: &candle_core::Device) -> Result<HotSwap> {
     let make = |id: &str| -> Result<Arc<crate::llm::lora::LoraAdapter>> {
-        let mut a = super::bench::random_adapter(cfg, rank, dev)?;
+        let mut a = super::random_adapter(cfg, rank, dev)?;
         a.id = id.to_string();
         Ok(Arc::new(a))
     };

@@ -9,8 +9,8 @@ use half::f16;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::model::Model;
-use super::model_config::ModelConfig;
+use crate::llm::model::Model;
+use crate::llm::model_config::ModelConfig;
 
 /// A model of shape `cfg` whose linear layers (and embedding) are random blocks of `dtype`.
 /// Quantizing dense random matrices would take minutes for 7B on one CPU thread; writing random
@@ -51,7 +51,7 @@ fn shape_of(cfg: &ModelConfig, name: &str) -> Result<(usize, usize)> {
     if name == "token_embd.weight" || name == "output.weight" {
         return Ok((cfg.vocab_size, cfg.hidden_size));
     }
-    for p in super::model::Proj::ALL {
+    for p in crate::llm::model::Proj::ALL {
         if name.ends_with(&format!(".{}.weight", p.gguf_name())) {
             let (fan_in, fan_out) = p.shape(cfg);
             return Ok((fan_out, fan_in));

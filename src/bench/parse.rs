@@ -7,8 +7,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use super::forum as synth;
 use crate::dataset::{build, BuildOptions, DatasetSettings};
-use crate::scrape::{synth, CleanOptions};
+use crate::scrape::CleanOptions;
 use crate::store::Store;
 
 #[derive(Debug, Args)]

@@ -3,9 +3,10 @@
 //! error or a connection error is retried here, a bounded number of times with backoff.
 
 use std::future::Future;
-use std::time::Duration;
 
 use serenity::http::HttpError;
+
+use crate::util::backoff::Backoff;
 
 /// Whether an error is worth retrying: 5xx, 429 or a transport failure (not 4xx: those repeat).
 pub fn retryable(e: &serenity::Error) -> bool {
@@ -20,7 +21,7 @@ pub fn retryable(e: &serenity::Error) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     pub retries: u32,
-    pub backoff: Duration,
+    pub backoff: Backoff,
 }
 
 /// Run `op` until it succeeds, fails with a non-retryable error, or `policy.retries` retries
@@ -36,7 +37,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) if attempt < policy.retries && retryable(&e) => {
                 attempt += 1;
-                let wait = policy.backoff * 2u32.saturating_pow(attempt - 1);
+                let wait = policy.backoff.delay(attempt);
                 tracing::warn!(error = %e, attempt, "{what} failed; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
             }

@@ -1,0 +1,302 @@
+//! `bench generate`: prefill and decode speed, time to first token and peak memory of a model
+//! (a file, or random weights of a named shape), through the fused path and candle's ops.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{median, random_adapter, sync, BenchModel};
+use crate::config::Settings;
+use crate::llm::device::{self, gib};
+use crate::llm::fused_decode::RowKernels;
+use crate::llm::lora::LoraAdapter;
+use crate::llm::model::{KvCache, Logits, Model};
+use crate::llm::{load, sampling};
+
+#[derive(Debug, Args)]
+pub struct GenerateBench {
+    #[command(flatten)]
+    pub source: BenchModel,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Prompt length for the time-to-first-token measurement.
+    #[arg(long, default_value_t = 100)]
+    pub ttft_tokens: usize,
+    /// Tokens decoded at batch 1.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Concurrent sequences for the batched-decode measurement (0 or 1 = skip it).
+    #[arg(long, default_value_t = 8)]
+    pub streams: usize,
+    /// Attach a random LoRA adapter of this rank on all seven projections (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// Repeats of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// Also time everything through candle's ops alone (no fused decode, 4-bit prompt kernels).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub compare: bool,
+    /// Replay the fused decode step as a CUDA graph (false: launch each kernel every step).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub graphs: bool,
+    /// Matvec kernels for 1-2 rows: `exact` (the default: a row's output never depends on the
+    /// batch) or `fastest` (the quicker kernel at 1-2 rows, which sums in another order).
+    #[arg(long, value_enum, default_value = "exact")]
+    pub row_kernels: RowKernelsArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RowKernelsArg {
+    Exact,
+    Fastest,
+}
+
+impl From<RowKernelsArg> for RowKernels {
+    fn from(a: RowKernelsArg) -> Self {
+        match a {
+            RowKernelsArg::Exact => RowKernels::Exact,
+            RowKernelsArg::Fastest => RowKernels::Fastest,
+        }
+    }
+}
+
+pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
+    let src = &args.source;
+    let dev = device::parse_device(src.device.as_deref().unwrap_or(&settings.model.device))?;
+    let t0 = Instant::now();
+    let (mut model, label) = match &src.random {
+        Some(shape) => {
+            let cfg = crate::llm::ModelConfig::preset(shape)?;
+            (src.quant.random_model(&cfg, 1, &dev)?, format!("random {shape} ({:?})", src.quant))
+        }
+        None => {
+            let lm = load::load(&settings.model, src.model.as_deref(), &dev)?;
+            let name = lm.name.clone();
+            (lm.model, name)
+        }
+    };
+    sync(&dev)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    let adapter = match args.lora_rank {
+        0 => None,
+        r => Some(random_adapter(&cfg, r, &dev)?),
+    };
+    let adapter = adapter.as_ref();
+
+    // candle frees device buffers as tensors drop, so "used" right after a forward (logits and
+    // KV cache still alive) is the high-water mark; sample it at each of those points.
+    let mut peak_dev: Option<(u64, u64)> = None;
+    model.set_decode_graphs(args.graphs)?;
+    model.set_decode_row_kernels(args.row_kernels.into())?;
+    let fast = time_paths(&model, adapter, &args, &mut peak_dev)?;
+    let fused = model.fused_decode_active()?;
+    let launches = model.fused_launches_per_step();
+    // The same measurements through candle's ops alone (4-bit kernels for prompts too), for the
+    // before/after in one run on one card.
+    let candle = if args.compare && dev.is_cuda() {
+        model.set_fused_decode(false);
+        model.set_dense_prefill_rows(usize::MAX);
+        Some(time_paths(&model, adapter, &args, &mut peak_dev)?)
+    } else {
+        None
+    };
+    let rss = device::peak_rss_bytes().unwrap_or(0);
+    let devmem = peak_dev;
+
+    println!("model            {label}");
+    println!("device           {}", device::describe(&dev));
+    println!("weights          {:.2} GiB on device, {} params, load {:.1} s", gib(model.weight_bytes() as u64), cfg.num_params(), load_s);
+    println!("lora             {}", if args.lora_rank == 0 { "none".to_string() } else { format!("r={} on all 7 projections", args.lora_rank) });
+    println!(
+        "decode path      {}",
+        match launches {
+            Some(n) if fused =>
+                format!("fused CUDA step, {n} kernel launches per token{}, {:?} row kernels", if args.graphs { ", replayed as one CUDA graph" } else { "" }, args.row_kernels),
+            _ => "candle ops".into(),
+        }
+    );
+    let vs = |now: f64, before: Option<f64>, unit: &str| match before {
+        Some(b) => format!(" [candle ops: {b:.1} {unit}, {:.2}x]", now / b),
+        None => String::new(),
+    };
+    let c = candle.as_ref();
+    println!("prefill          {:.1} tokens/s ({} tokens){}", fast.prefill_tps, args.prompt_tokens, vs(fast.prefill_tps, c.map(|c| c.prefill_tps), "tokens/s"));
+    println!("time to first    {:.1} ms ({}-token prompt){}", fast.ttft_ms, args.ttft_tokens, c.map(|c| format!(" [candle ops: {:.1} ms]", c.ttft_ms)).unwrap_or_default());
+    println!("decode batch 1   {:.1} tokens/s ({} tokens){}", fast.decode_tps, args.decode_tokens, vs(fast.decode_tps, c.map(|c| c.decode_tps), "tokens/s"));
+    if let Some(b) = &fast.batched {
+        println!(
+            "decode batch {:<3} {:.1} tokens/s aggregate ({:.2}x batch 1); greedy outputs equal to one-at-a-time decoding for {}/{} sequences{}",
+            b.streams,
+            b.tokens_per_s,
+            b.tokens_per_s / fast.decode_tps,
+            b.identical,
+            b.streams,
+            vs(b.tokens_per_s, c.and_then(|c| c.batched.as_ref()).map(|b| b.tokens_per_s), "tokens/s")
+        );
+    }
+    println!("peak host RSS    {:.2} GiB", gib(rss));
+    if let Some((used, total)) = devmem {
+        println!("device memory    {:.2} GiB peak used of {:.2} GiB (whole device, as the driver reports)", gib(used), gib(total));
+    }
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "model": label, "device": device::describe(&dev), "lora_rank": args.lora_rank,
+            "fused_decode": fused, "fused_launches_per_token": launches, "decode_graphs": args.graphs,
+            "prompt_tokens": args.prompt_tokens, "ttft_prompt_tokens": args.ttft_tokens, "decode_tokens": args.decode_tokens,
+            "fast": fast.json(), "candle_ops": c.map(PathTimes::json),
+            "peak_rss_bytes": rss, "device_peak_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One path's numbers (`bench generate`).
+struct PathTimes {
+    prefill_tps: f64,
+    ttft_ms: f64,
+    decode_tps: f64,
+    batched: Option<Batched>,
+}
+
+impl PathTimes {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prefill_tokens_per_s": self.prefill_tps, "ttft_ms": self.ttft_ms, "decode_tokens_per_s": self.decode_tps,
+            "batched_streams": self.batched.as_ref().map(|b| b.streams), "batched_tokens_per_s": self.batched.as_ref().map(|b| b.tokens_per_s),
+            "batched_identical": self.batched.as_ref().map(|b| b.identical),
+        })
+    }
+}
+
+/// Prefill, time to first token, batch-1 decode and batched decode of `model` as it is set up
+/// (same random prompts on every call), each the median of `args.repeats`.
+fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench, peak_dev: &mut Option<(u64, u64)>) -> Result<PathTimes> {
+    let cfg = model.config();
+    let dev = model.device();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut prompt = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect() };
+    let reps = args.repeats.max(1);
+    let mut sample = || {
+        if let Some((used, total)) = device::device_memory(dev) {
+            *peak_dev = Some((peak_dev.map_or(used, |p| p.0.max(used)), total));
+        }
+    };
+    // Warm up kernels, cuBLAS and the allocator once on every shape timed below (the long
+    // prompt may take the dense GEMM path and the short one candle's 4-bit kernels).
+    for n in [args.prompt_tokens, args.ttft_tokens] {
+        let mut warm = KvCache::new(1);
+        let tok = greedy_step(model, &mut warm, &prompt(n.max(2)), adapter)?;
+        greedy_step(model, &mut warm, &[tok], adapter)?;
+    }
+
+    let mut prefill = Vec::new();
+    for _ in 0..reps {
+        let p = prompt(args.prompt_tokens);
+        let t = Instant::now();
+        let mut cache = KvCache::new(1);
+        greedy_step(model, &mut cache, &p, adapter)?;
+        prefill.push(t.elapsed());
+        sample();
+    }
+    let mut ttft = Vec::new();
+    for _ in 0..reps {
+        let p = prompt(args.ttft_tokens);
+        let t = Instant::now();
+        greedy_step(model, &mut KvCache::new(1), &p, adapter)?;
+        ttft.push(t.elapsed());
+    }
+    let mut decode = Vec::new();
+    for _ in 0..reps {
+        let mut cache = KvCache::new(1);
+        let mut tok = greedy_step(model, &mut cache, &prompt(32), adapter)?;
+        let t = Instant::now();
+        for _ in 0..args.decode_tokens {
+            tok = greedy_step(model, &mut cache, &[tok], adapter)?;
+        }
+        decode.push(t.elapsed());
+        sample();
+    }
+    let batched = match args.streams {
+        0 | 1 => None,
+        // Different lengths, as real questions are (the batch pads each row to the longest).
+        n => Some(batched_decode(model, adapter, &(0..n).map(|i| prompt(32 + 9 * i)).collect::<Vec<_>>(), args.decode_tokens, reps)?),
+    };
+    Ok(PathTimes {
+        prefill_tps: args.prompt_tokens as f64 / median(&prefill).as_secs_f64(),
+        ttft_ms: median(&ttft).as_secs_f64() * 1e3,
+        decode_tps: args.decode_tokens as f64 / median(&decode).as_secs_f64(),
+        batched,
+    })
+}
+
+struct Batched {
+    streams: usize,
+    tokens_per_s: f64,
+    /// Sequences whose greedy tokens match decoding them one at a time.
+    identical: usize,
+}
+
+/// Greedy decode of `prompts` (of different lengths) as one batch the way answers share the
+/// engine's steps (each prompt prefilled alone, the caches merged), timed over `tokens` steps
+/// (median of `reps`), and each prompt alone for the outputs the batch must reproduce.
+fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>], tokens: usize, reps: usize) -> Result<Batched> {
+    let n = prompts.len();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = KvCache::new(1);
+            let mut out = vec![greedy_step(model, &mut cache, p, adapter)?];
+            for _ in 1..tokens {
+                out.push(greedy_step(model, &mut cache, &[*out.last().expect("one token")], adapter)?);
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    let step = |cache: &mut KvCache, ids: Vec<u32>| -> Result<Vec<u32>> {
+        let logits = model.forward(&Tensor::from_vec(ids, (n, 1), model.device())?, cache, adapter, Logits::Last)?;
+        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        Ok(flat.chunks(flat.len() / n).map(sampling::argmax).collect())
+    };
+    let mut times = Vec::new();
+    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for _ in 0..reps.max(1) {
+        let mut caches = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
+        for p in prompts {
+            let mut c = KvCache::new(1);
+            next.push(greedy_step(model, &mut c, p, adapter)?);
+            caches.push(c);
+        }
+        let mut cache = KvCache::merge(caches)?;
+        outs = next.iter().map(|&t| vec![t]).collect();
+        let t = Instant::now();
+        for _ in 1..tokens {
+            next = step(&mut cache, next)?;
+            for (o, &tok) in outs.iter_mut().zip(&next) {
+                o.push(tok);
+            }
+        }
+        times.push(t.elapsed());
+    }
+    let identical = outs.iter().zip(&alone).filter(|(a, b)| a == b).count();
+    let tokens_per_s = (n * tokens.saturating_sub(1)) as f64 / median(&times).as_secs_f64();
+    Ok(Batched { streams: n, tokens_per_s, identical })
+}
+
+/// Feed `ids` after what `cache` holds and pick the next token greedily. Pulling the logits to
+/// the host is part of every real step (sampling), so it is inside every timing.
+fn greedy_step(model: &Model, cache: &mut KvCache, ids: &[u32], adapter: Option<&LoraAdapter>) -> Result<u32> {
+    let logits = model.forward(&Tensor::new(ids, model.device())?.unsqueeze(0)?, cache, adapter, Logits::Last)?;
+    Ok(sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?))
+}

@@ -1,0 +1,376 @@
+//! GPU correctness: the CUDA paths (the project's kernels and candle's) against the CPU and the
+//! exact f32 computation on the same random models. Needs a CUDA build and a GPU, so every test
+//! is ignored by default; the GPU suite runs them with
+//! `cargo test --release --features cuda --test cuda_parity -- --ignored` (or the packed test
+//! binary, see scripts/cuda/build.sh). `FREESKI_PARITY_DEVICE` picks the device (default cuda:0).
+#![cfg(feature = "cuda")]
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use freeski_bot::bench::{random_adapter, BenchQuant};
+use freeski_bot::llm::lora::{AdapterConfig, LoraAdapter};
+use freeski_bot::llm::model::{KvCache, Logits, Model, Proj};
+use freeski_bot::llm::{sampling, ModelConfig};
+use freeski_bot::train::data::{Batch, Example};
+use freeski_bot::train::dropout::{Dropout, MaskKey};
+use freeski_bot::train::forward::{GradAccum, MicroKey, TrainForward};
+use freeski_bot::train::optim::{adamw_update, adamw_update_composed, StepConsts};
+use freeski_bot::train::params::LoraParams;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const SEED: u64 = 7;
+/// Largest |difference| relative to the largest |logit| on the exact f32 path.
+const TOLERANCE: f64 = 1e-4;
+/// The same for quantized weights against the exact f32 result (8-bit activation rounding).
+const QUANTIZED_TOLERANCE: f64 = 5e-2;
+
+fn device() -> Device {
+    let name = std::env::var("FREESKI_PARITY_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    freeski_bot::llm::device::parse_device(&name).expect("FREESKI_PARITY_DEVICE")
+}
+
+/// The training dropout (a CUDA kernel on the GPU, Rust on the CPU) on the same input and key:
+/// forward and backward must match exactly. Returns the element count and the largest difference.
+fn dropout_parity(dev: &Device, dtype: DType, seed: u64) -> Result<(usize, f64)> {
+    let d = Dropout { p: 0.05, seed };
+    let key = MaskKey { step: 3, micro: 1, layer: 17, proj: 6 };
+    // An odd size, so a tail that is not a multiple of the launch's block is covered too.
+    let x = Tensor::randn(0f32, 1.0, (3, 1000, 4099), &Device::Cpu)?.to_dtype(dtype)?;
+    let both = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+        let v = candle_core::Var::from_tensor(x)?;
+        let y = d.apply(v.as_tensor(), key)?;
+        let g = (&y * 3.0)?.sum_all()?.backward()?;
+        let gx = g.get(v.as_tensor()).context("dropout: no gradient")?.clone();
+        Ok((y.to_device(&Device::Cpu)?, gx.to_device(&Device::Cpu)?))
+    };
+    let (y_cpu, g_cpu) = both(&x)?;
+    let (y_dev, g_dev) = both(&x.to_device(dev)?)?;
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f64> { Ok(freeski_bot::util::compare::tensor_max_abs_diff(a, b)?) };
+    Ok((x.elem_count(), diff(&y_cpu, &y_dev)?.max(diff(&g_cpu, &g_dev)?)))
+}
+
+/// The project's dequantization kernel against candle's f32 dequantization of the same bytes on
+/// the CPU, rounded once to `to`: the same f32 arithmetic, so the same 16-bit values.
+/// Returns the weight count and the largest difference in units of the last place.
+fn dequant_parity(dev: &Device, dtype: GgmlDType, to: DType, seed: u64) -> Result<(usize, u32)> {
+    let (rows, cols) = (48, 1024);
+    let w_cpu = freeski_bot::bench::random::random_qtensor(dtype, rows, cols, &mut ChaCha8Rng::seed_from_u64(seed), &Device::Cpu)?;
+    let w_dev = freeski_bot::bench::random::random_qtensor(dtype, rows, cols, &mut ChaCha8Rng::seed_from_u64(seed), dev)?;
+    let reference = w_cpu.dequantize(&Device::Cpu)?.to_dtype(to)?;
+    let got = freeski_bot::llm::qlinear::dequantize(&w_dev, dev, to)?.to_device(&Device::Cpu)?;
+    let bits = |t: &Tensor| -> Result<Vec<u16>> {
+        Ok(match to {
+            DType::BF16 => t.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(|v| v.to_bits()).collect(),
+            _ => t.flatten_all()?.to_vec1::<half::f16>()?.into_iter().map(|v| v.to_bits()).collect(),
+        })
+    };
+    // Same-sign 16-bit floats are ordered like their bit patterns; random weights never sit on 0.
+    let ulps = bits(&reference)?.iter().zip(bits(&got)?).map(|(&a, b)| (a as i32 - b as i32).unsigned_abs()).max().unwrap_or(0);
+    Ok((rows * cols, ulps))
+}
+
+/// Largest |a - b| relative to the largest |a| (`a` is the reference); +∞ on NaN or infinity.
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    freeski_bot::util::compare::max_rel_diff(a, b, 1e-12)
+}
+
+/// Shapes for the fused-decode parity: the tiny GQA/sliding-window model in the two 32-wide
+/// block types, and a small one whose widths fit the 256-wide K-quants, in the Q4_K_M mix
+/// (Q6_K values make q|k|v a mixed-type group).
+fn fused_parity_models() -> Vec<(&'static str, freeski_bot::llm::ModelConfig, BenchQuant)> {
+    let tiny = freeski_bot::llm::ModelConfig::tiny();
+    let small = freeski_bot::llm::ModelConfig { hidden_size: 256, intermediate_size: 512, head_dim: 64, ..tiny.clone() };
+    vec![("tiny q8_0", tiny.clone(), BenchQuant::Q8_0), ("tiny q4_0", tiny, BenchQuant::Q4_0), ("small q4k-m", small, BenchQuant::Q4kM)]
+}
+
+struct FusedParity {
+    steps: usize,
+    used_fused: bool,
+    /// Largest logit difference relative to the largest |logit|, over every step.
+    fused: f64,
+    candle_ops: f64,
+    dense_prefill: f64,
+}
+
+/// Decode steps of a padded batch of `rows` (different prompt lengths, prompts longer than the
+/// sliding window, a random adapter of rank `rank`) through the fused step and through candle's 4-bit ops,
+/// each compared with the exact f32 model (the same weights dequantized). Every path decodes
+/// from a cache the exact model filled, and all are fed the exact model's greedy tokens, so each
+/// step's difference is that path's own.
+fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant: BenchQuant, seed: u64, rows: usize, rank: usize) -> Result<FusedParity> {
+    let mut packed = quant.random_model(cfg, seed, dev)?;
+    let exact = freeski_bot::bench::random::dequantized(&packed)?;
+    let adapter = random_adapter(cfg, rank, dev)?;
+    let a = Some(&adapter);
+    let lens = &[20usize, 14, 9, 20, 17, 12, 9, 5][..rows];
+    let longest = lens[0];
+    let pads: Vec<usize> = lens.iter().map(|l| longest - l).collect();
+    let mut flat = Vec::new();
+    for (i, &p) in pads.iter().enumerate() {
+        flat.extend(std::iter::repeat_n(0u32, p));
+        flat.extend((0..lens[i] as u32).map(|j| (j * 31 + 7 * i as u32 + 3) % cfg.vocab_size as u32));
+    }
+    let ids = Tensor::from_vec(flat, (rows, longest), dev)?;
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> { Ok(rel_diff(&a.flatten_all()?.to_vec1::<f32>()?, &b.flatten_all()?.to_vec1::<f32>()?)) };
+    let prefill = |m: &Model| -> Result<(KvCache, Tensor)> {
+        let mut cache = KvCache::with_padding(pads.clone());
+        let l = m.forward(&ids, &mut cache, a, Logits::Last)?;
+        Ok((cache, l))
+    };
+    let (mut c_exact, mut l_exact) = prefill(&exact)?;
+    packed.set_dense_prefill_rows(1);
+    let (_, l_dense) = prefill(&packed)?;
+    let dense_prefill = rel(&l_exact, &l_dense)?;
+    let (mut c_fused, _) = prefill(&exact)?;
+    let (mut c_ops, _) = prefill(&exact)?;
+    let steps = 12;
+    let (mut fused, mut candle_ops, mut used_fused) = (0f64, 0f64, true);
+    for _ in 0..steps {
+        let next: Vec<u32> = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
+        let t = Tensor::from_vec(next, (rows, 1), dev)?;
+        packed.set_fused_decode(true);
+        let lf = packed.forward(&t, &mut c_fused, a, Logits::Last)?;
+        used_fused &= packed.fused_launches_per_step().is_some_and(|n| n > 0);
+        packed.set_fused_decode(false);
+        let lo = packed.forward(&t, &mut c_ops, a, Logits::Last)?;
+        l_exact = exact.forward(&t, &mut c_exact, a, Logits::Last)?;
+        fused = fused.max(rel(&l_exact, &lf)?);
+        candle_ops = candle_ops.max(rel(&l_exact, &lo)?);
+    }
+    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill })
+}
+
+struct GradParity {
+    pub f32_hand_vs_autograd: f64,
+    pub bf16_hand_vs_autograd: f64,
+    pub f32_dev_vs_cpu: f64,
+}
+
+/// One micro-batch's LoRA gradients on the tiny random model (GQA, sliding window, 2 rows of
+/// different lengths, dropout on): the checkpointed step's hand-written backward against
+/// candle's autograd over the whole graph on `dev`, and against the CPU. Differences are
+/// relative to the largest gradient.
+fn grad_parity(dev: &candle_core::Device, seed: u64) -> Result<GradParity> {
+    let cfg = ModelConfig::tiny();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let examples: Vec<Example> = [21usize, 13]
+        .iter()
+        .map(|&n| Example { ids: (0..n).map(|_| rng.random_range(3..cfg.vocab_size as u32)).collect(), target: (0..n).map(|i| i >= n / 4).collect() })
+        .collect();
+    let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
+    let adapter = AdapterConfig::new(4, 8.0, 0.1, &Proj::ALL, "parity", false);
+    let values: Vec<Vec<f32>> = {
+        let shapes = LoraParams::init(&cfg, adapter.clone(), 1, &Device::Cpu)?;
+        shapes.named_vars().iter().map(|(_, v)| (0..v.elem_count()).map(|_| rng.random_range(-0.05f32..0.05)).collect()).collect()
+    };
+    // One model a device (same seed, same bytes) for every run on it.
+    let (model_dev, model_cpu) = (BenchQuant::Q8_0.random_model(&cfg, seed, dev)?, BenchQuant::Q8_0.random_model(&cfg, seed, &Device::Cpu)?);
+    let grads = |model: &freeski_bot::llm::Model, dtype: DType, checkpointing: bool| -> Result<Vec<f32>> {
+        let dev = model.device();
+        let params = LoraParams::init(&cfg, adapter.clone(), 1, dev)?;
+        for ((_, var), vals) in params.named_vars().into_iter().zip(&values) {
+            var.set(&Tensor::from_vec(vals.clone(), var.shape(), dev)?)?;
+        }
+        let fwd = TrainForward::new(model, dtype, Dropout { p: 0.1, seed: 7 });
+        let mut accum = GradAccum::new(&params)?;
+        fwd.accumulate(&params, &batch, MicroKey { step: 2, micro: 1 }, batch.targets() as f64, checkpointing, &mut accum)?;
+        let mut out = Vec::new();
+        for g in accum.take()? {
+            out.extend(g.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    };
+    let rel = rel_diff;
+    let f32_auto = grads(&model_dev, DType::F32, false)?;
+    let f32_hand = grads(&model_dev, DType::F32, true)?;
+    Ok(GradParity {
+        f32_hand_vs_autograd: rel(&f32_auto, &f32_hand),
+        bf16_hand_vs_autograd: rel(&grads(&model_dev, DType::BF16, false)?, &grads(&model_dev, DType::BF16, true)?),
+        f32_dev_vs_cpu: rel(&grads(&model_cpu, DType::F32, true)?, &f32_hand),
+    })
+}
+
+/// The fused training kernels (`kernels/train.cu` on CUDA) against their composed tensor-op
+/// formulas on the same device, on odd sizes (tails of every loop). Returns
+/// `(kernel, dtype, largest difference relative to the largest composed value)`.
+fn train_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, candle_core::DType, f64)>> {
+    use freeski_bot::train::ops::{self, composed};
+
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let (a, b) = (a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        Ok(rel_diff(&a, &b))
+    };
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let r = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)?) };
+        let (x, g, resid) = (r(&[37, 4100])?, r(&[37, 4100])?, r(&[37, 4100])?);
+        let w = r(&[4100])?;
+        let fused = ops::rms_norm_backward(&x, &w, 1e-5, &g, Some(&resid))?;
+        let plain = (composed::rms_norm_backward(&x, &w, 1e-5, &g)? + &resid)?;
+        out.push(("rms-norm backward", dtype, rel(&plain, &fused)?));
+        let y = candle_nn::ops::softmax_last_dim(&r(&[5, 11, 513])?)?;
+        let gy = r(&[5, 11, 513])?;
+        out.push(("softmax backward", dtype, rel(&composed::softmax_backward(&y, &gy)?, &ops::softmax_backward(&y, &gy)?)?));
+        let (gate, up, dm) = (r(&[3, 10_001])?, r(&[3, 10_001])?, r(&[3, 10_001])?);
+        let (dg, du) = ops::silu_mul_backward(&gate, &up, &dm)?;
+        let (dg0, du0) = composed::silu_mul_backward(&gate, &up, &dm)?;
+        out.push(("silu-mul backward", dtype, rel(&dg0, &dg)?.max(rel(&du0, &du)?)));
+    }
+    // AdamW (f32 only): the step p' − p, and the new moments.
+    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, dev);
+    let (p, g, m, v) = (r(&[16, 4099])?, r(&[16, 4099])?, (r(&[16, 4099])? * 0.1)?, (r(&[16, 4099])?.sqr()? * 0.01)?);
+    let k = StepConsts { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: 1.0 - 1e-3 * 0.01, bc1: 1.0 - 0.9f64.powi(3), bc2: 1.0 - 0.999f64.powi(3) };
+    let (p1, m1, v1) = adamw_update(&p, &g, &m, &v, k)?;
+    let (p0, m0, v0) = adamw_update_composed(&p, &g, &m, &v, k)?;
+    let diff = rel(&(p0 - &p)?, &(p1 - &p)?)?.max(rel(&m0, &m1)?).max(rel(&v0, &v1)?);
+    out.push(("adamw update", DType::F32, diff));
+    Ok(out)
+}
+
+/// Same tiny random model (same seed, same bytes) on the CPU and on the device, with a LoRA
+/// adapter active. With f32 weights the backends must agree to float rounding; with 4/8-bit
+/// weights both quantize activations to 8-bit blocks, each its own way, so they are held to a
+/// looser bound, and each is also compared with the exact f32 computation on dequantized weights.
+#[test]
+#[ignore = "needs a GPU"]
+fn logits_match_the_cpu() -> Result<()> {
+    let dev = device();
+    let cfg = ModelConfig::tiny();
+    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 11) % cfg.vocab_size as u32).collect();
+    let adapter_cpu = random_adapter(&cfg, 4, &Device::Cpu)?;
+    let tensors = adapter_cpu.to_hf_tensors()?.into_iter().map(|(k, v)| Ok((k, v.to_device(&dev)?))).collect::<Result<HashMap<_, _>>>()?;
+    let adapter_dev = LoraAdapter::from_hf_tensors(adapter_cpu.id.clone(), adapter_cpu.config.clone(), tensors, &cfg)?;
+    let run = |m: &Model, a: &LoraAdapter| -> Result<Vec<f32>> {
+        let mut cache = KvCache::new(1);
+        let l = m.forward(&Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?, &mut cache, Some(a), Logits::All)?;
+        Ok(l.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let mut failures = Vec::new();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let cpu_q = freeski_bot::bench::random::random_model(&cfg, dtype, SEED, &Device::Cpu)?;
+        let dev_q = freeski_bot::bench::random::random_model(&cfg, dtype, SEED, &dev)?;
+        let exact_cpu = freeski_bot::bench::random::dequantized(&cpu_q)?;
+        let exact_dev = freeski_bot::bench::random::dequantized(&dev_q)?;
+        let reference = run(&exact_cpu, &adapter_cpu)?;
+        let f32_diff = rel_diff(&reference, &run(&exact_dev, &adapter_dev)?);
+        let q_cpu = run(&cpu_q, &adapter_cpu)?;
+        let q_dev = run(&dev_q, &adapter_dev)?;
+        let (q_diff, cpu_err, dev_err) = (rel_diff(&q_cpu, &q_dev), rel_diff(&reference, &q_cpu), rel_diff(&reference, &q_dev));
+        println!("{dtype:?} weights dequantized to f32: cpu vs device relative {f32_diff:.2e} (tolerance {TOLERANCE:.0e})");
+        println!("{dtype:?} weights quantized: cpu vs device {q_diff:.2e}; vs exact f32: cpu {cpu_err:.2e}, device {dev_err:.2e} (tolerance {QUANTIZED_TOLERANCE:.0e})");
+        if f32_diff > TOLERANCE {
+            failures.push(format!("{dtype:?}/f32 {f32_diff:.2e}"));
+        }
+        if dev_err > QUANTIZED_TOLERANCE || cpu_err > QUANTIZED_TOLERANCE {
+            failures.push(format!("{dtype:?}/quantized cpu {cpu_err:.2e} device {dev_err:.2e}"));
+        }
+    }
+    assert!(failures.is_empty(), "CPU and device disagree beyond tolerance: {}", failures.join(", "));
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn dequantize_kernel_is_exact() -> Result<()> {
+    let dev = device();
+    let mut failures = Vec::new();
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        for to in [DType::BF16, DType::F16] {
+            let (n, ulps) = dequant_parity(&dev, dtype, to, SEED)?;
+            println!("dequantize kernel {dtype:?} -> {to:?}, {n} weights: largest difference from candle's f32 dequantization rounded once: {ulps} ulp (tolerance 0)");
+            if ulps > 0 {
+                failures.push(format!("{dtype:?}/{to:?} {ulps} ulp"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "dequantization differs: {}", failures.join(", "));
+    Ok(())
+}
+
+/// Every model with 3 rows and rank 4; the Q4_K_M mix at every row count the fused step takes
+/// (each has its own matvec instantiation; the Q4_K ones run on tensor cores), one row with a
+/// rank above 32 (the matvec's second LoRA path).
+#[test]
+#[ignore = "needs a GPU"]
+fn fused_decode_and_dense_prefill_match_exact() -> Result<()> {
+    let dev = device();
+    let mut failures = Vec::new();
+    let cases = fused_parity_models().into_iter().flat_map(|(label, cfg, quant)| {
+        let more: &[(usize, usize)] = if quant == BenchQuant::Q4kM { &[(3, 4), (1, 40), (2, 16), (4, 16), (5, 16), (6, 16), (7, 16), (8, 16)] } else { &[(3, 4)] };
+        more.iter().map(move |&(rows, rank)| (label, cfg.clone(), quant, rows, rank)).collect::<Vec<_>>()
+    });
+    for (label, cfg, quant, rows, rank) in cases {
+        let r = fused_decode_parity(&dev, &cfg, quant, SEED, rows, rank)?;
+        let label = format!("{label}, {rows} rows, r={rank}");
+        // The fused step and candle's 4-bit kernels both round activations to int8 blocks of 32;
+        // random small models amplify that differently, so the fused step must stay within the
+        // quantized tolerance or within twice the error of candle's own path on the same model.
+        let bound = QUANTIZED_TOLERANCE.max(2.0 * r.candle_ops);
+        println!(
+            "{label}: {} decode steps, vs exact f32: fused decode {:.2e} (bound {bound:.1e}), candle's 4-bit ops {:.2e}, bf16-GEMM prompt {:.2e} (tolerance {QUANTIZED_TOLERANCE:.0e})",
+            r.steps, r.fused, r.candle_ops, r.dense_prefill
+        );
+        if !r.used_fused {
+            failures.push(format!("{label}: the fused decode step did not run"));
+        }
+        if r.fused > bound {
+            failures.push(format!("{label}/fused {:.2e}", r.fused));
+        }
+        if r.dense_prefill > QUANTIZED_TOLERANCE {
+            failures.push(format!("{label}/dense prefill {:.2e}", r.dense_prefill));
+        }
+    }
+    assert!(failures.is_empty(), "beyond tolerance: {}", failures.join(", "));
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn dropout_matches_the_cpu() -> Result<()> {
+    let dev = device();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let (n, diff) = dropout_parity(&dev, dtype, SEED)?;
+        println!("keyed dropout {dtype:?}, {n} elements: cpu vs device max |difference| {diff:e} (tolerance 0: same masks, same rounding)");
+        assert!(diff == 0.0, "dropout {dtype:?} differs by {diff:e}");
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn training_kernels_match_composed_ops() -> Result<()> {
+    let dev = device();
+    let mut failures = Vec::new();
+    for (kernel, dtype, diff) in train_kernel_parity(&dev)? {
+        // One rounding of the f32 result either way, in a different order: a few ulp.
+        let tol = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
+        println!("{kernel} {dtype:?}: fused kernel vs composed ops {diff:.2e} (tolerance {tol:.0e})");
+        if diff > tol {
+            failures.push(format!("{kernel}/{dtype:?} {diff:.2e}"));
+        }
+    }
+    assert!(failures.is_empty(), "beyond tolerance: {}", failures.join(", "));
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn lora_gradients_match_autograd_and_the_cpu() -> Result<()> {
+    let g = grad_parity(&device(), SEED)?;
+    println!(
+        "LoRA gradients, tiny q8_0, dropout 0.1, 2 padded rows: checkpointed hand-written backward vs whole-graph autograd f32 {:.2e} (tolerance 1e-4), bf16 {:.2e} (tolerance 5e-2); f32 device vs cpu {:.2e} (tolerance 1e-3)",
+        g.f32_hand_vs_autograd, g.bf16_hand_vs_autograd, g.f32_dev_vs_cpu
+    );
+    assert!(
+        g.f32_hand_vs_autograd <= 1e-4 && g.bf16_hand_vs_autograd <= 5e-2 && g.f32_dev_vs_cpu <= 1e-3,
+        "train gradients {:.2e} {:.2e} {:.2e}",
+        g.f32_hand_vs_autograd,
+        g.bf16_hand_vs_autograd,
+        g.f32_dev_vs_cpu
+    );
+    Ok(())
+}
