@@ -111,6 +111,67 @@ fn unchanged_body(prev: &Option<PageRow>, body: &[u8]) -> bool {
     prev.as_ref().is_some_and(|p| p.has_html && p.content_hash.as_deref() == Some(content_hash(body).as_str()))
 }
 
+/// One page fetched against what the store holds: list pages and thread pages go through the
+/// same steps (conditional GET from the stored validators, a body identical to the stored one
+/// counts as unchanged), and differ only in how they parse and record.
+enum PageFetch {
+    /// 304, or the same bytes as stored: `page_count` is the stored pagination.
+    Unchanged {
+        attempts: u32,
+        page_count: Option<u32>,
+    },
+    /// A new or changed body to parse and store.
+    Changed(NewPage),
+    Missing {
+        status: u16,
+        attempts: u32,
+    },
+    Failed {
+        status: Option<u16>,
+        reason: String,
+        attempts: u32,
+    },
+}
+
+struct NewPage {
+    status: u16,
+    body: Vec<u8>,
+    etag: Option<String>,
+    last_modified: Option<String>,
+    attempts: u32,
+}
+
+impl NewPage {
+    /// The store row for this page once parsed.
+    fn record<'a>(&'a self, url: &'a Url, kind: PageKind, thread_id: Option<u64>, page_no: u32, page_count: Option<u32>, parse_error: Option<&'a str>) -> PageRecord<'a> {
+        PageRecord {
+            url: url.as_str(),
+            kind,
+            thread_id,
+            page_no,
+            http_status: self.status,
+            attempts: self.attempts,
+            etag: self.etag.as_deref(),
+            last_modified: self.last_modified.as_deref(),
+            html: &self.body,
+            page_count,
+            parse_error,
+        }
+    }
+}
+
+async fn fetch_page(ctx: &Ctx<'_>, url: &Url) -> Result<PageFetch> {
+    let prev = ctx.store(|s| s.page(url.as_str()))?;
+    let stored_count = || prev.as_ref().and_then(|p| p.page_count);
+    Ok(match ctx.fetcher.get(url, validators(&prev).as_ref()).await {
+        Fetched::Body { attempts, body, .. } if unchanged_body(&prev, &body) => PageFetch::Unchanged { attempts, page_count: stored_count() },
+        Fetched::Body { status, body, etag, last_modified, attempts } => PageFetch::Changed(NewPage { status, body, etag, last_modified, attempts }),
+        Fetched::NotModified { attempts } => PageFetch::Unchanged { attempts, page_count: stored_count() },
+        Fetched::Missing { status, attempts } => PageFetch::Missing { status, attempts },
+        Fetched::Failed { status, reason, attempts } => PageFetch::Failed { status, reason, attempts },
+    })
+}
+
 /// Crawl the configured subforum into `store`. Stops early (state saved) when `cancel` fires.
 pub async fn scrape(settings: &ScrapeSettings, store: &Mutex<Store>, opts: &CrawlOptions, cancel: &CancellationToken) -> Result<CrawlReport> {
     settings.validate()?;
@@ -194,59 +255,40 @@ async fn crawl_list(ctx: &Ctx<'_>, base: &Url, run_id: i64, done: u32, known_tot
             return Ok(());
         }
         let url = page_url(base, n);
-        let prev = ctx.store(|s| s.page(url.as_str()))?;
         let mut last_seen = None;
-        match ctx.fetcher.get(&url, validators(&prev).as_ref()).await {
-            Fetched::Body { status, body, etag, last_modified, attempts } => {
-                if unchanged_body(&prev, &body) {
-                    ctx.store(|s| s.record_list_page_unchanged(run_id, url.as_str(), n, attempts))?;
-                    report.list_pages_unchanged += 1;
-                    last_seen = prev.as_ref().and_then(|p| p.page_count);
-                } else {
-                    let parsed = decode_body(&body).and_then(|html| parse_list_page(&html, &url, &ctx.clean));
-                    let (listed, page_count, parse_error) = match parsed {
-                        Ok(p) => {
-                            if p.skipped > 0 {
-                                tracing::warn!(%url, skipped = p.skipped, "thread entries without link or title");
-                            }
-                            (p.threads, p.last_page, None)
-                        }
-                        Err(e) if n == 1 => anyhow::bail!("thread list {url}: {e}"),
-                        Err(e) => {
-                            tracing::warn!(%url, error = %e, "list page not understood");
-                            (Vec::new(), None, Some(e.to_string()))
-                        }
-                    };
-                    let record = PageRecord {
-                        url: url.as_str(),
-                        kind: PageKind::List,
-                        thread_id: None,
-                        page_no: n,
-                        http_status: status,
-                        attempts,
-                        etag: etag.as_deref(),
-                        last_modified: last_modified.as_deref(),
-                        html: &body,
-                        page_count,
-                        parse_error: parse_error.as_deref(),
-                    };
-                    let outcomes = ctx.store(|s| s.record_list_page(run_id, &record, &listed))?;
-                    report.list_pages_fetched += 1;
-                    report.threads_new += outcomes.iter().filter(|o| **o == ListedOutcome::New).count() as u64;
-                    report.threads_changed += outcomes.iter().filter(|o| **o == ListedOutcome::Changed).count() as u64;
-                    if listed.is_empty() && parse_error.is_none() {
-                        // An empty list page: we are past the last one.
-                        return ctx.store(|s| s.set_run_list_total(run_id, n));
-                    }
-                    last_seen = page_count;
-                }
-            }
-            Fetched::NotModified { attempts } => {
+        match fetch_page(ctx, &url).await? {
+            PageFetch::Unchanged { attempts, page_count } => {
                 ctx.store(|s| s.record_list_page_unchanged(run_id, url.as_str(), n, attempts))?;
                 report.list_pages_unchanged += 1;
-                last_seen = prev.as_ref().and_then(|p| p.page_count);
+                last_seen = page_count;
             }
-            Fetched::Missing { status, attempts } => {
+            PageFetch::Changed(page) => {
+                let parsed = decode_body(&page.body).and_then(|html| parse_list_page(&html, &url, &ctx.clean));
+                let (listed, page_count, parse_error) = match parsed {
+                    Ok(p) => {
+                        if p.skipped > 0 {
+                            tracing::warn!(%url, skipped = p.skipped, "thread entries without link or title");
+                        }
+                        (p.threads, p.last_page, None)
+                    }
+                    Err(e) if n == 1 => anyhow::bail!("thread list {url}: {e}"),
+                    Err(e) => {
+                        tracing::warn!(%url, error = %e, "list page not understood");
+                        (Vec::new(), None, Some(e.to_string()))
+                    }
+                };
+                let record = page.record(&url, PageKind::List, None, n, page_count, parse_error.as_deref());
+                let outcomes = ctx.store(|s| s.record_list_page(run_id, &record, &listed))?;
+                report.list_pages_fetched += 1;
+                report.threads_new += outcomes.iter().filter(|o| **o == ListedOutcome::New).count() as u64;
+                report.threads_changed += outcomes.iter().filter(|o| **o == ListedOutcome::Changed).count() as u64;
+                if listed.is_empty() && parse_error.is_none() {
+                    // An empty list page: we are past the last one.
+                    return ctx.store(|s| s.set_run_list_total(run_id, n));
+                }
+                last_seen = page_count;
+            }
+            PageFetch::Missing { status, attempts } => {
                 anyhow::ensure!(n > 1, "thread list {url} not found (HTTP {status}): check scrape.base_url and scrape.subforum_path");
                 ctx.store(|s| {
                     s.record_page_failure(&PageFailure {
@@ -261,7 +303,7 @@ async fn crawl_list(ctx: &Ctx<'_>, base: &Url, run_id: i64, done: u32, known_tot
                 })?;
                 total = Some(n - 1);
             }
-            Fetched::Failed { status, reason, attempts } => {
+            PageFetch::Failed { status, reason, attempts } => {
                 anyhow::ensure!(n > 1, "thread list {url}: {reason}");
                 tracing::warn!(%url, %reason, "list page failed; its threads are not updated this run");
                 ctx.store(|s| {
@@ -311,49 +353,30 @@ async fn crawl_thread(ctx: &Ctx<'_>, task: ThreadTask) -> Result<()> {
             ctx.counters.threads_crawled.fetch_add(1, Ordering::Relaxed);
             return ctx.store(|s| s.finish_thread(task.id, ThreadStatus::Done, None, Some(p - 1)));
         }
-        let prev = ctx.store(|s| s.page(url.as_str()))?;
-        match ctx.fetcher.get(&url, validators(&prev).as_ref()).await {
-            Fetched::Body { status, body, etag, last_modified, attempts } => {
-                if unchanged_body(&prev, &body) {
-                    ctx.store(|s| s.record_thread_page_unchanged(url.as_str(), task.id, p, attempts))?;
-                    count = prev.as_ref().and_then(|r| r.page_count).or(count);
-                    ctx.page_done(true);
-                } else {
-                    // Parse before touching the store: the DOM is not Send and must not live
-                    // across an await.
-                    let parsed = decode_body(&body).and_then(|html| parse_thread_page(&html, &url, &ctx.clean));
-                    let (posts, page_count, parse_error) = match parsed {
-                        Ok(tp) => (tp.posts, tp.last_page, None),
-                        Err(e) => {
-                            tracing::warn!(%url, error = %e, "parse error; raw page kept");
-                            ctx.counters.parse_errors.fetch_add(1, Ordering::Relaxed);
-                            (Vec::new(), None, Some(e.to_string()))
-                        }
-                    };
-                    let record = PageRecord {
-                        url: url.as_str(),
-                        kind: PageKind::Thread,
-                        thread_id: Some(task.id),
-                        page_no: p,
-                        http_status: status,
-                        attempts,
-                        etag: etag.as_deref(),
-                        last_modified: last_modified.as_deref(),
-                        html: &body,
-                        page_count,
-                        parse_error: parse_error.as_deref(),
-                    };
-                    ctx.store(|s| s.record_thread_page(&record, &posts))?;
-                    count = page_count.or(count).or(Some(p));
-                    ctx.page_done(false);
-                }
-            }
-            Fetched::NotModified { attempts } => {
+        match fetch_page(ctx, &url).await? {
+            PageFetch::Unchanged { attempts, page_count } => {
                 ctx.store(|s| s.record_thread_page_unchanged(url.as_str(), task.id, p, attempts))?;
-                count = prev.as_ref().and_then(|r| r.page_count).or(count).or(Some(p));
+                count = page_count.or(count).or(Some(p));
                 ctx.page_done(true);
             }
-            Fetched::Missing { status, attempts } => {
+            PageFetch::Changed(page) => {
+                // Parse before touching the store: the DOM is not Send and must not live
+                // across an await.
+                let parsed = decode_body(&page.body).and_then(|html| parse_thread_page(&html, &url, &ctx.clean));
+                let (posts, page_count, parse_error) = match parsed {
+                    Ok(tp) => (tp.posts, tp.last_page, None),
+                    Err(e) => {
+                        tracing::warn!(%url, error = %e, "parse error; raw page kept");
+                        ctx.counters.parse_errors.fetch_add(1, Ordering::Relaxed);
+                        (Vec::new(), None, Some(e.to_string()))
+                    }
+                };
+                let record = page.record(&url, PageKind::Thread, Some(task.id), p, page_count, parse_error.as_deref());
+                ctx.store(|s| s.record_thread_page(&record, &posts))?;
+                count = page_count.or(count).or(Some(p));
+                ctx.page_done(false);
+            }
+            PageFetch::Missing { status, attempts } => {
                 if p == 1 {
                     ctx.store(|s| {
                         s.record_page_failure(&PageFailure {
@@ -375,7 +398,7 @@ async fn crawl_thread(ctx: &Ctx<'_>, task: ThreadTask) -> Result<()> {
                 }
                 return Ok(());
             }
-            Fetched::Failed { status, reason, attempts } => {
+            PageFetch::Failed { status, reason, attempts } => {
                 tracing::warn!(%url, %reason, "giving up on thread for this run");
                 let why = format!("page {p}: {reason}");
                 ctx.store(|s| {
