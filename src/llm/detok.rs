@@ -15,6 +15,15 @@
 //! UTF-8), so text is only emitted once a run has ended, i.e. a character spelled in byte tokens
 //! comes out with the token after it. Only pathological runs (over [`MAX_PENDING`] tokens, e.g.
 //! garbage bytes) are emitted early, where the replacement characters may then differ.
+//!
+//! Why not `tokenizers::DecodeStream` (the same windowing idea, in the crate since 0.21): it
+//! cannot flush, so an answer that stops mid-character loses its last bytes instead of ending in
+//! U+FFFD as `decode` does (`finish` here); its window grows without bound while a byte run stays
+//! invalid; and when a byte-fallback run that already decoded to a character is extended by bytes
+//! that make the run invalid (garbage a sampled answer can contain), the decoder turns the whole
+//! run into U+FFFD, the window's text no longer starts with what was emitted, and `step` fails
+//! with `InvalidPrefix` where this decoder waits for the run to end. `tests/llm_detok.rs` holds
+//! these cases.
 
 use anyhow::{anyhow, Context, Result};
 use tokenizers::{ModelWrapper, Tokenizer};
