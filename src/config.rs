@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-pub use crate::llm::settings::{GenerationSettings, ModelSettings, QuantType, TemplateChoice};
+pub use crate::llm::settings::{BackendKind, GenerationSettings, LlmSettings, ModelSettings, QuantType, TemplateChoice};
 
 /// The committed defaults, compiled into the binary so it runs from any working directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -22,6 +22,7 @@ pub struct Settings {
     pub model: ModelSettings,
     pub adapter: AdapterSettings,
     pub generation: GenerationSettings,
+    pub llm: LlmSettings,
     pub scrape: crate::scrape::ScrapeSettings,
     pub dataset: crate::dataset::DatasetSettings,
     pub store: crate::store::StoreSettings,
@@ -29,6 +30,7 @@ pub struct Settings {
     pub discord: crate::bot::DiscordSettings,
     pub bot: crate::bot::BotSettings,
     pub worker: crate::worker::WorkerSettings,
+    pub serve: crate::serve::ServeSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +80,7 @@ impl Settings {
         let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults/local.toml/environment".into());
         let settings: Settings = builder.build().and_then(|c| c.try_deserialize()).with_context(|| format!("invalid settings ({origin})"))?;
         settings.generation.validate()?;
+        settings.llm.validate()?;
         settings.scrape.validate()?;
         settings.dataset.validate()?;
         settings.store.validate()?;
@@ -85,6 +88,7 @@ impl Settings {
         settings.discord.validate()?;
         settings.bot.validate()?;
         settings.worker.validate()?;
+        settings.serve.validate()?;
         Ok(settings)
     }
 }

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod kernels;
 pub mod llm;
 pub mod scrape;
+pub mod serve;
 pub mod store;
 pub mod train;
 pub mod util;

@@ -83,6 +83,11 @@ impl ModelArgs {
 impl Session {
     /// Load the model and start the engine with `settings` and the overrides in `args`.
     pub fn open(settings: &Settings, args: &ModelArgs) -> Result<Self> {
+        Self::open_with(settings, args, engine_config(settings))
+    }
+
+    /// [`Session::open`] with the engine's queue and batch from `cfg` (the HTTP server has its own).
+    pub fn open_with(settings: &Settings, args: &ModelArgs, cfg: EngineConfig) -> Result<Self> {
         let settings = args.apply(settings)?;
         let device = crate::llm::device::parse_device(&settings.model.device)?;
         let t0 = std::time::Instant::now();
@@ -105,7 +110,7 @@ impl Session {
             }
         }
         let opts = GenOptions::from_settings(&settings.generation, settings.model.max_context, lm.model.config());
-        let engine = Engine::start(Arc::new(lm), adapter.map(Arc::new), engine_config(&settings))?;
+        let engine = Engine::start(Arc::new(lm), adapter.map(Arc::new), cfg)?;
         Ok(Self { engine, opts })
     }
 

@@ -14,6 +14,7 @@ pub mod model_config;
 pub mod prompt;
 pub mod qlinear;
 pub mod random;
+pub mod remote;
 pub mod sampling;
 pub mod settings;
 pub mod tokenizer;
