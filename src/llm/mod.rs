@@ -1,6 +1,7 @@
 //! The language model: a Llama-family decoder with a frozen 4-bit base and optional LoRA
 //! adapters, its loaders, tokenizer, chat templates, sampling and generation loop.
 
+pub mod backend;
 pub mod chat;
 pub mod detok;
 pub mod device;

@@ -95,6 +95,10 @@ impl ServeState {
         })
     }
 
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     pub fn base_name(&self) -> &str {
         &self.base
     }
