@@ -125,6 +125,36 @@ mod tests {
     }
 
     #[test]
+    fn shards_are_auto_or_a_count() {
+        use crate::bot::Shards;
+        let s = |v: &str| Settings::load_with_env(None, env(&[("FREESKI__DISCORD__SHARDS", v)]));
+        assert_eq!(Settings::load_with_env(None, env(&[])).unwrap().discord.shards, Shards::Count(1));
+        assert_eq!(s("auto").unwrap().discord.shards, Shards::Auto);
+        assert_eq!(s("4").unwrap().discord.shards, Shards::Count(4));
+        for bad in ["0", "many"] {
+            let err = format!("{:#}", s(bad).unwrap_err());
+            assert!(err.contains("shards"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn llm_and_serve_settings_are_checked() {
+        let s = Settings::load_with_env(None, env(&[])).unwrap();
+        assert_eq!((s.llm.backend, s.serve.listen.as_str()), (BackendKind::Local, "127.0.0.1:8000"));
+        let s = Settings::load_with_env(None, env(&[("FREESKI__LLM__BACKEND", "openai"), ("FREESKI__LLM__BASE_URL", "http://gpu:8000/v1")])).unwrap();
+        assert_eq!(s.llm.backend, BackendKind::Openai);
+        for (k, v, needle) in [
+            ("FREESKI__LLM__BASE_URL", "gpu:8000", "llm.base_url"),
+            ("FREESKI__LLM__BACKEND", "vllm", "backend"),
+            ("FREESKI__SERVE__LISTEN", "localhost", "serve.listen"),
+            ("FREESKI__SERVE__MAX_BATCH", "0", "serve.max_batch"),
+        ] {
+            let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__LLM__BACKEND", "openai"), (k, v)])).unwrap_err());
+            assert!(err.contains(needle), "{k}={v}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("local.toml");

@@ -30,7 +30,7 @@ pub mod rest;
 pub mod settings;
 pub mod stream;
 
-pub use settings::{BotSettings, DiscordSettings};
+pub use settings::{BotSettings, DiscordSettings, Shards};
 
 /// The bot token. Never printed: `Debug` hides it and nothing logs it.
 pub struct Token(String);
@@ -180,7 +180,17 @@ pub async fn run(settings: Arc<Settings>, backend: Backend, token: Token, shutdo
     let shards = client.shard_manager.clone();
     // Jobs queued by /rescrape and /retrain run here, beside the bot, on their own threads.
     let worker = crate::worker::Worker::spawn(settings.clone(), engine.clone(), client.http.clone(), publisher)?;
-    let mut gateway = tokio::spawn(async move { client.start().await });
+    // One gateway connection per shard: Discord wants about 1,000 guilds per shard and
+    // refuses a single connection from 2,500.
+    let shard_count = settings.discord.shards;
+    tracing::info!(shards = ?shard_count, "connecting to the gateway");
+    let mut gateway = tokio::spawn(async move {
+        match shard_count {
+            Shards::Auto => client.start_autosharded().await,
+            Shards::Count(1) => client.start().await,
+            Shards::Count(n) => client.start_shards(n).await,
+        }
+    });
 
     let ended_by_gateway = tokio::select! {
         r = &mut gateway => Some(r),
