@@ -94,7 +94,8 @@ stage_serve() {
   freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
 }
 # Wait until an HTTP server answers GET $1 (model loading takes a while), at most 10 minutes.
-wait_http() { for _ in $(seq 600); do curl -sf -o /dev/null "$1" && return 0; sleep 1; done; echo "no answer from $1" >&2; return 1; }
+http_get() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1" 2>/dev/null; }
+wait_http() { for _ in $(seq 600); do http_get "$1" >/dev/null && return 0; sleep 1; done; echo "no answer from $1" >&2; return 1; }
 stage_apiload() {
   local clients=${LOAD_CLIENTS:-1,8,32} req=${LOAD_REQUESTS:-4} tok=${LOAD_MAX_TOKENS:-128} pid
   local m=(--model "$Q4KM"); [ -f "$Q4KM" ] || { echo "no $Q4KM (run the q4km stage): freeski serve on the random 7B shape is not possible, skipping"; return; }
@@ -104,7 +105,7 @@ stage_apiload() {
     freeski-bot serve "${m[@]}" --device cuda:0 --listen 127.0.0.1:8011 >"$OUT/apiload-serve.log" 2>&1 & pid=$!
   if wait_http http://127.0.0.1:8011/health; then
     python3 bench/serve_load.py --url http://127.0.0.1:8011 --model q4km --clients "$clients" --requests "$req" --max-tokens "$tok" --label freeski-serve --json "$OUT/apiload.json" | tee "$OUT/apiload-freeski.txt"
-    curl -s http://127.0.0.1:8011/metrics | grep -E "^freeski_(completions|generated|time_to_first_token_seconds_(sum|count))" > "$OUT/apiload-metrics.txt"
+    http_get http://127.0.0.1:8011/metrics | grep -E "^freeski_(completions|generated|time_to_first_token_seconds_(sum|count))" > "$OUT/apiload-metrics.txt"
   fi
   kill -TERM $pid; wait $pid
   if [ -x "$WORK/build/bin/llama-server" ]; then

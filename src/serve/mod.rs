@@ -378,7 +378,12 @@ fn stream(s: Arc<ServeState>, mut ticket: Ticket, id: String, created: u64, mode
         }
         let mut first = true;
         loop {
-            match ticket.next().await {
+            // A client that leaves while its request waits or prefills is noticed at once.
+            let event = tokio::select! {
+                ev = ticket.next() => ev,
+                _ = tx.closed() => return,
+            };
+            match event {
                 Some(Event::Started { .. }) => {}
                 Some(Event::Text(piece)) => {
                     if std::mem::take(&mut first) {
