@@ -15,6 +15,10 @@
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
 #              gate|up and down matvecs
 #   serve      `bench serve-train` on a simulated 8 GB card
+#   apiload    `freeski-bot serve` and llama.cpp's llama-server (if built: `llamacpp.sh build`) on
+#              the same Q4_K_M file ($Q4KM, else the random 7B shape for serve alone), each driven by
+#              bench/serve_load.py with 1, 8 and 32 concurrent streaming clients: aggregate
+#              tokens/s, p50/p95 time to first token
 #   train      `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
 #   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
 #   torchprof  the same for one PyTorch + PEFT step (torch.profiler)
@@ -89,6 +93,32 @@ stage_ncu() {
 }
 stage_serve() {
   freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
+}
+# Wait until an HTTP server answers GET $1 (model loading takes a while), at most 10 minutes.
+http_get() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1" 2>/dev/null; }
+wait_http() { for _ in $(seq 600); do http_get "$1" >/dev/null && return 0; sleep 1; done; echo "no answer from $1" >&2; return 1; }
+stage_apiload() {
+  local clients=${LOAD_CLIENTS:-1,8,32} req=${LOAD_REQUESTS:-4} tok=${LOAD_MAX_TOKENS:-128} pid
+  local m=(--model "$Q4KM"); [ -f "$Q4KM" ] || { echo "no $Q4KM (run the q4km stage): freeski serve on the random 7B shape is not possible, skipping"; return; }
+  rm -f "$OUT/apiload.json"
+  # max_batch 8: the rows a batch decodes on the fused kernels with unchanged answers.
+  FREESKI__SERVE__MODEL_NAME=q4km FREESKI__SERVE__QUEUE_CAPACITY=256 FREESKI__SERVE__MAX_BATCH=8 FREESKI__GENERATION__MAX_NEW_TOKENS=$tok \
+    freeski-bot serve "${m[@]}" --device cuda:0 --listen 127.0.0.1:8011 >"$OUT/apiload-serve.log" 2>&1 & pid=$!
+  if wait_http http://127.0.0.1:8011/health; then
+    python3 bench/serve_load.py --url http://127.0.0.1:8011 --model q4km --clients "$clients" --requests "$req" --max-tokens "$tok" --label freeski-serve --json "$OUT/apiload.json" | tee "$OUT/apiload-freeski.txt"
+    http_get http://127.0.0.1:8011/metrics | grep -E "^freeski_(completions|generated|time_to_first_token_seconds_(sum|count))" > "$OUT/apiload-metrics.txt"
+  fi
+  kill -TERM $pid; wait $pid
+  if [ -x "$WORK/build/bin/llama-server" ]; then
+    # 8 slots with continuous batching, the whole context split between them, flash attention.
+    "$WORK/build/bin/llama-server" -m "$Q4KM" -ngl 99 -fa on -np 8 -c 32768 --cont-batching --host 127.0.0.1 --port 8012 >"$OUT/apiload-llamacpp.log" 2>&1 & pid=$!
+    if wait_http http://127.0.0.1:8012/health; then
+      python3 bench/serve_load.py --url http://127.0.0.1:8012 --model q4km --clients "$clients" --requests "$req" --max-tokens "$tok" --label llama-server --json "$OUT/apiload.json" | tee "$OUT/apiload-llamacpp.txt"
+    fi
+    kill -TERM $pid; wait $pid
+  else
+    echo "llama-server not built (bash bench/peers/llamacpp.sh build): freeski serve only"
+  fi
 }
 stage_train() {
   freeski-bot bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --leave-free-gb 7.0 --json "$OUT/train-r16.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train.txt"

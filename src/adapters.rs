@@ -107,7 +107,11 @@ pub fn validate_id(id: &str) -> Result<()> {
 
 /// [`activate`] for ids coming from Discord: `id` ("" = bare base) must pass [`validate_id`]
 /// and is loaded from `dir/<id>` only, never as a path of its own or from the working folder.
-pub fn activate_id(engine: &Engine, store: &Store, dir: &Path, id: &str) -> Result<String> {
+pub fn activate_id(engine: &Engine, publisher: Option<&Publisher>, store: &Store, dir: &Path, id: &str) -> Result<String> {
+    activate_id_as(engine, publisher, store, dir, id, false)
+}
+
+fn activate_id_as(engine: &Engine, publisher: Option<&Publisher>, store: &Store, dir: &Path, id: &str, rollback: bool) -> Result<String> {
     let adapter = match id {
         "" => None,
         id => {
@@ -121,13 +125,16 @@ pub fn activate_id(engine: &Engine, store: &Store, dir: &Path, id: &str) -> Resu
             Some(Arc::new(LoraAdapter::load(&path, lm.model.config(), lm.model.device()).with_context(|| format!("loading adapter {id}"))?))
         }
     };
-    install(engine, store, adapter, id)
+    let before = [engine.active_adapter_id().unwrap_or_default(), store.meta_get(PREVIOUS_KEY)?.unwrap_or_default()];
+    let previous = before[0].clone();
+    switch_remote(publisher, dir, id, &before, &previous, rollback, || install(engine, store, adapter, id))
 }
 
-/// [`rollback`] for Discord: the adapter to return to is loaded through [`activate_id`].
-pub fn rollback_id(engine: &Engine, store: &Store, dir: &Path) -> Result<String> {
+/// [`rollback`] for Discord: the adapter to return to is loaded through [`activate_id`]; with a
+/// remote server, the adapter rolled back from is unloaded there.
+pub fn rollback_id(engine: &Engine, publisher: Option<&Publisher>, store: &Store, dir: &Path) -> Result<String> {
     let previous = store.meta_get(PREVIOUS_KEY)?.context("no earlier adapter to roll back to")?;
-    activate_id(engine, store, dir, &previous)?;
+    activate_id_as(engine, publisher, store, dir, &previous, true)?;
     Ok(previous)
 }
 
@@ -151,21 +158,120 @@ pub fn rollback(engine: &Engine, store: &Store, dir: &Path) -> Result<String> {
 
 /// At start-up: the adapter to activate is the persisted one if any, else `configured`
 /// (`adapter.active`). A persisted adapter that no longer loads is reported and skipped.
-pub fn restore(engine: &Engine, store: &Store, dir: &Path, configured: &str) -> Result<()> {
+/// With a remote server (`publisher`), the adapter is also published and loaded there; if the
+/// server cannot load it, answers come from its base model until an adapter is activated.
+pub fn restore(engine: &Engine, publisher: Option<&Publisher>, store: &Store, dir: &Path, configured: &str) -> Result<()> {
     let wanted = store.meta_get(ACTIVE_KEY)?.unwrap_or_else(|| configured.to_string());
-    if wanted.is_empty() || engine.active_adapter_id().as_deref() == Some(wanted.as_str()) {
+    if wanted.is_empty() {
         return Ok(());
     }
-    match load(engine, dir, &wanted) {
+    let loaded = match engine.active_adapter() {
+        Some(a) if a.id == wanted => Ok(a),
+        _ => load(engine, dir, &wanted),
+    };
+    match loaded.and_then(|a| switch_remote(publisher, dir, &wanted, &[], "", false, || Ok(a))) {
         Ok(a) => {
             engine.swap_adapter(Some(a));
             Ok(())
         }
         Err(e) => {
             tracing::error!(adapter = %wanted, error = format!("{e:#}"), "the saved active adapter does not load; answering without it");
+            if publisher.is_some() {
+                // The server would not know the adapter the engine names.
+                engine.swap_adapter(None);
+            }
             Ok(())
         }
     }
+}
+
+/// Keeps a remote model server's adapters in step with the active one (the `openai` backend):
+/// an adapter about to become active is published (its folder copied into `llm.publish_dir`,
+/// unless the server reads `adapter.dir` itself) and loaded on the server first, so a server
+/// that cannot load it leaves the active adapter unchanged; adapters no longer active or the
+/// rollback target are unloaded. Blocking: call it from a worker or blocking thread.
+pub struct Publisher {
+    client: crate::llm::remote::RemoteClient,
+    /// Where adapter folders are copied (`None`: the server reads `adapter.dir`).
+    publish_dir: Option<PathBuf>,
+    /// `publish_dir` (or `adapter.dir`) as the server sees it (`None`: the same path).
+    server_dir: Option<String>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Publisher {
+    /// `publish_dir`/`server_dir`: `llm.publish_dir` / `llm.server_publish_dir` ("" = unset).
+    pub fn new(client: crate::llm::remote::RemoteClient, publish_dir: &str, server_dir: &str, rt: tokio::runtime::Handle) -> Self {
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Self { client, publish_dir: opt(publish_dir).map(PathBuf::from), server_dir: opt(server_dir), rt }
+    }
+
+    /// Publish adapter `id` from `dir` and load it on the server.
+    pub fn push(&self, dir: &Path, id: &str) -> Result<()> {
+        let src = dir.join(id);
+        anyhow::ensure!(src.join(lora::CONFIG_FILE).is_file(), "no adapter `{id}` in {}", dir.display());
+        let local = match &self.publish_dir {
+            Some(p) => {
+                publish_copy(&src, p, id).with_context(|| format!("publishing adapter {id} to {}", p.display()))?;
+                p.join(id)
+            }
+            None => std::path::absolute(&src).with_context(|| format!("resolving {}", src.display()))?,
+        };
+        let server_path = match &self.server_dir {
+            Some(d) => format!("{}/{id}", d.trim_end_matches('/')),
+            None => local.display().to_string(),
+        };
+        self.rt.block_on(self.client.load_adapter(id, &server_path))
+    }
+
+    /// Unload `id` from the server (one not loaded is fine).
+    pub fn unload(&self, id: &str) -> Result<()> {
+        self.rt.block_on(self.client.unload_adapter(id))
+    }
+
+    /// Unload each of `ids` not in `keep`, logging failures (the switch already happened).
+    fn unload_all_but(&self, ids: &[String], keep: &[&str]) {
+        for id in ids.iter().filter(|id| !id.is_empty() && !keep.contains(&id.as_str())) {
+            if let Err(e) = self.unload(id) {
+                tracing::warn!(adapter = %id, error = format!("{e:#}"), "unloading an adapter from the model server");
+            }
+        }
+    }
+}
+
+/// Copy the adapter folder `src` to `publish/<id>` through a temporary sibling and a rename, so
+/// the server never sees half a folder; an existing copy is replaced.
+fn publish_copy(src: &Path, publish: &Path, id: &str) -> Result<()> {
+    std::fs::create_dir_all(publish)?;
+    let tmp = publish.join(format!(".{id}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        // The PEFT files and the reports beside them; checkpoints (sub-folders) stay behind.
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), tmp.join(entry.file_name()))?;
+        }
+    }
+    let dst = publish.join(id);
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::rename(&tmp, &dst)?;
+    Ok(())
+}
+
+/// Switch the server to `new` (already loaded into the engine by the caller) around `swap`:
+/// publish + load it first (an error leaves everything as it was), run `swap`, then unload what
+/// the server no longer needs: the ids in `before` except the new active adapter and, unless
+/// `rollback`, the new rollback target (`previous`).
+pub fn switch_remote<T>(publisher: Option<&Publisher>, dir: &Path, new: &str, before: &[String], previous: &str, rollback: bool, swap: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(p) = publisher else { return swap() };
+    if !new.is_empty() {
+        p.push(dir, new).context("the model server could not load the adapter")?;
+    }
+    let out = swap()?;
+    let keep: Vec<&str> = if rollback { vec![new] } else { vec![new, previous] };
+    p.unload_all_but(before, &keep);
+    Ok(out)
 }
 
 #[cfg(test)]

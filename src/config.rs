@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 
 pub use crate::adapters::AdapterSettings;
-pub use crate::llm::settings::{GenerationSettings, ModelSettings, QuantType, TemplateChoice};
+pub use crate::llm::settings::{BackendKind, GenerationSettings, LlmSettings, ModelSettings, QuantType, TemplateChoice};
 
 /// The committed defaults, compiled into the binary so it runs from any working directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -23,6 +23,7 @@ pub struct Settings {
     pub model: ModelSettings,
     pub adapter: AdapterSettings,
     pub generation: GenerationSettings,
+    pub llm: LlmSettings,
     pub scrape: crate::scrape::ScrapeSettings,
     pub dataset: crate::dataset::DatasetSettings,
     pub store: crate::store::StoreSettings,
@@ -30,6 +31,7 @@ pub struct Settings {
     pub discord: crate::discord::DiscordSettings,
     pub bot: crate::bot::BotSettings,
     pub worker: crate::worker::WorkerSettings,
+    pub serve: crate::serve::ServeSettings,
 }
 
 impl Settings {
@@ -71,6 +73,7 @@ impl Settings {
         let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults/local.toml/environment".into());
         let settings: Settings = builder.build().and_then(|c| c.try_deserialize()).with_context(|| format!("invalid settings ({origin})"))?;
         settings.generation.validate()?;
+        settings.llm.validate()?;
         settings.scrape.validate()?;
         settings.dataset.validate()?;
         settings.store.validate()?;
@@ -78,6 +81,7 @@ impl Settings {
         settings.discord.validate()?;
         settings.bot.validate()?;
         settings.worker.validate()?;
+        settings.serve.validate()?;
         Ok(settings)
     }
 }
@@ -112,6 +116,7 @@ impl Settings {
             generation: self.generation.clone(),
             adapter: self.adapter.clone(),
             store: self.store.clone(),
+            llm: self.llm.clone(),
             worker: self.worker_config(),
         }
     }
@@ -146,6 +151,36 @@ mod tests {
         assert_eq!((s.discord.guild_ids, s.discord.admin_user_ids, s.bot.user_burst), (vec![1, 22], vec![5], 2));
         let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__BOT__VOTE_DOWN_EMOJI", "👍")])).unwrap_err());
         assert!(err.contains("bot.vote_up_emoji"), "{err}");
+    }
+
+    #[test]
+    fn shards_are_auto_or_a_count() {
+        use crate::discord::Shards;
+        let s = |v: &str| Settings::load_with_env(None, env(&[("FREESKI__DISCORD__SHARDS", v)]));
+        assert_eq!(Settings::load_with_env(None, env(&[])).unwrap().discord.shards, Shards::Count(1));
+        assert_eq!(s("auto").unwrap().discord.shards, Shards::Auto);
+        assert_eq!(s("4").unwrap().discord.shards, Shards::Count(4));
+        for bad in ["0", "many"] {
+            let err = format!("{:#}", s(bad).unwrap_err());
+            assert!(err.contains("shards"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn llm_and_serve_settings_are_checked() {
+        let s = Settings::load_with_env(None, env(&[])).unwrap();
+        assert_eq!((s.llm.backend, s.serve.listen.as_str()), (BackendKind::Local, "127.0.0.1:8000"));
+        let s = Settings::load_with_env(None, env(&[("FREESKI__LLM__BACKEND", "openai"), ("FREESKI__LLM__BASE_URL", "http://gpu:8000/v1")])).unwrap();
+        assert_eq!(s.llm.backend, BackendKind::Openai);
+        for (k, v, needle) in [
+            ("FREESKI__LLM__BASE_URL", "gpu:8000", "llm.base_url"),
+            ("FREESKI__LLM__BACKEND", "vllm", "backend"),
+            ("FREESKI__SERVE__LISTEN", "localhost", "serve.listen"),
+            ("FREESKI__SERVE__MAX_BATCH", "0", "serve.max_batch"),
+        ] {
+            let err = format!("{:#}", Settings::load_with_env(None, env(&[("FREESKI__LLM__BACKEND", "openai"), (k, v)])).unwrap_err());
+            assert!(err.contains(needle), "{k}={v}: {err}");
+        }
     }
 
     #[test]

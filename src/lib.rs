@@ -11,6 +11,7 @@ pub mod discord;
 pub mod kernels;
 pub mod llm;
 pub mod scrape;
+pub mod serve;
 pub mod store;
 pub mod train;
 pub mod util;

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Bottom to top, as in ARCHITECTURE.md. A module may import those before it.
-const LAYERS: &[&str] = &["util", "kernels", "llm", "store", "scrape", "dataset", "train", "adapters", "discord", "worker", "bot", "config", "bench", "cli"];
+const LAYERS: &[&str] = &["util", "kernels", "llm", "store", "scrape", "dataset", "train", "adapters", "discord", "worker", "bot", "serve", "config", "bench", "cli"];
 
 fn rank(module: &str) -> Option<usize> {
     LAYERS.iter().position(|m| *m == module)

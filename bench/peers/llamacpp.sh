@@ -3,7 +3,7 @@
 # .gpu/peers/llama.cpp.tar.gz from fetch-llamacpp.sh, CMake, a C++ compiler, nvcc, and PyTorch +
 # transformers for the random checkpoint).
 #
-#   bash bench/peers/llamacpp.sh build            # llama-bench, llama-quantize (~3 min, 16 cores)
+#   bash bench/peers/llamacpp.sh build            # llama-bench, llama-quantize, llama-server (~4 min, 16 cores)
 #   bash bench/peers/llamacpp.sh mistral-q4km     # random Mistral-7B -> llama.cpp's converter ->
 #                                                 # Q4_K_M GGUF at $WORK/mistral-7b-random.Q4_K_M.gguf
 #   bash bench/peers/llamacpp.sh bench FILE       # llama-bench: pp512, tg128, pp100+tg1, flash attention
@@ -21,9 +21,9 @@ build() {
   [ -n "${LLAMA_CPU:-}" ] && cuda=(-DGGML_CUDA=OFF)
   local gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
   cmake -S "$SRC" -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${cuda[@]}" \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >/dev/null
-  cmake --build "$BUILD" --target llama-bench llama-quantize -j"$(nproc)" 2>&1 | tail -2
+  cmake --build "$BUILD" --target llama-bench llama-quantize llama-server -j"$(nproc)" 2>&1 | tail -2
   ls "$BUILD"/bin
 }
 

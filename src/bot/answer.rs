@@ -108,7 +108,7 @@ pub async fn run(bot: Arc<BotState>, job: AnswerJob) {
         return;
     }
     let q = Question { history: job.history.clone(), question: job.question.clone(), opts: opts.clone(), adapter: AdapterChoice::Active };
-    let mut ticket = match bot.engine.submit(q) {
+    let mut ticket = match bot.backend.submit(q) {
         Ok(t) => t,
         Err(e) => {
             let text = match e {
@@ -184,7 +184,7 @@ pub async fn run(bot: Arc<BotState>, job: AnswerJob) {
         guild_id: job.guild.map(|g| g.get()),
         channel_id: Some(job.channel.get()),
         asked_by: Some(job.asker.get()),
-        generation: generation_record(&opts, &gen, ticket.history_kept_from, (batch, run), streamer.failed.as_deref()),
+        generation: generation_record(&opts, &gen, ticket.history_kept_from, (batch, run), streamer.failed.as_deref(), bot.backend.remote_client().is_some()),
     };
     let ids = streamer.message_ids();
     let stored = bot.streaming.finish(key, |votes| {
@@ -240,8 +240,9 @@ fn role_name(r: Role) -> &'static str {
 }
 
 /// What is stored with an answer about how it was generated. `(batch, run)`: the size of the
-/// engine batch it ran in and that batch's number in the engine's run order.
-fn generation_record(opts: &GenOptions, gen: &Generation, history_kept_from: usize, (batch, run): (usize, u64), delivery_error: Option<&str>) -> serde_json::Value {
+/// engine batch it ran in and that batch's number in the engine's run order. A `remote` answer
+/// (an OpenAI-compatible server) has no token ids, batch or run here.
+fn generation_record(opts: &GenOptions, gen: &Generation, history_kept_from: usize, (batch, run): (usize, u64), delivery_error: Option<&str>, remote: bool) -> serde_json::Value {
     let s = &opts.sampling;
     serde_json::json!({
         "temperature": s.temperature,
@@ -255,7 +256,8 @@ fn generation_record(opts: &GenOptions, gen: &Generation, history_kept_from: usi
         "seed": opts.seed,
         "finish": format!("{:?}", gen.finish),
         "prompt_tokens": gen.prompt_tokens,
-        "answer_tokens": gen.tokens.len(),
+        "answer_tokens": (!remote).then_some(gen.tokens.len()),
+        "backend": if remote { "openai" } else { "local" },
         "history_kept_from": history_kept_from,
         "batch": batch,
         "engine_run": run,

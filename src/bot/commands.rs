@@ -218,7 +218,10 @@ fn status_text(bot: &BotState, admin: bool) -> String {
         }
         None => "**Adapter:** none (base model)".to_string(),
     });
-    lines.push(format!("**Queue:** {} waiting, {} being answered", bot.engine.queue_depth(), bot.engine.running()));
+    lines.push(format!("**Queue:** {}", bot.backend.describe()));
+    if let (true, Some(r)) = (admin, bot.backend.remote_client()) {
+        lines.push(format!("**Model server:** {} (model `{}`)", r.base_url(), r.model_for(bot.engine.active_adapter_id().as_deref())));
+    }
     if !admin {
         let jobs = bot.store().active_jobs().map(|j| j.len()).unwrap_or(0);
         lines.push(match jobs {
@@ -301,9 +304,9 @@ async fn adapter(bot: Arc<BotState>, r: &Responder) -> Result<()> {
             let result = tokio::task::spawn_blocking(move || {
                 let store = b.store();
                 if rollback {
-                    crate::adapters::rollback_id(&b.engine, &store, &dir)
+                    crate::adapters::rollback_id(&b.engine, b.publisher.as_deref(), &store, &dir)
                 } else {
-                    crate::adapters::activate_id(&b.engine, &store, &dir, &id).map(|_| id)
+                    crate::adapters::activate_id(&b.engine, b.publisher.as_deref(), &store, &dir, &id).map(|_| id)
                 }
             })
             .await

@@ -13,6 +13,9 @@ use anyhow::{Context, Result};
 use serenity::all::{ClientBuilder, GatewayIntents, HttpBuilder, MessageId};
 use tokio_util::task::TaskTracker;
 
+use crate::adapters::Publisher;
+use crate::discord::Shards;
+use crate::llm::backend::Backend;
 use crate::llm::engine::{Canceller, Engine};
 use crate::store::Store;
 
@@ -62,7 +65,13 @@ struct SeenIds {
 /// Everything the handlers share.
 pub struct BotState {
     pub settings: Arc<BotConfig>,
+    /// The local engine: tokenizer, training, the active adapter; answers too unless `backend`
+    /// is remote.
     pub engine: Engine,
+    /// Where answers come from.
+    pub backend: Backend,
+    /// With a remote backend: keeps the server's adapters in step with the active one.
+    pub publisher: Option<Arc<Publisher>>,
     store: Mutex<Store>,
     pub limiter: ratelimit::UserLimiter,
     /// Questions being answered, by message id: deleting the message cancels its answer.
@@ -75,11 +84,13 @@ pub struct BotState {
 }
 
 impl BotState {
-    pub fn new(settings: Arc<BotConfig>, engine: Engine, store: Store) -> Self {
+    pub fn new(settings: Arc<BotConfig>, backend: Backend, publisher: Option<Arc<Publisher>>, store: Store) -> Self {
         let limiter = ratelimit::UserLimiter::new(settings.bot.user_questions_per_minute, settings.bot.user_burst);
         Self {
             settings,
-            engine,
+            engine: backend.engine().clone(),
+            backend,
+            publisher,
             store: Mutex::new(store),
             limiter,
             inflight: Mutex::new(HashMap::new()),
@@ -132,14 +143,26 @@ pub fn intents() -> GatewayIntents {
 /// Run the bot until `shutdown` resolves (or the gateway connection ends for good). On
 /// shutdown, answers in flight are cancelled and their messages closed with a note (within
 /// `bot.shutdown_grace_ms`), then the gateway is closed and the engine stopped.
-pub async fn run(settings: Arc<BotConfig>, engine: Engine, token: Token, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+/// `backend` answers (the local engine, or a remote server with the local engine beside it for
+/// tokens and training; see `llm::backend`).
+pub async fn run(settings: Arc<BotConfig>, backend: Backend, token: Token, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    let engine = backend.engine().clone();
     let store = Store::open_with(&settings.store)?;
     let interrupted = store.interrupt_running_jobs()?;
     if interrupted > 0 {
         tracing::warn!(jobs = interrupted, "jobs left running by the previous run are marked interrupted");
     }
-    crate::adapters::restore(&engine, &store, &settings.adapter.dir, &settings.adapter.active)?;
-    let bot = Arc::new(BotState::new(settings.clone(), engine.clone(), store));
+    let publisher =
+        backend.remote_client().map(|c| Arc::new(Publisher::new(c.clone(), &settings.llm.publish_dir, &settings.llm.server_publish_dir, tokio::runtime::Handle::current())));
+    if let Some(c) = backend.remote_client() {
+        tracing::info!(server = c.base_url(), "answering through an OpenAI-compatible server");
+    }
+    // Loading (and, remote, publishing) an adapter is blocking work.
+    let (e, s, p) = (engine.clone(), settings.clone(), publisher.clone());
+    let store = tokio::task::spawn_blocking(move || crate::adapters::restore(&e, p.as_deref(), &store, &s.adapter.dir, &s.adapter.active).map(|_| store))
+        .await
+        .context("restoring the active adapter")??;
+    let bot = Arc::new(BotState::new(settings.clone(), backend.clone(), publisher.clone(), store));
 
     let mut http = HttpBuilder::new(&token.0);
     let api_base = settings.discord.api_base.trim_end_matches('/');
@@ -152,8 +175,18 @@ pub async fn run(settings: Arc<BotConfig>, engine: Engine, token: Token, shutdow
     let mut client = ClientBuilder::new_with_http(http.build(), intents()).event_handler(handler::Handler::new(bot.clone())).await.context("connecting to Discord")?;
     let shards = client.shard_manager.clone();
     // Jobs queued by /rescrape and /retrain run here, beside the bot, on their own threads.
-    let worker = crate::worker::Worker::spawn(Arc::new(settings.worker.clone()), engine.clone(), client.http.clone())?;
-    let mut gateway = tokio::spawn(async move { client.start().await });
+    let worker = crate::worker::Worker::spawn(Arc::new(settings.worker.clone()), engine.clone(), client.http.clone(), publisher)?;
+    // One gateway connection per shard: Discord wants about 1,000 guilds per shard and
+    // refuses a single connection from 2,500.
+    let shard_count = settings.discord.shards;
+    tracing::info!(shards = ?shard_count, "connecting to the gateway");
+    let mut gateway = tokio::spawn(async move {
+        match shard_count {
+            Shards::Auto => client.start_autosharded().await,
+            Shards::Count(1) => client.start().await,
+            Shards::Count(n) => client.start_shards(n).await,
+        }
+    });
 
     let ended_by_gateway = tokio::select! {
         r = &mut gateway => Some(r),
@@ -165,7 +198,8 @@ pub async fn run(settings: Arc<BotConfig>, engine: Engine, token: Token, shutdow
     // before the engine stops, so a job's last answers still work.
     worker.shutdown(Duration::from_millis(settings.bot.shutdown_grace_ms)).await;
     // Cancels generations in flight (each answer task then closes its message) and fails the
-    // queued ones with a polite note.
+    // queued ones with a polite note; the same for answers a remote server is generating.
+    backend.shutdown();
     let e = engine.clone();
     tokio::task::spawn_blocking(move || e.shutdown()).await.context("stopping the engine")?;
     bot.tasks.close();

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use crate::adapters::AdapterSettings;
 use crate::discord::DiscordSettings;
-use crate::llm::settings::{GenerationSettings, ModelSettings};
+use crate::llm::settings::{GenerationSettings, LlmSettings, ModelSettings};
 use crate::store::StoreSettings;
 use crate::worker::WorkerConfig;
 
@@ -19,6 +19,7 @@ pub struct BotConfig {
     pub generation: GenerationSettings,
     pub adapter: AdapterSettings,
     pub store: StoreSettings,
+    pub llm: LlmSettings,
     pub worker: WorkerConfig,
 }
 

@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::config::Settings;
 use crate::llm::chat::Message;
-use crate::llm::engine::{AdapterChoice, Engine, Event, Question};
+use crate::llm::engine::{AdapterChoice, Engine, EngineConfig, Event, Question};
 use crate::llm::generate::{Finish, GenOptions, Generation};
 use crate::llm::load;
 use crate::llm::lora::{self, LoraAdapter};
@@ -83,6 +83,11 @@ impl ModelArgs {
 impl Session {
     /// Load the model and start the engine with `settings` and the overrides in `args`.
     pub fn open(settings: &Settings, args: &ModelArgs) -> Result<Self> {
+        Self::open_with(settings, args, settings.engine_config())
+    }
+
+    /// [`Session::open`] with the engine's queue and batch from `cfg` (the HTTP server has its own).
+    pub fn open_with(settings: &Settings, args: &ModelArgs, cfg: EngineConfig) -> Result<Self> {
         let settings = args.apply(settings)?;
         let device = crate::llm::device::parse_device(&settings.model.device)?;
         let t0 = std::time::Instant::now();
@@ -105,7 +110,7 @@ impl Session {
             }
         }
         let opts = GenOptions::from_settings(&settings.generation, settings.model.max_context, lm.model.config());
-        let engine = Engine::start(Arc::new(lm), adapter.map(Arc::new), settings.engine_config())?;
+        let engine = Engine::start(Arc::new(lm), adapter.map(Arc::new), cfg)?;
         Ok(Self { engine, opts })
     }
 

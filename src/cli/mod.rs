@@ -13,6 +13,7 @@ pub mod bench;
 pub mod dataset;
 pub mod run;
 pub mod scrape;
+pub mod serve;
 pub mod train;
 
 #[derive(Debug, Parser)]
@@ -45,6 +46,8 @@ pub enum Command {
     Eval(train::EvalArgs),
     /// Run the Discord bot (token from DISCORD_TOKEN or discord.token_file).
     Run(run::RunArgs),
+    /// Serve an OpenAI-compatible HTTP API over the engine (key from FREESKI_API_KEY or serve.api_key_file).
+    Serve(serve::ServeArgs),
 }
 
 /// Entry point of the binary: parse, set up logging, run, and turn errors into exit codes.
@@ -72,6 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::train(&settings, args),
         Command::Eval(args) => train::eval(&settings, args),
         Command::Run(args) => run::run(&settings, args),
+        Command::Serve(args) => serve::run(&settings, args),
     }
 }
 

@@ -8,7 +8,10 @@ use clap::Args;
 
 use super::ask::{ModelArgs, Session};
 use crate::bot::{self, Token};
-use crate::config::Settings;
+use crate::config::{BackendKind, Settings};
+use crate::llm::backend::Backend;
+use crate::llm::remote::{self, RemoteClient};
+use crate::util::secret::Secret;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -27,12 +30,20 @@ pub fn run(settings: &Settings, args: RunArgs) -> Result<()> {
         queue = settings.bot.queue_capacity,
         "engine ready"
     );
+    let backend = match settings.llm.backend {
+        BackendKind::Local => Backend::local(session.engine),
+        BackendKind::Openai => {
+            let key = Secret::from_env_or_file(std::env::var(remote::API_KEY_ENV).ok(), &settings.llm.api_key_file, "model server API key")?;
+            tracing::info!(server = %settings.llm.base_url, model = %settings.llm.model, "answers come from an OpenAI-compatible server; the local model counts tokens and trains");
+            Backend::remote(session.engine, RemoteClient::from_settings(&settings.llm, key)?)
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    rt.block_on(bot::run(Arc::new(settings.bot_config()), session.engine, token, shutdown_signal()))
+    rt.block_on(bot::run(Arc::new(settings.bot_config()), backend, token, shutdown_signal()))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -7,4 +7,4 @@ pub mod rest;
 pub mod settings;
 pub mod stream;
 
-pub use settings::DiscordSettings;
+pub use settings::{DiscordSettings, Shards};

@@ -28,6 +28,31 @@ pub struct DiscordSettings {
     /// Retries of a failed post or edit (5xx, connection errors) before giving up.
     pub rest_retries: u32,
     pub rest_retry_backoff_ms: u64,
+    /// Gateway connections: a number, or `"auto"` (Discord's recommendation).
+    pub shards: Shards,
+}
+
+/// `discord.shards`: `"auto"` or a count (a number, or a numeric string from the environment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shards {
+    Auto,
+    Count(u32),
+}
+
+impl<'de> Deserialize<'de> for Shards {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(Shards::Count(n)),
+            Raw::Text(t) if t.trim().eq_ignore_ascii_case("auto") => Ok(Shards::Auto),
+            Raw::Text(t) => t.trim().parse().map(Shards::Count).map_err(|_| serde::de::Error::custom(format!("`{t}` is neither \"auto\" nor a number of shards"))),
+        }
+    }
 }
 
 /// A list of ids; one id alone is accepted too. From the environment, `FREESKI__DISCORD__GUILD_IDS=123`
@@ -73,6 +98,7 @@ impl DiscordSettings {
         );
         ensure!(self.edit_interval_ms >= 50, "{d}.edit_interval_ms must be at least 50 (Discord rate-limits edits), got {}", self.edit_interval_ms);
         ensure!(self.rest_retries <= 10, "{d}.rest_retries must be at most 10, got {}", self.rest_retries);
+        ensure!(self.shards != Shards::Count(0), "{d}.shards must be \"auto\" or at least 1");
         Ok(())
     }
 }

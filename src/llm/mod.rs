@@ -1,6 +1,7 @@
 //! The language model: a Llama-family decoder with a frozen 4-bit base and optional LoRA
 //! adapters, its loaders, tokenizer, chat templates, sampling and generation loop.
 
+pub mod backend;
 pub mod chat;
 pub mod detok;
 pub mod device;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod model_config;
 pub mod prompt;
 pub mod qlinear;
+pub mod remote;
 pub mod sampling;
 pub mod settings;
 pub mod tokenizer;

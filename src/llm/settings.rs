@@ -87,6 +87,50 @@ impl GenerationSettings {
     }
 }
 
+/// Where answers are generated (`[llm]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// This process's engine, on `model.device`.
+    Local,
+    /// An OpenAI-compatible server (`freeski-bot serve`, vLLM, SGLang, llama.cpp's server).
+    Openai,
+}
+
+/// `[llm]`: the answering backend and, for a remote one, how to reach it and how adapters get
+/// there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSettings {
+    pub backend: BackendKind,
+    /// The server's API root, e.g. `http://gpu-box:8000/v1`.
+    pub base_url: String,
+    /// File holding the server's API key, used when `FREESKI_LLM_API_KEY` is unset ("" = none).
+    pub api_key_file: String,
+    /// The name the server serves the bare base under (asked for when no adapter is active).
+    pub model: String,
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the response or its next piece.
+    pub read_timeout_ms: u64,
+    /// Folder promoted adapters are copied into, one sub-folder per id ("" = the server reads
+    /// `adapter.dir` itself).
+    pub publish_dir: String,
+    /// The same folder as the server sees it ("" = the same path).
+    pub server_publish_dir: String,
+}
+
+impl LlmSettings {
+    pub fn validate(&self) -> Result<()> {
+        if self.backend == BackendKind::Openai {
+            let u = url::Url::parse(&self.base_url).with_context(|| format!("llm.base_url {:?} is not a URL", self.base_url))?;
+            ensure!(matches!(u.scheme(), "http" | "https"), "llm.base_url must be http(s), got {:?}", self.base_url);
+            ensure!(!self.model.is_empty(), "llm.model must name the server's base model when llm.backend = \"openai\"");
+        }
+        ensure!(self.read_timeout_ms > 0 && self.connect_timeout_ms > 0, "llm.connect_timeout_ms and llm.read_timeout_ms must be > 0");
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,3 +3,4 @@
 pub mod backoff;
 pub mod clock;
 pub mod compare;
+pub mod secret;

@@ -38,6 +38,8 @@ pub struct WorkerCtx {
     pub settings: Arc<WorkerConfig>,
     pub engine: Engine,
     pub http: Arc<Http>,
+    /// With a remote model server: publishes and loads promoted adapters there.
+    pub publisher: Option<Arc<crate::adapters::Publisher>>,
     pub rt: Handle,
     /// Set when the bot stops: jobs end at their next step boundary as `interrupted`.
     pub stopping: Arc<AtomicBool>,
@@ -51,10 +53,10 @@ pub struct Worker {
 
 impl Worker {
     /// Start polling for jobs on the current runtime.
-    pub fn spawn(settings: Arc<WorkerConfig>, engine: Engine, http: Arc<Http>) -> Result<Self> {
+    pub fn spawn(settings: Arc<WorkerConfig>, engine: Engine, http: Arc<Http>, publisher: Option<Arc<crate::adapters::Publisher>>) -> Result<Self> {
         let store = Store::open_with(&settings.store).context("the worker's store connection")?;
         let stopping = Arc::new(AtomicBool::new(false));
-        let cx = WorkerCtx { settings, engine, http, rt: Handle::current(), stopping: stopping.clone() };
+        let cx = WorkerCtx { settings, engine, http, publisher, rt: Handle::current(), stopping: stopping.clone() };
         let task = tokio::spawn(poll_loop(cx, store));
         Ok(Self { stopping, task })
     }

@@ -48,14 +48,42 @@ pub fn passes(old: f64, new: f64, margin: f64) -> bool {
 /// Load and validate adapter `id` for the engine, then activate it (hot-swap + persist) if its
 /// loss passes. Returns the decision and the loaded adapter (for side-by-side answers).
 pub fn gate(engine: &Engine, store: &Store, dir: &Path, id: &str, old_loss: f64, new_loss: f64, margin: f64) -> Result<(Decision, Arc<LoraAdapter>)> {
+    gate_and_publish(engine, None, store, dir, id, old_loss, new_loss, margin)
+}
+
+/// [`gate`] with a remote model server: a passing adapter is published and loaded there before
+/// it becomes active (a server that cannot load it keeps the adapter from being activated, with
+/// the reason), and the adapter that is neither active nor the rollback target any more is
+/// unloaded there.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_and_publish(
+    engine: &Engine,
+    publisher: Option<&adapters::Publisher>,
+    store: &Store,
+    dir: &Path,
+    id: &str,
+    old_loss: f64,
+    new_loss: f64,
+    margin: f64,
+) -> Result<(Decision, Arc<LoraAdapter>)> {
     let adapter = adapters::load(engine, dir, id).context("the new adapter does not load")?;
     if !passes(old_loss, new_loss, margin) {
         let reason = format!("its held-out loss {new_loss:.4} is worse than the active model's {old_loss:.4} by more than the margin {margin}");
         tracing::warn!(adapter = id, new_loss, old_loss, margin, "adapter not promoted");
         return Ok((Decision::Kept { reason }, adapter));
     }
+    let previous = engine.active_adapter_id().unwrap_or_default();
+    let before = [previous.clone(), store.meta_get(adapters::PREVIOUS_KEY)?.unwrap_or_default()];
     // Swap the Arc just loaded (the same weights the gate validated) and persist the choice.
-    let previous = adapters::install(engine, store, Some(adapter.clone()), id)?;
+    let swapped = adapters::switch_remote(publisher, dir, id, &before, &previous, false, || adapters::install(engine, store, Some(adapter.clone()), id));
+    if let Err(e) = swapped {
+        if engine.active_adapter_id().as_deref() != Some(id) {
+            let reason = format!("{e:#}");
+            tracing::warn!(adapter = id, error = %reason, "adapter not promoted: the model server refused it");
+            return Ok((Decision::Kept { reason }, adapter));
+        }
+        return Err(e);
+    }
     tracing::info!(adapter = id, previous = %previous, new_loss, old_loss, "adapter promoted");
     Ok((Decision::Promoted { previous }, adapter))
 }

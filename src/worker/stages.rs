@@ -283,7 +283,7 @@ pub fn retrain(jc: &JobCx<'_>) -> Result<Done> {
 
     // Gate and hot-swap.
     jc.report(&Status::stage("promote"));
-    let (decision, new) = promote::gate(&jc.cx.engine, jc.store, &s.adapter.dir, &id, old_loss, new_loss, s.worker.promotion_margin)?;
+    let (decision, new) = promote::gate_and_publish(&jc.cx.engine, jc.cx.publisher.as_deref(), jc.store, &s.adapter.dir, &id, old_loss, new_loss, s.worker.promotion_margin)?;
     let verdict = match &decision {
         Decision::Promoted { .. } => format!("`{id}` is now active."),
         Decision::Kept { reason } => format!("`{id}` was kept but **not activated**: {reason}. `/adapter activate {id}` switches to it anyway."),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use freeski_bot::bot::{self, Token};
 use freeski_bot::config::Settings;
+use freeski_bot::llm::backend::Backend;
 use freeski_bot::llm::engine::Engine;
 use freeski_bot::llm::load::LoadedModel;
 
@@ -19,10 +20,16 @@ pub struct Bot {
 
 /// Starts an engine on `lm` and the bot on it; returns once the bot's gateway session is up.
 pub async fn start(fake: &FakeDiscord, settings: Arc<Settings>, lm: Arc<LoadedModel>) -> Bot {
-    let sessions = fake.identifies() + 1;
     let engine = Engine::start(lm, None, settings.engine_config()).unwrap();
+    start_with(fake, settings, Backend::local(engine)).await
+}
+
+/// The bot on `backend` (e.g. a remote server beside a local engine).
+pub async fn start_with(fake: &FakeDiscord, settings: Arc<Settings>, backend: Backend) -> Bot {
+    let sessions = fake.identifies() + 1;
+    let engine = backend.engine().clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(bot::run(Arc::new(settings.bot_config()), engine.clone(), Token::new("test-token"), async move {
+    let task = tokio::spawn(bot::run(Arc::new(settings.bot_config()), backend, Token::new("test-token"), async move {
         let _ = rx.await;
     }));
     fake.wait_connected(sessions).await;
