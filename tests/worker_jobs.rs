@@ -282,7 +282,7 @@ async fn good_adapter(env: &Env, settings: &Settings) -> f64 {
         std::fs::copy(built.written.path.join("test.jsonl"), held_out.join(name)).unwrap();
     }
     let data = data::load(&held_out, &env.lm, &ts, "").unwrap();
-    let run = TrainRun { lm: &env.lm, data: &data, settings: ts, run_dir: env.adapters().join("good"), id: "good".into(), base_model: "tiny".into() };
+    let run = TrainRun { lm: &env.lm, reference: None, data: &data, settings: ts, run_dir: env.adapters().join("good"), id: "good".into(), base_model: "tiny".into() };
     let Outcome::Completed(m) = run.run(&NoHooks).unwrap() else { panic!("the good adapter did not finish") };
     store.meta_set(freeski_bot::adapters::ACTIVE_KEY, "good").unwrap();
     m.final_eval_loss.unwrap()
@@ -439,7 +439,7 @@ async fn a_generation_in_flight_at_the_swap_keeps_its_adapter() {
     let mut store = Store::open(&env.db()).unwrap();
     let built = freeski_bot::dataset::build(&mut store, &s.dataset, &s.scrape.clean_options(), &Default::default()).unwrap();
     let data = data::load(&built.written.path, &env.lm, &s.train, "").unwrap();
-    let run = TrainRun { lm: &env.lm, data: &data, settings: s.train.clone(), run_dir: env.adapters().join("new"), id: "new".into(), base_model: "tiny".into() };
+    let run = TrainRun { lm: &env.lm, reference: None, data: &data, settings: s.train.clone(), run_dir: env.adapters().join("new"), id: "new".into(), base_model: "tiny".into() };
     let Outcome::Completed(m) = run.run(&NoHooks).unwrap() else { panic!() };
     let engine = Engine::start(env.lm.clone(), None, s.engine_config()).unwrap();
     let opts = GenOptions { sampling: SamplingParams::greedy(), max_new_tokens: 200, stop: vec![], seed: 1, max_context: 256 };

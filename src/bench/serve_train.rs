@@ -224,7 +224,7 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     let result = std::thread::scope(|scope| -> Result<(Vec<(Duration, Duration)>, usize)> {
         let trainer = scope.spawn(|| {
             let hooks = BenchHooks { engine: &engine, stop: &stop, steps: &steps };
-            TrainRun { lm: &lm, data: &data, settings: ts.clone(), run_dir: tmp.join("run"), id: "bench".into(), base_model: lm.name.clone() }.run(&hooks)
+            TrainRun { lm: &lm, reference: None, data: &data, settings: ts.clone(), run_dir: tmp.join("run"), id: "bench".into(), base_model: lm.name.clone() }.run(&hooks)
         });
         // Questions arrive while training is under way.
         while steps.load(Ordering::SeqCst) < 1 && !trainer.is_finished() {

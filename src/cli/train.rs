@@ -170,7 +170,7 @@ pub fn train(settings: &Settings, args: TrainArgs) -> Result<()> {
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} · ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
     let hooks = CliHooks { bar: bar.clone(), stop, abort_after: std::env::var("FREESKI_TRAIN_ABORT_AFTER_STEP").ok().and_then(|v| v.parse().ok()) };
-    let run = TrainRun { lm: &lm, data: &data, settings: ts, run_dir: run_dir.clone(), id: id.clone(), base_model: lm.name.clone() };
+    let run = TrainRun { lm: &lm, reference: None, data: &data, settings: ts, run_dir: run_dir.clone(), id: id.clone(), base_model: lm.name.clone() };
     let outcome = run.run(&hooks);
     bar.finish_and_clear();
     match outcome? {
@@ -200,7 +200,12 @@ pub fn eval(settings: &Settings, args: EvalArgs) -> Result<()> {
     let adapter = crate::llm::lora::LoraAdapter::load(&dir, lm.model.config(), lm.model.device())?;
     let questions = args.questions.unwrap_or(settings.train.eval_questions);
     let report = crate::train::eval::compare(&lm, &adapter, &data_dir, &settings.train, &settings.generation, settings.model.max_context, questions)?;
-    let markdown = report.markdown(Metrics::read(&dir).ok().as_ref());
+    let mut metrics = Metrics::read(&dir).ok();
+    let markdown = report.markdown(metrics.as_ref());
+    if let (Some(m), Some(p)) = (metrics.as_mut(), &report.preference) {
+        m.preference_eval = Some(p.clone());
+        crate::train::report::write_json(&dir, m)?;
+    }
     let path = args.report.unwrap_or_else(|| dir.join("eval.md"));
     std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
     println!("{}", report.summary());

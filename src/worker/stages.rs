@@ -255,7 +255,7 @@ pub fn retrain(jc: &JobCx<'_>) -> Result<Done> {
     let data = data::load(&ds_dir, &lm, &s.train, &s.generation.system_prompt)?;
     let run_dir = s.adapter.dir.join(&id);
     let hooks = JobHooks { jc, stop: Cell::new(None), first_step: Cell::new(None) };
-    let run = TrainRun { lm: &lm, data: &data, settings: s.train.clone(), run_dir: run_dir.clone(), id: id.clone(), base_model: lm.name.clone() };
+    let run = TrainRun { lm: &lm, reference: None, data: &data, settings: s.train.clone(), run_dir: run_dir.clone(), id: id.clone(), base_model: lm.name.clone() };
     let metrics = match run.run(&hooks).with_context(|| format!("training {id}"))? {
         Outcome::Completed(m) => m,
         Outcome::Cancelled { step } => {
