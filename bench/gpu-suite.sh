@@ -15,6 +15,7 @@
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
 #              gate|up and down matvecs
 #   serve      `bench serve-train` on a simulated 8 GB card
+#   servekto   the same with the preference objective (`--objective kto`)
 #   train      `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
 #   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
 #   torchprof  the same for one PyTorch + PEFT step (torch.profiler)
@@ -89,6 +90,9 @@ stage_ncu() {
 }
 stage_serve() {
   freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
+}
+stage_servekto() {
+  freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 --objective kto 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train-kto.txt"
 }
 stage_train() {
   freeski-bot bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --leave-free-gb 7.0 --json "$OUT/train-r16.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train.txt"

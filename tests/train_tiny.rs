@@ -218,7 +218,8 @@ fn cancelled_and_resumed_run_matches_an_uninterrupted_one() {
     small_dataset(&tmp.path().join("data"));
     let s = tiny_settings();
     let data = data::load(&tmp.path().join("data"), &lm, &s, "").unwrap();
-    let run = |id: &str| TrainRun { lm: &lm, reference: None, data: &data, settings: s.clone(), run_dir: tmp.path().join("adapters").join(id), id: id.into(), base_model: "tiny".into() };
+    let run =
+        |id: &str| TrainRun { lm: &lm, reference: None, data: &data, settings: s.clone(), run_dir: tmp.path().join("adapters").join(id), id: id.into(), base_model: "tiny".into() };
 
     let stopper = StopAfter { step: 3, seen: Cell::new(0) };
     match run("a").run(&stopper).unwrap() {
@@ -480,7 +481,11 @@ fn sft_then_kto_resumes_across_the_phase_boundary() {
         feedback_line("Which skis for park?", "Twin tips around chin height.", true),
     ];
     write_jsonl(&data_dir, "feedback.jsonl", &fb);
-    write_jsonl(&data_dir, "feedback_test.jsonl", &[feedback_line("Spin or flip first?", "Spins: they are easier to bail.", true), feedback_line("Spin or flip first?", "Backflips first.", false)]);
+    write_jsonl(
+        &data_dir,
+        "feedback_test.jsonl",
+        &[feedback_line("Spin or flip first?", "Spins: they are easier to bail.", true), feedback_line("Spin or flip first?", "Backflips first.", false)],
+    );
     let mut s = tiny_settings();
     s.max_steps = 3;
     s.eval_every = 0;
@@ -491,7 +496,8 @@ fn sft_then_kto_resumes_across_the_phase_boundary() {
     s.kto_learning_rate = 1e-2;
     let data = data::load(&data_dir, &lm, &s, "").unwrap();
     assert_eq!((data.feedback.len(), data.feedback_test.len()), (5, 2));
-    let run = |id: &str| TrainRun { lm: &lm, reference: None, data: &data, settings: s.clone(), run_dir: tmp.path().join("adapters").join(id), id: id.into(), base_model: "tiny".into() };
+    let run =
+        |id: &str| TrainRun { lm: &lm, reference: None, data: &data, settings: s.clone(), run_dir: tmp.path().join("adapters").join(id), id: id.into(), base_model: "tiny".into() };
     let Outcome::Completed(straight) = run("straight").run(&NoHooks).unwrap() else { panic!("not completed") };
     assert_eq!(straight.objective, "sft+kto");
     let kto = straight.kto.as_ref().unwrap();

@@ -260,7 +260,8 @@ async fn retrain_learns_from_votes_with_kto_and_reports_preference_accuracy() {
             store.set_vote(a, 200 + i, freeski_bot::store::Vote::Up).unwrap();
         }
     }
-    let settings = env.settings(&[("TRAIN__KTO_MIN_EXAMPLES", "4"), ("TRAIN__KTO_MAX_STEPS", "2"), ("TRAIN__KTO_LEARNING_RATE", "0.01"), ("DATASET__FEEDBACK_TEST_FRACTION", "0.4")]);
+    let settings =
+        env.settings(&[("TRAIN__KTO_MIN_EXAMPLES", "4"), ("TRAIN__KTO_MAX_STEPS", "2"), ("TRAIN__KTO_LEARNING_RATE", "0.01"), ("DATASET__FEEDBACK_TEST_FRACTION", "0.4")]);
     let bot = env.start(settings).await;
 
     let flagged = env.admin("flagged");
@@ -278,7 +279,11 @@ async fn retrain_learns_from_votes_with_kto_and_reports_preference_accuracy() {
 
     let ds = run_dataset(&env.adapters(), &id);
     let labelled = |f: &str| -> Vec<(String, bool)> {
-        lines(&ds.join(f)).lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).map(|v| (v["messages"][0]["content"].as_str().unwrap().to_string(), v["label"].as_bool().unwrap())).collect()
+        lines(&ds.join(f))
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| (v["messages"][0]["content"].as_str().unwrap().to_string(), v["label"].as_bool().unwrap()))
+            .collect()
     };
     let (train_fb, test_fb) = (labelled("feedback.jsonl"), labelled("feedback_test.jsonl"));
     assert_eq!(train_fb.len() + test_fb.len(), 23);
@@ -290,13 +295,13 @@ async fn retrain_learns_from_votes_with_kto_and_reports_preference_accuracy() {
     let metrics: Value = serde_json::from_str(&lines(&env.adapters().join(&id).join("metrics.json"))).unwrap();
     assert_eq!(metrics["objective"], "sft+kto");
     let kto = &metrics["kto"];
-    assert_eq!((kto["desirable"].as_u64(), kto["undesirable"].as_u64(), kto["steps"].as_u64(), kto["from_step"].as_u64()), (Some(good as u64), Some((train_fb.len() - good) as u64), Some(2), Some(4)));
+    assert_eq!(
+        (kto["desirable"].as_u64(), kto["undesirable"].as_u64(), kto["steps"].as_u64(), kto["from_step"].as_u64()),
+        (Some(good as u64), Some((train_fb.len() - good) as u64), Some(2), Some(4))
+    );
     assert!(metrics["train_loss"][4]["kl"].is_number(), "KTO steps record their KL baseline");
 
-    assert!(
-        text.contains(&format!("learned from {} labelled answers, {good} 👍 (or corrected) as good and {} 👎", train_fb.len(), train_fb.len() - good)),
-        "{text}"
-    );
+    assert!(text.contains(&format!("learned from {} labelled answers, {good} 👍 (or corrected) as good and {} 👎", train_fb.len(), train_fb.len() - good)), "{text}");
     assert!(text.contains(&format!("Preference accuracy on held-out feedback ({paired} questions with a 👍 and a 👎 answer): base model (no adapter) **")), "{text}");
     assert!(text.contains(&format!("→ `{id}` **")) && text.contains("nats/token"), "{text}");
     bot.stop().await;

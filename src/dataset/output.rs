@@ -76,7 +76,13 @@ impl DatasetWriter {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tmp = root.join(format!(".building-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let files = vec![HashedFile::create(&tmp, TRAIN)?, HashedFile::create(&tmp, TEST)?, HashedFile::create(&tmp, REJECTED)?, HashedFile::create(&tmp, FEEDBACK)?, HashedFile::create(&tmp, FEEDBACK_TEST)?];
+        let files = vec![
+            HashedFile::create(&tmp, TRAIN)?,
+            HashedFile::create(&tmp, TEST)?,
+            HashedFile::create(&tmp, REJECTED)?,
+            HashedFile::create(&tmp, FEEDBACK)?,
+            HashedFile::create(&tmp, FEEDBACK_TEST)?,
+        ];
         Ok(Self { root: root.to_path_buf(), tmp, files })
     }
 

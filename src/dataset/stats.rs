@@ -150,11 +150,7 @@ impl std::fmt::Display for Stats {
         writeln!(f, "threads: {} ({} gave pairs)", self.threads, self.threads_with_pairs)?;
         writeln!(f, "pairs:   {} train, {} test ({} multi-turn), feedback: {} to train, {} rejected", self.train, self.test, self.multi_turn, self.feedback_train, self.rejected)?;
         let fb = &self.feedback;
-        writeln!(
-            f,
-            "labelled answers: {} good, {} bad to feedback.jsonl; {} good, {} bad held out",
-            fb.desirable, fb.undesirable, fb.held_out_desirable, fb.held_out_undesirable
-        )?;
+        writeln!(f, "labelled answers: {} good, {} bad to feedback.jsonl; {} good, {} bad held out", fb.desirable, fb.undesirable, fb.held_out_desirable, fb.held_out_undesirable)?;
         let c = &self.substantive_replies;
         writeln!(f, "substantive replies: {} seen, {} used ({:.0}%)", c.seen, c.used, c.recall() * 100.0)?;
         for (reason, n) in &c.dropped {

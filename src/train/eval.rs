@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{self, read_conversations};
 use super::dropout::Dropout;
-use super::kto::{preference_eval, PrefEval};
 use super::forward::TrainForward;
+use super::kto::{preference_eval, PrefEval};
 use super::params::LoraView;
 use super::report::Metrics;
 use super::settings::TrainSettings;

@@ -245,7 +245,14 @@ impl<'a> KtoPhase<'a> {
         if partners.iter().all(Option::is_none) {
             tracing::warn!("every labelled answer shares one prompt: no mismatched pairs, the KL baseline stays 0");
         }
-        tracing::info!(desirable = n_d, undesirable = examples.len() - n_d, lambda_d = weights.desirable, lambda_u = weights.undesirable, beta = s.kto_beta, "KTO reference log-probabilities cached");
+        tracing::info!(
+            desirable = n_d,
+            undesirable = examples.len() - n_d,
+            lambda_d = weights.desirable,
+            lambda_u = weights.undesirable,
+            beta = s.kto_beta,
+            "KTO reference log-probabilities cached"
+        );
         Ok(Self { examples, weights, beta: s.kto_beta, partners, pairs, ref_logp, ref_pair_logp, batch: s.batch_size })
     }
 
@@ -266,7 +273,16 @@ impl<'a> KtoPhase<'a> {
 
     /// Forward and backward of one optimizer step made of `micro` batches (indices into the
     /// examples): adds the gradient of the step's mean KTO loss to `accum`.
-    pub fn accumulate_step(&self, fwd: &TrainForward, params: &LoraParams, micro: &[Vec<usize>], step: u64, checkpointing: bool, hooks: &dyn TrainHooks, accum: &mut GradAccum) -> Result<StepOut> {
+    pub fn accumulate_step(
+        &self,
+        fwd: &TrainForward,
+        params: &LoraParams,
+        micro: &[Vec<usize>],
+        step: u64,
+        checkpointing: bool,
+        hooks: &dyn TrainHooks,
+        accum: &mut GradAccum,
+    ) -> Result<StepOut> {
         let all: Vec<usize> = micro.iter().flatten().copied().collect();
         let z0 = self.kl_baseline(fwd, params, &all, hooks)?;
         let n = all.len() as f64;

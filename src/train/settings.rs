@@ -46,7 +46,8 @@ pub enum Precision {
 /// What a run optimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Objective {
-    /// `sft+kto` when the dataset has at least `train.kto_min_examples` labelled answers, else `sft`.
+    /// `sft+kto` when the dataset has at least `train.kto_min_examples` labelled answers, else
+    /// `sft`; `kto` for a folder of labelled answers only.
     #[serde(rename = "auto")]
     Auto,
     /// Supervised fine-tuning on `train.jsonl`.
@@ -61,9 +62,11 @@ pub enum Objective {
 }
 
 impl Objective {
-    /// The objective a run on a dataset with `labelled` feedback answers uses.
-    pub fn resolve(self, labelled: usize, min_examples: usize) -> Objective {
+    /// The objective a run uses on a dataset with (`conversations`) or without training
+    /// conversations and `labelled` feedback answers.
+    pub fn resolve(self, conversations: bool, labelled: usize, min_examples: usize) -> Objective {
         match self {
+            Objective::Auto if !conversations => Objective::Kto,
             Objective::Auto if labelled >= min_examples.max(1) => Objective::SftKto,
             Objective::Auto => Objective::Sft,
             o => o,

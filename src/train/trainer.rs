@@ -131,7 +131,7 @@ impl TrainRun<'_> {
     pub fn run(&self, hooks: &dyn TrainHooks) -> Result<Outcome> {
         let s = &self.settings;
         s.validate()?;
-        let objective = s.objective.resolve(self.data.feedback.len(), s.kto_min_examples);
+        let objective = s.objective.resolve(!self.data.train.is_empty(), self.data.feedback.len(), s.kto_min_examples);
         ensure!(!objective.has_sft() || !self.data.train.is_empty(), "objective {} needs training conversations: {} has no train.jsonl", objective.name(), self.data.dir.display());
         ensure!(
             !objective.has_kto() || !self.data.feedback.is_empty(),
@@ -273,7 +273,9 @@ impl TrainRun<'_> {
                         kto = Some(KtoPhase::prepare(&fwd, reference.as_ref(), &self.data.feedback, s).context("reference log-probabilities for KTO")?);
                     }
                     let phase = kto.as_ref().context("KTO phase")?;
-                    let out = phase.accumulate_step(&fwd, &params, &micro, state.step as u64, s.gradient_checkpointing, hooks, &mut accum).with_context(|| format!("KTO step {}", state.step + 1))?;
+                    let out = phase
+                        .accumulate_step(&fwd, &params, &micro, state.step as u64, s.gradient_checkpointing, hooks, &mut accum)
+                        .with_context(|| format!("KTO step {}", state.step + 1))?;
                     (out.loss, out.tokens, Some(out.kl))
                 }
                 None => {
@@ -291,7 +293,8 @@ impl TrainRun<'_> {
                     for (m, (batch, _)) in batches.iter().enumerate() {
                         hooks.before_micro_batch();
                         let key = MicroKey { step: state.step as u64, micro: m as u64 };
-                        nll += fwd.accumulate(&params, batch, key, denom as f64, s.gradient_checkpointing, &mut accum).with_context(|| format!("training step {}", state.step + 1))?;
+                        nll +=
+                            fwd.accumulate(&params, batch, key, denom as f64, s.gradient_checkpointing, &mut accum).with_context(|| format!("training step {}", state.step + 1))?;
                     }
                     (nll / denom as f64, batches.iter().map(|(_, t)| *t).sum::<usize>(), None)
                 }

@@ -358,7 +358,9 @@ pub fn retrain(jc: &JobCx<'_>) -> Result<Done> {
                 n.margin
             )
         }
-        _ if held_out_feedback > 0 => report += &format!("Preference accuracy: not measured ({held_out_feedback} held-out labelled answers, no question with both a good and a bad one)\n"),
+        _ if held_out_feedback > 0 => {
+            report += &format!("Preference accuracy: not measured ({held_out_feedback} held-out labelled answers, no question with both a good and a bad one)\n")
+        }
         _ => {}
     }
     for l in &lines {
