@@ -236,9 +236,12 @@ pub fn read_conversations(path: &Path, bad: BadLines, hash: Option<&mut Sha256>)
     Ok((records.into_iter().map(|(no, m, _)| (no, m)).collect(), report))
 }
 
+/// A line's number, messages and label.
+type Record = (usize, Vec<Message>, Option<bool>);
+
 /// The usable lines of a JSONL file: line number, messages and label. With `labelled`, a line
 /// without a boolean `label` is a bad line.
-fn read_records(path: &Path, bad: BadLines, mut hash: Option<&mut Sha256>, labelled: bool) -> Result<(Vec<(usize, Vec<Message>, Option<bool>)>, SplitReport)> {
+fn read_records(path: &Path, bad: BadLines, mut hash: Option<&mut Sha256>, labelled: bool) -> Result<(Vec<Record>, SplitReport)> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut report = SplitReport::default();
     let mut out = Vec::new();

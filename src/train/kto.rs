@@ -273,6 +273,7 @@ impl<'a> KtoPhase<'a> {
 
     /// Forward and backward of one optimizer step made of `micro` batches (indices into the
     /// examples): adds the gradient of the step's mean KTO loss to `accum`.
+    #[allow(clippy::too_many_arguments)]
     pub fn accumulate_step(
         &self,
         fwd: &TrainForward,
