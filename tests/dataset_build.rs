@@ -320,7 +320,7 @@ fn feedback_on_test_questions_is_held_out_and_split_by_question() {
     let db = dir.path().join("synthetic.sqlite");
     {
         let store = Store::open(&db).unwrap();
-        freeski_bot::scrape::synth::populate(&store, &url::Url::parse("https://ns.test").unwrap(), 60, 1, 4, 3).unwrap();
+        freeski_bot::bench::forum::populate(&store, &url::Url::parse("https://ns.test").unwrap(), 60, 1, 4, 3).unwrap();
     }
     let first = build(&db, &ds_settings(&dir.path().join("a")));
     let questions = |f: &str| -> Vec<String> { lines(&first.written.path.join(f)).iter().map(|r| r["messages"][0]["content"].as_str().unwrap().to_string()).collect() };

@@ -443,7 +443,7 @@ fn reference_logps_are_a_plain_forward_of_the_base() {
     let fwd = TrainForward::new(&lm.model, DType::F32, Dropout::off());
     let examples = labelled(&mut ChaCha8Rng::seed_from_u64(3));
     let exs: Vec<&Example> = examples.iter().map(|e| &e.ex).collect();
-    let exact = freeski_bot::llm::random::dequantized(&lm.model).unwrap();
+    let exact = freeski_bot::bench::random::dequantized(&lm.model).unwrap();
     let adapter = params.to_adapter("active").unwrap();
     let inference = |e: &Example, adapter: Option<&freeski_bot::llm::lora::LoraAdapter>| -> f64 {
         let ids = Tensor::new(e.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
