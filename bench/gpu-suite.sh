@@ -15,6 +15,7 @@
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
 #              gate|up and down matvecs
 #   serve      `bench serve-train` on a simulated 8 GB card
+#   servekto   the same with the preference objective (`--objective kto`)
 #   apiload    `freeski-bot serve` and llama.cpp's llama-server (if built: `llamacpp.sh build`) on
 #              the same Q4_K_M file ($Q4KM, else the random 7B shape for serve alone), each driven by
 #              bench/serve_load.py with 1, 8 and 32 concurrent streaming clients: aggregate
@@ -119,6 +120,9 @@ stage_apiload() {
   else
     echo "llama-server not built (bash bench/peers/llamacpp.sh build): freeski serve only"
   fi
+}
+stage_servekto() {
+  freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 --objective kto 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train-kto.txt"
 }
 stage_train() {
   freeski-bot bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --leave-free-gb 7.0 --json "$OUT/train-r16.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train.txt"

@@ -261,10 +261,34 @@ fn feedback_votes_and_corrections_are_exported() {
         store.set_vote(switched, 1, Vote::Up).unwrap();
         store.set_vote(switched, 1, Vote::Down).unwrap();
     }
-    let s = ds_settings(&dir.path().join("out"));
+    // No held-out share here: every labelled answer goes to feedback.jsonl (the split has its own test).
+    let s = DatasetSettings { feedback_test_fraction: 0.0, ..ds_settings(&dir.path().join("out")) };
     let report = build(&db, &s);
     let train = lines(&report.written.path.join("train.jsonl"));
     let rejected = lines(&report.written.path.join("rejected.jsonl"));
+    // Labelled answers: 👍 → good, 👎 → bad, a correction → the correction good and the original
+    // bad; a tie teaches nothing, and a vote switched to 👎 counts as 👎.
+    let feedback: Vec<(String, String, bool)> = lines(&report.written.path.join("feedback.jsonl"))
+        .iter()
+        .map(|r| {
+            let m = r["messages"].as_array().unwrap();
+            assert_eq!(m.len(), 4, "context turns come first");
+            (m[2]["content"].as_str().unwrap().to_string(), m[3]["content"].as_str().unwrap().to_string(), r["label"].as_bool().unwrap())
+        })
+        .collect();
+    let own = |q: &str, a: &str, l| (q.to_string(), a.to_string(), l);
+    assert_eq!(
+        feedback,
+        vec![
+            own("How do I butter?", "Press your weight onto the tails and keep your chest over your knees.", true),
+            own("Best wax?", "Candle wax works great on skis.", false),
+            own("What is a 540?", "A 540 is one and a half rotations.", true),
+            own("What is a 540?", "A 540 is two full rotations.", false),
+            own("Helmet?", "Nah, you don't need one.", false),
+        ]
+    );
+    assert!(lines(&report.written.path.join("feedback_test.jsonl")).is_empty());
+    assert_eq!((report.stats.feedback.desirable, report.stats.feedback.undesirable), (2, 3));
     assert!(lines(&report.written.path.join("test.jsonl")).is_empty(), "feedback never goes to the test split");
 
     let answers: Vec<&str> = train.iter().map(|r| r["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap()).collect();
@@ -284,4 +308,60 @@ fn feedback_votes_and_corrections_are_exported() {
 
     let without = build(&db, &DatasetSettings { include_feedback: false, ..s });
     assert_eq!((without.stats.train, without.stats.rejected), (0, 0));
+    assert!(lines(&without.written.path.join("feedback.jsonl")).is_empty());
+}
+
+/// Feedback on questions of the forum's held-out split goes to feedback_test.jsonl only (never
+/// to feedback.jsonl or train.jsonl), and the rest is split by question: both labels of a
+/// correction land on the same side, and the held-out side gets about its share.
+#[test]
+fn feedback_on_test_questions_is_held_out_and_split_by_question() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("synthetic.sqlite");
+    {
+        let store = Store::open(&db).unwrap();
+        freeski_bot::bench::forum::populate(&store, &url::Url::parse("https://ns.test").unwrap(), 60, 1, 4, 3).unwrap();
+    }
+    let first = build(&db, &ds_settings(&dir.path().join("a")));
+    let questions = |f: &str| -> Vec<String> { lines(&first.written.path.join(f)).iter().map(|r| r["messages"][0]["content"].as_str().unwrap().to_string()).collect() };
+    let (forum_train, forum_test) = (questions("train.jsonl"), questions("test.jsonl"));
+    assert!(forum_test.len() >= 2, "the synthetic forum has held-out threads");
+    {
+        let store = Store::open(&db).unwrap();
+        let answer = |q: &str, a: &str| store.record_answer(&NewAnswer { question: q.into(), answer: a.into(), ..Default::default() }).unwrap();
+        // Asked in Discord exactly as held-out forum threads ask them (case and spacing aside).
+        let a = answer(&forum_test[0], "Wax it every day, no exceptions.");
+        store.set_vote(a, 1, Vote::Up).unwrap();
+        let b = answer(&format!("  {}  ", forum_test[1].to_uppercase()), "Nobody knows.");
+        store.set_vote(b, 1, Vote::Down).unwrap();
+        store.add_correction(b, 9, "Ask at the shop, they will measure you.").unwrap();
+        let c = answer(&forum_train[0], "Point them downhill.");
+        store.set_vote(c, 2, Vote::Down).unwrap();
+        // Many more questions: the held-out share is drawn by question.
+        for i in 0..200 {
+            let id = answer(&format!("Synthetic question number {i}?"), &format!("Answer {i}."));
+            store.set_vote(id, 1, if i % 2 == 0 { Vote::Up } else { Vote::Down }).unwrap();
+            if i % 5 == 0 {
+                store.add_correction(id, 9, &format!("Corrected answer {i}.")).unwrap();
+            }
+        }
+    }
+    let second = build(&db, &ds_settings(&dir.path().join("b")));
+    let path = &second.written.path;
+    let users = |f: &str| -> Vec<String> { lines(&path.join(f)).iter().map(|r| r["messages"][0]["content"].as_str().unwrap().trim().to_lowercase()).collect() };
+    let test_q: HashSet<String> = users("test.jsonl").into_iter().collect();
+    let (fb_train, fb_test, train) = (users("feedback.jsonl"), users("feedback_test.jsonl"), users("train.jsonl"));
+    assert!(fb_train.iter().chain(&train).all(|q| !test_q.contains(q)), "a held-out forum question was trained on");
+    for q in [&forum_test[0], &forum_test[1]] {
+        assert!(fb_test.contains(&q.to_lowercase()), "feedback on {q:?} is held out");
+    }
+    assert!(fb_train.contains(&forum_train[0].to_lowercase()) || fb_test.contains(&forum_train[0].to_lowercase()));
+    let train_set: HashSet<&String> = fb_train.iter().collect();
+    assert!(fb_test.iter().all(|q| !train_set.contains(q)), "no question on both sides");
+    let held = fb_test.iter().filter(|q| q.starts_with("synthetic")).collect::<HashSet<_>>().len() as f64 / 200.0;
+    assert!((0.1..0.3).contains(&held), "held-out share {held}");
+    let st = second.stats.feedback;
+    assert_eq!((st.desirable + st.undesirable) as usize, fb_train.len());
+    assert_eq!((st.held_out_desirable + st.held_out_undesirable) as usize, fb_test.len());
+    assert_eq!(st.desirable + st.undesirable + st.held_out_desirable + st.held_out_undesirable, 1 + 2 + 1 + 200 + 40);
 }

@@ -67,7 +67,15 @@ fn smollm2_learns_freeski_answers_and_the_adapter_reloads() {
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("freeski-test");
-    let run = TrainRun { lm: &lm, data: &data, settings: s.clone(), run_dir: dir.clone(), id: "freeski-test".into(), base_model: "HuggingFaceTB/SmolLM2-135M-Instruct".into() };
+    let run = TrainRun {
+        lm: &lm,
+        reference: None,
+        data: &data,
+        settings: s.clone(),
+        run_dir: dir.clone(),
+        id: "freeski-test".into(),
+        base_model: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+    };
     let Outcome::Completed(m) = run.run(&NoHooks).unwrap() else { panic!("training did not complete") };
     let trained = m.final_eval_loss.expect("held-out loss recorded");
     eprintln!("held-out loss: base {base:.4} → adapter {trained:.4} after {} steps ({:.1} tokens/s)", m.steps, m.tokens_per_s);

@@ -1,6 +1,7 @@
 //! QLoRA training on a tiny random model with quantized base layers: gradients against
-//! finite differences, checkpointed against whole-graph backward, cancel + resume against an
-//! uninterrupted run, and bad datasets.
+//! finite differences (SFT and KTO), checkpointed against whole-graph backward, KTO's reference
+//! against a plain forward, cancel + resume against an uninterrupted run (across the SFT → KTO
+//! boundary too), and bad datasets.
 
 mod common;
 
@@ -17,9 +18,10 @@ use freeski_bot::train::checkpoint;
 use freeski_bot::train::data::{self, Batch, Example};
 use freeski_bot::train::dropout::Dropout;
 use freeski_bot::train::forward::{GradAccum, MicroKey, TrainForward};
-use freeski_bot::train::params::LoraParams;
+use freeski_bot::train::kto::{self, KtoPhase, PrefExample};
+use freeski_bot::train::params::{LoraParams, LoraView};
 use freeski_bot::train::settings::BadLines;
-use freeski_bot::train::{NoHooks, Outcome, TrainHooks, TrainRun, TrainSettings};
+use freeski_bot::train::{NoHooks, Objective, Outcome, TrainHooks, TrainRun, TrainSettings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -216,7 +218,8 @@ fn cancelled_and_resumed_run_matches_an_uninterrupted_one() {
     small_dataset(&tmp.path().join("data"));
     let s = tiny_settings();
     let data = data::load(&tmp.path().join("data"), &lm, &s, "").unwrap();
-    let run = |id: &str| TrainRun { lm: &lm, data: &data, settings: s.clone(), run_dir: tmp.path().join("adapters").join(id), id: id.into(), base_model: "tiny".into() };
+    let run =
+        |id: &str| TrainRun { lm: &lm, reference: None, data: &data, settings: s.clone(), run_dir: tmp.path().join("adapters").join(id), id: id.into(), base_model: "tiny".into() };
 
     let stopper = StopAfter { step: 3, seen: Cell::new(0) };
     match run("a").run(&stopper).unwrap() {
@@ -316,11 +319,212 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     s.eval_every = 0;
     let data = data::load(&tmp.path().join("data"), &lm, &s, "").unwrap();
     let dir = tmp.path().join("adapters/boom");
-    let run = TrainRun { lm: &lm, data: &data, settings: s, run_dir: dir.clone(), id: "boom".into(), base_model: "tiny".into() };
+    let run = TrainRun { lm: &lm, reference: None, data: &data, settings: s, run_dir: dir.clone(), id: "boom".into(), base_model: "tiny".into() };
     let err = format!("{:#}", run.run(&NoHooks).unwrap_err());
     assert!(err.contains("diverged"), "{err}");
     assert!(err.contains("last good checkpoint"), "{err}");
     let ck = checkpoint::load(&dir, &Device::Cpu).unwrap().expect("checkpoint kept");
     assert!(ck.state.step >= 1);
     assert!(!dir.join("adapter_model.safetensors").exists(), "no adapter from a diverged run");
+}
+
+/// Labelled answers on random tokens: prompts of 6-9 tokens, answers of 3-6 (the loss on the
+/// answer only); examples 0 and 1 share a prompt, as a correction and its original do.
+fn labelled(rng: &mut ChaCha8Rng) -> Vec<PrefExample> {
+    let labels = [true, false, true, false, false, true];
+    let mut out: Vec<PrefExample> = Vec::new();
+    for (i, &desirable) in labels.iter().enumerate() {
+        let prompt: Vec<u32> = match i {
+            1 => out[0].prompt().to_vec(),
+            _ => (0..rng.random_range(6..10)).map(|_| rng.random_range(0..49152u32)).collect(),
+        };
+        let answer: Vec<u32> = (0..rng.random_range(3..7)).map(|_| rng.random_range(0..49152u32)).collect();
+        let prompt_len = prompt.len();
+        let target = (0..prompt_len + answer.len()).map(|t| t >= prompt_len).collect();
+        out.push(PrefExample { ex: Example { ids: [prompt, answer].concat(), target }, prompt_len, desirable });
+    }
+    out
+}
+
+/// The KTO loss's gradient against central finite differences in f64, through both backwards,
+/// with the KL baseline in play: the step's baseline is recomputed here from the mismatched pairs
+/// by hand (it must be > 0, i.e. not clamped) and held fixed in the finite differences, since it
+/// is not differentiated (as in TRL's `KTOTrainer` and the paper). Tolerance as for SFT.
+#[test]
+fn kto_gradients_match_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(dir.path());
+    let params = random_params(&lm, 0.0, 5);
+    let fwd = TrainForward::new(&lm.model, DType::F64, Dropout::off());
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let examples = labelled(&mut rng);
+    let mut s = settings();
+    s.batch_size = 3;
+    s.max_len = 64;
+    s.kto_beta = 0.5;
+    let phase = KtoPhase::prepare(&fwd, None, &examples, &s).unwrap();
+    assert_eq!(phase.paired(), 6, "every example has a partner with another prompt");
+    let micro = vec![vec![0, 1, 2], vec![3, 4, 5]];
+    let step = |checkpointing: bool| {
+        let mut acc = GradAccum::new(&params).unwrap();
+        let out = phase.accumulate_step(&fwd, &params, &micro, 3, checkpointing, &NoHooks, &mut acc).unwrap();
+        (out, acc.take().unwrap().iter().map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<_>>())
+    };
+    let (out, analytic) = step(false);
+    let (out_hand, by_hand) = step(true);
+    assert!(out.loss.is_finite() && out.loss > 0.0);
+
+    // The baseline by hand: each prompt with its partner's answer, policy against the base.
+    let partners = kto::partners(&examples, s.seed);
+    let pairs: Vec<Example> = partners.iter().enumerate().map(|(i, j)| kto::mismatched(&examples[i], &examples[j.unwrap()], s.max_len).unwrap()).collect();
+    for (i, j) in partners.iter().enumerate() {
+        assert_ne!(examples[i].prompt(), examples[j.unwrap()].prompt());
+    }
+    let pair_refs: Vec<&Example> = pairs.iter().collect();
+    let policy_pairs = kto::logps(&fwd, Some(&params.view()), &pair_refs, 2).unwrap();
+    let base_pairs = kto::logps(&fwd, None, &pair_refs, 2).unwrap();
+    let z0 = policy_pairs.iter().zip(&base_pairs).map(|(p, r)| p - r).sum::<f64>() / 6.0;
+    assert!(z0 > 0.01, "the KL baseline must be in play (not clamped): {z0}");
+    assert!((out.kl - z0).abs() < 1e-9 && (out_hand.kl - z0).abs() < 1e-9, "baseline {} / {} vs by hand {z0}", out.kl, out_hand.kl);
+
+    let exs: Vec<&Example> = examples.iter().map(|e| &e.ex).collect();
+    let reference = kto::logps(&fwd, None, &exs, 4).unwrap();
+    let labels: Vec<bool> = examples.iter().map(|e| e.desirable).collect();
+    let loss = |p: &LoraParams| {
+        let policy = kto::logps(&fwd, Some(&p.view()), &exs, 4).unwrap();
+        kto::loss_terms(&policy, &reference, &labels, phase.weights, s.kto_beta, z0, 6.0).loss
+    };
+    assert!((loss(&params) - out.loss).abs() < 1e-9 && (loss(&params) - out_hand.loss).abs() < 1e-9, "step loss {} vs {}", out.loss, loss(&params));
+    // With the baseline at 0 each answer's weight in the gradient is another number: the KL
+    // term is not vacuous here.
+    let policy = kto::logps(&fwd, Some(&params.view()), &exs, 4).unwrap();
+    let with = kto::loss_terms(&policy, &reference, &labels, phase.weights, s.kto_beta, z0, 6.0).coef;
+    let without = kto::loss_terms(&policy, &reference, &labels, phase.weights, s.kto_beta, 0.0, 6.0).coef;
+    let moved = freeski_bot::util::compare::max_abs_diff(&with, &without) / freeski_bot::util::compare::max_abs(&with);
+    assert!(moved > 1e-3, "the baseline moves the answers' weights by {moved} only");
+
+    let mut checked = 0;
+    for (((name, var), g), g_hand) in params.named_vars().into_iter().zip(&analytic).zip(&by_hand) {
+        let gmax = freeski_bot::util::compare::max_abs(g);
+        assert!(gmax.is_finite() && gmax > 0.0, "{name}: gradient {gmax}");
+        let argmax = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+        let mut picks = vec![argmax];
+        picks.extend((0..3).map(|_| rng.random_range(0..g.len())));
+        let orig: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
+        for &j in &picks {
+            let at = |delta: f32| -> (f64, f64) {
+                let mut v = orig.clone();
+                v[j] += delta;
+                var.set(&Tensor::from_vec(v.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                (loss(&params), v[j] as f64)
+            };
+            let (fp, xp) = at(1e-4);
+            let (fm, xm) = at(-1e-4);
+            var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let fd = (fp - fm) / (xp - xm);
+            for (path, g) in [("autograd", g), ("checkpointed", g_hand)] {
+                let err = (fd - g[j] as f64).abs() / gmax;
+                assert!(err < 1e-4, "{name}[{j}]: finite differences {fd:.6e}, {path} backward {:.6e} (error {err:.2e} of max {gmax:.3e})", g[j]);
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * 7 * 2 * 4);
+}
+
+/// The reference log-probabilities of KTO with the adapter off are those of a plain inference
+/// forward of the base (`Model::forward` with no adapter, on the same weights dequantized), and
+/// with the active adapter as reference, those of the inference forward with that adapter.
+#[test]
+fn reference_logps_are_a_plain_forward_of_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(dir.path());
+    let params = random_params(&lm, 0.0, 7);
+    let fwd = TrainForward::new(&lm.model, DType::F32, Dropout::off());
+    let examples = labelled(&mut ChaCha8Rng::seed_from_u64(3));
+    let exs: Vec<&Example> = examples.iter().map(|e| &e.ex).collect();
+    let exact = freeski_bot::bench::random::dequantized(&lm.model).unwrap();
+    let adapter = params.to_adapter("active").unwrap();
+    let inference = |e: &Example, adapter: Option<&freeski_bot::llm::lora::LoraAdapter>| -> f64 {
+        let ids = Tensor::new(e.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = exact.forward(&ids, &mut KvCache::new(1), adapter, Logits::All).unwrap().squeeze(0).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64).unwrap(), 1).unwrap().to_vec2::<f64>().unwrap();
+        (1..e.len()).filter(|&t| e.target[t]).map(|t| logp[t - 1][e.ids[t] as usize]).sum()
+    };
+    let base = kto::logps(&fwd, None, &exs, 4).unwrap();
+    let with_adapter = kto::logps(&fwd, Some(&LoraView::from_adapter(&adapter, lm.model.config().num_layers)), &exs, 4).unwrap();
+    for (i, e) in exs.iter().enumerate() {
+        let (b, a) = (inference(e, None), inference(e, Some(&adapter)));
+        assert!((base[i] - b).abs() < 1e-5 * b.abs(), "example {i}: reference {} vs base forward {b}", base[i]);
+        assert!((with_adapter[i] - a).abs() < 1e-5 * a.abs(), "example {i}: {} vs adapter forward {a}", with_adapter[i]);
+        assert!((a - b).abs() > 1e-4, "the adapter changes the log-probability");
+    }
+}
+
+fn feedback_line(q: &str, a: &str, label: bool) -> String {
+    serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "label": label}).to_string()
+}
+
+/// SFT then KTO, stopped at the phase boundary and again inside the KTO phase, resumes to the
+/// adapter and history of an uninterrupted run; the metrics record both phases.
+#[test]
+fn sft_then_kto_resumes_across_the_phase_boundary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = tiny_lm(&tmp.path().join("model"));
+    let data_dir = tmp.path().join("data");
+    small_dataset(&data_dir);
+    let fb = [
+        feedback_line("How do I butter?", "Press onto the tails and keep your chest over your knees.", true),
+        feedback_line("How do I butter?", "Just lean back all the way lol", false),
+        feedback_line("Best wax for spring?", "A warm-temperature wax, scraped thin.", true),
+        feedback_line("Is a helmet needed?", "Nah.", false),
+        feedback_line("Which skis for park?", "Twin tips around chin height.", true),
+    ];
+    write_jsonl(&data_dir, "feedback.jsonl", &fb);
+    write_jsonl(
+        &data_dir,
+        "feedback_test.jsonl",
+        &[feedback_line("Spin or flip first?", "Spins: they are easier to bail.", true), feedback_line("Spin or flip first?", "Backflips first.", false)],
+    );
+    let mut s = tiny_settings();
+    s.max_steps = 3;
+    s.eval_every = 0;
+    s.checkpoint_every = 0;
+    s.objective = Objective::Auto;
+    s.kto_min_examples = 5;
+    s.kto_max_steps = 3;
+    s.kto_learning_rate = 1e-2;
+    let data = data::load(&data_dir, &lm, &s, "").unwrap();
+    assert_eq!((data.feedback.len(), data.feedback_test.len()), (5, 2));
+    let run =
+        |id: &str| TrainRun { lm: &lm, reference: None, data: &data, settings: s.clone(), run_dir: tmp.path().join("adapters").join(id), id: id.into(), base_model: "tiny".into() };
+    let Outcome::Completed(straight) = run("straight").run(&NoHooks).unwrap() else { panic!("not completed") };
+    assert_eq!(straight.objective, "sft+kto");
+    let kto = straight.kto.as_ref().unwrap();
+    assert_eq!((kto.from_step, kto.steps, kto.desirable, kto.undesirable), (3, 3, 3, 2));
+    assert!(kto.preference.is_some() && kto.base_preference.is_some());
+    assert!(straight.train_loss[..3].iter().all(|r| r.kl.is_none()) && straight.train_loss[3..].iter().all(|r| r.kl.is_some()));
+    for stop_at in [3, 4] {
+        let id = format!("stopped{stop_at}");
+        let hooks = StopAfter { step: stop_at, seen: Cell::new(0) };
+        assert!(matches!(run(&id).run(&hooks).unwrap(), Outcome::Cancelled { step } if step == stop_at));
+        let Outcome::Completed(resumed) = run(&id).run(&NoHooks).unwrap() else { panic!("not completed") };
+        assert_eq!(resumed.train_loss.len(), 6);
+        for (x, y) in resumed.train_loss.iter().zip(&straight.train_loss) {
+            assert!((x.loss - y.loss).abs() < 1e-5 && x.kl.is_some() == y.kl.is_some(), "stopped at {stop_at}, step {}: {x:?} vs {y:?}", x.step);
+        }
+        let (a, b) = (adapter_tensors(&tmp.path().join("adapters").join(&id)), adapter_tensors(&tmp.path().join("adapters/straight")));
+        for (k, va) in &a {
+            let diff = freeski_bot::util::compare::max_abs_diff(va, &b[k]);
+            assert!(diff < 1e-5, "stopped at {stop_at}: {k} differs by {diff}");
+        }
+    }
+    // Below kto_min_examples, auto is SFT alone; an explicit objective is refused without data.
+    let s_min = TrainSettings { kto_min_examples: 6, ..s.clone() };
+    let Outcome::Completed(sft) = TrainRun { settings: s_min, ..run("sft-only") }.run(&NoHooks).unwrap() else { panic!() };
+    assert_eq!((sft.objective.as_str(), sft.steps), ("sft", 3));
+    std::fs::remove_file(data_dir.join("feedback.jsonl")).unwrap();
+    let no_fb = data::load(&data_dir, &lm, &s, "").unwrap();
+    let err = TrainRun { data: &no_fb, settings: TrainSettings { objective: Objective::Kto, ..s.clone() }, ..run("kto-none") }.run(&NoHooks).unwrap_err();
+    assert!(format!("{err:#}").contains("feedback.jsonl"), "{err:#}");
 }

@@ -162,6 +162,10 @@ impl Env {
     }
 }
 
+fn evidence(old_loss: f64, new_loss: f64) -> promote::Evidence {
+    promote::Evidence { old_loss, new_loss, margin: 0.0, old_preference: None, new_preference: None }
+}
+
 fn stored_adapter(s: &Store, a: AnswerId) -> Option<String> {
     s.answer(a).unwrap().unwrap().adapter_id
 }
@@ -234,6 +238,75 @@ async fn retrain_runs_every_stage_reports_and_swaps_in_the_new_adapter() {
     bot.stop().await;
 }
 
+/// Votes and corrections in the store make `/retrain` run SFT then KTO: `/flagged` says what
+/// will be learned, the dataset holds the labelled answers (held-out questions apart), the
+/// adapter's metrics record the KTO phase, and the report gives the 👍/👎 used and the
+/// preference accuracy before and after on the held-out feedback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrain_learns_from_votes_with_kto_and_reports_preference_accuracy() {
+    let env = Env::new().await;
+    env.crawl().await;
+    {
+        let store = Store::open(&env.db()).unwrap();
+        let answer = |q: &str, a: &str| store.record_answer(&freeski_bot::store::NewAnswer { question: q.into(), answer: a.into(), ..Default::default() }).unwrap();
+        for i in 0..10 {
+            // A looping answer 👎'd and corrected by an admin: a good and a bad answer to one question.
+            let a = answer(&format!("how do I learn trick number {i}?"), "just send it just send it just send it just send it");
+            store.set_vote(a, 100 + i, freeski_bot::store::Vote::Down).unwrap();
+            store.add_correction(a, 8, &format!("Start small: learn trick {i} on a small jump, then go bigger.")).unwrap();
+        }
+        for i in 0..3 {
+            let a = answer(&format!("which wax for day {i}?"), "A universal wax, scraped thin.");
+            store.set_vote(a, 200 + i, freeski_bot::store::Vote::Up).unwrap();
+        }
+    }
+    let settings =
+        env.settings(&[("TRAIN__KTO_MIN_EXAMPLES", "4"), ("TRAIN__KTO_MAX_STEPS", "2"), ("TRAIN__KTO_LEARNING_RATE", "0.01"), ("DATASET__FEEDBACK_TEST_FRACTION", "0.4")]);
+    let bot = env.start(settings).await;
+
+    let flagged = env.admin("flagged");
+    let c = env.fake.wait_for("/flagged", T, |f| f.calls().into_iter().find(|c| c.path.contains(&flagged) && c.path.ends_with("/callback"))).await;
+    let text = c.body["data"]["content"].as_str().unwrap();
+    assert!(text.contains("learns from **23** labelled answers: **13** good") && text.contains("**10** bad"), "{text}");
+    assert!(text.contains("learns the correction as good and this answer as bad: Start small: learn trick 9"), "{text}");
+
+    env.admin("retrain");
+    let job = env.wait_job("the retrain to finish", |j| !j.state.is_active() && j.status_message_id.is_some()).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    let id = format!("lora-job{}", job.id);
+    let report = env.report(&job).await;
+    let text = report.body["content"].as_str().unwrap();
+
+    let ds = run_dataset(&env.adapters(), &id);
+    let labelled = |f: &str| -> Vec<(String, bool)> {
+        lines(&ds.join(f))
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| (v["messages"][0]["content"].as_str().unwrap().to_string(), v["label"].as_bool().unwrap()))
+            .collect()
+    };
+    let (train_fb, test_fb) = (labelled("feedback.jsonl"), labelled("feedback_test.jsonl"));
+    assert_eq!(train_fb.len() + test_fb.len(), 23);
+    assert!(train_fb.iter().all(|(q, _)| !test_fb.iter().any(|(t, _)| t == q)), "a question on both sides");
+    let good = train_fb.iter().filter(|(_, l)| *l).count();
+    let paired = test_fb.iter().filter(|(q, _)| q.starts_with("how do I learn")).count() / 2;
+    assert!(paired >= 1 && train_fb.len() >= 4, "{} held-out pairs, {} to learn from", paired, train_fb.len());
+
+    let metrics: Value = serde_json::from_str(&lines(&env.adapters().join(&id).join("metrics.json"))).unwrap();
+    assert_eq!(metrics["objective"], "sft+kto");
+    let kto = &metrics["kto"];
+    assert_eq!(
+        (kto["desirable"].as_u64(), kto["undesirable"].as_u64(), kto["steps"].as_u64(), kto["from_step"].as_u64()),
+        (Some(good as u64), Some((train_fb.len() - good) as u64), Some(2), Some(4))
+    );
+    assert!(metrics["train_loss"][4]["kl"].is_number(), "KTO steps record their KL baseline");
+
+    assert!(text.contains(&format!("learned from {} labelled answers, {good} 👍 (or corrected) as good and {} 👎", train_fb.len(), train_fb.len() - good)), "{text}");
+    assert!(text.contains(&format!("Preference accuracy on held-out feedback ({paired} questions with a 👍 and a 👎 answer): base model (no adapter) **")), "{text}");
+    assert!(text.contains(&format!("→ `{id}` **")) && text.contains("nats/token"), "{text}");
+    bot.stop().await;
+}
+
 /// The `Stop` of a long training: questions are answered while it runs, and `/cancel` ends it
 /// at the next step with nothing activated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +355,7 @@ async fn good_adapter(env: &Env, settings: &Settings) -> f64 {
         std::fs::copy(built.written.path.join("test.jsonl"), held_out.join(name)).unwrap();
     }
     let data = data::load(&held_out, &env.lm, &ts, "").unwrap();
-    let run = TrainRun { lm: &env.lm, data: &data, settings: ts, run_dir: env.adapters().join("good"), id: "good".into(), base_model: "tiny".into() };
+    let run = TrainRun { lm: &env.lm, reference: None, data: &data, settings: ts, run_dir: env.adapters().join("good"), id: "good".into(), base_model: "tiny".into() };
     let Outcome::Completed(m) = run.run(&NoHooks).unwrap() else { panic!("the good adapter did not finish") };
     store.meta_set(freeski_bot::adapters::ACTIVE_KEY, "good").unwrap();
     m.final_eval_loss.unwrap()
@@ -439,7 +512,7 @@ async fn a_generation_in_flight_at_the_swap_keeps_its_adapter() {
     let mut store = Store::open(&env.db()).unwrap();
     let built = freeski_bot::dataset::build(&mut store, &s.dataset, &s.scrape.clean_options(), &Default::default()).unwrap();
     let data = data::load(&built.written.path, &env.lm, &s.train, "").unwrap();
-    let run = TrainRun { lm: &env.lm, data: &data, settings: s.train.clone(), run_dir: env.adapters().join("new"), id: "new".into(), base_model: "tiny".into() };
+    let run = TrainRun { lm: &env.lm, reference: None, data: &data, settings: s.train.clone(), run_dir: env.adapters().join("new"), id: "new".into(), base_model: "tiny".into() };
     let Outcome::Completed(m) = run.run(&NoHooks).unwrap() else { panic!() };
     let engine = Engine::start(env.lm.clone(), None, s.engine_config()).unwrap();
     let opts = GenOptions { sampling: SamplingParams::greedy(), max_new_tokens: 200, stop: vec![], seed: 1, max_context: 256 };
@@ -450,7 +523,7 @@ async fn a_generation_in_flight_at_the_swap_keeps_its_adapter() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(ticket.next().await, Some(Event::Text(_))));
-    let (decision, _) = promote::gate(&engine, &store, &env.adapters(), "new", f64::INFINITY, m.final_eval_loss.unwrap(), 0.0).unwrap();
+    let (decision, _) = promote::gate(&engine, &store, &env.adapters(), "new", &evidence(f64::INFINITY, m.final_eval_loss.unwrap())).unwrap();
     assert_eq!(decision, Decision::Promoted { previous: String::new() });
     assert_eq!(engine.active_adapter_id().as_deref(), Some("new"));
     let mut after_swap = 0;
@@ -483,7 +556,7 @@ async fn a_generation_in_flight_at_the_swap_keeps_its_adapter() {
     let weights = broken.join("adapter_model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    let Err(err) = promote::gate(&engine, &store, &env.adapters(), "broken", f64::INFINITY, 0.0, 0.0) else { panic!("a corrupt adapter was accepted") };
+    let Err(err) = promote::gate(&engine, &store, &env.adapters(), "broken", &evidence(f64::INFINITY, 0.0)) else { panic!("a corrupt adapter was accepted") };
     assert!(format!("{err:#}").contains("does not load"), "{err:#}");
     assert_eq!(engine.active_adapter_id().as_deref(), Some("new"));
     engine.shutdown();

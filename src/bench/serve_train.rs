@@ -1,7 +1,8 @@
 //! `bench serve-train`: answer latency (time to first token and total) with the engine idle,
 //! then again while a QLoRA training run borrows the same base in the same process (yielding
 //! between micro-batches while questions wait, as the worker does), and the peak device memory
-//! of serving and training together.
+//! of serving and training together; `--objective kto` trains with the preference objective
+//! (reference log-probabilities, mismatched-pair KL forwards and the weighted backward).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,7 +24,7 @@ use crate::llm::generate::GenOptions;
 use crate::llm::load::{self, LoadedModel};
 use crate::llm::sampling::SamplingParams;
 use crate::llm::ModelConfig;
-use crate::train::{data, Outcome, Progress, TrainHooks, TrainRun};
+use crate::train::{data, Objective, Outcome, Progress, TrainHooks, TrainRun};
 
 #[derive(Debug, Args)]
 pub struct ServeTrainBench {
@@ -43,6 +44,17 @@ pub struct ServeTrainBench {
     pub shape: TrainShape,
     #[command(flatten)]
     pub cap: MemoryCap,
+    /// The training objective beside the answers: sft, kto or sft+kto (one SFT step, then KTO).
+    #[arg(long, default_value = "sft", value_parser = parse_objective)]
+    pub objective: Objective,
+}
+
+fn parse_objective(s: &str) -> std::result::Result<Objective, String> {
+    match s.parse::<Objective>() {
+        Ok(Objective::Auto) => Err("give sft, kto or sft+kto".into()),
+        Ok(o) => Ok(o),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A byte-level BPE tokenizer without merges (every byte one token) plus the ChatML tokens,
@@ -108,6 +120,15 @@ fn synthetic_dataset(dir: &Path, seq: usize) -> Result<()> {
             .collect();
         std::fs::write(dir.join(file), lines.join("\n") + "\n")?;
     }
+    // Labelled answers for KTO: a good and a bad answer to each of 32 questions.
+    let mut lines = Vec::new();
+    for _ in 0..32 {
+        let q = words(&mut rng, seq / 16);
+        for label in [true, false] {
+            lines.push(serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": words(&mut rng, seq / 4)}], "label": label}).to_string());
+        }
+    }
+    std::fs::write(dir.join(crate::dataset::output::FEEDBACK), lines.join("\n") + "\n")?;
     Ok(())
 }
 
@@ -219,15 +240,22 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
     let mut ts = settings.train.clone();
     (ts.rank, ts.max_len, ts.batch_size, ts.grad_accum) = (args.shape.rank, args.shape.seq, args.shape.batch, 1);
     (ts.max_steps, ts.eval_every, ts.checkpoint_every, ts.early_stop_patience, ts.use_system_prompt) = (1_000_000, 0, 0, 0, false);
+    ts.objective = args.objective;
+    ts.kto_max_steps = 1_000_000;
+    if args.objective == Objective::SftKto {
+        ts.max_steps = 1;
+    }
+    // Answers are timed once the objective under test is running.
+    let first_measured_step = if args.objective == Objective::SftKto { 2 } else { 1 };
     let data = data::load(&tmp.join("data"), &lm, &ts, "")?;
     let (stop, steps) = (AtomicBool::new(false), AtomicUsize::new(0));
     let result = std::thread::scope(|scope| -> Result<(Vec<(Duration, Duration)>, usize)> {
         let trainer = scope.spawn(|| {
             let hooks = BenchHooks { engine: &engine, stop: &stop, steps: &steps };
-            TrainRun { lm: &lm, data: &data, settings: ts.clone(), run_dir: tmp.join("run"), id: "bench".into(), base_model: lm.name.clone() }.run(&hooks)
+            TrainRun { lm: &lm, reference: None, data: &data, settings: ts.clone(), run_dir: tmp.join("run"), id: "bench".into(), base_model: lm.name.clone() }.run(&hooks)
         });
         // Questions arrive while training is under way.
-        while steps.load(Ordering::SeqCst) < 1 && !trainer.is_finished() {
+        while steps.load(Ordering::SeqCst) < first_measured_step && !trainer.is_finished() {
             std::thread::sleep(Duration::from_millis(10));
         }
         let measured = timed_answers(&engine, args.questions, args.prompt_words, args.new_tokens);
@@ -243,7 +271,8 @@ pub fn run(settings: &Settings, args: ServeTrainBench) -> Result<()> {
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "serve + train: {} on {}, {} questions per phase, ~{} prompt words, {} new tokens; training seq {} batch {} rank {}",
+        "serve + train ({}): {} on {}, {} questions per phase, ~{} prompt words, {} new tokens; training seq {} batch {} rank {}",
+        args.objective.name(),
         lm.name,
         device::describe(&dev),
         args.questions,

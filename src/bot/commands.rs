@@ -40,7 +40,7 @@ pub fn definitions() -> Vec<CreateCommand> {
                 CreateCommandOption::new(CommandOptionType::String, "id", "Adapter id (see /adapter list)").required(true).max_length(crate::adapters::MAX_ID_CHARS as u16),
             ))
             .add_option(sub("rollback", "Go back to the previous adapter")),
-        admin("flagged", "Recent answers voted down, with their questions (admin)"),
+        admin("flagged", "What the next retrain learns from: answers voted down or corrected (admin)"),
         admin("cancel", "Cancel the running job (admin)"),
     ]
 }
@@ -325,15 +325,30 @@ async fn adapter(bot: Arc<BotState>, r: &Responder) -> Result<()> {
     }
 }
 
+/// What the next `/retrain` learns from the votes: counts of labelled answers, then the newest
+/// voted-down or corrected answers with what each teaches.
 fn flagged_text(bot: &BotState) -> Result<String> {
-    let rows = bot.store().flagged_answers(bot.settings.bot.flagged_limit)?;
-    if rows.is_empty() {
-        return Ok("No answers have been voted down.".into());
+    use crate::dataset::feedback::{labelled, Verdict};
+    let store = bot.store();
+    let rows = store.flagged_answers(bot.settings.bot.flagged_limit)?;
+    let (good, bad) = store.feedback_rows()?.iter().flat_map(labelled).fold((0, 0), |(g, b), l| if l.label { (g + 1, b) } else { (g, b + 1) });
+    drop(store);
+    if rows.is_empty() && good + bad == 0 {
+        return Ok("No answers have been voted on or corrected yet: the next /retrain has no feedback to learn from.".into());
     }
     let clip = |s: &str, n: usize| if s.chars().count() > n { format!("{}…", s.chars().take(n).collect::<String>()) } else { s.to_string() };
-    let mut out = String::new();
+    let mut out = format!(
+        "The next /retrain learns from **{}** labelled answers: **{good}** good (👍 or an admin's correction) and **{bad}** bad (👎 or the answer an admin corrected); a share is held out to check that the new adapter prefers the good ones.\n\n",
+        good + bad
+    );
     for r in rows {
-        let entry = format!("**#{}** 👎{} 👍{}\nQ: {}\nA: {}\n\n", r.id.0, r.down, r.up, clip(&r.question, 150), clip(&r.answer, 200));
+        let teaches = match Verdict::of(r.up, r.down, r.correction.as_deref()) {
+            Verdict::Corrected => format!("learns the correction as good and this answer as bad: {}", clip(r.correction.as_deref().unwrap_or_default(), 150)),
+            Verdict::Bad => "learns this answer as bad".to_string(),
+            Verdict::Good => "learns this answer as good".to_string(),
+            Verdict::Tie => "votes tied: not used".to_string(),
+        };
+        let entry = format!("**#{}** 👎{} 👍{}\nQ: {}\nA: {}\n→ {teaches}\n\n", r.id.0, r.down, r.up, clip(&r.question, 150), clip(&r.answer, 200));
         if out.chars().count() + entry.chars().count() > crate::discord::render::MESSAGE_LIMIT {
             break;
         }

@@ -43,6 +43,14 @@ pub struct TrainArgs {
     /// Stop after this many optimizer steps (overrides train.max_steps).
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// sft (train.jsonl), kto (the labelled answers of feedback.jsonl), sft+kto, or auto
+    /// (sft+kto with at least train.kto_min_examples labelled answers); default train.objective.
+    #[arg(long, value_parser = parse_objective)]
+    pub objective: Option<crate::train::Objective>,
+    /// KTO's reference: an adapter id under adapter.dir, or a folder (default: the base with the
+    /// adapter off).
+    #[arg(long)]
+    pub reference: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +66,10 @@ pub struct EvalArgs {
     /// Markdown report path (default: eval.md in the adapter's folder).
     #[arg(long)]
     pub report: Option<PathBuf>,
+}
+
+fn parse_objective(s: &str) -> std::result::Result<crate::train::Objective, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
 }
 
 /// The dataset folder named on the command line, or the one `dataset.dir/LATEST` names.
@@ -138,6 +150,9 @@ pub fn train(settings: &Settings, args: TrainArgs) -> Result<()> {
     if let Some(n) = args.max_steps {
         ts.max_steps = n;
     }
+    if let Some(o) = args.objective {
+        ts.objective = o;
+    }
     ts.validate()?;
     let id = match (&args.resume, &args.id) {
         (Some(id), _) | (None, Some(id)) => id.clone(),
@@ -170,7 +185,14 @@ pub fn train(settings: &Settings, args: TrainArgs) -> Result<()> {
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} · ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
     let hooks = CliHooks { bar: bar.clone(), stop, abort_after: std::env::var("FREESKI_TRAIN_ABORT_AFTER_STEP").ok().and_then(|v| v.parse().ok()) };
-    let run = TrainRun { lm: &lm, data: &data, settings: ts, run_dir: run_dir.clone(), id: id.clone(), base_model: lm.name.clone() };
+    let reference = match &args.reference {
+        Some(r) => {
+            let dir = crate::llm::lora::resolve_dir(r, &settings.adapter.dir)?;
+            Some(crate::llm::lora::LoraAdapter::load(&dir, lm.model.config(), lm.model.device()).with_context(|| format!("loading the reference adapter {r}"))?)
+        }
+        None => None,
+    };
+    let run = TrainRun { lm: &lm, reference: reference.as_ref(), data: &data, settings: ts, run_dir: run_dir.clone(), id: id.clone(), base_model: lm.name.clone() };
     let outcome = run.run(&hooks);
     bar.finish_and_clear();
     match outcome? {
@@ -188,6 +210,18 @@ pub fn train(settings: &Settings, args: TrainArgs) -> Result<()> {
                 m.tokens_per_s,
                 m.wall_time_s
             );
+            if let Some(k) = &m.kto {
+                let acc = |p: &Option<crate::train::kto::PrefEval>| p.map_or("-".to_string(), |p| format!("{} (margin {:+.4})", p.percent(), p.margin));
+                println!(
+                    "KTO from step {} on {} good / {} bad answers (reference {}); held-out preference accuracy: base {} → adapter {}",
+                    k.from_step,
+                    k.desirable,
+                    k.undesirable,
+                    k.reference,
+                    acc(&k.base_preference),
+                    acc(&k.preference)
+                );
+            }
         }
     }
     Ok(())
@@ -200,7 +234,12 @@ pub fn eval(settings: &Settings, args: EvalArgs) -> Result<()> {
     let adapter = crate::llm::lora::LoraAdapter::load(&dir, lm.model.config(), lm.model.device())?;
     let questions = args.questions.unwrap_or(settings.train.eval_questions);
     let report = crate::train::eval::compare(&lm, &adapter, &data_dir, &settings.train, &settings.generation, settings.model.max_context, questions)?;
-    let markdown = report.markdown(Metrics::read(&dir).ok().as_ref());
+    let mut metrics = Metrics::read(&dir).ok();
+    let markdown = report.markdown(metrics.as_ref());
+    if let (Some(m), Some(p)) = (metrics.as_mut(), &report.preference) {
+        m.preference_eval = Some(p.clone());
+        crate::train::report::write_json(&dir, m)?;
+    }
     let path = args.report.unwrap_or_else(|| dir.join("eval.md"));
     std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
     println!("{}", report.summary());

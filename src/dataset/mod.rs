@@ -54,8 +54,11 @@ pub struct DatasetSettings {
     pub blocked_words: Vec<String>,
     /// Optional file with more entries, one a line; "" for none.
     pub blocked_words_file: PathBuf,
-    /// Export Discord feedback (👍/corrected → train, 👎 → rejected.jsonl).
+    /// Export Discord feedback (👍/corrected → train, 👎 → rejected.jsonl, labelled answers →
+    /// feedback.jsonl).
     pub include_feedback: bool,
+    /// Share of feedback questions held out (`feedback_test.jsonl`) to check preference training.
+    pub feedback_test_fraction: f64,
 }
 
 impl Default for DatasetSettings {
@@ -73,6 +76,7 @@ impl Default for DatasetSettings {
             blocked_words: Vec::new(),
             blocked_words_file: PathBuf::new(),
             include_feedback: true,
+            feedback_test_fraction: 0.2,
         }
     }
 }
@@ -90,6 +94,7 @@ impl DatasetSettings {
             "{k}.near_duplicate_threshold must be in (0.3, 1], got {}",
             self.near_duplicate_threshold
         );
+        anyhow::ensure!((0.0..1.0).contains(&self.feedback_test_fraction), "{k}.feedback_test_fraction must be in [0, 1), got {}", self.feedback_test_fraction);
         anyhow::ensure!(self.blocked_words.iter().all(|w| !w.trim().is_empty()), "{k}.blocked_words must not contain empty entries");
         Ok(())
     }
@@ -158,6 +163,9 @@ pub fn build(store: &mut Store, settings: &DatasetSettings, clean: &CleanOptions
     let mut writer = output::DatasetWriter::create(&root)?;
     let mut dedup = dedup::Deduper::new(settings.near_duplicate_threshold);
     let mut st = stats::Collector::default();
+    // Keys of the held-out forum questions: feedback on one of them is held out too, so no
+    // test-split question is ever trained on.
+    let mut test_questions = std::collections::HashSet::new();
 
     store.for_each_thread(|thread| {
         st.threads += 1;
@@ -190,6 +198,11 @@ pub fn build(store: &mut Store, settings: &DatasetSettings, clean: &CleanOptions
                     if conv.messages.len() > 2 {
                         st.multi_turn += 1;
                     }
+                    if test {
+                        if let Some(q) = conv.messages.first() {
+                            test_questions.insert(split::question_key(&q.content));
+                        }
+                    }
                     let part = if test { output::Part::Test } else { output::Part::Train };
                     writer.write(part, &Record { messages: &conv.messages, thread_id: conv.thread_id, answer_id: None })?;
                     if test {
@@ -213,7 +226,26 @@ pub fn build(store: &mut Store, settings: &DatasetSettings, clean: &CleanOptions
                 writer.write(output::Part::Rejected, r)?;
                 st.rejected += 1;
             }
-            let Some(conv) = export.train else { continue };
+            let key = split::question_key(&row.question);
+            let held_out = test_questions.contains(&key) || split::is_test(key, settings.split_seed, settings.feedback_test_fraction);
+            for line in feedback::labelled(&row) {
+                let answer = line.messages.last().map_or("", |m| m.content.as_str());
+                if word_filter.matches(&row.question) || (line.label && word_filter.matches(answer)) {
+                    st.drop("feedback_word_filter");
+                    continue;
+                }
+                let counts = &mut st.feedback;
+                let (part, n) = match (held_out, line.label) {
+                    (false, true) => (output::Part::Feedback, &mut counts.desirable),
+                    (false, false) => (output::Part::Feedback, &mut counts.undesirable),
+                    (true, true) => (output::Part::FeedbackTest, &mut counts.held_out_desirable),
+                    (true, false) => (output::Part::FeedbackTest, &mut counts.held_out_undesirable),
+                };
+                *n += 1;
+                writer.write(part, &line)?;
+            }
+            // A held-out question is evaluated on, never trained on (by either objective).
+            let Some(conv) = export.train.filter(|_| !held_out) else { continue };
             if word_filter.matches(&conv.user_text()) || word_filter.matches(&conv.assistant_text()) {
                 st.drop("feedback_word_filter");
                 continue;

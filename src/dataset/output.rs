@@ -14,6 +14,10 @@ use sha2::{Digest, Sha256};
 pub const TRAIN: &str = "train.jsonl";
 pub const TEST: &str = "test.jsonl";
 pub const REJECTED: &str = "rejected.jsonl";
+/// Labelled answers for preference training: `{"messages": [...], "label": true|false}`.
+pub const FEEDBACK: &str = "feedback.jsonl";
+/// Held-out labelled answers (never a question of `FEEDBACK` or of the forum's training split).
+pub const FEEDBACK_TEST: &str = "feedback_test.jsonl";
 /// File in the datasets folder naming the most recent build.
 pub const LATEST: &str = "LATEST";
 
@@ -22,6 +26,8 @@ pub enum Part {
     Train,
     Test,
     Rejected,
+    Feedback,
+    FeedbackTest,
 }
 
 struct HashedFile {
@@ -70,7 +76,13 @@ impl DatasetWriter {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tmp = root.join(format!(".building-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let files = vec![HashedFile::create(&tmp, TRAIN)?, HashedFile::create(&tmp, TEST)?, HashedFile::create(&tmp, REJECTED)?];
+        let files = vec![
+            HashedFile::create(&tmp, TRAIN)?,
+            HashedFile::create(&tmp, TEST)?,
+            HashedFile::create(&tmp, REJECTED)?,
+            HashedFile::create(&tmp, FEEDBACK)?,
+            HashedFile::create(&tmp, FEEDBACK_TEST)?,
+        ];
         Ok(Self { root: root.to_path_buf(), tmp, files })
     }
 

@@ -18,6 +18,16 @@ pub fn is_test(thread_id: u64, seed: u64, test_fraction: f64) -> bool {
     x < test_fraction
 }
 
+/// A stable 64-bit key for a question (case and whitespace ignored): feedback is split by it, so
+/// every answer to one question lands on the same side.
+pub fn question_key(question: &str) -> u64 {
+    let norm = question.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    let digest = Sha256::digest(norm.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,5 +44,7 @@ mod tests {
         assert_ne!(a, c, "the seed changes the split");
         assert!(!(0..1000).any(|id| is_test(id, 0, 0.0)));
         assert!((0..1000).all(|id| is_test(id, 0, 1.0)));
+        assert_eq!(question_key("How do I  butter?\n"), question_key("how do i butter?"));
+        assert_ne!(question_key("How do I butter?"), question_key("How do I press?"));
     }
 }

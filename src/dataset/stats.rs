@@ -74,6 +74,16 @@ impl Coverage {
     }
 }
 
+/// Labelled answers written to `feedback.jsonl` (desirable, undesirable) and held out in
+/// `feedback_test.jsonl`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct FeedbackCounts {
+    pub desirable: u64,
+    pub undesirable: u64,
+    pub held_out_desirable: u64,
+    pub held_out_undesirable: u64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Collector {
     pub threads: u64,
@@ -83,6 +93,7 @@ pub struct Collector {
     pub multi_turn: u64,
     pub feedback_train: u64,
     pub rejected: u64,
+    pub feedback: FeedbackCounts,
     pub dropped: BTreeMap<String, u64>,
     pub substantive: Coverage,
     pub question_words: Lengths,
@@ -99,6 +110,8 @@ pub struct Stats {
     pub multi_turn: u64,
     pub feedback_train: u64,
     pub rejected: u64,
+    /// Labelled answers for preference training.
+    pub feedback: FeedbackCounts,
     pub dropped: BTreeMap<String, u64>,
     /// Substantive replies seen, used, and left out by reason.
     pub substantive_replies: Coverage,
@@ -122,6 +135,7 @@ impl Collector {
             multi_turn: self.multi_turn,
             feedback_train: self.feedback_train,
             rejected: self.rejected,
+            feedback: self.feedback,
             dropped: self.dropped.clone(),
             substantive_replies: self.substantive.clone(),
             question_words: self.question_words.summary(),
@@ -135,6 +149,8 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "threads: {} ({} gave pairs)", self.threads, self.threads_with_pairs)?;
         writeln!(f, "pairs:   {} train, {} test ({} multi-turn), feedback: {} to train, {} rejected", self.train, self.test, self.multi_turn, self.feedback_train, self.rejected)?;
+        let fb = &self.feedback;
+        writeln!(f, "labelled answers: {} good, {} bad to feedback.jsonl; {} good, {} bad held out", fb.desirable, fb.undesirable, fb.held_out_desirable, fb.held_out_undesirable)?;
         let c = &self.substantive_replies;
         writeln!(f, "substantive replies: {} seen, {} used ({:.0}%)", c.seen, c.used, c.recall() * 100.0)?;
         for (reason, n) in &c.dropped {

@@ -1,7 +1,7 @@
 //! Feedback the Discord bot collects: every answer it sends (keyed by the message ids that carry
 //! it, since reaction events name only the message), one vote per user per answer, and admin
 //! corrections. `dataset build` exports them (corrected and upvoted answers to training, downvoted ones
-//! to the rejected file).
+//! to the rejected file, and every labelled answer to `feedback.jsonl` for preference training).
 
 use anyhow::{Context, Result};
 use rusqlite::{params, OptionalExtension};
@@ -62,7 +62,7 @@ pub struct StoredAnswer {
     pub asked_by: Option<u64>,
 }
 
-/// An answer with 👎 votes, for `/flagged`.
+/// An answer with 👎 votes or a correction, for `/flagged`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlaggedAnswer {
     pub id: AnswerId,
@@ -70,6 +70,8 @@ pub struct FlaggedAnswer {
     pub answer: String,
     pub up: u32,
     pub down: u32,
+    /// The latest admin correction.
+    pub correction: Option<String>,
 }
 
 /// An answer with its vote tally and latest correction, as exported.
@@ -159,17 +161,26 @@ impl Store {
         Ok(rows.map(|r| r.map(|v| v as u64)).collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Answers with at least one 👎, newest first.
+    /// Answers with at least one 👎 or a correction, newest first.
     pub fn flagged_answers(&self, limit: usize) -> Result<Vec<FlaggedAnswer>> {
         let mut st = self.conn().prepare(
             "SELECT a.id, a.question, a.answer,
                     (SELECT COUNT(*) FROM votes v WHERE v.answer_id = a.id AND v.value > 0),
-                    (SELECT COUNT(*) FROM votes v WHERE v.answer_id = a.id AND v.value < 0) AS down
-             FROM answers a WHERE EXISTS (SELECT 1 FROM votes v WHERE v.answer_id = a.id AND v.value < 0)
+                    (SELECT COUNT(*) FROM votes v WHERE v.answer_id = a.id AND v.value < 0) AS down,
+                    (SELECT text FROM corrections c WHERE c.answer_id = a.id ORDER BY c.id DESC LIMIT 1)
+             FROM answers a
+             WHERE EXISTS (SELECT 1 FROM votes v WHERE v.answer_id = a.id AND v.value < 0) OR EXISTS (SELECT 1 FROM corrections c WHERE c.answer_id = a.id)
              ORDER BY a.id DESC LIMIT ?1",
         )?;
         let rows = st.query_map([limit as i64], |r| {
-            Ok(FlaggedAnswer { id: AnswerId(r.get(0)?), question: r.get(1)?, answer: r.get(2)?, up: r.get::<_, i64>(3)? as u32, down: r.get::<_, i64>(4)? as u32 })
+            Ok(FlaggedAnswer {
+                id: AnswerId(r.get(0)?),
+                question: r.get(1)?,
+                answer: r.get(2)?,
+                up: r.get::<_, i64>(3)? as u32,
+                down: r.get::<_, i64>(4)? as u32,
+                correction: r.get(5)?,
+            })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -271,10 +282,14 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].correction.as_deref(), Some("better"));
         assert_eq!((rows[0].up, rows[0].down), (1, 0));
-        assert!(s.flagged_answers(5).unwrap().is_empty());
-        s.set_vote(a, 12, Vote::Down).unwrap();
         let flagged = s.flagged_answers(5).unwrap();
-        assert_eq!((flagged[0].id, flagged[0].up, flagged[0].down), (a, 1, 1));
+        assert_eq!((flagged[0].id, flagged[0].down, flagged[0].correction.as_deref()), (a, 0, Some("better")), "a corrected answer is flagged");
+        let b = s.record_answer(&NewAnswer { question: "q2".into(), answer: "a2".into(), ..Default::default() }).unwrap();
+        s.set_vote(b, 10, Vote::Up).unwrap();
+        assert_eq!(s.flagged_answers(5).unwrap().len(), 1, "an answer with only 👍 is not flagged");
+        s.set_vote(b, 12, Vote::Down).unwrap();
+        let flagged = s.flagged_answers(5).unwrap();
+        assert_eq!((flagged[0].id, flagged[0].up, flagged[0].down, flagged[0].correction.clone()), (b, 1, 1, None));
         let stored = s.answer(a).unwrap().unwrap();
         assert_eq!((stored.question.as_str(), stored.generation.clone()), ("q", serde_json::json!({})));
         assert_eq!(s.answer_messages(a).unwrap(), vec![1_234_567_890_123_456_789]);

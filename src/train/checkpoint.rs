@@ -21,6 +21,9 @@ pub struct StepRecord {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: u64,
+    /// KTO steps: the KL baseline the step used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -50,6 +53,9 @@ pub struct TrainState {
     /// resuming under different ones is refused.
     pub fingerprint: String,
     pub base_model: String,
+    /// The step at which the KTO phase started (`None`: still in SFT, or no KTO).
+    #[serde(default)]
+    pub kto_from: Option<usize>,
 }
 
 pub struct Checkpoint {

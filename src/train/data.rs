@@ -1,5 +1,6 @@
 //! Training data: a dataset folder's chat-format JSONL (`train.jsonl`, held-out `test.jsonl`)
-//! rendered with the model's chat template into token ids and a loss mask, plus the batch plan.
+//! rendered with the model's chat template into token ids and a loss mask, the labelled answers
+//! of `feedback.jsonl` / `feedback_test.jsonl` for preference training, plus the batch plan.
 //!
 //! The held-out split is the dataset's own (`dataset build` splits by thread); it is never
 //! re-split here, so evaluations of different adapters on one dataset compare.
@@ -14,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::kto::PrefExample;
 use super::settings::{BadLines, LossOn, TrainSettings};
 use crate::llm::chat::{Message, Role};
 use crate::llm::load::LoadedModel;
@@ -64,11 +66,19 @@ pub struct Dataset {
     pub test: Vec<Example>,
     pub train_report: SplitReport,
     pub test_report: SplitReport,
+    /// Labelled answers (`feedback.jsonl`) and the held-out ones (`feedback_test.jsonl`); empty
+    /// when the files are absent.
+    pub feedback: Vec<PrefExample>,
+    pub feedback_test: Vec<PrefExample>,
+    pub feedback_report: SplitReport,
+    pub feedback_test_report: SplitReport,
 }
 
 #[derive(Deserialize)]
 struct Line {
     messages: Vec<Message>,
+    #[serde(default)]
+    label: Option<bool>,
 }
 
 /// Control strings of the chat templates we know. Text that contains them was rendered for some
@@ -76,21 +86,29 @@ struct Line {
 /// would teach the model to print them.
 const TEMPLATE_MARKERS: &[&str] = &["[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>", "</s>"];
 
-/// Read and tokenize `dir/train.jsonl` and `dir/test.jsonl`.
+/// Read and tokenize `dir/train.jsonl` and `dir/test.jsonl`, and the labelled answers of
+/// `dir/feedback.jsonl` and `dir/feedback_test.jsonl` where present. A folder needs
+/// `train.jsonl` or `feedback.jsonl` (preference training alone).
 pub fn load(dir: &Path, lm: &LoadedModel, settings: &TrainSettings, system_prompt: &str) -> Result<Dataset> {
+    use crate::dataset::output::{FEEDBACK, FEEDBACK_TEST, TEST, TRAIN};
     ensure!(dir.is_dir(), "dataset folder {} does not exist", dir.display());
-    let train_path = dir.join(crate::dataset::output::TRAIN);
-    let test_path = dir.join(crate::dataset::output::TEST);
-    ensure!(train_path.is_file(), "{} is missing: not a dataset folder (build one with `freeski-bot dataset build`)", train_path.display());
+    let train_path = dir.join(TRAIN);
+    let test_path = dir.join(TEST);
+    let feedback_path = dir.join(FEEDBACK);
+    ensure!(
+        train_path.is_file() || feedback_path.is_file(),
+        "{} is missing: not a dataset folder (build one with `freeski-bot dataset build`, or give {FEEDBACK} for preference training)",
+        train_path.display()
+    );
     let mut hash = Sha256::new();
-    let (train, train_report) = read_split(&train_path, lm, settings, system_prompt, &mut hash)?;
+    let (train, train_report) = if train_path.is_file() { read_split(&train_path, lm, settings, system_prompt, &mut hash)? } else { (Vec::new(), SplitReport::default()) };
     let (test, test_report) = if test_path.is_file() {
         read_split(&test_path, lm, settings, system_prompt, &mut hash)?
     } else {
         tracing::warn!(path = %test_path.display(), "no held-out split: evaluation is off");
         (Vec::new(), SplitReport::default())
     };
-    if train.is_empty() {
+    if train.is_empty() && train_path.is_file() {
         bail!(
             "{} has no usable training conversation ({} lines: {} malformed, {} in another chat template's format, {} longer than train.max_len with no answer left)",
             train_path.display(),
@@ -108,32 +126,91 @@ pub fn load(dir: &Path, lm: &LoadedModel, settings: &TrainSettings, system_promp
             train_report.lines
         );
     }
-    for (name, r) in [("train", &train_report), ("test", &test_report)] {
+    let mut labelled = |path: &Path| -> Result<(Vec<PrefExample>, SplitReport)> {
+        if !path.is_file() {
+            return Ok((Vec::new(), SplitReport::default()));
+        }
+        // The file name goes into the hash too: the same lines as training or held-out
+        // feedback are different datasets.
+        hash.update(path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        read_labelled(path, lm, settings, system_prompt, &mut hash)
+    };
+    let (feedback, feedback_report) = labelled(&feedback_path)?;
+    let (feedback_test, feedback_test_report) = labelled(&dir.join(FEEDBACK_TEST))?;
+    for (name, r) in [("train", &train_report), ("test", &test_report), ("feedback", &feedback_report), ("feedback_test", &feedback_test_report)] {
         if r.malformed + r.foreign_template + r.too_long > 0 {
             tracing::warn!(split = name, malformed = r.malformed, foreign_template = r.foreign_template, too_long = r.too_long, "conversations skipped");
         }
     }
-    Ok(Dataset { dir: dir.to_path_buf(), hash: hex::encode(hash.finalize()), train, test, train_report, test_report })
+    Ok(Dataset {
+        dir: dir.to_path_buf(),
+        hash: hex::encode(hash.finalize()),
+        train,
+        test,
+        train_report,
+        test_report,
+        feedback,
+        feedback_test,
+        feedback_report,
+        feedback_test_report,
+    })
+}
+
+/// A conversation rendered with the chat template (system prompt first if configured), the
+/// loss on the tokens `loss_on` names; not yet cut to `max_len`.
+fn encode(lm: &LoadedModel, s: &TrainSettings, system_prompt: &str, conv: Vec<Message>, path: &Path, no: usize) -> Result<Example> {
+    let eos = lm.stop_ids.first().copied();
+    let mut messages = Vec::with_capacity(conv.len() + 1);
+    if s.use_system_prompt && !system_prompt.is_empty() && conv[0].role != Role::System {
+        messages.push(Message::system(system_prompt));
+    }
+    messages.extend(conv);
+    let enc = lm.template.encode(&lm.tokenizer, lm.bos_id, eos, &messages, false).with_context(|| format!("{} line {no}", path.display()))?;
+    Ok(Example {
+        target: match s.loss_on {
+            LossOn::Assistant => enc.assistant,
+            LossOn::All => vec![true; enc.ids.len()],
+        },
+        ids: enc.ids,
+    })
+}
+
+/// The labelled answers of a feedback file: the loss (and the log-probability that KTO and the
+/// preference figures use) covers the final answer only, whatever `loss_on` says, since the label
+/// is about that answer.
+fn read_labelled(path: &Path, lm: &LoadedModel, s: &TrainSettings, system_prompt: &str, hash: &mut Sha256) -> Result<(Vec<PrefExample>, SplitReport)> {
+    let (records, mut report) = read_records(path, s.bad_lines, Some(hash), true)?;
+    let mut out = Vec::with_capacity(records.len());
+    let answers_only = TrainSettings { loss_on: LossOn::Assistant, ..s.clone() };
+    for (no, conv, label) in records {
+        let Some(desirable) = label else { continue };
+        let mut ex = encode(lm, &answers_only, system_prompt, conv, path, no)?;
+        // The final answer: the last run of assistant tokens.
+        let end = ex.target.iter().rposition(|&t| t).map_or(0, |i| i + 1);
+        let start = ex.target[..end].iter().rposition(|&t| !t).map_or(0, |i| i + 1);
+        for t in ex.target[..start].iter_mut() {
+            *t = false;
+        }
+        if ex.len() > s.max_len {
+            ex.ids.truncate(s.max_len);
+            ex.target.truncate(s.max_len);
+            report.truncated += 1;
+        }
+        if start == 0 || ex.targets() == 0 {
+            report.too_long += 1;
+            continue;
+        }
+        report.used += 1;
+        out.push(PrefExample { ex, prompt_len: start, desirable });
+    }
+    Ok((out, report))
 }
 
 fn read_split(path: &Path, lm: &LoadedModel, s: &TrainSettings, system_prompt: &str, hash: &mut Sha256) -> Result<(Vec<Example>, SplitReport)> {
     let (conversations, mut report) = read_conversations(path, s.bad_lines, Some(hash))?;
-    let eos = lm.stop_ids.first().copied();
     let mut out = Vec::with_capacity(conversations.len());
     for (no, conv) in conversations {
-        let mut messages = Vec::with_capacity(conv.len() + 1);
-        if s.use_system_prompt && !system_prompt.is_empty() && conv[0].role != Role::System {
-            messages.push(Message::system(system_prompt));
-        }
-        messages.extend(conv);
-        let enc = lm.template.encode(&lm.tokenizer, lm.bos_id, eos, &messages, false).with_context(|| format!("{} line {no}", path.display()))?;
-        let mut ex = Example {
-            target: match s.loss_on {
-                LossOn::Assistant => enc.assistant,
-                LossOn::All => vec![true; enc.ids.len()],
-            },
-            ids: enc.ids,
-        };
+        let mut ex = encode(lm, s, system_prompt, conv, path, no)?;
         if ex.len() > s.max_len {
             ex.ids.truncate(s.max_len);
             ex.target.truncate(s.max_len);
@@ -154,7 +231,17 @@ pub type NumberedConversation = (usize, Vec<Message>);
 
 /// The usable conversations of a JSONL split with their 1-based line numbers. Bad lines are
 /// skipped and counted (or fail, per `bad`); `hash`, if given, takes every line's bytes.
-pub fn read_conversations(path: &Path, bad: BadLines, mut hash: Option<&mut Sha256>) -> Result<(Vec<NumberedConversation>, SplitReport)> {
+pub fn read_conversations(path: &Path, bad: BadLines, hash: Option<&mut Sha256>) -> Result<(Vec<NumberedConversation>, SplitReport)> {
+    let (records, report) = read_records(path, bad, hash, false)?;
+    Ok((records.into_iter().map(|(no, m, _)| (no, m)).collect(), report))
+}
+
+/// A line's number, messages and label.
+type Record = (usize, Vec<Message>, Option<bool>);
+
+/// The usable lines of a JSONL file: line number, messages and label. With `labelled`, a line
+/// without a boolean `label` is a bad line.
+fn read_records(path: &Path, bad: BadLines, mut hash: Option<&mut Sha256>, labelled: bool) -> Result<(Vec<Record>, SplitReport)> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut report = SplitReport::default();
     let mut out = Vec::new();
@@ -169,9 +256,13 @@ pub fn read_conversations(path: &Path, bad: BadLines, mut hash: Option<&mut Sha2
             continue;
         }
         report.lines += 1;
-        let parsed = serde_json::from_str::<Line>(&line).map_err(anyhow::Error::from).and_then(|c| check_turns(&c.messages).map(|_| c.messages));
-        let messages = match parsed {
-            Ok(m) => m,
+        let parsed = serde_json::from_str::<Line>(&line).map_err(anyhow::Error::from).and_then(|c| {
+            check_turns(&c.messages)?;
+            ensure!(!labelled || c.label.is_some(), "no boolean \"label\" (true: a good answer, false: a bad one)");
+            Ok(c)
+        });
+        let record = match parsed {
+            Ok(c) => c,
             Err(e) if bad == BadLines::Fail => bail!("{} line {no}: not a usable conversation: {e} (set train.bad_lines = \"skip\" to skip such lines)", path.display()),
             Err(e) => {
                 if report.malformed < 5 {
@@ -181,11 +272,11 @@ pub fn read_conversations(path: &Path, bad: BadLines, mut hash: Option<&mut Sha2
                 continue;
             }
         };
-        if messages.iter().any(|m| TEMPLATE_MARKERS.iter().any(|k| m.content.contains(k))) {
+        if record.messages.iter().any(|m| TEMPLATE_MARKERS.iter().any(|k| m.content.contains(k))) {
             report.foreign_template += 1;
             continue;
         }
-        out.push((no, messages));
+        out.push((no, record.messages, record.label));
     }
     Ok((out, report))
 }

@@ -90,6 +90,13 @@ impl<'m> TrainForward<'m> {
 
     /// Sum of the target tokens' negative log-likelihood (no graph, no dropout): evaluation.
     pub fn loss_sum(&self, lora: Option<&LoraView>, batch: &Batch) -> Result<f64> {
+        Ok(self.row_nll(lora, batch)?.iter().sum())
+    }
+
+    /// Each row's sum of target-token negative log-likelihoods, i.e. minus the log-probability
+    /// of its target tokens (no graph, no dropout). `lora: None` is the bare base: the
+    /// reference model of preference training.
+    pub fn row_nll(&self, lora: Option<&LoraView>, batch: &Batch) -> Result<Vec<f64>> {
         let fwd = TrainForward { dropout: Dropout::off(), ..*self };
         let ctx = fwd.context(batch)?;
         let mut x = fwd.embed(batch)?;
@@ -99,50 +106,65 @@ impl<'m> TrainForward<'m> {
             let layer_lora = lora.and_then(|l| l.layers.get(i)).unwrap_or(&none);
             x = fwd.layer(i, &x, layer_lora, lora.map_or(0.0, |l| l.scale), key, &ctx, None)?.0;
         }
-        let mut total = 0.0;
-        for (pos, next) in ctx.head_chunks()? {
-            total += scalar(&fwd.head_nll(&x, &pos, &next)?)?;
+        let mut rows = vec![0.0; batch.rows];
+        for (pos, next, chunk) in ctx.head_chunks()? {
+            ctx.add_rows(&mut rows, chunk, &fwd.head_nll(&x, &pos, &next)?)?;
         }
-        Ok(total)
+        Ok(rows)
     }
 
     /// Forward and backward of one micro-batch; adds `∂(nll_sum / denom)/∂θ` to `accum` and
     /// returns the micro-batch's NLL sum.
     pub fn accumulate(&self, params: &LoraParams, batch: &Batch, key: MicroKey, denom: f64, checkpointing: bool, accum: &mut GradAccum) -> Result<f64> {
         ensure!(denom > 0.0, "no target tokens in this step");
+        Ok(self.accumulate_rows(params, batch, key, RowLoss::Mean(denom), checkpointing, accum)?.iter().sum())
+    }
+
+    /// Forward and backward of one micro-batch for a loss that is a function of the rows' NLL
+    /// sums: adds `Σ_rows c_row · ∂nll_row/∂θ` to `accum`, where `c` is `1/denom` for
+    /// [`RowLoss::Mean`] and `∂loss/∂nll_row` as [`RowLoss::Weighted`] computes it from the
+    /// rows' NLLs of this very forward (same dropout masks). Returns the rows' NLL sums.
+    pub fn accumulate_rows(&self, params: &LoraParams, batch: &Batch, key: MicroKey, loss: RowLoss, checkpointing: bool, accum: &mut GradAccum) -> Result<Vec<f64>> {
         let ctx = self.context(batch)?;
         if checkpointing {
-            self.accumulate_checkpointed(params, key, denom, &ctx, accum)
+            self.accumulate_checkpointed(params, key, loss, &ctx, accum)
         } else {
-            self.accumulate_whole(params, key, denom, &ctx, accum)
+            self.accumulate_whole(params, key, loss, &ctx, accum)
         }
     }
 
-    fn accumulate_whole(&self, params: &LoraParams, key: MicroKey, denom: f64, ctx: &Ctx, accum: &mut GradAccum) -> Result<f64> {
+    fn accumulate_whole(&self, params: &LoraParams, key: MicroKey, loss: RowLoss, ctx: &Ctx, accum: &mut GradAccum) -> Result<Vec<f64>> {
         let mut x = self.embed(&ctx.batch)?;
         for i in 0..self.model.layers().len() {
             x = self.layer(i, &x, &params.layer(i, true), params.scale, key, ctx, None)?.0;
         }
-        let mut loss: Option<Tensor> = None;
-        for (pos, next) in ctx.head_chunks()? {
+        let mut rows = vec![0.0; ctx.batch.rows];
+        let mut chunks = Vec::new();
+        for (pos, next, chunk) in ctx.head_chunks()? {
             let nll = self.head_nll(&x, &pos, &next)?;
-            loss = Some(match loss {
-                Some(l) => (l + nll)?,
-                None => nll,
+            ctx.add_rows(&mut rows, chunk, &nll)?;
+            chunks.push((chunk, nll));
+        }
+        ensure!(!chunks.is_empty(), "batch has no target tokens");
+        let coef = loss.coefficients(&rows)?;
+        let mut total: Option<Tensor> = None;
+        for (chunk, nll) in chunks {
+            let weighted = (nll * ctx.position_weights(chunk, &coef, nll_dtype(self.dtype))?)?.sum_all()?;
+            total = Some(match total {
+                Some(l) => (l + weighted)?,
+                None => weighted,
             });
         }
-        let loss = loss.context("batch has no target tokens")?;
-        let total = scalar(&loss)?;
-        let grads = (loss / denom)?.backward()?;
+        let grads = total.context("batch has no target tokens")?.backward()?;
         for (_, var) in params.named_vars() {
             if let Some(g) = grads.get(var.as_tensor()) {
                 accum.add(var, g)?;
             }
         }
-        Ok(total)
+        Ok(rows)
     }
 
-    fn accumulate_checkpointed(&self, params: &LoraParams, key: MicroKey, denom: f64, ctx: &Ctx, accum: &mut GradAccum) -> Result<f64> {
+    fn accumulate_checkpointed(&self, params: &LoraParams, key: MicroKey, loss: RowLoss, ctx: &Ctx, accum: &mut GradAccum) -> Result<Vec<f64>> {
         let n_layers = self.model.layers().len();
         // Pass 1: no graph; keep each layer's input, all in one buffer allocated up front (kept
         // one by one, they would split the free space the layers' transients leave behind).
@@ -156,14 +178,29 @@ impl<'m> TrainForward<'m> {
         // Head, chunk by chunk: each chunk's graph lives only for its own backward.
         let flat = x.reshape((b * t, h))?;
         let mut grad = flat.zeros_like()?.to_dtype(DType::F32)?;
-        let mut total = 0.0;
+        let mut rows_nll = vec![0.0; b];
         // One dequantized head for every chunk's forward and backward.
         let head = ops::dequantize(self.model.head().qtensor(), self.model.device(), self.dtype)?;
-        for (pos, next) in ctx.head_chunks()? {
+        let chunks = ctx.head_chunks()?;
+        // A loss that depends on the rows' NLLs needs them all before any chunk's backward:
+        // one extra pass over the head without a graph.
+        let coef = match &loss {
+            RowLoss::Mean(_) => loss.coefficients(&rows_nll)?,
+            RowLoss::Weighted(_) => {
+                let mut pre = vec![0.0; b];
+                for (pos, next, chunk) in &chunks {
+                    let rows = flat.index_select(pos, 0)?;
+                    ctx.add_rows(&mut pre, *chunk, &self.head_rows_nll(&rows, next, Some(&head))?)?;
+                }
+                loss.coefficients(&pre)?
+            }
+        };
+        for (pos, next, chunk) in chunks {
             let rows = Var::from_tensor(&flat.index_select(&pos, 0)?)?;
             let nll = self.head_rows_nll(rows.as_tensor(), &next, Some(&head))?;
-            total += scalar(&nll)?;
-            let grads = (nll / denom)?.backward()?;
+            ctx.add_rows(&mut rows_nll, chunk, &nll)?;
+            let weighted = (nll * ctx.position_weights(chunk, &coef, nll_dtype(self.dtype))?)?.sum_all()?;
+            let grads = weighted.backward()?;
             let g = grads.get(rows.as_tensor()).context("no gradient reached the last hidden state")?;
             grad = grad.index_add(&pos, &g.to_dtype(DType::F32)?, 0)?;
         }
@@ -191,7 +228,7 @@ impl<'m> TrainForward<'m> {
             drop(dense);
             crate::llm::device::trim_pool(self.model.device());
         }
-        Ok(total)
+        Ok(rows_nll)
     }
 
     fn context(&self, batch: &Batch) -> Result<Ctx> {
@@ -303,7 +340,7 @@ impl<'m> TrainForward<'m> {
         Ok(((y + delta.reshape(out_dims)?)?, Some((xd, low))))
     }
 
-    /// NLL sum over the target rows `pos` of the final hidden state `x: [b, t, h]`.
+    /// NLL of each target row `pos` of the final hidden state `x: [b, t, h]` (`[rows]`).
     fn head_nll(&self, x: &Tensor, pos: &Tensor, next: &Tensor) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let rows = x.reshape((b * t, h))?.index_select(pos, 0)?;
@@ -314,10 +351,10 @@ impl<'m> TrainForward<'m> {
         let h = ops::rms_norm(rows, self.model.final_norm(), self.model.config().rms_norm_eps as f32)?;
         // Log-softmax over the vocabulary in f32 at least (f64 stays f64 for reference checks).
         let logits = ops::frozen_qmatmul_with(&h, self.model.head().qtensor(), dense_head)?;
-        let logits = if logits.dtype() == DType::F64 { logits } else { logits.to_dtype(DType::F32)? };
+        let logits = logits.to_dtype(nll_dtype(logits.dtype()))?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = logp.gather(&next.unsqueeze(1)?, 1)?;
-        Ok(picked.sum_all()?.neg()?)
+        Ok(picked.squeeze(1)?.neg()?)
     }
 }
 
@@ -362,13 +399,64 @@ pub(super) struct Ctx {
 }
 
 impl Ctx {
-    /// Target rows and their next tokens in chunks of [`HEAD_CHUNK`], as device tensors.
-    fn head_chunks(&self) -> Result<Vec<(Tensor, Tensor)>> {
+    /// Target rows and their next tokens in chunks of [`HEAD_CHUNK`], as device tensors, with
+    /// each chunk's index.
+    fn head_chunks(&self) -> Result<Vec<(Tensor, Tensor, usize)>> {
         let dev = self.mask.device();
-        self.pos.chunks(HEAD_CHUNK).zip(self.next.chunks(HEAD_CHUNK)).map(|(p, n)| Ok((Tensor::new(p, dev)?, Tensor::new(n, dev)?))).collect()
+        self.pos.chunks(HEAD_CHUNK).zip(self.next.chunks(HEAD_CHUNK)).enumerate().map(|(c, (p, n))| Ok((Tensor::new(p, dev)?, Tensor::new(n, dev)?, c))).collect()
+    }
+
+    /// The batch rows of chunk `chunk`'s target positions.
+    fn chunk_rows(&self, chunk: usize) -> impl Iterator<Item = usize> + '_ {
+        self.pos.chunks(HEAD_CHUNK).nth(chunk).unwrap_or(&[]).iter().map(|&p| p as usize / self.batch.len.max(1))
+    }
+
+    /// Adds chunk `chunk`'s per-position NLLs to their rows' sums.
+    fn add_rows(&self, rows: &mut [f64], chunk: usize, nll: &Tensor) -> Result<()> {
+        let values = nll.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for (row, v) in self.chunk_rows(chunk).zip(values) {
+            rows[row] += v;
+        }
+        Ok(())
+    }
+
+    /// Each of chunk `chunk`'s positions weighted by its row's coefficient, as a `[rows]` tensor.
+    fn position_weights(&self, chunk: usize, coef: &[f64], dtype: DType) -> Result<Tensor> {
+        let w: Vec<f64> = self.chunk_rows(chunk).map(|r| coef[r]).collect();
+        let n = w.len();
+        Ok(Tensor::from_vec(w, n, self.mask.device())?.to_dtype(dtype)?)
     }
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+/// How a micro-batch's loss is made of its rows' NLL sums (see [`TrainForward::accumulate_rows`]).
+pub enum RowLoss<'a> {
+    /// `Σ nll / denom`: supervised fine-tuning, normalised by the step's target tokens.
+    Mean(f64),
+    /// `∂loss/∂nll_row` for every row, from the rows' NLL sums (preference training).
+    Weighted(&'a dyn Fn(&[f64]) -> Result<Vec<f64>>),
+}
+
+impl RowLoss<'_> {
+    fn coefficients(&self, rows_nll: &[f64]) -> Result<Vec<f64>> {
+        match self {
+            RowLoss::Mean(denom) => {
+                ensure!(*denom > 0.0, "no target tokens in this step");
+                Ok(vec![1.0 / denom; rows_nll.len()])
+            }
+            RowLoss::Weighted(f) => {
+                let c = f(rows_nll)?;
+                ensure!(c.len() == rows_nll.len(), "the loss gave {} coefficients for {} rows", c.len(), rows_nll.len());
+                Ok(c)
+            }
+        }
+    }
+}
+
+/// The dtype the head's log-softmax (and so its NLL) is computed in.
+fn nll_dtype(activations: DType) -> DType {
+    if activations == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }

@@ -32,6 +32,16 @@ impl AdamW {
         Ok(Self { cfg, t: 0, m, v })
     }
 
+    /// Forget the moments and the step count: a new phase of training (another objective)
+    /// starts with a fresh optimizer.
+    pub fn reset(&mut self) -> Result<()> {
+        for t in self.m.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.zeros_like()?;
+        }
+        self.t = 0;
+        Ok(())
+    }
+
     /// One update of every variable with its gradient (same order as at construction).
     pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
         ensure!(vars.len() == grads.len() && vars.len() == self.m.len(), "optimizer: {} variables, {} gradients, {} states", vars.len(), grads.len(), self.m.len());

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{EvalRecord, StepRecord};
 use super::data::SplitReport;
+use super::kto::{KtoWeights, PrefEval};
 use super::settings::TrainSettings;
 use crate::llm::lora::AdapterConfig;
 
@@ -48,6 +49,33 @@ pub struct Metrics {
     pub device: String,
     pub activation_dtype: String,
     pub finished_at: i64,
+    /// The objective the run used (`train.objective` resolved: sft, kto or sft+kto).
+    #[serde(default)]
+    pub objective: String,
+    /// The preference phase, when there was one.
+    #[serde(default)]
+    pub kto: Option<KtoSummary>,
+    /// The latest `freeski-bot eval` on labelled answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference_eval: Option<super::eval::PreferenceReport>,
+}
+
+/// What the KTO phase trained on and how the preference figures moved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KtoSummary {
+    /// Labelled answers trained on.
+    pub desirable: usize,
+    pub undesirable: usize,
+    pub weights: KtoWeights,
+    pub beta: f64,
+    /// "base" or the reference adapter's id.
+    pub reference: String,
+    /// First step of the phase and its number of steps.
+    pub from_step: usize,
+    pub steps: usize,
+    /// Held-out feedback (`feedback_test.jsonl`): the bare base and the saved adapter.
+    pub base_preference: Option<PrefEval>,
+    pub preference: Option<PrefEval>,
 }
 
 impl Metrics {
@@ -59,12 +87,18 @@ impl Metrics {
 }
 
 pub fn write(dir: &Path, m: &Metrics) -> Result<()> {
-    let tmp = dir.join(format!(".{METRICS_FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(m)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(METRICS_FILE)).context("moving metrics.json into place")?;
+    write_json(dir, m)?;
     let tmp = dir.join(format!(".tmp-{CHART_FILE}"));
     draw_chart(&tmp, &m.train_loss, &m.eval_loss, &m.id).context("drawing the loss chart")?;
     std::fs::rename(&tmp, dir.join(CHART_FILE)).context("moving loss.png into place")?;
+    Ok(())
+}
+
+/// `metrics.json` alone, atomically (`eval` adds its preference figures this way).
+pub fn write_json(dir: &Path, m: &Metrics) -> Result<()> {
+    let tmp = dir.join(format!(".{METRICS_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(m)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(METRICS_FILE)).context("moving metrics.json into place")?;
     Ok(())
 }
 

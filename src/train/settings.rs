@@ -43,6 +43,77 @@ pub enum Precision {
     Bf16,
 }
 
+/// What a run optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Objective {
+    /// `sft+kto` when the dataset has at least `train.kto_min_examples` labelled answers, else
+    /// `sft`; `kto` for a folder of labelled answers only.
+    #[serde(rename = "auto")]
+    Auto,
+    /// Supervised fine-tuning on `train.jsonl`.
+    #[serde(rename = "sft")]
+    Sft,
+    /// KTO on the labelled answers of `feedback.jsonl` only.
+    #[serde(rename = "kto")]
+    Kto,
+    /// SFT, then KTO continuing from its weights.
+    #[serde(rename = "sft+kto")]
+    SftKto,
+}
+
+impl Objective {
+    /// The objective a run uses on a dataset with (`conversations`) or without training
+    /// conversations and `labelled` feedback answers.
+    pub fn resolve(self, conversations: bool, labelled: usize, min_examples: usize) -> Objective {
+        match self {
+            Objective::Auto if !conversations => Objective::Kto,
+            Objective::Auto if labelled >= min_examples.max(1) => Objective::SftKto,
+            Objective::Auto => Objective::Sft,
+            o => o,
+        }
+    }
+
+    pub fn has_sft(self) -> bool {
+        matches!(self, Objective::Sft | Objective::SftKto | Objective::Auto)
+    }
+
+    pub fn has_kto(self) -> bool {
+        matches!(self, Objective::Kto | Objective::SftKto)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Auto => "auto",
+            Objective::Sft => "sft",
+            Objective::Kto => "kto",
+            Objective::SftKto => "sft+kto",
+        }
+    }
+}
+
+impl std::str::FromStr for Objective {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Objective::Auto,
+            "sft" => Objective::Sft,
+            "kto" => Objective::Kto,
+            "sft+kto" => Objective::SftKto,
+            other => anyhow::bail!("unknown objective `{other}` (expected sft, kto, sft+kto or auto)"),
+        })
+    }
+}
+
+/// The model KTO measures the policy against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KtoReference {
+    /// The frozen base with the adapter switched off.
+    Base,
+    /// The adapter active when the run starts (the base when none is).
+    Active,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
@@ -77,6 +148,15 @@ pub struct TrainSettings {
     pub seed: u64,
     pub device: String,
     pub eval_questions: usize,
+    pub objective: Objective,
+    pub kto_min_examples: usize,
+    pub kto_beta: f64,
+    pub kto_desirable_weight: f64,
+    pub kto_undesirable_weight: f64,
+    pub kto_reference: KtoReference,
+    pub kto_learning_rate: f64,
+    pub kto_epochs: f64,
+    pub kto_max_steps: usize,
 }
 
 impl TrainSettings {
@@ -98,6 +178,12 @@ impl TrainSettings {
         ensure!(self.adam_eps > 0.0, "{t}.adam_eps must be > 0");
         ensure!(self.max_grad_norm >= 0.0, "{t}.max_grad_norm must be >= 0 (0 disables clipping)");
         ensure!(self.early_stop_min_delta >= 0.0, "{t}.early_stop_min_delta must be >= 0");
+        ensure!(self.kto_beta > 0.0 && self.kto_beta.is_finite(), "{t}.kto_beta must be > 0, got {}", self.kto_beta);
+        for (k, v) in [("kto_desirable_weight", self.kto_desirable_weight), ("kto_undesirable_weight", self.kto_undesirable_weight)] {
+            ensure!(v >= 0.0 && v.is_finite(), "{t}.{k} must be >= 0 (0 chooses it from the label counts), got {v}");
+        }
+        ensure!(self.kto_learning_rate > 0.0 && self.kto_learning_rate.is_finite(), "{t}.kto_learning_rate must be > 0, got {}", self.kto_learning_rate);
+        ensure!(self.kto_epochs > 0.0 && self.kto_epochs.is_finite() || self.kto_max_steps > 0, "{t}.kto_epochs must be > 0 unless {t}.kto_max_steps is set");
         Ok(())
     }
 

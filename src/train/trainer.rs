@@ -6,19 +6,20 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::checkpoint::{self, EvalRecord, StepRecord, TrainState};
 use super::data::{epoch_plan, Batch, Dataset, Example};
 use super::dropout::Dropout;
 use super::forward::{GradAccum, MicroKey, TrainForward};
+use super::kto::{preference_eval, KtoPhase};
 use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
 use super::params::{LoraParams, LoraView};
-use super::report::{self, Metrics};
-use super::settings::{Precision, TrainSettings};
+use super::report::{self, KtoSummary, Metrics};
+use super::settings::{Objective, Precision, TrainSettings};
 use crate::llm::device::MemoryPoller;
 use crate::llm::load::LoadedModel;
-use crate::llm::lora::AdapterConfig;
+use crate::llm::lora::{AdapterConfig, LoraAdapter};
 
 /// What the loop reports after each optimizer step and evaluation.
 #[derive(Debug, Clone)]
@@ -59,6 +60,9 @@ pub struct TrainRun<'a> {
     pub id: String,
     /// Written into the adapter config and metrics (`base_model_name_or_path`).
     pub base_model: String,
+    /// KTO's reference: this adapter's weights on the same base; `None` is the base with the
+    /// adapter switched off.
+    pub reference: Option<&'a LoraAdapter>,
 }
 
 #[derive(Debug, Clone)]
@@ -102,12 +106,17 @@ impl TrainRun<'_> {
     }
 
     /// Settings that change the result; a checkpoint made under others is not resumed.
-    fn fingerprint(&self) -> Result<String> {
+    fn fingerprint(&self, objective: Objective, reference: &str) -> Result<String> {
         let mut s = self.settings.clone();
         s.device.clear();
         s.eval_questions = 0;
         s.checkpoint_every = 0;
-        Ok(serde_json::to_string(&s)?)
+        s.objective = objective;
+        let mut f = serde_json::to_string(&s)?;
+        if objective.has_kto() {
+            f += &format!(" reference={reference}");
+        }
+        Ok(f)
     }
 
     fn eval_set(&self) -> &[Example] {
@@ -122,6 +131,14 @@ impl TrainRun<'_> {
     pub fn run(&self, hooks: &dyn TrainHooks) -> Result<Outcome> {
         let s = &self.settings;
         s.validate()?;
+        let objective = s.objective.resolve(!self.data.train.is_empty(), self.data.feedback.len(), s.kto_min_examples);
+        ensure!(!objective.has_sft() || !self.data.train.is_empty(), "objective {} needs training conversations: {} has no train.jsonl", objective.name(), self.data.dir.display());
+        ensure!(
+            !objective.has_kto() || !self.data.feedback.is_empty(),
+            "objective {} needs labelled answers: {} has none in feedback.jsonl",
+            objective.name(),
+            self.data.dir.display()
+        );
         let model = &self.lm.model;
         let device = model.device().clone();
         let dtype = activation_dtype(s.precision, &device);
@@ -130,7 +147,8 @@ impl TrainRun<'_> {
         let names: Vec<String> = params.named_vars().into_iter().map(|(n, _)| n).collect();
         let vars = params.named_vars().into_iter().map(|(_, v)| v).collect::<Vec<_>>();
         let mut opt = AdamW::new(AdamWConfig { beta1: s.adam_beta1, beta2: s.adam_beta2, eps: s.adam_eps, weight_decay: s.weight_decay }, &vars)?;
-        let fingerprint = self.fingerprint()?;
+        let reference_name = self.reference.map_or("base".to_string(), |a| a.id.clone());
+        let fingerprint = self.fingerprint(objective, &reference_name)?;
         let mut best_weights: Option<Vec<Tensor>> = None;
 
         let mut state = match checkpoint::load(&self.run_dir, &device)? {
@@ -175,13 +193,24 @@ impl TrainRun<'_> {
                     dataset_hash: self.data.hash.clone(),
                     fingerprint: fingerprint.clone(),
                     base_model: self.base_model.clone(),
+                    kto_from: None,
                 }
             }
         };
 
-        let lengths: Vec<usize> = self.data.train.iter().map(|e| e.len()).collect();
-        let batches_per_epoch = lengths.len().div_ceil(s.batch_size);
-        let total_steps = if s.max_steps > 0 { s.max_steps } else { ((s.epochs * batches_per_epoch as f64) / s.grad_accum as f64).ceil().max(1.0) as usize };
+        let sft_lengths: Vec<usize> = self.data.train.iter().map(|e| e.len()).collect();
+        let kto_lengths: Vec<usize> = self.data.feedback.iter().map(|e| e.ex.len()).collect();
+        let phase_steps = |n: usize, epochs: f64, max_steps: usize| {
+            if max_steps > 0 {
+                max_steps
+            } else {
+                ((epochs * n.div_ceil(s.batch_size) as f64) / s.grad_accum as f64).ceil().max(1.0) as usize
+            }
+        };
+        let sft_steps = if objective.has_sft() { phase_steps(sft_lengths.len(), s.epochs, s.max_steps) } else { 0 };
+        let kto_steps = if objective.has_kto() { phase_steps(kto_lengths.len(), s.kto_epochs, s.kto_max_steps) } else { 0 };
+        let kto_warmup = s.warmup_steps.min(kto_steps / 10);
+        let mut total_steps = state.kto_from.unwrap_or(sft_steps) + kto_steps;
         let has_eval = !self.eval_set().is_empty();
         let poller = MemoryPoller::start(&device);
         let started = Instant::now();
@@ -189,16 +218,42 @@ impl TrainRun<'_> {
         let tokens_before = state.tokens;
         let step_before = state.step;
         let mut train_time = Duration::ZERO;
-        let mut stopped_early = false;
-        let mut plan = epoch_plan(&lengths, s.batch_size, s.seed, state.epoch);
-        tracing::info!(id = %self.id, params = params.num_parameters(), total_steps, train = self.data.train.len(), test = self.data.test.len(), dtype = ?dtype, checkpointing = s.gradient_checkpointing, "training");
+        // A run stopped early in SFT and checkpointed before its KTO phase began goes straight on.
+        let mut stopped_early = state.kto_from.is_none() && s.early_stop_patience > 0 && state.evals_without_improvement >= s.early_stop_patience;
+        let lengths = |kto: bool| if kto { &kto_lengths } else { &sft_lengths };
+        let mut plan = epoch_plan(lengths(state.kto_from.is_some()), s.batch_size, s.seed, state.epoch);
+        let reference = self.reference.map(|a| LoraView::from_adapter(a, model.config().num_layers));
+        let mut kto: Option<KtoPhase> = None;
+        tracing::info!(id = %self.id, objective = objective.name(), params = params.num_parameters(), total_steps, train = self.data.train.len(), test = self.data.test.len(), feedback = self.data.feedback.len(), dtype = ?dtype, checkpointing = s.gradient_checkpointing, "training");
 
         let mut accum = GradAccum::new(&params)?;
-        while state.step < total_steps {
+        loop {
+            if state.kto_from.is_none() && (state.step >= sft_steps || stopped_early) {
+                if kto_steps == 0 {
+                    break;
+                }
+                // SFT is done: keep its best weights, then KTO from there with a fresh optimizer.
+                if objective.has_sft() && has_eval {
+                    self.settle_best(&fwd, &params, &vars, &mut state, best_weights.as_ref())?;
+                }
+                opt.reset()?;
+                state.adam_t = opt.t;
+                state.kto_from = Some(state.step);
+                state.epoch = 0;
+                state.cursor = 0;
+                plan = epoch_plan(&kto_lengths, s.batch_size, s.seed, 0);
+                total_steps = state.step + kto_steps;
+                tracing::info!(step = state.step, steps = kto_steps, answers = kto_lengths.len(), "preference training (KTO)");
+                continue;
+            }
+            if state.step >= total_steps {
+                break;
+            }
             if hooks.should_stop() {
                 self.save_checkpoint(&state, &names, &params, &opt, best_weights.as_deref())?;
                 return Ok(Outcome::Cancelled { step: state.step });
             }
+            let in_kto = state.kto_from;
             let t0 = Instant::now();
             // The micro-batches of this step, continuing across epoch boundaries.
             let mut micro = Vec::with_capacity(s.grad_accum);
@@ -207,28 +262,43 @@ impl TrainRun<'_> {
                 if cursor >= plan.len() {
                     epoch += 1;
                     cursor = 0;
-                    plan = epoch_plan(&lengths, s.batch_size, s.seed, epoch);
+                    plan = epoch_plan(lengths(in_kto.is_some()), s.batch_size, s.seed, epoch);
                 }
                 micro.push(plan[cursor].clone());
                 cursor += 1;
             }
-            let batches: Vec<(Batch, usize)> = micro
-                .iter()
-                .map(|idx| {
-                    let rows: Vec<&Example> = idx.iter().map(|&i| &self.data.train[i]).collect();
-                    let b = Batch::new(&rows);
-                    let tokens = b.tokens(&rows);
-                    (b, tokens)
-                })
-                .collect();
-            let denom: usize = batches.iter().map(|(b, _)| b.targets()).sum();
-            let mut nll = 0.0;
-            for (m, (batch, _)) in batches.iter().enumerate() {
-                hooks.before_micro_batch();
-                let key = MicroKey { step: state.step as u64, micro: m as u64 };
-                nll += fwd.accumulate(&params, batch, key, denom as f64, s.gradient_checkpointing, &mut accum).with_context(|| format!("training step {}", state.step + 1))?;
-            }
-            let loss = nll / denom as f64;
+            let (loss, step_tokens, kl) = match in_kto {
+                Some(_) => {
+                    if kto.is_none() {
+                        kto = Some(KtoPhase::prepare(&fwd, reference.as_ref(), &self.data.feedback, s).context("reference log-probabilities for KTO")?);
+                    }
+                    let phase = kto.as_ref().context("KTO phase")?;
+                    let out = phase
+                        .accumulate_step(&fwd, &params, &micro, state.step as u64, s.gradient_checkpointing, hooks, &mut accum)
+                        .with_context(|| format!("KTO step {}", state.step + 1))?;
+                    (out.loss, out.tokens, Some(out.kl))
+                }
+                None => {
+                    let batches: Vec<(Batch, usize)> = micro
+                        .iter()
+                        .map(|idx| {
+                            let rows: Vec<&Example> = idx.iter().map(|&i| &self.data.train[i]).collect();
+                            let b = Batch::new(&rows);
+                            let tokens = b.tokens(&rows);
+                            (b, tokens)
+                        })
+                        .collect();
+                    let denom: usize = batches.iter().map(|(b, _)| b.targets()).sum();
+                    let mut nll = 0.0;
+                    for (m, (batch, _)) in batches.iter().enumerate() {
+                        hooks.before_micro_batch();
+                        let key = MicroKey { step: state.step as u64, micro: m as u64 };
+                        nll +=
+                            fwd.accumulate(&params, batch, key, denom as f64, s.gradient_checkpointing, &mut accum).with_context(|| format!("training step {}", state.step + 1))?;
+                    }
+                    (nll / denom as f64, batches.iter().map(|(_, t)| *t).sum::<usize>(), None)
+                }
+            };
             let mut grads = accum.take()?;
             let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
             if !loss.is_finite() || !grad_norm.is_finite() {
@@ -245,22 +315,26 @@ impl TrainRun<'_> {
                     state.step + 1
                 );
             }
-            let lr = learning_rate(s.schedule, s.learning_rate, state.step, s.warmup_steps, total_steps);
+            let lr = match in_kto {
+                Some(from) => learning_rate(s.schedule, s.kto_learning_rate, state.step - from, kto_warmup, kto_steps),
+                None => learning_rate(s.schedule, s.learning_rate, state.step, s.warmup_steps, sft_steps),
+            };
             opt.step(&vars, &grads, lr)?;
-            let step_tokens: usize = batches.iter().map(|(_, t)| *t).sum();
             state.step += 1;
             state.epoch = epoch;
             state.cursor = cursor;
             state.adam_t = opt.t;
             state.tokens += step_tokens as u64;
-            state.history.push(StepRecord { step: state.step, loss, lr, grad_norm, tokens: step_tokens as u64 });
+            state.history.push(StepRecord { step: state.step, loss, lr, grad_norm, tokens: step_tokens as u64, kl });
             train_time += t0.elapsed();
             let tokens_per_s = (state.tokens - tokens_before) as f64 / train_time.as_secs_f64().max(1e-9);
             let per_step = train_time.as_secs_f64() / (state.step - step_before) as f64;
-            let eta = Some(Duration::from_secs_f64(per_step * (total_steps - state.step) as f64));
+            let eta = Some(Duration::from_secs_f64(per_step * total_steps.saturating_sub(state.step) as f64));
             hooks.progress(&Progress { step: state.step, total_steps, loss: Some(loss), eval_loss: state.evals.last().map(|e| e.loss), tokens_per_s, eta, evaluating: false });
 
-            let eval_due = has_eval && s.eval_every > 0 && state.step % s.eval_every == 0;
+            // Held-out loss picks the best weights and stops early in SFT; KTO trades some of it
+            // for the preferences, so its phase keeps its last weights.
+            let eval_due = in_kto.is_none() && has_eval && s.eval_every > 0 && state.step % s.eval_every == 0;
             if eval_due {
                 hooks.progress(&Progress { step: state.step, total_steps, loss: Some(loss), eval_loss: None, tokens_per_s, eta, evaluating: true });
                 let eval = evaluate(&fwd, Some(&params.view()), self.eval_set(), s.batch_size)?;
@@ -281,37 +355,43 @@ impl TrainRun<'_> {
                 }
             }
             state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
-            if s.checkpoint_every > 0 && state.step % s.checkpoint_every == 0 && state.step < total_steps && !stopped_early {
+            let phase_ends = state.step >= total_steps || (in_kto.is_none() && (stopped_early || state.step >= sft_steps));
+            if s.checkpoint_every > 0 && state.step % s.checkpoint_every == 0 && !phase_ends {
                 self.save_checkpoint(&state, &names, &params, &opt, best_weights.as_deref())?;
             }
             hooks.after_step(state.step);
-            if stopped_early {
-                break;
-            }
         }
 
-        // Final evaluation of the last weights, then keep whichever evaluated best.
+        // Final evaluation of the last weights; an SFT run then keeps whichever evaluated best.
         let mut final_eval = None;
         if has_eval {
-            let last = match state.evals.last() {
-                Some(e) if e.step == state.step => e.loss,
-                _ => {
-                    let e = evaluate(&fwd, Some(&params.view()), self.eval_set(), s.batch_size)?;
-                    state.evals.push(EvalRecord { step: state.step, loss: e });
-                    e
-                }
+            final_eval = match state.kto_from {
+                None => Some(self.settle_best(&fwd, &params, &vars, &mut state, best_weights.as_ref())?),
+                Some(_) => Some(self.evaluate_last(&fwd, &params, &mut state)?),
             };
-            final_eval = Some(last);
-            if let (Some(best), Some(w)) = (&state.best, &best_weights) {
-                if best.loss < last {
-                    for (v, t) in vars.iter().zip(w) {
-                        v.set(t)?;
-                    }
-                    final_eval = Some(best.loss);
-                    tracing::info!(step = best.step, eval_loss = best.loss, "keeping the best evaluated weights");
-                }
-            }
         }
+        let kto_summary = match state.kto_from {
+            Some(from) => {
+                let phase = match kto {
+                    Some(p) => p,
+                    None => KtoPhase::prepare(&fwd, reference.as_ref(), &self.data.feedback, s)?,
+                };
+                let held_out = &self.data.feedback_test;
+                let desirable = self.data.feedback.iter().filter(|e| e.desirable).count();
+                Some(KtoSummary {
+                    desirable,
+                    undesirable: self.data.feedback.len() - desirable,
+                    weights: phase.weights,
+                    beta: phase.beta,
+                    reference: reference_name.clone(),
+                    from_step: from,
+                    steps: state.step - from,
+                    base_preference: preference_eval(&fwd, None, held_out, s.batch_size)?,
+                    preference: preference_eval(&fwd, Some(&params.view()), held_out, s.batch_size)?,
+                })
+            }
+            None => None,
+        };
         let adapter = params.to_adapter(&self.id)?;
         adapter.save(&self.run_dir).with_context(|| format!("saving adapter {}", self.id))?;
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
@@ -342,10 +422,39 @@ impl TrainRun<'_> {
             device: crate::llm::device::describe(&device),
             activation_dtype: format!("{dtype:?}").to_lowercase(),
             finished_at: crate::util::clock::now_secs(),
+            objective: objective.name().to_string(),
+            kto: kto_summary,
+            preference_eval: None,
         };
         report::write(&self.run_dir, &metrics)?;
         checkpoint::remove(&self.run_dir)?;
         Ok(Outcome::Completed(Box::new(metrics)))
+    }
+
+    /// Held-out loss of the current weights, recorded at this step unless it already was.
+    fn evaluate_last(&self, fwd: &TrainForward, params: &LoraParams, state: &mut TrainState) -> Result<f64> {
+        if let Some(e) = state.evals.last().filter(|e| e.step == state.step) {
+            return Ok(e.loss);
+        }
+        let e = evaluate(fwd, Some(&params.view()), self.eval_set(), self.settings.batch_size)?;
+        state.evals.push(EvalRecord { step: state.step, loss: e });
+        Ok(e)
+    }
+
+    /// Evaluate the last weights, then put back the best evaluated ones if they were better.
+    /// Returns the held-out loss of the weights kept.
+    fn settle_best(&self, fwd: &TrainForward, params: &LoraParams, vars: &[&Var], state: &mut TrainState, best_weights: Option<&Vec<Tensor>>) -> Result<f64> {
+        let last = self.evaluate_last(fwd, params, state)?;
+        if let (Some(best), Some(w)) = (&state.best, best_weights) {
+            if best.loss < last {
+                for (v, t) in vars.iter().zip(w) {
+                    v.set(t)?;
+                }
+                tracing::info!(step = best.step, eval_loss = best.loss, "keeping the best evaluated weights");
+                return Ok(best.loss);
+            }
+        }
+        Ok(last)
     }
 
     fn save_checkpoint(&self, state: &TrainState, names: &[String], params: &LoraParams, opt: &AdamW, best: Option<&[Tensor]>) -> Result<()> {

@@ -3,8 +3,9 @@
 //! Gate: the new adapter must load and validate on the engine's device, and its held-out loss
 //! must not be worse than the active adapter's (or the bare base's) by more than
 //! `worker.promotion_margin`, both measured on the same (new) dataset's held-out split, since a
-//! loss from another dataset does not compare. A refused adapter stays on disk for
-//! `/adapter activate`.
+//! loss from another dataset does not compare. When there is held-out feedback with questions
+//! answered both well and badly, its preference accuracy must also be at least the active
+//! model's. A refused adapter stays on disk for `/adapter activate`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::store::Store;
 use crate::train::data::Dataset;
 use crate::train::dropout::Dropout;
 use crate::train::forward::TrainForward;
+use crate::train::kto::{preference_eval, PrefEval};
 use crate::train::params::LoraView;
 use crate::train::trainer::{activation_dtype, evaluate};
 use crate::train::TrainSettings;
@@ -29,6 +31,38 @@ pub fn held_out_loss(lm: &LoadedModel, adapter: Option<&LoraAdapter>, data: &Dat
     let fwd = TrainForward::new(model, activation_dtype(ts.precision, model.device()), Dropout::off());
     let view = adapter.map(|a| LoraView::from_adapter(a, model.config().num_layers));
     evaluate(&fwd, view.as_ref(), &data.test, ts.batch_size)
+}
+
+/// Preference figures of `adapter` (`None`: the bare base) on the held-out feedback
+/// (`data.feedback_test`); `None` when no held-out question has answers of both labels.
+pub fn held_out_preference(lm: &LoadedModel, adapter: Option<&LoraAdapter>, data: &Dataset, ts: &TrainSettings) -> Result<Option<PrefEval>> {
+    if data.feedback_test.is_empty() {
+        return Ok(None);
+    }
+    let model = &lm.model;
+    let fwd = TrainForward::new(model, activation_dtype(ts.precision, model.device()), Dropout::off());
+    let view = adapter.map(|a| LoraView::from_adapter(a, model.config().num_layers));
+    preference_eval(&fwd, view.as_ref(), &data.feedback_test, ts.batch_size)
+}
+
+/// What the gate compares: held-out loss of the active model and the new adapter, and their
+/// preference figures on held-out feedback when there are any.
+#[derive(Debug, Clone, Copy)]
+pub struct Evidence {
+    pub old_loss: f64,
+    pub new_loss: f64,
+    pub margin: f64,
+    pub old_preference: Option<PrefEval>,
+    pub new_preference: Option<PrefEval>,
+}
+
+/// Whether the preference figures allow the swap: the new accuracy is at least the old one
+/// (nothing to compare passes; a non-finite figure never does).
+pub fn prefers(old: Option<PrefEval>, new: Option<PrefEval>) -> bool {
+    match (old, new) {
+        (Some(o), Some(n)) => n.accuracy.is_finite() && n.margin.is_finite() && (!o.accuracy.is_finite() || n.accuracy >= o.accuracy),
+        _ => true,
+    }
 }
 
 /// What the gate decided.
@@ -47,29 +81,26 @@ pub fn passes(old: f64, new: f64, margin: f64) -> bool {
 
 /// Load and validate adapter `id` for the engine, then activate it (hot-swap + persist) if its
 /// loss passes. Returns the decision and the loaded adapter (for side-by-side answers).
-pub fn gate(engine: &Engine, store: &Store, dir: &Path, id: &str, old_loss: f64, new_loss: f64, margin: f64) -> Result<(Decision, Arc<LoraAdapter>)> {
-    gate_and_publish(engine, None, store, dir, id, old_loss, new_loss, margin)
+pub fn gate(engine: &Engine, store: &Store, dir: &Path, id: &str, e: &Evidence) -> Result<(Decision, Arc<LoraAdapter>)> {
+    gate_and_publish(engine, None, store, dir, id, e)
 }
 
 /// [`gate`] with a remote model server: a passing adapter is published and loaded there before
 /// it becomes active (a server that cannot load it keeps the adapter from being activated, with
 /// the reason), and the adapter that is neither active nor the rollback target any more is
 /// unloaded there.
-#[allow(clippy::too_many_arguments)]
-pub fn gate_and_publish(
-    engine: &Engine,
-    publisher: Option<&adapters::Publisher>,
-    store: &Store,
-    dir: &Path,
-    id: &str,
-    old_loss: f64,
-    new_loss: f64,
-    margin: f64,
-) -> Result<(Decision, Arc<LoraAdapter>)> {
+pub fn gate_and_publish(engine: &Engine, publisher: Option<&adapters::Publisher>, store: &Store, dir: &Path, id: &str, e: &Evidence) -> Result<(Decision, Arc<LoraAdapter>)> {
     let adapter = adapters::load(engine, dir, id).context("the new adapter does not load")?;
+    let (old_loss, new_loss, margin) = (e.old_loss, e.new_loss, e.margin);
     if !passes(old_loss, new_loss, margin) {
         let reason = format!("its held-out loss {new_loss:.4} is worse than the active model's {old_loss:.4} by more than the margin {margin}");
         tracing::warn!(adapter = id, new_loss, old_loss, margin, "adapter not promoted");
+        return Ok((Decision::Kept { reason }, adapter));
+    }
+    if !prefers(e.old_preference, e.new_preference) {
+        let (o, n) = (e.old_preference.map_or(f64::NAN, |p| p.accuracy), e.new_preference.map_or(f64::NAN, |p| p.accuracy));
+        let reason = format!("its preference accuracy on held-out feedback {:.0}% is below the active model's {:.0}%", n * 100.0, o * 100.0);
+        tracing::warn!(adapter = id, new_accuracy = n, old_accuracy = o, "adapter not promoted");
         return Ok((Decision::Kept { reason }, adapter));
     }
     let previous = engine.active_adapter_id().unwrap_or_default();
@@ -125,6 +156,12 @@ mod tests {
         assert!(!passes(1.0, 1.03, 0.02));
         assert!(!passes(1.0, f64::NAN, 0.02));
         assert!(passes(f64::NAN, 5.0, 0.0), "an unmeasurable old loss never blocks");
+        let p = |accuracy, margin| Some(PrefEval { questions: 4, accuracy, margin });
+        assert!(prefers(p(0.5, 0.1), p(0.5, -0.2)), "equal accuracy passes");
+        assert!(prefers(p(0.5, 0.1), p(0.75, 0.3)));
+        assert!(!prefers(p(0.75, 0.1), p(0.5, 0.3)));
+        assert!(!prefers(p(0.5, 0.1), p(f64::NAN, 0.3)));
+        assert!(prefers(None, p(0.25, 0.0)) && prefers(p(0.5, 0.0), None), "nothing to compare passes");
     }
 
     /// An adapter folder without metrics.json: pruning then orders by id.

@@ -2,9 +2,11 @@
 //!
 //! - rescrape: incremental scrape → dataset rebuild.
 //! - retrain: (rescrape, if `worker.retrain_rescrape`) → dataset with the latest feedback →
-//!   train (borrowing the engine's frozen base unless `worker.device` names another device) →
-//!   evaluate old and new on the new held-out split → promotion gate (hot-swap) → the old and
-//!   new adapter answer the comparison questions → prune old adapters.
+//!   train (borrowing the engine's frozen base unless `worker.device` names another device;
+//!   `train.objective`, by default SFT on the forum then KTO on the 👍/👎-labelled answers when
+//!   there are at least `train.kto_min_examples`) → evaluate old and new on the new held-out
+//!   split (loss, and preference accuracy on the held-out feedback) → promotion gate (hot-swap)
+//!   → the old and new adapter answer the comparison questions → prune old adapters.
 //!
 //! A retrain's adapter id is `lora-job<N>` and its folder records the dataset it trains on
 //! (`worker-run.json`): when the newest earlier retrain was interrupted and left a checkpoint,
@@ -31,6 +33,7 @@ use crate::llm::load::LoadedModel;
 use crate::llm::lora::LoraAdapter;
 use crate::scrape::{scrape, CrawlOptions};
 use crate::store::{Job, JobKind, JobState, Store};
+use crate::train::settings::KtoReference;
 use crate::train::{checkpoint, data, Outcome, Progress, TrainHooks, TrainRun};
 
 /// Written into a retrain's run folder before training: what a resume needs.
@@ -128,8 +131,18 @@ fn dataset_stage(jc: &JobCx<'_>) -> Result<(PathBuf, String)> {
     let mut store = Store::open_with(&s.store)?;
     let opts = BuildOptions { jobs: 1, ..Default::default() };
     let r = dataset::build(&mut store, &s.dataset, &s.scrape.clean_options(), &opts).context("building the dataset")?;
-    let line =
-        format!("dataset `{}`: {} train ({} from feedback), {} held out, {} rejected", r.written.name, r.stats.train, r.stats.feedback_train, r.stats.test, r.stats.rejected);
+    let fb = r.stats.feedback;
+    let line = format!(
+        "dataset `{}`: {} train ({} from feedback), {} held out, {} rejected; labelled answers: {} 👍 / {} 👎 to learn from, {} held out to check",
+        r.written.name,
+        r.stats.train,
+        r.stats.feedback_train,
+        r.stats.test,
+        r.stats.rejected,
+        fb.desirable,
+        fb.undesirable,
+        fb.held_out_desirable + fb.held_out_undesirable
+    );
     Ok((r.written.path, line))
 }
 
@@ -254,8 +267,19 @@ pub fn retrain(jc: &JobCx<'_>) -> Result<Done> {
     let lm = train_model(jc)?;
     let data = data::load(&ds_dir, &lm, &s.train, &s.generation.system_prompt)?;
     let run_dir = s.adapter.dir.join(&id);
+    // The active adapter on the training device: the gate's comparison, and KTO's reference
+    // with `train.kto_reference = "active"`.
+    let old = jc.cx.engine.active_adapter();
+    let old_on_train_device = match (&old, s.worker.device.is_empty()) {
+        (Some(a), false) => Some(Arc::new(LoraAdapter::load(&crate::llm::lora::resolve_dir(&a.id, &s.adapter.dir)?, lm.model.config(), lm.model.device())?)),
+        (a, _) => a.clone(),
+    };
+    let reference = match s.train.kto_reference {
+        KtoReference::Active => old_on_train_device.as_deref(),
+        KtoReference::Base => None,
+    };
     let hooks = JobHooks { jc, stop: Cell::new(None), first_step: Cell::new(None) };
-    let run = TrainRun { lm: &lm, data: &data, settings: s.train.clone(), run_dir: run_dir.clone(), id: id.clone(), base_model: lm.name.clone() };
+    let run = TrainRun { lm: &lm, reference, data: &data, settings: s.train.clone(), run_dir: run_dir.clone(), id: id.clone(), base_model: lm.name.clone() };
     let metrics = match run.run(&hooks).with_context(|| format!("training {id}"))? {
         Outcome::Completed(m) => m,
         Outcome::Cancelled { step } => {
@@ -266,16 +290,39 @@ pub fn retrain(jc: &JobCx<'_>) -> Result<Done> {
     if let Some(first) = hooks.first_step.get().filter(|&f| f > 1) {
         lines.push(format!("resumed from step {}", first - 1));
     }
+    match &metrics.kto {
+        Some(k) => lines.push(format!(
+            "preference training (KTO, {} steps after {} of SFT, reference {}): learned from {} labelled answers, {} 👍 (or corrected) as good and {} 👎 (or corrected originals) as bad",
+            k.steps,
+            k.from_step,
+            k.reference,
+            k.desirable + k.undesirable,
+            k.desirable,
+            k.undesirable
+        )),
+        None if !data.feedback.is_empty() => lines.push(format!(
+            "{} labelled answers, fewer than train.kto_min_examples ({}): no preference training this time",
+            data.feedback.len(),
+            s.train.kto_min_examples
+        )),
+        None => {}
+    }
 
-    // Evaluate: the active adapter (or the bare base) on the same held-out split.
+    // Evaluate: the active adapter (or the bare base) on the same held-out split, and both on
+    // the held-out feedback.
     jc.report(&Status::stage("evaluate"));
     let new_loss = metrics.final_eval_loss.context("training recorded no held-out loss (is test.jsonl empty?)")?;
-    let old = jc.cx.engine.active_adapter();
-    let old_on_train_device = match (&old, s.worker.device.is_empty()) {
-        (Some(a), false) => Some(Arc::new(LoraAdapter::load(&crate::llm::lora::resolve_dir(&a.id, &s.adapter.dir)?, lm.model.config(), lm.model.device())?)),
-        (a, _) => a.clone(),
-    };
     let old_loss = promote::held_out_loss(&lm, old_on_train_device.as_deref(), &data, &s.train).context("held-out loss of the active adapter")?;
+    let (old_preference, new_preference) = if data.feedback_test.is_empty() {
+        (None, None)
+    } else {
+        let new_adapter = LoraAdapter::load(&run_dir, lm.model.config(), lm.model.device()).context("loading the new adapter for its preference figures")?;
+        (
+            promote::held_out_preference(&lm, old_on_train_device.as_deref(), &data, &s.train).context("preference figures of the active adapter")?,
+            promote::held_out_preference(&lm, Some(&new_adapter), &data, &s.train).context("preference figures of the new adapter")?,
+        )
+    };
+    let held_out_feedback = data.feedback_test.len();
     drop(old_on_train_device);
     drop(data);
     drop(lm);
@@ -283,7 +330,8 @@ pub fn retrain(jc: &JobCx<'_>) -> Result<Done> {
 
     // Gate and hot-swap.
     jc.report(&Status::stage("promote"));
-    let (decision, new) = promote::gate_and_publish(&jc.cx.engine, jc.cx.publisher.as_deref(), jc.store, &s.adapter.dir, &id, old_loss, new_loss, s.worker.promotion_margin)?;
+    let evidence = promote::Evidence { old_loss, new_loss, margin: s.worker.promotion_margin, old_preference, new_preference };
+    let (decision, new) = promote::gate_and_publish(&jc.cx.engine, jc.cx.publisher.as_deref(), jc.store, &s.adapter.dir, &id, &evidence)?;
     let verdict = match &decision {
         Decision::Promoted { .. } => format!("`{id}` is now active."),
         Decision::Kept { reason } => format!("`{id}` was kept but **not activated**: {reason}. `/adapter activate {id}` switches to it anyway."),
@@ -299,6 +347,22 @@ pub fn retrain(jc: &JobCx<'_>) -> Result<Done> {
 
     let mut report = format!("**Retrain #{} finished.** {verdict}\n", jc.job.id);
     report += &format!("Held-out loss: {old_name} **{old_loss:.4}** → `{id}` **{new_loss:.4}** ({} steps, {:.0} s)\n", metrics.steps, metrics.wall_time_s);
+    match (old_preference, new_preference) {
+        (Some(o), Some(n)) => {
+            report += &format!(
+                "Preference accuracy on held-out feedback ({} questions with a 👍 and a 👎 answer): {old_name} **{}** → `{id}` **{}** (margin {:+.3} → {:+.3} nats/token)\n",
+                n.questions,
+                o.percent(),
+                n.percent(),
+                o.margin,
+                n.margin
+            )
+        }
+        _ if held_out_feedback > 0 => {
+            report += &format!("Preference accuracy: not measured ({held_out_feedback} held-out labelled answers, no question with both a good and a bad one)\n")
+        }
+        _ => {}
+    }
     for l in &lines {
         report += &format!("• {l}\n");
     }
