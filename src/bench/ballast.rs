@@ -22,6 +22,7 @@ impl Ballast {
     pub fn leave_free(device: &Device, leave_free: u64) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
+            use anyhow::Context;
             use candle_core::cuda_backend::cudarc::driver::sys;
             let ctx = dev.cuda_stream().context().clone();
             ctx.bind_to_thread().context("binding the CUDA context")?;
