@@ -73,6 +73,7 @@ async fn queue_positions_batching_cancel_and_adapter_capture() {
     assert_eq!(blocker.ahead, 0);
     first_text(&mut blocker).await;
     assert!(engine.has_waiting(), "a running answer counts as work");
+    assert_eq!((engine.queue_depth(), engine.running()), (0, 1), "a started question no longer waits");
     engine.swap_adapter(Some(noop_adapter(&engine, "a1")));
     let waiting: Vec<Ticket> = (0..3).map(|_| engine.submit(question(30)).unwrap()).collect();
     assert_eq!(waiting.iter().map(|t| t.ahead).collect::<Vec<_>>(), vec![1, 2, 3]);

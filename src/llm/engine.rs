@@ -335,6 +335,9 @@ fn next_group(shared: &Shared, room: usize) -> Option<Group> {
     let adapter = shared.resolve(&first.adapter);
     let mut group = vec![first];
     group.extend(take_same_adapter(shared, &mut st, &adapter, room.saturating_sub(1)));
+    // Counted as running before they leave the waiting count, so `has_waiting` never blinks false.
+    shared.running.store(group.len(), Ordering::SeqCst);
+    shared.waiting.store(st.queue.len(), Ordering::SeqCst);
     Some((adapter, group))
 }
 

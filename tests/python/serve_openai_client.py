@@ -126,6 +126,17 @@ step('401, 413')
 long = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": LONG_PROMPT}], seed=LONG_SEED, max_tokens=400, stream=True)
 first = next(iter(long))
 check(first.choices[0].delta.role == "assistant", f"first chunk: {first}")
+def metric(name):
+    with urllib.request.urlopen(os.environ["SERVE_URL"] + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+# The role chunk is sent before the engine takes the request: wait until the long answer holds
+# the batch row and the queue is empty again, or the next request could be the one refused.
+deadline = time.time() + 60
+while metric("freeski_running_requests") < 1 or metric("freeski_queue_depth") > 0:
+    check(time.time() < deadline, f"the long answer never started: running {metric('freeski_running_requests')}, queued {metric('freeski_queue_depth')}")
+    time.sleep(0.02)
 waiting = {}
 def queued():
     try:
@@ -134,11 +145,6 @@ def queued():
         waiting["e"] = e
 t = threading.Thread(target=queued)
 t.start()
-def metric(name):
-    with urllib.request.urlopen(os.environ["SERVE_URL"] + "/metrics") as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
 deadline = time.time() + 60
 while metric("freeski_queue_depth") < 1:
     check(time.time() < deadline, "the second request never queued")
