@@ -41,11 +41,16 @@ fn greedy_capital_of_france_is_paris() {
     assert!(gen.text.starts_with(" Paris"), "got {:?}", gen.text);
 }
 
-/// Independent reference: candle-transformers' quantized Llama on the same file. Logits of our
-/// decoder must match it to within float noise (both run the same 4-bit kernels).
+/// Independent reference: candle-transformers' quantized Llama on the same file, and the same
+/// file with every weight dequantized to f32 (no activation rounding at all). Our decoder's
+/// 4-bit path (the project's CPU kernel, activations in int8 blocks with f32 scales) must be at
+/// least as close to the f32-weight result as candle's own 4-bit path (f16 scales), and close to
+/// candle's logits.
 #[test]
 fn logits_match_candle_quantized_llama() {
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_transformers::models::quantized_llama::ModelWeights;
+    use freeski_bot::util::compare::max_rel_diff;
     let path = common::smollm2_gguf();
     let mut f = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
@@ -53,13 +58,19 @@ fn logits_match_candle_quantized_llama() {
     let lm = smol();
     let ids = lm.tokenizer.encode("Best park skis for a beginner who loves rails?", false).unwrap().get_ids().to_vec();
     let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let want = reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mut cache = KvCache::new(1);
-    let got = lm.model.forward(&input, &mut cache, None, Logits::Last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(want.len(), got.len());
-    // Tolerance: 1e-3 of the largest logit (different summation orders in attention).
-    let rel = freeski_bot::util::compare::max_rel_diff(&want, &got, 0.0);
-    assert!(rel <= 1e-3, "max |diff| is {rel} of the largest |logit|");
+    let logits = |m: &freeski_bot::llm::model::Model| {
+        let mut cache = KvCache::new(1);
+        m.forward(&input, &mut cache, None, Logits::Last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let candle = reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ours = logits(&lm.model);
+    let exact = logits(&lm.model.map_weights(|w| Ok(QTensor::quantize(&w.dequantize(&Device::Cpu)?, GgmlDType::F32)?)).unwrap());
+    assert_eq!(candle.len(), ours.len());
+    let (ours_err, candle_err, apart) = (max_rel_diff(&exact, &ours, 0.0), max_rel_diff(&exact, &candle, 0.0), max_rel_diff(&candle, &ours, 0.0));
+    eprintln!("vs f32 weights: ours {ours_err:.2e}, candle {candle_err:.2e}; ours vs candle {apart:.2e} (of the largest |logit|)");
+    // `!(a <= b)` fails on NaN too.
+    assert!(ours_err <= candle_err * 1.25 + 1e-4, "ours is {ours_err:.2e} from the f32-weight logits, candle's 4-bit path {candle_err:.2e}");
+    assert!(apart <= 2.0 * candle_err + 1e-3, "ours and candle's logits are {apart:.2e} apart (candle vs f32 weights: {candle_err:.2e})");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The project's own CUDA kernels: `.cu` files next to this module, compiled to PTX by
+//! The project's own kernels. CUDA: `.cu` files next to this module, compiled to PTX by
 //! `build.rs` with the `cuda` feature and loaded per device (candle's module cache, or
 //! `Kernels` for callers that keep their functions; CUDA builds only).
 //!
@@ -10,8 +10,13 @@
 //! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
 //!   kernel), rotary + KV append and decode attention for `llm::fused_decode`.
 //!
-//! The CPU build has no kernels; the candle path is the reference each kernel is checked against
-//! (`bench parity` on the GPU machine, BENCHMARKS.md).
+//! The candle path is the reference each CUDA kernel is checked against (`tests/cuda_parity.rs`
+//! on the GPU machine, BENCHMARKS.md).
+//!
+//! * `cpu.rs` (every build): the CPU matmul for Q4_0/Q4_1/Q8_0 weights with AVX2, checked
+//!   against f64 sums of the dequantized weights (`tests/cpu_matmul.rs`).
+
+pub mod cpu;
 
 use candle_core::quantized::GgmlDType;
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::model::Proj;
 use super::model_config::ModelConfig;
+use super::qlinear::with_cpu_f32;
+use crate::kernels::cpu;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -130,9 +132,23 @@ impl LoraPair {
         Ok(Self { a, b, scale, a_t, b_t_scaled })
     }
 
-    /// `(x·Aᵀ)·Bᵀ·scale` for `x: [.., in]`.
+    /// `(x·Aᵀ)·Bᵀ·scale` for `x: [.., in]`. On the CPU each row of `x` is computed alone in one
+    /// fixed order (`kernels::cpu::low_rank`): candle's GEMM sums a one-token row differently
+    /// alone than beside others, which would let batching change an answer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(self.a_t.dtype())?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let (r, k) = self.a.dims2()?;
+            let n = self.b_t_scaled.dim(1)?;
+            let mut dims = x.dims().to_vec();
+            ensure!(dims.last() == Some(&k), "input {dims:?} does not end in the adapter's {k} inputs");
+            let mut out = vec![0f32; x.elem_count() / k * n];
+            with_cpu_f32(&x, |xs| with_cpu_f32(&self.a, |a| with_cpu_f32(&self.b_t_scaled, |bt| cpu::low_rank(xs, k, a, r, bt, n, &mut out))))?;
+            if let Some(last) = dims.last_mut() {
+                *last = n;
+            }
+            return Ok(Tensor::from_vec(out, dims, x.device())?);
+        }
         Ok(x.broadcast_matmul(&self.a_t)?.broadcast_matmul(&self.b_t_scaled)?)
     }
 

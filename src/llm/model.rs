@@ -288,6 +288,9 @@ pub struct Model {
     /// kernels. Counted per sequence, not over the batch, so a sequence's output does not
     /// depend on what it is batched with.
     dense_rows: usize,
+    /// Projections on the CPU use the project's kernel (`kernels::cpu`) where the weight type
+    /// has one; off: candle's quantized kernels (benchmarks compare the two).
+    cpu_kernels: bool,
 }
 
 /// Default prompt length (tokens per sequence) from which prompts use the dequantize + GEMM
@@ -344,6 +347,7 @@ impl Model {
             fused_decode: true,
             fused: Default::default(),
             dense_rows: if device.is_cuda() { DENSE_PREFILL_ROWS } else { usize::MAX },
+            cpu_kernels: true,
         })
     }
 
@@ -409,6 +413,7 @@ impl Model {
             fused_decode: self.fused_decode,
             fused: Default::default(),
             dense_rows: self.dense_rows,
+            cpu_kernels: self.cpu_kernels,
         })
     }
 
@@ -422,6 +427,11 @@ impl Model {
     /// never).
     pub fn set_dense_prefill_rows(&mut self, rows: usize) {
         self.dense_rows = rows;
+    }
+
+    /// Use the project's CPU matmul kernel where it applies (off: candle's kernels).
+    pub fn set_cpu_kernels(&mut self, on: bool) {
+        self.cpu_kernels = on;
     }
 
     /// Whether one-token steps take the fused CUDA path on this model (built on first use).
@@ -527,7 +537,7 @@ impl Model {
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         // The head sees one row a sequence for `Logits::Last`: dequantizing it would not pay.
-        Ok(head.forward_maybe_dense(&x, dense && which == Logits::All)?.to_dtype(DType::F32)?)
+        Ok(head.forward_with(&x, dense && which == Logits::All, self.cpu_kernels)?.to_dtype(DType::F32)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -614,7 +624,7 @@ impl Model {
 
     /// Base linear plus the unmerged LoRA path, if any.
     fn linear(&self, base: &BaseLinear, x: &Tensor, lora: Option<&super::lora::LoraPair>, dense: bool) -> Result<Tensor> {
-        let y = base.forward_maybe_dense(x, dense)?;
+        let y = base.forward_with(x, dense, self.cpu_kernels)?;
         match lora {
             Some(pair) => Ok((y + pair.forward(x)?)?),
             None => Ok(y),

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
+
+use crate::kernels::cpu;
 
 /// `y = x · Wᵀ` with `W: [out, in]` kept quantized.
 #[derive(Debug, Clone)]
@@ -25,23 +27,40 @@ impl BaseLinear {
         Ok(Self { weight, matmul, in_features, out_features })
     }
 
-    /// `x · Wᵀ` through candle's quantized kernels.
+    /// `x · Wᵀ`: on the CPU through the project's kernel where the weight's type has one
+    /// (`kernels::cpu`), else through candle's quantized kernels.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.matmul.forward(x)?)
+        self.forward_with(x, false, true)
     }
 
     /// `x · Wᵀ`; with `dense`, as one bf16 GEMM on the weight dequantized by the project's
     /// kernel, where the weight's device and type have one. That reads the packed weight once
     /// and writes it as bf16 (≈ 4.5× its packed size in traffic) in exchange for cuBLAS instead
     /// of candle's 4-bit GEMM, which wins for long prompts. The output is rounded like the rest
-    /// of the path: f32 out, bf16 inputs.
-    pub fn forward_maybe_dense(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
+    /// of the path: f32 out, bf16 inputs. With `cpu_kernel`, f32 inputs on the CPU go through
+    /// `kernels::cpu` where the weight's type has one.
+    pub fn forward_with(&self, x: &Tensor, dense: bool, cpu_kernel: bool) -> Result<Tensor> {
         if dense {
             if let Some(w) = kernel_dequantize(&self.weight, DType::BF16)? {
                 return Ok(dense_matmul(&x.to_dtype(DType::BF16)?, &w)?.to_dtype(x.dtype())?);
             }
         }
-        self.forward(x)
+        if cpu_kernel && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && cpu::available(self.weight.dtype()) {
+            return self.forward_cpu(x);
+        }
+        Ok(self.matmul.forward(x)?)
+    }
+
+    fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        ensure!(dims.last() == Some(&self.in_features), "input {:?} does not end in the weight's {} inputs", dims, self.in_features);
+        let mut out = vec![0f32; x.elem_count() / self.in_features * self.out_features];
+        let w = self.weight.data()?;
+        with_cpu_f32(x, |xs| cpu::matmul(self.weight.dtype(), &w, self.out_features, xs, self.in_features, &mut out))?;
+        if let Some(last) = dims.last_mut() {
+            *last = self.out_features;
+        }
+        Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
     }
 
     /// Row lookup, for the token embedding table (works on packed 4-bit tables too).
@@ -77,6 +96,16 @@ impl BaseLinear {
         let w = (self.dequantize()? + delta.to_device(&self.weight.device())?)?;
         Self::new(QTensor::quantize(&w, self.weight.dtype())?)
     }
+}
+
+/// `f` on the values of an f32 tensor on the CPU, in row-major order (copied first only when
+/// the tensor is not contiguous).
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else { anyhow::bail!("internal: expected a tensor on the CPU") };
+    let start = layout.start_offset();
+    f(&s.as_slice::<f32>()?[start..start + t.elem_count()])
 }
 
 /// `x · wᵀ` for `x: [.., in]` and a dense `w: [out, in]`: one GEMM over all leading rows, in the

@@ -1,0 +1,345 @@
+//! The CPU matmul for GGML's 32-wide block types (Q4_0, Q4_1, Q8_0): `y = x · Wᵀ` with `W`
+//! read in its packed bytes and `x` quantized to int8 blocks of 32 once per call, on x86-64
+//! with AVX2, FMA and F16C (every x86 CPU since 2013). Elsewhere `available` is false and the
+//! caller keeps candle's path.
+//!
+//! candle's CPU kernels have SIMD for Q4_0 and Q8_0 but compute Q4_1 (the type of the small
+//! embedded model) one scalar at a time; this one is vectorised for all three and tiles rows and
+//! tokens so a weight block is unpacked once for several tokens and an activation block loaded
+//! once for several rows.
+//!
+//! **Batch invariance.** Every output `(token, row)` is computed by the same instructions in the
+//! same order whatever the tile it falls in and however many tokens the call has: per block, the
+//! exact integer dot of the 32 pairs, converted to f32 and fused-multiply-added with the two
+//! scales into eight lanes; the block offsets (`m·Σa`, Q4_1's minimum and Q4_0's −8) summed
+//! apart in block order; then one fixed reduction. So a token's output is bit-identical alone,
+//! in a prompt, or beside other sequences in a batch.
+
+use anyhow::{ensure, Result};
+use candle_core::quantized::GgmlDType;
+
+/// Elements per block, for weights and quantized activations alike.
+pub const BLOCK: usize = 32;
+
+/// The weight layouts this kernel reads (GGML's byte layout, little-endian f16 scales).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `d: f16, qs: [u8; 16]`; `w = d·(q − 8)`, low nibbles are elements 0–15, high 16–31.
+    Q4_0,
+    /// `d: f16, m: f16, qs: [u8; 16]`; `w = d·q + m`, same nibble order.
+    Q4_1,
+    /// `d: f16, qs: [i8; 32]`; `w = d·q`.
+    Q8_0,
+}
+
+impl Kind {
+    fn of(dtype: GgmlDType) -> Option<Kind> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Kind::Q4_0),
+            GgmlDType::Q4_1 => Some(Kind::Q4_1),
+            GgmlDType::Q8_0 => Some(Kind::Q8_0),
+            _ => None,
+        }
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4_0 => 18,
+            Kind::Q4_1 => 20,
+            Kind::Q8_0 => 34,
+        }
+    }
+}
+
+/// Whether `matmul` runs for weights of `dtype` on this CPU.
+pub fn available(dtype: GgmlDType) -> bool {
+    Kind::of(dtype).is_some() && simd_ok()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd_ok() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c"))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn simd_ok() -> bool {
+    false
+}
+
+/// Activations quantized per block of 32: `qs[i] = round(x[i] / d)` with `d = max|x| / 127`,
+/// and per block `d` and `d·Σqs` (what the weight's offset term multiplies).
+pub struct QuantizedRows {
+    k: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl QuantizedRows {
+    /// `x: [m, k]` row-major, `k` a multiple of 32.
+    pub fn new(x: &[f32], k: usize) -> Result<Self> {
+        ensure!(k > 0 && k.is_multiple_of(BLOCK), "the inner dimension {k} is not a multiple of {BLOCK}");
+        ensure!(x.len().is_multiple_of(k), "{} activations are not whole rows of {k}", x.len());
+        let blocks = x.len() / BLOCK;
+        let mut q = QuantizedRows { k, qs: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks] };
+        for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(q.qs.chunks_exact_mut(BLOCK)).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // A NaN or infinite activation makes the block's scale NaN, so it reaches the output.
+            let amax = if xs.iter().all(|v| v.is_finite()) { amax } else { f32::NAN };
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (o, v) in qs.iter_mut().zip(xs) {
+                let r = (v * id).round().clamp(-127.0, 127.0) as i8;
+                *o = r;
+                sum += r as i32;
+            }
+            q.d[b] = d;
+            q.s[b] = d * sum as f32;
+        }
+        Ok(q)
+    }
+
+    fn rows(&self) -> usize {
+        self.qs.len() / self.k
+    }
+}
+
+/// `out[t, r] = Σ_i x[t, i] · W[r, i]` for `x: [m, k]` and `W: [n, k]` in `dtype`'s packed bytes,
+/// on candle's CPU worker pool. `available(dtype)` must hold.
+pub fn matmul(dtype: GgmlDType, w: &[u8], n: usize, x: &[f32], k: usize, out: &mut [f32]) -> Result<()> {
+    let kind = Kind::of(dtype).filter(|_| simd_ok()).ok_or_else(|| anyhow::anyhow!("no CPU kernel for {dtype:?} weights on this CPU"))?;
+    let a = QuantizedRows::new(x, k)?;
+    let m = a.rows();
+    let row_bytes = k / BLOCK * kind.block_bytes();
+    ensure!(w.len() == n * row_bytes, "weight holds {} bytes, [{n}, {k}] {dtype:?} needs {}", w.len(), n * row_bytes);
+    ensure!(out.len() == m * n, "output holds {} values, [{m}, {n}] needs {}", out.len(), m * n);
+    let dst = SharedOut(out.as_mut_ptr());
+    // Work items are groups of weight rows: each worker streams its rows' bytes once and meets
+    // every token while they sit in L1.
+    let groups = n.div_ceil(ROWS_PER_ITEM);
+    candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+        let dst = &dst;
+        for g in range {
+            let rows = g * ROWS_PER_ITEM..n.min((g + 1) * ROWS_PER_ITEM);
+            // SAFETY: the CPU features were checked (`simd_ok`); each (token, row) of `out` is
+            // written by exactly one item; the weight and activation sizes were checked above.
+            unsafe { x86::rows(kind, w, row_bytes, rows, &a, n, dst.0) };
+        }
+    });
+    Ok(())
+}
+
+/// `out[t] = Bᵀs · (A · x[t])` for every row `t` of `x: [m, k]`, with `A: [r, k]` and
+/// `Bᵀs: [r, n]` (the LoRA up-projection, transposed and scaled), all f32 row-major: the LoRA
+/// path of a projection. Each row is computed alone, in one fixed order (eight running sums
+/// per dot, then the rank's terms in order), so it is the same bits in any batch; rows are
+/// shared among candle's CPU workers from 16 on.
+pub fn low_rank(x: &[f32], k: usize, a: &[f32], r: usize, bt: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    ensure!(k > 0 && x.len().is_multiple_of(k), "{} inputs are not whole rows of {k}", x.len());
+    ensure!(a.len() == r * k && bt.len() == r * n, "LoRA factors of {} and {} values do not fit rank {r}, {k} in, {n} out", a.len(), bt.len());
+    let m = x.len() / k;
+    ensure!(out.len() == m * n, "output holds {} values, [{m}, {n}] needs {}", out.len(), m * n);
+    let row = |xs: &[f32], ys: &mut [f32]| {
+        ys.fill(0.0);
+        for (aj, bj) in a.chunks_exact(k).zip(bt.chunks_exact(n)) {
+            let u = dot(aj, xs);
+            for (y, b) in ys.iter_mut().zip(bj) {
+                *y += u * b;
+            }
+        }
+    };
+    if m < 16 {
+        for (xs, ys) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            row(xs, ys);
+        }
+        return Ok(());
+    }
+    let dst = SharedOut(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+        let dst = &dst;
+        for t in rows {
+            // SAFETY: each row of `out` (checked above to hold m·n values) is written by one item.
+            let ys = unsafe { std::slice::from_raw_parts_mut(dst.0.add(t * n), n) };
+            row(&x[t * k..(t + 1) * k], ys);
+        }
+    });
+    Ok(())
+}
+
+/// `Σ a·b` as eight interleaved running sums added in one fixed order (vectorises, and is the
+/// same bits on every call).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[i] += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Weight rows a work item computes for every token.
+const ROWS_PER_ITEM: usize = 16;
+
+struct SharedOut(*mut f32);
+// SAFETY: workers write disjoint elements (see `matmul`).
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Kind, QuantizedRows, BLOCK};
+    use std::arch::x86_64::*;
+
+    // `Kind` as a const parameter, so each type's inner loop has no branches.
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q8_0: u8 = 2;
+
+    /// Rows `rows` of the output for every token of `a`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+        match kind {
+            Kind::Q4_0 => rows_of::<Q4_0>(w, row_bytes, rows, a, n, out),
+            Kind::Q4_1 => rows_of::<Q4_1>(w, row_bytes, rows, a, n, out),
+            Kind::Q8_0 => rows_of::<Q8_0>(w, row_bytes, rows, a, n, out),
+        }
+    }
+
+    /// Tiles of 4 rows × 2 tokens, then what is left one row or one token at a time.
+    #[inline(always)]
+    unsafe fn rows_of<const K: u8>(w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+        let m = a.rows();
+        let mut r = rows.start;
+        while r < rows.end {
+            let mut t = 0;
+            if rows.end - r >= 4 {
+                while t + 2 <= m {
+                    tile::<K, 4, 2>(w, row_bytes, r, a, t, n, out);
+                    t += 2;
+                }
+                if t < m {
+                    tile::<K, 4, 1>(w, row_bytes, r, a, t, n, out);
+                }
+                r += 4;
+            } else {
+                while t < m {
+                    tile::<K, 1, 1>(w, row_bytes, r, a, t, n, out);
+                    t += 1;
+                }
+                r += 1;
+            }
+        }
+    }
+
+    const fn block_bytes(k: u8) -> usize {
+        match k {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        }
+    }
+
+    /// One weight block as 32 unsigned bytes (4-bit: `q`; 8-bit: `q` itself, made unsigned in
+    /// `tile` with its signs moved onto the activations), its scale and its offset per unit of
+    /// `d·Σa` (Q4_1: the minimum; Q4_0: −8·scale; Q8_0: none).
+    #[inline(always)]
+    unsafe fn load_block<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
+        // The block's f16 scale (and Q4_1's f16 minimum after it) to f32 with F16C.
+        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(scales);
+        if K == Q8_0 {
+            return (_mm256_loadu_si256(p.add(2) as *const __m256i), d, 0.0);
+        }
+        let (qs, m) = if K == Q4_1 { (p.add(4), _mm_cvtss_f32(_mm_movehdup_ps(scales))) } else { (p.add(2), -8.0 * d) };
+        let v = _mm_loadu_si128(qs as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        (_mm256_set_m128i(hi, lo), d, m)
+    }
+
+    /// `R` rows from `r0` × `T` tokens from `t0` (`R` is 1 or 4). Per (token, row) and block:
+    /// `acc = fma(f32(Σ w·a), d_w·d_a, acc)` in eight lanes and `off = fma(m_w, d_a·Σa, off)`,
+    /// whatever `R` and `T` are.
+    #[inline(always)]
+    unsafe fn tile<const K: u8, const R: usize, const T: usize>(w: &[u8], row_bytes: usize, r0: usize, a: &QuantizedRows, t0: usize, n: usize, out: *mut f32) {
+        let blocks = a.k / BLOCK;
+        let bb = block_bytes(K);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        // Offsets: four rows in the lanes of one vector per token (R = 4), or one scalar.
+        let mut off4 = [_mm_setzero_ps(); T];
+        let mut off1 = [0f32; T];
+        let wbase = w.as_ptr().add(r0 * row_bytes);
+        for b in 0..blocks {
+            let mut act = [_mm256_setzero_si256(); T];
+            let mut da = [0f32; T];
+            let mut sa = [0f32; T];
+            for j in 0..T {
+                let blk = (t0 + j) * blocks + b;
+                act[j] = _mm256_loadu_si256(a.qs.as_ptr().add(blk * BLOCK) as *const __m256i);
+                da[j] = *a.d.get_unchecked(blk);
+                sa[j] = *a.s.get_unchecked(blk);
+            }
+            let mut mw = [0f32; R];
+            for i in 0..R {
+                let (wq, dw, m) = load_block::<K>(wbase.add(i * row_bytes + b * bb));
+                mw[i] = m;
+                let wu = if K == Q8_0 { _mm256_sign_epi8(wq, wq) } else { wq };
+                for j in 0..T {
+                    let aj = if K == Q8_0 { _mm256_sign_epi8(act[j], wq) } else { act[j] };
+                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, aj), ones);
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * da[j]), acc[i][j]);
+                }
+            }
+            if K != Q8_0 {
+                if R == 4 {
+                    let m4 = _mm_loadu_ps(mw.as_ptr());
+                    for j in 0..T {
+                        off4[j] = _mm_fmadd_ps(m4, _mm_set1_ps(sa[j]), off4[j]);
+                    }
+                } else {
+                    for j in 0..T {
+                        off1[j] = mw[0].mul_add(sa[j], off1[j]);
+                    }
+                }
+            }
+        }
+        for j in 0..T {
+            let mut offs = [0f32; R];
+            if R == 4 {
+                _mm_storeu_ps(offs.as_mut_ptr(), off4[j]);
+            } else {
+                offs[0] = off1[j];
+            }
+            for i in 0..R {
+                *out.add((t0 + j) * n + r0 + i) = hsum(acc[i][j]) + offs[i];
+            }
+        }
+    }
+
+    /// The eight lanes' sum, in one fixed order.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    use super::{Kind, QuantizedRows};
+
+    pub(super) unsafe fn rows(_: Kind, _: &[u8], _: usize, _: std::ops::Range<usize>, _: &QuantizedRows, _: usize, _: *mut f32) {
+        unreachable!("`available` is false off x86-64")
+    }
+}
