@@ -52,6 +52,7 @@ pub enum Command {
 
 /// Entry point of the binary: parse, set up logging, run, and turn errors into exit codes.
 pub fn main() -> ExitCode {
+    crate::llm::device::settle_cpu_threads();
     let cli = Cli::parse();
     init_tracing();
     match run(cli) {

@@ -35,6 +35,18 @@ fn device_ordinal(device: &Device) -> usize {
     }
 }
 
+/// Fix the CPU worker count for the rest of the process; call first thing in `main`, before
+/// any thread starts. Unless `RAYON_NUM_THREADS` is set, candle counts the cores anew on every
+/// CPU matmul (reading /proc/cpuinfo and the cgroup files: ~0.1 ms a call, 60 calls a decoded
+/// token on SmolLM2, more than the 4-bit matmuls themselves); setting it once to the count it
+/// would find makes that an environment lookup.
+pub fn settle_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if readable.
 pub fn peak_rss_bytes() -> Option<u64> {
     proc_status_kib("VmHWM:").map(|k| k * 1024)
