@@ -8,7 +8,9 @@
 #                                                 # Q4_K_M GGUF at $WORK/mistral-7b-random.Q4_K_M.gguf
 #   bash bench/peers/llamacpp.sh bench FILE       # llama-bench: pp512, tg128, pp100+tg1, flash attention
 #
-# CPU backend only (no CUDA): LLAMA_CPU=1 bash bench/peers/llamacpp.sh build
+# CPU backend only (no CUDA, no GPU machine; CMake and a C++ compiler):
+#   LLAMA_CPU=1 bash bench/peers/llamacpp.sh build
+#   LLAMA_CPU=1 bash bench/peers/llamacpp.sh bench FILE   # on every core
 set -euo pipefail
 WORK=${WORK:-/tmp/llamacpp}
 SRC=$WORK/llama.cpp
@@ -18,7 +20,10 @@ mkdir -p "$WORK"
 build() {
   [ -d "$SRC" ] || tar xzf .gpu/peers/llama.cpp.tar.gz -C "$WORK"
   local cuda=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90a})
-  [ -n "${LLAMA_CPU:-}" ] && cuda=(-DGGML_CUDA=OFF)
+  # CPU backend for this CPU (-march=native), without AMX: CPUs that list it in cpuinfo often
+  # run in VMs whose kernel does not grant the tile registers (SIGILL at the first tile op).
+  [ -n "${LLAMA_CPU:-}" ] && cuda=(-DGGML_CUDA=OFF "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                                   "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
   local gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
   cmake -S "$SRC" -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release "${cuda[@]}" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
@@ -55,9 +60,11 @@ PY
 }
 
 bench() {
-  local f=$1
-  "$BUILD/bin/llama-bench" -m "$f" -ngl 99 -fa 1 -p 512 -n 128 -r 3 -o md
-  "$BUILD/bin/llama-bench" -m "$f" -ngl 99 -fa 1 -p 0 -n 0 -pg 100,1 -r 3 -o md
+  local f=$1 dev=(-ngl 99)
+  # CPU backend: every core (-t), as freeski-bot's CPU path uses them.
+  [ -n "${LLAMA_CPU:-}" ] && dev=(-ngl 0 -t "$(nproc)")
+  "$BUILD/bin/llama-bench" -m "$f" "${dev[@]}" -fa 1 -p 512 -n 128 -r 3 -o md
+  "$BUILD/bin/llama-bench" -m "$f" "${dev[@]}" -fa 1 -p 0 -n 0 -pg 100,1 -r 3 -o md
 }
 
 cmd=${1:-}; shift || true

@@ -11,10 +11,11 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{median, random_adapter, sync, BenchModel};
 use crate::config::Settings;
+use crate::kernels;
 use crate::llm::device::{self, gib};
 use crate::llm::fused_decode::RowKernels;
 use crate::llm::lora::LoraAdapter;
-use crate::llm::model::{KvCache, Logits, Model};
+use crate::llm::model::{KvCache, Logits, Model, Proj};
 use crate::llm::{load, sampling};
 
 #[derive(Debug, Args)]
@@ -42,7 +43,8 @@ pub struct GenerateBench {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
-    /// Also time everything through candle's ops alone (no fused decode, 4-bit prompt kernels).
+    /// Also time everything through candle's ops alone (no fused decode, 4-bit prompt kernels,
+    /// candle's CPU matmul).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub compare: bool,
     /// Replay the fused decode step as a CUDA graph (false: launch each kernel every step).
@@ -101,11 +103,12 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     let fast = time_paths(&model, adapter, &args, &mut peak_dev)?;
     let fused = model.fused_decode_active()?;
     let launches = model.fused_launches_per_step();
-    // The same measurements through candle's ops alone (4-bit kernels for prompts too), for the
-    // before/after in one run on one card.
-    let candle = if args.compare && dev.is_cuda() {
+    // The same measurements through candle's ops alone (4-bit kernels for prompts too, candle's
+    // CPU matmul), for the before/after in one run on one machine.
+    let candle = if args.compare {
         model.set_fused_decode(false);
         model.set_dense_prefill_rows(usize::MAX);
+        model.set_cpu_kernels(false);
         Some(time_paths(&model, adapter, &args, &mut peak_dev)?)
     } else {
         None
@@ -122,6 +125,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
         match launches {
             Some(n) if fused =>
                 format!("fused CUDA step, {n} kernel launches per token{}, {:?} row kernels", if args.graphs { ", replayed as one CUDA graph" } else { "" }, args.row_kernels),
+            _ if dev.is_cpu() => format!("candle ops{}", if kernels::cpu::available(model.layers()[0].proj(Proj::Q).dtype()) { ", the project's CPU matmul (AVX2)" } else { "" }),
             _ => "candle ops".into(),
         }
     );
