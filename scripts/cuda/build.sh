@@ -5,10 +5,13 @@
 #   scripts/cuda/build.sh                      # builds --bin freeski-bot --features cuda, and the
 #                                              # GPU correctness tests (tests/cuda_parity.rs)
 #   BIN=freeski-bot FEATURES=cuda scripts/cuda/build.sh
-#   CUDA_COMPUTE_CAP=86 scripts/cuda/build.sh  # another GPU generation (default 90: H100/H200)
+#   CUDA_COMPUTE_CAP=86 scripts/cuda/build.sh  # another GPU generation (default 90: H100/H200):
+#                                              # PTX for compute_86, which the driver compiles for
+#                                              # the card it runs on (RTX 30 = 86, RTX 40 = 89, and
+#                                              # newer); packed as .gpu/<BIN>-sm86.xz
 #
-# Run it from the project root. It writes .gpu/<BIN>.xz and .gpu/activate; keep .gpu/ in
-# .gitignore. On the GPU machine, from the project root:  source .gpu/activate; <BIN> ...
+# Run it from the project root. It writes .gpu/<BIN>.xz (.gpu/<BIN>-sm<CAP>.xz for a capability
+# other than 90) and .gpu/activate; keep .gpu/ in .gitignore. On the GPU machine, from the project root:  source .gpu/activate; <BIN> ...
 #
 # How: the CUDA 13.0 compiler, headers and libraries come as Python wheels (unpacked, never
 # installed into a Python) into a cache folder; candle's build uses that nvcc; the link against
@@ -49,7 +52,9 @@ ln -sfn lib "$C/lib64"
 
 export PATH=$C/bin:$PATH NVCC=$C/bin/nvcc CUDA_ROOT=$C CUDA_HOME=$C CUDA_PATH=$C
 export CUDARC_CUDA_VERSION=13000
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR_CUDA:-target/cuda}
+# One target folder per capability, so switching between them rebuilds nothing.
+SUFFIX=; [ "$CUDA_COMPUTE_CAP" = 90 ] || SUFFIX=-sm$CUDA_COMPUTE_CAP
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR_CUDA:-target/cuda}$SUFFIX
 
 # 3. libcuda stub with every driver symbol cudarc declares (SONAME libcuda.so.1).
 cargo fetch -q
@@ -75,7 +80,7 @@ mkdir -p .gpu
 for f in "$B" "$T"; do
   strip "$f" 2>/dev/null || true
 done
-xz -6 -T2 -c "$B" > ".gpu/$BIN.xz"
-xz -6 -T2 -c "$T" > .gpu/cuda_parity.xz
+xz -6 -T2 -c "$B" > ".gpu/$BIN$SUFFIX.xz"
+xz -6 -T2 -c "$T" > ".gpu/cuda_parity$SUFFIX.xz"
 cp "$(dirname "$0")/activate" .gpu/activate
 ls -la .gpu
