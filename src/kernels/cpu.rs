@@ -77,26 +77,31 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// `x: [m, k]` row-major, `k` a multiple of 32.
+    /// `x: [m, k]` row-major, `k` a multiple of 32; rows are shared among candle's CPU workers
+    /// from 16 on.
     pub fn new(x: &[f32], k: usize) -> Result<Self> {
         ensure!(k > 0 && k.is_multiple_of(BLOCK), "the inner dimension {k} is not a multiple of {BLOCK}");
         ensure!(x.len().is_multiple_of(k), "{} activations are not whole rows of {k}", x.len());
         let blocks = x.len() / BLOCK;
         let mut q = QuantizedRows { k, qs: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks] };
-        for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(q.qs.chunks_exact_mut(BLOCK)).enumerate() {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            // A NaN or infinite activation makes the block's scale NaN, so it reaches the output.
-            let amax = if xs.iter().all(|v| v.is_finite()) { amax } else { f32::NAN };
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (o, v) in qs.iter_mut().zip(xs) {
-                let r = (v * id).round().clamp(-127.0, 127.0) as i8;
-                *o = r;
-                sum += r as i32;
+        let m = x.len() / k;
+        let per_row = k / BLOCK;
+        let (qs, d, s) = (SharedOut(q.qs.as_mut_ptr()), SharedOut(q.d.as_mut_ptr()), SharedOut(q.s.as_mut_ptr()));
+        let rows = |range: std::ops::Range<usize>| {
+            let (qs, d, s) = (&qs, &d, &s);
+            for b in range.start * per_row..range.end * per_row {
+                // SAFETY: `qs`, `d` and `s` hold every block of the m rows (sized above); each
+                // block is written by one item.
+                unsafe {
+                    let out = std::slice::from_raw_parts_mut(qs.0.add(b * BLOCK), BLOCK);
+                    (*d.0.add(b), *s.0.add(b)) = quantize_block(&x[b * BLOCK..(b + 1) * BLOCK], out);
+                }
             }
-            q.d[b] = d;
-            q.s[b] = d * sum as f32;
+        };
+        if m >= 16 {
+            candle_core::utils::barrier_pool().execute_chunked(m, rows);
+        } else {
+            rows(0..m);
         }
         Ok(q)
     }
@@ -106,26 +111,75 @@ impl QuantizedRows {
     }
 }
 
+/// One block of 32 activations to int8: `q = round(x / d)` (halves away from zero, as GGML) with
+/// `d = max|x| / 127`; returns `(d, d·Σq)`. A NaN or infinite activation makes the block's scale
+/// NaN, so it reaches the output instead of vanishing.
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        return unsafe { x86::quantize_block(xs, qs) };
+    }
+    quantize_block_portable(xs, qs)
+}
+
+#[inline(always)]
+fn quantize_block_portable(xs: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let amax = if xs.iter().all(|v| v.is_finite()) { amax } else { f32::NAN };
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, v) in qs.iter_mut().zip(xs) {
+        let r = (v * id).round().clamp(-127.0, 127.0) as i8;
+        *o = r;
+        sum += r as i32;
+    }
+    (d, d * sum as f32)
+}
+
+/// A packed weight `[rows, k]` for [`matmul_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Weight<'a> {
+    pub dtype: GgmlDType,
+    pub bytes: &'a [u8],
+    pub rows: usize,
+}
+
 /// `out[t, r] = Σ_i x[t, i] · W[r, i]` for `x: [m, k]` and `W: [n, k]` in `dtype`'s packed bytes,
 /// on candle's CPU worker pool. `available(dtype)` must hold.
 pub fn matmul(dtype: GgmlDType, w: &[u8], n: usize, x: &[f32], k: usize, out: &mut [f32]) -> Result<()> {
-    let kind = Kind::of(dtype).filter(|_| simd_ok()).ok_or_else(|| anyhow::anyhow!("no CPU kernel for {dtype:?} weights on this CPU"))?;
+    matmul_many(&[Weight { dtype, bytes: w, rows: n }], x, k, &mut [out])
+}
+
+/// [`matmul`] for several weights that read the same `x` (q|k|v, gate|up): one quantization
+/// of `x` and one pass of the workers for all of them.
+pub fn matmul_many(ws: &[Weight], x: &[f32], k: usize, outs: &mut [&mut [f32]]) -> Result<()> {
+    ensure!(ws.len() == outs.len(), "{} weights but {} outputs", ws.len(), outs.len());
     let a = QuantizedRows::new(x, k)?;
     let m = a.rows();
-    let row_bytes = k / BLOCK * kind.block_bytes();
-    ensure!(w.len() == n * row_bytes, "weight holds {} bytes, [{n}, {k}] {dtype:?} needs {}", w.len(), n * row_bytes);
-    ensure!(out.len() == m * n, "output holds {} values, [{m}, {n}] needs {}", out.len(), m * n);
-    let dst = SharedOut(out.as_mut_ptr());
-    // Work items are groups of weight rows: each worker streams its rows' bytes once and meets
-    // every token while they sit in L1.
-    let groups = n.div_ceil(ROWS_PER_ITEM);
-    candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
-        let dst = &dst;
-        for g in range {
-            let rows = g * ROWS_PER_ITEM..n.min((g + 1) * ROWS_PER_ITEM);
-            // SAFETY: the CPU features were checked (`simd_ok`); each (token, row) of `out` is
-            // written by exactly one item; the weight and activation sizes were checked above.
-            unsafe { x86::rows(kind, w, row_bytes, rows, &a, n, dst.0) };
+    // Per weight: its kind, bytes per row, output pointer and first work item.
+    let mut parts = Vec::with_capacity(ws.len());
+    let mut items = 0;
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        let kind = Kind::of(w.dtype).filter(|_| simd_ok()).ok_or_else(|| anyhow::anyhow!("no CPU kernel for {:?} weights on this CPU", w.dtype))?;
+        let (n, row_bytes) = (w.rows, k / BLOCK * kind.block_bytes());
+        ensure!(w.bytes.len() == n * row_bytes, "weight holds {} bytes, [{n}, {k}] {:?} needs {}", w.bytes.len(), w.dtype, n * row_bytes);
+        ensure!(out.len() == m * n, "output holds {} values, [{m}, {n}] needs {}", out.len(), m * n);
+        parts.push((kind, row_bytes, SharedOut(out.as_mut_ptr()), items));
+        // Work items are groups of weight rows: each worker streams its rows' bytes once and
+        // meets every token while they sit in L1.
+        items += n.div_ceil(ROWS_PER_ITEM);
+    }
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        for item in range {
+            let p = parts.partition_point(|part| part.3 <= item) - 1;
+            let (kind, row_bytes, dst, first) = &parts[p];
+            let (w, g) = (&ws[p], item - first);
+            let rows = g * ROWS_PER_ITEM..w.rows.min((g + 1) * ROWS_PER_ITEM);
+            // SAFETY: the CPU features were checked (`simd_ok`); each (token, row) of an output
+            // is written by exactly one item; the weight and activation sizes were checked above.
+            unsafe { x86::rows(*kind, w.bytes, *row_bytes, rows, &a, w.rows, dst.0) };
         }
     });
     Ok(())
@@ -188,9 +242,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Weight rows a work item computes for every token.
 const ROWS_PER_ITEM: usize = 16;
 
-struct SharedOut(*mut f32);
-// SAFETY: workers write disjoint elements (see `matmul`).
-unsafe impl Sync for SharedOut {}
+/// An output the workers write into, each its own elements.
+struct SharedOut<T>(*mut T);
+// SAFETY: workers write disjoint elements (see the callers).
+unsafe impl<T> Sync for SharedOut<T> {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -202,35 +257,94 @@ mod x86 {
     const Q4_1: u8 = 1;
     const Q8_0: u8 = 2;
 
+    // How a block's 32 byte products are summed: `vpmaddubsw` + `vpmaddwd` (AVX2), or one
+    // `vpdpbusd` (AVX-VNNI, or AVX512-VNNI on 256-bit vectors). The sums are exact integers
+    // either way (no pair of products reaches i16's limit), so all three give the same bits.
+    const AVX2: u8 = 0;
+    const AVX_VNNI: u8 = 1;
+    const AVX512_VNNI: u8 = 2;
+
+    fn dot_kind() -> u8 {
+        static KIND: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+        *KIND.get_or_init(|| {
+            if std::is_x86_feature_detected!("avxvnni") {
+                AVX_VNNI
+            } else if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+                AVX512_VNNI
+            } else {
+                AVX2
+            }
+        })
+    }
+
     /// Rows `rows` of the output for every token of `a`.
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
-        match kind {
-            Kind::Q4_0 => rows_of::<Q4_0>(w, row_bytes, rows, a, n, out),
-            Kind::Q4_1 => rows_of::<Q4_1>(w, row_bytes, rows, a, n, out),
-            Kind::Q8_0 => rows_of::<Q8_0>(w, row_bytes, rows, a, n, out),
+        match dot_kind() {
+            AVX_VNNI => rows_avx_vnni(kind, w, row_bytes, rows, a, n, out),
+            AVX512_VNNI => rows_avx512_vnni(kind, w, row_bytes, rows, a, n, out),
+            _ => rows_avx2(kind, w, row_bytes, rows, a, n, out),
         }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_avx2(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+        rows_by::<AVX2>(kind, w, row_bytes, rows, a, n, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn rows_avx_vnni(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+        rows_by::<AVX_VNNI>(kind, w, row_bytes, rows, a, n, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn rows_avx512_vnni(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+        rows_by::<AVX512_VNNI>(kind, w, row_bytes, rows, a, n, out)
+    }
+
+    #[inline(always)]
+    unsafe fn rows_by<const V: u8>(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+        match kind {
+            Kind::Q4_0 => rows_of::<Q4_0, V>(w, row_bytes, rows, a, n, out),
+            Kind::Q4_1 => rows_of::<Q4_1, V>(w, row_bytes, rows, a, n, out),
+            Kind::Q8_0 => rows_of::<Q8_0, V>(w, row_bytes, rows, a, n, out),
+        }
+    }
+
+    /// `Σ` of the 32 products `u·s` (unsigned × signed bytes), as eight i32 partial sums.
+    #[inline(always)]
+    unsafe fn dot32<const V: u8>(u: __m256i, s: __m256i) -> __m256i {
+        match V {
+            AVX_VNNI => _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s),
+            AVX512_VNNI => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s),
+            _ => _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+        }
+    }
+
+    /// [`super::quantize_block_portable`] compiled with AVX2 (vectorised rounding).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, f32) {
+        super::quantize_block_portable(xs, qs)
     }
 
     /// Tiles of 4 rows × 2 tokens, then what is left one row or one token at a time.
     #[inline(always)]
-    unsafe fn rows_of<const K: u8>(w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+    unsafe fn rows_of<const K: u8, const V: u8>(w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
         let m = a.rows();
         let mut r = rows.start;
         while r < rows.end {
             let mut t = 0;
             if rows.end - r >= 4 {
                 while t + 2 <= m {
-                    tile::<K, 4, 2>(w, row_bytes, r, a, t, n, out);
+                    tile::<K, V, 4, 2>(w, row_bytes, r, a, t, n, out);
                     t += 2;
                 }
                 if t < m {
-                    tile::<K, 4, 1>(w, row_bytes, r, a, t, n, out);
+                    tile::<K, V, 4, 1>(w, row_bytes, r, a, t, n, out);
                 }
                 r += 4;
             } else {
                 while t < m {
-                    tile::<K, 1, 1>(w, row_bytes, r, a, t, n, out);
+                    tile::<K, V, 1, 1>(w, row_bytes, r, a, t, n, out);
                     t += 1;
                 }
                 r += 1;
@@ -269,10 +383,9 @@ mod x86 {
     /// `acc = fma(f32(Σ w·a), d_w·d_a, acc)` in eight lanes and `off = fma(m_w, d_a·Σa, off)`,
     /// whatever `R` and `T` are.
     #[inline(always)]
-    unsafe fn tile<const K: u8, const R: usize, const T: usize>(w: &[u8], row_bytes: usize, r0: usize, a: &QuantizedRows, t0: usize, n: usize, out: *mut f32) {
+    unsafe fn tile<const K: u8, const V: u8, const R: usize, const T: usize>(w: &[u8], row_bytes: usize, r0: usize, a: &QuantizedRows, t0: usize, n: usize, out: *mut f32) {
         let blocks = a.k / BLOCK;
         let bb = block_bytes(K);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         // Offsets: four rows in the lanes of one vector per token (R = 4), or one scalar.
         let mut off4 = [_mm_setzero_ps(); T];
@@ -295,7 +408,7 @@ mod x86 {
                 let wu = if K == Q8_0 { _mm256_sign_epi8(wq, wq) } else { wq };
                 for j in 0..T {
                     let aj = if K == Q8_0 { _mm256_sign_epi8(act[j], wq) } else { act[j] };
-                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, aj), ones);
+                    let dot = dot32::<V>(wu, aj);
                     acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * da[j]), acc[i][j]);
                 }
             }

@@ -524,8 +524,7 @@ impl Model {
             let h = self.attention(layer, &h, &cos, &sin, &cache.pad, &cache.layers[i], offset, adapter, i, dense)?;
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let gate = self.linear(layer.proj(Proj::Gate), &h, lora(Proj::Gate), dense)?;
-            let up = self.linear(layer.proj(Proj::Up), &h, lora(Proj::Up), dense)?;
+            let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, adapter, i, dense)?;
             let h = self.linear(layer.proj(Proj::Down), &(candle_nn::ops::silu(&gate)? * up)?, lora(Proj::Down), dense)?;
             x = (x2 + h)?;
         }
@@ -558,9 +557,10 @@ impl Model {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let q = self.linear(layer.proj(Proj::Q), x, lora(Proj::Q), dense)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = self.linear(layer.proj(Proj::K), x, lora(Proj::K), dense)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = self.linear(layer.proj(Proj::V), x, lora(Proj::V), dense)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], x, adapter, layer_idx, dense)?;
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         k_buf.slice_set(&k.contiguous()?, 2, offset)?;
@@ -620,6 +620,23 @@ impl Model {
         let mask = self.causal_mask(tq, keys)?;
         let scores = scores.broadcast_add(&mask)?;
         Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
+    }
+
+    /// [`Model::linear`] for projections of `layer` that read the same `x` (one pass over their
+    /// weights on the CPU).
+    #[allow(clippy::too_many_arguments)]
+    fn linears<const N: usize>(&self, layer: &DecoderLayer, projs: [Proj; N], x: &Tensor, adapter: Option<&LoraAdapter>, layer_idx: usize, dense: bool) -> Result<[Tensor; N]> {
+        let bases: Vec<&BaseLinear> = projs.iter().map(|&p| layer.proj(p)).collect();
+        let ys = BaseLinear::forward_many(&bases, x, dense, self.cpu_kernels)?;
+        let out: Vec<Tensor> = ys
+            .into_iter()
+            .zip(projs)
+            .map(|(y, p)| match adapter.and_then(|a| a.pair(layer_idx, p)) {
+                Some(pair) => Ok((y + pair.forward(x)?)?),
+                None => Ok(y),
+            })
+            .collect::<Result<_>>()?;
+        out.try_into().map_err(|_| anyhow::anyhow!("internal: expected {N} projections"))
     }
 
     /// Base linear plus the unmerged LoRA path, if any.

@@ -51,6 +51,38 @@ impl BaseLinear {
         Ok(self.matmul.forward(x)?)
     }
 
+    /// [`BaseLinear::forward_with`] for several weights that read the same `x` (q|k|v,
+    /// gate|up): on the CPU kernel's path one quantization of `x` and one pass of the workers
+    /// for all of them; the same values as one call each.
+    pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, dense: bool, cpu_kernel: bool) -> Result<Vec<Tensor>> {
+        let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
+        let cpu_path = cpu_kernel && !dense && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
+        if !cpu_path || ws.len() < 2 {
+            return ws.iter().map(|w| w.forward_with(x, dense, cpu_kernel)).collect();
+        }
+        let k = ws[0].in_features;
+        let dims = x.dims().to_vec();
+        ensure!(dims.last() == Some(&k), "input {dims:?} does not end in the weights' {k} inputs");
+        let m = x.elem_count() / k;
+        let data: Vec<_> = ws.iter().map(|w| w.weight.data()).collect::<candle_core::Result<_>>()?;
+        let parts: Vec<cpu::Weight> = ws.iter().zip(&data).map(|(w, bytes)| cpu::Weight { dtype: w.weight.dtype(), bytes, rows: w.out_features }).collect();
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.out_features]).collect();
+        {
+            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            with_cpu_f32(x, |xs| cpu::matmul_many(&parts, xs, k, &mut slices))?;
+        }
+        ws.iter()
+            .zip(outs)
+            .map(|(w, out)| {
+                let mut d = dims.clone();
+                if let Some(last) = d.last_mut() {
+                    *last = w.out_features;
+                }
+                Ok(Tensor::from_vec(out, d, &Device::Cpu)?)
+            })
+            .collect()
+    }
+
     fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         ensure!(dims.last() == Some(&self.in_features), "input {:?} does not end in the weight's {} inputs", dims, self.in_features);
