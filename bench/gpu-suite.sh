@@ -10,6 +10,8 @@
 #   batching   answers alone vs together through the engine with a LoRA adapter, on the Q4_K_M
 #              file (every answer must be the same), and `bench generate` equality bare and r=16
 #   llamacpp   llama-bench on the same Q4_K_M file (pp512, tg128, pp100+tg1, flash attention)
+#   ptx        the compute_86 build (.gpu/*-sm86.xz) on this card through PTX JIT: parity tests,
+#              the same greedy answer as the default build, `bench generate` of both on $Q4KM
 #   gen        `bench generate` on the random Mistral-7B shape, bare and with a rank-16 LoRA, and
 #              the Q4_K_M mix; every run also times candle's ops in the same process
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
@@ -61,6 +63,20 @@ stage_llamacpp() {
   bash bench/peers/llamacpp.sh bench "$Q4KM" 2>&1 | grep -E "^\|" | tee "$OUT/llamacpp-bench.txt"
 }
 stage_parity() { cuda_parity --ignored --nocapture --test-threads 1 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"; }
+# The consumer-card build (`CUDA_COMPUTE_CAP=86 scripts/cuda/build.sh`: PTX for compute_86, which
+# the driver compiles for this card at load): the GPU correctness tests, a greedy answer on the
+# Q4_K_M file next to the default build's (must be the same text), and `bench generate` of both.
+stage_ptx() {
+  cuda_parity-sm86 --ignored --nocapture --test-threads 1 2>&1 | grep -Ev "$F" | tee "$OUT/parity-sm86.txt"
+  local q="How do I land a switch 900 in the park?"
+  for b in freeski-bot freeski-bot-sm86; do
+    $b ask --model "$Q4KM" --device cuda:0 --temperature 0 --max-new-tokens 64 "$q" 2>/dev/null > "$OUT/ask-$b.txt"
+  done
+  cmp "$OUT/ask-freeski-bot.txt" "$OUT/ask-freeski-bot-sm86.txt" && echo "greedy answers of the sm_90 and compute_86 builds: identical ($(wc -c < "$OUT/ask-freeski-bot.txt") bytes)" | tee "$OUT/ptx-same.txt"
+  for b in freeski-bot freeski-bot-sm86; do
+    $b bench generate --model "$Q4KM" --device cuda:0 --compare false --streams 8 --lora-rank 0 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-$b.txt"
+  done
+}
 stage_gen() {
   for r in 0 16; do
     freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank $r --json "$OUT/gen-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/gen-r$r.txt"
