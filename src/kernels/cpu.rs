@@ -171,8 +171,12 @@ pub fn matmul_many(ws: &[Weight], x: &[f32], k: usize, outs: &mut [&mut [f32]]) 
         // meets every token while they sit in L1.
         items += n.div_ceil(ROWS_PER_ITEM);
     }
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-        for item in range {
+    // Each worker takes one contiguous run of items: long sequential reads of the weights,
+    // which the hardware prefetchers keep ahead of (the work per item is uniform).
+    let pool = candle_core::utils::barrier_pool();
+    let share = items.div_ceil(pool.n_workers() + 1);
+    pool.execute(|tid| {
+        for item in (tid * share).min(items)..((tid + 1) * share).min(items) {
             let p = parts.partition_point(|part| part.3 <= item) - 1;
             let (kind, row_bytes, dst, first) = &parts[p];
             let (w, g) = (&ws[p], item - first);
@@ -403,6 +407,12 @@ mod x86 {
             }
             let mut mw = [0f32; R];
             for i in 0..R {
+                if T == 1 {
+                    // One token: the weights are read once, so ask for the next tile's bytes now
+                    // (the same block of the next R rows; the pointer may run past the weight,
+                    // which a prefetch ignores).
+                    _mm_prefetch::<_MM_HINT_T0>(wbase.wrapping_add((R + i) * row_bytes + b * bb) as *const i8);
+                }
                 let (wq, dw, m) = load_block::<K>(wbase.add(i * row_bytes + b * bb));
                 mw[i] = m;
                 let wu = if K == Q8_0 { _mm256_sign_epi8(wq, wq) } else { wq };
