@@ -125,7 +125,10 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
         match launches {
             Some(n) if fused =>
                 format!("fused CUDA step, {n} kernel launches per token{}, {:?} row kernels", if args.graphs { ", replayed as one CUDA graph" } else { "" }, args.row_kernels),
-            _ if dev.is_cpu() => format!("candle ops{}", if kernels::cpu::available(model.layers()[0].proj(Proj::Q).dtype()) { ", the project's CPU matmul (AVX2)" } else { "" }),
+            _ if dev.is_cpu() => match kernels::cpu::describe().filter(|_| kernels::cpu::available(model.layers()[0].proj(Proj::Q).dtype())) {
+                Some(isa) => format!("candle ops, the project's CPU matmul ({isa})"),
+                None => "candle ops".into(),
+            },
             _ => "candle ops".into(),
         }
     );

@@ -67,6 +67,21 @@ fn simd_ok() -> bool {
     false
 }
 
+/// The instructions the kernel uses on this CPU (for reports), or `None` where it does not run.
+pub fn describe() -> Option<&'static str> {
+    if !simd_ok() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    return Some(match x86::dot_kind() {
+        x86::AVX_VNNI => "AVX2 + AVX-VNNI",
+        x86::AVX512_VNNI => "AVX2 + AVX512-VNNI",
+        _ => "AVX2",
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
 /// Activations quantized per block of 32: `qs[i] = round(x[i] / d)` with `d = max|x| / 127`,
 /// and per block `d` and `d·Σqs` (what the weight's offset term multiplies).
 pub struct QuantizedRows {
@@ -264,11 +279,11 @@ mod x86 {
     // How a block's 32 byte products are summed: `vpmaddubsw` + `vpmaddwd` (AVX2), or one
     // `vpdpbusd` (AVX-VNNI, or AVX512-VNNI on 256-bit vectors). The sums are exact integers
     // either way (no pair of products reaches i16's limit), so all three give the same bits.
-    const AVX2: u8 = 0;
-    const AVX_VNNI: u8 = 1;
-    const AVX512_VNNI: u8 = 2;
+    pub(super) const AVX2: u8 = 0;
+    pub(super) const AVX_VNNI: u8 = 1;
+    pub(super) const AVX512_VNNI: u8 = 2;
 
-    fn dot_kind() -> u8 {
+    pub(super) fn dot_kind() -> u8 {
         static KIND: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
         *KIND.get_or_init(|| {
             if std::is_x86_feature_detected!("avxvnni") {
