@@ -186,21 +186,25 @@ pub fn matmul_many(ws: &[Weight], x: &[f32], k: usize, outs: &mut [&mut [f32]]) 
         // meets every token while they sit in L1.
         items += n.div_ceil(ROWS_PER_ITEM);
     }
-    // Each worker takes one contiguous run of items: long sequential reads of the weights,
-    // which the hardware prefetchers keep ahead of (the work per item is uniform).
+    let run = |item: usize| {
+        let p = parts.partition_point(|part| part.3 <= item) - 1;
+        let (kind, row_bytes, dst, first) = &parts[p];
+        let (w, g) = (&ws[p], item - first);
+        let rows = g * ROWS_PER_ITEM..w.rows.min((g + 1) * ROWS_PER_ITEM);
+        // SAFETY: the CPU features were checked (`simd_ok`); each (token, row) of an output is
+        // written by exactly one item; the weight and activation sizes were checked above.
+        unsafe { x86::rows(*kind, w.bytes, *row_bytes, rows, &a, w.rows, dst.0) };
+    };
     let pool = candle_core::utils::barrier_pool();
-    let share = items.div_ceil(pool.n_workers() + 1);
-    pool.execute(|tid| {
-        for item in (tid * share).min(items)..((tid + 1) * share).min(items) {
-            let p = parts.partition_point(|part| part.3 <= item) - 1;
-            let (kind, row_bytes, dst, first) = &parts[p];
-            let (w, g) = (&ws[p], item - first);
-            let rows = g * ROWS_PER_ITEM..w.rows.min((g + 1) * ROWS_PER_ITEM);
-            // SAFETY: the CPU features were checked (`simd_ok`); each (token, row) of an output
-            // is written by exactly one item; the weight and activation sizes were checked above.
-            unsafe { x86::rows(*kind, w.bytes, *row_bytes, rows, &a, w.rows, dst.0) };
-        }
-    });
+    if m <= STATIC_SPLIT_TOKENS {
+        // Decoding: each worker takes one contiguous run of items, long sequential reads of the
+        // weights that the hardware prefetchers keep ahead of (the work per item is uniform).
+        let share = items.div_ceil(pool.n_workers() + 1);
+        pool.execute(|tid| ((tid * share).min(items)..((tid + 1) * share).min(items)).for_each(run));
+    } else {
+        // Prompts: compute-bound, so a shared cursor evens out the workers instead.
+        pool.execute_chunked(items, |range| range.for_each(run));
+    }
     Ok(())
 }
 
@@ -257,6 +261,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
+
+/// Up to this many tokens a call is memory-bound (decode steps): workers take fixed contiguous
+/// shares of the weight rows; above it, chunks from a shared cursor.
+const STATIC_SPLIT_TOKENS: usize = 8;
 
 /// Weight rows a work item computes for every token.
 const ROWS_PER_ITEM: usize = 16;
