@@ -360,10 +360,14 @@ async fn gateway_session(conn: tokio_tungstenite::WebSocketStream<tokio::net::Tc
                         ch.notify_waiters();
                     }
                     Some(6) => {
-                        st.lock().unwrap().resumes += 1;
                         let s = next_seq(&st);
                         let _ = tx.send(Ws::Text(json!({"op": 0, "t": "RESUMED", "s": s, "d": {}}).to_string())).await;
-                        st.lock().unwrap().gateway = Some(cmd_tx.clone());
+                        // Counted once the connection can take commands: a test that saw the
+                        // resume may send on it at once.
+                        let mut state = st.lock().unwrap();
+                        state.gateway = Some(cmd_tx.clone());
+                        state.resumes += 1;
+                        drop(state);
                         ch.notify_waiters();
                     }
                     _ => {}
