@@ -42,7 +42,7 @@ impl Kind {
         }
     }
 
-    fn block_bytes(self) -> usize {
+    const fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_0 => 18,
             Kind::Q4_1 => 20,
@@ -113,11 +113,7 @@ impl QuantizedRows {
                 }
             }
         };
-        if m >= 16 {
-            candle_core::utils::barrier_pool().execute_chunked(m, rows);
-        } else {
-            rows(0..m);
-        }
+        for_rows(m, rows);
         Ok(q)
     }
 
@@ -227,14 +223,8 @@ pub fn low_rank(x: &[f32], k: usize, a: &[f32], r: usize, bt: &[f32], n: usize, 
             }
         }
     };
-    if m < 16 {
-        for (xs, ys) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-            row(xs, ys);
-        }
-        return Ok(());
-    }
     let dst = SharedOut(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+    for_rows(m, |rows| {
         let dst = &dst;
         for t in rows {
             // SAFETY: each row of `out` (checked above to hold m·n values) is written by one item.
@@ -261,6 +251,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
+
+/// `f` over the row ranges of `0..m`: on the calling thread below [`PARALLEL_ROWS`] rows (a
+/// decode step's few rows are not worth waking the workers), else shared among candle's CPU
+/// workers.
+fn for_rows(m: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if m < PARALLEL_ROWS {
+        f(0..m);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(m, f);
+    }
+}
+
+/// Rows from which activation quantization and the LoRA product use every worker.
+const PARALLEL_ROWS: usize = 16;
 
 /// Up to this many tokens a call is memory-bound (decode steps): workers take fixed contiguous
 /// shares of the weight rows; above it, chunks from a shared cursor.
@@ -379,11 +383,12 @@ mod x86 {
         }
     }
 
-    const fn block_bytes(k: u8) -> usize {
+    /// The layout a const parameter names.
+    const fn kind(k: u8) -> Kind {
         match k {
-            Q4_0 => 18,
-            Q4_1 => 20,
-            _ => 34,
+            Q4_0 => Kind::Q4_0,
+            Q4_1 => Kind::Q4_1,
+            _ => Kind::Q8_0,
         }
     }
 
@@ -412,7 +417,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn tile<const K: u8, const V: u8, const R: usize, const T: usize>(w: &[u8], row_bytes: usize, r0: usize, a: &QuantizedRows, t0: usize, n: usize, out: *mut f32) {
         let blocks = a.k / BLOCK;
-        let bb = block_bytes(K);
+        let bb = kind(K).block_bytes();
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         // Offsets: four rows in the lanes of one vector per token (R = 4), or one scalar.
         let mut off4 = [_mm_setzero_ps(); T];

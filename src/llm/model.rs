@@ -518,14 +518,13 @@ impl Model {
         let dense = t >= self.dense_rows;
         let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let lora = |p: Proj| adapter.and_then(|a| a.pair(i, p));
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
             let h = self.attention(layer, &h, &cos, &sin, &cache.pad, &cache.layers[i], offset, adapter, i, dense)?;
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
             let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, adapter, i, dense)?;
-            let h = self.linear(layer.proj(Proj::Down), &(candle_nn::ops::silu(&gate)? * up)?, lora(Proj::Down), dense)?;
+            let [h] = self.linears(layer, [Proj::Down], &(candle_nn::ops::silu(&gate)? * up)?, adapter, i, dense)?;
             x = (x2 + h)?;
         }
         cache.len = offset + t;
@@ -553,7 +552,6 @@ impl Model {
         layer_idx: usize,
         dense: bool,
     ) -> Result<Tensor> {
-        let lora = |p: Proj| adapter.and_then(|a| a.pair(layer_idx, p));
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -590,7 +588,8 @@ impl Model {
         }
         let out = Tensor::cat(&rows, 0)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.linear(layer.proj(Proj::O), &out, lora(Proj::O), dense)
+        let [o] = self.linears(layer, [Proj::O], &out, adapter, layer_idx, dense)?;
+        Ok(o)
     }
 
     /// One row's attention: queries `[1, heads, tq, hd]` are the last `tq` of the row's `keys`
@@ -622,8 +621,8 @@ impl Model {
         Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
     }
 
-    /// [`Model::linear`] for projections of `layer` that read the same `x` (one pass over their
-    /// weights on the CPU).
+    /// Projections of `layer` that read the same `x`, each its base weight plus the adapter's
+    /// unmerged LoRA path if it has one (one pass over the base weights on the CPU).
     #[allow(clippy::too_many_arguments)]
     fn linears<const N: usize>(&self, layer: &DecoderLayer, projs: [Proj; N], x: &Tensor, adapter: Option<&LoraAdapter>, layer_idx: usize, dense: bool) -> Result<[Tensor; N]> {
         let bases: Vec<&BaseLinear> = projs.iter().map(|&p| layer.proj(p)).collect();
@@ -637,15 +636,6 @@ impl Model {
             })
             .collect::<Result<_>>()?;
         out.try_into().map_err(|_| anyhow::anyhow!("internal: expected {N} projections"))
-    }
-
-    /// Base linear plus the unmerged LoRA path, if any.
-    fn linear(&self, base: &BaseLinear, x: &Tensor, lora: Option<&super::lora::LoraPair>, dense: bool) -> Result<Tensor> {
-        let y = base.forward_with(x, dense, self.cpu_kernels)?;
-        match lora {
-            Some(pair) => Ok((y + pair.forward(x)?)?),
-            None => Ok(y),
-        }
     }
 
     /// cos/sin for the `t` new tokens of every row: `[t, hd/2]` when all rows share positions,
