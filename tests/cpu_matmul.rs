@@ -1,7 +1,8 @@
-//! The CPU kernels (`kernels::cpu`): the matmul for Q4_0, Q4_1 and Q8_0 weights against an f64 sum
-//! over the weights candle dequantizes (error within the int8 rounding of the activations), a
-//! token's output bit-identical alone and in any batch, NaN reaching the output, bad shapes
-//! refused; the LoRA low-rank product against f64 and batch-invariant.
+//! The CPU kernels (`kernels::cpu`): the matmul for Q4_0, Q4_1 and Q8_0 weights, on every
+//! instruction set this CPU runs, against an f64 sum over the weights candle dequantizes (error
+//! within the int8 rounding of the activations), a token's output bit-identical alone and in any
+//! batch, NaN reaching the output, bad shapes refused; the LoRA low-rank product against f64 and
+//! batch-invariant.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -28,9 +29,9 @@ fn activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
     (0..m * k).map(|_| if rng.random_bool(0.01) { rng.random_range(-40.0f32..40.0) } else { rng.random_range(-2.0f32..2.0) }).collect()
 }
 
-fn run(dtype: GgmlDType, w: &[u8], n: usize, x: &[f32], k: usize) -> Vec<f32> {
+fn run(isa: cpu::Isa, dtype: GgmlDType, w: &[u8], n: usize, x: &[f32], k: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len() / k * n];
-    cpu::matmul(dtype, w, n, x, k, &mut out).unwrap();
+    cpu::matmul_on(isa, dtype, w, n, x, k, &mut out).unwrap();
     out
 }
 
@@ -40,30 +41,33 @@ fn matches_an_f64_reference_within_the_activation_rounding() {
         eprintln!("this CPU has no AVX2/FMA/F16C: the kernel is off and candle's path runs (nothing to check)");
         return;
     }
-    for (i, dtype) in TYPES.into_iter().enumerate() {
-        // n not a multiple of the 4-row tile or of a work item; m odd (2-token tiles + one).
-        for (m, n, k) in [(1, 37, 64), (5, 96, 576), (3, 16, 1536), (17, 130, 96)] {
-            let (w, deq) = weight(dtype, n, k, 7 + i as u64);
-            let x = activations(m, k, 11);
-            let y = run(dtype, &w, n, &x, k);
-            for t in 0..m {
-                for r in 0..n {
-                    let (xs, ws) = (&x[t * k..(t + 1) * k], &deq[r * k..(r + 1) * k]);
-                    let exact: f64 = xs.iter().zip(ws).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    // Each activation is off by at most half a step of its block's scale.
-                    let bound: f64 = xs
-                        .chunks(32)
-                        .zip(ws.chunks(32))
-                        .map(|(a, b)| {
-                            let step = a.iter().fold(0f64, |s, v| s.max(v.abs() as f64)) / 127.0;
-                            0.5 * step * b.iter().map(|v| v.abs() as f64).sum::<f64>()
-                        })
-                        .sum::<f64>()
-                        * 1.01
-                        + 1e-4;
-                    let err = (y[t * n + r] as f64 - exact).abs();
-                    // `!(err <= bound)` also fails on NaN.
-                    assert!(err <= bound, "{dtype:?} m={m} n={n} k={k} token {t} row {r}: {} vs {exact} (error {err:e}, bound {bound:e})", y[t * n + r]);
+    for isa in cpu::Isa::supported() {
+        for (i, dtype) in TYPES.into_iter().enumerate() {
+            // n not a multiple of the 4-row tile or of a work item; m not a multiple of the token
+            // tiles; an odd block count (the AVX-512 path's single last block).
+            for (m, n, k) in [(1, 37, 64), (5, 96, 576), (3, 16, 1536), (17, 130, 96), (7, 9, 160)] {
+                let (w, deq) = weight(dtype, n, k, 7 + i as u64);
+                let x = activations(m, k, 11);
+                let y = run(isa, dtype, &w, n, &x, k);
+                for t in 0..m {
+                    for r in 0..n {
+                        let (xs, ws) = (&x[t * k..(t + 1) * k], &deq[r * k..(r + 1) * k]);
+                        let exact: f64 = xs.iter().zip(ws).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        // Each activation is off by at most half a step of its block's scale.
+                        let bound: f64 = xs
+                            .chunks(32)
+                            .zip(ws.chunks(32))
+                            .map(|(a, b)| {
+                                let step = a.iter().fold(0f64, |s, v| s.max(v.abs() as f64)) / 127.0;
+                                0.5 * step * b.iter().map(|v| v.abs() as f64).sum::<f64>()
+                            })
+                            .sum::<f64>()
+                            * 1.01
+                            + 1e-4;
+                        let err = (y[t * n + r] as f64 - exact).abs();
+                        // `!(err <= bound)` also fails on NaN.
+                        assert!(err <= bound, "{isa:?} {dtype:?} m={m} n={n} k={k} token {t} row {r}: {} vs {exact} (error {err:e}, bound {bound:e})", y[t * n + r]);
+                    }
                 }
             }
         }
@@ -72,18 +76,21 @@ fn matches_an_f64_reference_within_the_activation_rounding() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
-    /// A token's outputs are the same bits alone as in a batch of any size, at any position.
+    /// A token's outputs are the same bits alone as in a batch of any size, at any position,
+    /// on every instruction set (prompts of more than 8 tokens share rows differently).
     #[test]
-    fn a_token_alone_equals_the_token_in_a_batch(ty in 0usize..3, m in 1usize..9, n in 1usize..70, kb in 1usize..12, seed in any::<u64>()) {
+    fn a_token_alone_equals_the_token_in_a_batch(ty in 0usize..3, m in 1usize..13, n in 1usize..70, kb in 1usize..12, seed in any::<u64>()) {
         let dtype = TYPES[ty];
         prop_assume!(cpu::available(dtype));
         let k = kb * 32;
         let (w, _) = weight(dtype, n, k, seed);
         let x = activations(m, k, seed ^ 1);
-        let batch = run(dtype, &w, n, &x, k);
-        for t in 0..m {
-            let alone = run(dtype, &w, n, &x[t * k..(t + 1) * k], k);
-            prop_assert_eq!(alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), batch[t * n..(t + 1) * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "token {} of {}", t, m);
+        for isa in cpu::Isa::supported() {
+            let batch = run(isa, dtype, &w, n, &x, k);
+            for t in 0..m {
+                let alone = run(isa, dtype, &w, n, &x[t * k..(t + 1) * k], k);
+                prop_assert_eq!(alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), batch[t * n..(t + 1) * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{:?}: token {} of {}", isa, t, m);
+            }
         }
     }
 }
@@ -98,9 +105,11 @@ fn nan_reaches_its_token_only_and_bad_shapes_are_refused() {
     let (w, _) = weight(dtype, n, k, 3);
     let mut x = activations(2, k, 4);
     x[k + 5] = f32::NAN;
-    let y = run(dtype, &w, n, &x, k);
-    assert!(y[..n].iter().all(|v| v.is_finite()), "token 0 is clean: {:?}", &y[..n]);
-    assert!(y[n..].iter().all(|v| v.is_nan()), "token 1 carries its NaN: {:?}", &y[n..]);
+    for isa in cpu::Isa::supported() {
+        let y = run(isa, dtype, &w, n, &x, k);
+        assert!(y[..n].iter().all(|v| v.is_finite()), "{isa:?}: token 0 is clean: {:?}", &y[..n]);
+        assert!(y[n..].iter().all(|v| v.is_nan()), "{isa:?}: token 1 carries its NaN: {:?}", &y[n..]);
+    }
 
     let mut out = vec![0f32; 2 * n];
     let e = cpu::matmul(dtype, &w, n, &x, 48, &mut out).unwrap_err();

@@ -43,9 +43,11 @@ fn greedy_capital_of_france_is_paris() {
 
 /// Independent reference: candle-transformers' quantized Llama on the same file, and the same
 /// file with every weight dequantized to f32 (no activation rounding at all). Our decoder's
-/// 4-bit path (the project's CPU kernel, activations in int8 blocks with f32 scales) must be at
-/// least as close to the f32-weight result as candle's own 4-bit path (f16 scales), and close to
-/// candle's logits.
+/// 4-bit path (the project's CPU kernel, activations in int8 blocks with f32 scales) must be as
+/// close to the f32-weight result as candle's own 4-bit path (f16 scales), within 25%, and close
+/// to candle's logits. Every position of two prompts is compared (each position's largest
+/// difference relative to its largest |logit|, averaged): one position alone swings by 2× with
+/// the last bits of any sum (a 512-bit reduction order moved it from 2.6e-2 to 4.6e-2).
 #[test]
 fn logits_match_candle_quantized_llama() {
     use candle_core::quantized::{GgmlDType, QTensor};
@@ -56,18 +58,28 @@ fn logits_match_candle_quantized_llama() {
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
     let lm = smol();
-    let ids = lm.tokenizer.encode("Best park skis for a beginner who loves rails?", false).unwrap().get_ids().to_vec();
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = |m: &freeski_bot::llm::model::Model| {
-        let mut cache = KvCache::new(1);
-        m.forward(&input, &mut cache, None, Logits::Last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    };
-    let candle = reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let ours = logits(&lm.model);
-    let exact = logits(&lm.model.map_weights(|w| Ok(QTensor::quantize(&w.dequantize(&Device::Cpu)?, GgmlDType::F32)?)).unwrap());
-    assert_eq!(candle.len(), ours.len());
-    let (ours_err, candle_err, apart) = (max_rel_diff(&exact, &ours, 0.0), max_rel_diff(&exact, &candle, 0.0), max_rel_diff(&candle, &ours, 0.0));
-    eprintln!("vs f32 weights: ours {ours_err:.2e}, candle {candle_err:.2e}; ours vs candle {apart:.2e} (of the largest |logit|)");
+    let exact_model = lm.model.map_weights(|w| Ok(QTensor::quantize(&w.dequantize(&Device::Cpu)?, GgmlDType::F32)?)).unwrap();
+    // Per position: [ours, candle, ours vs candle] relative errors.
+    let mut errs: Vec<[f64; 3]> = Vec::new();
+    for prompt in ["Best park skis for a beginner who loves rails?", "How do I stop catching an edge on switch landings"] {
+        let ids = lm.tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let all = |m: &freeski_bot::llm::model::Model| {
+            let mut cache = KvCache::new(1);
+            m.forward(&input, &mut cache, None, Logits::All).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+        };
+        let (ours, exact) = (all(&lm.model), all(&exact_model));
+        // candle's model returns the last position's logits: feed the prompt a token at a time.
+        for (pos, &id) in ids.iter().enumerate() {
+            let one = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let candle = reference.forward(&one, pos).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(candle.len(), ours[pos].len());
+            errs.push([max_rel_diff(&exact[pos], &ours[pos], 0.0), max_rel_diff(&exact[pos], &candle, 0.0), max_rel_diff(&candle, &ours[pos], 0.0)]);
+        }
+    }
+    let mean = |i: usize| errs.iter().map(|e| e[i]).sum::<f64>() / errs.len() as f64;
+    let (ours_err, candle_err, apart) = (mean(0), mean(1), mean(2));
+    eprintln!("{} positions, mean relative error vs f32 weights: ours {ours_err:.2e}, candle {candle_err:.2e}; ours vs candle {apart:.2e}", errs.len());
     // `!(a <= b)` fails on NaN too.
     assert!(ours_err <= candle_err * 1.25 + 1e-4, "ours is {ours_err:.2e} from the f32-weight logits, candle's 4-bit path {candle_err:.2e}");
     assert!(apart <= 2.0 * candle_err + 1e-3, "ours and candle's logits are {apart:.2e} apart (candle vs f32 weights: {candle_err:.2e})");

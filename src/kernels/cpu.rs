@@ -1,19 +1,21 @@
 //! The CPU matmul for GGML's 32-wide block types (Q4_0, Q4_1, Q8_0): `y = x · Wᵀ` with `W`
 //! read in its packed bytes and `x` quantized to int8 blocks of 32 once per call, on x86-64
-//! with AVX2, FMA and F16C (every x86 CPU since 2013). Elsewhere `available` is false and the
-//! caller keeps candle's path.
+//! with AVX2, FMA and F16C (every x86 CPU since 2013), AVX-VNNI where present, and AVX-512 VNNI
+//! on 512-bit vectors (two blocks an instruction) where present. Elsewhere `available` is false
+//! and the caller keeps candle's path.
 //!
 //! candle's CPU kernels have SIMD for Q4_0 and Q8_0 but compute Q4_1 (the type of the small
 //! embedded model) one scalar at a time; this one is vectorised for all three and tiles rows and
-//! tokens so a weight block is unpacked once for several tokens and an activation block loaded
-//! once for several rows.
+//! tokens (4 × 2 on 256-bit vectors, 4 × 4 with AVX-512's 32 registers) so a weight block is
+//! unpacked once for several tokens and an activation block loaded once for several rows.
 //!
 //! **Batch invariance.** Every output `(token, row)` is computed by the same instructions in the
-//! same order whatever the tile it falls in and however many tokens the call has: per block, the
-//! exact integer dot of the 32 pairs, converted to f32 and fused-multiply-added with the two
-//! scales into eight lanes; the block offsets (`m·Σa`, Q4_1's minimum and Q4_0's −8) summed
-//! apart in block order; then one fixed reduction. So a token's output is bit-identical alone,
-//! in a prompt, or beside other sequences in a batch.
+//! same order whatever the tile it falls in and however many tokens the call has: per block (or
+//! pair of blocks on AVX-512), the exact integer dot of the pairs, converted to f32 and
+//! fused-multiply-added with the two scales into the lanes; the block offsets (`m·Σa`, Q4_1's
+//! minimum and Q4_0's −8) summed apart in block order; then one fixed reduction. So a token's
+//! output is bit-identical alone, in a prompt, or beside other sequences in a batch, for a given
+//! instruction set ([`Isa`]; the fastest the CPU has is used).
 
 use anyhow::{ensure, Result};
 use candle_core::quantized::GgmlDType;
@@ -67,19 +69,45 @@ fn simd_ok() -> bool {
     false
 }
 
+/// The instruction sets the kernel has a path for. Each computes every output in its own fixed
+/// order (so each is batch-invariant); they differ from each other in the last bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX2 + FMA + F16C: byte products summed by `vpmaddubsw` + `vpmaddwd`, one block a vector.
+    Avx2,
+    /// AVX-VNNI: one `vpdpbusd` a block (the same integer sums as AVX2, so the same bits).
+    AvxVnni,
+    /// AVX-512 (F, BW, VL, VNNI): two blocks a 512-bit `vpdpbusd`, half the instructions.
+    Avx512,
+}
+
+impl Isa {
+    /// The fastest path this CPU runs, or `None` where the kernel does not run at all.
+    pub fn best() -> Option<Isa> {
+        Isa::supported().last().copied()
+    }
+
+    /// Every path this CPU runs, slowest first (empty off x86-64 or without AVX2/FMA/F16C).
+    pub fn supported() -> Vec<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        if simd_ok() {
+            return x86::supported();
+        }
+        Vec::new()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2 => "AVX2",
+            Isa::AvxVnni => "AVX2 + AVX-VNNI",
+            Isa::Avx512 => "AVX-512 VNNI",
+        }
+    }
+}
+
 /// The instructions the kernel uses on this CPU (for reports), or `None` where it does not run.
 pub fn describe() -> Option<&'static str> {
-    if !simd_ok() {
-        return None;
-    }
-    #[cfg(target_arch = "x86_64")]
-    return Some(match x86::dot_kind() {
-        x86::AVX_VNNI => "AVX2 + AVX-VNNI",
-        x86::AVX512_VNNI => "AVX2 + AVX512-VNNI",
-        _ => "AVX2",
-    });
-    #[cfg(not(target_arch = "x86_64"))]
-    None
+    Isa::best().map(Isa::name)
 }
 
 /// Activations quantized per block of 32: `qs[i] = round(x[i] / d)` with `d = max|x| / 127`,
@@ -158,15 +186,28 @@ pub struct Weight<'a> {
 }
 
 /// `out[t, r] = Σ_i x[t, i] · W[r, i]` for `x: [m, k]` and `W: [n, k]` in `dtype`'s packed bytes,
-/// on candle's CPU worker pool. `available(dtype)` must hold.
+/// on candle's CPU worker pool, with the best instructions of this CPU. `available(dtype)`
+/// must hold.
 pub fn matmul(dtype: GgmlDType, w: &[u8], n: usize, x: &[f32], k: usize, out: &mut [f32]) -> Result<()> {
-    matmul_many(&[Weight { dtype, bytes: w, rows: n }], x, k, &mut [out])
+    let isa = Isa::best().ok_or_else(|| anyhow::anyhow!("no CPU kernel for {dtype:?} weights on this CPU"))?;
+    matmul_on(isa, dtype, w, n, x, k, out)
+}
+
+/// [`matmul`] with the instructions `isa` (one of [`Isa::supported`]).
+pub fn matmul_on(isa: Isa, dtype: GgmlDType, w: &[u8], n: usize, x: &[f32], k: usize, out: &mut [f32]) -> Result<()> {
+    matmul_many_on(isa, &[Weight { dtype, bytes: w, rows: n }], x, k, &mut [out])
 }
 
 /// [`matmul`] for several weights that read the same `x` (q|k|v, gate|up): one quantization
 /// of `x` and one pass of the workers for all of them.
 pub fn matmul_many(ws: &[Weight], x: &[f32], k: usize, outs: &mut [&mut [f32]]) -> Result<()> {
+    let isa = Isa::best().ok_or_else(|| anyhow::anyhow!("no CPU kernel on this CPU"))?;
+    matmul_many_on(isa, ws, x, k, outs)
+}
+
+fn matmul_many_on(isa: Isa, ws: &[Weight], x: &[f32], k: usize, outs: &mut [&mut [f32]]) -> Result<()> {
     ensure!(ws.len() == outs.len(), "{} weights but {} outputs", ws.len(), outs.len());
+    ensure!(Isa::supported().contains(&isa), "this CPU has no {} instructions", isa.name());
     let a = QuantizedRows::new(x, k)?;
     let m = a.rows();
     // Per weight: its kind, bytes per row, output pointer and first work item.
@@ -189,7 +230,7 @@ pub fn matmul_many(ws: &[Weight], x: &[f32], k: usize, outs: &mut [&mut [f32]]) 
         let rows = g * ROWS_PER_ITEM..w.rows.min((g + 1) * ROWS_PER_ITEM);
         // SAFETY: the CPU features were checked (`simd_ok`); each (token, row) of an output is
         // written by exactly one item; the weight and activation sizes were checked above.
-        unsafe { x86::rows(*kind, w.bytes, *row_bytes, rows, &a, w.rows, dst.0) };
+        unsafe { x86::rows(isa, *kind, w.bytes, *row_bytes, rows, &a, w.rows, dst.0) };
     };
     let pool = candle_core::utils::barrier_pool();
     if m <= STATIC_SPLIT_TOKENS {
@@ -280,7 +321,7 @@ unsafe impl<T> Sync for SharedOut<T> {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Kind, QuantizedRows, BLOCK};
+    use super::{Isa, Kind, QuantizedRows, BLOCK};
     use std::arch::x86_64::*;
 
     // `Kind` as a const parameter, so each type's inner loop has no branches.
@@ -288,32 +329,31 @@ mod x86 {
     const Q4_1: u8 = 1;
     const Q8_0: u8 = 2;
 
-    // How a block's 32 byte products are summed: `vpmaddubsw` + `vpmaddwd` (AVX2), or one
-    // `vpdpbusd` (AVX-VNNI, or AVX512-VNNI on 256-bit vectors). The sums are exact integers
-    // either way (no pair of products reaches i16's limit), so all three give the same bits.
-    pub(super) const AVX2: u8 = 0;
-    pub(super) const AVX_VNNI: u8 = 1;
-    pub(super) const AVX512_VNNI: u8 = 2;
+    // How a block's 32 byte products are summed on 256-bit vectors: `vpmaddubsw` + `vpmaddwd`
+    // (AVX2) or one `vpdpbusd` (AVX-VNNI). The sums are exact integers either way (no pair of
+    // products reaches i16's limit), so both give the same bits.
+    const AVX2: u8 = 0;
+    const AVX_VNNI: u8 = 1;
 
-    pub(super) fn dot_kind() -> u8 {
-        static KIND: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-        *KIND.get_or_init(|| {
-            if std::is_x86_feature_detected!("avxvnni") {
-                AVX_VNNI
-            } else if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
-                AVX512_VNNI
-            } else {
-                AVX2
-            }
-        })
+    pub(super) fn supported() -> Vec<Isa> {
+        let mut isas = vec![Isa::Avx2];
+        if is_x86_feature_detected!("avxvnni") {
+            isas.push(Isa::AvxVnni);
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni") {
+            isas.push(Isa::Avx512);
+        }
+        isas
     }
 
-    /// Rows `rows` of the output for every token of `a`.
-    pub(super) unsafe fn rows(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
-        match dot_kind() {
-            AVX_VNNI => rows_avx_vnni(kind, w, row_bytes, rows, a, n, out),
-            AVX512_VNNI => rows_avx512_vnni(kind, w, row_bytes, rows, a, n, out),
-            _ => rows_avx2(kind, w, row_bytes, rows, a, n, out),
+    /// Rows `rows` of the output for every token of `a`, with the instructions `isa` (which the
+    /// caller checked this CPU has).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn rows(isa: Isa, kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+        match isa {
+            Isa::Avx2 => rows_avx2(kind, w, row_bytes, rows, a, n, out),
+            Isa::AvxVnni => rows_avx_vnni(kind, w, row_bytes, rows, a, n, out),
+            Isa::Avx512 => rows_avx512(kind, w, row_bytes, rows, a, n, out),
         }
     }
 
@@ -327,9 +367,13 @@ mod x86 {
         rows_by::<AVX_VNNI>(kind, w, row_bytes, rows, a, n, out)
     }
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn rows_avx512_vnni(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
-        rows_by::<AVX512_VNNI>(kind, w, row_bytes, rows, a, n, out)
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows_avx512(kind: Kind, w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+        match kind {
+            Kind::Q4_0 => wide::rows_of::<Q4_0>(w, row_bytes, rows, a, n, out),
+            Kind::Q4_1 => wide::rows_of::<Q4_1>(w, row_bytes, rows, a, n, out),
+            Kind::Q8_0 => wide::rows_of::<Q8_0>(w, row_bytes, rows, a, n, out),
+        }
     }
 
     #[inline(always)]
@@ -346,7 +390,6 @@ mod x86 {
     unsafe fn dot32<const V: u8>(u: __m256i, s: __m256i) -> __m256i {
         match V {
             AVX_VNNI => _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s),
-            AVX512_VNNI => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s),
             _ => _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
         }
     }
@@ -484,13 +527,183 @@ mod x86 {
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
     }
+
+    /// The AVX-512 path: two blocks a 512-bit vector, half the instructions of the 256-bit
+    /// tiles. A 4-bit pair is laid out `[low nibbles of b | of b+1 | high nibbles of b | of b+1]`
+    /// (16 bytes each) and its activations are permuted the same way, so i32 lanes 0-3 and 8-11
+    /// sum block `b`, lanes 4-7 and 12-15 block `b+1`; a Q8_0 pair is `[b | b+1]`. An odd last
+    /// block runs on the low half with the high half zero. As on 256 bits, every `(token, row)`
+    /// takes the same instructions in the same order whatever its tile.
+    mod wide {
+        use super::{hsum, kind, load_block, QuantizedRows, BLOCK, Q8_0};
+        use std::arch::x86_64::*;
+
+        /// Tiles of 4 rows × 4 tokens (then 2, then 1), then what is left one row at a time.
+        #[inline(always)]
+        pub(super) unsafe fn rows_of<const K: u8>(w: &[u8], row_bytes: usize, rows: std::ops::Range<usize>, a: &QuantizedRows, n: usize, out: *mut f32) {
+            let m = a.rows();
+            let mut r = rows.start;
+            while r < rows.end {
+                let mut t = 0;
+                if rows.end - r >= 4 {
+                    while t + 4 <= m {
+                        tile::<K, 4, 4>(w, row_bytes, r, a, t, n, out);
+                        t += 4;
+                    }
+                    if t + 2 <= m {
+                        tile::<K, 4, 2>(w, row_bytes, r, a, t, n, out);
+                        t += 2;
+                    }
+                    if t < m {
+                        tile::<K, 4, 1>(w, row_bytes, r, a, t, n, out);
+                    }
+                    r += 4;
+                } else {
+                    while t < m {
+                        tile::<K, 1, 1>(w, row_bytes, r, a, t, n, out);
+                        t += 1;
+                    }
+                    r += 1;
+                }
+            }
+        }
+
+        /// `[v0 ×4, v1 ×4, v0 ×4, v1 ×4]` (4-bit pairs) or `[v0 ×8, v1 ×8]` (Q8_0) from lanes 0
+        /// and 1 of `v`: a pair's per-block scale spread over the i32 lanes that sum its block.
+        #[inline(always)]
+        unsafe fn spread<const K: u8>(v: __m128) -> __m512 {
+            let idx = if K == Q8_0 { _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1) } else { _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1) };
+            _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v))
+        }
+
+        /// Blocks at `p` and `p + bb` of one row: the unsigned quants in the pair layout (Q8_0:
+        /// the signed quants), the scales spread over their lanes, and each block's offset per
+        /// unit of `d·Σa` (Q4_1: the minimum; Q4_0: −8·scale; Q8_0: none).
+        #[inline(always)]
+        unsafe fn load_pair<const K: u8>(p: *const u8, bb: usize) -> (__m512i, __m512, [f32; 2]) {
+            // Both blocks' first four bytes (f16 d, and Q4_1's f16 m) to f32: [d0, m0, d1, m1].
+            let heads = _mm_setr_epi32((p as *const i32).read_unaligned(), (p.add(bb) as *const i32).read_unaligned(), 0, 0);
+            let h = _mm_cvtph_ps(heads);
+            let (d0, d1) = (_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehl_ps(h, h)));
+            let dw = spread::<K>(_mm_shuffle_ps::<0b10_00_10_00>(h, h));
+            if K == Q8_0 {
+                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(p.add(2) as *const __m256i)), _mm256_loadu_si256(p.add(bb + 2) as *const __m256i));
+                return (q, dw, [0.0; 2]);
+            }
+            let (qo, m) =
+                if K == super::Q4_1 { (4, [_mm_cvtss_f32(_mm_movehdup_ps(h)), _mm_cvtss_f32(_mm_shuffle_ps::<0b11_11_11_11>(h, h))]) } else { (2, [-8.0 * d0, -8.0 * d1]) };
+            let v = _mm256_set_m128i(_mm_loadu_si128(p.add(bb + qo) as *const __m128i), _mm_loadu_si128(p.add(qo) as *const __m128i));
+            let mask = _mm256_set1_epi8(0x0f);
+            let lo = _mm256_and_si256(v, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+            (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), dw, m)
+        }
+
+        /// `R` rows from `r0` × `T` tokens from `t0` (`R` is 1 or 4): per (token, row) and block
+        /// pair `acc = fma(f32(Σ w·a), d_w·d_a, acc)` in sixteen lanes, the offsets
+        /// `off = fma(m_w, d_a·Σa, off)` block by block, then one fixed reduction.
+        #[inline(always)]
+        unsafe fn tile<const K: u8, const R: usize, const T: usize>(w: &[u8], row_bytes: usize, r0: usize, a: &QuantizedRows, t0: usize, n: usize, out: *mut f32) {
+            let blocks = a.k / BLOCK;
+            let bb = kind(K).block_bytes();
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
+            let mut off4 = [_mm_setzero_ps(); T];
+            let mut off1 = [0f32; T];
+            let wbase = w.as_ptr().add(r0 * row_bytes);
+            // The offsets of one block (`mw`: its minimum per row, `sa`: d·Σa per token).
+            let mut add_offsets = |mw: &[f32; R], sa: &[f32; T]| {
+                if K == Q8_0 {
+                    return;
+                }
+                if R == 4 {
+                    let m4 = _mm_loadu_ps(mw.as_ptr());
+                    for j in 0..T {
+                        off4[j] = _mm_fmadd_ps(m4, _mm_set1_ps(sa[j]), off4[j]);
+                    }
+                } else {
+                    for j in 0..T {
+                        off1[j] = mw[0].mul_add(sa[j], off1[j]);
+                    }
+                }
+            };
+            let mut b = 0;
+            while b + 2 <= blocks {
+                let mut act = [_mm512_setzero_si512(); T];
+                let mut da = [_mm512_setzero_ps(); T];
+                let mut sa = [[0f32; T]; 2];
+                for j in 0..T {
+                    let blk = (t0 + j) * blocks + b;
+                    let x = _mm512_loadu_si512(a.qs.as_ptr().add(blk * BLOCK) as *const __m512i);
+                    act[j] = if K == Q8_0 { x } else { _mm512_shuffle_i64x2::<0b11_01_10_00>(x, x) };
+                    da[j] = spread::<K>(_mm_castpd_ps(_mm_load_sd(a.d.as_ptr().add(blk) as *const f64)));
+                    sa[0][j] = *a.s.get_unchecked(blk);
+                    sa[1][j] = *a.s.get_unchecked(blk + 1);
+                }
+                let mut mw = [[0f32; R]; 2];
+                for i in 0..R {
+                    let p = wbase.add(i * row_bytes + b * bb);
+                    if T == 1 {
+                        // One token: the weights are read once, so ask for the next tile's
+                        // bytes now (the pointer may run past the weight; a prefetch ignores it).
+                        let next = wbase.wrapping_add((R + i) * row_bytes + b * bb);
+                        _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(2 * bb - 1) as *const i8);
+                    }
+                    let (wq, dw, m) = load_pair::<K>(p, bb);
+                    (mw[0][i], mw[1][i]) = (m[0], m[1]);
+                    // Q8_0: unsigned |w| against the activations with w's signs.
+                    let (wu, neg) = if K == Q8_0 { (_mm512_abs_epi8(wq), _mm512_movepi8_mask(wq)) } else { (wq, 0) };
+                    for j in 0..T {
+                        let aj = if K == Q8_0 { _mm512_mask_sub_epi8(act[j], neg, _mm512_setzero_si512(), act[j]) } else { act[j] };
+                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, aj);
+                        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, da[j]), acc[i][j]);
+                    }
+                }
+                add_offsets(&mw[0], &sa[0]);
+                add_offsets(&mw[1], &sa[1]);
+                b += 2;
+            }
+            if b < blocks {
+                let mut mw = [0f32; R];
+                let mut sa = [0f32; T];
+                for i in 0..R {
+                    let (wq, dw, m) = load_block::<K>(wbase.add(i * row_bytes + b * bb));
+                    mw[i] = m;
+                    let wu = if K == Q8_0 { _mm256_sign_epi8(wq, wq) } else { wq };
+                    for j in 0..T {
+                        let blk = (t0 + j) * blocks + b;
+                        let act = _mm256_loadu_si256(a.qs.as_ptr().add(blk * BLOCK) as *const __m256i);
+                        let aj = if K == Q8_0 { _mm256_sign_epi8(act, wq) } else { act };
+                        let dot = _mm512_zextsi256_si512(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, aj));
+                        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(dw * *a.d.get_unchecked(blk)), acc[i][j]);
+                        sa[j] = *a.s.get_unchecked(blk);
+                    }
+                }
+                add_offsets(&mw, &sa);
+            }
+            for j in 0..T {
+                let mut offs = [0f32; R];
+                if R == 4 {
+                    _mm_storeu_ps(offs.as_mut_ptr(), off4[j]);
+                } else {
+                    offs[0] = off1[j];
+                }
+                for i in 0..R {
+                    let v = acc[i][j];
+                    let halves = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+                    *out.add((t0 + j) * n + r0 + i) = hsum(halves) + offs[i];
+                }
+            }
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    use super::{Kind, QuantizedRows};
+    use super::{Isa, Kind, QuantizedRows};
 
-    pub(super) unsafe fn rows(_: Kind, _: &[u8], _: usize, _: std::ops::Range<usize>, _: &QuantizedRows, _: usize, _: *mut f32) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn rows(_: Isa, _: Kind, _: &[u8], _: usize, _: std::ops::Range<usize>, _: &QuantizedRows, _: usize, _: *mut f32) {
         unreachable!("`available` is false off x86-64")
     }
 }
