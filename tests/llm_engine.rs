@@ -1,5 +1,6 @@
 //! The answering engine on a crafted script model: queue order and positions, batching of
-//! waiting questions, cancellation, bounded queue, and adapters captured at batch start.
+//! waiting questions, cancellation, bounded queue, adapters captured when a question starts, and
+//! questions of different adapters sharing one batch.
 
 mod common;
 
@@ -65,8 +66,9 @@ fn noop_adapter(engine: &Engine, id: &str) -> Arc<LoraAdapter> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_positions_batching_cancel_and_adapter_capture() {
-    let (engine, text) = engine(3, 8);
+async fn queue_positions_full_queue_and_adapter_capture() {
+    // One answer at a time, so the others wait in the queue.
+    let (engine, text) = engine(3, 1);
     assert!(!engine.has_waiting());
     // A blocker that runs until dropped.
     let mut blocker = engine.submit(question(1_000_000)).unwrap();
@@ -80,13 +82,10 @@ async fn queue_positions_batching_cancel_and_adapter_capture() {
     assert_eq!(engine.queue_depth(), 3);
     assert!(matches!(engine.submit(question(30)), Err(SubmitError::QueueFull { waiting: 3 })));
     drop(blocker);
-    let mut results = Vec::new();
     for t in waiting {
-        results.push(finish(t).await);
-    }
-    for (adapter, batch, gen) in &results {
-        // Swapped while the blocker ran: the waiting ones start with the new adapter, together.
-        assert_eq!((adapter.as_deref(), *batch), (Some("a1"), 3));
+        let (adapter, batch, gen) = finish(t).await;
+        // Swapped while the blocker ran: the waiting ones start with the new adapter.
+        assert_eq!((adapter.as_deref(), batch), (Some("a1"), 1));
         assert_eq!(gen.finish, Finish::Length);
         assert!(gen.text.starts_with(&text), "{:?} does not follow the script {text:?}", gen.text);
     }
@@ -95,9 +94,52 @@ async fn queue_positions_batching_cancel_and_adapter_capture() {
     assert!(matches!(engine.submit(question(3)), Err(SubmitError::ShuttingDown)));
 }
 
+/// On the CPU the model mixes adapters in one step, so questions answered with different
+/// adapters (and the bare base) share the running batch instead of waiting for it to drain,
+/// each with its own adapter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_of_different_adapters_share_the_running_batch() {
+    let (engine, text) = engine(8, 8);
+    assert!(engine.model().model.mixes_adapters());
+    let mut blocker = engine.submit(question(1_000_000)).unwrap();
+    first_text(&mut blocker).await;
+    let (a1, a2) = (noop_adapter(&engine, "a1"), noop_adapter(&engine, "a2"));
+    engine.swap_adapter(Some(a2.clone()));
+    let with = |adapter: AdapterChoice| Question { adapter, ..question(6) };
+    let tickets = vec![
+        engine.submit(with(AdapterChoice::Fixed(Some(a1)))).unwrap(),
+        engine.submit(with(AdapterChoice::Active)).unwrap(),
+        engine.submit(with(AdapterChoice::Fixed(None))).unwrap(),
+    ];
+    let mut seen = Vec::new();
+    for mut t in tickets {
+        let mut started = None;
+        let gen = loop {
+            match tokio::time::timeout(Duration::from_secs(30), t.next()).await.expect("engine silent") {
+                Some(Event::Started { adapter_id, run, .. }) => started = Some((adapter_id, run)),
+                Some(Event::Text(_)) => {}
+                Some(Event::Finished(g)) => break g,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert!(gen.text.starts_with(&text) || text.starts_with(gen.text.trim_end()), "{:?} vs script {text:?}", gen.text);
+        seen.push(started.expect("Started comes first"));
+    }
+    let adapters: Vec<Option<&str>> = seen.iter().map(|(a, _)| a.as_deref()).collect();
+    assert_eq!(adapters, vec![Some("a1"), Some("a2"), None]);
+    // All three joined the blocker's batch (run 1), which kept answering meanwhile.
+    assert!(seen.iter().all(|(_, run)| *run == 1), "runs {seen:?}");
+    match tokio::time::timeout(Duration::from_secs(30), blocker.next()).await.expect("engine silent") {
+        Some(Event::Text(_)) => {}
+        other => panic!("the blocker stopped: {other:?}"),
+    }
+    drop(blocker);
+    engine.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_answer_keeps_its_adapter_and_shutdown_cancels() {
-    let (engine, _) = engine(4, 4);
+    let (engine, _) = engine(4, 1);
     engine.swap_adapter(Some(noop_adapter(&engine, "old")));
     let mut running = engine.submit(question(1_000_000)).unwrap();
     assert_eq!(first_text(&mut running).await.as_deref(), Some("old"));

@@ -89,18 +89,19 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     sync(&dev)?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
-    let adapter = match args.lora_rank {
-        0 => None,
-        r => Some(random_adapter(&cfg, r, &dev)?),
+    // A second adapter of the same rank (other random values) for the mixed-adapter batch.
+    let (adapter, other) = match args.lora_rank {
+        0 => (None, None),
+        r => (Some(random_adapter(&cfg, r, &dev)?), Some(random_adapter(&cfg, r, &dev)?)),
     };
-    let adapter = adapter.as_ref();
+    let adapters = Adapters { one: adapter.as_ref(), other: other.as_ref() };
 
     // candle frees device buffers as tensors drop, so "used" right after a forward (logits and
     // KV cache still alive) is the high-water mark; sample it at each of those points.
     let mut peak_dev: Option<(u64, u64)> = None;
     model.set_decode_graphs(args.graphs)?;
     model.set_decode_row_kernels(args.row_kernels.into())?;
-    let fast = time_paths(&model, adapter, &args, &mut peak_dev)?;
+    let fast = time_paths(&model, adapters, &args, &mut peak_dev)?;
     let fused = model.fused_decode_active()?;
     let launches = model.fused_launches_per_step();
     // The same measurements through candle's ops alone (4-bit kernels for prompts too, candle's
@@ -109,7 +110,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
         model.set_fused_decode(false);
         model.set_dense_prefill_rows(usize::MAX);
         model.set_cpu_kernels(false);
-        Some(time_paths(&model, adapter, &args, &mut peak_dev)?)
+        Some(time_paths(&model, adapters, &args, &mut peak_dev)?)
     } else {
         None
     };
@@ -151,6 +152,16 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
             vs(b.tokens_per_s, c.and_then(|c| c.batched.as_ref()).map(|b| b.tokens_per_s), "tokens/s")
         );
     }
+    if let (Some(m), Some(b)) = (&fast.mixed, &fast.batched) {
+        println!(
+            "decode batch {:<3} mixed adapters (two adapters and the bare base by turns): {:.1} tokens/s aggregate ({:.2}x the one-adapter batch); greedy outputs equal to one-at-a-time decoding for {}/{} sequences",
+            m.streams,
+            m.tokens_per_s,
+            m.tokens_per_s / b.tokens_per_s,
+            m.identical,
+            m.streams
+        );
+    }
     println!("peak host RSS    {:.2} GiB", gib(rss));
     if let Some((used, total)) = devmem {
         println!("device memory    {:.2} GiB peak used of {:.2} GiB (whole device, as the driver reports)", gib(used), gib(total));
@@ -174,6 +185,16 @@ struct PathTimes {
     ttft_ms: f64,
     decode_tps: f64,
     batched: Option<Batched>,
+    /// The same batch with rows of different adapters (when `--lora-rank` is set).
+    mixed: Option<Batched>,
+}
+
+/// The adapters a run times: `one` for every measurement, `other` beside it in the
+/// mixed-adapter batch.
+#[derive(Clone, Copy)]
+struct Adapters<'a> {
+    one: Option<&'a LoraAdapter>,
+    other: Option<&'a LoraAdapter>,
 }
 
 impl PathTimes {
@@ -182,13 +203,15 @@ impl PathTimes {
             "prefill_tokens_per_s": self.prefill_tps, "ttft_ms": self.ttft_ms, "decode_tokens_per_s": self.decode_tps,
             "batched_streams": self.batched.as_ref().map(|b| b.streams), "batched_tokens_per_s": self.batched.as_ref().map(|b| b.tokens_per_s),
             "batched_identical": self.batched.as_ref().map(|b| b.identical),
+            "mixed_tokens_per_s": self.mixed.as_ref().map(|b| b.tokens_per_s), "mixed_identical": self.mixed.as_ref().map(|b| b.identical),
         })
     }
 }
 
 /// Prefill, time to first token, batch-1 decode and batched decode of `model` as it is set up
 /// (same random prompts on every call), each the median of `args.repeats`.
-fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench, peak_dev: &mut Option<(u64, u64)>) -> Result<PathTimes> {
+fn time_paths(model: &Model, adapters: Adapters, args: &GenerateBench, peak_dev: &mut Option<(u64, u64)>) -> Result<PathTimes> {
+    let adapter = adapters.one;
     let cfg = model.config();
     let dev = model.device();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
@@ -234,16 +257,23 @@ fn time_paths(model: &Model, adapter: Option<&LoraAdapter>, args: &GenerateBench
         decode.push(t.elapsed());
         sample();
     }
-    let batched = match args.streams {
+    // Different lengths, as real questions are (the batch pads each row to the longest).
+    let prompts: Vec<Vec<u32>> = (0..args.streams).map(|i| prompt(32 + 9 * i)).collect();
+    let n = prompts.len();
+    let batched = match n {
         0 | 1 => None,
-        // Different lengths, as real questions are (the batch pads each row to the longest).
-        n => Some(batched_decode(model, adapter, &(0..n).map(|i| prompt(32 + 9 * i)).collect::<Vec<_>>(), args.decode_tokens, reps)?),
+        _ => Some(batched_decode(model, &vec![adapter; n], &prompts, args.decode_tokens, reps)?),
+    };
+    let mixed = match (n, adapters.other) {
+        (2.., Some(other)) => Some(batched_decode(model, &(0..n).map(|i| [adapter, Some(other), None][i % 3]).collect::<Vec<_>>(), &prompts, args.decode_tokens, reps)?),
+        _ => None,
     };
     Ok(PathTimes {
         prefill_tps: args.prompt_tokens as f64 / median(&prefill).as_secs_f64(),
         ttft_ms: median(&ttft).as_secs_f64() * 1e3,
         decode_tps: args.decode_tokens as f64 / median(&decode).as_secs_f64(),
         batched,
+        mixed,
     })
 }
 
@@ -255,13 +285,15 @@ struct Batched {
 }
 
 /// Greedy decode of `prompts` (of different lengths) as one batch the way answers share the
-/// engine's steps (each prompt prefilled alone, the caches merged), timed over `tokens` steps
-/// (median of `reps`), and each prompt alone for the outputs the batch must reproduce.
-fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u32>], tokens: usize, reps: usize) -> Result<Batched> {
+/// engine's steps (each prompt prefilled alone, the caches merged), prompt `i` with
+/// `adapters[i]`, timed over `tokens` steps (median of `reps`), and each prompt alone for the
+/// outputs the batch must reproduce.
+fn batched_decode(model: &Model, adapters: &[Option<&LoraAdapter>], prompts: &[Vec<u32>], tokens: usize, reps: usize) -> Result<Batched> {
     let n = prompts.len();
     let alone: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| {
+        .zip(adapters)
+        .map(|(p, &adapter)| {
             let mut cache = KvCache::new(1);
             let mut out = vec![greedy_step(model, &mut cache, p, adapter)?];
             for _ in 1..tokens {
@@ -271,7 +303,7 @@ fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u
         })
         .collect::<Result<_>>()?;
     let step = |cache: &mut KvCache, ids: Vec<u32>| -> Result<Vec<u32>> {
-        let logits = model.forward(&Tensor::from_vec(ids, (n, 1), model.device())?, cache, adapter, Logits::Last)?;
+        let logits = model.forward_mixed(&Tensor::from_vec(ids, (n, 1), model.device())?, cache, adapters, Logits::Last)?;
         let flat = logits.flatten_all()?.to_vec1::<f32>()?;
         Ok(flat.chunks(flat.len() / n).map(sampling::argmax).collect())
     };
@@ -280,7 +312,7 @@ fn batched_decode(model: &Model, adapter: Option<&LoraAdapter>, prompts: &[Vec<u
     for _ in 0..reps.max(1) {
         let mut caches = Vec::with_capacity(n);
         let mut next = Vec::with_capacity(n);
-        for p in prompts {
+        for (p, &adapter) in prompts.iter().zip(adapters) {
             let mut c = KvCache::new(1);
             next.push(greedy_step(model, &mut c, p, adapter)?);
             caches.push(c);

@@ -231,7 +231,7 @@ pub fn eval(settings: &Settings, args: EvalArgs) -> Result<()> {
     let data_dir = dataset_dir(settings, args.inputs.data.as_deref())?;
     let lm = load_model(settings, &args.inputs)?;
     let dir = crate::llm::lora::resolve_dir(&args.adapter, &settings.adapter.dir)?;
-    let adapter = crate::llm::lora::LoraAdapter::load(&dir, lm.model.config(), lm.model.device())?;
+    let adapter = std::sync::Arc::new(crate::llm::lora::LoraAdapter::load(&dir, lm.model.config(), lm.model.device())?);
     let questions = args.questions.unwrap_or(settings.train.eval_questions);
     let report = crate::train::eval::compare(&lm, &adapter, &data_dir, &settings.train, &settings.generation, settings.model.max_context, questions)?;
     let mut metrics = Metrics::read(&dir).ok();

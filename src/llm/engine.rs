@@ -1,12 +1,14 @@
 //! The answering engine: one worker thread owns generation (one GPU, one model), takes questions
-//! from a bounded queue and answers those that share an adapter together with continuous
-//! batching (a question joins the running batch at the next step instead of waiting for it to
-//! finish), streaming each answer's text back through its own channel. An answer is the same
-//! whether it runs alone or beside others (see `generate::DecodeBatch`).
+//! from a bounded queue and answers them together with continuous batching (a question joins
+//! the running batch at the next step instead of waiting for it to finish), streaming each
+//! answer's text back through its own channel. An answer is the same whether it runs alone or
+//! beside others (see `generate::DecodeBatch`). Where the model mixes adapters in one step
+//! (`Model::mixes_adapters`: the CPU) questions of any adapter share a batch; elsewhere a batch
+//! holds one adapter's questions.
 //!
-//! - The active LoRA adapter sits behind an `ArcSwapOption`: a batch captures the `Arc` it starts
-//!   with and keeps it to the end, so [`Engine::swap_adapter`] never waits for answering and never
-//!   changes an answer half-way.
+//! - The active LoRA adapter sits behind an `ArcSwapOption`: a question captures the `Arc` when
+//!   it starts and keeps it to its end, so [`Engine::swap_adapter`] never waits for answering and
+//!   never changes an answer half-way.
 //! - Dropping a [`Ticket`] (or [`Canceller::cancel`], or [`Engine::shutdown`]) cancels its
 //!   generation at the next token; a cancelled question still in the queue is skipped.
 //! - The frozen base is shared as `Arc<LoadedModel>` so a trainer can borrow it, and
@@ -44,7 +46,7 @@ pub struct EngineConfig {
 /// Which adapter a question is answered with.
 #[derive(Clone, Default)]
 pub enum AdapterChoice {
-    /// Whatever is active when its batch starts.
+    /// Whatever is active when the question starts.
     #[default]
     Active,
     /// This one (or the bare base with `None`), e.g. to compare an old and a new adapter.
@@ -315,16 +317,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Questions starting a batch together, and the adapter they share.
-type Group = (Option<Arc<LoraAdapter>>, Vec<Pending>);
+/// Questions starting a batch together, each with the adapter it is answered with.
+type Group = Vec<(Pending, Option<Arc<LoraAdapter>>)>;
 
-/// Wait for the oldest live question and take it with every other waiting question answered
-/// with the same adapter, up to `room`, keeping queue order. `None` on shutdown.
-fn next_group(shared: &Shared, room: usize) -> Option<Group> {
+/// Which waiting questions may join a batch.
+#[derive(Clone)]
+enum Joins {
+    /// Any: the model mixes adapters in one step (each row alone-exact).
+    Any,
+    /// Only those answered with this adapter (`None`: the bare base).
+    Adapter(Option<Arc<LoraAdapter>>),
+}
+
+/// Wait for the oldest live question and take it with the other waiting questions that may
+/// join it, up to `room`, keeping queue order: any of them when `mix`, else those answered with
+/// the same adapter. `None` on shutdown.
+fn next_group(shared: &Shared, room: usize, mix: bool) -> Option<(Joins, Group)> {
     let mut st = lock(&shared.state);
     loop {
-        if let Some(stop) = shutdown_if_asked(shared, &mut st) {
-            return stop;
+        if shutdown_if_asked(shared, &mut st) {
+            return None;
         }
         if !st.queue.is_empty() {
             break;
@@ -333,43 +345,51 @@ fn next_group(shared: &Shared, room: usize) -> Option<Group> {
     }
     let first = st.queue.pop_front()?;
     let adapter = shared.resolve(&first.adapter);
-    let mut group = vec![first];
-    group.extend(take_same_adapter(shared, &mut st, &adapter, room.saturating_sub(1)));
+    let joins = if mix { Joins::Any } else { Joins::Adapter(adapter.clone()) };
+    let mut group = vec![(first, adapter)];
+    group.extend(take_waiting(shared, &mut st, &joins, room.saturating_sub(1)));
     // Counted as running before they leave the waiting count, so `has_waiting` never blinks false.
     shared.running.store(group.len(), Ordering::SeqCst);
     shared.waiting.store(st.queue.len(), Ordering::SeqCst);
-    Some((adapter, group))
+    Some((joins, group))
 }
 
-/// With the lock held: on shutdown, fail everything queued and answer `Some(None)`.
-fn shutdown_if_asked(shared: &Shared, st: &mut State) -> Option<Option<Group>> {
+/// With the lock held: drop cancelled questions; on shutdown, fail everything queued and
+/// answer true.
+fn shutdown_if_asked(shared: &Shared, st: &mut State) -> bool {
     st.queue.retain(|p| !p.cancel.is_cancelled());
     shared.waiting.store(st.queue.len(), Ordering::SeqCst);
     if !st.shutdown {
-        return None;
+        return false;
     }
     for p in st.queue.drain(..) {
         let _ = p.tx.send(Event::Failed("the bot is shutting down".into()));
     }
     shared.waiting.store(0, Ordering::SeqCst);
-    Some(None)
+    true
 }
 
-/// With the lock held: remove and return up to `room` waiting questions answered with
-/// `adapter`, in queue order.
-fn take_same_adapter(shared: &Shared, st: &mut State, adapter: &Option<Arc<LoraAdapter>>, room: usize) -> Vec<Pending> {
-    let same = |a: &Option<Arc<LoraAdapter>>| match (a, adapter) {
-        (None, None) => true,
-        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
-        _ => false,
-    };
+/// With the lock held: remove and return up to `room` waiting questions that `joins` admits,
+/// in queue order, each with the adapter it is answered with.
+fn take_waiting(shared: &Shared, st: &mut State, joins: &Joins, room: usize) -> Group {
     let mut taken = Vec::new();
     let mut i = 0;
     while i < st.queue.len() && taken.len() < room {
         if st.queue[i].cancel.is_cancelled() {
             st.queue.remove(i);
-        } else if same(&shared.resolve(&st.queue[i].adapter)) {
-            taken.extend(st.queue.remove(i));
+            continue;
+        }
+        let adapter = shared.resolve(&st.queue[i].adapter);
+        let fits = match joins {
+            Joins::Any => true,
+            Joins::Adapter(a) => match (a, &adapter) {
+                (None, None) => true,
+                (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+                _ => false,
+            },
+        };
+        if fits {
+            taken.extend(st.queue.remove(i).map(|p| (p, adapter)));
         } else {
             i += 1;
         }
@@ -393,31 +413,31 @@ struct Live {
 }
 
 /// Continuous batching: a batch starts with the oldest waiting question and every other one
-/// that shares its adapter; from then on, questions with that adapter join between decode steps
-/// (each prefilled in chunks, so a long prompt stalls the others one chunk at a time) while
-/// there is room, and rows leave as they finish. When the batch is empty, the next one may use
-/// another adapter.
+/// that may join it, and from then on waiting questions join between decode steps (each
+/// prefilled in chunks, so a long prompt stalls the others one chunk at a time) while there is
+/// room; rows leave as they finish. Where the model mixes adapters in one step (the CPU) any
+/// question joins, each with the adapter it resolved to when it joined; elsewhere only those
+/// sharing the batch's adapter do, and when the batch is empty the next may use another.
 fn worker_loop(shared: &Shared) {
     let mut run = 0u64;
-    while let Some((adapter, group)) = next_group(shared, shared.max_batch) {
+    let mix = shared.lm.model.mixes_adapters();
+    while let Some((joins, group)) = next_group(shared, shared.max_batch, mix) {
         run += 1;
-        let adapter_id = adapter.as_ref().map(|a| a.id.clone());
-        let mut batch = DecodeBatch::new(&shared.lm, adapter.as_deref());
+        let mut batch = DecodeBatch::new(&shared.lm);
         let mut live: HashMap<u64, Live> = HashMap::new();
-        admit(shared, &mut batch, &mut live, group, &adapter_id, run);
+        admit(shared, &mut batch, &mut live, group, run);
         while !batch.is_empty() {
-            // Questions waiting for this adapter join while there is room; cancelled ones
-            // still prefilling leave.
+            // Waiting questions join while there is room; cancelled ones still prefilling leave.
             let room = shared.max_batch.saturating_sub(batch.len());
             if room > 0 && shared.waiting.load(Ordering::SeqCst) > 0 {
                 let more = {
                     let mut st = lock(&shared.state);
-                    let more = if st.shutdown { Vec::new() } else { take_same_adapter(shared, &mut st, &adapter, room) };
+                    let more = if st.shutdown { Vec::new() } else { take_waiting(shared, &mut st, &joins, room) };
                     // `running` still counts the batch, so `has_waiting` never blinks false here.
                     shared.waiting.store(st.queue.len(), Ordering::SeqCst);
                     more
                 };
-                admit(shared, &mut batch, &mut live, more, &adapter_id, run);
+                admit(shared, &mut batch, &mut live, more, run);
             }
             let stopping = shared.stopping.load(Ordering::SeqCst);
             for id in batch.drop_prefilling(|id| !stopping && live.get(id).is_some_and(|l| !l.cancel.is_cancelled())) {
@@ -458,15 +478,16 @@ fn worker_loop(shared: &Shared) {
 
 /// Add `group` to the running batch: each question hears `Started` with the batch's size once
 /// the whole group is in, and its text streams from its row's callback.
-fn admit<'a>(shared: &'a Shared, batch: &mut DecodeBatch<'a, u64>, live: &mut HashMap<u64, Live>, group: Vec<Pending>, adapter_id: &Option<String>, run: u64) {
+fn admit<'a>(shared: &'a Shared, batch: &mut DecodeBatch<'a, u64>, live: &mut HashMap<u64, Live>, group: Group, run: u64) {
     if group.is_empty() {
         return;
     }
     let size = batch.len() + group.len();
     shared.running.store(size, Ordering::SeqCst);
-    tracing::debug!(joining = group.len(), batch = size, adapter = ?adapter_id, "generating");
-    for p in group {
-        let _ = p.tx.send(Event::Started { adapter_id: adapter_id.clone(), batch: size, run });
+    tracing::debug!(joining = group.len(), batch = size, "generating");
+    for (p, adapter) in group {
+        let adapter_id = adapter.as_ref().map(|a| a.id.clone());
+        let _ = p.tx.send(Event::Started { adapter_id, batch: size, run });
         let (tx, cancel, stopping) = (p.tx.clone(), p.cancel.clone(), &shared.stopping);
         let request = Request {
             prompt: p.prompt,
@@ -480,7 +501,7 @@ fn admit<'a>(shared: &'a Shared, batch: &mut DecodeBatch<'a, u64>, live: &mut Ha
                 }
             }),
         };
-        match batch.add(p.id, request, p.submitted) {
+        match batch.add(p.id, request, p.submitted, adapter) {
             Ok(()) => {
                 live.insert(p.id, Live { tx: p.tx, cancel: p.cancel });
             }

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -102,7 +103,7 @@ pub struct Request<'a> {
 }
 
 /// Generate one answer, streaming its text to `on_text`.
-pub fn generate(lm: &LoadedModel, adapter: Option<&LoraAdapter>, prompt: &[u32], opts: &GenOptions, on_text: impl FnMut(&str) -> ControlFlow<()>) -> Result<Generation> {
+pub fn generate(lm: &LoadedModel, adapter: Option<Arc<LoraAdapter>>, prompt: &[u32], opts: &GenOptions, on_text: impl FnMut(&str) -> ControlFlow<()>) -> Result<Generation> {
     let req = Request { prompt: prompt.to_vec(), opts: opts.clone(), on_text: Box::new(on_text) };
     let mut out = generate_batch(lm, adapter, vec![req])?;
     Ok(out.remove(0))
@@ -111,13 +112,13 @@ pub fn generate(lm: &LoadedModel, adapter: Option<&LoraAdapter>, prompt: &[u32],
 /// Generate answers for several prompts at once: each is prefilled on its own, then they
 /// decode together, one forward per step, leaving the batch as they finish. Results come back
 /// in request order, each equal to what [`generate`] gives for it alone.
-pub fn generate_batch(lm: &LoadedModel, adapter: Option<&LoraAdapter>, requests: Vec<Request<'_>>) -> Result<Vec<Generation>> {
+pub fn generate_batch(lm: &LoadedModel, adapter: Option<Arc<LoraAdapter>>, requests: Vec<Request<'_>>) -> Result<Vec<Generation>> {
     ensure!(!requests.is_empty(), "no prompts to generate from");
-    let mut batch = DecodeBatch::new(lm, adapter);
+    let mut batch = DecodeBatch::new(lm);
     let n = requests.len();
     let started = Instant::now();
     for (i, r) in requests.into_iter().enumerate() {
-        batch.add(i, r, started)?;
+        batch.add(i, r, started, adapter.clone())?;
     }
     let mut done: Vec<Option<Generation>> = (0..n).map(|_| None).collect();
     while !batch.is_empty() {
@@ -142,7 +143,6 @@ pub const PREFILL_CHUNK: usize = 256;
 /// its [`Generation`].
 pub struct DecodeBatch<'a, K> {
     lm: &'a LoadedModel,
-    adapter: Option<&'a LoraAdapter>,
     /// Rows decoding, in cache order, with the token each feeds next.
     rows: Vec<(K, Row<'a>, u32)>,
     cache: Option<KvCache>,
@@ -159,8 +159,8 @@ struct Joining<'a, K> {
 }
 
 impl<'a, K> DecodeBatch<'a, K> {
-    pub fn new(lm: &'a LoadedModel, adapter: Option<&'a LoraAdapter>) -> Self {
-        Self { lm, adapter, rows: Vec::new(), cache: None, joining: VecDeque::new() }
+    pub fn new(lm: &'a LoadedModel) -> Self {
+        Self { lm, rows: Vec::new(), cache: None, joining: VecDeque::new() }
     }
 
     /// Rows in the batch, decoding or prefilling.
@@ -172,13 +172,16 @@ impl<'a, K> DecodeBatch<'a, K> {
         self.len() == 0
     }
 
-    /// Queue `req` for prefill; it decodes with the batch once its prompt is fed. `started` is
-    /// when the answer's clock started (its time to first token counts from there).
-    pub fn add(&mut self, key: K, req: Request<'a>, started: Instant) -> Result<()> {
+    /// Queue `req` for prefill, answered with `adapter` (`None`: the bare base); it decodes
+    /// with the batch once its prompt is fed. `started` is when the answer's clock started (its
+    /// time to first token counts from there). Rows of different adapters share decode steps
+    /// ([`Model::forward_mixed`](super::model::Model::forward_mixed)); each still computes what
+    /// it would alone where the model [mixes adapters](super::model::Model::mixes_adapters).
+    pub fn add(&mut self, key: K, req: Request<'a>, started: Instant, adapter: Option<Arc<LoraAdapter>>) -> Result<()> {
         ensure!(!req.prompt.is_empty(), "empty prompt");
         ensure!(req.prompt.len() < req.opts.max_context, "prompt of {} tokens does not fit the context of {} tokens", req.prompt.len(), req.opts.max_context);
         let cache = KvCache::new(1);
-        self.joining.push_back(Joining { key, row: Row::new(self.lm, req, started), cache, fed: 0 });
+        self.joining.push_back(Joining { key, row: Row::new(self.lm, req, started, adapter), cache, fed: 0 });
         Ok(())
     }
 
@@ -214,7 +217,7 @@ impl<'a, K> DecodeBatch<'a, K> {
         let model = &self.lm.model;
         let end = (j.fed + PREFILL_CHUNK).min(j.row.context.len());
         let ids = Tensor::new(&j.row.context[j.fed..end], model.device())?.unsqueeze(0)?;
-        let logits = model.forward(&ids, &mut j.cache, self.adapter, Logits::Last)?;
+        let logits = model.forward(&ids, &mut j.cache, j.row.adapter.as_deref(), Logits::Last)?;
         j.fed = end;
         if j.fed < j.row.context.len() {
             return Ok(None);
@@ -238,7 +241,8 @@ impl<'a, K> DecodeBatch<'a, K> {
         let Some(cache) = self.cache.as_mut() else { return Ok(Vec::new()) };
         let model = &self.lm.model;
         let ids = Tensor::from_vec(self.rows.iter().map(|r| r.2).collect::<Vec<u32>>(), (self.rows.len(), 1), model.device())?;
-        let logits = model.forward(&ids, cache, self.adapter, Logits::Last)?;
+        let adapters: Vec<Option<&LoraAdapter>> = self.rows.iter().map(|r| r.1.adapter.as_deref()).collect();
+        let logits = model.forward_mixed(&ids, cache, &adapters, Logits::Last)?;
         // [rows, 1, vocab] → one Vec per row (one device→host copy for the batch).
         let all: Vec<Vec<f32>> = logits.i((.., 0, ..))?.to_dtype(candle_core::DType::F32)?.to_vec2()?;
         for ((_, row, next), mut l) in self.rows.iter_mut().zip(all) {
@@ -278,11 +282,15 @@ struct Row<'a> {
     done_at: Option<Duration>,
     opts: GenOptions,
     on_text: OnText<'a>,
+    /// The adapter this answer is generated with, kept to its end (an adapter swapped out
+    /// meanwhile lives on here).
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl<'a> Row<'a> {
-    fn new(lm: &'a LoadedModel, r: Request<'a>, started: Instant) -> Self {
+    fn new(lm: &'a LoadedModel, r: Request<'a>, started: Instant, adapter: Option<Arc<LoraAdapter>>) -> Self {
         Row {
+            adapter,
             started,
             sampler: Sampler::new(r.opts.sampling.clone(), r.opts.seed),
             context: r.prompt,

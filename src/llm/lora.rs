@@ -152,6 +152,51 @@ impl LoraPair {
         Ok(x.broadcast_matmul(&self.a_t)?.broadcast_matmul(&self.b_t_scaled)?)
     }
 
+    /// The LoRA terms of `x: [b, .., in]` with row `i` (all its positions) through `pairs[i]`
+    /// and zeros where that is `None`: each row exactly as [`LoraPair::forward`] computes it
+    /// alone (a decode step mixing answers of different adapters). Every pair must map `in` to
+    /// the same `out`.
+    pub fn forward_rows(pairs: &[Option<&LoraPair>], x: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        ensure!(pairs.len() == b, "{} LoRA pairs for {b} rows", pairs.len());
+        let Some(first) = pairs.iter().flatten().next() else { bail!("no LoRA pair for any row") };
+        let k = first.a.dim(1)?;
+        let n = first.b.dim(0)?;
+        ensure!(pairs.iter().flatten().all(|p| p.a.dim(1).ok() == Some(k) && p.b.dim(0).ok() == Some(n)), "LoRA pairs of different shapes in one batch");
+        let mut dims = x.dims().to_vec();
+        ensure!(dims.last() == Some(&k), "input {dims:?} does not end in the adapters' {k} inputs");
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let x = x.to_dtype(first.a_t.dtype())?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            // One output buffer, each row's slice filled by its own pair (of its own rank).
+            let per_row = x.elem_count() / b;
+            let mut out = vec![0f32; b * (per_row / k) * n];
+            with_cpu_f32(&x, |xs| {
+                for (i, (pair, ys)) in pairs.iter().zip(out.chunks_mut(per_row / k * n)).enumerate() {
+                    if let Some(p) = pair {
+                        let r = p.a.dim(0)?;
+                        with_cpu_f32(&p.a, |a| with_cpu_f32(&p.b_t_scaled, |bt| cpu::low_rank(&xs[i * per_row..(i + 1) * per_row], k, a, r, bt, n, ys)))?;
+                    }
+                }
+                Ok(())
+            })?;
+            return Ok(Tensor::from_vec(out, dims, x.device())?);
+        }
+        let mut one_row = dims;
+        one_row[0] = 1;
+        let mut rows = Vec::with_capacity(b);
+        for (i, pair) in pairs.iter().enumerate() {
+            let xi = x.narrow(0, i, 1)?;
+            rows.push(match pair {
+                Some(p) => p.forward(&xi)?,
+                None => Tensor::zeros(one_row.as_slice(), xi.dtype(), xi.device())?,
+            });
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
     /// The dense update `scale·B·A: [out, in]` that merging adds to the base weight.
     pub fn delta(&self) -> Result<Tensor> {
         Ok((self.b.matmul(&self.a)? * self.scale)?)

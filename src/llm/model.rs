@@ -11,7 +11,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use super::fused_decode::{FusedDecoder, RowKernels, MAX_ROWS};
-use super::lora::LoraAdapter;
+use super::lora::{LoraAdapter, LoraPair};
 use super::model_config::ModelConfig;
 use super::qlinear::BaseLinear;
 
@@ -261,6 +261,24 @@ impl KvCache {
     }
 }
 
+/// The LoRA adapters of one forward call: one for every row, or one a row (a decode step
+/// mixing answers of different adapters).
+#[derive(Clone, Copy)]
+enum RowLora<'a> {
+    All(Option<&'a LoraAdapter>),
+    PerRow(&'a [Option<&'a LoraAdapter>]),
+}
+
+impl<'a> RowLora<'a> {
+    fn adapters(self) -> impl Iterator<Item = &'a LoraAdapter> {
+        let (all, per_row) = match self {
+            RowLora::All(a) => (a, &[][..]),
+            RowLora::PerRow(rows) => (None, rows),
+        };
+        all.into_iter().chain(per_row.iter().flatten().copied())
+    }
+}
+
 /// Which positions get logits: all (scoring, training) or only the last (generation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -498,17 +516,47 @@ impl Model {
     }
 
     /// Run `ids: [batch, seq]` (u32) through the decoder after what `cache` holds, appending
-    /// to it. Returns logits `[batch, seq, vocab]` or `[batch, 1, vocab]` (f32).
+    /// to it, every row with `adapter` (`None`: the bare base). Returns logits
+    /// `[batch, seq, vocab]` or `[batch, 1, vocab]` (f32).
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, adapter: Option<&LoraAdapter>, which: Logits) -> Result<Tensor> {
+        self.forward_rows(ids, cache, RowLora::All(adapter), which)
+    }
+
+    /// [`Model::forward`] with each row's own adapter (`adapters[i]` for row `i`, `None` for the
+    /// bare base), so answers with different adapters share one step. Each row computes what
+    /// it would alone with its adapter where [`Model::mixes_adapters`] says so.
+    pub fn forward_mixed(&self, ids: &Tensor, cache: &mut KvCache, adapters: &[Option<&LoraAdapter>], which: Logits) -> Result<Tensor> {
+        let b = ids.dim(0)?;
+        ensure!(adapters.len() == b, "{} adapters for {b} rows", adapters.len());
+        let same = |x: &Option<&LoraAdapter>, y: &Option<&LoraAdapter>| match (x, y) {
+            (Some(x), Some(y)) => std::ptr::eq(*x, *y),
+            (None, None) => true,
+            _ => false,
+        };
+        match adapters.first() {
+            Some(first) if adapters.iter().all(|a| same(a, first)) => self.forward(ids, cache, *first, which),
+            _ => self.forward_rows(ids, cache, RowLora::PerRow(adapters), which),
+        }
+    }
+
+    /// Whether a step mixing rows of different adapters ([`Model::forward_mixed`]) gives each
+    /// row exactly what it gets alone: on the CPU, where the LoRA product runs row by row; not
+    /// on CUDA, where the fused step takes one adapter and candle's kernels split work by row
+    /// count.
+    pub fn mixes_adapters(&self) -> bool {
+        !self.device.is_cuda()
+    }
+
+    fn forward_rows(&self, ids: &Tensor, cache: &mut KvCache, lora: RowLora<'_>, which: Logits) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         ensure!(cache.batch() == b, "cache holds {} rows, input has {b}", cache.batch());
         ensure!(t > 0, "empty input");
-        if let Some(a) = adapter {
+        for a in lora.adapters() {
             a.check_fits(&self.cfg)?;
         }
         let offset = cache.len;
         cache.reserve(&self.cfg, t, self.dtype, &self.device)?;
-        if t == 1 && self.fused_decode {
+        if let (1, true, RowLora::All(adapter)) = (t, self.fused_decode, lora) {
             if let Some(logits) = self.fused_decoder()?.map(|f| f.step(self, ids, cache, adapter)).transpose()?.flatten() {
                 cache.len = offset + 1;
                 return Ok(logits);
@@ -520,11 +568,11 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let h = self.attention(layer, &h, &cos, &sin, &cache.pad, &cache.layers[i], offset, adapter, i, dense)?;
+            let h = self.attention(layer, &h, &cos, &sin, &cache.pad, &cache.layers[i], offset, lora, i, dense)?;
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, adapter, i, dense)?;
-            let [h] = self.linears(layer, [Proj::Down], &(candle_nn::ops::silu(&gate)? * up)?, adapter, i, dense)?;
+            let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, lora, i, dense)?;
+            let [h] = self.linears(layer, [Proj::Down], &(candle_nn::ops::silu(&gate)? * up)?, lora, i, dense)?;
             x = (x2 + h)?;
         }
         cache.len = offset + t;
@@ -548,14 +596,14 @@ impl Model {
         pads: &[usize],
         (k_buf, v_buf): &(Tensor, Tensor),
         offset: usize,
-        adapter: Option<&LoraAdapter>,
+        lora: RowLora<'_>,
         layer_idx: usize,
         dense: bool,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], x, adapter, layer_idx, dense)?;
+        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], x, lora, layer_idx, dense)?;
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
@@ -588,7 +636,7 @@ impl Model {
         }
         let out = Tensor::cat(&rows, 0)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let [o] = self.linears(layer, [Proj::O], &out, adapter, layer_idx, dense)?;
+        let [o] = self.linears(layer, [Proj::O], &out, lora, layer_idx, dense)?;
         Ok(o)
     }
 
@@ -622,17 +670,26 @@ impl Model {
     }
 
     /// Projections of `layer` that read the same `x`, each its base weight plus the adapter's
-    /// unmerged LoRA path if it has one (one pass over the base weights on the CPU).
-    #[allow(clippy::too_many_arguments)]
-    fn linears<const N: usize>(&self, layer: &DecoderLayer, projs: [Proj; N], x: &Tensor, adapter: Option<&LoraAdapter>, layer_idx: usize, dense: bool) -> Result<[Tensor; N]> {
+    /// unmerged LoRA path if it has one (one pass over the base weights on the CPU). With one
+    /// adapter a row, each row's LoRA term is computed on that row alone and added to it.
+    fn linears<const N: usize>(&self, layer: &DecoderLayer, projs: [Proj; N], x: &Tensor, lora: RowLora<'_>, layer_idx: usize, dense: bool) -> Result<[Tensor; N]> {
         let bases: Vec<&BaseLinear> = projs.iter().map(|&p| layer.proj(p)).collect();
         let ys = BaseLinear::forward_many(&bases, x, dense, self.cpu_kernels)?;
         let out: Vec<Tensor> = ys
             .into_iter()
             .zip(projs)
-            .map(|(y, p)| match adapter.and_then(|a| a.pair(layer_idx, p)) {
-                Some(pair) => Ok((y + pair.forward(x)?)?),
-                None => Ok(y),
+            .map(|(y, p)| match lora {
+                RowLora::All(adapter) => match adapter.and_then(|a| a.pair(layer_idx, p)) {
+                    Some(pair) => Ok((y + pair.forward(x)?)?),
+                    None => Ok(y),
+                },
+                RowLora::PerRow(adapters) => {
+                    let pairs: Vec<Option<&LoraPair>> = adapters.iter().map(|a| a.and_then(|a| a.pair(layer_idx, p))).collect();
+                    if pairs.iter().all(Option::is_none) {
+                        return Ok(y);
+                    }
+                    Ok((y + LoraPair::forward_rows(&pairs, x)?)?)
+                }
             })
             .collect::<Result<_>>()?;
         out.try_into().map_err(|_| anyhow::anyhow!("internal: expected {N} projections"))

@@ -4,6 +4,7 @@
 //! FINETUNED table).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -59,7 +60,15 @@ impl PreferenceReport {
 /// Held-out loss of the base and of `adapter`, and `questions` answers from each (greedy).
 /// `gen` gives the system prompt and the sampling options (temperature forced to 0), and
 /// `max_context` the context limit (`model.max_context`, 0 = the model's own).
-pub fn compare(lm: &LoadedModel, adapter: &LoraAdapter, data_dir: &Path, ts: &TrainSettings, gen: &GenerationSettings, max_context: usize, questions: usize) -> Result<EvalReport> {
+pub fn compare(
+    lm: &LoadedModel,
+    adapter: &Arc<LoraAdapter>,
+    data_dir: &Path,
+    ts: &TrainSettings,
+    gen: &GenerationSettings,
+    max_context: usize,
+    questions: usize,
+) -> Result<EvalReport> {
     let data = data::load(data_dir, lm, ts, &gen.system_prompt)?;
     let model = &lm.model;
     let fwd = TrainForward::new(model, activation_dtype(ts.precision, model.device()), Dropout::off());
@@ -91,7 +100,7 @@ pub fn compare(lm: &LoadedModel, adapter: &LoraAdapter, data_dir: &Path, ts: &Tr
         let truth = conv.iter().find(|m| m.role == Role::Assistant).map(|m| m.content.clone()).unwrap_or_default();
         let prompt = lm.template.prompt(&lm.tokenizer, lm.bos_id, eos, &gen.system_prompt, &[], &question)?;
         let base = generate(lm, None, &prompt, &opts, |_| std::ops::ControlFlow::Continue(()))?.text;
-        let tuned = generate(lm, Some(adapter), &prompt, &opts, |_| std::ops::ControlFlow::Continue(()))?.text;
+        let tuned = generate(lm, Some(adapter.clone()), &prompt, &opts, |_| std::ops::ControlFlow::Continue(()))?.text;
         answers.push(Answered { question, truth, base, adapter: tuned });
     }
     Ok(EvalReport { adapter_id: adapter.id.clone(), conversations: data.test.len(), base_loss, adapter_loss, preference, answers })
