@@ -139,15 +139,18 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     let (_, l_dense) = prefill(&packed)?;
     let mut dense_prefill = vec![0f64; rows];
     per_row(&l_exact, &l_dense, &mut dense_prefill)?;
-    let (mut c_fused, _) = prefill(&exact)?;
     let (mut c_ops, _) = prefill(&exact)?;
-    // Each row alone: its own unpadded cache, filled by the exact model.
-    let mut c_alone = Vec::new();
-    for i in 0..rows {
+    // Each row alone: its own unpadded cache, filled by the exact model. The fused batch starts
+    // from the same caches merged (the engine's path), so it and the rows alone start from the
+    // same bits (the exact model's padded prefill is not batch-invariant on CUDA).
+    let alone_prefill = |i: usize| -> Result<KvCache> {
         let mut cache = KvCache::new(1);
         exact.forward(&Tensor::from_vec(prompt(i), (1, lens[i]), dev)?, &mut cache, a, Logits::Last)?;
-        c_alone.push(cache);
-    }
+        Ok(cache)
+    };
+    let mut c_alone = (0..rows).map(alone_prefill).collect::<Result<Vec<_>>>()?;
+    let mut c_fused = KvCache::merge((0..rows).map(alone_prefill).collect::<Result<Vec<_>>>()?)?;
+    anyhow::ensure!(c_fused.padding() == pads.as_slice(), "merged caches padded {:?}, expected {pads:?}", c_fused.padding());
     let steps = 12;
     let (mut fused, mut candle_ops, mut alone, mut used_fused) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], true);
     for _ in 0..steps {
