@@ -101,16 +101,20 @@ struct FusedParity {
 }
 
 /// Decode steps of a padded batch of `rows` (different prompt lengths, prompts longer than the
-/// sliding window, a random adapter of rank `rank`) through the fused step and through candle's 4-bit ops,
+/// sliding window, a random adapter of rank `rank`, or with `mixed` that, one of twice the rank
+/// and none by turns) through the fused step and through candle's 4-bit ops,
 /// each compared with the exact f32 model (the same weights dequantized). Every path decodes
 /// from a cache the exact model filled, and all are fed the exact model's greedy tokens, so each
 /// step's difference is that path's own. Each row is also decoded alone through the fused step
 /// on the same tokens, which must give the same bits as in the batch.
-fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant: BenchQuant, seed: u64, rows: usize, rank: usize) -> Result<FusedParity> {
+fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant: BenchQuant, seed: u64, rows: usize, rank: usize, mixed: bool) -> Result<FusedParity> {
     let mut packed = quant.random_model(cfg, seed, dev)?;
     let exact = freeski_bot::bench::random::dequantized(&packed)?;
     let adapter = random_adapter(cfg, rank, dev)?;
-    let a = Some(&adapter);
+    // With `mixed`, rows take the adapter, a second one of twice the rank, and none by turns.
+    let second = random_adapter(cfg, 2 * rank, dev)?;
+    let adapters: Vec<Option<&LoraAdapter>> = (0..rows).map(|i| if mixed { [Some(&adapter), Some(&second), None][i % 3] } else { Some(&adapter) }).collect();
+    let a = adapters.as_slice();
     let lens = &[20usize, 14, 9, 20, 17, 12, 9, 5][..rows];
     let longest = lens[0];
     let pads: Vec<usize> = lens.iter().map(|l| longest - l).collect();
@@ -131,7 +135,7 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     };
     let prefill = |m: &Model| -> Result<(KvCache, Tensor)> {
         let mut cache = KvCache::with_padding(pads.clone());
-        let l = m.forward(&ids, &mut cache, a, Logits::Last)?;
+        let l = m.forward_mixed(&ids, &mut cache, a, Logits::Last)?;
         Ok((cache, l))
     };
     let (mut c_exact, mut l_exact) = prefill(&exact)?;
@@ -145,7 +149,7 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     // same bits (the exact model's padded prefill is not batch-invariant on CUDA).
     let alone_prefill = |i: usize| -> Result<KvCache> {
         let mut cache = KvCache::new(1);
-        exact.forward(&Tensor::from_vec(prompt(i), (1, lens[i]), dev)?, &mut cache, a, Logits::Last)?;
+        exact.forward(&Tensor::from_vec(prompt(i), (1, lens[i]), dev)?, &mut cache, a[i], Logits::Last)?;
         Ok(cache)
     };
     let mut c_alone = (0..rows).map(alone_prefill).collect::<Result<Vec<_>>>()?;
@@ -157,16 +161,16 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         let next: Vec<u32> = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
         let t = Tensor::from_vec(next.clone(), (rows, 1), dev)?;
         packed.set_fused_decode(true);
-        let lf = packed.forward(&t, &mut c_fused, a, Logits::Last)?;
+        let lf = packed.forward_mixed(&t, &mut c_fused, a, Logits::Last)?;
         used_fused &= packed.fused_launches_per_step().is_some_and(|n| n > 0);
         for (b, cache) in c_alone.iter_mut().enumerate() {
-            let one = packed.forward(&Tensor::from_vec(vec![next[b]], (1, 1), dev)?, cache, a, Logits::Last)?;
+            let one = packed.forward(&Tensor::from_vec(vec![next[b]], (1, 1), dev)?, cache, a[b], Logits::Last)?;
             let (x, y) = (row_of(&one, 0)?, row_of(&lf, b)?);
             alone[b] = alone[b].max(freeski_bot::util::compare::max_abs_diff(&x, &y));
         }
         packed.set_fused_decode(false);
-        let lo = packed.forward(&t, &mut c_ops, a, Logits::Last)?;
-        l_exact = exact.forward(&t, &mut c_exact, a, Logits::Last)?;
+        let lo = packed.forward_mixed(&t, &mut c_ops, a, Logits::Last)?;
+        l_exact = exact.forward_mixed(&t, &mut c_exact, a, Logits::Last)?;
         per_row(&l_exact, &lf, &mut fused)?;
         per_row(&l_exact, &lo, &mut candle_ops)?;
     }
@@ -329,12 +333,17 @@ fn fused_decode_and_dense_prefill_match_exact() -> Result<()> {
     let dev = device();
     let mut failures = Vec::new();
     let cases = fused_parity_models().into_iter().flat_map(|(label, cfg, quant)| {
-        let more: &[(usize, usize)] = if quant == BenchQuant::Q4kM { &[(3, 4), (1, 40), (2, 16), (4, 16), (5, 16), (6, 16), (7, 16), (8, 16)] } else { &[(3, 4)] };
-        more.iter().map(move |&(rows, rank)| (label, cfg.clone(), quant, rows, rank)).collect::<Vec<_>>()
+        // (rows, rank, rows of different adapters)
+        let more: &[(usize, usize, bool)] = if quant == BenchQuant::Q4kM {
+            &[(3, 4, false), (1, 40, false), (2, 16, false), (4, 16, false), (5, 16, false), (6, 16, false), (7, 16, false), (8, 16, false), (3, 16, true), (8, 16, true)]
+        } else {
+            &[(3, 4, false), (5, 4, true)]
+        };
+        more.iter().map(move |&(rows, rank, mixed)| (label, cfg.clone(), quant, rows, rank, mixed)).collect::<Vec<_>>()
     });
-    for (label, cfg, quant, rows, rank) in cases {
-        let r = fused_decode_parity(&dev, &cfg, quant, SEED, rows, rank)?;
-        let label = format!("{label}, {rows} rows, r={rank}");
+    for (label, cfg, quant, rows, rank, mixed) in cases {
+        let r = fused_decode_parity(&dev, &cfg, quant, SEED, rows, rank, mixed)?;
+        let label = format!("{label}, {rows} rows, r={rank}{}", if mixed { ", mixed adapters" } else { "" });
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ");
         println!(
             "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}], bf16-GEMM prompt [{}]; fused batched vs alone [{}]",

@@ -100,7 +100,7 @@ async fn queue_positions_full_queue_and_adapter_capture() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn questions_of_different_adapters_share_the_running_batch() {
     let (engine, text) = engine(8, 8);
-    assert!(engine.model().model.mixes_adapters());
+    assert!(engine.model().model.mixes_adapters().unwrap());
     let mut blocker = engine.submit(question(1_000_000)).unwrap();
     first_text(&mut blocker).await;
     let (a1, a2) = (noop_adapter(&engine, "a1"), noop_adapter(&engine, "a2"));

@@ -53,17 +53,20 @@ __device__ __forceinline__ void quantize4(float4 v, int t, bool active, int8_t *
 
 // Prepares a matvec's input in one launch: blocks 0..nb-1 each take one row of x, RMS-normalise
 // it when norm_w is given (x / sqrt(mean(x^2) + eps) * norm_w) and quantize it to int8 blocks of
-// 32 (xq, xd); the other nseg*r blocks each compute one LoRA down-projection entry
-// u[b, s*r + j] = A_s[j, :] · input[b, :] for every row b, normalising on the fly
-// (A·(x·inv·g) = inv · (A∘g)·x), so they run beside the quantization instead of after it.
+// 32 (xq, xd); the other nseg*rmax blocks each compute one LoRA down-projection entry
+// u[b, s*rmax + j] = A_{b,s}[j, :] · input[b, :] for every row b (each row with its own
+// adapter's A, or none: then 0), normalising on the fly (A·(x·inv·g) = inv · (A∘g)·x), so they
+// run beside the quantization instead of after it.
+#define PREP_MAX_ROWS 8
 struct PrepArgs {
-    const float *x;       // [nb, n]
-    const float *norm_w;  // [n], or null: x is quantized as it is
-    int8_t *xq;           // [nb, n]
-    float *xd;            // [nb, n/32]
-    const float *a[3];    // LoRA A_s [r, n], or null
-    float *u;             // [nb, ldu]
-    int n, nb, r, ldu;
+    const float *x;                     // [nb, n]
+    const float *norm_w;                // [n], or null: x is quantized as it is
+    int8_t *xq;                         // [nb, n]
+    float *xd;                          // [nb, n/32]
+    const float *a[PREP_MAX_ROWS][3];   // per row: LoRA A_s [r_b, n], or null
+    float *u;                           // [nb, ldu]
+    int n, nb, rmax, ldu;
+    int r[PREP_MAX_ROWS];               // rank of each row's adapter
     float eps;
 };
 
@@ -125,24 +128,31 @@ extern "C" __global__ void __launch_bounds__(1024) prep_q8(const PrepArgs p) {
         }
         return;
     }
-    const int e = blockIdx.x - p.nb, seg = e / p.r, j = e % p.r;
-    const float *a = seg == 0 ? p.a[0] : (seg == 1 ? p.a[1] : p.a[2]);
-    if (a == nullptr) return;
+    const int e = blockIdx.x - p.nb, seg = e / p.rmax, j = e % p.rmax;
+    // Row b's A row j for this segment, or null (no adapter, no pair, or rank <= j). Picked by
+    // comparisons with constant indices (indexing the parameter arrays would copy them to
+    // local memory).
+    const float4 *arow[PREP_MAX_ROWS];
+    bool any = false;
+#pragma unroll
+    for (int b = 0; b < PREP_MAX_ROWS; b++) {
+        const float *a = seg == 0 ? p.a[b][0] : (seg == 1 ? p.a[b][1] : p.a[b][2]);
+        arow[b] = b < p.nb && a != nullptr && j < p.r[b] ? reinterpret_cast<const float4 *>(a + (int64_t)j * p.n) : nullptr;
+        any |= arow[b] != nullptr;
+    }
+    if (!any) return;
     // One pass over x: the dot products and (for the norm) the sums of squares together, then
     // one block reduction for the 2·nb of them in use (acc[2b] = dot, acc[2b+1] = sum of squares).
     float acc[16];
 #pragma unroll
     for (int b = 0; b < 16; b++) acc[b] = 0.f;
-    const float4 *arow = reinterpret_cast<const float4 *>(a + (int64_t)j * p.n);
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        float4 av = arow[i];
-        if (norm) {
-            const float4 g = g4[i];
-            av = make_float4(av.x * g.x, av.y * g.y, av.z * g.z, av.w * g.w);
-        }
+        const float4 g = norm ? g4[i] : make_float4(1.f, 1.f, 1.f, 1.f);
 #pragma unroll
-        for (int b = 0; b < 8; b++) {
-            if (b < p.nb) {
+        for (int b = 0; b < PREP_MAX_ROWS; b++) {
+            if (arow[b] != nullptr) {
+                float4 av = arow[b][i];
+                if (norm) av = make_float4(av.x * g.x, av.y * g.y, av.z * g.z, av.w * g.w);
                 const float4 xv = reinterpret_cast<const float4 *>(p.x + (int64_t)b * p.n)[i];
                 acc[2 * b] += av.x * xv.x + av.y * xv.y + av.z * xv.z + av.w * xv.w;
                 if (norm) acc[2 * b + 1] += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
@@ -160,7 +170,8 @@ extern "C" __global__ void __launch_bounds__(1024) prep_q8(const PrepArgs p) {
                 ss = acc[2 * i + 1];
             }
         const float inv = norm ? 1.f / sqrtf(ss / p.n + p.eps) : 1.f;
-        p.u[(int64_t)b * p.ldu + seg * p.r + j] = dot * inv;
+        // A row without this entry gets 0; its matvec reads no B for it either.
+        p.u[(int64_t)b * p.ldu + seg * p.rmax + j] = dot * inv;
     }
 }
 

@@ -405,21 +405,45 @@ struct Q4_0Dot {
 // requested before the weights too, so nothing waits on memory after the loop. Slots are rows;
 // in GLU mode the slot pair is (gate row n, up row n) and the output is silu(gate) * up. Up to
 // three weight segments are stacked as one output (q|k|v share an input and write one buffer).
-// The LoRA term scale * B[n, :] · u[b, seg*r ..] is added by lanes j < r before the warp sum.
+// Each batch row b has its own adapter (or none): the LoRA term scale_b * B_b[n, :] ·
+// u[b, seg*rmax ..] (rank r_b) is added by lanes j < r_b before the warp sum, so a row's sum
+// depends only on its own adapter, never on the others' in the step.
 #define MV_WARPS 4
 #define MV_SLOTS 2
+#define MV_MAX_ROWS 8
 struct MvArgs {
     const uint8_t *w[3];
-    const float *lora_b[3];  // [rows_of_segment, r] row-major, or null
-    const int8_t *xq;        // [NB, k] activations quantized in blocks of 32
-    const float *xd;         // [NB, k/32] their scales
-    const float *lora_u;     // [NB, ldu]
-    const float *residual;   // [NB, ldy] or null (may equal y)
-    float *y;                // [NB, ldy]
-    int seg_end[3];          // cumulative row counts
-    int k, n, ldy, ldu, r, glu;
-    float lora_scale;
+    const float *lora_b[MV_MAX_ROWS][3];  // per batch row: B [rows_of_segment, r_b] row-major, or null
+    const int8_t *xq;                     // [NB, k] activations quantized in blocks of 32
+    const float *xd;                      // [NB, k/32] their scales
+    const float *lora_u;                  // [NB, ldu]; row b's segment s starts at s * rmax
+    const float *residual;                // [NB, ldy] or null (may equal y)
+    float *y;                             // [NB, ldy]
+    int seg_end[3];                       // cumulative row counts
+    int k, n, ldy, ldu, rmax, glu;
+    int r[MV_MAX_ROWS];                   // rank of each row's adapter
+    float lora_scale[MV_MAX_ROWS];
 };
+
+// Row b's B for segment seg, its rank and scale. `b` may be a run-time value: the fields are
+// picked by comparisons, not by indexing the parameter arrays (which would copy the whole
+// argument struct to local memory).
+struct MvLora {
+    const float *b;
+    int r;
+    float scale;
+};
+__device__ __forceinline__ MvLora mv_lora(const MvArgs &a, int b, int seg) {
+    MvLora l{nullptr, 0, 0.f};
+#pragma unroll
+    for (int i = 0; i < MV_MAX_ROWS; i++)
+        if (i == b) {
+            l.b = seg == 0 ? a.lora_b[i][0] : (seg == 1 ? a.lora_b[i][1] : a.lora_b[i][2]);
+            l.r = a.r[i];
+            l.scale = a.lora_scale[i];
+        }
+    return l;
+}
 
 template <typename Q, typename D, int NB>
 __device__ void mv_body(const MvArgs &a) {
@@ -433,16 +457,13 @@ __device__ void mv_body(const MvArgs &a) {
     // Segment pointers picked by comparisons, not by indexing the parameter arrays (which would
     // copy the whole argument struct to local memory).
     const uint8_t *wrow[MV_SLOTS];
-    float bv[MV_SLOTS], uv[MV_SLOTS][NB], acc[MV_SLOTS][NB];
-    bool lora[MV_SLOTS];
+    float bv[MV_SLOTS][NB], uv[MV_SLOTS][NB], acc[MV_SLOTS][NB];
 #pragma unroll
     for (int s = 0; s < MV_SLOTS; s++) {
         const int row = first + (a.glu ? s / 2 : s);
         wrow[s] = nullptr;
-        lora[s] = false;
-        bv[s] = 0.f;
 #pragma unroll
-        for (int b = 0; b < NB; b++) uv[s][b] = acc[s][b] = 0.f;
+        for (int b = 0; b < NB; b++) bv[s][b] = uv[s][b] = acc[s][b] = 0.f;
         if (row < a.n) {
             int seg = s & 1, lrow = row;
             if (!a.glu) {
@@ -450,21 +471,19 @@ __device__ void mv_body(const MvArgs &a) {
                 lrow = seg == 0 ? row : (seg == 1 ? row - a.seg_end[0] : row - a.seg_end[1]);
             }
             const uint8_t *w = seg == 0 ? a.w[0] : (seg == 1 ? a.w[1] : a.w[2]);
-            const float *lb = seg == 0 ? a.lora_b[0] : (seg == 1 ? a.lora_b[1] : a.lora_b[2]);
             wrow[s] = w + (int64_t)lrow * nblk * Q::BYTES;
-            if (lb != nullptr) {
-                lora[s] = true;
-                const float *brow = lb + (int64_t)lrow * a.r;
-                const float *u = a.lora_u + seg * a.r;
-                if (lane < a.r) {
-                    bv[s] = brow[lane] * a.lora_scale;
 #pragma unroll
-                    for (int b = 0; b < NB; b++) uv[s][b] = u[(int64_t)b * a.ldu + lane];
+            for (int b = 0; b < NB; b++) {
+                const MvLora l = mv_lora(a, b, seg);
+                if (l.b == nullptr) continue;
+                const float *brow = l.b + (int64_t)lrow * l.r;
+                const float *u = a.lora_u + (int64_t)b * a.ldu + seg * a.rmax;
+                if (lane < l.r) {
+                    bv[s][b] = brow[lane] * l.scale;
+                    uv[s][b] = u[lane];
                 }
-                // Ranks above 32 (rare) start the accumulators with the other entries.
-                for (int j = lane + 32; j < a.r; j += 32)
-#pragma unroll
-                    for (int b = 0; b < NB; b++) acc[s][b] = fmaf(brow[j] * a.lora_scale, u[(int64_t)b * a.ldu + j], acc[s][b]);
+                // Ranks above 32 (rare) start the accumulator with the other entries.
+                for (int j = lane + 32; j < l.r; j += 32) acc[s][b] = fmaf(brow[j] * l.scale, u[j], acc[s][b]);
             }
         }
     }
@@ -510,7 +529,8 @@ __device__ void mv_body(const MvArgs &a) {
     for (int s = 0; s < MV_SLOTS; s++)
 #pragma unroll
         for (int b = 0; b < NB; b++) {
-            const float v = warp_sum(lora[s] ? fmaf(bv[s], uv[s][b], acc[s][b]) : acc[s][b]);
+            // Lanes without a LoRA entry hold bv = uv = 0: fmaf(0, 0, acc) is acc exactly.
+            const float v = warp_sum(fmaf(bv[s][b], uv[s][b], acc[s][b]));
             // Every lane holds every total; each keeps the one (or the gate/up pair) it writes.
             if (b == ob && (a.glu ? s / 2 : s) == oo) {
                 if (a.glu && (s & 1) == 0) gate = v;
@@ -575,15 +595,14 @@ __device__ __forceinline__ void q4k_scales(uint32_t s0, uint32_t s1, uint32_t s2
     }
 }
 
-// One weight row of a tile: where it is (null past the end) and its LoRA B row.
+// One weight row of a tile: where it is (null past the end), its segment and its row in it.
 struct MqRow {
     const uint8_t *w;
-    const float *b;
-    int seg;
+    int seg, lrow;
 };
 
 __device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, int nblk) {
-    MqRow r{nullptr, nullptr, 0};
+    MqRow r{nullptr, 0, 0};
     if (row >= (a.glu ? a.n : a.seg_end[2])) return r;
     int seg = seg_glu, lrow = row;
     if (!a.glu) {
@@ -591,10 +610,9 @@ __device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, i
         lrow = seg == 0 ? row : (seg == 1 ? row - a.seg_end[0] : row - a.seg_end[1]);
     }
     const uint8_t *w = seg == 0 ? a.w[0] : (seg == 1 ? a.w[1] : a.w[2]);
-    const float *lb = seg == 0 ? a.lora_b[0] : (seg == 1 ? a.lora_b[1] : a.lora_b[2]);
     r.w = w + (int64_t)lrow * nblk * Q4K::BYTES;
-    r.b = lb == nullptr ? nullptr : lb + (int64_t)lrow * a.r;
     r.seg = seg;
+    r.lrow = lrow;
     return r;
 }
 
@@ -674,14 +692,18 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
             acc[3] = mq_sub(acc[3], xd1[j], db, d[3], mb, s1);
         }
     }
-    // LoRA: scale * B[row, :] · u[b, seg*r ..] for each of the four outputs, the rank split over
-    // the warps (entries j ≡ warp mod MQ_WARPS) so it joins the reduction below.
+    // LoRA: scale_b * B_b[row, :] · u[b, seg*rmax ..] for each of the four outputs (batch row
+    // b's own adapter), the rank split over the warps (entries j ≡ warp mod MQ_WARPS) so it joins
+    // the reduction below.
     auto lora = [&](const MqRow &row, int b) {
-        if (row.b == nullptr || b >= NB) return 0.f;
-        const float *u = a.lora_u + (int64_t)b * a.ldu + row.seg * a.r;
+        if (row.w == nullptr || b >= NB) return 0.f;
+        const MvLora l = mv_lora(a, b, row.seg);
+        if (l.b == nullptr) return 0.f;
+        const float *brow = l.b + (int64_t)row.lrow * l.r;
+        const float *u = a.lora_u + (int64_t)b * a.ldu + row.seg * a.rmax;
         float v = 0.f;
-        for (int j = warp; j < a.r; j += MQ_WARPS) v = __fmaf_rn(row.b[j], u[j], v);
-        return __fmul_rn(v, a.lora_scale);
+        for (int j = warp; j < l.r; j += MQ_WARPS) v = __fmaf_rn(brow[j], u[j], v);
+        return __fmul_rn(v, l.scale);
     };
     acc[0] = __fadd_rn(acc[0], lora(ra, b0));
     acc[1] = __fadd_rn(acc[1], lora(ra, b1));

@@ -420,7 +420,10 @@ struct Live {
 /// sharing the batch's adapter do, and when the batch is empty the next may use another.
 fn worker_loop(shared: &Shared) {
     let mut run = 0u64;
-    let mix = shared.lm.model.mixes_adapters();
+    let mix = shared.lm.model.mixes_adapters().unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "batching one adapter at a time");
+        false
+    });
     while let Some((joins, group)) = next_group(shared, shared.max_batch, mix) {
         run += 1;
         let mut batch = DecodeBatch::new(&shared.lm);

@@ -51,7 +51,7 @@ impl FusedDecoder {
         match *self {}
     }
 
-    pub fn step(&self, _: &super::Model, _: &candle_core::Tensor, _: &mut super::KvCache, _: Option<&super::lora::LoraAdapter>) -> anyhow::Result<Option<candle_core::Tensor>> {
+    pub fn step(&self, _: &super::Model, _: &candle_core::Tensor, _: &mut super::KvCache, _: &[Option<&super::lora::LoraAdapter>]) -> anyhow::Result<Option<candle_core::Tensor>> {
         match *self {}
     }
 }
@@ -79,7 +79,8 @@ mod imp {
     #[derive(Clone, Copy, Default)]
     struct MvArgs {
         w: [u64; 3],
-        lora_b: [u64; 3],
+        /// Per batch row, per segment: the row's adapter's B (0: none).
+        lora_b: [[u64; 3]; MAX_ROWS],
         xq: u64,
         xd: u64,
         lora_u: u64,
@@ -90,9 +91,10 @@ mod imp {
         n: i32,
         ldy: i32,
         ldu: i32,
-        r: i32,
+        rmax: i32,
         glu: i32,
-        lora_scale: f32,
+        r: [i32; MAX_ROWS],
+        lora_scale: [f32; MAX_ROWS],
     }
     #[repr(C)]
     struct PrepArgs {
@@ -100,12 +102,14 @@ mod imp {
         norm_w: u64,
         xq: u64,
         xd: u64,
-        a: [u64; 3],
+        /// Per batch row, per segment: the row's adapter's A (0: none).
+        a: [[u64; 3]; MAX_ROWS],
         u: u64,
         n: i32,
         nb: i32,
-        r: i32,
+        rmax: i32,
         ldu: i32,
+        r: [i32; MAX_ROWS],
         eps: f32,
     }
     #[repr(C)]
@@ -400,20 +404,25 @@ mod imp {
         }
 
         /// Feed `ids: [rows, 1]` after what `cache` holds (its buffers already have room for
-        /// one more position) and return the logits `[rows, 1, vocab]`. `None`: this call is
-        /// not for the fused step (too many rows, an adapter that is not on this device).
-        pub fn step(&self, model: &Model, ids: &Tensor, cache: &mut KvCache, adapter: Option<&LoraAdapter>) -> Result<Option<Tensor>> {
+        /// one more position), row `i` with `adapters[i]` (`None`: the bare base), and return
+        /// the logits `[rows, 1, vocab]`. `None`: this call is not for the fused step (too many
+        /// rows, an adapter that is not on this device).
+        pub fn step(&self, model: &Model, ids: &Tensor, cache: &mut KvCache, adapters: &[Option<&LoraAdapter>]) -> Result<Option<Tensor>> {
             let nb = ids.dim(0)?;
-            if nb > MAX_ROWS || ids.dtype() != DType::U32 || !ids.device().same_device(model.device()) {
+            if nb > MAX_ROWS || adapters.len() != nb || ids.dtype() != DType::U32 || !ids.device().same_device(model.device()) {
                 return Ok(None);
             }
-            let lora: Option<(&LoraPtrs, usize, f32)> = match adapter {
-                Some(a) => match a.device_ptrs()? {
-                    Some(p) => Some((p, a.config.r, a.config.scale() as f32)),
-                    None => return Ok(None),
-                },
-                None => None,
-            };
+            let mut lora: Vec<Option<RowLora>> = Vec::with_capacity(nb);
+            for a in adapters {
+                lora.push(match a {
+                    Some(a) => match a.device_ptrs()? {
+                        Some(p) => Some((p, a.config.r, a.config.scale() as f32)),
+                        None => return Ok(None),
+                    },
+                    None => None,
+                });
+            }
+            let rmax = lora.iter().flatten().map(|l| l.1).max().unwrap_or(0);
             let cfg = model.config();
             let len = cache.len();
             let max = cfg.max_position;
@@ -430,10 +439,8 @@ mod imp {
             }
             let mut guard = self.scratch.lock().map_err(|_| anyhow::anyhow!("fused decode scratch poisoned by an earlier panic"))?;
             let s = &mut *guard;
-            if let Some((_, r, _)) = lora {
-                if s.u.as_ref().is_none_or(|(_, have)| *have < r) {
-                    s.u = Some((self.dev.alloc_zeros::<f32>(MAX_ROWS * 3 * r)?, r));
-                }
+            if rmax > 0 && s.u.as_ref().is_none_or(|(_, have)| *have < rmax) {
+                s.u = Some((self.dev.alloc_zeros::<f32>(MAX_ROWS * 3 * rmax)?, rmax));
             }
             let stream = &self.k.stream;
             // The per-token inputs go to the scratch's fixed addresses; every kernel reads them
@@ -447,11 +454,11 @@ mod imp {
                 nb,
                 rows: self.row_kernels(),
                 cap: cache.capacity(),
-                lora,
-                u: match (&s.u, lora) {
-                    (Some((buf, _)), Some((_, r, _))) => (slice_ptr(buf), 3 * r),
+                u: match &s.u {
+                    Some((buf, _)) if rmax > 0 => (slice_ptr(buf), rmax),
                     _ => (0, 0),
                 },
+                lora,
                 raw: &cache.raw,
             };
             let vocab = self.head.rows;
@@ -514,12 +521,20 @@ mod imp {
             let p = |b: &CudaSlice<f32>| slice_ptr(b);
             let (x, qkv, att, act) = (p(&s.x), p(&s.qkv), p(&s.att), p(&s.act));
             let (xq, xd) = (slice_ptr(&s.xq), p(&s.xd));
-            let (u, ldu) = plan.u;
+            let (u, rmax) = plan.u;
+            let ldu = 3 * rmax;
             let go = Launcher { k: &self.k, n: Cell::new(0), rows: self.row_kernels() };
             let pos = slice_ptr(&s.ints);
             let start = pos + (MAX_ROWS * 4) as u64;
             let at = pos + (2 * MAX_ROWS * 4) as u64;
-            let (r, scale) = plan.lora.map_or((0, 0.0), |(_, r, s)| (r, s));
+            // Each row's rank and scale (0 where it has no adapter).
+            let mut ranks = [0i32; MAX_ROWS];
+            let mut scales = [0f32; MAX_ROWS];
+            for (b, l) in plan.lora.iter().enumerate() {
+                if let Some((_, r, scale)) = l {
+                    (ranks[b], scales[b]) = (*r as i32, *scale);
+                }
+            }
 
             // Embedding rows straight from the packed table.
             {
@@ -530,9 +545,9 @@ mod imp {
                 unsafe { b.launch(grid((nb * hidden / 32).div_ceil(256), 256)) }.w()?;
             }
             // One matvec launch over up to three stacked weight segments of one block type, each
-            // with its LoRA pair (GLU: gate and up, output silu(gate)·up). The input is (xq, xd),
-            // written by the kernel before it.
-            let mv = |segs: &[(&Packed, Option<(u64, u64)>)], y: u64, ldy: usize, residual: u64, u: u64, glu: bool| -> Result<()> {
+            // with every row's LoRA pair (GLU: gate and up, output silu(gate)·up). The input is
+            // (xq, xd), written by the kernel before it.
+            let mv = |segs: &[(&Packed, RowPairs)], y: u64, ldy: usize, residual: u64, u: u64, glu: bool| -> Result<()> {
                 let first = segs[0].0;
                 let mut a = MvArgs {
                     xq,
@@ -543,16 +558,19 @@ mod imp {
                     k: first.cols as i32,
                     ldy: ldy as i32,
                     ldu: ldu as i32,
-                    r: r as i32,
+                    rmax: rmax as i32,
                     glu: glu as i32,
-                    lora_scale: scale,
+                    r: ranks,
+                    lora_scale: scales,
                     ..Default::default()
                 };
                 let mut end = 0;
                 for i in 0..3 {
-                    if let Some((w, pair)) = segs.get(i) {
+                    if let Some((w, pairs)) = segs.get(i) {
                         a.w[i] = w.ptr;
-                        a.lora_b[i] = pair.map_or(0, |(_, b)| b);
+                        for (b, pair) in pairs.iter().enumerate() {
+                            a.lora_b[b][i] = pair.map_or(0, |(_, bm)| bm);
+                        }
                         end += w.rows;
                     }
                     a.seg_end[i] = end as i32;
@@ -561,28 +579,44 @@ mod imp {
                 go.mv(first, nb, &a)
             };
             // The next matvec's input from x: RMSNorm with `norm_w` (or x as it is), int8
-            // quantization into (xq, xd), and LoRA `u = A·input` for the given pairs.
-            let prep = |x: u64, norm_w: Option<u64>, n: usize, pairs: [Option<(u64, u64)>; 3]| -> Result<()> {
-                let nseg = pairs.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+            // quantization into (xq, xd), and LoRA `u = A·input` for every row's pairs of the
+            // (up to three) projections reading it.
+            let prep = |x: u64, norm_w: Option<u64>, n: usize, segs: [RowPairs; 3]| -> Result<()> {
+                let nseg = segs.iter().rposition(|pairs| pairs.iter().any(Option::is_some)).map_or(0, |i| i + 1);
+                let mut a_ptrs = [[0u64; 3]; MAX_ROWS];
+                for (i, pairs) in segs.iter().enumerate() {
+                    for (b, pair) in pairs.iter().enumerate() {
+                        a_ptrs[b][i] = pair.map_or(0, |(am, _)| am);
+                    }
+                }
                 let a = PrepArgs {
                     x,
                     norm_w: norm_w.unwrap_or(0),
                     xq,
                     xd,
-                    a: pairs.map(|p| p.map_or(0, |(a, _)| a)),
+                    a: a_ptrs,
                     u,
                     n: n as i32,
                     nb: nb as i32,
-                    r: r as i32,
+                    rmax: rmax as i32,
                     ldu: ldu as i32,
+                    r: ranks,
                     eps: cfg.rms_norm_eps as f32,
                 };
-                go.with(&self.prep, grid(nb + nseg * r, 1024), &a)
+                go.with(&self.prep, grid(nb + nseg * rmax, 1024), &a)
             };
             let window = cfg.sliding_window.unwrap_or(usize::MAX).min(i32::MAX as usize) as i32;
             let f = 4u64; // bytes per f32
             for (li, layer) in self.layers.iter().enumerate() {
-                let pair = |proj: Proj| plan.lora.and_then(|(t, _, _)| t[li][proj.index()]);
+                // Every row's (A, B) for a projection of this layer.
+                let pair = |proj: Proj| -> RowPairs {
+                    let mut out = [None; MAX_ROWS];
+                    for (b, l) in plan.lora.iter().enumerate() {
+                        out[b] = l.and_then(|(t, _, _)| t[li][proj.index()]);
+                    }
+                    out
+                };
+                let none: RowPairs = [None; MAX_ROWS];
                 let (kc, vc) = plan.raw[li];
                 let w = |proj: Proj| &layer.w[proj.index()];
                 // Attention block.
@@ -594,7 +628,7 @@ mod imp {
                 } else {
                     // Mixed types (Q4_K_M keeps some v at 6 bits): one launch each, into place.
                     for (i, (wp, off)) in [(wq, 0), (wk, qdim), (wv, qdim + kvdim)].into_iter().enumerate() {
-                        mv(&[(wp, qkv_pairs[i])], qkv + off as u64 * f, ldq, 0, u + (i * r) as u64 * f, false)?;
+                        mv(&[(wp, qkv_pairs[i])], qkv + off as u64 * f, ldq, 0, u + (i * rmax) as u64 * f, false)?;
                     }
                 }
                 let ra = RopeArgs {
@@ -629,20 +663,27 @@ mod imp {
                     scale: 1.0 / (hd as f32).sqrt(),
                 };
                 go.with(&self.attn, LaunchConfig { grid_dim: (nh as u32, nb as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, &aa)?;
-                prep(att, None, qdim, [pair(Proj::O), None, None])?;
+                prep(att, None, qdim, [pair(Proj::O), none, none])?;
                 mv(&[(w(Proj::O), pair(Proj::O))], x, hidden, x, u, false)?;
                 // MLP block.
-                let gu_pairs = [pair(Proj::Gate), pair(Proj::Up), None];
+                let gu_pairs = [pair(Proj::Gate), pair(Proj::Up), none];
                 prep(x, Some(layer.ffn_norm), hidden, gu_pairs)?;
                 mv(&[(w(Proj::Gate), gu_pairs[0]), (w(Proj::Up), gu_pairs[1])], act, inter, 0, u, true)?;
-                prep(act, None, inter, [pair(Proj::Down), None, None])?;
+                prep(act, None, inter, [pair(Proj::Down), none, none])?;
                 mv(&[(w(Proj::Down), pair(Proj::Down))], x, hidden, x, u, false)?;
             }
-            prep(x, Some(self.final_norm), hidden, [None; 3])?;
-            mv(&[(&self.head, None)], slice_ptr(&s.logits), self.head.rows, 0, 0, false)?;
+            let none: RowPairs = [None; MAX_ROWS];
+            prep(x, Some(self.final_norm), hidden, [none; 3])?;
+            mv(&[(&self.head, none)], slice_ptr(&s.logits), self.head.rows, 0, 0, false)?;
             Ok(go.n.get())
         }
     }
+
+    /// A row's adapter as the step reads it: its device addresses, rank and scale.
+    type RowLora<'a> = (&'a LoraPtrs, usize, f32);
+
+    /// One projection's `(A, B)` device addresses for each batch row (`None`: no LoRA term).
+    type RowPairs = [Option<(u64, u64)>; MAX_ROWS];
 
     /// What one step's launches depend on besides the scratch buffers (fixed for the decoder's
     /// life) and the per-token values in `Scratch::ints`.
@@ -650,8 +691,9 @@ mod imp {
         nb: usize,
         rows: RowKernels,
         cap: usize,
-        lora: Option<(&'a LoraPtrs, usize, f32)>,
-        /// LoRA `u` buffer and its row stride.
+        /// Each row's adapter (device addresses, rank, scale), or `None`.
+        lora: Vec<Option<RowLora<'a>>>,
+        /// LoRA `u` buffer and the largest rank of the rows (its segment stride).
         u: (u64, usize),
         /// Each layer's K and V cache addresses.
         raw: &'a [(u64, u64)],
@@ -664,8 +706,21 @@ mod imp {
         fn key(&self) -> Vec<u64> {
             let mut k = vec![self.nb as u64, self.cap as u64, self.u.0, self.u.1 as u64, self.rows as u64];
             k.extend(self.raw.iter().flat_map(|&(a, b)| [a, b]));
-            if let Some((table, r, scale)) = self.lora {
-                k.extend([r as u64, scale.to_bits() as u64]);
+            // Each row's adapter by its table's address, rank and scale, then each distinct
+            // table's contents once.
+            let mut tables: Vec<&LoraPtrs> = Vec::new();
+            for l in &self.lora {
+                match l {
+                    Some((table, r, scale)) => {
+                        k.extend([std::ptr::from_ref(*table) as u64, *r as u64, scale.to_bits() as u64]);
+                        if !tables.iter().any(|t| std::ptr::eq(*t, *table)) {
+                            tables.push(table);
+                        }
+                    }
+                    None => k.extend([0, 0, 0]),
+                }
+            }
+            for table in tables {
                 k.extend(table.iter().flatten().flat_map(|p| p.map_or([0, 0], |(a, b)| [a, b])));
             }
             k

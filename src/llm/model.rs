@@ -540,11 +540,12 @@ impl Model {
     }
 
     /// Whether a step mixing rows of different adapters ([`Model::forward_mixed`]) gives each
-    /// row exactly what it gets alone: on the CPU, where the LoRA product runs row by row; not
-    /// on CUDA, where the fused step takes one adapter and candle's kernels split work by row
+    /// row exactly what it gets alone (up to [`Model::invariant_batch_rows`] rows): on the CPU,
+    /// where the LoRA product runs row by row, and on CUDA where the fused step applies (each
+    /// row reads its own adapter's A and B); not on candle's CUDA ops, which split work by row
     /// count.
-    pub fn mixes_adapters(&self) -> bool {
-        !self.device.is_cuda()
+    pub fn mixes_adapters(&self) -> Result<bool> {
+        Ok(!self.device.is_cuda() || self.fused_decode_active()?)
     }
 
     fn forward_rows(&self, ids: &Tensor, cache: &mut KvCache, lora: RowLora<'_>, which: Logits) -> Result<Tensor> {
@@ -556,8 +557,12 @@ impl Model {
         }
         let offset = cache.len;
         cache.reserve(&self.cfg, t, self.dtype, &self.device)?;
-        if let (1, true, RowLora::All(adapter)) = (t, self.fused_decode, lora) {
-            if let Some(logits) = self.fused_decoder()?.map(|f| f.step(self, ids, cache, adapter)).transpose()?.flatten() {
+        if t == 1 && self.fused_decode {
+            let per_row: Vec<Option<&LoraAdapter>> = match lora {
+                RowLora::All(a) => vec![a; b],
+                RowLora::PerRow(rows) => rows.to_vec(),
+            };
+            if let Some(logits) = self.fused_decoder()?.map(|f| f.step(self, ids, cache, &per_row)).transpose()?.flatten() {
                 cache.len = offset + 1;
                 return Ok(logits);
             }
