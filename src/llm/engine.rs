@@ -3,8 +3,8 @@
 //! the running batch at the next step instead of waiting for it to finish), streaming each
 //! answer's text back through its own channel. An answer is the same whether it runs alone or
 //! beside others (see `generate::DecodeBatch`). Where the model mixes adapters in one step
-//! (`Model::mixes_adapters`: the CPU) questions of any adapter share a batch; elsewhere a batch
-//! holds one adapter's questions.
+//! (`Model::mixes_adapters`: the CPU, and CUDA with the fused step) questions of any adapter
+//! share a batch; elsewhere a batch holds one adapter's questions.
 //!
 //! - The active LoRA adapter sits behind an `ArcSwapOption`: a question captures the `Arc` when
 //!   it starts and keeps it to its end, so [`Engine::swap_adapter`] never waits for answering and
@@ -415,7 +415,7 @@ struct Live {
 /// Continuous batching: a batch starts with the oldest waiting question and every other one
 /// that may join it, and from then on waiting questions join between decode steps (each
 /// prefilled in chunks, so a long prompt stalls the others one chunk at a time) while there is
-/// room; rows leave as they finish. Where the model mixes adapters in one step (the CPU) any
+/// room; rows leave as they finish. Where the model mixes adapters in one step any
 /// question joins, each with the adapter it resolved to when it joined; elsewhere only those
 /// sharing the batch's adapter do, and when the batch is empty the next may use another.
 fn worker_loop(shared: &Shared) {

@@ -16,7 +16,7 @@ pub struct ServeSettings {
     pub max_body_bytes: usize,
     /// Requests allowed to wait for the engine; more get 429.
     pub queue_capacity: usize,
-    /// Requests answered together in one batch (same adapter).
+    /// Requests answered together in one batch.
     pub max_batch: usize,
     /// `Retry-After` seconds sent with a 429.
     pub retry_after_s: u64,
