@@ -462,9 +462,7 @@ mod x86 {
         let blocks = a.k / BLOCK;
         let bb = kind(K).block_bytes();
         let mut acc = [[_mm256_setzero_ps(); T]; R];
-        // Offsets: four rows in the lanes of one vector per token (R = 4), or one scalar.
-        let mut off4 = [_mm_setzero_ps(); T];
-        let mut off1 = [0f32; T];
+        let mut offsets = Offsets::<R, T>::new();
         let wbase = w.as_ptr().add(r0 * row_bytes);
         for b in 0..blocks {
             let mut act = [_mm256_setzero_si256(); T];
@@ -494,28 +492,58 @@ mod x86 {
                 }
             }
             if K != Q8_0 {
-                if R == 4 {
-                    let m4 = _mm_loadu_ps(mw.as_ptr());
-                    for j in 0..T {
-                        off4[j] = _mm_fmadd_ps(m4, _mm_set1_ps(sa[j]), off4[j]);
-                    }
-                } else {
-                    for j in 0..T {
-                        off1[j] = mw[0].mul_add(sa[j], off1[j]);
-                    }
+                offsets.add(&mw, &sa);
+            }
+        }
+        let offs = offsets.by_token();
+        for (i, row) in acc.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                *out.add((t0 + j) * n + r0 + i) = hsum(v) + offs[j][i];
+            }
+        }
+    }
+
+    /// The block offsets (`m_w · d_a·Σa`) of an `R`×`T` tile, summed block by block in block
+    /// order: four rows in the lanes of one vector per token (`R` = 4), or one scalar (`R` = 1).
+    /// Both tile widths use it, so a `(token, row)` gets the same offset in any tile.
+    struct Offsets<const R: usize, const T: usize> {
+        four: [__m128; T],
+        one: [f32; T],
+    }
+
+    impl<const R: usize, const T: usize> Offsets<R, T> {
+        #[inline(always)]
+        unsafe fn new() -> Self {
+            Self { four: [_mm_setzero_ps(); T], one: [0.0; T] }
+        }
+
+        /// One block: `mw` its offset per unit for each row, `sa` its `d·Σa` for each token.
+        #[inline(always)]
+        unsafe fn add(&mut self, mw: &[f32; R], sa: &[f32; T]) {
+            if R == 4 {
+                let m4 = _mm_loadu_ps(mw.as_ptr());
+                for (o, &s) in self.four.iter_mut().zip(sa) {
+                    *o = _mm_fmadd_ps(m4, _mm_set1_ps(s), *o);
+                }
+            } else {
+                for (o, &s) in self.one.iter_mut().zip(sa) {
+                    *o = mw[0].mul_add(s, *o);
                 }
             }
         }
-        for j in 0..T {
-            let mut offs = [0f32; R];
-            if R == 4 {
-                _mm_storeu_ps(offs.as_mut_ptr(), off4[j]);
-            } else {
-                offs[0] = off1[j];
+
+        /// Each token's offsets, one per row.
+        #[inline(always)]
+        unsafe fn by_token(&self) -> [[f32; R]; T] {
+            let mut offs = [[0f32; R]; T];
+            for (o, (&four, &one)) in offs.iter_mut().zip(self.four.iter().zip(&self.one)) {
+                if R == 4 {
+                    _mm_storeu_ps(o.as_mut_ptr(), four);
+                } else {
+                    o[0] = one;
+                }
             }
-            for i in 0..R {
-                *out.add((t0 + j) * n + r0 + i) = hsum(acc[i][j]) + offs[i];
-            }
+            offs
         }
     }
 
@@ -535,7 +563,7 @@ mod x86 {
     /// block runs on the low half with the high half zero. As on 256 bits, every `(token, row)`
     /// takes the same instructions in the same order whatever its tile.
     mod wide {
-        use super::{hsum, kind, load_block, QuantizedRows, BLOCK, Q8_0};
+        use super::{hsum, kind, load_block, Offsets, QuantizedRows, BLOCK, Q8_0};
         use std::arch::x86_64::*;
 
         /// Tiles of 4 rows × 4 tokens (then 2, then 1), then what is left one row at a time.
@@ -607,23 +635,12 @@ mod x86 {
             let blocks = a.k / BLOCK;
             let bb = kind(K).block_bytes();
             let mut acc = [[_mm512_setzero_ps(); T]; R];
-            let mut off4 = [_mm_setzero_ps(); T];
-            let mut off1 = [0f32; T];
+            let mut offsets = Offsets::<R, T>::new();
             let wbase = w.as_ptr().add(r0 * row_bytes);
-            // The offsets of one block (`mw`: its minimum per row, `sa`: d·Σa per token).
+            // The offsets of one block (Q8_0 has none).
             let mut add_offsets = |mw: &[f32; R], sa: &[f32; T]| {
-                if K == Q8_0 {
-                    return;
-                }
-                if R == 4 {
-                    let m4 = _mm_loadu_ps(mw.as_ptr());
-                    for j in 0..T {
-                        off4[j] = _mm_fmadd_ps(m4, _mm_set1_ps(sa[j]), off4[j]);
-                    }
-                } else {
-                    for j in 0..T {
-                        off1[j] = mw[0].mul_add(sa[j], off1[j]);
-                    }
+                if K != Q8_0 {
+                    offsets.add(mw, sa);
                 }
             };
             let mut b = 0;
@@ -681,17 +698,11 @@ mod x86 {
                 }
                 add_offsets(&mw, &sa);
             }
-            for j in 0..T {
-                let mut offs = [0f32; R];
-                if R == 4 {
-                    _mm_storeu_ps(offs.as_mut_ptr(), off4[j]);
-                } else {
-                    offs[0] = off1[j];
-                }
-                for i in 0..R {
-                    let v = acc[i][j];
+            let offs = offsets.by_token();
+            for (i, row) in acc.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
                     let halves = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
-                    *out.add((t0 + j) * n + r0 + i) = hsum(halves) + offs[i];
+                    *out.add((t0 + j) * n + r0 + i) = hsum(halves) + offs[j][i];
                 }
             }
         }
