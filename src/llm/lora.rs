@@ -138,12 +138,12 @@ impl LoraPair {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(self.a_t.dtype())?;
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            let (r, k) = self.a.dims2()?;
+            let k = self.a.dim(1)?;
             let n = self.b_t_scaled.dim(1)?;
             let mut dims = x.dims().to_vec();
             ensure!(dims.last() == Some(&k), "input {dims:?} does not end in the adapter's {k} inputs");
             let mut out = vec![0f32; x.elem_count() / k * n];
-            with_cpu_f32(&x, |xs| with_cpu_f32(&self.a, |a| with_cpu_f32(&self.b_t_scaled, |bt| cpu::low_rank(xs, k, a, r, bt, n, &mut out))))?;
+            with_cpu_f32(&x, |xs| self.low_rank_cpu(xs, &mut out))?;
             if let Some(last) = dims.last_mut() {
                 *last = n;
             }
@@ -176,8 +176,7 @@ impl LoraPair {
             with_cpu_f32(&x, |xs| {
                 for (i, (pair, ys)) in pairs.iter().zip(out.chunks_mut(per_row / k * n)).enumerate() {
                     if let Some(p) = pair {
-                        let r = p.a.dim(0)?;
-                        with_cpu_f32(&p.a, |a| with_cpu_f32(&p.b_t_scaled, |bt| cpu::low_rank(&xs[i * per_row..(i + 1) * per_row], k, a, r, bt, n, ys)))?;
+                        p.low_rank_cpu(&xs[i * per_row..(i + 1) * per_row], ys)?;
                     }
                 }
                 Ok(())
@@ -195,6 +194,14 @@ impl LoraPair {
             });
         }
         Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// `out = (xs·Aᵀ)·Bᵀ·scale` for the rows of `xs` (f32 on the CPU), each row alone in one
+    /// fixed order (`kernels::cpu::low_rank`).
+    fn low_rank_cpu(&self, xs: &[f32], out: &mut [f32]) -> Result<()> {
+        let (r, k) = self.a.dims2()?;
+        let n = self.b_t_scaled.dim(1)?;
+        with_cpu_f32(&self.a, |a| with_cpu_f32(&self.b_t_scaled, |bt| cpu::low_rank(xs, k, a, r, bt, n, out)))
     }
 
     /// The dense update `scale·B·A: [out, in]` that merging adds to the base weight.
