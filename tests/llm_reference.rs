@@ -182,6 +182,21 @@ fn quantized_load_is_cached_and_close_to_reference() {
     assert_eq!(std::fs::read_dir(dir.path().join("cache")).unwrap().count(), 2);
 }
 
+#[test]
+fn loads_racing_to_fill_an_empty_cache_all_succeed() {
+    // Tests, and a bot starting beside `ask`, may quantize the same folder at once: each writes
+    // its own temporary file and the renames replace one whole file with another.
+    let (dir, _) = setup(6);
+    let ids = prompt(10, 7);
+    let logits: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..4).map(|_| s.spawn(|| all_logits(&load_tiny(dir.path(), "q8_0"), &ids, None))).collect();
+        runs.into_iter().map(|r| r.join().expect("a racing load failed")).collect()
+    });
+    assert!(logits.windows(2).all(|w| w[0] == w[1]));
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("cache")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 1, "temporary files left behind: {left:?}");
+}
+
 // ---- LoRA -------------------------------------------------------------------------------
 
 /// PEFT-named tensors with deterministic A and B on the given projections of every layer.

@@ -345,9 +345,9 @@ impl LoraAdapter {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let tensors = self.to_hf_tensors()?;
-        let w_tmp = tmp_path(dir, WEIGHTS_FILE);
+        let w_tmp = crate::util::tmp_path::beside(&dir.join(WEIGHTS_FILE));
         candle_core::safetensors::save(&tensors, &w_tmp).with_context(|| format!("writing {}", w_tmp.display()))?;
-        let c_tmp = tmp_path(dir, CONFIG_FILE);
+        let c_tmp = crate::util::tmp_path::beside(&dir.join(CONFIG_FILE));
         std::fs::write(&c_tmp, serde_json::to_string_pretty(&self.config)?).with_context(|| format!("writing {}", c_tmp.display()))?;
         std::fs::rename(&w_tmp, dir.join(WEIGHTS_FILE)).context("renaming adapter weights into place")?;
         std::fs::rename(&c_tmp, dir.join(CONFIG_FILE)).context("renaming adapter config into place")?;
@@ -374,10 +374,6 @@ pub fn resolve_dir(spec: &str, adapters_dir: &Path) -> Result<PathBuf> {
         by_id.display(),
         if known.is_empty() { "none".to_string() } else { known.join(", ") }
     )
-}
-
-fn tmp_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 fn read_safetensors(bytes: &[u8], device: &Device) -> Result<HashMap<String, Tensor>> {

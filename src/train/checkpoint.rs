@@ -73,7 +73,7 @@ pub fn save(run_dir: &Path, state: &TrainState, tensors: &[(String, Tensor)]) ->
     let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
     let meta = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(state)?)]);
     let final_path = path(run_dir);
-    let tmp = run_dir.join(format!(".{CHECKPOINT_FILE}.tmp-{}", std::process::id()));
+    let tmp = crate::util::tmp_path::beside(&final_path);
     safetensors::serialize_to_file(cpu.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp).with_context(|| format!("writing {}", tmp.display()))?;
     // The data must be on disk before the rename makes it the checkpoint.
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;

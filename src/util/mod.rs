@@ -4,3 +4,4 @@ pub mod backoff;
 pub mod clock;
 pub mod compare;
 pub mod secret;
+pub mod tmp_path;

@@ -206,7 +206,7 @@ fn write_quantized(inputs: &Inputs, quant: QuantType, out: &Path) -> Result<()> 
     }
     let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    let tmp = crate::util::tmp_path::beside(out);
     let mut f = std::io::BufWriter::new(File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
     gguf_file::write(&mut f, &md_refs, &t_refs).with_context(|| format!("writing {}", tmp.display()))?;
     use std::io::Write;
