@@ -1,9 +1,10 @@
 // Kernels that read GGML-packed weights in place (the bytes candle's QTensor holds on the GPU):
 // dequantization to bf16/f16 (prompt GEMMs and training) and embedding rows, both exact in f32,
 // and the decode matvec for 1-8 token rows on int8-quantized activations (dp4a, and for Q4_K int8
-// tensor cores), with LoRA, residual and SwiGLU folded into its epilogue. Either kernel computes
+// tensor cores), with LoRA, residual and SwiGLU folded into its epilogue. Every kernel computes
 // a token row the same way whatever the number of rows beside it, so batching never changes an
-// output; the two kernels differ from each other, so a weight type uses one for every row count.
+// output. Different kernels sum in different orders, so a weight type uses one order for every
+// row count: Q4_K's tensor-core order (its 1-2 row dp4a kernel `mvd` follows it), the others `mv`.
 //
 // Block layouts follow ggml (k_quants.h / ggml-common.h).
 #include <cuda_bf16.h>
@@ -617,9 +618,22 @@ __device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, i
 }
 
 // One sub-block's share: acc + xd·(d·sc·dot − dmin·m·sum), every rounding spelled out so that
-// each row-count instantiation (and the compiler's FMA contraction) computes it identically.
+// each row-count instantiation, the dp4a kernel below that follows the same order, and the
+// compiler's FMA contraction all compute it identically.
+__device__ __forceinline__ float mq_term(float dsc, int dot, float dmn, int sum) {
+    return __fsub_rn(__fmul_rn(dsc, small_int(dot)), __fmul_rn(dmn, small_int(sum)));
+}
 __device__ __forceinline__ float mq_sub(float acc, float xd, float dsc, int dot, float dmn, int sum) {
-    return __fmaf_rn(xd, __fsub_rn(__fmul_rn(dsc, small_int(dot)), __fmul_rn(dmn, small_int(sum))), acc);
+    return __fmaf_rn(xd, mq_term(dsc, dot, dmn, sum), acc);
+}
+
+// The epilogue both Q4_K kernels share: silu(gate) * up, and the residual, rounded explicitly.
+__device__ __forceinline__ float mq_silu_mul(float gate, float up) {
+    return __fmul_rn(__fdiv_rn(gate, __fadd_rn(1.f, __expf(-gate))), up);
+}
+__device__ __forceinline__ void mq_store(const MvArgs &a, int row, int b, float v) {
+    const int64_t at = (int64_t)b * a.ldy + row;
+    a.y[at] = a.residual != nullptr ? __fadd_rn(v, a.residual[at]) : v;
 }
 
 template <int NB>
@@ -722,15 +736,12 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
         acc[i] = v;
     }
     auto store = [&](int row, int b, float v) {
-        if (b >= NB || row >= a.n) return;
-        const int64_t at = (int64_t)b * a.ldy + row;
-        if (a.residual != nullptr) v += a.residual[at];
-        a.y[at] = v;
+        if (b < NB && row < a.n) mq_store(a, row, b, v);
     };
     if (a.glu) {
         if (ra.w == nullptr) return;
-        store(out_a, b0, acc[0] / (1.f + __expf(-acc[0])) * acc[2]);
-        store(out_a, b1, acc[1] / (1.f + __expf(-acc[1])) * acc[3]);
+        store(out_a, b0, mq_silu_mul(acc[0], acc[2]));
+        store(out_a, b1, mq_silu_mul(acc[1], acc[3]));
     } else {
         store(out_a, b0, acc[0]);
         store(out_a, b1, acc[1]);
@@ -744,3 +755,171 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
 #define MVQ_NB(NB) \
     extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, NB == 8 ? 3 : 2) mvq_q4k_b##NB(const MvArgs a) { mvq_q4k_body<NB>(a); }
 MVQ_NB(1) MVQ_NB(2) MVQ_NB(3) MVQ_NB(4) MVQ_NB(5) MVQ_NB(6) MVQ_NB(7) MVQ_NB(8)
+
+// ---- the same Q4_K matvec on dp4a for 1-2 rows, in the tensor-core kernel's float order ---------
+//
+// At one or two rows the MMA tile wastes most of its work, and a dp4a kernel streams the weights
+// faster. A row's output must still be the same bits as in a batch of 3-8 (which takes the
+// tensor-core kernel above), so this kernel computes exactly the same float operations in the
+// same order; only the integer dot products (exact in any order) are done another way:
+//   - eight partial sums per output, partial w taking blocks bi ≡ w (mod 8) in increasing order
+//     (the tensor-core kernel's warp w), each adding its sub-blocks j = 0..7 with mq_sub;
+//   - partial w then adds its share of the LoRA term (rank entries j ≡ w mod 8, scaled);
+//   - the eight partials are summed from partial 0 up, then the shared epilogue.
+// Layout: a warp owns MV_SLOTS = 2 weight rows (GLU: the gate and up rows of one output), as in
+// mv_body (same grid), and walks their whole length, 8 blocks an iteration. Lane = 8q + 2g + h covers block
+// 8·it + 4u + q (u = 0, 1) and, in it, the 16 quant bytes 32g + 16h..: weights 64g + 16h.. (low
+// nibbles, sub-block 2g) and 64g + 32 + 16h.. (high, sub-block 2g + 1). The pair of lanes
+// (h = 0, 1) sums a sub-block's dot product; the 8 lanes of group q gather the block's eight
+// sub-block terms and each runs its block's chain into partial w = q + 4u.
+template <int NB>
+__device__ void mvd_q4k_body(const MvArgs &a) {
+    const int lane = threadIdx.x & 31, q = lane >> 3, g = (lane >> 1) & 3, h = lane & 1;
+    const int base = lane & ~7;
+    const int nblk = a.k / Q4K::ELEMS;
+    const int outs = a.glu ? 1 : MV_SLOTS;
+    const int first = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * outs;
+    if (first >= a.n) return;
+    MqRow rows[MV_SLOTS];
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++) rows[s] = mq_row(a, a.glu ? first : first + s, s, nblk);
+    // Partial w = q + 4u of row s, batch row b.
+    float acc[MV_SLOTS][NB][2];
+    // LoRA entries j = w and w + 8 of each partial, requested before the weights (ranks up to 16
+    // need nothing after the loop).
+    float lb[MV_SLOTS][NB][2][2], lu[MV_SLOTS][NB][2][2];
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+        for (int b = 0; b < NB; b++)
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                acc[s][b][u] = 0.f;
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    lb[s][b][u][e] = lu[s][b][u][e] = 0.f;
+                    if (rows[s].w == nullptr) continue;
+                    const MvLora l = mv_lora(a, b, rows[s].seg);
+                    const int j = q + 4 * u + 8 * e;
+                    if (l.b != nullptr && j < l.r) {
+                        lb[s][b][u][e] = l.b[(int64_t)rows[s].lrow * l.r + j];
+                        lu[s][b][u][e] = a.lora_u[(int64_t)b * a.ldu + rows[s].seg * a.rmax + j];
+                    }
+                }
+            }
+    // Lane o*NB + b writes output first+o of batch row b.
+    const int oo = lane / NB, ob = lane % NB;
+    const bool writes = lane < outs * NB && first + oo < a.n;
+    const float res = writes && a.residual != nullptr ? a.residual[(int64_t)ob * a.ldy + first + oo] : 0.f;
+
+    for (int it = 0; it * 8 < nblk; it++) {
+        uint4 hd[2][MV_SLOTS], qv[2][MV_SLOTS], xlo[2][NB], xhi[2][NB];
+        float4 xd[2][NB][2];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int bi = 8 * it + 4 * u + q;
+            const bool in = bi < nblk;
+#pragma unroll
+            for (int s = 0; s < MV_SLOTS; s++) {
+                hd[u][s] = qv[u][s] = make_uint4(0, 0, 0, 0);
+                if (in && rows[s].w != nullptr) {
+                    const uint8_t *p = rows[s].w + (int64_t)bi * Q4K::BYTES;
+                    hd[u][s] = ld_stream16(p);
+                    qv[u][s] = ld_stream16(p + 16 + 32 * g + 16 * h);
+                }
+            }
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                xlo[u][b] = xhi[u][b] = make_uint4(0, 0, 0, 0);
+                xd[u][b][0] = xd[u][b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (in) {
+                    const int8_t *x = a.xq + (int64_t)b * a.k + bi * 256 + 64 * g + 16 * h;
+                    xlo[u][b] = *reinterpret_cast<const uint4 *>(x);
+                    xhi[u][b] = *reinterpret_cast<const uint4 *>(x + 32);
+                    const float4 *d = reinterpret_cast<const float4 *>(a.xd + (int64_t)b * (a.k / 32) + bi * 8);
+                    xd[u][b][0] = d[0];
+                    xd[u][b][1] = d[1];
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const bool in = 8 * it + 4 * u + q < nblk;
+            // Activation sums of sub-blocks 2g (lo) and 2g + 1 (hi), per batch row.
+            int slo[NB], shi[NB];
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                const uint4 l = xlo[u][b], m = xhi[u][b];
+                slo[b] = __dp4a(0x01010101, (int)l.x, __dp4a(0x01010101, (int)l.y, __dp4a(0x01010101, (int)l.z, __dp4a(0x01010101, (int)l.w, 0))));
+                shi[b] = __dp4a(0x01010101, (int)m.x, __dp4a(0x01010101, (int)m.y, __dp4a(0x01010101, (int)m.z, __dp4a(0x01010101, (int)m.w, 0))));
+                slo[b] += __shfl_xor_sync(0xffffffffu, slo[b], 1);
+                shi[b] += __shfl_xor_sync(0xffffffffu, shi[b], 1);
+            }
+#pragma unroll
+            for (int s = 0; s < MV_SLOTS; s++) {
+                const uint4 hv = hd[u][s], w = qv[u][s];
+                uint32_t sc_w, m_w;
+                q4k_scale_words(hv.y, hv.z, hv.w, g >= 2, sc_w, m_w);
+                const int sh = 16 * (g & 1);
+                const float2 dm = __half22float2(*reinterpret_cast<const __half2 *>(&hv.x));
+                const float dlo = dm.x * small_uint((sc_w >> sh) & 0xFF), mlo = dm.y * small_uint((m_w >> sh) & 0xFF);
+                const float dhi = dm.x * small_uint((sc_w >> (sh + 8)) & 0xFF), mhi = dm.y * small_uint((m_w >> (sh + 8)) & 0xFF);
+                const uint32_t wl[4] = {w.x & 0x0F0F0F0Fu, w.y & 0x0F0F0F0Fu, w.z & 0x0F0F0F0Fu, w.w & 0x0F0F0F0Fu};
+                const uint32_t wh[4] = {(w.x >> 4) & 0x0F0F0F0Fu, (w.y >> 4) & 0x0F0F0F0Fu, (w.z >> 4) & 0x0F0F0F0Fu, (w.w >> 4) & 0x0F0F0F0Fu};
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    const uint4 l = xlo[u][b], m = xhi[u][b];
+                    int plo = __dp4a((int)wl[0], (int)l.x, __dp4a((int)wl[1], (int)l.y, __dp4a((int)wl[2], (int)l.z, __dp4a((int)wl[3], (int)l.w, 0))));
+                    int phi = __dp4a((int)wh[0], (int)m.x, __dp4a((int)wh[1], (int)m.y, __dp4a((int)wh[2], (int)m.z, __dp4a((int)wh[3], (int)m.w, 0))));
+                    plo += __shfl_xor_sync(0xffffffffu, plo, 1);
+                    phi += __shfl_xor_sync(0xffffffffu, phi, 1);
+                    const float tlo = mq_term(dlo, plo, mlo, slo[b]), thi = mq_term(dhi, phi, mhi, shi[b]);
+                    const float xs[8] = {xd[u][b][0].x, xd[u][b][0].y, xd[u][b][0].z, xd[u][b][0].w,
+                                         xd[u][b][1].x, xd[u][b][1].y, xd[u][b][1].z, xd[u][b][1].w};
+                    float c = acc[s][b][u];
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        const float t = __shfl_sync(0xffffffffu, (j & 1) ? thi : tlo, base + 2 * (j >> 1));
+                        c = __fmaf_rn(xs[j], t, c);
+                    }
+                    if (in) acc[s][b][u] = c;
+                }
+            }
+        }
+    }
+    float out = 0.f, gate = 0.f;
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                float v = 0.f;
+                if (rows[s].w != nullptr) {
+                    const MvLora l = mv_lora(a, b, rows[s].seg);
+                    if (l.b != nullptr) {
+                        v = __fmaf_rn(lb[s][b][u][1], lu[s][b][u][1], __fmaf_rn(lb[s][b][u][0], lu[s][b][u][0], 0.f));
+                        const float *brow = l.b + (int64_t)rows[s].lrow * l.r;
+                        const float *uv = a.lora_u + (int64_t)b * a.ldu + rows[s].seg * a.rmax;
+                        for (int j = q + 4 * u + 16; j < l.r; j += 8) v = __fmaf_rn(brow[j], uv[j], v);
+                        v = __fmul_rn(v, l.scale);
+                    }
+                }
+                acc[s][b][u] = __fadd_rn(acc[s][b][u], v);
+            }
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < 8; w++) v = __fadd_rn(v, __shfl_sync(0xffffffffu, acc[s][b][w >> 2], 8 * (w & 3)));
+            if (b == ob && (a.glu ? 0 : s) == oo) {
+                if (a.glu && s == 0) gate = v;
+                else out = v;
+            }
+        }
+    if (!writes) return;
+    if (a.glu) out = mq_silu_mul(gate, out);
+    a.y[(int64_t)ob * a.ldy + first + oo] = a.residual != nullptr ? __fadd_rn(out, res) : out;
+}
+
+#define MVD_NB(NB) \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4) mvd_q4k_b##NB(const MvArgs a) { mvd_q4k_body<NB>(a); }
+MVD_NB(1) MVD_NB(2)

@@ -155,15 +155,19 @@ mod imp {
         mv: Vec<CudaFunction>,
         /// The tensor-core matvec `mvq_<type>_b<n>` for n = 1..=8, where the type has one (Q4_K).
         mma: Vec<CudaFunction>,
+        /// `mvd_<type>_b<n>` for n = 1..=[`MMA_ORDER_DP4A_ROWS`]: dp4a in the tensor-core
+        /// kernel's float order (same bits, quicker at few rows), where the type has one.
+        mma_order: Vec<CudaFunction>,
         embed: CudaFunction,
     }
 
     /// Which matvec a weight with a tensor-core kernel (Q4_K) takes for a number of rows.
     ///
     /// A row's output must not depend on how many rows share the step (the same question gives
-    /// the same answer alone or on a busy bot), and the two kernels sum a row in different orders.
-    /// So by default the tensor-core kernel serves every row count. `Fastest` takes the dp4a
-    /// kernel below 3 rows, where it is quicker; `bench generate` measures the difference.
+    /// the same answer alone or on a busy bot). By default 1-2 rows take `mvd` (dp4a computing
+    /// the tensor-core kernel's float operations in its order: the same bits) and 3-8 rows the
+    /// tensor-core kernel. `Fastest` takes the generic dp4a kernel `mv` below 3 rows instead,
+    /// which sums in its own order (not batch-invariant); `bench generate` compares the two.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum RowKernels {
         Exact,
@@ -174,6 +178,9 @@ mod imp {
     /// kernel's instructions grow with the rows (at 8 rows it is issue-bound at a fifth of the
     /// memory bandwidth), the MMA's barely do.
     const FASTEST_MMA_MIN_ROWS: usize = 3;
+
+    /// Rows up to which the `Exact` choice runs `mvd` rather than the tensor-core kernel.
+    const MMA_ORDER_DP4A_ROWS: usize = 2;
 
     /// A packed weight read in place: its address and the kernels for its block type.
     struct Packed {
@@ -196,11 +203,14 @@ mod imp {
                 Some(f) => f.clone(),
                 None => {
                     let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
-                    let mma = match kind.suffix {
-                        "q4k" => (1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
-                        _ => Vec::new(),
+                    let (mma, mma_order) = match kind.suffix {
+                        "q4k" => (
+                            (1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
+                            (1..=MMA_ORDER_DP4A_ROWS).map(|n| k.quant(&format!("mvd_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
+                        ),
+                        _ => (Vec::new(), Vec::new()),
                     };
-                    let f = Arc::new(TypeKernels { mv, mma, embed: k.quant(&format!("embed_f32_{suffix}"))? });
+                    let f = Arc::new(TypeKernels { mv, mma, mma_order, embed: k.quant(&format!("embed_f32_{suffix}"))? });
                     by_type.insert(suffix, f.clone());
                     f
                 }
@@ -284,18 +294,19 @@ mod imp {
             Ok(self.k.launch_with(f, cfg, args)?)
         }
 
-        /// The matvec for `w`'s type and `nb` rows: `mvq_body` (tensor cores, tiles of 16
-        /// weight rows, 8 warps splitting k) or `mv_body` in quant.cu.
+        /// The matvec for `w`'s type and `nb` rows: `mvq_q4k_body` (tensor cores, tiles of 16
+        /// weight rows, 8 warps splitting k), `mvd_q4k_body` (dp4a in its order) or `mv_body` in
+        /// quant.cu. The last two share a geometry: a warp owns two weight rows.
         fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
             let (glu, n) = (a.glu != 0, a.n as usize);
-            let mma_from = match self.rows {
-                RowKernels::Exact => 1,
-                RowKernels::Fastest => FASTEST_MMA_MIN_ROWS,
-            };
-            if nb >= mma_from && !w.f.mma.is_empty() {
-                return self.with(&w.f.mma[nb - 1], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a);
-            }
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
+            if !w.f.mma.is_empty() {
+                match self.rows {
+                    RowKernels::Exact if nb <= w.f.mma_order.len() => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
+                    RowKernels::Fastest if nb < FASTEST_MMA_MIN_ROWS => {}
+                    _ => return self.with(&w.f.mma[nb - 1], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a),
+                }
+            }
             self.with(&w.f.mv[nb - 1], grid(matvec_blocks(n, glu), threads), a)
         }
 
