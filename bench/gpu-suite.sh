@@ -16,6 +16,7 @@
 #              the Q4_K_M mix; every run also times candle's ops in the same process
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
 #              gate|up and down matvecs
+#   ncufile    kernel time per launch of one fused bare decode token on the Q4_K_M file ($Q4KM)
 #   serve      `bench serve-train` on a simulated 8 GB card
 #   servekto   the same with the preference objective (`--objective kto`)
 #   apiload    `freeski-bot serve` and llama.cpp's llama-server (if built: `llamacpp.sh build`) on
@@ -89,7 +90,7 @@ stage_ncu() {
   # The card's own clocks and caches (ncu's default of locked base clocks and flushed caches
   # inflates every kernel). The first 4 tokens are skipped.
   $NCU --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
-    -k 'regex:^(mvq?_|attn_|rope_|prep_|embed)' --launch-skip $((4 * PER_TOKEN)) --launch-count $PER_TOKEN \
+    -k 'regex:^(mv[qd]?_|attn_|rope_|prep_|embed)' --launch-skip $((4 * PER_TOKEN)) --launch-count $PER_TOKEN \
     freeski-bot $A > "$OUT/ncu.csv" 2>/dev/null && python3 bench/ncu_summary.py "$OUT/ncu.csv" 12 | tee "$OUT/ncu.txt"
   # Matvec launches per token: 4 a layer + the head; skip 4 tokens, then layer 0's gate|up and down.
   $NCU --cache-control none --clock-control none --section SpeedOfLight --section Occupancy \
@@ -107,6 +108,16 @@ stage_ncu() {
     -k 'regex:^mvq?_.*_b8' --launch-skip $((4 * 129)) --launch-count 129 \
     freeski-bot ${A/--streams 0/--streams 8} > "$OUT/ncu-b8.csv" 2>/dev/null; python3 bench/ncu_summary.py "$OUT/ncu-b8.csv" 5 | tee "$OUT/ncu-b8.txt"
   grep -hE "mv_|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued" "$OUT/ncu-detail.txt" "$OUT/ncu-detail-b8.txt" | head -60
+}
+stage_ncufile() {
+  # The Q4_K_M mix launches 355 kernels a token (Q6_K tensors stand alone where q|k|v would share
+  # a launch). Bare, one row; the first 4 tokens are skipped.
+  local per=355
+  $NCU --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
+    -k 'regex:^(mv[qd]?_|attn_|rope_|prep_|embed)' --launch-skip $((4 * per)) --launch-count $per \
+    freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --repeats 1 --streams 0 --compare false \
+    --prompt-tokens 64 --ttft-tokens 16 --decode-tokens 16 > "$OUT/ncu-file.csv" 2>/dev/null
+  python3 bench/ncu_summary.py "$OUT/ncu-file.csv" 12 | tee "$OUT/ncu-file.txt"
 }
 stage_serve() {
   freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"

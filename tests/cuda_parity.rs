@@ -94,7 +94,10 @@ struct FusedParity {
     /// over every step.
     fused: Vec<f64>,
     candle_ops: Vec<f64>,
+    /// The same for the padded prompt's last logits: the bf16-GEMM prefill, and candle's 4-bit
+    /// ops prefilling the same prompt (the yardstick for how much this model amplifies rounding).
     dense_prefill: Vec<f64>,
+    ops_prefill: Vec<f64>,
     /// Per batch row: the largest |difference| between the fused step's logits for the row in
     /// the batch and for the same row decoded alone (batch invariance: must be 0).
     alone: Vec<f64>,
@@ -104,9 +107,10 @@ struct FusedParity {
 /// sliding window, a random adapter of rank `rank`, or with `mixed` that, one of twice the rank
 /// and none by turns) through the fused step and through candle's 4-bit ops,
 /// each compared with the exact f32 model (the same weights dequantized). Every path decodes
-/// from a cache the exact model filled, and all are fed the exact model's greedy tokens, so each
-/// step's difference is that path's own. Each row is also decoded alone through the fused step
-/// on the same tokens, which must give the same bits as in the batch.
+/// from the same cache bits (each row's prompt prefilled alone by the exact model, the caches
+/// merged: the engine's path), and all are fed the exact model's greedy tokens, so each step's
+/// difference is that path's own. Each row is also decoded alone through the fused step on the
+/// same tokens, which must give the same bits as in the batch.
 fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant: BenchQuant, seed: u64, rows: usize, rank: usize, mixed: bool) -> Result<FusedParity> {
     let mut packed = quant.random_model(cfg, seed, dev)?;
     let exact = freeski_bot::bench::random::dequantized(&packed)?;
@@ -133,32 +137,32 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         }
         Ok(())
     };
-    let prefill = |m: &Model| -> Result<(KvCache, Tensor)> {
-        let mut cache = KvCache::with_padding(pads.clone());
-        let l = m.forward_mixed(&ids, &mut cache, a, Logits::Last)?;
-        Ok((cache, l))
-    };
-    let (mut c_exact, mut l_exact) = prefill(&exact)?;
+    // The padded prompt through the exact model, the bf16 GEMM and candle's 4-bit ops.
+    let prefill = |m: &Model| -> Result<Tensor> { m.forward_mixed(&ids, &mut KvCache::with_padding(pads.clone()), a, Logits::Last) };
+    let l_prompt = prefill(&exact)?;
+    let (mut dense_prefill, mut ops_prefill) = (vec![0f64; rows], vec![0f64; rows]);
     packed.set_dense_prefill_rows(1);
-    let (_, l_dense) = prefill(&packed)?;
-    let mut dense_prefill = vec![0f64; rows];
-    per_row(&l_exact, &l_dense, &mut dense_prefill)?;
-    let (mut c_ops, _) = prefill(&exact)?;
-    // Each row alone: its own unpadded cache, filled by the exact model. The fused batch starts
-    // from the same caches merged (the engine's path), so it and the rows alone start from the
-    // same bits (the exact model's padded prefill is not batch-invariant on CUDA).
-    let alone_prefill = |i: usize| -> Result<KvCache> {
+    per_row(&l_prompt, &prefill(&packed)?, &mut dense_prefill)?;
+    packed.set_dense_prefill_rows(usize::MAX);
+    per_row(&l_prompt, &prefill(&packed)?, &mut ops_prefill)?;
+    // Each row's prompt alone, unpadded, through the exact model: its cache and first token.
+    // The exact model's padded prefill is not batch-invariant on CUDA (cuBLAS picks other
+    // kernels per shape), so every decode path starts from these same bits instead.
+    let alone_prefill = |i: usize| -> Result<(KvCache, u32)> {
         let mut cache = KvCache::new(1);
-        exact.forward(&Tensor::from_vec(prompt(i), (1, lens[i]), dev)?, &mut cache, a[i], Logits::Last)?;
-        Ok(cache)
+        let l = exact.forward(&Tensor::from_vec(prompt(i), (1, lens[i]), dev)?, &mut cache, a[i], Logits::Last)?;
+        Ok((cache, sampling::argmax(&row_of(&l, 0)?)))
     };
-    let mut c_alone = (0..rows).map(alone_prefill).collect::<Result<Vec<_>>>()?;
-    let mut c_fused = KvCache::merge((0..rows).map(alone_prefill).collect::<Result<Vec<_>>>()?)?;
-    anyhow::ensure!(c_fused.padding() == pads.as_slice(), "merged caches padded {:?}, expected {pads:?}", c_fused.padding());
+    let merged = || -> Result<KvCache> {
+        let c = KvCache::merge((0..rows).map(|i| alone_prefill(i).map(|(c, _)| c)).collect::<Result<Vec<_>>>()?)?;
+        anyhow::ensure!(c.padding() == pads.as_slice(), "merged caches padded {:?}, expected {pads:?}", c.padding());
+        Ok(c)
+    };
+    let (mut c_exact, mut c_ops, mut c_fused) = (merged()?, merged()?, merged()?);
+    let (mut c_alone, mut next): (Vec<KvCache>, Vec<u32>) = (0..rows).map(alone_prefill).collect::<Result<Vec<_>>>()?.into_iter().unzip();
     let steps = 12;
     let (mut fused, mut candle_ops, mut alone, mut used_fused) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], true);
     for _ in 0..steps {
-        let next: Vec<u32> = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
         let t = Tensor::from_vec(next.clone(), (rows, 1), dev)?;
         packed.set_fused_decode(true);
         let lf = packed.forward_mixed(&t, &mut c_fused, a, Logits::Last)?;
@@ -170,11 +174,12 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         }
         packed.set_fused_decode(false);
         let lo = packed.forward_mixed(&t, &mut c_ops, a, Logits::Last)?;
-        l_exact = exact.forward_mixed(&t, &mut c_exact, a, Logits::Last)?;
+        let l_exact = exact.forward_mixed(&t, &mut c_exact, a, Logits::Last)?;
         per_row(&l_exact, &lf, &mut fused)?;
         per_row(&l_exact, &lo, &mut candle_ops)?;
+        next = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
     }
-    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, alone })
+    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, ops_prefill, alone })
 }
 
 struct GradParity {
@@ -344,11 +349,12 @@ fn fused_cases(dev: &Device) -> Result<Vec<(String, usize, FusedParity)>> {
         let label = format!("{label}, {rows} rows, r={rank}{}", if mixed { ", mixed adapters" } else { "" });
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ");
         println!(
-            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}], bf16-GEMM prompt [{}]; fused batched vs alone [{}]",
+            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], candle's 4-bit ops [{}]; fused batched vs alone [{}]",
             r.steps,
             fmt(&r.fused),
             fmt(&r.candle_ops),
             fmt(&r.dense_prefill),
+            fmt(&r.ops_prefill),
             fmt(&r.alone)
         );
         out.push((label, rows, r));
@@ -383,15 +389,17 @@ fn fused_decode_and_dense_prefill_match_exact() -> Result<()> {
     let mut failures = Vec::new();
     for (label, rows, r) in fused_cases(&device())? {
         for b in 0..rows {
-            // The fused step and candle's 4-bit kernels both round activations to int8 blocks
-            // of 32; random small models amplify that differently, so the fused step must stay
-            // within the quantized tolerance or within twice the error of candle's own path.
+            // Each path rounds differently (int8 activation blocks, bf16 operands) and a random
+            // small model amplifies rounding more on some rows than others, so each path must
+            // stay within the quantized tolerance or within twice the error of candle's own
+            // 4-bit path on the same row.
             let bound = QUANTIZED_TOLERANCE.max(2.0 * r.candle_ops[b]);
             if !(r.fused[b] <= bound) {
                 failures.push(format!("{label}, row {b}/fused {:.2e} (bound {bound:.1e})", r.fused[b]));
             }
-            if !(r.dense_prefill[b] <= QUANTIZED_TOLERANCE) {
-                failures.push(format!("{label}, row {b}/dense prefill {:.2e}", r.dense_prefill[b]));
+            let bound = QUANTIZED_TOLERANCE.max(2.0 * r.ops_prefill[b]);
+            if !(r.dense_prefill[b] <= bound) {
+                failures.push(format!("{label}, row {b}/dense prefill {:.2e} (bound {bound:.1e})", r.dense_prefill[b]));
             }
         }
     }
