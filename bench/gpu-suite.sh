@@ -8,7 +8,8 @@
 #   q4km       llama.cpp built from source, a random Mistral-7B converted and quantized to Q4_K_M by
 #              llama.cpp's own tools ($Q4KM); later stages use that file where they can
 #   batching   answers alone vs together through the engine with a LoRA adapter, on the Q4_K_M
-#              file (every answer must be the same), and `bench generate` equality bare and r=16
+#              file (every answer must be the same), and `bench generate` equality bare and r=16,
+#              then bare with each other 1-2 row kernel choice (`--row-kernels`)
 #   llamacpp   llama-bench on the same Q4_K_M file (pp512, tg128, pp100+tg1, flash attention)
 #   ptx        the compute_86 build (.gpu/*-sm86.xz) on this card through PTX JIT: parity tests,
 #              the same greedy answer as the default build, `bench generate` of both on $Q4KM
@@ -57,7 +58,9 @@ stage_batching() {
     for r in 0 16; do
       freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank $r --compare false 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-file-r$r.txt"
     done
-    freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --row-kernels fastest 2>&1 | grep -E "decode|prefill|path" | tee "$OUT/gen-q4km-file-fastest.txt"
+    for k in exact-dp4a fastest; do
+      freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --row-kernels $k 2>&1 | grep -E "decode|prefill|path" | tee "$OUT/gen-q4km-file-$k.txt"
+    done
   fi
 }
 stage_llamacpp() {

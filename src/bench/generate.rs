@@ -50,25 +50,11 @@ pub struct GenerateBench {
     /// Replay the fused decode step as a CUDA graph (false: launch each kernel every step).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub graphs: bool,
-    /// Matvec kernels for 1-2 rows: `exact` (the default: a row's output never depends on the
-    /// batch) or `fastest` (the quicker kernel at 1-2 rows, which sums in another order).
+    /// Matvec kernels for 1-2 rows on Q4_K: `exact` (the default: tensor cores, as at 3-8 rows,
+    /// so a row's output never depends on the batch), `exact-dp4a` (dp4a in the tensor-core
+    /// kernel's order: the same bits) or `fastest` (dp4a summing in its own order).
     #[arg(long, value_enum, default_value = "exact")]
-    pub row_kernels: RowKernelsArg,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RowKernelsArg {
-    Exact,
-    Fastest,
-}
-
-impl From<RowKernelsArg> for RowKernels {
-    fn from(a: RowKernelsArg) -> Self {
-        match a {
-            RowKernelsArg::Exact => RowKernels::Exact,
-            RowKernelsArg::Fastest => RowKernels::Fastest,
-        }
-    }
+    pub row_kernels: RowKernels,
 }
 
 pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
@@ -100,7 +86,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     // KV cache still alive) is the high-water mark; sample it at each of those points.
     let mut peak_dev: Option<(u64, u64)> = None;
     model.set_decode_graphs(args.graphs)?;
-    model.set_decode_row_kernels(args.row_kernels.into())?;
+    model.set_decode_row_kernels(args.row_kernels)?;
     let fast = time_paths(&model, adapters, &args, &mut peak_dev)?;
     let fused = model.fused_decode_active()?;
     let launches = model.fused_launches_per_step();

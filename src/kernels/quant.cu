@@ -758,10 +758,11 @@ MVQ_NB(1) MVQ_NB(2) MVQ_NB(3) MVQ_NB(4) MVQ_NB(5) MVQ_NB(6) MVQ_NB(7) MVQ_NB(8)
 
 // ---- the same Q4_K matvec on dp4a for 1-2 rows, in the tensor-core kernel's float order ---------
 //
-// At one or two rows the MMA tile wastes most of its work, and a dp4a kernel streams the weights
-// faster. A row's output must still be the same bits as in a batch of 3-8 (which takes the
-// tensor-core kernel above), so this kernel computes exactly the same float operations in the
-// same order; only the integer dot products (exact in any order) are done another way:
+// At one or two rows the MMA tile wastes most of its work: the generic dp4a kernel mv_body decodes
+// a Q4_K_M file 17% faster there, but sums in its own order. A row's output must be the same bits
+// as in a batch of 3-8 (which takes the tensor-core kernel above), so this kernel computes exactly
+// the tensor-core kernel's float operations in the same order; only the integer dot products
+// (exact in any order) are done another way (`RowKernels::ExactDp4a` selects it):
 //   - eight partial sums per output, partial w taking blocks bi ≡ w (mod 8) in increasing order
 //     (the tensor-core kernel's warp w), each adding its sub-blocks j = 0..7 with mq_sub;
 //   - partial w then adds its share of the LoRA term (rank entries j ≡ w mod 8, scaled);

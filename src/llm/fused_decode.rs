@@ -19,19 +19,27 @@
 pub const MAX_ROWS: usize = 8;
 
 #[cfg(feature = "cuda")]
-pub use imp::{FusedDecoder, RowKernels};
+pub use imp::FusedDecoder;
+
+/// Which matvec a weight with a tensor-core kernel (Q4_K) takes for 1 and 2 rows.
+///
+/// A row's output must not depend on how many rows share the step (the same question gives the
+/// same answer alone or on a busy bot), so 3-8 rows always take the tensor-core kernel `mvq`,
+/// and by default (`Exact`) so do 1-2 rows. `ExactDp4a` takes `mvd` there: dp4a computing the
+/// tensor-core kernel's float operations in its order, so the same bits, with the work laid out
+/// for one or two rows. `Fastest` takes the generic dp4a kernel `mv`, which sums in its own
+/// order (not batch-invariant). `bench generate --row-kernels` compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RowKernels {
+    #[default]
+    Exact,
+    ExactDp4a,
+    Fastest,
+}
 
 /// Without CUDA there is no fused step: the type has no values and `new` never builds one.
 #[cfg(not(feature = "cuda"))]
 pub enum FusedDecoder {}
-
-/// Which matvec kernels serve 1 and 2 rows (CUDA only; see the CUDA build's documentation).
-#[cfg(not(feature = "cuda"))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowKernels {
-    Exact,
-    Fastest,
-}
 
 #[cfg(not(feature = "cuda"))]
 impl FusedDecoder {
@@ -60,7 +68,7 @@ impl FusedDecoder {
 mod imp {
     use std::cell::Cell;
     use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     use anyhow::{ensure, Result};
@@ -68,7 +76,7 @@ mod imp {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, DType, Device, Tensor};
 
-    use super::MAX_ROWS;
+    use super::{RowKernels, MAX_ROWS};
     use crate::kernels::{matvec_blocks, mma_matvec_blocks, quant_kind, slice_ptr, tensor_from_slice, tensor_ptr, Kernels, QuantKind, MQ_WARPS};
     use crate::llm::lora::{LoraAdapter, LoraPtrs};
     use crate::llm::model::{KvCache, Model, Proj};
@@ -155,32 +163,16 @@ mod imp {
         mv: Vec<CudaFunction>,
         /// The tensor-core matvec `mvq_<type>_b<n>` for n = 1..=8, where the type has one (Q4_K).
         mma: Vec<CudaFunction>,
-        /// `mvd_<type>_b<n>` for n = 1..=[`MMA_ORDER_DP4A_ROWS`]: dp4a in the tensor-core
-        /// kernel's float order (same bits, quicker at few rows), where the type has one.
+        /// `mvd_<type>_b<n>` for n below [`MMA_MIN_ROWS`]: dp4a in the tensor-core kernel's
+        /// float order (the same bits), where the type has one.
         mma_order: Vec<CudaFunction>,
         embed: CudaFunction,
     }
 
-    /// Which matvec a weight with a tensor-core kernel (Q4_K) takes for a number of rows.
-    ///
-    /// A row's output must not depend on how many rows share the step (the same question gives
-    /// the same answer alone or on a busy bot). By default 1-2 rows take `mvd` (dp4a computing
-    /// the tensor-core kernel's float operations in its order: the same bits) and 3-8 rows the
-    /// tensor-core kernel. `Fastest` takes the generic dp4a kernel `mv` below 3 rows instead,
-    /// which sums in its own order (not batch-invariant); `bench generate` compares the two.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum RowKernels {
-        Exact,
-        Fastest,
-    }
-
-    /// From this many rows `RowKernels::Fastest` runs the matvec on tensor cores: the dp4a
-    /// kernel's instructions grow with the rows (at 8 rows it is issue-bound at a fifth of the
+    /// From this many rows every [`RowKernels`] choice runs the matvec on tensor cores: the dp4a
+    /// kernels' instructions grow with the rows (at 8 rows `mv` is issue-bound at a fifth of the
     /// memory bandwidth), the MMA's barely do.
-    const FASTEST_MMA_MIN_ROWS: usize = 3;
-
-    /// Rows up to which the `Exact` choice runs `mvd` rather than the tensor-core kernel.
-    const MMA_ORDER_DP4A_ROWS: usize = 2;
+    const MMA_MIN_ROWS: usize = 3;
 
     /// A packed weight read in place: its address and the kernels for its block type.
     struct Packed {
@@ -206,7 +198,7 @@ mod imp {
                     let (mma, mma_order) = match kind.suffix {
                         "q4k" => (
                             (1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
-                            (1..=MMA_ORDER_DP4A_ROWS).map(|n| k.quant(&format!("mvd_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
+                            (1..MMA_MIN_ROWS).map(|n| k.quant(&format!("mvd_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
                         ),
                         _ => (Vec::new(), Vec::new()),
                     };
@@ -277,8 +269,8 @@ mod imp {
         /// Replay the step as a CUDA graph (one launch instead of ~320; captured again when the
         /// cache grows, the batch changes or another adapter is active).
         graphs: AtomicBool,
-        /// `RowKernels::Fastest` when set (the default is `Exact`).
-        fastest_rows: AtomicBool,
+        /// The [`RowKernels`] choice, as its index.
+        row_kernels: AtomicU8,
     }
 
     /// Launches on the decoder's stream, counted for `bench generate`.
@@ -302,8 +294,8 @@ mod imp {
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
             if !w.f.mma.is_empty() {
                 match self.rows {
-                    RowKernels::Exact if nb <= w.f.mma_order.len() => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
-                    RowKernels::Fastest if nb < FASTEST_MMA_MIN_ROWS => {}
+                    RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
+                    RowKernels::Fastest if nb < MMA_MIN_ROWS => {}
                     _ => return self.with(&w.f.mma[nb - 1], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a),
                 }
             }
@@ -387,7 +379,7 @@ mod imp {
                 scratch: Mutex::new(scratch),
                 launches: AtomicUsize::new(0),
                 graphs: AtomicBool::new(true),
-                fastest_rows: AtomicBool::new(false),
+                row_kernels: AtomicU8::new(RowKernels::default() as u8),
             }))
         }
 
@@ -403,14 +395,14 @@ mod imp {
 
         /// Which matvec kernels serve 1 and 2 rows (see [`RowKernels`]); `Exact` by default.
         pub fn set_row_kernels(&self, rows: RowKernels) {
-            self.fastest_rows.store(rows == RowKernels::Fastest, Ordering::Relaxed);
+            self.row_kernels.store(rows as u8, Ordering::Relaxed);
         }
 
         fn row_kernels(&self) -> RowKernels {
-            if self.fastest_rows.load(Ordering::Relaxed) {
-                RowKernels::Fastest
-            } else {
-                RowKernels::Exact
+            match self.row_kernels.load(Ordering::Relaxed) {
+                x if x == RowKernels::ExactDp4a as u8 => RowKernels::ExactDp4a,
+                x if x == RowKernels::Fastest as u8 => RowKernels::Fastest,
+                _ => RowKernels::Exact,
             }
         }
 
