@@ -183,6 +183,23 @@ fn quantized_load_is_cached_and_close_to_reference() {
 }
 
 #[test]
+fn a_decode_step_reads_every_weight_but_a_separate_embedding_table() {
+    // f32 weights: every tensor's bytes are 4 per value, so the counts are known exactly.
+    for tied in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = || TinySpec { tied, ..TinySpec::standard() };
+        TinyWeights::random(spec(), 8).write_hf_folder(&dir.path().join("hf"));
+        let lm = load_tiny(dir.path(), "f32");
+        let s = &spec();
+        let per_layer = 2 * s.hidden * s.hidden + 2 * s.hidden * (s.kv_heads * s.head_dim()) + 3 * s.hidden * s.ffn + 2 * s.hidden;
+        let head = s.vocab * s.hidden;
+        let read = 4 * (s.layers * per_layer + head);
+        assert_eq!(lm.model.decode_read_bytes(), read, "tied {tied}");
+        assert_eq!(lm.model.weight_bytes() - lm.model.decode_read_bytes(), if tied { 0 } else { 4 * head }, "tied {tied}");
+    }
+}
+
+#[test]
 fn loads_racing_to_fill_an_empty_cache_all_succeed() {
     // Tests, and a bot starting beside `ask`, may quantize the same folder at once: each writes
     // its own temporary file and the renames replace one whole file with another.

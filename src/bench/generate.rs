@@ -127,6 +127,16 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     println!("prefill          {:.1} tokens/s ({} tokens){}", fast.prefill_tps, args.prompt_tokens, vs(fast.prefill_tps, c.map(|c| c.prefill_tps), "tokens/s"));
     println!("time to first    {:.1} ms ({}-token prompt){}", fast.ttft_ms, args.ttft_tokens, c.map(|c| format!(" [candle ops: {:.1} ms]", c.ttft_ms)).unwrap_or_default());
     println!("decode batch 1   {:.1} tokens/s ({} tokens){}", fast.decode_tps, args.decode_tokens, vs(fast.decode_tps, c.map(|c| c.decode_tps), "tokens/s"));
+    // Batch-1 decode reads every weight once a token: against the card's bandwidth, that is
+    // how far from its ceiling the step runs.
+    let read = model.decode_read_bytes() as f64;
+    let bandwidth = device::memory_bandwidth(&dev);
+    println!(
+        "weights read     {:.2} GB a token: {:.0} GB/s at batch 1{}",
+        read / 1e9,
+        fast.decode_tps * read / 1e9,
+        bandwidth.map(|b| format!(" = {:.0}% of this card's {:.0} GB/s (ceiling {:.0} tokens/s)", 100.0 * fast.decode_tps * read / b, b / 1e9, b / read)).unwrap_or_default()
+    );
     if let Some(b) = &fast.batched {
         println!(
             "decode batch {:<3} {:.1} tokens/s aggregate ({:.2}x batch 1); greedy outputs equal to one-at-a-time decoding for {}/{} sequences{}",
@@ -159,6 +169,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
             "prompt_tokens": args.prompt_tokens, "ttft_prompt_tokens": args.ttft_tokens, "decode_tokens": args.decode_tokens,
             "fast": fast.json(), "candle_ops": c.map(PathTimes::json),
             "peak_rss_bytes": rss, "device_peak_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),
+            "decode_read_bytes": model.decode_read_bytes(), "memory_bandwidth_bytes_per_s": bandwidth,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -20,12 +20,47 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
 }
 
+/// `cpu (N threads)`, or `cuda:N (card name)`.
 pub fn describe(device: &Device) -> String {
     match device {
         Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
-        Device::Cuda(_) => format!("cuda:{}", device_ordinal(device)),
+        Device::Cuda(_) => match card_name(device) {
+            Some(name) => format!("cuda:{} ({name})", device_ordinal(device)),
+            None => format!("cuda:{}", device_ordinal(device)),
+        },
         Device::Metal(_) => "metal".into(),
     }
+}
+
+fn card_name(device: &Device) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return dev.cuda_stream().context().name().ok();
+    }
+    let _ = device;
+    None
+}
+
+/// The card's peak memory bandwidth in bytes/s, from its memory clock and bus width as the
+/// driver reports them (CUDA only). The ceiling a batch-1 decode, which reads every weight
+/// once a token, is judged against.
+pub fn memory_bandwidth(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+        let ctx = dev.cuda_stream().context();
+        let khz = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).ok()?;
+        let bits = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH).ok()?;
+        return (khz > 0 && bits > 0).then(|| double_data_rate_bandwidth(khz as f64, bits as f64));
+    }
+    let _ = device;
+    None
+}
+
+/// Bytes/s of a memory interface moving data on both clock edges: `clock_khz` as the driver
+/// reports it, `bus_bits` wide.
+pub fn double_data_rate_bandwidth(clock_khz: f64, bus_bits: f64) -> f64 {
+    2.0 * clock_khz * 1e3 * bus_bits / 8.0
 }
 
 fn device_ordinal(device: &Device) -> usize {
@@ -228,5 +263,20 @@ mod tests {
         assert!(err.contains("tpu:0"), "{err}");
         let err = parse_device("cuda:x").unwrap_err().to_string();
         assert!(err.contains("cuda:x"), "{err}");
+    }
+
+    #[test]
+    fn bandwidth_of_known_cards() {
+        // H100 SXM (HBM3): 2,619 MHz on a 5,120-bit bus; RTX 3070 (GDDR6): 7,001 MHz, 256 bits.
+        let h100 = double_data_rate_bandwidth(2_619_000.0, 5120.0);
+        assert!((h100 / 1e12 - 3.352).abs() < 1e-3, "{h100}");
+        let rtx3070 = double_data_rate_bandwidth(7_001_000.0, 256.0);
+        assert!((rtx3070 / 1e9 - 448.1).abs() < 0.1, "{rtx3070}");
+    }
+
+    #[test]
+    fn cpu_has_no_card_figures() {
+        assert_eq!(memory_bandwidth(&Device::Cpu), None);
+        assert!(describe(&Device::Cpu).starts_with("cpu ("));
     }
 }

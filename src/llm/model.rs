@@ -410,6 +410,13 @@ impl Model {
         n
     }
 
+    /// Weight bytes one decode step reads: every projection, the norms and the head (the
+    /// embedding table itself when tied); a separate embedding table gives only a row a token.
+    pub fn decode_read_bytes(&self) -> usize {
+        let embed = if self.lm_head.is_some() { self.embed.qtensor().storage_size_in_bytes() } else { 0 };
+        self.weight_bytes() - embed
+    }
+
     /// A model with every base linear (embedding and head included) replaced by `f(weight)`.
     pub fn map_weights(&self, mut f: impl FnMut(&QTensor) -> Result<QTensor>) -> Result<Self> {
         let mut map = |l: &BaseLinear| BaseLinear::new(f(l.qtensor())?);
