@@ -48,7 +48,8 @@ pub fn memory_bandwidth(device: &Device) -> Option<f64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
-        let ctx = dev.cuda_stream().context();
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
         let khz = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).ok()?;
         let bits = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH).ok()?;
         return (khz > 0 && bits > 0).then(|| double_data_rate_bandwidth(khz as f64, bits as f64));
