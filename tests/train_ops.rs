@@ -404,19 +404,40 @@ fn cuda_timing() -> Result<()> {
         eprintln!("{name}: {:.3} ms", t0.elapsed().as_secs_f64() * 1e3 / iters as f64);
         Ok(())
     };
-    time("QMatMul::forward (inference)", &|| Ok(drop(qmm.forward(&x)?)))?;
-    time("frozen_qmatmul forward", &|| Ok(drop(frozen_qmatmul(&x, &wq)?)))?;
-    time("dequantize W (Q4K → f32)", &|| Ok(drop(wq.dequantize(&gpu)?)))?;
+    time("QMatMul::forward (inference)", &|| {
+        qmm.forward(&x)?;
+        Ok(())
+    })?;
+    time("frozen_qmatmul forward", &|| {
+        frozen_qmatmul(&x, &wq)?;
+        Ok(())
+    })?;
+    time("dequantize W (Q4K → f32)", &|| {
+        wq.dequantize(&gpu)?;
+        Ok(())
+    })?;
     time("frozen_qmatmul forward + backward", &|| {
         let xv = Var::from_tensor(&x)?;
-        let g = weighted_sum(&frozen_qmatmul(xv.as_tensor(), &wq)?, &r)?.backward()?;
-        Ok(drop(g))
+        weighted_sum(&frozen_qmatmul(xv.as_tensor(), &wq)?, &r)?.backward()?;
+        Ok(())
     })?;
     let h = Tensor::randn(0f32, 1.0, (m, k), &gpu)?;
     let nw = Tensor::ones(k, DType::F32, &gpu)?;
-    time("candle_nn rms_norm (fused, no grad)", &|| Ok(drop(candle_nn::ops::rms_norm(&h, &nw, 1e-5)?)))?;
-    time("train rms_norm forward", &|| Ok(drop(rms_norm(&h, &nw, 1e-5)?)))?;
-    time("candle_nn softmax_last_dim (fused)", &|| Ok(drop(candle_nn::ops::softmax_last_dim(&h)?)))?;
-    time("train softmax_last_dim forward", &|| Ok(drop(softmax_last_dim(&h)?)))?;
+    time("candle_nn rms_norm (fused, no grad)", &|| {
+        candle_nn::ops::rms_norm(&h, &nw, 1e-5)?;
+        Ok(())
+    })?;
+    time("train rms_norm forward", &|| {
+        rms_norm(&h, &nw, 1e-5)?;
+        Ok(())
+    })?;
+    time("candle_nn softmax_last_dim (fused)", &|| {
+        candle_nn::ops::softmax_last_dim(&h)?;
+        Ok(())
+    })?;
+    time("train softmax_last_dim forward", &|| {
+        softmax_last_dim(&h)?;
+        Ok(())
+    })?;
     Ok(())
 }
