@@ -26,6 +26,7 @@
 #              tokens/s, p50/p95 time to first token
 #   train      `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
 #   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
+#   genprof    the same for one 512-token prefill and for 16 batch-1 decode tokens on $Q4KM
 #   torchprof  the same for one PyTorch + PEFT step (torch.profiler)
 #   pytorch    PyTorch bf16 `generate`, bare and with a PEFT LoRA of rank 16
 # Usage:  bash bench/gpu-suite.sh [stage ...]
@@ -158,22 +159,34 @@ stage_train() {
   freeski-bot bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --leave-free-gb 7.0 --json "$OUT/train-r16.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train.txt"
   peft; PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 2>&1 | tail -3 | tee "$OUT/pytorch-train-r16.txt"
 }
-stage_trainprof() {
-  # GPU time by kernel over the last of 2 training steps (the bench marks it for the
-  # profiler), with nsys (or ncu without it).
+# GPU time by kernel of the work a `freeski-bot ARGS...` run marks for the profiler
+# (cuProfilerStart/Stop), with nsys (or ncu without it); NAME names the files in $OUT.
+profile_run() {
+  local name=$1; shift
   local NSYS; NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/nsight-systems*/bin/nsys 2>/dev/null | head -1)
-  local T="bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --steps 2 --profile-last-step"
   if [ -n "$NSYS" ]; then
-    $NSYS profile -t cuda --capture-range=cudaProfilerApi --stats=false -o /tmp/train -f true freeski-bot $T 2>&1 | grep -Ev "$F" | tail -8
-    $NSYS stats -r cuda_gpu_trace -f csv -o /tmp/train /tmp/train.nsys-rep >/dev/null 2>&1
-    xz -T0 -k -c /tmp/train_cuda_gpu_trace.csv > "$OUT/train-trace.csv.xz"
-    python3 bench/ncu_summary.py /tmp/train_cuda_gpu_trace.csv 400 | tee "$OUT/train-kern.txt" | sed -n '401,460p'
+    $NSYS profile -t cuda --capture-range=cudaProfilerApi --stats=false -o "/tmp/$name" -f true freeski-bot "$@" 2>&1 | grep -Ev "$F" | tail -8
+    $NSYS stats -r cuda_gpu_trace -f csv -o "/tmp/$name" "/tmp/$name.nsys-rep" >/dev/null 2>&1
+    xz -T0 -k -c "/tmp/${name}_cuda_gpu_trace.csv" > "$OUT/$name-trace.csv.xz"
+    python3 bench/ncu_summary.py "/tmp/${name}_cuda_gpu_trace.csv" 400 | tee "$OUT/$name-kern.txt" | sed -n '401,460p'
   else
-    echo "no nsys: ncu over every launch of the step"
-    $NCU --cache-control none --clock-control none --profile-from-start off --csv --metrics gpu__time_duration.sum freeski-bot $T > /tmp/train-ncu.csv 2>/dev/null
-    xz -T0 -k -c /tmp/train-ncu.csv > "$OUT/train-ncu.csv.xz"
-    python3 bench/ncu_summary.py /tmp/train-ncu.csv 400 | tee "$OUT/train-kern.txt" | sed -n '401,460p'
+    echo "no nsys: ncu over every launch of the capture"
+    $NCU --cache-control none --clock-control none --profile-from-start off --csv --metrics gpu__time_duration.sum freeski-bot "$@" > "/tmp/$name-ncu.csv" 2>/dev/null
+    xz -T0 -k -c "/tmp/$name-ncu.csv" > "$OUT/$name-ncu.csv.xz"
+    python3 bench/ncu_summary.py "/tmp/$name-ncu.csv" 400 | tee "$OUT/$name-kern.txt" | sed -n '401,460p'
   fi
+}
+stage_trainprof() {
+  # The last of 2 training steps.
+  profile_run train bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --steps 2 --profile-last-step
+}
+stage_genprof() {
+  # A 512-token prefill, and 16 batch-1 decode tokens, on the Q4_K_M file, bare.
+  local part
+  for part in prefill decode; do
+    profile_run "gen-$part" bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --streams 0 --compare false \
+      --repeats 2 --decode-tokens 16 --profile $part
+  done
 }
 stage_torchprof() {
   peft; PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 --steps 2 --profile 2>&1 | tail -50 | tee "$OUT/pytorch-train-prof.txt"

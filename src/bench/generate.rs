@@ -55,6 +55,17 @@ pub struct GenerateBench {
     /// kernel's order: the same bits) or `fastest` (dp4a summing in its own order).
     #[arg(long, value_enum, default_value = "exact")]
     pub row_kernels: RowKernels,
+    /// Capture one measurement of the first path in a profiler run started with
+    /// `nsys profile --capture-range=cudaProfilerApi` or `ncu --profile-from-start off`: the
+    /// last repeat of the prefill, or of the batch-1 decode.
+    #[arg(long, value_enum)]
+    pub profile: Option<ProfilePart>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfilePart {
+    Prefill,
+    Decode,
 }
 
 pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
@@ -87,7 +98,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     let mut peak_dev: Option<(u64, u64)> = None;
     model.set_decode_graphs(args.graphs)?;
     model.set_decode_row_kernels(args.row_kernels)?;
-    let fast = time_paths(&model, adapters, &args, &mut peak_dev)?;
+    let fast = time_paths(&model, adapters, &args, args.profile, &mut peak_dev)?;
     let fused = model.fused_decode_active()?;
     let launches = model.fused_launches_per_step();
     // The same measurements through candle's ops alone (4-bit kernels for prompts too, candle's
@@ -96,7 +107,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
         model.set_fused_decode(false);
         model.set_dense_prefill_rows(usize::MAX);
         model.set_cpu_kernels(false);
-        Some(time_paths(&model, adapters, &args, &mut peak_dev)?)
+        Some(time_paths(&model, adapters, &args, None, &mut peak_dev)?)
     } else {
         None
     };
@@ -206,8 +217,9 @@ impl PathTimes {
 }
 
 /// Prefill, time to first token, batch-1 decode and batched decode of `model` as it is set up
-/// (same random prompts on every call), each the median of `args.repeats`.
-fn time_paths(model: &Model, adapters: Adapters, args: &GenerateBench, peak_dev: &mut Option<(u64, u64)>) -> Result<PathTimes> {
+/// (same random prompts on every call), each the median of `args.repeats`; `profile` marks the
+/// last repeat of one of them for a profiler.
+fn time_paths(model: &Model, adapters: Adapters, args: &GenerateBench, profile: Option<ProfilePart>, peak_dev: &mut Option<(u64, u64)>) -> Result<PathTimes> {
     let adapter = adapters.one;
     let cfg = model.config();
     let dev = model.device();
@@ -227,13 +239,24 @@ fn time_paths(model: &Model, adapters: Adapters, args: &GenerateBench, peak_dev:
         greedy_step(model, &mut warm, &[tok], adapter)?;
     }
 
+    // Around the last repeat of `part` when it is the one profiled (synchronized, so the
+    // capture holds exactly that work).
+    let capture = |part: ProfilePart, rep: usize, on: bool| -> Result<()> {
+        if profile == Some(part) && rep + 1 == reps {
+            sync(dev)?;
+            device::profiler_capture(dev, on);
+        }
+        Ok(())
+    };
     let mut prefill = Vec::new();
-    for _ in 0..reps {
+    for rep in 0..reps {
         let p = prompt(args.prompt_tokens);
+        capture(ProfilePart::Prefill, rep, true)?;
         let t = Instant::now();
         let mut cache = KvCache::new(1);
         greedy_step(model, &mut cache, &p, adapter)?;
         prefill.push(t.elapsed());
+        capture(ProfilePart::Prefill, rep, false)?;
         sample();
     }
     let mut ttft = Vec::new();
@@ -244,14 +267,16 @@ fn time_paths(model: &Model, adapters: Adapters, args: &GenerateBench, peak_dev:
         ttft.push(t.elapsed());
     }
     let mut decode = Vec::new();
-    for _ in 0..reps {
+    for rep in 0..reps {
         let mut cache = KvCache::new(1);
         let mut tok = greedy_step(model, &mut cache, &prompt(32), adapter)?;
+        capture(ProfilePart::Decode, rep, true)?;
         let t = Instant::now();
         for _ in 0..args.decode_tokens {
             tok = greedy_step(model, &mut cache, &[tok], adapter)?;
         }
         decode.push(t.elapsed());
+        capture(ProfilePart::Decode, rep, false)?;
         sample();
     }
     // Different lengths, as real questions are (the batch pads each row to the longest).
