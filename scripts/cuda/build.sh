@@ -9,6 +9,9 @@
 #                                              # PTX for compute_86, which the driver compiles for
 #                                              # the card it runs on (RTX 30 = 86, RTX 40 = 89, and
 #                                              # newer); packed as .gpu/<BIN>-sm86.xz
+#   CHECK=1 scripts/cuda/build.sh              # only clippy (-D warnings) on every target with
+#                                              # the CUDA code compiled in, which the CPU build
+#                                              # (and so the test command) never compiles
 #
 # Run it from the project root. It writes .gpu/<BIN>.xz (.gpu/<BIN>-sm<CAP>.xz for a capability
 # other than 90) and .gpu/activate; keep .gpu/ in .gitignore. On the GPU machine, from the project root:  source .gpu/activate; <BIN> ...
@@ -65,6 +68,11 @@ print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name
 grep -ohE "^pub unsafe fn cu[A-Za-z0-9_]+" "$CUDARC_DIR"/src/driver/sys/*.rs | awk '{print $4}' | sort -u \
   | awk '{print "void "$1"(void){}"}' > "$TK/libcuda_stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$C/lib/stubs/libcuda.so" "$TK/libcuda_stub.c"
+
+if [ -n "${CHECK:-}" ]; then
+  cargo clippy --release --features "$FEATURES" --all-targets -- -D warnings
+  exit
+fi
 
 # 4. Build and pack: the binary, and the GPU correctness tests as a binary of their own
 #    (`cuda_parity --ignored` on the GPU machine; it is what `bench/gpu-suite.sh parity` runs).
