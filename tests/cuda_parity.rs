@@ -14,6 +14,7 @@ use freeski_bot::bench::{random_adapter, BenchQuant};
 use freeski_bot::llm::fused_decode::RowKernels;
 use freeski_bot::llm::lora::{AdapterConfig, LoraAdapter};
 use freeski_bot::llm::model::{KvCache, Logits, Model, Proj};
+use freeski_bot::llm::qlinear::PromptKernel;
 use freeski_bot::llm::{sampling, ModelConfig};
 use freeski_bot::train::data::{Batch, Example};
 use freeski_bot::train::dropout::{Dropout, MaskKey};
@@ -98,6 +99,7 @@ struct FusedParity {
     /// The same for the padded prompt's last logits: the bf16-GEMM prefill, and candle's 4-bit
     /// ops prefilling the same prompt (the yardstick for how much this model amplifies rounding).
     dense_prefill: Vec<f64>,
+    mma_prefill: Vec<f64>,
     ops_prefill: Vec<f64>,
     /// Per batch row: the largest |difference| between the fused step's logits for the row in
     /// the batch and for the same row decoded alone (batch invariance: must be 0).
@@ -144,9 +146,12 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     // The padded prompt through the exact model, the bf16 GEMM and candle's 4-bit ops.
     let prefill = |m: &Model| -> Result<Tensor> { m.forward_mixed(&ids, &mut KvCache::with_padding(pads.clone()), a, Logits::Last) };
     let l_prompt = prefill(&exact)?;
-    let (mut dense_prefill, mut ops_prefill) = (vec![0f64; rows], vec![0f64; rows]);
+    let (mut dense_prefill, mut mma_prefill, mut ops_prefill) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows]);
     packed.set_dense_prefill_rows(1);
     per_row(&l_prompt, &prefill(&packed)?, &mut dense_prefill)?;
+    packed.set_prompt_kernel(PromptKernel::Int8Mma);
+    per_row(&l_prompt, &prefill(&packed)?, &mut mma_prefill)?;
+    packed.set_prompt_kernel(PromptKernel::DenseBf16);
     packed.set_dense_prefill_rows(usize::MAX);
     per_row(&l_prompt, &prefill(&packed)?, &mut ops_prefill)?;
     // Each row's prompt alone, unpadded, through the exact model: its cache and first token.
@@ -193,7 +198,7 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         per_row(&l_exact, &lo, &mut candle_ops)?;
         next = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
     }
-    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, ops_prefill, alone, dp4a })
+    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, ops_prefill, alone, dp4a })
 }
 
 struct GradParity {
@@ -363,11 +368,12 @@ fn fused_cases(dev: &Device) -> Result<Vec<(String, usize, FusedParity)>> {
         let label = format!("{label}, {rows} rows, r={rank}{}", if mixed { ", mixed adapters" } else { "" });
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ");
         println!(
-            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], candle's 4-bit ops [{}]; fused batched vs alone [{}]; dp4a in the tensor-core order vs default [{}]",
+            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}]; fused batched vs alone [{}]; dp4a in the tensor-core order vs default [{}]",
             r.steps,
             fmt(&r.fused),
             fmt(&r.candle_ops),
             fmt(&r.dense_prefill),
+            fmt(&r.mma_prefill),
             fmt(&r.ops_prefill),
             fmt(&r.alone),
             fmt(&r.dp4a)
@@ -375,6 +381,38 @@ fn fused_cases(dev: &Device) -> Result<Vec<(String, usize, FusedParity)>> {
         out.push((label, rows, r));
     }
     Ok(out)
+}
+
+/// The int8 tensor-core prompt matmul against the f32 product with the same Q4_K weights
+/// dequantized, at token counts around its 32-token tile; and a NaN in one token's input
+/// reaching that token's outputs and no other's.
+#[test]
+#[ignore = "needs a GPU"]
+fn int8_mma_prompt_matmul_matches_f32() -> Result<()> {
+    let dev = device();
+    let (n, k) = (48, 1024);
+    let w = freeski_bot::bench::random::random_qtensor(GgmlDType::Q4K, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
+    let wf = w.dequantize(&dev)?;
+    let mut failures = Vec::new();
+    for m in [1usize, 7, 32, 33, 70] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let want = x.matmul(&wf.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = freeski_bot::kernels::int8_mma_matmul(&w, &x)?.context("no int8 MMA kernel for Q4_K")?;
+        anyhow::ensure!(got.dims() == [m, n], "output shape {:?}, expected [{m}, {n}]", got.dims());
+        let err = rel_diff(&want, &got.flatten_all()?.to_vec1::<f32>()?);
+        println!("int8 MMA prompt matmul, {m} tokens x {n} rows x {k}: relative to the largest |y|, {err:.2e} from the f32 product (tolerance 2e-2)");
+        if err.is_nan() || err > 2e-2 {
+            failures.push(format!("{m} tokens: {err:.2e}"));
+        }
+    }
+    let mut xs = vec![0.5f32; 3 * k];
+    xs[k + 5] = f32::NAN;
+    let got = freeski_bot::kernels::int8_mma_matmul(&w, &Tensor::from_vec(xs, (3, k), &dev)?)?.context("no int8 MMA kernel for Q4_K")?.to_vec2::<f32>()?;
+    if !(got[0].iter().chain(&got[2]).all(|v| v.is_finite()) && got[1].iter().all(|v| v.is_nan())) {
+        failures.push("a NaN input did not stay in its own token's outputs".into());
+    }
+    assert!(failures.is_empty(), "{}", failures.join(", "));
+    Ok(())
 }
 
 /// Batch invariance of the fused step, the property serving relies on: every row of a padded
@@ -416,8 +454,10 @@ fn fused_decode_and_dense_prefill_match_exact() -> Result<()> {
                 failures.push(format!("{label}, row {b}/fused {:.2e} (bound {bound:.1e})", r.fused[b]));
             }
             let bound = QUANTIZED_TOLERANCE.max(2.0 * r.ops_prefill[b]);
-            if r.dense_prefill[b].is_nan() || r.dense_prefill[b] > bound {
-                failures.push(format!("{label}, row {b}/dense prefill {:.2e} (bound {bound:.1e})", r.dense_prefill[b]));
+            for (path, err) in [("bf16-GEMM", r.dense_prefill[b]), ("int8-MMA", r.mma_prefill[b])] {
+                if err.is_nan() || err > bound {
+                    failures.push(format!("{label}, row {b}/{path} prefill {err:.2e} (bound {bound:.1e})"));
+                }
             }
         }
     }

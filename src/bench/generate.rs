@@ -16,6 +16,7 @@ use crate::llm::device::{self, gib};
 use crate::llm::fused_decode::RowKernels;
 use crate::llm::lora::LoraAdapter;
 use crate::llm::model::{KvCache, Logits, Model, Proj};
+use crate::llm::qlinear::PromptKernel;
 use crate::llm::{load, sampling};
 
 #[derive(Debug, Args)]
@@ -55,6 +56,14 @@ pub struct GenerateBench {
     /// kernel's order: the same bits) or `fastest` (dp4a summing in its own order).
     #[arg(long, value_enum, default_value = "exact")]
     pub row_kernels: RowKernels,
+    /// The path prompts' projections take on CUDA: `dense-bf16` (the default) or `int8-mma`
+    /// (Q4_K weights read in place on int8 tensor cores).
+    #[arg(long, value_enum, default_value = "dense-bf16")]
+    pub prompt_kernel: PromptKernel,
+    /// Tokens per sequence from which prompts take that path (default: the model's, 128 on
+    /// CUDA); shorter prompts take candle's 4-bit kernels.
+    #[arg(long)]
+    pub prompt_rows: Option<usize>,
     /// Capture one measurement of the first path in a profiler run started with
     /// `nsys profile --capture-range=cudaProfilerApi` or `ncu --profile-from-start off`: the
     /// last repeat of the prefill, or of the batch-1 decode.
@@ -98,6 +107,10 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     let mut peak_dev: Option<(u64, u64)> = None;
     model.set_decode_graphs(args.graphs)?;
     model.set_decode_row_kernels(args.row_kernels)?;
+    model.set_prompt_kernel(args.prompt_kernel);
+    if let Some(rows) = args.prompt_rows {
+        model.set_dense_prefill_rows(rows);
+    }
     let fast = time_paths(&model, adapters, &args, args.profile, &mut peak_dev)?;
     let fused = model.fused_decode_active()?;
     let launches = model.fused_launches_per_step();
@@ -130,6 +143,10 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
             _ => "candle ops".into(),
         }
     );
+    if dev.is_cuda() {
+        let from = args.prompt_rows.map_or_else(|| format!("{} (the default)", crate::llm::model::DENSE_PREFILL_ROWS), |r| r.to_string());
+        println!("prompt path      {:?} from {from} tokens a sequence, candle's 4-bit kernels below", args.prompt_kernel);
+    }
     let vs = |now: f64, before: Option<f64>, unit: &str| match before {
         Some(b) => format!(" [candle ops: {b:.1} {unit}, {:.2}x]", now / b),
         None => String::new(),

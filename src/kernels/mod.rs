@@ -179,6 +179,69 @@ mod cuda {
         }))
     }
 
+    /// Token rows one `mmq_q4k` block covers (`8 × MMQ_TILES` in quant.cu).
+    const MMQ_TOKENS: usize = 32;
+
+    /// `MmqArgs` of quant.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct MmqArgs {
+        w: u64,
+        xq: u64,
+        xd: u64,
+        xs: u64,
+        y: u64,
+        k: i32,
+        n: i32,
+        m: i32,
+    }
+    // SAFETY: plain data with the layout of the C struct.
+    unsafe impl DeviceRepr for MmqArgs {}
+
+    /// `x · wᵀ` for `w: [n, k]` in Q4_K and `x: [.., k]` f32, on int8 tensor cores with the
+    /// weights read in place: `quantize_q8_rows` turns `x` into int8 blocks of 32, then
+    /// `mmq_q4k` computes 16 weight rows × 32 tokens a block. `None` for other weight types,
+    /// input types or devices (the caller takes another path).
+    pub fn int8_mma_matmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = w.device() else { return Ok(None) };
+        if w.dtype() != candle_core::quantized::GgmlDType::Q4K || x.dtype() != DType::F32 || !x.device().is_cuda() {
+            return Ok(None);
+        }
+        let (n, k) = w.shape().dims2()?;
+        let mut dims = x.dims().to_vec();
+        if dims.last() != Some(&k) {
+            bail!("input {dims:?} does not end in the weight's {k} inputs")
+        }
+        let m = x.elem_count() / k;
+        let x = x.contiguous()?;
+        let blocks = m * k / 32;
+        // SAFETY: quantize_q8_rows writes every element of the three buffers.
+        let (xq, xd, xs) = unsafe { (dev.alloc::<i8>(m * k)?, dev.alloc::<f32>(blocks)?, dev.alloc::<f32>(blocks)?) };
+        let (xp, xqp, xdp, xsp) = (tensor_ptr(&x)?, slice_ptr(&xq), slice_ptr(&xd), slice_ptr(&xs));
+        let quantize = dev.get_or_load_custom_func("quantize_q8_rows", "freeski_quant", QUANT_PTX)?;
+        // One warp a block of 32, eight warps a thread block.
+        let cfg = LaunchConfig { grid_dim: (blocks.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let blocks64 = blocks as i64;
+        let mut b = quantize.builder();
+        b.arg(&xp).arg(&xqp).arg(&xdp).arg(&xsp).arg(&blocks64);
+        // SAFETY: (const float*, int8_t*, float*, float*, int64_t) as quantize_q8_rows declares;
+        // x holds blocks·32 floats and the outputs were sized for them.
+        unsafe { b.launch(cfg) }.w()?;
+        // SAFETY: mmq_q4k writes every [m, n] element.
+        let y = unsafe { dev.alloc::<f32>(m * n)? };
+        let args = MmqArgs { w: w.device_ptr()? as u64, xq: xqp, xd: xdp, xs: xsp, y: slice_ptr(&y), k: k as i32, n: n as i32, m: m as i32 };
+        let mmq = dev.get_or_load_custom_func("mmq_q4k", "freeski_quant", QUANT_PTX)?;
+        let cfg = LaunchConfig { grid_dim: (m.div_ceil(MMQ_TOKENS) as u32, n.div_ceil(16) as u32, 1), block_dim: ((super::MQ_WARPS * 32) as u32, 1, 1), shared_mem_bytes: 0 };
+        let mut b = mmq.builder();
+        b.arg(&args);
+        // SAFETY: the struct mirrors MmqArgs; every pointer is a live buffer of the sizes it names.
+        unsafe { b.launch(cfg) }.w()?;
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok(Some(tensor_from_slice(y, &dev, dims)))
+    }
+
     /// Launch shape of the grid-stride elementwise kernels (dropout, SwiGLU backward, AdamW):
     /// 256 threads a block, one element a thread up to 65,535 × 8 blocks, looping past that.
     fn elementwise_launch(n: u64) -> LaunchConfig {

@@ -924,3 +924,133 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
 #define MVD_NB(NB) \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4) mvd_q4k_b##NB(const MvArgs a) { mvd_q4k_body<NB>(a); }
 MVD_NB(1) MVD_NB(2)
+
+// ---- prompt matmul on int8 tensor cores: Q4_K weights in place, many token rows -----------------
+//
+// y[t, n] = W[n, :] · x[t, :] for prompts. The tensor-core matvec's tile (16 weight rows, k split
+// over 8 warps, one m16n8k32 MMA per Q4_K sub-block, the same operand layout) with each weight
+// fragment reused for MMQ_TILES tiles of 8 tokens, so the weights are read once per 32 tokens
+// instead of being dequantized to bf16 and read again by a GEMM. The activations come quantized
+// by quantize_q8_rows below, which also stores each block's xd·Σq, so the min term costs one FMA:
+//   acc += d·sc_j · (xd_j · dot) − dmin·m_j · (xd_j·Σq_j)
+// Every (token, row) is summed in the same order whatever tile or call it falls in.
+#define MMQ_TILES 4
+struct MmqArgs {
+    const uint8_t *w;  // [n, k] Q4_K blocks
+    const int8_t *xq;  // [m, k] activations as int8 blocks of 32
+    const float *xd;   // [m, k/32] their scales
+    const float *xs;   // [m, k/32] scale × sum of the block's int8 values
+    float *y;          // [m, n]
+    int k, n, m;
+};
+
+extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, 2) mmq_q4k(const MmqArgs a) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int grp = lane >> 2, t = lane & 3;
+    const int nblk = a.k / Q4K::ELEMS, kb = a.k / 32;
+    // MMA rows grp (A) and grp + 8 (B) of the 16-row weight tile; the lane's B operand is token
+    // row tok0 + 8·tt + grp, its accumulator columns tokens tok0 + 8·tt + 2t and + 1.
+    const int row_a = blockIdx.y * 16 + grp, row_b = row_a + 8;
+    const int tok0 = blockIdx.x * 8 * MMQ_TILES;
+    const uint8_t *wa = row_a < a.n ? a.w + (int64_t)row_a * nblk * Q4K::BYTES : nullptr;
+    const uint8_t *wb = row_b < a.n ? a.w + (int64_t)row_b * nblk * Q4K::BYTES : nullptr;
+    float acc[MMQ_TILES][4];
+#pragma unroll
+    for (int tt = 0; tt < MMQ_TILES; tt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[tt][i] = 0.f;
+    for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
+        uint4 ha = make_uint4(0, 0, 0, 0), hb = ha;
+        uint2 qa[4], qb[4];
+#pragma unroll
+        for (int g = 0; g < 4; g++) qa[g] = qb[g] = make_uint2(0, 0);
+        if (wa != nullptr) {
+            ha = ld_stream16(wa + (int64_t)bi * Q4K::BYTES);
+#pragma unroll
+            for (int g = 0; g < 4; g++) qa[g] = ld_stream8(wa + (int64_t)bi * Q4K::BYTES + 16 + 32 * g + 8 * t);
+        }
+        if (wb != nullptr) {
+            hb = ld_stream16(wb + (int64_t)bi * Q4K::BYTES);
+#pragma unroll
+            for (int g = 0; g < 4; g++) qb[g] = ld_stream8(wb + (int64_t)bi * Q4K::BYTES + 16 + 32 * g + 8 * t);
+        }
+        // Scales and mins stay packed, four 6-bit values a word (sub-blocks 0-3, then 4-7).
+        uint32_t sa[2], ma_w[2], sb[2], mb_w[2];
+        q4k_scale_words(ha.y, ha.z, ha.w, false, sa[0], ma_w[0]);
+        q4k_scale_words(ha.y, ha.z, ha.w, true, sa[1], ma_w[1]);
+        q4k_scale_words(hb.y, hb.z, hb.w, false, sb[0], mb_w[0]);
+        q4k_scale_words(hb.y, hb.z, hb.w, true, sb[1], mb_w[1]);
+        const float2 dma = __half22float2(*reinterpret_cast<const __half2 *>(&ha.x));
+        const float2 dmb = __half22float2(*reinterpret_cast<const __half2 *>(&hb.x));
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int g = j >> 1, sh = 4 * (j & 1);
+            const uint32_t am[4] = {(qa[g].x >> sh) & 0x0F0F0F0Fu, (qb[g].x >> sh) & 0x0F0F0F0Fu,
+                                    (qa[g].y >> sh) & 0x0F0F0F0Fu, (qb[g].y >> sh) & 0x0F0F0F0Fu};
+            const int h = j >> 2, by = 8 * (j & 3);
+            const float da = dma.x * small_uint((sa[h] >> by) & 0xFF), ma = dma.y * small_uint((ma_w[h] >> by) & 0xFF);
+            const float db = dmb.x * small_uint((sb[h] >> by) & 0xFF), mb = dmb.y * small_uint((mb_w[h] >> by) & 0xFF);
+#pragma unroll
+            for (int tt = 0; tt < MMQ_TILES; tt++) {
+                const int tb = tok0 + 8 * tt;
+                if (tb >= a.m) break;  // the same for the whole warp
+                const int tok = tb + grp, c0 = tb + 2 * t, c1 = c0 + 1;
+                const uint2 xv = tok < a.m ? *reinterpret_cast<const uint2 *>(a.xq + (int64_t)tok * a.k + bi * 256 + 32 * j + 8 * t) : make_uint2(0, 0);
+                const int64_t s0 = (int64_t)c0 * kb + bi * 8 + j, s1 = (int64_t)c1 * kb + bi * 8 + j;
+                const float xd0 = c0 < a.m ? a.xd[s0] : 0.f, xs0 = c0 < a.m ? a.xs[s0] : 0.f;
+                const float xd1 = c1 < a.m ? a.xd[s1] : 0.f, xs1 = c1 < a.m ? a.xs[s1] : 0.f;
+                const uint32_t bm[2] = {xv.x, xv.y};
+                int d[4] = {0, 0, 0, 0};
+                mma_s8(d, am, bm);
+                // |d| <= 32*15*127: exact through small_int.
+                acc[tt][0] = fmaf(da, xd0 * small_int(d[0]), fmaf(-ma, xs0, acc[tt][0]));
+                acc[tt][1] = fmaf(da, xd1 * small_int(d[1]), fmaf(-ma, xs1, acc[tt][1]));
+                acc[tt][2] = fmaf(db, xd0 * small_int(d[2]), fmaf(-mb, xs0, acc[tt][2]));
+                acc[tt][3] = fmaf(db, xd1 * small_int(d[3]), fmaf(-mb, xs1, acc[tt][3]));
+            }
+        }
+    }
+    __shared__ float red[MQ_WARPS][32][4 * MMQ_TILES + 1];
+#pragma unroll
+    for (int tt = 0; tt < MMQ_TILES; tt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[warp][lane][4 * tt + i] = acc[tt][i];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int tt = 0; tt < MMQ_TILES; tt++) {
+        const int c0 = tok0 + 8 * tt + 2 * t;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < MQ_WARPS; w++) v += red[w][lane][4 * tt + i];
+            const int row = i < 2 ? row_a : row_b, c = c0 + (i & 1);
+            if (row < a.n && c < a.m) a.y[(int64_t)c * a.n + row] = v;
+        }
+    }
+}
+
+// x [rows, k] f32 → int8 blocks of 32 for mmq_q4k: q = round(x / d) (halves away from zero) with
+// d = max|x| / 127, and per block d and d·Σq. One warp a block, one lane an element. A NaN or
+// infinite value makes the block's scale NaN, so it reaches the output instead of vanishing.
+extern "C" __global__ void quantize_q8_rows(const float *x, int8_t *xq, float *xd, float *xs, int64_t blocks) {
+    const int lane = threadIdx.x & 31;
+    const int64_t b = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (b >= blocks) return;
+    const float v = x[b * 32 + lane];
+    float amax = fabsf(v);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const bool bad = __any_sync(0xffffffffu, !isfinite(v));
+    const float d = bad ? __int_as_float(0x7fc00000) : amax / 127.f;
+    const int q = d > 0.f ? (int)roundf(v / d) : 0;
+    xq[b * 32 + lane] = (int8_t)q;
+    int s = q;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) {
+        xd[b] = d;
+        xs[b] = d * (float)s;
+    }
+}

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::fused_decode::{FusedDecoder, RowKernels, MAX_ROWS};
 use super::lora::{LoraAdapter, LoraPair};
 use super::model_config::ModelConfig;
-use super::qlinear::BaseLinear;
+use super::qlinear::{BaseLinear, PromptKernel};
 
 /// The seven linear layers of a decoder block, in PEFT's naming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -301,11 +301,12 @@ pub struct Model {
     fused_decode: bool,
     /// Built on the first decode step; `None` inside when the fused path does not apply.
     fused: std::sync::OnceLock<Option<FusedDecoder>>,
-    /// Inputs of at least this many tokens per sequence run each projection as one bf16 GEMM on
-    /// a weight dequantized by the project's kernel (CUDA only); shorter ones use candle's 4-bit
-    /// kernels. Counted per sequence, not over the batch, so a sequence's output does not
-    /// depend on what it is batched with.
+    /// Inputs of at least this many tokens per sequence run each projection through
+    /// `prompt_kernel` (CUDA only); shorter ones use candle's 4-bit kernels. Counted per
+    /// sequence, not over the batch, so a sequence's output does not depend on what it is
+    /// batched with.
     dense_rows: usize,
+    prompt_kernel: PromptKernel,
     /// Projections on the CPU use the project's kernel (`kernels::cpu`) where the weight type
     /// has one; off: candle's quantized kernels (benchmarks compare the two).
     cpu_kernels: bool,
@@ -365,6 +366,7 @@ impl Model {
             fused_decode: true,
             fused: Default::default(),
             dense_rows: if device.is_cuda() { DENSE_PREFILL_ROWS } else { usize::MAX },
+            prompt_kernel: PromptKernel::default(),
             cpu_kernels: true,
         })
     }
@@ -438,6 +440,7 @@ impl Model {
             fused_decode: self.fused_decode,
             fused: Default::default(),
             dense_rows: self.dense_rows,
+            prompt_kernel: self.prompt_kernel,
             cpu_kernels: self.cpu_kernels,
         })
     }
@@ -448,10 +451,14 @@ impl Model {
         self.fused_decode = on;
     }
 
-    /// Tokens per sequence from which prompts use one bf16 GEMM per projection (`usize::MAX`:
-    /// never).
+    /// Tokens per sequence from which prompts take the prompt kernel (`usize::MAX`: never).
     pub fn set_dense_prefill_rows(&mut self, rows: usize) {
         self.dense_rows = rows;
+    }
+
+    /// The path long prompts' projections take on CUDA (see [`PromptKernel`]).
+    pub fn set_prompt_kernel(&mut self, kernel: PromptKernel) {
+        self.prompt_kernel = kernel;
     }
 
     /// Use the project's CPU matmul kernel where it applies (off: candle's kernels).
@@ -575,16 +582,16 @@ impl Model {
             }
         }
         let (cos, sin) = self.rotary_for(cache, t)?;
-        let dense = t >= self.dense_rows;
+        let prompt = (t >= self.dense_rows).then_some(self.prompt_kernel);
         let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let h = self.attention(layer, &h, &cos, &sin, &cache.pad, &cache.layers[i], offset, lora, i, dense)?;
+            let h = self.attention(layer, &h, &cos, &sin, &cache.pad, &cache.layers[i], offset, lora, i, prompt)?;
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, lora, i, dense)?;
-            let [h] = self.linears(layer, [Proj::Down], &(candle_nn::ops::silu(&gate)? * up)?, lora, i, dense)?;
+            let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, lora, i, prompt)?;
+            let [h] = self.linears(layer, [Proj::Down], &(candle_nn::ops::silu(&gate)? * up)?, lora, i, prompt)?;
             x = (x2 + h)?;
         }
         cache.len = offset + t;
@@ -595,7 +602,7 @@ impl Model {
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         // The head sees one row a sequence for `Logits::Last`: dequantizing it would not pay.
-        Ok(head.forward_with(&x, dense && which == Logits::All, self.cpu_kernels)?.to_dtype(DType::F32)?)
+        Ok(head.forward_with(&x, prompt.filter(|_| which == Logits::All), self.cpu_kernels)?.to_dtype(DType::F32)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -610,12 +617,12 @@ impl Model {
         offset: usize,
         lora: RowLora<'_>,
         layer_idx: usize,
-        dense: bool,
+        prompt: Option<PromptKernel>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], x, lora, layer_idx, dense)?;
+        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], x, lora, layer_idx, prompt)?;
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
@@ -648,7 +655,7 @@ impl Model {
         }
         let out = Tensor::cat(&rows, 0)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let [o] = self.linears(layer, [Proj::O], &out, lora, layer_idx, dense)?;
+        let [o] = self.linears(layer, [Proj::O], &out, lora, layer_idx, prompt)?;
         Ok(o)
     }
 
@@ -684,9 +691,17 @@ impl Model {
     /// Projections of `layer` that read the same `x`, each its base weight plus the adapter's
     /// unmerged LoRA path if it has one (one pass over the base weights on the CPU). With one
     /// adapter a row, each row's LoRA term is computed on that row alone and added to it.
-    fn linears<const N: usize>(&self, layer: &DecoderLayer, projs: [Proj; N], x: &Tensor, lora: RowLora<'_>, layer_idx: usize, dense: bool) -> Result<[Tensor; N]> {
+    fn linears<const N: usize>(
+        &self,
+        layer: &DecoderLayer,
+        projs: [Proj; N],
+        x: &Tensor,
+        lora: RowLora<'_>,
+        layer_idx: usize,
+        prompt: Option<PromptKernel>,
+    ) -> Result<[Tensor; N]> {
         let bases: Vec<&BaseLinear> = projs.iter().map(|&p| layer.proj(p)).collect();
-        let ys = BaseLinear::forward_many(&bases, x, dense, self.cpu_kernels)?;
+        let ys = BaseLinear::forward_many(&bases, x, prompt, self.cpu_kernels)?;
         let out: Vec<Tensor> = ys
             .into_iter()
             .zip(projs)

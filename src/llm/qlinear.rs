@@ -9,6 +9,18 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::kernels::cpu;
 
+/// The path a prompt's projections take on CUDA (`Model::set_prompt_kernel`), from
+/// `DENSE_PREFILL_ROWS` tokens a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PromptKernel {
+    /// Each weight dequantized to bf16 by the project's kernel, then one cuBLAS GEMM.
+    #[default]
+    DenseBf16,
+    /// Q4_K weights read in place by int8 tensor-core tiles on int8-quantized activations
+    /// (`kernels::int8_mma_matmul`); other weight types take the bf16 GEMM.
+    Int8Mma,
+}
+
 /// `y = x · Wᵀ` with `W: [out, in]` kept quantized.
 #[derive(Debug, Clone)]
 pub struct BaseLinear {
@@ -30,17 +42,22 @@ impl BaseLinear {
     /// `x · Wᵀ`: on the CPU through the project's kernel where the weight's type has one
     /// (`kernels::cpu`), else through candle's quantized kernels.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, false, true)
+        self.forward_with(x, None, true)
     }
 
-    /// `x · Wᵀ`; with `dense`, as one bf16 GEMM on the weight dequantized by the project's
-    /// kernel, where the weight's device and type have one. That reads the packed weight once
-    /// and writes it as bf16 (≈ 4.5× its packed size in traffic) in exchange for cuBLAS instead
-    /// of candle's 4-bit GEMM, which wins for long prompts. The output is rounded like the rest
-    /// of the path: f32 out, bf16 inputs. With `cpu_kernel`, f32 inputs on the CPU go through
-    /// `kernels::cpu` where the weight's type has one.
-    pub fn forward_with(&self, x: &Tensor, dense: bool, cpu_kernel: bool) -> Result<Tensor> {
-        if dense {
+    /// `x · Wᵀ`; with a `prompt` kernel, for long prompts where the weight's device and type
+    /// have one. `DenseBf16`: one bf16 GEMM on the weight dequantized by the project's kernel,
+    /// which reads the packed weight once and writes it as bf16 (≈ 4.5× its packed size in
+    /// traffic) in exchange for cuBLAS instead of candle's 4-bit GEMM; f32 out, bf16 inputs.
+    /// `Int8Mma`: Q4_K weights read in place on int8 tensor cores. With `cpu_kernel`, f32
+    /// inputs on the CPU go through `kernels::cpu` where the weight's type has one.
+    pub fn forward_with(&self, x: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
+        if prompt == Some(PromptKernel::Int8Mma) {
+            if let Some(y) = kernel_int8_mma(&self.weight, x)? {
+                return Ok(y);
+            }
+        }
+        if prompt.is_some() {
             if let Some(w) = kernel_dequantize(&self.weight, DType::BF16)? {
                 return Ok(dense_matmul(&x.to_dtype(DType::BF16)?, &w)?.to_dtype(x.dtype())?);
             }
@@ -54,11 +71,11 @@ impl BaseLinear {
     /// [`BaseLinear::forward_with`] for several weights that read the same `x` (q|k|v,
     /// gate|up): on the CPU kernel's path one quantization of `x` and one pass of the workers
     /// for all of them; the same values as one call each.
-    pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, dense: bool, cpu_kernel: bool) -> Result<Vec<Tensor>> {
+    pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Vec<Tensor>> {
         let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
-        let cpu_path = cpu_kernel && !dense && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
+        let cpu_path = cpu_kernel && prompt.is_none() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
         if !cpu_path || ws.len() < 2 {
-            return ws.iter().map(|w| w.forward_with(x, dense, cpu_kernel)).collect();
+            return ws.iter().map(|w| w.forward_with(x, prompt, cpu_kernel)).collect();
         }
         let k = ws[0].in_features;
         let dims = x.dims().to_vec();
@@ -151,6 +168,17 @@ pub fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         *last = out_f;
     }
     y.reshape(dims)
+}
+
+/// `x · wᵀ` by the project's int8 tensor-core prompt kernel, where one exists for `w`'s type.
+fn kernel_int8_mma(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return Ok(crate::kernels::int8_mma_matmul(w, x)?);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (w, x);
+        Ok(None)
+    }
 }
 
 /// `w` dequantized by the project's CUDA kernel to `dtype`, where one exists for its type.
