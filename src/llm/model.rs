@@ -306,6 +306,7 @@ pub struct Model {
     /// sequence, not over the batch, so a sequence's output does not depend on what it is
     /// batched with.
     dense_rows: usize,
+    /// The kernel those inputs' projections take.
     prompt_kernel: PromptKernel,
     /// Projections on the CPU use the project's kernel (`kernels::cpu`) where the weight type
     /// has one; off: candle's quantized kernels (benchmarks compare the two).
