@@ -617,6 +617,46 @@ __device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, i
     return r;
 }
 
+// One Q4_K block of a 16-row tile as lane (grp, t) holds it for the MMA: the headers of its two
+// rows (grp and grp + 8) and, of each row, the 8 quant bytes 8t.. of every 32-byte group (zeros
+// for a row past the end). Both tensor-core kernels (decode and prompt) read blocks this way.
+struct MqBlock {
+    uint4 ha, hb;
+    uint2 qa[4], qb[4];
+
+    // Block bi of the rows at wa and wb (either may be null).
+    __device__ __forceinline__ void load(const uint8_t *wa, const uint8_t *wb, int bi, int t) {
+        ha = hb = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int g = 0; g < 4; g++) qa[g] = qb[g] = make_uint2(0, 0);
+        if (wa != nullptr) {
+            const uint8_t *p = wa + (int64_t)bi * Q4K::BYTES;
+            ha = ld_stream16(p);
+#pragma unroll
+            for (int g = 0; g < 4; g++) qa[g] = ld_stream8(p + 16 + 32 * g + 8 * t);
+        }
+        if (wb != nullptr) {
+            const uint8_t *p = wb + (int64_t)bi * Q4K::BYTES;
+            hb = ld_stream16(p);
+#pragma unroll
+            for (int g = 0; g < 4; g++) qb[g] = ld_stream8(p + 16 + 32 * g + 8 * t);
+        }
+    }
+
+    // The MMA's A operand for sub-block j: the low nibbles of group j/2 for even j, the high for odd.
+    __device__ __forceinline__ void frag(int j, uint32_t (&am)[4]) const {
+        const int g = j >> 1, sh = 4 * (j & 1);
+        am[0] = (qa[g].x >> sh) & 0x0F0F0F0Fu;
+        am[1] = (qb[g].x >> sh) & 0x0F0F0F0Fu;
+        am[2] = (qa[g].y >> sh) & 0x0F0F0F0Fu;
+        am[3] = (qb[g].y >> sh) & 0x0F0F0F0Fu;
+    }
+
+    // d and dmin of each row.
+    __device__ __forceinline__ float2 dm_a() const { return __half22float2(*reinterpret_cast<const __half2 *>(&ha.x)); }
+    __device__ __forceinline__ float2 dm_b() const { return __half22float2(*reinterpret_cast<const __half2 *>(&hb.x)); }
+};
+
 // One sub-block's share: acc + xd·(d·sc·dot − dmin·m·sum), every rounding spelled out so that
 // each row-count instantiation, the dp4a kernel below that follows the same order, and the
 // compiler's FMA contraction all compute it identically.
@@ -649,22 +689,8 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
     // acc[0], acc[1]: row A at batches b0, b1; acc[2], acc[3]: row B.
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
-        // This lane's bytes of both rows: header, then 8 quant bytes of each 32-byte group.
-        const uint8_t *pa = ra.w + (int64_t)bi * Q4K::BYTES, *pb = rb.w + (int64_t)bi * Q4K::BYTES;
-        uint4 ha = make_uint4(0, 0, 0, 0), hb = ha;
-        uint2 qa[4], qb[4];
-#pragma unroll
-        for (int g = 0; g < 4; g++) qa[g] = qb[g] = make_uint2(0, 0);
-        if (ra.w != nullptr) {
-            ha = ld_stream16(pa);
-#pragma unroll
-            for (int g = 0; g < 4; g++) qa[g] = ld_stream8(pa + 16 + 32 * g + 8 * t);
-        }
-        if (rb.w != nullptr) {
-            hb = ld_stream16(pb);
-#pragma unroll
-            for (int g = 0; g < 4; g++) qb[g] = ld_stream8(pb + 16 + 32 * g + 8 * t);
-        }
+        MqBlock blk;
+        blk.load(ra.w, rb.w, bi, t);
         // Activations: batch row grp, bytes 8t..8t+7 of each sub-block (the MMA's B operand).
         uint2 xv[8];
 #pragma unroll
@@ -680,15 +706,13 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
             xd1[j] = b1 < NB ? a.xd[(int64_t)b1 * (a.k / 32) + bi * 8 + j] : 0.f;
         }
         int sca[8], mna[8], scb[8], mnb[8];
-        q4k_scales(ha.y, ha.z, ha.w, sca, mna);
-        q4k_scales(hb.y, hb.z, hb.w, scb, mnb);
-        const float2 dma = __half22float2(*reinterpret_cast<const __half2 *>(&ha.x));
-        const float2 dmb = __half22float2(*reinterpret_cast<const __half2 *>(&hb.x));
+        q4k_scales(blk.ha.y, blk.ha.z, blk.ha.w, sca, mna);
+        q4k_scales(blk.hb.y, blk.hb.z, blk.hb.w, scb, mnb);
+        const float2 dma = blk.dm_a(), dmb = blk.dm_b();
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            const int g = j >> 1, sh = 4 * (j & 1);
-            const uint32_t am[4] = {(qa[g].x >> sh) & 0x0F0F0F0Fu, (qb[g].x >> sh) & 0x0F0F0F0Fu,
-                                    (qa[g].y >> sh) & 0x0F0F0F0Fu, (qb[g].y >> sh) & 0x0F0F0F0Fu};
+            uint32_t am[4];
+            blk.frag(j, am);
             const uint32_t bm[2] = {xv[j].x, xv[j].y};
             int d[4] = {0, 0, 0, 0};
             mma_s8(d, am, bm);
@@ -960,33 +984,19 @@ extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, 2) mmq_q4k(const Mmq
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[tt][i] = 0.f;
     for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
-        uint4 ha = make_uint4(0, 0, 0, 0), hb = ha;
-        uint2 qa[4], qb[4];
-#pragma unroll
-        for (int g = 0; g < 4; g++) qa[g] = qb[g] = make_uint2(0, 0);
-        if (wa != nullptr) {
-            ha = ld_stream16(wa + (int64_t)bi * Q4K::BYTES);
-#pragma unroll
-            for (int g = 0; g < 4; g++) qa[g] = ld_stream8(wa + (int64_t)bi * Q4K::BYTES + 16 + 32 * g + 8 * t);
-        }
-        if (wb != nullptr) {
-            hb = ld_stream16(wb + (int64_t)bi * Q4K::BYTES);
-#pragma unroll
-            for (int g = 0; g < 4; g++) qb[g] = ld_stream8(wb + (int64_t)bi * Q4K::BYTES + 16 + 32 * g + 8 * t);
-        }
+        MqBlock blk;
+        blk.load(wa, wb, bi, t);
         // Scales and mins stay packed, four 6-bit values a word (sub-blocks 0-3, then 4-7).
         uint32_t sa[2], ma_w[2], sb[2], mb_w[2];
-        q4k_scale_words(ha.y, ha.z, ha.w, false, sa[0], ma_w[0]);
-        q4k_scale_words(ha.y, ha.z, ha.w, true, sa[1], ma_w[1]);
-        q4k_scale_words(hb.y, hb.z, hb.w, false, sb[0], mb_w[0]);
-        q4k_scale_words(hb.y, hb.z, hb.w, true, sb[1], mb_w[1]);
-        const float2 dma = __half22float2(*reinterpret_cast<const __half2 *>(&ha.x));
-        const float2 dmb = __half22float2(*reinterpret_cast<const __half2 *>(&hb.x));
+        q4k_scale_words(blk.ha.y, blk.ha.z, blk.ha.w, false, sa[0], ma_w[0]);
+        q4k_scale_words(blk.ha.y, blk.ha.z, blk.ha.w, true, sa[1], ma_w[1]);
+        q4k_scale_words(blk.hb.y, blk.hb.z, blk.hb.w, false, sb[0], mb_w[0]);
+        q4k_scale_words(blk.hb.y, blk.hb.z, blk.hb.w, true, sb[1], mb_w[1]);
+        const float2 dma = blk.dm_a(), dmb = blk.dm_b();
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            const int g = j >> 1, sh = 4 * (j & 1);
-            const uint32_t am[4] = {(qa[g].x >> sh) & 0x0F0F0F0Fu, (qb[g].x >> sh) & 0x0F0F0F0Fu,
-                                    (qa[g].y >> sh) & 0x0F0F0F0Fu, (qb[g].y >> sh) & 0x0F0F0F0Fu};
+            uint32_t am[4];
+            blk.frag(j, am);
             const int h = j >> 2, by = 8 * (j & 3);
             const float da = dma.x * small_uint((sa[h] >> by) & 0xFF), ma = dma.y * small_uint((ma_w[h] >> by) & 0xFF);
             const float db = dmb.x * small_uint((sb[h] >> by) & 0xFF), mb = dmb.y * small_uint((mb_w[h] >> by) & 0xFF);
