@@ -348,11 +348,24 @@ fn dequantize_kernel_is_exact() -> Result<()> {
     Ok(())
 }
 
+/// A fused-decode parity case: its label, its row count and the result.
+type FusedCase = (String, usize, FusedParity);
+
+/// Every fused-decode parity case, run and printed. Both tests below
+/// read them; they run once per process (the GPU suite runs the tests in one process, one at a
+/// time), so the second test reuses the first one's results instead of decoding them again.
+fn fused_cases() -> Result<&'static [FusedCase]> {
+    static CASES: std::sync::OnceLock<std::result::Result<Vec<FusedCase>, String>> = std::sync::OnceLock::new();
+    match CASES.get_or_init(|| run_fused_cases(&device()).map_err(|e| format!("{e:#}"))) {
+        Ok(cases) => Ok(cases),
+        Err(e) => anyhow::bail!("the fused-decode parity cases failed: {e}"),
+    }
+}
+
 /// Every model with 3 rows and rank 4; the Q4_K_M mix at every row count the fused step takes
 /// (each has its own matvec instantiation; the Q4_K ones run on tensor cores), one row with a
 /// rank above 32 (the matvec's second LoRA path).
-/// Every fused-decode parity case, run and printed: (label, rows, result).
-fn fused_cases(dev: &Device) -> Result<Vec<(String, usize, FusedParity)>> {
+fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
     let cases = fused_parity_models().into_iter().flat_map(|(label, cfg, quant)| {
         // (rows, rank, rows of different adapters)
         let more: &[(usize, usize, bool)] = if quant == BenchQuant::Q4kM {
@@ -421,7 +434,8 @@ fn int8_mma_prompt_matmul_matches_f32() -> Result<()> {
 #[ignore = "needs a GPU"]
 fn fused_decode_rows_equal_alone_with_any_adapters() -> Result<()> {
     let mut failures = Vec::new();
-    for (label, rows, r) in fused_cases(&device())? {
+    for (label, rows, r) in fused_cases()? {
+        let rows = *rows;
         if !r.used_fused {
             failures.push(format!("{label}: the fused decode step did not run"));
         }
@@ -443,7 +457,8 @@ fn fused_decode_rows_equal_alone_with_any_adapters() -> Result<()> {
 #[ignore = "needs a GPU"]
 fn fused_decode_and_dense_prefill_match_exact() -> Result<()> {
     let mut failures = Vec::new();
-    for (label, rows, r) in fused_cases(&device())? {
+    for (label, rows, r) in fused_cases()? {
+        let rows = *rows;
         for b in 0..rows {
             // Each path rounds differently (int8 activation blocks, bf16 operands) and a random
             // small model amplifies rounding more on some rows than others, so each path must
