@@ -382,11 +382,7 @@ fn take_waiting(shared: &Shared, st: &mut State, joins: &Joins, room: usize) -> 
         let adapter = shared.resolve(&st.queue[i].adapter);
         let fits = match joins {
             Joins::Any => true,
-            Joins::Adapter(a) => match (a, &adapter) {
-                (None, None) => true,
-                (Some(x), Some(y)) => Arc::ptr_eq(x, y),
-                _ => false,
-            },
+            Joins::Adapter(a) => LoraAdapter::same(a.as_deref(), adapter.as_deref()),
         };
         if fits {
             taken.extend(st.queue.remove(i).map(|p| (p, adapter)));

@@ -226,6 +226,16 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// Whether `a` and `b` are the same loaded adapter (the same object, not equal weights), or
+    /// both the bare base.
+    pub fn same(a: Option<&LoraAdapter>, b: Option<&LoraAdapter>) -> bool {
+        match (a, b) {
+            (Some(x), Some(y)) => std::ptr::eq(x, y),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
     /// Load a PEFT adapter folder and check every tensor against the model's shape.
     pub fn load(dir: &Path, model: &ModelConfig, device: &Device) -> Result<Self> {
         let cfg_path = dir.join(CONFIG_FILE);

@@ -543,13 +543,8 @@ impl Model {
     pub fn forward_mixed(&self, ids: &Tensor, cache: &mut KvCache, adapters: &[Option<&LoraAdapter>], which: Logits) -> Result<Tensor> {
         let b = ids.dim(0)?;
         ensure!(adapters.len() == b, "{} adapters for {b} rows", adapters.len());
-        let same = |x: &Option<&LoraAdapter>, y: &Option<&LoraAdapter>| match (x, y) {
-            (Some(x), Some(y)) => std::ptr::eq(*x, *y),
-            (None, None) => true,
-            _ => false,
-        };
         match adapters.first() {
-            Some(first) if adapters.iter().all(|a| same(a, first)) => self.forward(ids, cache, *first, which),
+            Some(first) if adapters.iter().all(|a| LoraAdapter::same(*a, *first)) => self.forward(ids, cache, *first, which),
             _ => self.forward_rows(ids, cache, RowLora::PerRow(adapters), which),
         }
     }
