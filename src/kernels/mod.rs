@@ -7,6 +7,9 @@
 //!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fused_decode`).
 //! * `train.cu`: fused backwards of SwiGLU, RMSNorm and softmax for `train::ops`, and the
 //!   AdamW update for `train::optim`.
+//! * `prompt.cu`: the prompt path's attention softmax with its scale and causal mask in one pass
+//!   (`causal_softmax`) and SwiGLU's `silu(gate) · up` (`silu_mul`); `gemm_bf16_f32` beside
+//!   them is the prompt projections' cuBLAS GEMM with f32 output.
 //! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
 //!   kernel), rotary + KV append and decode attention for `llm::fused_decode`.
 //!
@@ -74,6 +77,7 @@ mod cuda {
     const QUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant.ptx"));
     const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
     const TRAIN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
+    const PROMPT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prompt.ptx"));
 
     /// The modules of `quant.cu` and `decode.cu`, loaded for one device's stream. Loaded
     /// through cudarc (candle's own module cache hands out a type it does not export), for
@@ -240,6 +244,120 @@ mod cuda {
             *last = n;
         }
         Ok(Some(tensor_from_slice(y, &dev, dims)))
+    }
+
+    /// `x · wᵀ` for bf16 `x: [.., k]` and `w: [n, k]` on CUDA: one cuBLAS GEMM on bf16 operands
+    /// that accumulates in f32 and writes f32, so the product is never rounded to bf16 and needs
+    /// no cast afterwards. `None` unless both are bf16 tensors on the same CUDA device.
+    pub fn gemm_bf16_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+        let (Device::Cuda(dev), true) = (x.device(), x.device().same_device(w.device())) else { return Ok(None) };
+        if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        let mut dims = x.dims().to_vec();
+        if dims.last() != Some(&k) {
+            bail!("input {dims:?} does not end in the weight's {k} inputs")
+        }
+        let m = x.elem_count() / k;
+        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("GEMM dimension {v} exceeds cuBLAS's int")));
+        let (mi, ni, ki) = (int(m)?, int(n)?, int(k)?);
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        // SAFETY: the GEMM below writes every [m, n] element.
+        let y = unsafe { dev.alloc::<f32>(m * n)? };
+        let (alpha, beta) = (1f32, 0f32);
+        let blas = dev.cublas_handle();
+        // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ = w·xᵀ: w transposed
+        // (ld k), x as is (ld k), yᵀ with ld n.
+        // SAFETY: live device buffers of the sizes given; the handle runs on the device's stream,
+        // the one that wrote x and w.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha as *const f32).cast(),
+                tensor_ptr(&w)? as *const std::ffi::c_void,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                ki,
+                tensor_ptr(&x)? as *const std::ffi::c_void,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                ki,
+                (&beta as *const f32).cast(),
+                slice_ptr(&y) as *mut std::ffi::c_void,
+                sys::cudaDataType_t::CUDA_R_32F,
+                ni,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .w()?;
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok(Some(tensor_from_slice(y, dev, dims)))
+    }
+
+    /// `softmax(scale · scores + causal mask)` over the last axis of f32 `scores: [.., tq, keys]`
+    /// in one kernel (`causal_softmax_f32` in prompt.cu): query `i` is position `keys - tq + i`
+    /// and sees the keys at or before it, the last `window` of them with a sliding window;
+    /// masked probabilities are 0. `None` unless `scores` is f32 on CUDA.
+    pub fn causal_softmax(scores: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = scores.device() else { return Ok(None) };
+        if scores.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let dims = scores.dims().to_vec();
+        let (tq, keys) = match dims.as_slice() {
+            [.., tq, keys] if *tq >= 1 && tq <= keys => (*tq, *keys),
+            _ => bail!("causal softmax: scores {dims:?} are not [.., queries, keys] with 1 <= queries <= keys"),
+        };
+        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("causal softmax: {v} keys exceed the kernel's int")));
+        let (tq, keys_i) = (int(tq)?, int(keys)?);
+        let window = i32::try_from(window).unwrap_or(i32::MAX).max(1);
+        let s = scores.contiguous()?;
+        let lines = s.elem_count() / keys;
+        // SAFETY: the kernel writes every element of every line.
+        let out = unsafe { dev.alloc::<f32>(s.elem_count())? };
+        let func = dev.get_or_load_custom_func("causal_softmax_f32", "freeski_prompt", PROMPT_PTX)?;
+        // One warp a line, eight a block.
+        let blocks = u32::try_from(lines.div_ceil(8)).map_err(|_| candle_core::Error::Msg(format!("causal softmax: {lines} lines exceed the grid")))?;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (sp, op, lines64) = (tensor_ptr(&s)?, slice_ptr(&out), lines as i64);
+        let mut b = func.builder();
+        b.arg(&sp).arg(&op).arg(&lines64).arg(&tq).arg(&keys_i).arg(&window).arg(&scale);
+        // SAFETY: (const float*, float*, int64_t, int, int, int, float) as causal_softmax_f32
+        // declares; both buffers hold lines · keys floats.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(Some(tensor_from_slice(out, dev, dims)))
+    }
+
+    /// `silu(g) · u` elementwise for f32 `g` and `u` of one shape on CUDA (`silu_mul_f32` in
+    /// prompt.cu: candle's silu and product in one pass). `None` for other dtypes or devices.
+    pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = g.device() else { return Ok(None) };
+        if g.dtype() != DType::F32 || u.dtype() != DType::F32 || !g.device().same_device(u.device()) {
+            return Ok(None);
+        }
+        if g.dims() != u.dims() {
+            bail!("silu_mul: gate {:?} and up {:?} differ in shape", g.dims(), u.dims())
+        }
+        let (g, u) = (g.contiguous()?, u.contiguous()?);
+        let n = g.elem_count();
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { dev.alloc::<f32>(n)? };
+        let func = dev.get_or_load_custom_func("silu_mul_f32", "freeski_prompt", PROMPT_PTX)?;
+        let (gp, up, yp, n64) = (tensor_ptr(&g)?, tensor_ptr(&u)?, slice_ptr(&y), n as i64);
+        let mut b = func.builder();
+        b.arg(&gp).arg(&up).arg(&yp).arg(&n64);
+        // SAFETY: (const float*, const float*, float*, int64_t) as silu_mul_f32 declares; all three
+        // buffers hold n floats.
+        unsafe { b.launch(elementwise_launch(n as u64)) }.w()?;
+        Ok(Some(tensor_from_slice(y, dev, g.dims())))
     }
 
     /// Launch shape of the grid-stride elementwise kernels (dropout, SwiGLU backward, AdamW):

@@ -24,16 +24,17 @@ pub use imp::FusedDecoder;
 /// Which matvec a weight with a tensor-core kernel (Q4_K) takes for 1 and 2 rows.
 ///
 /// A row's output must not depend on how many rows share the step (the same question gives the
-/// same answer alone or on a busy bot), so 3-8 rows always take the tensor-core kernel `mvq`,
-/// and by default (`Exact`) so do 1-2 rows. `ExactDp4a` takes `mvd` there: dp4a computing the
-/// tensor-core kernel's float operations in its order, so the same bits, with the work laid out
-/// for one or two rows. `Fastest` takes the generic dp4a kernel `mv`, which sums in its own
-/// order (not batch-invariant). `bench generate --row-kernels` compares them.
+/// same answer alone or on a busy bot), so 3-8 rows always take the tensor-core kernel `mvq`.
+/// By default (`ExactDp4a`) 1-2 rows take `mvd`: dp4a computing the tensor-core kernel's float
+/// operations in its order, so the same bits, with the work laid out for one or two rows (an
+/// MMA tile of 8 rows is mostly idle there). `TensorCores` runs `mvq` at 1-2 rows too (the
+/// reference the GPU tests hold `mvd` to). `Fastest` takes the generic dp4a kernel `mv`, which
+/// sums in its own order (not batch-invariant). `bench generate --row-kernels` compares them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum RowKernels {
     #[default]
-    Exact,
     ExactDp4a,
+    TensorCores,
     Fastest,
 }
 
@@ -393,16 +394,16 @@ mod imp {
             self.graphs.store(on, Ordering::Relaxed);
         }
 
-        /// Which matvec kernels serve 1 and 2 rows (see [`RowKernels`]); `Exact` by default.
+        /// Which matvec kernels serve 1 and 2 rows (see [`RowKernels`]); `ExactDp4a` by default.
         pub fn set_row_kernels(&self, rows: RowKernels) {
             self.row_kernels.store(rows as u8, Ordering::Relaxed);
         }
 
         fn row_kernels(&self) -> RowKernels {
             match self.row_kernels.load(Ordering::Relaxed) {
-                x if x == RowKernels::ExactDp4a as u8 => RowKernels::ExactDp4a,
+                x if x == RowKernels::TensorCores as u8 => RowKernels::TensorCores,
                 x if x == RowKernels::Fastest as u8 => RowKernels::Fastest,
-                _ => RowKernels::Exact,
+                _ => RowKernels::ExactDp4a,
             }
         }
 

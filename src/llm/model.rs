@@ -587,7 +587,11 @@ impl Model {
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
             let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, lora, i, prompt)?;
-            let [h] = self.linears(layer, [Proj::Down], &(candle_nn::ops::silu(&gate)? * up)?, lora, i, prompt)?;
+            let act = match kernel_silu_mul(&gate, &up)? {
+                Some(act) => act,
+                None => (candle_nn::ops::silu(&gate)? * up)?,
+            };
+            let [h] = self.linears(layer, [Proj::Down], &act, lora, i, prompt)?;
             x = (x2 + h)?;
         }
         cache.len = offset + t;
@@ -678,7 +682,12 @@ impl Model {
         // implementation exactly.
         let k = repeat_kv(&k.contiguous()?, rep)?;
         let v = repeat_kv(&v.contiguous()?, rep)?;
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = q.matmul(&k.t()?)?;
+        // On CUDA the scale, mask and softmax are one kernel over the scores (no mask tensor).
+        if let Some(probs) = kernel_causal_softmax(&scores, scale as f32, window)? {
+            return Ok(probs.matmul(&v)?);
+        }
+        let scores = (scores * scale)?;
         let mask = self.causal_mask(tq, keys)?;
         let scores = scores.broadcast_add(&mask)?;
         Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
@@ -756,6 +765,30 @@ impl Model {
             }
         }
         Ok(Tensor::from_vec(m, (1, 1, tq, keys), &self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// `softmax(scale · scores + causal mask)` by the project's CUDA kernel, where one applies
+/// (f32 scores on CUDA); the mask is [`Model::causal_mask`]'s.
+fn kernel_causal_softmax(scores: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return Ok(crate::kernels::causal_softmax(scores, scale, window)?);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (scores, scale, window);
+        Ok(None)
+    }
+}
+
+/// `silu(gate) · up` by the project's CUDA kernel (one pass, the same operations), where one
+/// applies (f32 on CUDA).
+fn kernel_silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return Ok(crate::kernels::silu_mul(gate, up)?);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (gate, up);
+        Ok(None)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Frozen base linear layers: the weight stays in the file's own (usually 4-bit) GGML type and is
 //! never modified, so adapters can be swapped without touching it.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
@@ -48,10 +49,17 @@ impl BaseLinear {
     /// `x · Wᵀ`; with a `prompt` kernel, for long prompts where the weight's device and type
     /// have one. `DenseBf16`: one bf16 GEMM on the weight dequantized by the project's kernel,
     /// which reads the packed weight once and writes it as bf16 (≈ 4.5× its packed size in
-    /// traffic) in exchange for cuBLAS instead of candle's 4-bit GEMM; f32 out, bf16 inputs.
+    /// traffic) in exchange for cuBLAS instead of candle's 4-bit GEMM; bf16 inputs (`x` cast
+    /// once for all the weights of a [`BaseLinear::forward_many`]), accumulated and written in f32.
     /// `Int8Mma`: Q4_K weights read in place on int8 tensor cores. With `cpu_kernel`, f32
     /// inputs on the CPU go through `kernels::cpu` where the weight's type has one.
     pub fn forward_with(&self, x: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
+        self.forward_sharing(x, &OnceCell::new(), prompt, cpu_kernel)
+    }
+
+    /// [`BaseLinear::forward_with`], with `x_bf16` holding `x` cast to bf16 for the dense prompt
+    /// path once the first weight of several reading the same `x` made it.
+    fn forward_sharing(&self, x: &Tensor, x_bf16: &OnceCell<Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
         if prompt == Some(PromptKernel::Int8Mma) {
             if let Some(y) = kernel_int8_mma(&self.weight, x)? {
                 return Ok(y);
@@ -59,7 +67,16 @@ impl BaseLinear {
         }
         if prompt.is_some() {
             if let Some(w) = kernel_dequantize(&self.weight, DType::BF16)? {
-                return Ok(dense_matmul(&x.to_dtype(DType::BF16)?, &w)?.to_dtype(x.dtype())?);
+                if x_bf16.get().is_none() {
+                    let _ = x_bf16.set(x.to_dtype(DType::BF16)?);
+                }
+                let xb = x_bf16.get().ok_or_else(|| anyhow::anyhow!("internal: bf16 input not cached"))?;
+                if x.dtype() == DType::F32 {
+                    if let Some(y) = kernel_gemm_bf16_f32(xb, &w)? {
+                        return Ok(y);
+                    }
+                }
+                return Ok(dense_matmul(xb, &w)?.to_dtype(x.dtype())?);
             }
         }
         if cpu_kernel && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && cpu::available(self.weight.dtype()) {
@@ -75,7 +92,8 @@ impl BaseLinear {
         let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
         let cpu_path = cpu_kernel && prompt.is_none() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
         if !cpu_path || ws.len() < 2 {
-            return ws.iter().map(|w| w.forward_with(x, prompt, cpu_kernel)).collect();
+            let x_bf16 = OnceCell::new();
+            return ws.iter().map(|w| w.forward_sharing(x, &x_bf16, prompt, cpu_kernel)).collect();
         }
         let k = ws[0].in_features;
         let dims = x.dims().to_vec();
@@ -177,6 +195,17 @@ fn kernel_int8_mma(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (w, x);
+        Ok(None)
+    }
+}
+
+/// `x · wᵀ` with f32 out by one cuBLAS GEMM on bf16 operands, where both are on CUDA.
+fn kernel_gemm_bf16_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return Ok(crate::kernels::gemm_bf16_f32(x, w)?);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w);
         Ok(None)
     }
 }
