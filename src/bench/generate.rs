@@ -61,7 +61,7 @@ pub struct GenerateBench {
     /// (Q4_K weights read in place on int8 tensor cores).
     #[arg(long, value_enum, default_value = "dense-bf16")]
     pub prompt_kernel: PromptKernel,
-    /// Tokens per sequence from which prompts take that path (default: the model's, 128 on
+    /// Tokens per sequence from which prompts take that path (default: the model's, 100 on
     /// CUDA); shorter prompts take candle's 4-bit kernels.
     #[arg(long)]
     pub prompt_rows: Option<usize>,

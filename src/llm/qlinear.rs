@@ -18,7 +18,9 @@ pub enum PromptKernel {
     #[default]
     DenseBf16,
     /// Q4_K weights read in place by int8 tensor-core tiles on int8-quantized activations
-    /// (`kernels::int8_mma_matmul`); other weight types take the bf16 GEMM.
+    /// (`kernels::int8_mma_matmul`); other weight types take the bf16 GEMM. Accurate, but
+    /// measured 2.7× slower than `DenseBf16` on 512 tokens (H100): its blocks of 16 weight rows ×
+    /// 32 tokens read every token's activations once per 16 rows.
     Int8Mma,
 }
 
