@@ -54,7 +54,9 @@ json.dump({"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_tok
            "add_bos_token": True, "add_eos_token": False, "model_max_length": 32768}, open(f"{out}/tokenizer_config.json", "w"))
 PY
   PYTHONPATH=$SRC/gguf-py python3 "$SRC/convert_hf_to_gguf.py" "$hf" --outtype f16 --outfile "$f16" 2>&1 | tail -2
-  "$BUILD/bin/llama-quantize" "$f16" "$q" Q4_K_M 2>&1 | tail -2
+  # Into a temporary name first: a quantization cut short never passes for the finished file.
+  "$BUILD/bin/llama-quantize" "$f16" "$q.part" Q4_K_M 2>&1 | tail -2
+  mv "$q.part" "$q"
   rm -rf "$hf" "$f16"
   echo "$q"
 }
@@ -69,7 +71,9 @@ bench() {
 
 cmd=${1:-}; shift || true
 case "$cmd" in
-  build) build ;;
+  # One build at a time (a stage may start one while another runs): the second waits, then
+  # finds the targets built.
+  build) exec 9>"$WORK/build.lock"; flock 9; build ;;
   mistral-q4km) mistral_q4km ;;
   bench) bench "$@" ;;
   *) echo "usage: $0 build | mistral-q4km | bench FILE" >&2; exit 2 ;;

@@ -677,21 +677,16 @@ impl Model {
             let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
             return Ok(probs.matmul(&v.contiguous()?)?.reshape((1, nh, 1, hd))?);
         }
-        // Prefill: expand K/V to every query head. Folding heads into the row axis here changes
-        // gemm's blocking and summation order, and SmolLM2's outlier activations amplify that
-        // rounding noise into visible logit changes; this layout reproduces the reference
-        // implementation exactly.
-        let k = repeat_kv(&k.contiguous()?, rep)?;
-        let v = repeat_kv(&v.contiguous()?, rep)?;
-        let scores = q.matmul(&k.t()?)?;
-        // On CUDA the scale, mask and softmax are one kernel over the scores (no mask tensor).
-        if let Some(probs) = kernel_causal_softmax(&scores, scale as f32, window)? {
-            return Ok(probs.matmul(&v)?);
+        // Prefill. On CUDA the query heads sharing a KV head fold into the row axis, as in
+        // decode (no copy of K and V per query head), and the scale, causal mask and softmax
+        // are one kernel. Elsewhere K/V expand to every query head: folding changes gemm's
+        // blocking and summation order, and SmolLM2's outlier activations amplify that rounding
+        // noise into visible logit changes; the expanded layout reproduces the reference
+        // implementation exactly on the CPU.
+        if q.device().is_cuda() {
+            return attend_folded(q, k, v, scale, window);
         }
-        let scores = (scores * scale)?;
-        let mask = self.causal_mask(tq, keys)?;
-        let scores = scores.broadcast_add(&mask)?;
-        Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
+        attend_expanded(q, k, v, scale, window)
     }
 
     /// Projections of `layer` that read the same `x`, each its base weight plus the adapter's
@@ -749,28 +744,59 @@ impl Model {
         let sin = self.sin.index_select(&idx, 0)?.reshape((b, t, half))?;
         Ok((cos, sin))
     }
+}
 
-    /// Additive mask `[1, 1, tq, keys]` (0 or −∞) for the last `tq` of `keys` positions of one
-    /// row: a query sees keys at or before itself and, with a sliding window, the last `window`
-    /// of them including itself. The diagonal is always visible.
-    fn causal_mask(&self, tq: usize, keys: usize) -> Result<Tensor> {
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let first = keys - tq;
-        let mut m = vec![0f32; tq * keys];
-        for (qi, line) in m.chunks_mut(keys).enumerate() {
-            let q_pos = first + qi;
-            for (k_pos, v) in line.iter_mut().enumerate() {
-                if k_pos > q_pos || q_pos - k_pos >= window {
-                    *v = f32::NEG_INFINITY;
-                }
+/// Additive mask `[1, 1, tq, keys]` (0 or −∞) for the last `tq` of `keys` positions of one row,
+/// in `like`'s dtype and device: a query sees keys at or before itself and, with a sliding
+/// `window`, the last `window` of them including itself. The diagonal is always visible.
+fn causal_mask(tq: usize, keys: usize, window: usize, like: &Tensor) -> Result<Tensor> {
+    let first = keys - tq;
+    let mut m = vec![0f32; tq * keys];
+    for (qi, line) in m.chunks_mut(keys).enumerate() {
+        let q_pos = first + qi;
+        for (k_pos, v) in line.iter_mut().enumerate() {
+            if k_pos > q_pos || q_pos - k_pos >= window {
+                *v = f32::NEG_INFINITY;
             }
         }
-        Ok(Tensor::from_vec(m, (1, 1, tq, keys), &self.device)?.to_dtype(self.dtype)?)
     }
+    Ok(Tensor::from_vec(m, (1, 1, tq, keys), like.device())?.to_dtype(like.dtype())?)
+}
+
+/// Prompt attention of one row (see `Model::attend`) with K/V expanded to every query head:
+/// the reference layout.
+fn attend_expanded(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: usize) -> Result<Tensor> {
+    let (_, nh, tq, _) = q.dims4()?;
+    let (_, nkv, keys, _) = k.dims4()?;
+    let k = repeat_kv(&k.contiguous()?, nh / nkv)?;
+    let v = repeat_kv(&v.contiguous()?, nh / nkv)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&causal_mask(tq, keys, window, q)?)?;
+    Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
+}
+
+/// Prompt attention of one row with the `rep` query heads of each KV head folded into the row
+/// axis: scores `[1, kv_heads, rep·tq, keys]`, whose line `i` is query `i mod tq`, so K and V
+/// are read as they are. The softmax with its scale and mask is the CUDA kernel where it
+/// applies, else the composed ops on the same lines.
+fn attend_folded(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: usize) -> Result<Tensor> {
+    let (_, nh, tq, hd) = q.dims4()?;
+    let (_, nkv, keys, _) = k.dims4()?;
+    let rep = nh / nkv;
+    let q = q.contiguous()?.reshape((1, nkv, rep * tq, hd))?;
+    let scores = q.matmul(&k.contiguous()?.t()?)?;
+    let probs = match kernel_causal_softmax(&scores, scale as f32, window)? {
+        Some(probs) => probs,
+        None => {
+            let s = (scores * scale)?.reshape((1, nkv, rep, tq, keys))?;
+            let s = s.broadcast_add(&causal_mask(tq, keys, window, &q)?.unsqueeze(0)?)?;
+            candle_nn::ops::softmax_last_dim(&s)?.reshape((1, nkv, rep * tq, keys))?
+        }
+    };
+    Ok(probs.matmul(&v.contiguous()?)?.reshape((1, nh, tq, hd))?)
 }
 
 /// `softmax(scale · scores + causal mask)` by the project's CUDA kernel, where one applies
-/// (f32 scores on CUDA); the mask is [`Model::causal_mask`]'s.
+/// (f32 scores on CUDA); the mask is [`causal_mask`]'s.
 fn kernel_causal_softmax(scores: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     return Ok(crate::kernels::causal_softmax(scores, scale, window)?);
@@ -817,4 +843,29 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
 fn try_map7<U>(items: [Proj; 7], f: impl FnMut(Proj) -> Result<U>) -> Result<[U; 7]> {
     let v: Vec<U> = items.into_iter().map(f).collect::<Result<_>>()?;
     v.try_into().map_err(|_| anyhow::anyhow!("internal: expected 7 projections"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Folding the query heads of each KV head into the row axis (the layout of CUDA prompts)
+    /// gives the expanded reference layout's attention: whole prompts and prompts after a cached
+    /// prefix, sliding windows shorter than the prompt, 1-4 query heads a KV head, and K/V read
+    /// from a larger cache buffer as the model does (not contiguous).
+    #[test]
+    fn folded_prompt_attention_matches_expanded() -> Result<()> {
+        let cpu = Device::Cpu;
+        let none = usize::MAX;
+        for (nkv, rep, tq, keys, window) in [(2, 3, 5, 5, none), (2, 3, 4, 11, none), (1, 4, 9, 9, 3), (3, 1, 7, 12, 5), (2, 2, 1, 6, 4)] {
+            let q = Tensor::randn(0f32, 1.0, (1, nkv * rep, tq, 16), &cpu)?;
+            let cache = |_| Tensor::randn(0f32, 1.0, (1, nkv, keys + 3, 16), &cpu).and_then(|t| t.narrow(2, 1, keys));
+            let (k, v) = (cache(0)?, cache(1)?);
+            let want = attend_expanded(&q, &k, &v, 0.25, window)?;
+            let got = attend_folded(&q, &k, &v, 0.25, window)?;
+            let diff = crate::util::compare::tensor_max_abs_diff(&want, &got)?;
+            assert!(diff <= 1e-5, "{nkv} kv heads x {rep}, {tq} queries, {keys} keys, window {window}: folded differs by {diff:e}");
+        }
+        Ok(())
+    }
 }
