@@ -69,16 +69,20 @@ impl BaseLinear {
         }
         if prompt.is_some() {
             if let Some(w) = kernel_dequantize(&self.weight, DType::BF16)? {
-                if x_bf16.get().is_none() {
-                    let _ = x_bf16.set(x.to_dtype(DType::BF16)?);
-                }
-                let xb = x_bf16.get().ok_or_else(|| anyhow::anyhow!("internal: bf16 input not cached"))?;
+                let xb = match x_bf16.get() {
+                    Some(xb) => xb.clone(),
+                    None => {
+                        let xb = x.to_dtype(DType::BF16)?;
+                        let _ = x_bf16.set(xb.clone());
+                        xb
+                    }
+                };
                 if x.dtype() == DType::F32 {
-                    if let Some(y) = kernel_gemm_bf16_f32(xb, &w)? {
+                    if let Some(y) = kernel_gemm_bf16_f32(&xb, &w)? {
                         return Ok(y);
                     }
                 }
-                return Ok(dense_matmul(xb, &w)?.to_dtype(x.dtype())?);
+                return Ok(dense_matmul(&xb, &w)?.to_dtype(x.dtype())?);
             }
         }
         if cpu_kernel && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && cpu::available(self.weight.dtype()) {
