@@ -512,10 +512,11 @@ fn training_kernels_match_composed_ops() -> Result<()> {
     Ok(())
 }
 
-/// The prompt path's kernels against the ops they replace: the causal softmax (scale, mask and
-/// softmax in one pass) against `scale · scores + mask` through candle's softmax, for whole
-/// prompts and prompts after a cached prefix, with and without a sliding window, a NaN score
-/// staying in its own query's line; SwiGLU's fused `silu(gate) · up` against candle's two ops;
+/// The prompt path's kernels against the ops they replace, for whole prompts and prompts after
+/// a cached prefix, with and without a sliding window: attention straight from the cache against
+/// the expanded composition, a NaN key reaching exactly the queries that see it; the causal
+/// softmax (scale, mask and softmax in one pass) against `scale · scores + mask` through
+/// candle's softmax, a NaN score staying in its own query's line; SwiGLU's fused `silu(gate) · up` against candle's two ops;
 /// and the bf16 GEMM with f32 output against the f32 product of the same bf16 operands.
 #[test]
 #[ignore = "needs a GPU"]
@@ -554,6 +555,36 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
     let lines = got.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
     if !(lines[0].iter().chain(&lines[2]).all(|v| v.is_finite()) && lines[1][..=14].iter().all(|v| v.is_nan()) && lines[1][15] == 0.0) {
         failures.push("a NaN score did not stay in its own query's line".into());
+    }
+    // Prompt attention straight from a cache buffer (K/V views with a larger capacity and an
+    // offset, as the model passes them) against the expanded composition.
+    for (nh, nkv, tq, keys, hd, window) in
+        [(4, 2, 7, 7, 16, 8), (4, 2, 5, 12, 16, 8), (6, 2, 40, 70, 64, usize::MAX), (2, 1, 33, 33, 128, 20), (4, 1, 100, 100, 128, usize::MAX), (32, 8, 80, 300, 128, usize::MAX)]
+    {
+        let q = Tensor::randn(0f32, 1.0, (1, nh, tq, hd), &dev)?;
+        let cache = || -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (2, nkv, keys + 9, hd), &dev)?.narrow(0, 1, 1)?.narrow(2, 4, keys)?) };
+        let (k, v) = (cache()?, cache()?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let expand = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?.unsqueeze(2)?.expand((1, nkv, nh / nkv, keys, hd))?.reshape((1, nh, keys, hd))?) };
+        let scores = (q.matmul(&expand(&k)?.t()?)? * scale)?.broadcast_add(&mask(tq, keys, window)?)?;
+        let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&expand(&v)?)?.transpose(1, 2)?.contiguous()?;
+        let got = freeski_bot::kernels::prompt_attention(&q, &k, &v, scale as f32, window)?.context("no prompt attention kernel for f32")?;
+        let diff = tensor_max_rel_diff(&want, &got, 1e-12)?;
+        let w = if window == usize::MAX { "none".to_string() } else { window.to_string() };
+        println!("prompt attention, {nh} heads ({nkv} kv) x {tq} queries x {keys} keys x {hd}, window {w}: kernel vs expanded composition {diff:.2e} (tolerance 2e-5)");
+        if diff.is_nan() || diff > 2e-5 {
+            failures.push(format!("prompt attention {nh}/{nkv} heads {tq}x{keys}x{hd} window {w}: {diff:.2e}"));
+        }
+    }
+    // A NaN in key 3 reaches the queries at or after position 3 and no earlier one.
+    let mut kv = vec![0.25f32; 8 * 16];
+    kv[3 * 16] = f32::NAN;
+    let k = Tensor::from_vec(kv, (1, 1, 8, 16), &dev)?;
+    let got =
+        freeski_bot::kernels::prompt_attention(&Tensor::ones((1, 2, 8, 16), DType::F32, &dev)?, &k, &k.ones_like()?, 0.25, usize::MAX)?.context("no prompt attention kernel")?;
+    let per_query = got.squeeze(0)?.flatten_from(1)?.to_vec2::<f32>()?;
+    if !(per_query[..3].iter().flatten().all(|v| v.is_finite()) && per_query[3..].iter().flatten().all(|v| v.is_nan())) {
+        failures.push("a NaN key did not reach exactly the queries that see it".into());
     }
     // An odd length, so the grid-stride loop's tail is covered.
     let (g, u) = ((Tensor::randn(0f32, 1.0, (3, 1001), &dev)? * 6.0)?, Tensor::randn(0f32, 1.0, (3, 1001), &dev)?);

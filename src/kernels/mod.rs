@@ -7,9 +7,10 @@
 //!   (`dequantize`), embedding rows and the decode matvec (used by `llm::fused_decode`).
 //! * `train.cu`: fused backwards of SwiGLU, RMSNorm and softmax for `train::ops`, and the
 //!   AdamW update for `train::optim`.
-//! * `prompt.cu`: the prompt path's attention softmax with its scale and causal mask in one pass
-//!   (`causal_softmax`) and SwiGLU's `silu(gate) · up` (`silu_mul`); `gemm_bf16_f32` beside
-//!   them is the prompt projections' cuBLAS GEMM with f32 output.
+//! * `prompt.cu`: the prompt path's attention straight from the KV cache (`prompt_attention`),
+//!   the attention softmax with its scale and causal mask in one pass (`causal_softmax`) and
+//!   SwiGLU's `silu(gate) · up` (`silu_mul`); `gemm_bf16_f32` beside them is the prompt
+//!   projections' cuBLAS GEMM with f32 output.
 //! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
 //!   kernel), rotary + KV append and decode attention for `llm::fused_decode`.
 //!
@@ -334,6 +335,93 @@ mod cuda {
         // declares; both buffers hold lines · keys floats.
         unsafe { b.launch(cfg) }.w()?;
         Ok(Some(tensor_from_slice(out, dev, dims)))
+    }
+
+    /// `PromptAttnArgs` of prompt.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct PromptAttnArgs {
+        q: u64,
+        k: u64,
+        v: u64,
+        out: u64,
+        kv_head_stride: i64,
+        nh: i32,
+        nkv: i32,
+        tq: i32,
+        keys: i32,
+        hd: i32,
+        window: i32,
+        scale: f32,
+    }
+    // SAFETY: plain data with the layout of the C struct.
+    unsafe impl DeviceRepr for PromptAttnArgs {}
+
+    /// Queries a block of `prompt_attn_f32` takes, and the largest head size it serves
+    /// (`PA_QUERIES`, `PA_HD` in prompt.cu).
+    const PA_QUERIES: usize = 16;
+    const PA_HD: usize = 128;
+
+    /// Address of a CUDA tensor's first element and its strides, in elements, for any layout.
+    fn strided_ptr(t: &Tensor) -> Result<(u64, Vec<usize>)> {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else { bail!("expected a CUDA tensor, got one on {:?}", t.device().location()) };
+        if t.dtype() != DType::F32 {
+            bail!("strided_ptr: {:?} is not supported", t.dtype())
+        }
+        let stream = cs.device().cuda_stream();
+        let base = cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0;
+        Ok((base + (layout.start_offset() * 4) as u64, layout.stride().to_vec()))
+    }
+
+    /// Causal attention of one row's prompt (`prompt_attn_f32` in prompt.cu: online softmax over
+    /// tiles of 32 keys, no score matrix): `q: [1, nh, tq, hd]`, `k`, `v`: `[1, nkv, keys, hd]`
+    /// views of the row's KV cache (each key a contiguous run of hd values; read in place), query
+    /// `i` at position `keys - tq + i` seeing the keys at or before it, the last `window` of them
+    /// with a sliding window. Returns `[1, tq, nh, hd]`. `None` unless all are f32 on CUDA with
+    /// `hd <= 128` and whole groups of query heads per KV head.
+    pub fn prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = q.device() else { return Ok(None) };
+        let (_, nh, tq, hd) = q.dims4()?;
+        let (_, nkv, keys, _) = k.dims4()?;
+        if [q, k, v].iter().any(|t| t.dtype() != DType::F32 || !t.device().same_device(q.device())) || hd > PA_HD || nkv == 0 || nh % nkv != 0 {
+            return Ok(None);
+        }
+        if k.dims() != v.dims() || k.dims()[3] != hd || tq == 0 || tq > keys {
+            bail!("prompt attention: q {:?}, k {:?}, v {:?} do not fit one row's prompt", q.dims(), k.dims(), v.dims())
+        }
+        let q = q.contiguous()?;
+        // Read in place when each key is a run of hd values and K and V share a head stride (views
+        // of the cache buffers); copied otherwise.
+        let rows = |t: &Tensor| t.stride()[3] == 1 && t.stride()[2] == hd;
+        let (k, v) = if rows(k) && rows(v) && k.stride()[1] == v.stride()[1] { (k.clone(), v.clone()) } else { (k.contiguous()?, v.contiguous()?) };
+        let ((kp, kst), (vp, _)) = (strided_ptr(&k)?, strided_ptr(&v)?);
+        let ks = kst[1];
+        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("prompt attention: {v} exceeds the kernel's int")));
+        // SAFETY: the kernel writes every [tq, nh, hd] element.
+        let out = unsafe { dev.alloc::<f32>(tq * nh * hd)? };
+        let args = PromptAttnArgs {
+            q: tensor_ptr(&q)?,
+            k: kp,
+            v: vp,
+            out: slice_ptr(&out),
+            kv_head_stride: ks as i64,
+            nh: int(nh)?,
+            nkv: int(nkv)?,
+            tq: int(tq)?,
+            keys: int(keys)?,
+            hd: int(hd)?,
+            window: i32::try_from(window).unwrap_or(i32::MAX).max(1),
+            scale,
+        };
+        let func = dev.get_or_load_custom_func("prompt_attn_f32", "freeski_prompt", PROMPT_PTX)?;
+        let cfg = LaunchConfig { grid_dim: (int(tq.div_ceil(PA_QUERIES))? as u32, nh as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let mut b = func.builder();
+        b.arg(&args);
+        // SAFETY: the struct mirrors PromptAttnArgs; q holds nh·tq·hd floats, K and V hold nkv heads
+        // of `keys` rows of hd at the head stride given, out tq·nh·hd.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(Some(tensor_from_slice(out, dev, (1, tq, nh, hd))))
     }
 
     /// `silu(g) · u` elementwise for f32 `g` and `u` of one shape on CUDA (`silu_mul_f32` in

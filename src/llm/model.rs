@@ -643,7 +643,7 @@ impl Model {
             if skip > 0 {
                 // Padding positions attend to nothing: their output is zero (never NaN), and
                 // their keys are outside every real row's range.
-                parts.push(Tensor::zeros((1, nh, skip, hd), q.dtype(), q.device())?);
+                parts.push(Tensor::zeros((1, skip, nh, hd), q.dtype(), q.device())?);
             }
             if skip < t {
                 let keys = s - pad.min(s);
@@ -652,10 +652,10 @@ impl Model {
                 let v = v_buf.narrow(0, row, 1)?.narrow(2, pad, keys)?;
                 parts.push(self.attend(&q, &k, &v)?);
             }
-            rows.push(Tensor::cat(&parts, 2)?);
+            rows.push(Tensor::cat(&parts, 1)?);
         }
-        let out = Tensor::cat(&rows, 0)?;
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        // [b, t, heads, hd]: a copy only where a part is a transposed view.
+        let out = Tensor::cat(&rows, 0)?.reshape((b, t, nh * hd))?;
         let [o] = self.linears(layer, [Proj::O], &out, lora, layer_idx, prompt)?;
         Ok(o)
     }
@@ -663,7 +663,8 @@ impl Model {
     /// One row's attention: queries `[1, heads, tq, hd]` are the last `tq` of the row's `keys`
     /// positions (`k`, `v`: `[1, kv_heads, keys, hd]`, the row's first real token at index 0).
     /// Causal and sliding-window masking by position within the row; every query sees at least
-    /// itself, so no softmax row is ever all −∞.
+    /// itself, so no softmax row is ever all −∞. Returns `[1, tq, heads, hd]` (the o
+    /// projection's input order; a transposed view where the path computed it head-major).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (_, nh, tq, hd) = q.dims4()?;
         let (_, nkv, keys, _) = k.dims4()?;
@@ -675,18 +676,23 @@ impl Model {
             // (long) cached K/V are never copied.
             let q = q.reshape((1, nkv, rep, hd))?;
             let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-            return Ok(probs.matmul(&v.contiguous()?)?.reshape((1, nh, 1, hd))?);
+            return Ok(probs.matmul(&v.contiguous()?)?.reshape((1, 1, nh, hd))?);
         }
-        // Prefill. On CUDA the query heads sharing a KV head fold into the row axis, as in
-        // decode (no copy of K and V per query head), and the scale, causal mask and softmax
-        // are one kernel. Elsewhere K/V expand to every query head: folding changes gemm's
-        // blocking and summation order, and SmolLM2's outlier activations amplify that rounding
-        // noise into visible logit changes; the expanded layout reproduces the reference
-        // implementation exactly on the CPU.
+        // Prefill. On CUDA one kernel attends straight from the cache with an online softmax
+        // (`kernels::prompt_attention`: no score matrix, no copy of K and V, the output in the o
+        // projection's order); where it does not apply (head size above 128, other dtypes) the
+        // query heads sharing a KV head fold into the row axis, as in decode. Elsewhere K/V
+        // expand to every query head: folding changes gemm's blocking and summation order, and
+        // SmolLM2's outlier activations amplify that rounding noise into visible logit
+        // changes; the expanded layout reproduces the reference implementation exactly on the
+        // CPU.
         if q.device().is_cuda() {
-            return attend_folded(q, k, v, scale, window);
+            if let Some(out) = kernel_prompt_attention(q, k, v, scale as f32, window)? {
+                return Ok(out);
+            }
+            return Ok(attend_folded(q, k, v, scale, window)?.transpose(1, 2)?);
         }
-        attend_expanded(q, k, v, scale, window)
+        Ok(attend_expanded(q, k, v, scale, window)?.transpose(1, 2)?)
     }
 
     /// Projections of `layer` that read the same `x`, each its base weight plus the adapter's
@@ -793,6 +799,18 @@ fn attend_folded(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: usize) 
         }
     };
     Ok(probs.matmul(&v.contiguous()?)?.reshape((1, nh, tq, hd))?)
+}
+
+/// A prompt's causal attention straight from the row's cache by the project's CUDA kernel,
+/// `[1, tq, heads, hd]`, where one applies (f32 on CUDA, head size up to 128).
+fn kernel_prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return Ok(crate::kernels::prompt_attention(q, k, v, scale, window)?);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, scale, window);
+        Ok(None)
+    }
 }
 
 /// `softmax(scale · scores + causal mask)` by the project's CUDA kernel, where one applies
