@@ -9,8 +9,9 @@
 #              llama.cpp's own tools ($Q4KM); later stages use that file where they can
 #   batching   answers alone vs together through the engine with a LoRA adapter, on the Q4_K_M
 #              file (every answer must be the same), and `bench generate` equality bare and r=16,
-#              then bare with each other 1-2 row kernel choice (`--row-kernels`) and each prompt
-#              kernel from 9 tokens (`--prompt-kernel`)
+#              then bare with each other 1-2 row kernel choice (`--row-kernels`), each prompt
+#              kernel from 9 tokens (`--prompt-kernel`) and the fused prompt attention
+#              (`--prompt-attention fused`)
 #   llamacpp   llama-bench on the same Q4_K_M file (pp512, tg128, pp100+tg1, flash attention)
 #   ptx        the compute_86 build (.gpu/*-sm86.xz) on this card through PTX JIT: parity tests,
 #              the same greedy answer as the default build, `bench generate` of both on $Q4KM
@@ -63,10 +64,12 @@ stage_batching() {
     for k in tensor-cores fastest; do
       freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --row-kernels $k 2>&1 | grep -E "decode|prefill|path" | tee "$OUT/gen-q4km-file-$k.txt"
     done
-    # Both prompt kernels from 9 tokens, so the 100-token time to first token takes them too.
+    # Both prompt kernels from 9 tokens, so the 100-token time to first token takes them too;
+    # then the fused attention kernel.
     for k in dense-bf16 int8-mma; do
       freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --streams 0 --prompt-kernel $k --prompt-rows 9 2>&1 | grep -E "prefill|time to first|path" | tee "$OUT/gen-q4km-file-prompt-$k.txt"
     done
+    freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --streams 0 --prompt-attention fused 2>&1 | grep -E "prefill|time to first|path" | tee "$OUT/gen-q4km-file-attention-fused.txt"
   fi
 }
 stage_llamacpp() {

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use freeski_bot::bench::{random_adapter, BenchQuant};
 use freeski_bot::llm::fused_decode::RowKernels;
 use freeski_bot::llm::lora::{AdapterConfig, LoraAdapter};
-use freeski_bot::llm::model::{KvCache, Logits, Model, Proj};
+use freeski_bot::llm::model::{KvCache, Logits, Model, Proj, PromptAttention};
 use freeski_bot::llm::qlinear::PromptKernel;
 use freeski_bot::llm::{sampling, ModelConfig};
 use freeski_bot::train::data::{Batch, Example};
@@ -101,6 +101,9 @@ struct FusedParity {
     dense_prefill: Vec<f64>,
     mma_prefill: Vec<f64>,
     ops_prefill: Vec<f64>,
+    /// The exact model's prompt with `PromptAttention::Fused` against its default composition
+    /// (only the attention differs: f32 rounding).
+    fused_attention: Vec<f64>,
     /// Per batch row: the largest |difference| between the fused step's logits for the row in
     /// the batch and for the same row decoded alone (batch invariance: must be 0).
     alone: Vec<f64>,
@@ -120,7 +123,7 @@ struct FusedParity {
 /// same tokens, which must give the same bits as in the batch.
 fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant: BenchQuant, seed: u64, rows: usize, rank: usize, mixed: bool) -> Result<FusedParity> {
     let mut packed = quant.random_model(cfg, seed, dev)?;
-    let exact = freeski_bot::bench::random::dequantized(&packed)?;
+    let mut exact = freeski_bot::bench::random::dequantized(&packed)?;
     let adapter = random_adapter(cfg, rank, dev)?;
     // With `mixed`, rows take the adapter, a second one of twice the rank, and none by turns.
     let second = random_adapter(cfg, 2 * rank, dev)?;
@@ -147,6 +150,10 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     // The padded prompt through the exact model, the bf16 GEMM and candle's 4-bit ops.
     let prefill = |m: &Model| -> Result<Tensor> { m.forward_mixed(&ids, &mut KvCache::with_padding(pads.clone()), a, Logits::Last) };
     let l_prompt = prefill(&exact)?;
+    let mut fused_attention = vec![0f64; rows];
+    exact.set_prompt_attention(PromptAttention::Fused);
+    per_row(&l_prompt, &prefill(&exact)?, &mut fused_attention)?;
+    exact.set_prompt_attention(PromptAttention::Composed);
     let (mut dense_prefill, mut mma_prefill, mut ops_prefill) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows]);
     packed.set_dense_prefill_rows(1);
     per_row(&l_prompt, &prefill(&packed)?, &mut dense_prefill)?;
@@ -199,7 +206,7 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         per_row(&l_exact, &lo, &mut candle_ops)?;
         next = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
     }
-    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, ops_prefill, alone, tensor_cores })
+    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, ops_prefill, fused_attention, alone, tensor_cores })
 }
 
 struct GradParity {
@@ -382,13 +389,14 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
         let label = format!("{label}, {rows} rows, r={rank}{}", if mixed { ", mixed adapters" } else { "" });
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ");
         println!(
-            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]",
+            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}], exact model with the fused attention kernel vs composed [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]",
             r.steps,
             fmt(&r.fused),
             fmt(&r.candle_ops),
             fmt(&r.dense_prefill),
             fmt(&r.mma_prefill),
             fmt(&r.ops_prefill),
+            fmt(&r.fused_attention),
             fmt(&r.alone),
             fmt(&r.tensor_cores)
         );
@@ -471,6 +479,10 @@ fn fused_decode_and_dense_prefill_match_exact() -> Result<()> {
             let bound = QUANTIZED_TOLERANCE.max(2.0 * r.candle_ops[b].max(r.ops_prefill[b]));
             if r.fused[b].is_nan() || r.fused[b] > bound {
                 failures.push(format!("{label}, row {b}/fused {:.2e} (bound {bound:.1e})", r.fused[b]));
+            }
+            let err = r.fused_attention[b];
+            if err.is_nan() || err > TOLERANCE {
+                failures.push(format!("{label}, row {b}/fused attention kernel vs composed, exact weights {err:.2e} (bound {TOLERANCE:.0e})"));
             }
             for (path, err) in [("bf16-GEMM", r.dense_prefill[b]), ("int8-MMA", r.mma_prefill[b])] {
                 if err.is_nan() || err > bound {

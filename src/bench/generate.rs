@@ -15,7 +15,7 @@ use crate::kernels;
 use crate::llm::device::{self, gib};
 use crate::llm::fused_decode::RowKernels;
 use crate::llm::lora::LoraAdapter;
-use crate::llm::model::{KvCache, Logits, Model, Proj};
+use crate::llm::model::{KvCache, Logits, Model, Proj, PromptAttention};
 use crate::llm::qlinear::PromptKernel;
 use crate::llm::{load, sampling};
 
@@ -61,6 +61,10 @@ pub struct GenerateBench {
     /// (Q4_K weights read in place on int8 tensor cores).
     #[arg(long, value_enum, default_value = "dense-bf16")]
     pub prompt_kernel: PromptKernel,
+    /// How prompts attend on CUDA: `composed` (the default: candle's matmuls, one softmax
+    /// kernel) or `fused` (one kernel straight from the KV cache).
+    #[arg(long, value_enum, default_value = "composed")]
+    pub prompt_attention: PromptAttention,
     /// Tokens per sequence from which prompts take that path (default: the model's, 100 on
     /// CUDA); shorter prompts take candle's 4-bit kernels.
     #[arg(long)]
@@ -109,6 +113,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     model.set_decode_graphs(args.graphs)?;
     model.set_decode_row_kernels(args.row_kernels)?;
     model.set_prompt_kernel(args.prompt_kernel);
+    model.set_prompt_attention(args.prompt_attention);
     if let Some(rows) = args.prompt_rows {
         model.set_dense_prefill_rows(rows);
     }
@@ -146,7 +151,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     );
     if dev.is_cuda() {
         let from = args.prompt_rows.map_or_else(|| format!("{} (the default)", crate::llm::model::DENSE_PREFILL_ROWS), |r| r.to_string());
-        println!("prompt path      {:?} from {from} tokens a sequence, candle's 4-bit kernels below", args.prompt_kernel);
+        println!("prompt path      {:?} from {from} tokens a sequence, candle's 4-bit kernels below; {:?} attention", args.prompt_kernel, args.prompt_attention);
     }
     let vs = |now: f64, before: Option<f64>, unit: &str| match before {
         Some(b) => format!(" [candle ops: {b:.1} {unit}, {:.2}x]", now / b),

@@ -308,9 +308,25 @@ pub struct Model {
     dense_rows: usize,
     /// The kernel those inputs' projections take.
     prompt_kernel: PromptKernel,
+    /// How prompts attend on CUDA.
+    prompt_attention: PromptAttention,
     /// Projections on the CPU use the project's kernel (`kernels::cpu`) where the weight type
     /// has one; off: candle's quantized kernels (benchmarks compare the two).
     cpu_kernels: bool,
+}
+
+/// How a prompt's attention runs on CUDA (`Model::set_prompt_attention`); the CPU always takes
+/// the reference composition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PromptAttention {
+    /// Candle's matmuls with the query heads of each KV head folded into the row axis, and the
+    /// scale, causal mask and softmax in one kernel (`kernels::causal_softmax`).
+    #[default]
+    Composed,
+    /// One kernel straight from the KV cache with an online softmax (`kernels::prompt_attention`:
+    /// no score matrix, no copy of K and V). Opt-in until its GPU tests and a measurement have
+    /// run (`bench generate --prompt-attention fused`).
+    Fused,
 }
 
 /// Default prompt length (tokens per sequence) from which prompts use the dequantize + GEMM
@@ -369,6 +385,7 @@ impl Model {
             fused: Default::default(),
             dense_rows: if device.is_cuda() { DENSE_PREFILL_ROWS } else { usize::MAX },
             prompt_kernel: PromptKernel::default(),
+            prompt_attention: PromptAttention::default(),
             cpu_kernels: true,
         })
     }
@@ -443,6 +460,7 @@ impl Model {
             fused: Default::default(),
             dense_rows: self.dense_rows,
             prompt_kernel: self.prompt_kernel,
+            prompt_attention: self.prompt_attention,
             cpu_kernels: self.cpu_kernels,
         })
     }
@@ -461,6 +479,11 @@ impl Model {
     /// The path long prompts' projections take on CUDA (see [`PromptKernel`]).
     pub fn set_prompt_kernel(&mut self, kernel: PromptKernel) {
         self.prompt_kernel = kernel;
+    }
+
+    /// How prompts attend on CUDA (see [`PromptAttention`]).
+    pub fn set_prompt_attention(&mut self, attention: PromptAttention) {
+        self.prompt_attention = attention;
     }
 
     /// Use the project's CPU matmul kernel where it applies (off: candle's kernels).
@@ -678,17 +701,18 @@ impl Model {
             let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
             return Ok(probs.matmul(&v.contiguous()?)?.reshape((1, 1, nh, hd))?);
         }
-        // Prefill. On CUDA one kernel attends straight from the cache with an online softmax
-        // (`kernels::prompt_attention`: no score matrix, no copy of K and V, the output in the o
-        // projection's order); where it does not apply (head size above 128, other dtypes) the
-        // query heads sharing a KV head fold into the row axis, as in decode. Elsewhere K/V
-        // expand to every query head: folding changes gemm's blocking and summation order, and
-        // SmolLM2's outlier activations amplify that rounding noise into visible logit
-        // changes; the expanded layout reproduces the reference implementation exactly on the
-        // CPU.
+        // Prefill. On CUDA the query heads sharing a KV head fold into the row axis, as in
+        // decode (no copy of K and V per query head), with the softmax, its scale and the causal
+        // mask in one kernel; or, with `PromptAttention::Fused`, one kernel attends straight from
+        // the cache (where it applies: f32, head size up to 128). Elsewhere K/V expand to every
+        // query head: folding changes gemm's blocking and summation order, and SmolLM2's outlier
+        // activations amplify that rounding noise into visible logit changes; the expanded layout
+        // reproduces the reference implementation exactly on the CPU.
         if q.device().is_cuda() {
-            if let Some(out) = kernel_prompt_attention(q, k, v, scale as f32, window)? {
-                return Ok(out);
+            if self.prompt_attention == PromptAttention::Fused {
+                if let Some(out) = kernel_prompt_attention(q, k, v, scale as f32, window)? {
+                    return Ok(out);
+                }
             }
             return Ok(attend_folded(q, k, v, scale, window)?.transpose(1, 2)?);
         }
