@@ -628,6 +628,35 @@ mod cuda {
 #[cfg(feature = "cuda")]
 pub use cuda::*;
 
+/// The kernels that answer "where one applies" (`Ok(None)`: take another path), for a build
+/// without CUDA: none applies, so callers need no `cfg` of their own.
+#[cfg(not(feature = "cuda"))]
+mod without_cuda {
+    use candle_core::quantized::QTensor;
+    use candle_core::{DType, Result, Tensor};
+
+    pub fn dequantize(_: &QTensor, _: DType) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn int8_mma_matmul(_: &QTensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn gemm_bf16_f32(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn causal_softmax(_: &Tensor, _: f32, _: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn silu_mul(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn prompt_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+#[cfg(not(feature = "cuda"))]
+pub use without_cuda::*;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -611,7 +611,7 @@ impl Model {
             let x2 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
             let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, lora, i, prompt)?;
-            let act = match kernel_silu_mul(&gate, &up)? {
+            let act = match crate::kernels::silu_mul(&gate, &up)? {
                 Some(act) => act,
                 None => (candle_nn::ops::silu(&gate)? * up)?,
             };
@@ -710,7 +710,7 @@ impl Model {
         // reproduces the reference implementation exactly on the CPU.
         if q.device().is_cuda() {
             if self.prompt_attention == PromptAttention::Fused {
-                if let Some(out) = kernel_prompt_attention(q, k, v, scale as f32, window)? {
+                if let Some(out) = crate::kernels::prompt_attention(q, k, v, scale as f32, window)? {
                     return Ok(out);
                 }
             }
@@ -814,7 +814,7 @@ fn attend_folded(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: usize) 
     let rep = nh / nkv;
     let q = q.contiguous()?.reshape((1, nkv, rep * tq, hd))?;
     let scores = q.matmul(&k.contiguous()?.t()?)?;
-    let probs = match kernel_causal_softmax(&scores, scale as f32, window)? {
+    let probs = match crate::kernels::causal_softmax(&scores, scale as f32, window)? {
         Some(probs) => probs,
         None => {
             let s = (scores * scale)?.reshape((1, nkv, rep, tq, keys))?;
@@ -823,42 +823,6 @@ fn attend_folded(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: usize) 
         }
     };
     Ok(probs.matmul(&v.contiguous()?)?.reshape((1, nh, tq, hd))?)
-}
-
-/// A prompt's causal attention straight from the row's cache by the project's CUDA kernel,
-/// `[1, tq, heads, hd]`, where one applies (f32 on CUDA, head size up to 128).
-fn kernel_prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    return Ok(crate::kernels::prompt_attention(q, k, v, scale, window)?);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (q, k, v, scale, window);
-        Ok(None)
-    }
-}
-
-/// `softmax(scale · scores + causal mask)` by the project's CUDA kernel, where one applies
-/// (f32 scores on CUDA); the mask is [`causal_mask`]'s.
-fn kernel_causal_softmax(scores: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    return Ok(crate::kernels::causal_softmax(scores, scale, window)?);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (scores, scale, window);
-        Ok(None)
-    }
-}
-
-/// `silu(gate) · up` by the project's CUDA kernel (one pass, the same operations), where one
-/// applies (f32 on CUDA).
-fn kernel_silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    return Ok(crate::kernels::silu_mul(gate, up)?);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (gate, up);
-        Ok(None)
-    }
 }
 
 /// `[b, kv_heads, s, hd]` → `[b, kv_heads * rep, s, hd]`, each KV head serving `rep` query heads.

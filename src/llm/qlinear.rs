@@ -63,12 +63,12 @@ impl BaseLinear {
     /// path once the first weight of several reading the same `x` made it.
     fn forward_sharing(&self, x: &Tensor, x_bf16: &OnceCell<Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
         if prompt == Some(PromptKernel::Int8Mma) {
-            if let Some(y) = kernel_int8_mma(&self.weight, x)? {
+            if let Some(y) = crate::kernels::int8_mma_matmul(&self.weight, x)? {
                 return Ok(y);
             }
         }
         if prompt.is_some() {
-            if let Some(w) = kernel_dequantize(&self.weight, DType::BF16)? {
+            if let Some(w) = crate::kernels::dequantize(&self.weight, DType::BF16)? {
                 let xb = match x_bf16.get() {
                     Some(xb) => xb.clone(),
                     None => {
@@ -78,7 +78,7 @@ impl BaseLinear {
                     }
                 };
                 if x.dtype() == DType::F32 {
-                    if let Some(y) = kernel_gemm_bf16_f32(&xb, &w)? {
+                    if let Some(y) = crate::kernels::gemm_bf16_f32(&xb, &w)? {
                         return Ok(y);
                     }
                 }
@@ -194,46 +194,13 @@ pub fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     y.reshape(dims)
 }
 
-/// `x · wᵀ` by the project's int8 tensor-core prompt kernel, where one exists for `w`'s type.
-fn kernel_int8_mma(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    return Ok(crate::kernels::int8_mma_matmul(w, x)?);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (w, x);
-        Ok(None)
-    }
-}
-
-/// `x · wᵀ` with f32 out by one cuBLAS GEMM on bf16 operands, where both are on CUDA.
-fn kernel_gemm_bf16_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    return Ok(crate::kernels::gemm_bf16_f32(x, w)?);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (x, w);
-        Ok(None)
-    }
-}
-
-/// `w` dequantized by the project's CUDA kernel to `dtype`, where one exists for its type.
-fn kernel_dequantize(w: &QTensor, dtype: DType) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    return Ok(crate::kernels::dequantize(w, dtype)?);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (w, dtype);
-        Ok(None)
-    }
-}
-
 /// `w` dequantized to `dtype` on `device`, as a plain (untracked, contiguous) tensor. On CUDA
 /// the project's kernel writes bf16/f16 straight from the packed bytes; otherwise candle
 /// dequantizes (straight to f16 for half-precision callers on CUDA, instead of through an f32
 /// copy twice the size).
 pub fn dequantize(w: &QTensor, device: &Device, dtype: DType) -> Result<Tensor> {
     if w.device().same_device(device) {
-        if let Some(t) = kernel_dequantize(w, dtype)? {
+        if let Some(t) = crate::kernels::dequantize(w, dtype)? {
             return Ok(t);
         }
     }
