@@ -32,9 +32,19 @@
 #   torchprof  the same for one PyTorch + PEFT step (torch.profiler)
 #   pytorch    PyTorch bf16 `generate`, bare and with a PEFT LoRA of rank 16
 # Usage:  bash bench/gpu-suite.sh [stage ...]
+# The files each stage writes are packed into one $OUT/suite-<time>.tar.xz when the run ends
+# (also when a time limit stops it), since the GPU machine sends back only a few files a call.
+# One device call of about 10 minutes for today's H100 figures beside llama.cpp (the peer's
+# build waits on a lock, so the q4km stage never starts a second one):
+#   bash bench/peers/llamacpp.sh build >/tmp/llama-build.log 2>&1 & bash bench/gpu-suite.sh parity
+#   wait; bash bench/gpu-suite.sh q4km batching llamacpp ncufile
 set -uo pipefail
 source .gpu/activate
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+DEST=${OUT:-/tmp/out}; mkdir -p "$DEST"
+OUT=$(mktemp -d /tmp/gpu-suite.XXXXXX)
+pack() { tar -C "$OUT" -cJf "$DEST/suite-$(date +%H%M%S).tar.xz" . 2>/dev/null; }
+trap pack EXIT
+trap 'exit 143' TERM INT
 F='^ *[0-9]*: <unknown>|^\s*$|INFO'
 # PEFT is not installed on that machine: its wheel travels in .gpu/wheels (download it first:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .gpu/wheels peft==0.21.2).
