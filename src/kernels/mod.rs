@@ -123,18 +123,24 @@ mod cuda {
     /// while the tensor (or a clone sharing its storage) lives; kernels that get it run on the
     /// tensor's own stream, so no event bookkeeping is needed past this call.
     pub fn tensor_ptr(t: &Tensor) -> Result<u64> {
+        if !t.is_contiguous() {
+            bail!("expected a contiguous tensor, got {:?}", t.layout())
+        }
+        first_element_ptr(t)
+    }
+
+    /// Raw device address of a CUDA tensor's first element, for any layout (the caller reads
+    /// it with the tensor's strides).
+    pub fn first_element_ptr(t: &Tensor) -> Result<u64> {
         let (storage, layout) = t.storage_and_layout();
         let Storage::Cuda(cs) = &*storage else { bail!("expected a CUDA tensor, got one on {:?}", t.device().location()) };
-        if !layout.is_contiguous() {
-            bail!("expected a contiguous tensor, got {layout:?}")
-        }
         let stream = cs.device().cuda_stream();
         let (base, size) = match t.dtype() {
             DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
             DType::U32 => (cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0, 4),
             DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
             DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
-            other => bail!("tensor_ptr: {other:?} is not supported"),
+            other => bail!("device addresses of {other:?} tensors are not supported"),
         };
         Ok(base + (layout.start_offset() * size) as u64)
     }
@@ -362,18 +368,6 @@ mod cuda {
     const PA_QUERIES: usize = 16;
     const PA_HD: usize = 128;
 
-    /// Address of a CUDA tensor's first element and its strides, in elements, for any layout.
-    fn strided_ptr(t: &Tensor) -> Result<(u64, Vec<usize>)> {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*storage else { bail!("expected a CUDA tensor, got one on {:?}", t.device().location()) };
-        if t.dtype() != DType::F32 {
-            bail!("strided_ptr: {:?} is not supported", t.dtype())
-        }
-        let stream = cs.device().cuda_stream();
-        let base = cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0;
-        Ok((base + (layout.start_offset() * 4) as u64, layout.stride().to_vec()))
-    }
-
     /// Causal attention of one row's prompt (`prompt_attn_f32` in prompt.cu: online softmax over
     /// tiles of 32 keys, no score matrix): `q: [1, nh, tq, hd]`, `k`, `v`: `[1, nkv, keys, hd]`
     /// views of the row's KV cache (each key a contiguous run of hd values; read in place), query
@@ -395,8 +389,7 @@ mod cuda {
         // of the cache buffers); copied otherwise.
         let rows = |t: &Tensor| t.stride()[3] == 1 && t.stride()[2] == hd;
         let (k, v) = if rows(k) && rows(v) && k.stride()[1] == v.stride()[1] { (k.clone(), v.clone()) } else { (k.contiguous()?, v.contiguous()?) };
-        let ((kp, kst), (vp, _)) = (strided_ptr(&k)?, strided_ptr(&v)?);
-        let ks = kst[1];
+        let (kp, vp, ks) = (first_element_ptr(&k)?, first_element_ptr(&v)?, k.stride()[1]);
         let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("prompt attention: {v} exceeds the kernel's int")));
         // SAFETY: the kernel writes every [tq, nh, hd] element.
         let out = unsafe { dev.alloc::<f32>(tq * nh * hd)? };
