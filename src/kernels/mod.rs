@@ -363,8 +363,9 @@ mod cuda {
     // SAFETY: plain data with the layout of the C struct.
     unsafe impl DeviceRepr for PromptAttnArgs {}
 
-    /// Queries a block of `prompt_attn_f32` takes, and the largest head size it serves
-    /// (`PA_QUERIES`, `PA_HD` in prompt.cu).
+    /// Warps and queries of a `prompt_attn_f32` block, and the largest head size it serves
+    /// (`PA_WARPS`, `PA_QUERIES`, `PA_HD` in prompt.cu).
+    const PA_WARPS: u32 = 4;
     const PA_QUERIES: usize = 16;
     const PA_HD: usize = 128;
 
@@ -381,7 +382,7 @@ mod cuda {
         if [q, k, v].iter().any(|t| t.dtype() != DType::F32 || !t.device().same_device(q.device())) || hd > PA_HD || nkv == 0 || nh % nkv != 0 {
             return Ok(None);
         }
-        if k.dims() != v.dims() || k.dims()[3] != hd || tq == 0 || tq > keys {
+        if q.dims()[0] != 1 || k.dims() != v.dims() || k.dims()[0] != 1 || k.dims()[3] != hd || tq == 0 || tq > keys {
             bail!("prompt attention: q {:?}, k {:?}, v {:?} do not fit one row's prompt", q.dims(), k.dims(), v.dims())
         }
         let q = q.contiguous()?;
@@ -408,7 +409,7 @@ mod cuda {
             scale,
         };
         let func = dev.get_or_load_custom_func("prompt_attn_f32", "freeski_prompt", PROMPT_PTX)?;
-        let cfg = LaunchConfig { grid_dim: (int(tq.div_ceil(PA_QUERIES))? as u32, nh as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (int(tq.div_ceil(PA_QUERIES))? as u32, nh as u32, 1), block_dim: (PA_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
         let mut b = func.builder();
         b.arg(&args);
         // SAFETY: the struct mirrors PromptAttnArgs; q holds nh·tq·hd floats, K and V hold nkv heads
