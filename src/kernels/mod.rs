@@ -23,6 +23,7 @@
 pub mod cpu;
 
 use candle_core::quantized::GgmlDType;
+use candle_core::Tensor;
 
 /// A GGML block type the kernels in `quant.cu` read, named by its kernel-name suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,17 @@ pub fn quant_kind(dtype: GgmlDType) -> Option<QuantKind> {
         _ => return None,
     };
     Some(QuantKind { suffix })
+}
+
+/// For `x · wᵀ` with `x: [.., k]` and `w: [n, k]`, on any device and path: the rows of `x` and
+/// the output's shape (`x`'s with its last axis `n`); an error when `x` does not end in `k`.
+pub fn matmul_dims(x: &Tensor, k: usize, n: usize) -> candle_core::Result<(usize, Vec<usize>)> {
+    let mut dims = x.dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == k => *last = n,
+        _ => candle_core::bail!("input {:?} does not end in the weight's {k} inputs", x.dims()),
+    }
+    Ok((x.elem_count() / k, dims))
 }
 
 /// Warps per block of the decode matvec and weight rows per warp (`MV_WARPS`, `MV_SLOTS` in
@@ -190,6 +202,17 @@ mod cuda {
         }))
     }
 
+    /// `v` as a kernel's 32-bit `int` argument; an error naming `what` when it does not fit.
+    fn kernel_int(v: usize, what: &str) -> Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what}: {v} exceeds the kernel's 32-bit int")))
+    }
+
+    /// A sliding window as the kernels take it: no window (`usize::MAX`) or one wider than an
+    /// `int` is `i32::MAX`, every query sees at least itself.
+    fn kernel_window(window: usize) -> i32 {
+        i32::try_from(window).unwrap_or(i32::MAX).max(1)
+    }
+
     /// Token rows one `mmq_q4k` block covers (`8 × MMQ_TILES` in quant.cu).
     const MMQ_TOKENS: usize = 32;
 
@@ -219,11 +242,9 @@ mod cuda {
             return Ok(None);
         }
         let (n, k) = w.shape().dims2()?;
-        let mut dims = x.dims().to_vec();
-        if dims.last() != Some(&k) {
-            bail!("input {dims:?} does not end in the weight's {k} inputs")
-        }
-        let m = x.elem_count() / k;
+        let (m, dims) = super::matmul_dims(x, k, n)?;
+        let what = "int8 MMA matmul";
+        let (mi, ni, ki) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?);
         let x = x.contiguous()?;
         let blocks = m * k / 32;
         // SAFETY: quantize_q8_rows writes every element of the three buffers.
@@ -240,16 +261,13 @@ mod cuda {
         unsafe { b.launch(cfg) }.w()?;
         // SAFETY: mmq_q4k writes every [m, n] element.
         let y = unsafe { dev.alloc::<f32>(m * n)? };
-        let args = MmqArgs { w: w.device_ptr()? as u64, xq: xqp, xd: xdp, xs: xsp, y: slice_ptr(&y), k: k as i32, n: n as i32, m: m as i32 };
+        let args = MmqArgs { w: w.device_ptr()? as u64, xq: xqp, xd: xdp, xs: xsp, y: slice_ptr(&y), k: ki, n: ni, m: mi };
         let mmq = dev.get_or_load_custom_func("mmq_q4k", "freeski_quant", QUANT_PTX)?;
         let cfg = LaunchConfig { grid_dim: (m.div_ceil(MMQ_TOKENS) as u32, n.div_ceil(16) as u32, 1), block_dim: ((super::MQ_WARPS * 32) as u32, 1, 1), shared_mem_bytes: 0 };
         let mut b = mmq.builder();
         b.arg(&args);
         // SAFETY: the struct mirrors MmqArgs; every pointer is a live buffer of the sizes it names.
         unsafe { b.launch(cfg) }.w()?;
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
         Ok(Some(tensor_from_slice(y, &dev, dims)))
     }
 
@@ -263,13 +281,9 @@ mod cuda {
             return Ok(None);
         }
         let (n, k) = w.dims2()?;
-        let mut dims = x.dims().to_vec();
-        if dims.last() != Some(&k) {
-            bail!("input {dims:?} does not end in the weight's {k} inputs")
-        }
-        let m = x.elem_count() / k;
-        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("GEMM dimension {v} exceeds cuBLAS's int")));
-        let (mi, ni, ki) = (int(m)?, int(n)?, int(k)?);
+        let (m, dims) = super::matmul_dims(x, k, n)?;
+        let what = "bf16 GEMM";
+        let (mi, ni, ki) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?);
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         // SAFETY: the GEMM below writes every [m, n] element.
         let y = unsafe { dev.alloc::<f32>(m * n)? };
@@ -303,9 +317,6 @@ mod cuda {
             )
         }
         .w()?;
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
         Ok(Some(tensor_from_slice(y, dev, dims)))
     }
 
@@ -323,9 +334,7 @@ mod cuda {
             [.., tq, keys] if *tq >= 1 && tq <= keys => (*tq, *keys),
             _ => bail!("causal softmax: scores {dims:?} are not [.., queries, keys] with 1 <= queries <= keys"),
         };
-        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("causal softmax: {v} keys exceed the kernel's int")));
-        let (tq, keys_i) = (int(tq)?, int(keys)?);
-        let window = i32::try_from(window).unwrap_or(i32::MAX).max(1);
+        let (tq, keys_i, window) = (kernel_int(tq, "causal softmax")?, kernel_int(keys, "causal softmax")?, kernel_window(window));
         let s = scores.contiguous()?;
         let lines = s.elem_count() / keys;
         // SAFETY: the kernel writes every element of every line.
@@ -391,7 +400,7 @@ mod cuda {
         let rows = |t: &Tensor| t.stride()[3] == 1 && t.stride()[2] == hd;
         let (k, v) = if rows(k) && rows(v) && k.stride()[1] == v.stride()[1] { (k.clone(), v.clone()) } else { (k.contiguous()?, v.contiguous()?) };
         let (kp, vp, ks) = (first_element_ptr(&k)?, first_element_ptr(&v)?, k.stride()[1]);
-        let int = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("prompt attention: {v} exceeds the kernel's int")));
+        let int = |v: usize| kernel_int(v, "prompt attention");
         // SAFETY: the kernel writes every [tq, nh, hd] element.
         let out = unsafe { dev.alloc::<f32>(tq * nh * hd)? };
         let args = PromptAttnArgs {
@@ -405,7 +414,7 @@ mod cuda {
             tq: int(tq)?,
             keys: int(keys)?,
             hd: int(hd)?,
-            window: i32::try_from(window).unwrap_or(i32::MAX).max(1),
+            window: kernel_window(window),
             scale,
         };
         let func = dev.get_or_load_custom_func("prompt_attn_f32", "freeski_prompt", PROMPT_PTX)?;
@@ -654,6 +663,15 @@ pub use without_cuda::*;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matmul_dims_keep_leading_axes_and_refuse_a_wrong_width() -> candle_core::Result<()> {
+        let x = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        assert_eq!(matmul_dims(&x, 8, 5)?, (6, vec![2, 3, 5]));
+        let err = matmul_dims(&x, 7, 5).expect_err("a width of 8 against 7 inputs");
+        assert!(err.to_string().contains("[2, 3, 8] does not end in the weight's 7 inputs"), "{err}");
+        Ok(())
+    }
 
     #[test]
     fn matvec_blocks_cover_every_output() {

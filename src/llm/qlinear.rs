@@ -102,9 +102,7 @@ impl BaseLinear {
             return ws.iter().map(|w| w.forward_sharing(x, &x_bf16, prompt, cpu_kernel)).collect();
         }
         let k = ws[0].in_features;
-        let dims = x.dims().to_vec();
-        ensure!(dims.last() == Some(&k), "input {dims:?} does not end in the weights' {k} inputs");
-        let m = x.elem_count() / k;
+        let (m, _) = crate::kernels::matmul_dims(x, k, k)?;
         let data: Vec<_> = ws.iter().map(|w| w.weight.data()).collect::<candle_core::Result<_>>()?;
         let parts: Vec<cpu::Weight> = ws.iter().zip(&data).map(|(w, bytes)| cpu::Weight { dtype: w.weight.dtype(), bytes, rows: w.out_features }).collect();
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.out_features]).collect();
@@ -112,27 +110,14 @@ impl BaseLinear {
             let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
             with_cpu_f32(x, |xs| cpu::matmul_many(&parts, xs, k, &mut slices))?;
         }
-        ws.iter()
-            .zip(outs)
-            .map(|(w, out)| {
-                let mut d = dims.clone();
-                if let Some(last) = d.last_mut() {
-                    *last = w.out_features;
-                }
-                Ok(Tensor::from_vec(out, d, &Device::Cpu)?)
-            })
-            .collect()
+        ws.iter().zip(outs).map(|(w, out)| Ok(Tensor::from_vec(out, crate::kernels::matmul_dims(x, k, w.out_features)?.1, &Device::Cpu)?)).collect()
     }
 
     fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        ensure!(dims.last() == Some(&self.in_features), "input {:?} does not end in the weight's {} inputs", dims, self.in_features);
-        let mut out = vec![0f32; x.elem_count() / self.in_features * self.out_features];
+        let (m, dims) = crate::kernels::matmul_dims(x, self.in_features, self.out_features)?;
+        let mut out = vec![0f32; m * self.out_features];
         let w = self.weight.data()?;
         with_cpu_f32(x, |xs| cpu::matmul(self.weight.dtype(), &w, self.out_features, xs, self.in_features, &mut out))?;
-        if let Some(last) = dims.last_mut() {
-            *last = self.out_features;
-        }
         Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
     }
 
@@ -185,13 +170,8 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -
 /// inputs' dtype (the prompt path here and the training ops share it).
 pub fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (out_f, in_f) = w.dims2()?;
-    let mut dims = x.dims().to_vec();
-    let rows = x.elem_count() / in_f;
-    let y = x.reshape((rows, in_f))?.matmul(&w.t()?)?;
-    if let Some(last) = dims.last_mut() {
-        *last = out_f;
-    }
-    y.reshape(dims)
+    let (rows, dims) = crate::kernels::matmul_dims(x, in_f, out_f)?;
+    x.reshape((rows, in_f))?.matmul(&w.t()?)?.reshape(dims)
 }
 
 /// `w` dequantized to `dtype` on `device`, as a plain (untracked, contiguous) tensor. On CUDA
