@@ -5,12 +5,6 @@
 
 #include "common.cuh"
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // probs = softmax(scale · scores + mask) over the last axis, for scores [rows, tq, keys] f32
 // (rows = batch × heads): query qi is position keys - tq + qi of the row and sees keys k with
 // k <= q and q - k < window (the diagonal always). Masked probabilities are written as 0, the

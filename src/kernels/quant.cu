@@ -1049,9 +1049,7 @@ extern "C" __global__ void quantize_q8_rows(const float *x, int8_t *xq, float *x
     const int64_t b = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (b >= blocks) return;
     const float v = x[b * 32 + lane];
-    float amax = fabsf(v);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float amax = warp_max(fabsf(v));
     const bool bad = __any_sync(0xffffffffu, !isfinite(v));
     const float d = bad ? __int_as_float(0x7fc00000) : amax / 127.f;
     const int q = d > 0.f ? (int)roundf(v / d) : 0;
