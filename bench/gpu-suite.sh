@@ -10,8 +10,8 @@
 #   batching   answers alone vs together through the engine with a LoRA adapter, on the Q4_K_M
 #              file (every answer must be the same), and `bench generate` equality bare and r=16,
 #              then bare with each other 1-2 row kernel choice (`--row-kernels`), each prompt
-#              kernel from 9 tokens (`--prompt-kernel`) and the fused prompt attention
-#              (`--prompt-attention fused`)
+#              kernel from 9 tokens (`--prompt-kernel`) and the composed prompt attention
+#              (`--prompt-attention composed`, the fused kernel's reference)
 #   llamacpp   llama-bench on the same Q4_K_M file (pp512, tg128, pp100+tg1, flash attention)
 #   ptx        the compute_86 build (.gpu/*-sm86.xz) on this card through PTX JIT: parity tests,
 #              the same greedy answer as the default build, `bench generate` of both on $Q4KM

@@ -101,8 +101,8 @@ struct FusedParity {
     dense_prefill: Vec<f64>,
     mma_prefill: Vec<f64>,
     ops_prefill: Vec<f64>,
-    /// The exact model's prompt with `PromptAttention::Fused` against its default composition
-    /// (only the attention differs: f32 rounding).
+    /// The exact model's prompt with `PromptAttention::Fused` (the default) against the composed
+    /// attention (only the attention differs: f32 rounding).
     fused_attention: Vec<f64>,
     /// Per batch row: the largest |difference| between the fused step's logits for the row in
     /// the batch and for the same row decoded alone (batch invariance: must be 0).
@@ -149,6 +149,8 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     };
     // The padded prompt through the exact model, the bf16 GEMM and candle's 4-bit ops.
     let prefill = |m: &Model| -> Result<Tensor> { m.forward_mixed(&ids, &mut KvCache::with_padding(pads.clone()), a, Logits::Last) };
+    // The reference prompt takes the composed attention; the other models the default, fused.
+    exact.set_prompt_attention(PromptAttention::Composed);
     let l_prompt = prefill(&exact)?;
     let mut fused_attention = vec![0f64; rows];
     exact.set_prompt_attention(PromptAttention::Fused);
@@ -552,10 +554,15 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
     for (heads, tq, keys, window) in [(4, 7, 7, usize::MAX), (4, 5, 12, usize::MAX), (3, 33, 40, 8), (2, 1, 70, usize::MAX), (2, 64, 300, 50), (1, 200, 200, usize::MAX)] {
         let scores = (Tensor::randn(0f32, 1.0, (1, heads, tq, keys), &dev)? * 4.0)?;
         let want = candle_nn::ops::softmax_last_dim(&scores.affine(scale as f64, 0.0)?.broadcast_add(&mask(tq, keys, window)?)?)?;
-        let got = freeski_bot::kernels::causal_softmax(&scores, scale, window)?.context("no causal softmax kernel for f32")?;
-        let diff = tensor_max_abs_diff(&want, &got)?;
+        let got = freeski_bot::kernels::causal_softmax(&scores, tq, scale, window)?.context("no causal softmax kernel for f32")?;
+        // The heads folded into the line axis (as the model's grouped-query prompt attention
+        // calls it): line i is query i mod tq.
+        let folded = freeski_bot::kernels::causal_softmax(&scores.reshape((1, 1, heads * tq, keys))?, tq, scale, window)?
+            .context("no causal softmax kernel for f32")?
+            .reshape((1, heads, tq, keys))?;
+        let diff = tensor_max_abs_diff(&want, &got)?.max(tensor_max_abs_diff(&want, &folded)?);
         let w = if window == usize::MAX { "none".to_string() } else { window.to_string() };
-        println!("causal softmax, {heads} heads x {tq} queries x {keys} keys, window {w}: kernel vs scale + mask + softmax {diff:.2e} (tolerance 1e-6)");
+        println!("causal softmax, {heads} heads x {tq} queries x {keys} keys, window {w}: kernel (heads apart and folded) vs scale + mask + softmax {diff:.2e} (tolerance 1e-6)");
         if diff.is_nan() || diff > 1e-6 {
             failures.push(format!("causal softmax {tq}x{keys} window {w}: {diff:.2e}"));
         }
@@ -563,7 +570,7 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
     // Three queries after 13 cached keys: the middle one (position 14) gets a NaN score.
     let mut s = vec![0.5f32; 3 * 16];
     s[16 + 2] = f32::NAN;
-    let got = freeski_bot::kernels::causal_softmax(&Tensor::from_vec(s, (1, 1, 3, 16), &dev)?, scale, usize::MAX)?.context("no causal softmax kernel")?;
+    let got = freeski_bot::kernels::causal_softmax(&Tensor::from_vec(s, (1, 1, 3, 16), &dev)?, 3, scale, usize::MAX)?.context("no causal softmax kernel")?;
     let lines = got.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
     if !(lines[0].iter().chain(&lines[2]).all(|v| v.is_finite()) && lines[1][..=14].iter().all(|v| v.is_nan()) && lines[1][15] == 0.0) {
         failures.push("a NaN score did not stay in its own query's line".into());

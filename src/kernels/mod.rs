@@ -320,19 +320,21 @@ mod cuda {
         Ok(Some(tensor_from_slice(y, dev, dims)))
     }
 
-    /// `softmax(scale · scores + causal mask)` over the last axis of f32 `scores: [.., tq, keys]`
-    /// in one kernel (`causal_softmax_f32` in prompt.cu): query `i` is position `keys - tq + i`
-    /// and sees the keys at or before it, the last `window` of them with a sliding window;
-    /// masked probabilities are 0. `None` unless `scores` is f32 on CUDA.
-    pub fn causal_softmax(scores: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
+    /// `softmax(scale · scores + causal mask)` over the last axis of f32 `scores: [.., lines,
+    /// keys]` in one kernel (`causal_softmax_f32` in prompt.cu), for the last `tq` of `keys`
+    /// positions: line `i` is query `i mod tq` (so query heads folded into the line axis share
+    /// one call), at position `keys - tq + i mod tq`, and sees the keys at or before it, the
+    /// last `window` of them with a sliding window; masked probabilities are 0. `None` unless
+    /// `scores` is f32 on CUDA.
+    pub fn causal_softmax(scores: &Tensor, tq: usize, scale: f32, window: usize) -> Result<Option<Tensor>> {
         let Device::Cuda(dev) = scores.device() else { return Ok(None) };
         if scores.dtype() != DType::F32 {
             return Ok(None);
         }
         let dims = scores.dims().to_vec();
-        let (tq, keys) = match dims.as_slice() {
-            [.., tq, keys] if *tq >= 1 && tq <= keys => (*tq, *keys),
-            _ => bail!("causal softmax: scores {dims:?} are not [.., queries, keys] with 1 <= queries <= keys"),
+        let keys = match dims.as_slice() {
+            [.., lines, keys] if tq >= 1 && tq <= *keys && lines % tq == 0 => *keys,
+            _ => bail!("causal softmax: scores {dims:?} are not [.., lines, keys] with lines a multiple of the {tq} queries and 1 <= queries <= keys"),
         };
         let (tq, keys_i, window) = (kernel_int(tq, "causal softmax")?, kernel_int(keys, "causal softmax")?, kernel_window(window));
         let s = scores.contiguous()?;
@@ -372,23 +374,27 @@ mod cuda {
     // SAFETY: plain data with the layout of the C struct.
     unsafe impl DeviceRepr for PromptAttnArgs {}
 
-    /// Warps and queries of a `prompt_attn_f32` block, and the largest head size it serves
-    /// (`PA_WARPS`, `PA_QUERIES`, `PA_HD` in prompt.cu).
+    /// Warps and queries of a `prompt_attn_f32` block (16 a warp), and the largest head size it
+    /// serves (`PA_WARPS`, `PA_QUERIES`, `PA_HD` in prompt.cu).
     const PA_WARPS: u32 = 4;
-    const PA_QUERIES: usize = 16;
+    const PA_QUERIES: usize = 16 * PA_WARPS as usize;
     const PA_HD: usize = 128;
+    /// Its dynamic shared memory (`PA_SMEM_FLOATS` in prompt.cu): two tiles of 32 keys of K (rows
+    /// padded to 132 floats) and V (136), and 16 × 36 probabilities a warp.
+    const PA_SMEM_BYTES: u32 = ((2 * 32 * (132 + 136) + PA_QUERIES * 36) * 4) as u32;
 
-    /// Causal attention of one row's prompt (`prompt_attn_f32` in prompt.cu: online softmax over
-    /// tiles of 32 keys, no score matrix): `q: [1, nh, tq, hd]`, `k`, `v`: `[1, nkv, keys, hd]`
-    /// views of the row's KV cache (each key a contiguous run of hd values; read in place), query
-    /// `i` at position `keys - tq + i` seeing the keys at or before it, the last `window` of them
-    /// with a sliding window. Returns `[1, tq, nh, hd]`. `None` unless all are f32 on CUDA with
-    /// `hd <= 128` and whole groups of query heads per KV head.
+    /// Causal attention of one row's prompt (`prompt_attn_f32` in prompt.cu: flash attention,
+    /// online softmax over tiles of 32 keys with both products on the tensor cores at about f32
+    /// precision, no score matrix): `q: [1, nh, tq, hd]`, `k`, `v`: `[1, nkv, keys, hd]` views of
+    /// the row's KV cache (each key a contiguous run of hd values; read in place), query `i` at
+    /// position `keys - tq + i` seeing the keys at or before it, the last `window` of them with a
+    /// sliding window. Returns `[1, tq, nh, hd]`. `None` unless all are f32 on CUDA with `hd` a
+    /// multiple of 8 up to 128 and whole groups of query heads per KV head.
     pub fn prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
         let Device::Cuda(dev) = q.device() else { return Ok(None) };
         let (_, nh, tq, hd) = q.dims4()?;
         let (_, nkv, keys, _) = k.dims4()?;
-        if [q, k, v].iter().any(|t| t.dtype() != DType::F32 || !t.device().same_device(q.device())) || hd > PA_HD || nkv == 0 || nh % nkv != 0 {
+        if [q, k, v].iter().any(|t| t.dtype() != DType::F32 || !t.device().same_device(q.device())) || hd > PA_HD || hd % 8 != 0 || nkv == 0 || nh % nkv != 0 {
             return Ok(None);
         }
         if q.dims()[0] != 1 || k.dims() != v.dims() || k.dims()[0] != 1 || k.dims()[3] != hd || tq == 0 || tq > keys {
@@ -400,6 +406,10 @@ mod cuda {
         let rows = |t: &Tensor| t.stride()[3] == 1 && t.stride()[2] == hd;
         let (k, v) = if rows(k) && rows(v) && k.stride()[1] == v.stride()[1] { (k.clone(), v.clone()) } else { (k.contiguous()?, v.contiguous()?) };
         let (kp, vp, ks) = (first_element_ptr(&k)?, first_element_ptr(&v)?, k.stride()[1]);
+        // The kernel reads K and V rows as float4: 16-byte aligned starts and head strides.
+        if kp % 16 != 0 || vp % 16 != 0 || ks % 4 != 0 {
+            return Ok(None);
+        }
         let int = |v: usize| kernel_int(v, "prompt attention");
         // SAFETY: the kernel writes every [tq, nh, hd] element.
         let out = unsafe { dev.alloc::<f32>(tq * nh * hd)? };
@@ -417,9 +427,12 @@ mod cuda {
             window: kernel_window(window),
             scale,
         };
-        let func = dev.get_or_load_custom_func("prompt_attn_f32", "freeski_prompt", PROMPT_PTX)?;
-        let cfg = LaunchConfig { grid_dim: (int(tq.div_ceil(PA_QUERIES))? as u32, nh as u32, 1), block_dim: (PA_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
-        let mut b = func.builder();
+        let func = dev.get_or_load_custom_func("prompt_attn_f32", "freeski_prompt", PROMPT_PTX)?.into_cuda_function();
+        // More than the 48 KB a launch gets without asking.
+        func.set_attribute(candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, PA_SMEM_BYTES as i32).w()?;
+        let cfg = LaunchConfig { grid_dim: (int(tq.div_ceil(PA_QUERIES))? as u32, nh as u32, 1), block_dim: (PA_WARPS * 32, 1, 1), shared_mem_bytes: PA_SMEM_BYTES };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
         b.arg(&args);
         // SAFETY: the struct mirrors PromptAttnArgs; q holds nh·tq·hd floats, K and V hold nkv heads
         // of `keys` rows of hd at the head stride given, out tq·nh·hd.
@@ -647,7 +660,7 @@ mod without_cuda {
     pub fn gemm_bf16_f32(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn causal_softmax(_: &Tensor, _: f32, _: usize) -> Result<Option<Tensor>> {
+    pub fn causal_softmax(_: &Tensor, _: usize, _: f32, _: usize) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn silu_mul(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {

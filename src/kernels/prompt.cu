@@ -39,18 +39,29 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ g, const float
     }
 }
 
-// Causal attention of one row's prompt queries over that row's keys, without the score matrix:
-// each warp keeps a query's running maximum, sum and weighted values (online softmax) over tiles
-// of 32 keys staged in shared memory. q: [nh, tq, hd] (after rotary); k, v: the row's cached keys
-// and values, head h's key j at k + (h / (nh / nkv)) * kv_head_stride + j * hd (the cache buffer
-// read in place, grouped-query heads sharing theirs); out: [tq, nh, hd], the o projection's
-// input layout. Query i is position keys - tq + i and sees key j when j <= position and
-// position - j < window. A block takes PA_QUERIES consecutive queries of one head, each warp
-// PA_QUERIES / PA_WARPS of them; lane c owns output dims c, c + 32, ... (hd <= PA_HD).
+// Causal attention of one row's prompt queries over that row's keys, without the score matrix
+// (flash attention): each warp keeps 16 queries' running maximum, sum and weighted values
+// (online softmax) over tiles of 32 keys staged in shared memory, both products on the tensor
+// cores. q: [nh, tq, hd] (after rotary); k, v: the row's cached keys and values, head h's key j
+// at k + (h / (nh / nkv)) * kv_head_stride + j * hd (the cache buffer read in place,
+// grouped-query heads sharing theirs); out: [tq, nh, hd], the o projection's input layout. Query
+// i is position keys - tq + i and sees key j when j <= position and position - j < window. A
+// block takes PA_QUERIES consecutive queries of one head, 16 a warp; hd is a multiple of 8 up to
+// PA_HD, every row 16-byte aligned. The next tile of K and V is copied in (cp.async) while the
+// warps work on the current one; dynamic shared memory of PA_SMEM_FLOATS floats.
+//
+// The products run as tf32 MMAs (m16n8k8) on operands split in two, x = hi + lo with hi = x
+// rounded to tf32 and lo = the rest rounded to tf32, summing lo·hi + hi·lo + hi·hi in f32: about
+// f32's precision (the lo·lo term is below its rounding), so the result stays within rounding of
+// the f32 composition it replaces.
 #define PA_WARPS 4
-#define PA_QUERIES 16
+#define PA_QUERIES (16 * PA_WARPS)
 #define PA_KEYS 32
 #define PA_HD 128
+#define PA_KS (PA_HD + 4)    // row stride of the K tile: B-fragment loads hit 32 banks
+#define PA_VS (PA_HD + 8)    // and of the V tile (its fragments walk keys, not dims)
+#define PA_PS (PA_KEYS + 4)  // and of a warp's probabilities
+#define PA_SMEM_FLOATS (2 * PA_KEYS * (PA_KS + PA_VS) + PA_QUERIES * PA_PS)
 struct PromptAttnArgs {
     const float *q;
     const float *k;
@@ -61,76 +72,197 @@ struct PromptAttnArgs {
     float scale;
 };
 
-extern "C" __global__ void __launch_bounds__(PA_WARPS * 32) prompt_attn_f32(const PromptAttnArgs a) {
-    __shared__ float ks[PA_KEYS][PA_HD + 1];  // padded: lane j reads row j without bank conflicts
-    __shared__ float vs[PA_KEYS][PA_HD];
-    __shared__ float qs[PA_QUERIES][PA_HD];
-    constexpr int QW = PA_QUERIES / PA_WARPS, C = PA_HD / 32;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, h = blockIdx.y, hd = a.hd;
-    const int q0 = blockIdx.x * PA_QUERIES, first = a.keys - a.tq;
-    const float *kh = a.k + (long long)(h / (a.nh / a.nkv)) * a.kv_head_stride;
-    const float *vh = a.v + (long long)(h / (a.nh / a.nkv)) * a.kv_head_stride;
-    for (int i = threadIdx.x; i < PA_QUERIES * hd; i += blockDim.x) {
-        const int qi = q0 + i / hd;
-        qs[i / hd][i % hd] = qi < a.tq ? a.q[((long long)h * a.tq + qi) * hd + i % hd] : 0.f;
-    }
+__device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
+    asm volatile("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
+    asm volatile("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(x - __uint_as_float(hi)));
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// c[n] += a · b[n] for N 8-wide column blocks, the A fragment and the B fragments given as tf32
+// halves: each term over all N accumulators before the next (independent MMAs back to back), the
+// small terms first.
+template <int N>
+__device__ __forceinline__ void mma_tf32x3(float (&c)[N][4], const uint32_t (&ah)[4], const uint32_t (&al)[4], const uint32_t (&bh)[N][2],
+                                           const uint32_t (&bl)[N][2]) {
+#pragma unroll
+    for (int n = 0; n < N; n++) mma_tf32(c[n], al, bh[n]);
+#pragma unroll
+    for (int n = 0; n < N; n++) mma_tf32(c[n], ah, bl[n]);
+#pragma unroll
+    for (int n = 0; n < N; n++) mma_tf32(c[n], ah, bh[n]);
+}
+
+// 16 bytes global → shared without passing through registers; zeros when !in.
+__device__ __forceinline__ void cp_async16(float *dst, const float *src, bool in) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(in ? 16 : 0));
+}
+
+extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(const PromptAttnArgs a) {
+    extern __shared__ __align__(16) float smem[];
+    float *const ksb = smem, *const vsb = smem + 2 * PA_KEYS * PA_KS, *const ps = vsb + 2 * PA_KEYS * PA_VS;
+    constexpr unsigned FULL = 0xffffffffu;
+    constexpr int C = PA_HD / 8;  // 8-wide column blocks of a head
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3, hd = a.hd, h = blockIdx.y;
+    // The blocks of the last queries see the most keys: they start first.
+    const int qb = (gridDim.x - 1 - blockIdx.x) * PA_QUERIES, first = a.keys - a.tq;
+    const long long kv = (long long)(h / (a.nh / a.nkv)) * a.kv_head_stride;
+    const float *kh = a.k + kv, *vh = a.v + kv;
+    // The warp's queries (none past the prompt), and this thread's two rows of them (g and g + 8
+    // in the MMA fragments).
+    const int wq = qb + warp * 16, wn = min(16, a.tq - wq);
+    const int r0 = wq + g, r1 = r0 + 8, pos0 = first + r0, pos1 = first + r1;
+    const bool live0 = r0 < a.tq, live1 = r1 < a.tq;
+    // Q as A fragments, kept in registers: [c][e] is row (e & 1 ? r1 : r0), column 8c + t + (e & 2 ? 4 : 0).
+    float qf[C][4];
+#pragma unroll
+    for (int c = 0; c < C; c++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = e & 1 ? r1 : r0, col = 8 * c + t + (e & 2 ? 4 : 0);
+            qf[c][e] = r < a.tq && col < hd ? a.q[((long long)h * a.tq + r) * hd + col] : 0.f;
+        }
+    float o[C][4], m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
     // Keys any query of the block sees.
-    const int p_lo = first + q0, p_hi = min(first + q0 + PA_QUERIES, a.keys) - 1;
-    const int lo = max(0, p_lo - a.window + 1);
-    float m[QW], l[QW], acc[QW][C];
-#pragma unroll
-    for (int i = 0; i < QW; i++) {
-        m[i] = -INFINITY;
-        l[i] = 0.f;
-#pragma unroll
-        for (int c = 0; c < C; c++) acc[i][c] = 0.f;
-    }
-    for (int t0 = lo; t0 <= p_hi; t0 += PA_KEYS) {
-        __syncthreads();  // the previous tile (and, the first time, qs) is no longer read
-        for (int i = threadIdx.x; i < PA_KEYS * hd; i += blockDim.x) {
-            const int j = t0 + i / hd;
-            const bool in = j < a.keys;
-            ks[i / hd][i % hd] = in ? kh[(long long)j * hd + i % hd] : 0.f;
-            vs[i / hd][i % hd] = in ? vh[(long long)j * hd + i % hd] : 0.f;
+    const int p_hi = first + min(qb + PA_QUERIES, a.tq) - 1, lo = max(0, first + qb - a.window + 1), hd4 = hd >> 2;
+    // Tile n (keys t0..t0 + PA_KEYS - 1) into buffer n & 1, zeros past the last key.
+    const auto load_tile = [&](int t0, int buf) {
+        float *ks = ksb + buf * PA_KEYS * PA_KS, *vs = vsb + buf * PA_KEYS * PA_VS;
+        for (int i = threadIdx.x; i < PA_KEYS * hd4; i += blockDim.x) {
+            const int j = i / hd4, col = (i % hd4) * 4;
+            const bool in = t0 + j < a.keys;
+            const long long at = in ? (long long)(t0 + j) * hd + col : 0;
+            cp_async16(ks + j * PA_KS + col, kh + at, in);
+            cp_async16(vs + j * PA_VS + col, vh + at, in);
         }
+        asm volatile("cp.async.commit_group;");
+    };
+    float *pw = ps + warp * 16 * PA_PS;
+    load_tile(lo, 0);
+    for (int t0 = lo, n = 0; t0 <= p_hi; t0 += PA_KEYS, n++) {
+        // Start the next tile's copy, then wait for this one's (each thread for its own copies,
+        // the barrier for everyone's).
+        if (t0 + PA_KEYS <= p_hi) load_tile(t0 + PA_KEYS, (n + 1) & 1);
+        else asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
         __syncthreads();
+        const float *ks = ksb + (n & 1) * PA_KEYS * PA_KS, *vs = vsb + (n & 1) * PA_KEYS * PA_VS;
+        // Warp-uniform: some key of this tile is visible to some query of the warp.
+        if (wn > 0 && t0 <= first + wq + wn - 1 && t0 + PA_KEYS - 1 >= first + wq - a.window + 1) {
+            // Scores of the tile: s[j] holds keys t0 + 8j + 2t (+1), rows r0 (e < 2) and r1.
+            float s[4][4];
 #pragma unroll
-        for (int i = 0; i < QW; i++) {
-            const int qr = warp * QW + i, qi = q0 + qr, pos = first + qi;
-            if (qi >= a.tq) break;  // warp-uniform
-            const int j = t0 + lane;
-            const bool visible = j < a.keys && j <= pos && pos - j < a.window;
-            float s = -INFINITY;
-            if (visible) {
-                float dot = 0.f;
-#pragma unroll 8
-                for (int d = 0; d < hd; d++) dot = fmaf(qs[qr][d], ks[lane][d], dot);
-                s = __fmul_rn(dot, a.scale);
+            for (int j = 0; j < 4; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int c = 0; c < C; c++) {
+                if (8 * c >= hd) break;
+                uint32_t ah[4], al[4], bh[4][2], bl[4][2];
+                // A fragment order: (r0, t), (r1, t), (r0, t + 4), (r1, t + 4).
+#pragma unroll
+                for (int e = 0; e < 4; e++) split_tf32(qf[c][e], ah[e], al[e]);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float *kr = ks + (8 * j + g) * PA_KS + 8 * c + t;
+                    split_tf32(kr[0], bh[j][0], bl[j][0]);
+                    split_tf32(kr[4], bh[j][1], bl[j][1]);
+                }
+                mma_tf32x3<4>(s, ah, al, bh, bl);
             }
-            if (!__any_sync(0xffffffffu, visible)) continue;  // no key of this tile is visible to it
-            // A NaN score is skipped by the maximum but reaches p, so the output turns NaN.
-            const float m_new = fmaxf(m[i], warp_max(s));
-            const float p = visible ? expf(s - m_new) : 0.f;
-            const float corr = expf(m[i] - m_new);  // 0 while nothing was seen (m = -inf)
-            l[i] = l[i] * corr + warp_sum(p);
+            // Scale and mask (as the composition rounds them: the product, then times the
+            // scale), the new running maxima (a NaN score is skipped by the maximum but reaches
+            // the sum).
+            float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-            for (int c = 0; c < C; c++) acc[i][c] *= corr;
-            for (int jj = 0; jj < PA_KEYS; jj++) {
-                const float pj = __shfl_sync(0xffffffffu, p, jj);
-                if (pj == 0.f) continue;  // warp-uniform: masked or underflowed
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int c = 0; c < C; c++)
-                    if (lane + 32 * c < hd) acc[i][c] = fmaf(pj, vs[jj][lane + 32 * c], acc[i][c]);
+                for (int e = 0; e < 4; e++) {
+                    const int key = t0 + 8 * j + 2 * t + (e & 1), pos = e < 2 ? pos0 : pos1;
+                    const bool vis = (e < 2 ? live0 : live1) && key < a.keys && key <= pos && pos - key < a.window;
+                    s[j][e] = vis ? __fmul_rn(s[j][e], a.scale) : -INFINITY;
+                    if (e < 2) mx0 = fmaxf(mx0, s[j][e]);
+                    else mx1 = fmaxf(mx1, s[j][e]);
+                }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
+            const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+            // A row that has seen nothing yet keeps its zeros (exp(-inf - -inf) is never taken).
+            const float c0 = n0 == -INFINITY ? 1.f : expf(m0 - n0), c1 = n1 == -INFINITY ? 1.f : expf(m1 - n1);
+            float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float nm = e < 2 ? n0 : n1;
+                    const float p = nm == -INFINITY ? 0.f : expf(s[j][e] - nm);
+                    s[j][e] = p;
+                    if (e < 2) sum0 += p;
+                    else sum1 += p;
+                }
+            sum0 += __shfl_xor_sync(FULL, sum0, 1);
+            sum0 += __shfl_xor_sync(FULL, sum0, 2);
+            sum1 += __shfl_xor_sync(FULL, sum1, 1);
+            sum1 += __shfl_xor_sync(FULL, sum1, 2);
+            l0 = l0 * c0 + sum0;
+            l1 = l1 * c1 + sum1;
+            m0 = n0;
+            m1 = n1;
+#pragma unroll
+            for (int c = 0; c < C; c++) {
+                o[c][0] *= c0;
+                o[c][1] *= c0;
+                o[c][2] *= c1;
+                o[c][3] *= c1;
             }
-            m[i] = m_new;
+            // The probabilities go through shared memory from the accumulator layout to A
+            // fragments.
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                *reinterpret_cast<float2 *>(pw + g * PA_PS + 8 * j + 2 * t) = make_float2(s[j][0], s[j][1]);
+                *reinterpret_cast<float2 *>(pw + (g + 8) * PA_PS + 8 * j + 2 * t) = make_float2(s[j][2], s[j][3]);
+            }
+            __syncwarp();
+#pragma unroll
+            for (int kk = 0; kk < PA_KEYS; kk += 8) {
+                uint32_t ah[4], al[4];
+                split_tf32(pw[g * PA_PS + kk + t], ah[0], al[0]);
+                split_tf32(pw[(g + 8) * PA_PS + kk + t], ah[1], al[1]);
+                split_tf32(pw[g * PA_PS + kk + t + 4], ah[2], al[2]);
+                split_tf32(pw[(g + 8) * PA_PS + kk + t + 4], ah[3], al[3]);
+                // Four 8-wide column blocks at a time.
+#pragma unroll
+                for (int c4 = 0; c4 < C; c4 += 4) {
+                    if (8 * c4 >= hd) break;
+                    uint32_t bh[4][2], bl[4][2];
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        // Columns past hd read zeros' neighbours in the padded row: harmless, never written.
+                        const float *vr = vs + (kk + t) * PA_VS + 8 * (c4 + c) + g;
+                        split_tf32(vr[0], bh[c][0], bl[c][0]);
+                        split_tf32(vr[4 * PA_VS], bh[c][1], bl[c][1]);
+                    }
+                    mma_tf32x3<4>(*reinterpret_cast<float(*)[4][4]>(&o[c4]), ah, al, bh, bl);
+                }
+            }
+            __syncwarp();  // the probabilities are read before the next tile writes them
         }
+        __syncthreads();  // this tile's buffer is refilled two tiles on
     }
+    // Accumulator layout: o[c] holds columns 8c + 2t (+1) of rows r0 (0, 1) and r1 (2, 3).
 #pragma unroll
-    for (int i = 0; i < QW; i++) {
-        const int qi = q0 + warp * QW + i;
-        if (qi >= a.tq) break;
-#pragma unroll
-        for (int c = 0; c < C; c++)
-            if (lane + 32 * c < hd) a.out[((long long)qi * a.nh + h) * hd + lane + 32 * c] = acc[i][c] / l[i];
+    for (int c = 0; c < C; c++) {
+        if (8 * c >= hd) break;
+        if (live0)
+            *reinterpret_cast<float2 *>(a.out + ((long long)r0 * a.nh + h) * hd + 8 * c + 2 * t) = make_float2(o[c][0] / l0, o[c][1] / l0);
+        if (live1)
+            *reinterpret_cast<float2 *>(a.out + ((long long)r1 * a.nh + h) * hd + 8 * c + 2 * t) = make_float2(o[c][2] / l1, o[c][3] / l1);
     }
 }

@@ -319,14 +319,16 @@ pub struct Model {
 /// the reference composition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum PromptAttention {
-    /// Candle's matmuls with the query heads of each KV head folded into the row axis, and the
-    /// scale, causal mask and softmax in one kernel (`kernels::causal_softmax`).
-    #[default]
-    Composed,
     /// One kernel straight from the KV cache with an online softmax (`kernels::prompt_attention`:
-    /// no score matrix, no copy of K and V). Opt-in until its GPU tests and a measurement have
-    /// run (`bench generate --prompt-attention fused`).
+    /// flash attention on the tensor cores at about f32 precision, no score matrix, no copy of K
+    /// and V). Measured on the H100 against `Composed`: 512 tokens at 16,371 against 15,798
+    /// tokens/s, a 100-token prompt to its first token in 19.4 against 19.9 ms.
+    #[default]
     Fused,
+    /// Candle's matmuls with the query heads of each KV head folded into the row axis, and the
+    /// scale, causal mask and softmax in one kernel (`kernels::causal_softmax`): the reference
+    /// the fused kernel is tested against.
+    Composed,
 }
 
 /// Default prompt length (tokens per sequence) from which prompts use the dequantize + GEMM
@@ -814,7 +816,7 @@ fn attend_folded(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: usize) 
     let rep = nh / nkv;
     let q = q.contiguous()?.reshape((1, nkv, rep * tq, hd))?;
     let scores = q.matmul(&k.contiguous()?.t()?)?;
-    let probs = match crate::kernels::causal_softmax(&scores, scale as f32, window)? {
+    let probs = match crate::kernels::causal_softmax(&scores, tq, scale as f32, window)? {
         Some(probs) => probs,
         None => {
             let s = (scores * scale)?.reshape((1, nkv, rep, tq, keys))?;
