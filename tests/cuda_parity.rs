@@ -614,6 +614,46 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
     if diff != 0.0 {
         failures.push(format!("silu_mul: {diff:.2e}"));
     }
+    // The pair variants: the f32 result as before, and its bf16 copy exactly that rounded once.
+    let (y, yb) = freeski_bot::kernels::silu_mul_pair(&g, &u)?.context("no silu_mul pair kernel for f32")?;
+    let (diff, round) = (tensor_max_abs_diff(&want, &y)?, tensor_max_abs_diff(&y.to_dtype(DType::BF16)?, &yb)?);
+    println!("silu(gate) * up with its bf16 copy: f32 {diff:.2e}, bf16 copy vs the f32 rounded {round:.2e} (tolerance 0, 0)");
+    if diff != 0.0 || round != 0.0 || yb.dtype() != DType::BF16 {
+        failures.push(format!("silu_mul_pair: {diff:.2e} / {round:.2e}"));
+    }
+    for (rows, n) in [(1usize, 64usize), (5, 1000), (130, 4096)] {
+        let x = (Tensor::randn(0f32, 1.0, (1, rows, n), &dev)? * 3.0)?;
+        let w = Tensor::randn(1f32, 0.2, n, &dev)?;
+        let want = candle_nn::ops::rms_norm(&x, &w, 1e-5)?;
+        let (y, yb) = freeski_bot::kernels::rms_norm_pair(&x, &w, 1e-5)?.context("no rms_norm pair kernel for f32")?;
+        let (diff, round) = (tensor_max_rel_diff(&want, &y, 1e-12)?, tensor_max_abs_diff(&y.to_dtype(DType::BF16)?, &yb)?);
+        println!("rms norm with its bf16 copy, {rows} x {n}: f32 vs candle's rms_norm {diff:.2e} (tolerance 1e-6), bf16 copy vs the f32 rounded {round:.2e} (tolerance 0)");
+        if diff.is_nan() || diff > 1e-6 || round != 0.0 || y.dims() != x.dims() {
+            failures.push(format!("rms_norm_pair {rows}x{n}: {diff:.2e} / {round:.2e}"));
+        }
+    }
+    // Rotary embedding with the cache append against candle's rope_i and slice_set, into caches
+    // already holding 3 positions (and room for more).
+    for (nh, nkv, t, hd) in [(4usize, 2usize, 5usize, 16usize), (32, 8, 70, 128)] {
+        let (at, cap, positions) = (3usize, 96usize, 128usize);
+        let q = Tensor::randn(0f32, 1.0, (1, t, nh * hd), &dev)?;
+        let (k, v) = (Tensor::randn(0f32, 1.0, (1, t, nkv * hd), &dev)?, Tensor::randn(0f32, 1.0, (1, t, nkv * hd), &dev)?);
+        let angles = Tensor::randn(0f32, 1.0, (positions, hd / 2), &dev)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let fresh = || Tensor::zeros((1, nkv, cap, hd), DType::F32, &dev);
+        let (kc, vc, kc0, vc0) = (fresh()?, fresh()?, fresh()?, fresh()?);
+        let got = freeski_bot::kernels::rope_prompt(&q, &k, &v, (&cos, &sin), (&kc, &vc), at, at)?.context("no rope_prompt kernel for f32")?;
+        let (c, s) = (cos.narrow(0, at, t)?, sin.narrow(0, at, t)?);
+        let heads = |x: &Tensor, n: usize| -> Result<Tensor> { Ok(x.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let want_q = candle_nn::rotary_emb::rope_i(&heads(&q, nh)?, &c, &s)?.transpose(1, 2)?.contiguous()?;
+        kc0.slice_set(&candle_nn::rotary_emb::rope_i(&heads(&k, nkv)?, &c, &s)?, 2, at)?;
+        vc0.slice_set(&heads(&v, nkv)?, 2, at)?;
+        let diff = tensor_max_abs_diff(&want_q, &got)?.max(tensor_max_abs_diff(&kc0, &kc)?).max(tensor_max_abs_diff(&vc0, &vc)?);
+        println!("rotary embedding + cache append, {nh} heads ({nkv} kv) x {t} tokens x {hd} at index {at}: kernel vs rope_i + slice_set {diff:.2e} (tolerance 1e-6)");
+        if diff.is_nan() || diff > 1e-6 {
+            failures.push(format!("rope_prompt {nh}/{nkv} x {t} x {hd}: {diff:.2e}"));
+        }
+    }
     for m in [1usize, 7, 129] {
         let x = Tensor::randn(0f32, 1.0, (m, 384), &dev)?.to_dtype(DType::BF16)?;
         let w = Tensor::randn(0f32, 1.0, (96, 384), &dev)?.to_dtype(DType::BF16)?;

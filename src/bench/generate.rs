@@ -61,9 +61,9 @@ pub struct GenerateBench {
     /// (Q4_K weights read in place on int8 tensor cores).
     #[arg(long, value_enum, default_value = "dense-bf16")]
     pub prompt_kernel: PromptKernel,
-    /// How prompts attend on CUDA: `composed` (the default: candle's matmuls, one softmax
-    /// kernel) or `fused` (one kernel straight from the KV cache).
-    #[arg(long, value_enum, default_value = "composed")]
+    /// How prompts attend on CUDA: `fused` (the default: one flash-attention kernel straight
+    /// from the KV cache) or `composed` (candle's matmuls and one softmax kernel, its reference).
+    #[arg(long, value_enum, default_value = "fused")]
     pub prompt_attention: PromptAttention,
     /// Tokens per sequence from which prompts take that path (default: the model's, 100 on
     /// CUDA); shorter prompts take candle's 4-bit kernels.

@@ -363,6 +363,8 @@ mod cuda {
         v: u64,
         out: u64,
         kv_head_stride: i64,
+        q_head_stride: i64,
+        q_row_stride: i64,
         nh: i32,
         nkv: i32,
         tq: i32,
@@ -385,7 +387,8 @@ mod cuda {
 
     /// Causal attention of one row's prompt (`prompt_attn_f32` in prompt.cu: flash attention,
     /// online softmax over tiles of 32 keys with both products on the tensor cores at about f32
-    /// precision, no score matrix): `q: [1, nh, tq, hd]`, `k`, `v`: `[1, nkv, keys, hd]` views of
+    /// precision, no score matrix): `q: [1, nh, tq, hd]` (any strides with each query's values
+    /// contiguous, e.g. the transposed view of `rope_prompt`'s output), `k`, `v`: `[1, nkv, keys, hd]` views of
     /// the row's KV cache (each key a contiguous run of hd values; read in place), query `i` at
     /// position `keys - tq + i` seeing the keys at or before it, the last `window` of them with a
     /// sliding window. Returns `[1, tq, nh, hd]`. `None` unless all are f32 on CUDA with `hd` a
@@ -400,7 +403,7 @@ mod cuda {
         if q.dims()[0] != 1 || k.dims() != v.dims() || k.dims()[0] != 1 || k.dims()[3] != hd || tq == 0 || tq > keys {
             bail!("prompt attention: q {:?}, k {:?}, v {:?} do not fit one row's prompt", q.dims(), k.dims(), v.dims())
         }
-        let q = q.contiguous()?;
+        let q = if q.stride()[3] == 1 { q.clone() } else { q.contiguous()? };
         // Read in place when each key is a run of hd values and K and V share a head stride (views
         // of the cache buffers); copied otherwise.
         let rows = |t: &Tensor| t.stride()[3] == 1 && t.stride()[2] == hd;
@@ -414,11 +417,13 @@ mod cuda {
         // SAFETY: the kernel writes every [tq, nh, hd] element.
         let out = unsafe { dev.alloc::<f32>(tq * nh * hd)? };
         let args = PromptAttnArgs {
-            q: tensor_ptr(&q)?,
+            q: first_element_ptr(&q)?,
             k: kp,
             v: vp,
             out: slice_ptr(&out),
             kv_head_stride: ks as i64,
+            q_head_stride: q.stride()[1] as i64,
+            q_row_stride: q.stride()[2] as i64,
             nh: int(nh)?,
             nkv: int(nkv)?,
             tq: int(tq)?,
@@ -440,9 +445,118 @@ mod cuda {
         Ok(Some(tensor_from_slice(out, dev, (1, tq, nh, hd))))
     }
 
+    /// `RopePromptArgs` of prompt.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct RopePromptArgs {
+        q: u64,
+        k: u64,
+        v: u64,
+        cos: u64,
+        sin: u64,
+        q_out: u64,
+        k_cache: u64,
+        v_cache: u64,
+        nh: i32,
+        nkv: i32,
+        hd: i32,
+        cap: i32,
+        pos0: i32,
+        at: i32,
+    }
+    // SAFETY: plain data with the layout of the C struct.
+    unsafe impl DeviceRepr for RopePromptArgs {}
+
+    /// A one-row prompt's rotary embedding and cache append in one kernel (`rope_prompt_f32` in
+    /// prompt.cu): `q: [1, t, nh·hd]`, `k`, `v`: `[1, t, nkv·hd]` (the projections' outputs), token
+    /// `i` at rotary position `pos0 + i` of the tables `cos`, `sin`: `[positions, hd/2]`; its
+    /// rotated key and its value go into `k_cache`, `v_cache` (`[1, nkv, cap, hd]`) at index
+    /// `at + i`. Returns the rotated queries `[1, t, nh, hd]`. `None` unless all are f32 on CUDA
+    /// with contiguous caches and tables.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_prompt(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        (k_cache, v_cache): (&Tensor, &Tensor),
+        pos0: usize,
+        at: usize,
+    ) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = q.device() else { return Ok(None) };
+        let all = [q, k, v, cos, sin, k_cache, v_cache];
+        if all.iter().any(|t| t.dtype() != DType::F32 || !t.device().same_device(q.device()))
+            || !k_cache.is_contiguous()
+            || !v_cache.is_contiguous()
+            || !cos.is_contiguous()
+            || !sin.is_contiguous()
+        {
+            return Ok(None);
+        }
+        let (_, nkv, cap, hd) = k_cache.dims4()?;
+        let (b, t, qw) = q.dims3()?;
+        let (positions, half) = cos.dims2()?;
+        if b != 1
+            || k_cache.dims()[0] != 1
+            || v_cache.dims() != k_cache.dims()
+            || hd % 2 != 0
+            || half * 2 != hd
+            || qw % hd != 0
+            || k.dims() != [1, t, nkv * hd]
+            || v.dims() != k.dims()
+            || sin.dims() != cos.dims()
+        {
+            bail!("rope_prompt: q {:?}, k {:?}, v {:?}, cache {:?}, tables {:?} do not fit one row's prompt", q.dims(), k.dims(), v.dims(), k_cache.dims(), cos.dims())
+        }
+        if at + t > cap || pos0 + t > positions {
+            bail!("rope_prompt: {t} tokens at cache index {at} / position {pos0} exceed the cache's {cap} or the tables' {positions} positions")
+        }
+        let nh = qw / hd;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let int = |v: usize| kernel_int(v, "rope_prompt");
+        // SAFETY: the kernel writes every element of q_out.
+        let q_out = unsafe { dev.alloc::<f32>(t * nh * hd)? };
+        let args = RopePromptArgs {
+            q: tensor_ptr(&q)?,
+            k: tensor_ptr(&k)?,
+            v: tensor_ptr(&v)?,
+            cos: tensor_ptr(cos)?,
+            sin: tensor_ptr(sin)?,
+            q_out: slice_ptr(&q_out),
+            k_cache: tensor_ptr(k_cache)?,
+            v_cache: tensor_ptr(v_cache)?,
+            nh: int(nh)?,
+            nkv: int(nkv)?,
+            hd: int(hd)?,
+            cap: int(cap)?,
+            pos0: int(pos0)?,
+            at: int(at)?,
+        };
+        let tokens = u32::try_from(t).ok().filter(|&t| t <= 65_535).ok_or_else(|| candle_core::Error::Msg(format!("rope_prompt: {t} tokens exceed the grid")))?;
+        let cfg = LaunchConfig { grid_dim: ((nh + 2 * nkv) as u32, tokens, 1), block_dim: ((hd / 2).div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
+        let func = dev.get_or_load_custom_func("rope_prompt_f32", "freeski_prompt", PROMPT_PTX)?;
+        let mut bld = func.builder();
+        bld.arg(&args);
+        // SAFETY: the struct mirrors RopePromptArgs; q holds t·nh·hd floats, k and v t·nkv·hd, the
+        // tables `positions` rows of hd/2 with pos0 + t <= positions, the caches nkv·cap·hd with
+        // at + t <= cap, q_out t·nh·hd.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(Some(tensor_from_slice(q_out, dev, (1, t, nh, hd))))
+    }
+
     /// `silu(g) · u` elementwise for f32 `g` and `u` of one shape on CUDA (`silu_mul_f32` in
     /// prompt.cu: candle's silu and product in one pass). `None` for other dtypes or devices.
     pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
+        Ok(silu_mul_launch(g, u, false)?.map(|(y, _)| y))
+    }
+
+    /// [`silu_mul`] with its result also rounded to bf16 in the same pass (the down projection's
+    /// GEMM input on the prompt path): `(f32, bf16)`.
+    pub fn silu_mul_pair(g: &Tensor, u: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(silu_mul_launch(g, u, true)?.and_then(|(y, yb)| Some((y, yb?))))
+    }
+
+    fn silu_mul_launch(g: &Tensor, u: &Tensor, bf16: bool) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let Device::Cuda(dev) = g.device() else { return Ok(None) };
         if g.dtype() != DType::F32 || u.dtype() != DType::F32 || !g.device().same_device(u.device()) {
             return Ok(None);
@@ -452,16 +566,48 @@ mod cuda {
         }
         let (g, u) = (g.contiguous()?, u.contiguous()?);
         let n = g.elem_count();
-        // SAFETY: the kernel writes every element.
+        // SAFETY: the kernel writes every element of both.
         let y = unsafe { dev.alloc::<f32>(n)? };
+        let yb = if bf16 { Some(unsafe { dev.alloc::<half::bf16>(n)? }) } else { None };
         let func = dev.get_or_load_custom_func("silu_mul_f32", "freeski_prompt", PROMPT_PTX)?;
-        let (gp, up, yp, n64) = (tensor_ptr(&g)?, tensor_ptr(&u)?, slice_ptr(&y), n as i64);
+        let (gp, up, yp, ybp, n64) = (tensor_ptr(&g)?, tensor_ptr(&u)?, slice_ptr(&y), yb.as_ref().map_or(0, slice_ptr), n as i64);
         let mut b = func.builder();
-        b.arg(&gp).arg(&up).arg(&yp).arg(&n64);
-        // SAFETY: (const float*, const float*, float*, int64_t) as silu_mul_f32 declares; all three
-        // buffers hold n floats.
+        b.arg(&gp).arg(&up).arg(&yp).arg(&ybp).arg(&n64);
+        // SAFETY: (const float*, const float*, float*, bf16* or null, int64_t) as silu_mul_f32
+        // declares; the buffers hold n elements.
         unsafe { b.launch(elementwise_launch(n as u64)) }.w()?;
-        Ok(Some(tensor_from_slice(y, dev, g.dims())))
+        Ok(Some((tensor_from_slice(y, dev, g.dims()), yb.map(|yb| tensor_from_slice(yb, dev, g.dims())))))
+    }
+
+    /// RMSNorm of the rows of f32 `x: [.., n]` with weight `w: [n]` (`x · w / sqrt(mean(x²) +
+    /// eps)`), as f32 and rounded to bf16 in one pass (`rms_norm_pair_f32` in prompt.cu; the
+    /// bf16 copy is the projections' GEMM input on the prompt path). `None` unless both are f32
+    /// on CUDA.
+    pub fn rms_norm_pair(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<(Tensor, Tensor)>> {
+        let Device::Cuda(dev) = x.device() else { return Ok(None) };
+        if x.dtype() != DType::F32 || w.dtype() != DType::F32 || !x.device().same_device(w.device()) {
+            return Ok(None);
+        }
+        let n = w.elem_count();
+        if x.dims().last() != Some(&n) || w.rank() != 1 {
+            bail!("rms_norm_pair: x {:?} does not end in the weight's {:?}", x.dims(), w.dims())
+        }
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let rows = x.elem_count() / n.max(1);
+        let rows32 = u32::try_from(rows).map_err(|_| candle_core::Error::Msg(format!("rms_norm_pair: {rows} rows exceed the grid")))?;
+        // SAFETY: the kernel writes every element of both.
+        let (y, yb) = unsafe { (dev.alloc::<f32>(rows * n)?, dev.alloc::<half::bf16>(rows * n)?) };
+        let func = dev.get_or_load_custom_func("rms_norm_pair_f32", "freeski_prompt", PROMPT_PTX)?;
+        let (xp, wp, yp, ybp, n32) = (tensor_ptr(&x)?, tensor_ptr(&w)?, slice_ptr(&y), slice_ptr(&yb), kernel_int(n, "rms_norm_pair")?);
+        let cfg = LaunchConfig { grid_dim: (rows32.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = func.builder();
+        b.arg(&xp).arg(&wp).arg(&yp).arg(&ybp).arg(&n32).arg(&eps);
+        if rows > 0 {
+            // SAFETY: (const float*, const float*, float*, bf16*, int, float) as
+            // rms_norm_pair_f32 declares; x, y and yb hold rows · n elements, w n.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(Some((tensor_from_slice(y, dev, x.dims()), tensor_from_slice(yb, dev, x.dims()))))
     }
 
     /// Launch shape of the grid-stride elementwise kernels (dropout, SwiGLU backward, AdamW):
@@ -664,6 +810,15 @@ mod without_cuda {
         Ok(None)
     }
     pub fn silu_mul(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn silu_mul_pair(_: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+    pub fn rms_norm_pair(_: &Tensor, _: &Tensor, _: f32) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+    pub fn rope_prompt(_: &Tensor, _: &Tensor, _: &Tensor, _: (&Tensor, &Tensor), _: (&Tensor, &Tensor), _: usize, _: usize) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn prompt_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize) -> Result<Option<Tensor>> {

@@ -1,6 +1,9 @@
-// Kernels of the prompt (prefill) path on CUDA (src/llm/model.rs): the attention softmax with
-// its scale and causal / sliding-window mask in one pass over the scores, and SwiGLU's
-// silu(gate) · up in one pass.
+// Kernels of the prompt (prefill) path on CUDA (src/llm/model.rs): RMSNorm and SwiGLU's
+// silu(gate) · up in one pass each, writing the bf16 copy the next GEMM reads beside the f32
+// result; the rotary embedding with the cache append; flash attention straight from the cache;
+// and, for the composed attention it is tested against, the softmax with its scale and causal /
+// sliding-window mask in one pass over the scores.
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 #include "common.cuh"
@@ -30,19 +33,82 @@ extern "C" __global__ void causal_softmax_f32(const float* __restrict__ s, float
 }
 
 // y = silu(g) · u elementwise (SwiGLU over the gate and up projections): candle's silu,
-// g / (1 + exp(-g)), then its product, in one pass instead of two.
+// g / (1 + exp(-g)), then its product, in one pass instead of two; with yb, also y rounded to
+// bf16 (the down projection's GEMM input, so it needs no cast of its own).
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y,
-                                        int64_t n) {
+                                        __nv_bfloat16* __restrict__ yb, int64_t n) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float x = g[i];
-        y[i] = __fmul_rn(x / (1.f + expf(-x)), u[i]);
+        const float v = __fmul_rn(x / (1.f + expf(-x)), u[i]);
+        y[i] = v;
+        if (yb != nullptr) yb[i] = __float2bfloat16_rn(v);
     }
+}
+
+// RMSNorm of each row of x: [rows, n] f32, y = x · w / sqrt(mean(x²) + eps), written as f32 (y)
+// and rounded to bf16 (yb: the projections' GEMM input, so it needs no cast of its own). One
+// block a row.
+extern "C" __global__ void rms_norm_pair_f32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+                                             __nv_bfloat16* __restrict__ yb, int n, float eps) {
+    __shared__ float part[32];
+    const int64_t row = blockIdx.x;
+    const float* xr = x + row * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    // Every warp sums the warps' partial sums itself.
+    const int lane = threadIdx.x & 31;
+    ss = warp_sum(lane < (int)(blockDim.x >> 5) ? part[lane] : 0.f);
+    const float scale = rsqrtf(ss / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = scale * xr[i] * w[i];
+        y[row * n + i] = v;
+        yb[row * n + i] = __float2bfloat16_rn(v);
+    }
+}
+
+// Rotary embedding of a prompt's queries and keys (interleaved pairs, as rope_append_f32 in
+// decode.cu), with the keys and values written into the row's cache: q, k, v: [t, nh·hd] and
+// [t, nkv·hd] (the projections' outputs); token i at rotary position pos0 + i (cos, sin: [positions,
+// hd/2]) and cache index at + i. q_out: [t, nh·hd]; k_cache, v_cache: [nkv, cap, hd] (the row's
+// buffers). One block per (head of q|k|v, token), a thread per pair.
+struct RopePromptArgs {
+    const float *q, *k, *v, *cos, *sin;
+    float *q_out, *k_cache, *v_cache;
+    int nh, nkv, hd, cap, pos0, at;
+};
+
+extern "C" __global__ void rope_prompt_f32(const RopePromptArgs p) {
+    const int head = blockIdx.x, i = blockIdx.y, j = threadIdx.x, half = p.hd / 2;
+    if (j >= half) return;
+    const float2 *src;
+    float2 *dst;
+    if (head < p.nh) {
+        src = reinterpret_cast<const float2 *>(p.q + ((long long)i * p.nh + head) * p.hd);
+        dst = reinterpret_cast<float2 *>(p.q_out + ((long long)i * p.nh + head) * p.hd);
+    } else {
+        const bool is_k = head < p.nh + p.nkv;
+        const int kh = head - p.nh - (is_k ? 0 : p.nkv);
+        src = reinterpret_cast<const float2 *>((is_k ? p.k : p.v) + ((long long)i * p.nkv + kh) * p.hd);
+        dst = reinterpret_cast<float2 *>((is_k ? p.k_cache : p.v_cache) + ((long long)kh * p.cap + p.at + i) * p.hd);
+        if (!is_k) {
+            dst[j] = src[j];
+            return;
+        }
+    }
+    const long long at = (long long)(p.pos0 + i) * half + j;
+    const float c = p.cos[at], s = p.sin[at];
+    const float2 x = src[j];
+    dst[j] = make_float2(x.x * c - x.y * s, x.x * s + x.y * c);
 }
 
 // Causal attention of one row's prompt queries over that row's keys, without the score matrix
 // (flash attention): each warp keeps 16 queries' running maximum, sum and weighted values
 // (online softmax) over tiles of 32 keys staged in shared memory, both products on the tensor
-// cores. q: [nh, tq, hd] (after rotary); k, v: the row's cached keys and values, head h's key j
+// cores. q: query i of head h at q + h * q_head_stride + i * q_row_stride (after rotary: [nh, tq,
+// hd], or the [tq, nh, hd] rope_prompt_f32 writes); k, v: the row's cached keys and values, head h's key j
 // at k + (h / (nh / nkv)) * kv_head_stride + j * hd (the cache buffer read in place,
 // grouped-query heads sharing theirs); out: [tq, nh, hd], the o projection's input layout. Query
 // i is position keys - tq + i and sees key j when j <= position and position - j < window. A
@@ -67,7 +133,7 @@ struct PromptAttnArgs {
     const float *k;
     const float *v;
     float *out;
-    long long kv_head_stride;
+    long long kv_head_stride, q_head_stride, q_row_stride;
     int nh, nkv, tq, keys, hd, window;
     float scale;
 };
@@ -125,7 +191,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int r = e & 1 ? r1 : r0, col = 8 * c + t + (e & 2 ? 4 : 0);
-            qf[c][e] = r < a.tq && col < hd ? a.q[((long long)h * a.tq + r) * hd + col] : 0.f;
+            qf[c][e] = r < a.tq && col < hd ? a.q[h * a.q_head_stride + r * a.q_row_stride + col] : 0.f;
         }
     float o[C][4], m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 #pragma unroll

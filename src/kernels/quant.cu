@@ -65,25 +65,32 @@ struct Q4K {
 
 // Q6_K: 256 weights in 210 bytes: ql[128] low nibbles, qh[64] high 2 bits, int8 scales[16],
 // half d. Half h (128 weights) uses ql[64h..], qh[32h..], scales[8h..]; byte l of it feeds
-// weights l, l+32, l+64, l+96. Lane sub = l (0..31) owns those four in both halves. Blocks are
-// only 2-byte aligned, so bytes are read one at a time (neighbouring lanes, neighbouring bytes).
+// weights l, l+32, l+64, l+96. Lane sub = 8h + a owns l = 4a..4a+3 of half h: four runs of four
+// weights (8-byte bf16 stores). Blocks are only 2-byte aligned, so bytes are read in pairs.
 struct Q6K {
-    static constexpr int BYTES = 210, ELEMS = 256, LPB = 32, RUNS = 8, VEC = 1;
+    static constexpr int BYTES = 210, ELEMS = 256, LPB = 16, RUNS = 4, VEC = 4;
     static __device__ __forceinline__ void offsets(int sub, int off[RUNS]) {
 #pragma unroll
-        for (int i = 0; i < 8; i++) off[i] = 128 * (i >> 2) + 32 * (i & 3) + sub;
+        for (int r = 0; r < RUNS; r++) off[r] = 128 * (sub >> 3) + 32 * r + 4 * (sub & 7);
     }
-    static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int l, float w[8]) {
+    static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int sub, float w[16]) {
+        const int h = sub >> 3, a = sub & 7;
         const float d = ld_half(blk + 208);
+        const auto u32_at = [](const uint8_t *p) {
+            const uint16_t *q = reinterpret_cast<const uint16_t *>(p);
+            return (uint32_t)q[0] | ((uint32_t)q[1] << 16);
+        };
+        const uint32_t lo = u32_at(blk + 64 * h + 4 * a), hi = u32_at(blk + 64 * h + 32 + 4 * a), hb = u32_at(blk + 128 + 32 * h + 4 * a);
+        // The four l share a group of 16, so one scale per run.
+        const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192 + 8 * h + (a >> 2));
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const uint32_t a = blk[64 * h + l], b = blk[64 * h + l + 32], hb = blk[128 + 32 * h + l];
-            const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192 + 8 * h + (l >> 4));
+        for (int i = 0; i < 4; i++) {
+            const uint32_t x = (lo >> (8 * i)) & 0xFF, y = (hi >> (8 * i)) & 0xFF, q = (hb >> (8 * i)) & 0xFF;
             // q - 32 as (q | 2^23-float) - (2^23 + 32).
-            w[4 * h + 0] = d * sc[0] * (__uint_as_float(0x4B000000u | (a & 0xF) | ((hb & 3) << 4)) - 8388640.f);
-            w[4 * h + 1] = d * sc[2] * (__uint_as_float(0x4B000000u | (b & 0xF) | (((hb >> 2) & 3) << 4)) - 8388640.f);
-            w[4 * h + 2] = d * sc[4] * (__uint_as_float(0x4B000000u | (a >> 4) | (((hb >> 4) & 3) << 4)) - 8388640.f);
-            w[4 * h + 3] = d * sc[6] * (__uint_as_float(0x4B000000u | (b >> 4) | (((hb >> 6) & 3) << 4)) - 8388640.f);
+            w[0 + i] = d * sc[0] * (__uint_as_float(0x4B000000u | (x & 0xF) | ((q & 3) << 4)) - 8388640.f);
+            w[4 + i] = d * sc[2] * (__uint_as_float(0x4B000000u | (y & 0xF) | (((q >> 2) & 3) << 4)) - 8388640.f);
+            w[8 + i] = d * sc[4] * (__uint_as_float(0x4B000000u | (x >> 4) | (((q >> 4) & 3) << 4)) - 8388640.f);
+            w[12 + i] = d * sc[6] * (__uint_as_float(0x4B000000u | (y >> 4) | (((q >> 6) & 3) << 4)) - 8388640.f);
         }
     }
 };

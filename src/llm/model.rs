@@ -608,16 +608,19 @@ impl Model {
         let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let h = self.attention(layer, &h, &cos, &sin, &cache.pad, &cache.layers[i], offset, lora, i, prompt)?;
+            let (h, hb) = self.norm_for(&x, &layer.attn_norm, prompt)?;
+            let h = self.attention(layer, (&h, hb.as_ref()), &cos, &sin, &cache.pad, &cache.layers[i], offset, lora, i, prompt)?;
             let x2 = (residual + h)?;
-            let h = candle_nn::ops::rms_norm(&x2, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], &h, lora, i, prompt)?;
-            let act = match crate::kernels::silu_mul(&gate, &up)? {
-                Some(act) => act,
-                None => (candle_nn::ops::silu(&gate)? * up)?,
+            let (h, hb) = self.norm_for(&x2, &layer.ffn_norm, prompt)?;
+            let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], (&h, hb.as_ref()), lora, i, prompt)?;
+            let (act, act_b) = match prompt.map(|_| crate::kernels::silu_mul_pair(&gate, &up)).transpose()?.flatten() {
+                Some((act, act_b)) => (act, Some(act_b)),
+                None => match crate::kernels::silu_mul(&gate, &up)? {
+                    Some(act) => (act, None),
+                    None => ((candle_nn::ops::silu(&gate)? * up)?, None),
+                },
             };
-            let [h] = self.linears(layer, [Proj::Down], &act, lora, i, prompt)?;
+            let [h] = self.linears(layer, [Proj::Down], (&act, act_b.as_ref()), lora, i, prompt)?;
             x = (x2 + h)?;
         }
         cache.len = offset + t;
@@ -635,7 +638,7 @@ impl Model {
     fn attention(
         &self,
         layer: &DecoderLayer,
-        x: &Tensor,
+        (x, x_bf16): (&Tensor, Option<&Tensor>),
         cos: &Tensor,
         sin: &Tensor,
         pads: &[usize],
@@ -648,7 +651,17 @@ impl Model {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], x, lora, layer_idx, prompt)?;
+        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], (x, x_bf16), lora, layer_idx, prompt)?;
+        // One row's prompt with the fused attention (CUDA): rotary embedding and cache append in
+        // one kernel, whose query layout the attention kernel reads as it is (no copies).
+        if self.prompt_attention == PromptAttention::Fused && t > 1 && pads == [0] {
+            if let Some(q) = crate::kernels::rope_prompt(&q, &k, &v, (&self.cos, &self.sin), (k_buf, v_buf), offset, offset)? {
+                let keys = offset + t;
+                let out = self.attend(&q.transpose(1, 2)?, &k_buf.narrow(2, 0, keys)?, &v_buf.narrow(2, 0, keys)?)?;
+                let [o] = self.linears(layer, [Proj::O], (&out.reshape((1, t, nh * hd))?, None), lora, layer_idx, prompt)?;
+                return Ok(o);
+            }
+        }
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
@@ -681,7 +694,7 @@ impl Model {
         }
         // [b, t, heads, hd]: a copy only where a part is a transposed view.
         let out = Tensor::cat(&rows, 0)?.reshape((b, t, nh * hd))?;
-        let [o] = self.linears(layer, [Proj::O], &out, lora, layer_idx, prompt)?;
+        let [o] = self.linears(layer, [Proj::O], (&out, None), lora, layer_idx, prompt)?;
         Ok(o)
     }
 
@@ -721,20 +734,33 @@ impl Model {
         Ok(attend_expanded(q, k, v, scale, window)?.transpose(1, 2)?)
     }
 
-    /// Projections of `layer` that read the same `x`, each its base weight plus the adapter's
-    /// unmerged LoRA path if it has one (one pass over the base weights on the CPU). With one
-    /// adapter a row, each row's LoRA term is computed on that row alone and added to it.
+    /// RMSNorm of `x` with weight `w`; on the CUDA prompt path also rounded to bf16 in the same
+    /// kernel (the projections' GEMM input, so they cast nothing).
+    fn norm_for(&self, x: &Tensor, w: &Tensor, prompt: Option<PromptKernel>) -> Result<(Tensor, Option<Tensor>)> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        if prompt.is_some() {
+            if let Some((y, yb)) = crate::kernels::rms_norm_pair(x, w, eps)? {
+                return Ok((y, Some(yb)));
+            }
+        }
+        Ok((candle_nn::ops::rms_norm(x, w, eps)?, None))
+    }
+
+    /// Projections of `layer` that read the same `x` (with its bf16 copy where the kernel that
+    /// made it wrote one), each its base weight plus the adapter's unmerged LoRA path if it has
+    /// one (one pass over the base weights on the CPU). With one adapter a row, each row's LoRA
+    /// term is computed on that row alone and added to it.
     fn linears<const N: usize>(
         &self,
         layer: &DecoderLayer,
         projs: [Proj; N],
-        x: &Tensor,
+        (x, x_bf16): (&Tensor, Option<&Tensor>),
         lora: RowLora<'_>,
         layer_idx: usize,
         prompt: Option<PromptKernel>,
     ) -> Result<[Tensor; N]> {
         let bases: Vec<&BaseLinear> = projs.iter().map(|&p| layer.proj(p)).collect();
-        let ys = BaseLinear::forward_many(&bases, x, prompt, self.cpu_kernels)?;
+        let ys = BaseLinear::forward_many(&bases, x, x_bf16, prompt, self.cpu_kernels)?;
         let out: Vec<Tensor> = ys
             .into_iter()
             .zip(projs)

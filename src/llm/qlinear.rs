@@ -93,13 +93,18 @@ impl BaseLinear {
 
     /// [`BaseLinear::forward_with`] for several weights that read the same `x` (q|k|v,
     /// gate|up): on the CPU kernel's path one quantization of `x` and one pass of the workers
-    /// for all of them; the same values as one call each.
-    pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Vec<Tensor>> {
+    /// for all of them; the same values as one call each. `x_bf16`: `x` rounded to bf16 where
+    /// the kernel that made `x` wrote it too (the dense prompt path's GEMM input, else cast
+    /// here once for all the weights).
+    pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Vec<Tensor>> {
         let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
         let cpu_path = cpu_kernel && prompt.is_none() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
         if !cpu_path || ws.len() < 2 {
-            let x_bf16 = OnceCell::new();
-            return ws.iter().map(|w| w.forward_sharing(x, &x_bf16, prompt, cpu_kernel)).collect();
+            let shared = OnceCell::new();
+            if let Some(xb) = x_bf16 {
+                let _ = shared.set(xb.clone());
+            }
+            return ws.iter().map(|w| w.forward_sharing(x, &shared, prompt, cpu_kernel)).collect();
         }
         let k = ws[0].in_features;
         let (m, _) = crate::kernels::matmul_dims(x, k, k)?;
