@@ -34,10 +34,13 @@
 # Usage:  bash bench/gpu-suite.sh [stage ...]
 # The files each stage writes are packed into one $OUT/suite-<time>.tar.xz when the run ends
 # (also when a time limit stops it), since the GPU machine sends back only a few files a call.
-# One device call of about 10 minutes for today's H100 figures beside llama.cpp (the peer's
-# build waits on a lock, so the q4km stage never starts a second one):
-#   bash bench/peers/llamacpp.sh build >/tmp/llama-build.log 2>&1 & bash bench/gpu-suite.sh parity
-#   wait; bash bench/gpu-suite.sh q4km batching llamacpp ncufile
+# Two chained device calls of under 10 minutes each for today's H100 figures beside llama.cpp
+# (the peer's build waits on a lock, so the q4km stage never starts a second one; the random
+# checkpoint's conversion needs no build and runs beside it):
+#   bash bench/peers/llamacpp.sh build >/tmp/llama-build.log 2>&1 &
+#   bash bench/peers/llamacpp.sh mistral-f16 >/tmp/llama-f16.log 2>&1 &
+#   bash bench/gpu-suite.sh parity; wait; bash bench/gpu-suite.sh q4km
+#   bash bench/gpu-suite.sh batching llamacpp ncufile pytorch
 set -uo pipefail
 source .gpu/activate
 DEST=${OUT:-/tmp/out}; mkdir -p "$DEST"

@@ -6,6 +6,8 @@
 #   bash bench/peers/llamacpp.sh build            # llama-bench, llama-quantize, llama-server (~4 min, 16 cores)
 #   bash bench/peers/llamacpp.sh mistral-q4km     # random Mistral-7B -> llama.cpp's converter ->
 #                                                 # Q4_K_M GGUF at $WORK/mistral-7b-random.Q4_K_M.gguf
+#   bash bench/peers/llamacpp.sh mistral-f16      # its first half (checkpoint + f16 GGUF), which
+#                                                 # needs no build: run it beside `build`
 #   bash bench/peers/llamacpp.sh bench FILE       # llama-bench: pp512, tg128, pp100+tg1, flash attention
 #
 # CPU backend only (no CUDA, no GPU machine; CMake and a C++ compiler):
@@ -17,8 +19,15 @@ SRC=$WORK/llama.cpp
 BUILD=$WORK/build${LLAMA_CPU:+-cpu}
 mkdir -p "$WORK"
 
-build() {
+# The source tree, unpacked once (build and mistral-f16 may start together).
+unpack() {
+  exec 8>"$WORK/unpack.lock"; flock 8
   [ -d "$SRC" ] || tar xzf .gpu/peers/llama.cpp.tar.gz -C "$WORK"
+  flock -u 8
+}
+
+build() {
+  unpack
   local cuda=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90a})
   # CPU backend for this CPU (-march=native), without AMX: CPUs that list it in cpuinfo often
   # run in VMs whose kernel does not grant the tile registers (SIGILL at the first tile op).
@@ -35,9 +44,10 @@ build() {
 # A random MistralForCausalLM (the Mistral-7B-v0.1 shape, bf16, seed 0) saved with the real
 # Mistral tokenizer, converted by llama.cpp's convert_hf_to_gguf.py and quantized to Q4_K_M by
 # llama-quantize: the format real Mistral files come in, made by llama.cpp's own tools.
-mistral_q4km() {
-  local hf=$WORK/mistral-7b-random f16=$WORK/mistral-7b-random.f16.gguf q=$WORK/mistral-7b-random.Q4_K_M.gguf
-  [ -f "$q" ] && { echo "$q"; return; }
+mistral_f16() {
+  local hf=$WORK/mistral-7b-random
+  [ -f "$F16" ] && return
+  unpack
   python3 - "$hf" <<'PY'
 import json, shutil, sys, torch
 from transformers import MistralConfig, MistralForCausalLM
@@ -53,11 +63,19 @@ shutil.copy("tests/fixtures/tokenizers/mistral-7b-v0.1.tokenizer.json", f"{out}/
 json.dump({"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
            "add_bos_token": True, "add_eos_token": False, "model_max_length": 32768}, open(f"{out}/tokenizer_config.json", "w"))
 PY
-  PYTHONPATH=$SRC/gguf-py python3 "$SRC/convert_hf_to_gguf.py" "$hf" --outtype f16 --outfile "$f16" 2>&1 | tail -2
-  # Into a temporary name first: a quantization cut short never passes for the finished file.
-  "$BUILD/bin/llama-quantize" "$f16" "$q.part" Q4_K_M 2>&1 | tail -2
+  # Into temporary names first: a step cut short never passes for its finished file.
+  PYTHONPATH=$SRC/gguf-py python3 "$SRC/convert_hf_to_gguf.py" "$hf" --outtype f16 --outfile "$F16.part.gguf" 2>&1 | tail -2
+  mv "$F16.part.gguf" "$F16"
+  rm -rf "$hf"
+}
+
+mistral_q4km() {
+  local q=$WORK/mistral-7b-random.Q4_K_M.gguf
+  [ -f "$q" ] && { echo "$q"; return; }
+  mistral_f16
+  "$BUILD/bin/llama-quantize" "$F16" "$q.part" Q4_K_M 2>&1 | tail -2
   mv "$q.part" "$q"
-  rm -rf "$hf" "$f16"
+  rm -f "$F16"
   echo "$q"
 }
 
@@ -74,7 +92,8 @@ case "$cmd" in
   # One build at a time (a stage may start one while another runs): the second waits, then
   # finds the targets built.
   build) exec 9>"$WORK/build.lock"; flock 9; build ;;
+  mistral-f16) mistral_f16 ;;
   mistral-q4km) mistral_q4km ;;
   bench) bench "$@" ;;
-  *) echo "usage: $0 build | mistral-q4km | bench FILE" >&2; exit 2 ;;
+  *) echo "usage: $0 build | mistral-f16 | mistral-q4km | bench FILE" >&2; exit 2 ;;
 esac

@@ -246,6 +246,7 @@ __device__ __forceinline__ void q4k_scale_words(uint32_t s0, uint32_t s1, uint32
 // one activation row for one block (loaded once, shared by the output slots); dot() adds that
 // block's share of W·x.
 struct Q4KDot {
+    static constexpr bool STAGED = false;  // each lane reads its bytes itself
     static constexpr int ONE_ROW_BLOCKS = 5;  // 93 registers
     // Lane a (0..7) owns qs bytes 16a..16a+15: group g = a/2, half h = a%2, i.e. weights
     // 64g+16h+[0,16) (sub-block 2g, low nibbles) and 64g+32+16h+[0,16) (sub-block 2g+1).
@@ -308,6 +309,8 @@ struct Q4KDot {
 
 struct Q6KDot {
     static constexpr int ONE_ROW_BLOCKS = 1;  // 138 registers; bounding it spills
+    // Blocks are 210 bytes: a lane's bytes come from shared memory after whole-word reads.
+    static constexpr bool STAGED = true;
     // Lane a (0..15): half h = a/8, l0 = 4*(a%8); it owns weights 128h + 32j + l0 + [0,4) for
     // j = 0..3 (4-weight runs, each in its own 16-weight scale group).
     static constexpr int DLPB = 16;
@@ -354,6 +357,7 @@ struct Q6KDot {
 };
 
 struct Q8_0Dot {
+    static constexpr bool STAGED = false;  // each lane reads its bytes itself
     static constexpr int ONE_ROW_BLOCKS = 5;
     // Lane a (0..3) owns weights 8a..8a+7 of the 32.
     static constexpr int DLPB = 4;
@@ -379,6 +383,7 @@ struct Q8_0Dot {
 };
 
 struct Q4_0Dot {
+    static constexpr bool STAGED = false;  // each lane reads its bytes itself
     static constexpr int ONE_ROW_BLOCKS = 5;
     // Lane a (0..3) owns bytes 4a..4a+3: weights 4a..4a+3 (low nibbles) and 16+4a.. (high).
     static constexpr int DLPB = 4;
@@ -501,16 +506,56 @@ __device__ void mv_body(const MvArgs &a) {
     const int64_t at = (int64_t)ob * a.ldy + first + oo;
     const float res = writes && a.residual != nullptr ? a.residual[at] : 0.f;
 
+    // Staged: a step's BPS blocks of a row are one run of whole 4-byte words (an even number
+    // of blocks a row, 4-byte aligned rows), read by the warp as words and decoded from shared
+    // memory, instead of each lane reading its bytes of the 2-byte aligned blocks.
+    constexpr int SW = D::STAGED ? BPS * Q::BYTES / 4 : 1;  // words of a step's run
+    constexpr int SK = (SW + 31) / 32;                       // of them a lane reads
+    bool staged = D::STAGED && nblk % BPS == 0;
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++) staged &= (reinterpret_cast<uintptr_t>(wrow[s]) & 3) == 0;
+    __shared__ uint32_t stage[D::STAGED ? MV_WARPS : 1][U][MV_SLOTS][SW];
     const int nsteps = (nblk + BPS - 1) / BPS;
     for (int st = 0; st < nsteps; st += U) {
         typename D::W wv[U][MV_SLOTS];
+        if (D::STAGED && staged) {
+            uint32_t raw[U][MV_SLOTS][SK];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int bi = (st + u) * BPS + lb;
+            for (int u = 0; u < U; u++)
 #pragma unroll
-            for (int s = 0; s < MV_SLOTS; s++) {
-                wv[u][s] = {};
-                if (wrow[s] != nullptr && bi < nblk) D::load_w(wrow[s] + (int64_t)bi * Q::BYTES, sub, wv[u][s]);
+                for (int s = 0; s < MV_SLOTS; s++) {
+                    const bool in = wrow[s] != nullptr && (st + u) < nsteps;
+                    const uint8_t *run = in ? wrow[s] + (int64_t)(st + u) * BPS * Q::BYTES : nullptr;
+#pragma unroll
+                    for (int c = 0; c < SK; c++) raw[u][s][c] = in && lane + 32 * c < SW ? ld_stream4(run + 4 * (lane + 32 * c)) : 0u;
+                }
+            __syncwarp();  // the previous steps' words are decoded
+            uint32_t(*mine)[MV_SLOTS][SW] = stage[D::STAGED ? threadIdx.x >> 5 : 0];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+                    for (int c = 0; c < SK; c++)
+                        if (lane + 32 * c < SW) mine[u][s][lane + 32 * c] = raw[u][s][c];
+            __syncwarp();
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int s = 0; s < MV_SLOTS; s++) {
+                    wv[u][s] = {};
+                    const int bi = (st + u) * BPS + lb;
+                    if (wrow[s] != nullptr && bi < nblk) D::load_w(reinterpret_cast<const uint8_t *>(mine[u][s]) + lb * Q::BYTES, sub, wv[u][s]);
+                }
+        } else {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int bi = (st + u) * BPS + lb;
+#pragma unroll
+                for (int s = 0; s < MV_SLOTS; s++) {
+                    wv[u][s] = {};
+                    if (wrow[s] != nullptr && bi < nblk) D::load_w(wrow[s] + (int64_t)bi * Q::BYTES, sub, wv[u][s]);
+                }
             }
         }
 #pragma unroll
