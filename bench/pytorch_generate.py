@@ -7,7 +7,7 @@ all seven projections is active (unmerged, as `bench generate --lora-rank R` run
 one JSON object.
 
     python3 bench/pytorch_generate.py --prompt-tokens 512 --ttft-tokens 100 --decode-tokens 128
-    python3 bench/pytorch_generate.py --lora-rank 16    # needs peft (bench/gpu-issue7.sh)
+    python3 bench/pytorch_generate.py --lora-rank 16    # needs peft (bench/gpu-suite.sh installs its wheel)
 """
 import argparse
 import json

@@ -44,6 +44,7 @@ build() {
 # A random MistralForCausalLM (the Mistral-7B-v0.1 shape, bf16, seed 0) saved with the real
 # Mistral tokenizer, converted by llama.cpp's convert_hf_to_gguf.py and quantized to Q4_K_M by
 # llama-quantize: the format real Mistral files come in, made by llama.cpp's own tools.
+F16=$WORK/mistral-7b-random.f16.gguf
 mistral_f16() {
   local hf=$WORK/mistral-7b-random
   [ -f "$F16" ] && return
