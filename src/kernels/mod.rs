@@ -486,7 +486,6 @@ mod cuda {
     /// rotated key and its value go into `k_cache`, `v_cache` (`[1, nkv, cap, hd]`) at index
     /// `at + i`. Returns the rotated queries `[1, t, nh, hd]`. `None` unless all are f32 on CUDA
     /// with contiguous caches and tables.
-    #[allow(clippy::too_many_arguments)]
     pub fn rope_prompt(
         q: &Tensor,
         k: &Tensor,
