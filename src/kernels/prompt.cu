@@ -8,9 +8,10 @@
 
 #include "common.cuh"
 
-// probs = softmax(scale · scores + mask) over the last axis, for scores [rows, tq, keys] f32
-// (rows = batch × heads): query qi is position keys - tq + qi of the row and sees keys k with
-// k <= q and q - k < window (the diagonal always). Masked probabilities are written as 0, the
+// probs = softmax(scale · scores + mask) over the last axis, for scores [lines, keys] f32 whose
+// line i is query qi = i mod tq (heads, and the query heads folded into the line axis, follow
+// one another): query qi is position q = keys - tq + qi of the row and sees keys k with k <= q
+// and q - k < window (the diagonal always). Masked probabilities are written as 0, the
 // value exp(-inf) gives. One warp a query row: the largest visible score, the sum of the
 // exponentials, then the quotients (the operations of scale, mask add and softmax composed:
 // x·scale rounded once, expf(v - max), divided by the sum).
