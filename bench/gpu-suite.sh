@@ -17,6 +17,10 @@
 #              the same greedy answer as the default build, `bench generate` of both on $Q4KM
 #   gen        `bench generate` on the random Mistral-7B shape, bare and with a rank-16 LoRA, and
 #              the Q4_K_M mix; every run also times candle's ops in the same process
+#   ab         every packed build in .gpu (freeski-bot, and freeski-bot-<name>: a build's
+#              .gpu/freeski-bot.xz copied under that name, e.g. the previous commit's beside a
+#              change; compute_86 builds left out) in turns, two rounds: prefill, time to first
+#              token and batch-1 decode on the random Mistral-7B Q4_K_M mix (no peer file needed)
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
 #              gate|up and down matvecs
 #   ncufile    kernel time per launch of one fused bare decode token on the Q4_K_M file ($Q4KM)
@@ -110,6 +114,17 @@ stage_gen() {
   freeski-bot bench generate --random mistral-7b --quant q4k-m --device cuda:0 --lora-rank 16 --repeats 1 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-r16.txt"
   # The same fused step launched kernel by kernel instead of replayed as a CUDA graph.
   freeski-bot bench generate --random mistral-7b --device cuda:0 --lora-rank 16 --graphs false --compare false --streams 8 2>&1 | grep -E "decode|prefill" | tee "$OUT/gen-r16-nographs.txt"
+}
+stage_ab() {
+  local b round bins=()
+  for b in /tmp/gpu-bin/freeski-bot /tmp/gpu-bin/freeski-bot-*; do [ -x "$b" ] && [[ "$b" != *-sm86 ]] && bins+=("$(basename "$b")"); done
+  for round in 1 2; do
+    for b in "${bins[@]}"; do
+      echo "-- $b (round $round)" | tee -a "$OUT/ab.txt"
+      $b bench generate --random mistral-7b --quant q4k-m --device cuda:0 --lora-rank 0 --compare false --streams 0 \
+        --decode-tokens 32 2>&1 | grep -E "prefill|time to first|decode batch" | tee -a "$OUT/ab.txt"
+    done
+  done
 }
 stage_ncu() {
   # The card's own clocks and caches (ncu's default of locked base clocks and flushed caches
