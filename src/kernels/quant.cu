@@ -17,6 +17,12 @@ __device__ __forceinline__ float ld_half(const uint8_t *p) {
     return __half2float(*reinterpret_cast<const __half *>(p));
 }
 
+// Four bytes at a 2-byte aligned address (GGML blocks of 18, 34 or 210 bytes), as two halves.
+__device__ __forceinline__ uint32_t ld_u16x2(const uint8_t *p) {
+    const uint16_t *q = reinterpret_cast<const uint16_t *>(p);
+    return (uint32_t)q[0] | ((uint32_t)q[1] << 16);
+}
+
 // Small integers to float without the (quarter-rate) I2F instruction: 0x4B000000 is 2^23, so
 // OR-ing an integer below 2^23 into its mantissa and subtracting 2^23 gives it exactly.
 __device__ __forceinline__ float small_uint(uint32_t v) { return __uint_as_float(0x4B000000u | v) - 8388608.f; }
@@ -76,11 +82,7 @@ struct Q6K {
     static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int sub, float w[16]) {
         const int h = sub >> 3, a = sub & 7;
         const float d = ld_half(blk + 208);
-        const auto u32_at = [](const uint8_t *p) {
-            const uint16_t *q = reinterpret_cast<const uint16_t *>(p);
-            return (uint32_t)q[0] | ((uint32_t)q[1] << 16);
-        };
-        const uint32_t lo = u32_at(blk + 64 * h + 4 * a), hi = u32_at(blk + 64 * h + 32 + 4 * a), hb = u32_at(blk + 128 + 32 * h + 4 * a);
+        const uint32_t lo = ld_u16x2(blk + 64 * h + 4 * a), hi = ld_u16x2(blk + 64 * h + 32 + 4 * a), hb = ld_u16x2(blk + 128 + 32 * h + 4 * a);
         // The four l share a group of 16, so one scale per run.
         const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192 + 8 * h + (a >> 2));
 #pragma unroll
@@ -102,8 +104,7 @@ struct Q8_0 {
     static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int sub, float w[4]) {
         const float d = ld_half(blk);
         // Two 16-bit loads (blocks are 2-byte aligned); x ^ 0x80 is the byte + 128 as unsigned.
-        const uint16_t *q = reinterpret_cast<const uint16_t *>(blk + 2 + 4 * sub);
-        const uint32_t v = ((uint32_t)q[0] | ((uint32_t)q[1] << 16)) ^ 0x80808080u;
+        const uint32_t v = ld_u16x2(blk + 2 + 4 * sub) ^ 0x80808080u;
 #pragma unroll
         for (int i = 0; i < 4; i++) w[i] = d * (__uint_as_float(0x4B000000u | ((v >> (8 * i)) & 0xFF)) - 8388736.f);
     }
@@ -213,10 +214,6 @@ __device__ void embed_body(const uint8_t *table, const uint32_t *ids, float *y, 
 // the quarter-rate I2F instruction; every sum below is bounded well under that.
 __device__ __forceinline__ float small_int(int v) { return __int_as_float(0x4B400000 + v) - 12582912.f; }
 
-__device__ __forceinline__ uint32_t ld_u16x2(const uint8_t *p) {
-    const uint16_t *q = reinterpret_cast<const uint16_t *>(p);
-    return (uint32_t)q[0] | ((uint32_t)q[1] << 16);
-}
 
 // Weight bytes, read once per token: through the read-only path without a place in L1, which
 // is left to the activations every warp of a block reads.
