@@ -207,6 +207,11 @@ mod cuda {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what}: {v} exceeds the kernel's 32-bit int")))
     }
 
+    /// `blocks` as a grid's x dimension (at most 2³¹ − 1); an error naming `what` past that.
+    fn grid_x(blocks: usize, what: &str) -> Result<u32> {
+        u32::try_from(kernel_int(blocks, what)?).map_err(|_| candle_core::Error::Msg(format!("{what}: {blocks} blocks")))
+    }
+
     /// A sliding window as the kernels take it: no window (`usize::MAX`) or one wider than an
     /// `int` is `i32::MAX`, every query sees at least itself.
     fn kernel_window(window: usize) -> i32 {
@@ -343,8 +348,7 @@ mod cuda {
         let out = unsafe { dev.alloc::<f32>(s.elem_count())? };
         let func = dev.get_or_load_custom_func("causal_softmax_f32", "freeski_prompt", PROMPT_PTX)?;
         // One warp a line, eight a block.
-        let blocks = u32::try_from(lines.div_ceil(8)).map_err(|_| candle_core::Error::Msg(format!("causal softmax: {lines} lines exceed the grid")))?;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (grid_x(lines.div_ceil(8), "causal softmax")?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (sp, op, lines64) = (tensor_ptr(&s)?, slice_ptr(&out), lines as i64);
         let mut b = func.builder();
         b.arg(&sp).arg(&op).arg(&lines64).arg(&tq).arg(&keys_i).arg(&window).arg(&scale);
@@ -435,7 +439,8 @@ mod cuda {
         let func = dev.get_or_load_custom_func("prompt_attn_f32", "freeski_prompt", PROMPT_PTX)?.into_cuda_function();
         // More than the 48 KB a launch gets without asking.
         func.set_attribute(candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, PA_SMEM_BYTES as i32).w()?;
-        let cfg = LaunchConfig { grid_dim: (int(tq.div_ceil(PA_QUERIES))? as u32, nh as u32, 1), block_dim: (PA_WARPS * 32, 1, 1), shared_mem_bytes: PA_SMEM_BYTES };
+        let cfg =
+            LaunchConfig { grid_dim: (grid_x(tq.div_ceil(PA_QUERIES), "prompt attention")?, nh as u32, 1), block_dim: (PA_WARPS * 32, 1, 1), shared_mem_bytes: PA_SMEM_BYTES };
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         b.arg(&args);
@@ -593,12 +598,11 @@ mod cuda {
         }
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         let rows = x.elem_count() / n.max(1);
-        let rows32 = u32::try_from(rows).map_err(|_| candle_core::Error::Msg(format!("rms_norm_pair: {rows} rows exceed the grid")))?;
         // SAFETY: the kernel writes every element of both.
         let (y, yb) = unsafe { (dev.alloc::<f32>(rows * n)?, dev.alloc::<half::bf16>(rows * n)?) };
         let func = dev.get_or_load_custom_func("rms_norm_pair_f32", "freeski_prompt", PROMPT_PTX)?;
         let (xp, wp, yp, ybp, n32) = (tensor_ptr(&x)?, tensor_ptr(&w)?, slice_ptr(&y), slice_ptr(&yb), kernel_int(n, "rms_norm_pair")?);
-        let cfg = LaunchConfig { grid_dim: (rows32.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (grid_x(rows, "rms_norm_pair")?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = func.builder();
         b.arg(&xp).arg(&wp).arg(&yp).arg(&ybp).arg(&n32).arg(&eps);
         if rows > 0 {

@@ -719,13 +719,14 @@ impl Model {
             let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
             return Ok(probs.matmul(&v.contiguous()?)?.reshape((1, 1, nh, hd))?);
         }
-        // Prefill. On CUDA the query heads sharing a KV head fold into the row axis, as in
+        // Prefill. On CUDA, with `PromptAttention::Fused` (the default), one kernel attends
+        // straight from the cache where it applies (f32, a head size that is a multiple of 8 up
+        // to 128); otherwise the query heads sharing a KV head fold into the row axis, as in
         // decode (no copy of K and V per query head), with the softmax, its scale and the causal
-        // mask in one kernel; or, with `PromptAttention::Fused`, one kernel attends straight from
-        // the cache (where it applies: f32, head size up to 128). Elsewhere K/V expand to every
-        // query head: folding changes gemm's blocking and summation order, and SmolLM2's outlier
-        // activations amplify that rounding noise into visible logit changes; the expanded layout
-        // reproduces the reference implementation exactly on the CPU.
+        // mask in one kernel. Elsewhere K/V expand to every query head: folding changes gemm's
+        // blocking and summation order, and SmolLM2's outlier activations amplify that rounding
+        // noise into visible logit changes; the expanded layout reproduces the reference
+        // implementation exactly on the CPU.
         if q.device().is_cuda() {
             if self.prompt_attention == PromptAttention::Fused {
                 if let Some(out) = crate::kernels::prompt_attention(q, k, v, scale as f32, window)? {

@@ -100,10 +100,7 @@ impl BaseLinear {
         let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
         let cpu_path = cpu_kernel && prompt.is_none() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
         if !cpu_path || ws.len() < 2 {
-            let shared = OnceCell::new();
-            if let Some(xb) = x_bf16 {
-                let _ = shared.set(xb.clone());
-            }
+            let shared = x_bf16.map_or_else(OnceCell::new, |xb| OnceCell::from(xb.clone()));
             return ws.iter().map(|w| w.forward_sharing(x, &shared, prompt, cpu_kernel)).collect();
         }
         let k = ws[0].in_features;
