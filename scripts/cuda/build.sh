@@ -54,6 +54,23 @@ ln -sfn lib "$C/lib64"
     ln -sfn "$f" "${f%.so.*}.so"; done )
 
 export PATH=$C/bin:$PATH NVCC=$C/bin/nvcc CUDA_ROOT=$C CUDA_HOME=$C CUDA_PATH=$C
+# For another capability, candle's quantized matmuls (a static library of machine code for
+# exactly sm_<CAP>) get that capability's PTX beside the machine code, as the project's own
+# kernels have: a later card (and the H100 that checks this build) JIT-compiles it at load.
+# The wrapper sits beside nvcc, since candle's build finds the headers from nvcc's folder.
+if [ "$CUDA_COMPUTE_CAP" != 90 ]; then
+  CAP=$CUDA_COMPUTE_CAP
+  NVCC=$C/bin/nvcc-ptx-too-$CAP
+  printf '%s\n' '#!/usr/bin/env bash' \
+    "# nvcc, adding compute_$CAP PTX to machine-code-only compilations for sm_$CAP." \
+    'for a in "$@"; do' \
+    "  if [ \"\$a\" = -gencode=arch=compute_$CAP,code=sm_$CAP ]; then" \
+    "    exec '$C/bin/nvcc' \"\$@\" -gencode=arch=compute_$CAP,code=compute_$CAP" \
+    '  fi' \
+    'done' \
+    "exec '$C/bin/nvcc' \"\$@\"" > "$NVCC"
+  chmod +x "$NVCC"
+fi
 export CUDARC_CUDA_VERSION=13000
 # One target folder per capability, so switching between them rebuilds nothing.
 SUFFIX=; [ "$CUDA_COMPUTE_CAP" = 90 ] || SUFFIX=-sm$CUDA_COMPUTE_CAP
