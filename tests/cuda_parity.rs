@@ -588,6 +588,12 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
         let scores = (q.matmul(&expand(&k)?.t()?)? * scale)?.broadcast_add(&mask(tq, keys, window)?)?;
         let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&expand(&v)?)?.transpose(1, 2)?.contiguous()?;
         let got = freeski_bot::kernels::prompt_attention(&q, &k, &v, scale as f32, window)?.context("no prompt attention kernel for f32")?;
+        // The variant that also writes the bf16 copy: the same f32 output, the copy exactly it rounded.
+        let (got2, got_b) = freeski_bot::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window)?.context("no prompt attention pair kernel for f32")?;
+        let (same, round) = (tensor_max_abs_diff(&got, &got2)?, tensor_max_abs_diff(&got.to_dtype(DType::BF16)?, &got_b)?);
+        if same != 0.0 || round != 0.0 {
+            failures.push(format!("prompt attention pair {nh}/{nkv} heads {tq}x{keys}x{hd}: f32 {same:.2e}, bf16 copy {round:.2e}"));
+        }
         let diff = tensor_max_rel_diff(&want, &got, 1e-12)?;
         let w = if window == usize::MAX { "none".to_string() } else { window.to_string() };
         println!("prompt attention, {nh} heads ({nkv} kv) x {tq} queries x {keys} keys x {hd}, window {w}: kernel vs expanded composition {diff:.2e} (tolerance 2e-5)");

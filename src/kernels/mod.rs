@@ -366,6 +366,7 @@ mod cuda {
         k: u64,
         v: u64,
         out: u64,
+        out_bf16: u64,
         kv_head_stride: i64,
         q_head_stride: i64,
         q_row_stride: i64,
@@ -398,6 +399,16 @@ mod cuda {
     /// sliding window. Returns `[1, tq, nh, hd]`. `None` unless all are f32 on CUDA with `hd` a
     /// multiple of 8 up to 128 and whole groups of query heads per KV head.
     pub fn prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
+        Ok(prompt_attention_launch(q, k, v, scale, window, false)?.map(|(out, _)| out))
+    }
+
+    /// [`prompt_attention`] with its output also rounded to bf16 in the same kernel (the o
+    /// projection's GEMM input on the prompt path): `(f32, bf16)`, both `[1, tq, nh, hd]`.
+    pub fn prompt_attention_pair(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(prompt_attention_launch(q, k, v, scale, window, true)?.and_then(|(out, ob)| Some((out, ob?))))
+    }
+
+    fn prompt_attention_launch(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, bf16: bool) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let Device::Cuda(dev) = q.device() else { return Ok(None) };
         let (_, nh, tq, hd) = q.dims4()?;
         let (_, nkv, keys, _) = k.dims4()?;
@@ -418,13 +429,15 @@ mod cuda {
             return Ok(None);
         }
         let int = |v: usize| kernel_int(v, "prompt attention");
-        // SAFETY: the kernel writes every [tq, nh, hd] element.
+        // SAFETY: the kernel writes every [tq, nh, hd] element of both.
         let out = unsafe { dev.alloc::<f32>(tq * nh * hd)? };
+        let out_b = if bf16 { Some(unsafe { dev.alloc::<half::bf16>(tq * nh * hd)? }) } else { None };
         let args = PromptAttnArgs {
             q: first_element_ptr(&q)?,
             k: kp,
             v: vp,
             out: slice_ptr(&out),
+            out_bf16: out_b.as_ref().map_or(0, slice_ptr),
             kv_head_stride: ks as i64,
             q_head_stride: q.stride()[1] as i64,
             q_row_stride: q.stride()[2] as i64,
@@ -445,9 +458,9 @@ mod cuda {
         let mut b = stream.launch_builder(&func);
         b.arg(&args);
         // SAFETY: the struct mirrors PromptAttnArgs; q holds nh·tq·hd floats, K and V hold nkv heads
-        // of `keys` rows of hd at the head stride given, out tq·nh·hd.
+        // of `keys` rows of hd at the head stride given, out (and out_bf16 unless null) tq·nh·hd.
         unsafe { b.launch(cfg) }.w()?;
-        Ok(Some(tensor_from_slice(out, dev, (1, tq, nh, hd))))
+        Ok(Some((tensor_from_slice(out, dev, (1, tq, nh, hd)), out_b.map(|ob| tensor_from_slice(ob, dev, (1, tq, nh, hd))))))
     }
 
     /// `RopePromptArgs` of prompt.cu.
@@ -536,8 +549,8 @@ mod cuda {
             pos0: int(pos0)?,
             at: int(at)?,
         };
-        let tokens = u32::try_from(t).ok().filter(|&t| t <= 65_535).ok_or_else(|| candle_core::Error::Msg(format!("rope_prompt: {t} tokens exceed the grid")))?;
-        let cfg = LaunchConfig { grid_dim: ((nh + 2 * nkv) as u32, tokens, 1), block_dim: ((hd / 2).div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
+        // One block a token.
+        let cfg = LaunchConfig { grid_dim: (int(t)? as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let func = dev.get_or_load_custom_func("rope_prompt_f32", "freeski_prompt", PROMPT_PTX)?;
         let mut bld = func.builder();
         bld.arg(&args);
@@ -825,6 +838,9 @@ mod without_cuda {
         Ok(None)
     }
     pub fn prompt_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn prompt_attention_pair(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
 }

@@ -74,7 +74,7 @@ extern "C" __global__ void rms_norm_pair_f32(const float* __restrict__ x, const 
 // decode.cu), with the keys and values written into the row's cache: q, k, v: [t, nh·hd] and
 // [t, nkv·hd] (the projections' outputs); token i at rotary position pos0 + i (cos, sin: [positions,
 // hd/2]) and cache index at + i. q_out: [t, nh·hd]; k_cache, v_cache: [nkv, cap, hd] (the row's
-// buffers). One block per (head of q|k|v, token), a thread per pair.
+// buffers). One block per token, a thread per pair of every head in turn.
 struct RopePromptArgs {
     const float *q, *k, *v, *cos, *sin;
     float *q_out, *k_cache, *v_cache;
@@ -82,27 +82,29 @@ struct RopePromptArgs {
 };
 
 extern "C" __global__ void rope_prompt_f32(const RopePromptArgs p) {
-    const int head = blockIdx.x, i = blockIdx.y, j = threadIdx.x, half = p.hd / 2;
-    if (j >= half) return;
-    const float2 *src;
-    float2 *dst;
-    if (head < p.nh) {
-        src = reinterpret_cast<const float2 *>(p.q + ((long long)i * p.nh + head) * p.hd);
-        dst = reinterpret_cast<float2 *>(p.q_out + ((long long)i * p.nh + head) * p.hd);
-    } else {
-        const bool is_k = head < p.nh + p.nkv;
-        const int kh = head - p.nh - (is_k ? 0 : p.nkv);
-        src = reinterpret_cast<const float2 *>((is_k ? p.k : p.v) + ((long long)i * p.nkv + kh) * p.hd);
-        dst = reinterpret_cast<float2 *>((is_k ? p.k_cache : p.v_cache) + ((long long)kh * p.cap + p.at + i) * p.hd);
-        if (!is_k) {
-            dst[j] = src[j];
-            return;
+    const int i = blockIdx.x, half = p.hd / 2;
+    for (int e = threadIdx.x; e < (p.nh + 2 * p.nkv) * half; e += blockDim.x) {
+        const int head = e / half, j = e % half;
+        const float2 *src;
+        float2 *dst;
+        if (head < p.nh) {
+            src = reinterpret_cast<const float2 *>(p.q + ((long long)i * p.nh + head) * p.hd);
+            dst = reinterpret_cast<float2 *>(p.q_out + ((long long)i * p.nh + head) * p.hd);
+        } else {
+            const bool is_k = head < p.nh + p.nkv;
+            const int kh = head - p.nh - (is_k ? 0 : p.nkv);
+            src = reinterpret_cast<const float2 *>((is_k ? p.k : p.v) + ((long long)i * p.nkv + kh) * p.hd);
+            dst = reinterpret_cast<float2 *>((is_k ? p.k_cache : p.v_cache) + ((long long)kh * p.cap + p.at + i) * p.hd);
+            if (!is_k) {
+                dst[j] = src[j];
+                continue;
+            }
         }
+        const long long at = (long long)(p.pos0 + i) * half + j;
+        const float c = p.cos[at], s = p.sin[at];
+        const float2 x = src[j];
+        dst[j] = make_float2(x.x * c - x.y * s, x.x * s + x.y * c);
     }
-    const long long at = (long long)(p.pos0 + i) * half + j;
-    const float c = p.cos[at], s = p.sin[at];
-    const float2 x = src[j];
-    dst[j] = make_float2(x.x * c - x.y * s, x.x * s + x.y * c);
 }
 
 // Causal attention of one row's prompt queries over that row's keys, without the score matrix
@@ -134,6 +136,7 @@ struct PromptAttnArgs {
     const float *k;
     const float *v;
     float *out;
+    __nv_bfloat16 *out_bf16;  // or null: out rounded to bf16 (the o projection's GEMM input)
     long long kv_head_stride, q_head_stride, q_row_stride;
     int nh, nkv, tq, keys, hd, window;
     float scale;
@@ -329,9 +332,14 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
 #pragma unroll
     for (int c = 0; c < C; c++) {
         if (8 * c >= hd) break;
-        if (live0)
-            *reinterpret_cast<float2 *>(a.out + ((long long)r0 * a.nh + h) * hd + 8 * c + 2 * t) = make_float2(o[c][0] / l0, o[c][1] / l0);
-        if (live1)
-            *reinterpret_cast<float2 *>(a.out + ((long long)r1 * a.nh + h) * hd + 8 * c + 2 * t) = make_float2(o[c][2] / l1, o[c][3] / l1);
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            if (!(half ? live1 : live0)) continue;
+            const float l = half ? l1 : l0;
+            const float2 v = make_float2(o[c][2 * half] / l, o[c][2 * half + 1] / l);
+            const long long at = ((long long)(half ? r1 : r0) * a.nh + h) * hd + 8 * c + 2 * t;
+            *reinterpret_cast<float2 *>(a.out + at) = v;
+            if (a.out_bf16 != nullptr) *reinterpret_cast<__nv_bfloat162 *>(a.out_bf16 + at) = __floats2bfloat162_rn(v.x, v.y);
+        }
     }
 }

@@ -659,9 +659,14 @@ impl Model {
         // one kernel, whose query layout the attention kernel reads as it is (no copies).
         if self.prompt_attention == PromptAttention::Fused && t > 1 && pads == [0] {
             if let Some(q) = crate::kernels::rope_prompt(&q, &k, &v, (&self.cos, &self.sin), (k_buf, v_buf), offset, offset)? {
-                let keys = offset + t;
-                let out = self.attend(&q.transpose(1, 2)?, &k_buf.narrow(2, 0, keys)?, &v_buf.narrow(2, 0, keys)?)?;
-                let [o] = self.linears(layer, [Proj::O], (&out.reshape((1, t, nh * hd))?, None), lora, layer_idx, prompt)?;
+                let (q, k, v) = (q.transpose(1, 2)?, k_buf.narrow(2, 0, offset + t)?, v_buf.narrow(2, 0, offset + t)?);
+                let (scale, window) = self.attention_scale_window();
+                // With the bf16 copy the o projection's GEMM reads.
+                let (out, out_b) = match crate::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window)? {
+                    Some((out, out_b)) => (out, Some(out_b.reshape((1, t, nh * hd))?)),
+                    None => (self.attend(&q, &k, &v)?, None),
+                };
+                let [o] = self.linears(layer, [Proj::O], (&out.reshape((1, t, nh * hd))?, out_b.as_ref()), lora, layer_idx, prompt)?;
                 return Ok(o);
             }
         }
@@ -710,8 +715,7 @@ impl Model {
         let (_, nh, tq, hd) = q.dims4()?;
         let (_, nkv, keys, _) = k.dims4()?;
         let rep = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let (scale, window) = self.attention_scale_window();
         if tq == 1 && keys <= window {
             // Decode: fold the query heads sharing a KV head into one matmul per KV head, so the
             // (long) cached K/V are never copied.
@@ -748,6 +752,11 @@ impl Model {
             }
         }
         Ok((candle_nn::ops::rms_norm(x, w, eps)?, None))
+    }
+
+    /// The attention's score scale (1/√head_dim) and sliding window (`usize::MAX`: none).
+    fn attention_scale_window(&self) -> (f64, usize) {
+        (1.0 / (self.cfg.head_dim as f64).sqrt(), self.cfg.sliding_window.unwrap_or(usize::MAX))
     }
 
     /// Projections of `layer` that read the same `x` (with its bf16 copy where the kernel that
