@@ -54,6 +54,10 @@ ln -sfn lib "$C/lib64"
     ln -sfn "$f" "${f%.so.*}.so"; done )
 
 export PATH=$C/bin:$PATH NVCC=$C/bin/nvcc CUDA_ROOT=$C CUDA_HOME=$C CUDA_PATH=$C
+export CUDARC_CUDA_VERSION=13000
+# One target folder per capability, so switching between them rebuilds nothing.
+SUFFIX=; [ "$CUDA_COMPUTE_CAP" = 90 ] || SUFFIX=-sm$CUDA_COMPUTE_CAP
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR_CUDA:-target/cuda}$SUFFIX
 # For another capability, candle's quantized matmuls (a static library of machine code for
 # exactly sm_<CAP>) get that capability's PTX beside the machine code, as the project's own
 # kernels have: a later card (and the H100 that checks this build) JIT-compiles it at load.
@@ -68,13 +72,16 @@ if [ "$CUDA_COMPUTE_CAP" != 90 ]; then
     "    exec '$C/bin/nvcc' \"\$@\" -gencode=arch=compute_$CAP,code=compute_$CAP" \
     '  fi' \
     'done' \
-    "exec '$C/bin/nvcc' \"\$@\"" > "$NVCC"
-  chmod +x "$NVCC"
+    "exec '$C/bin/nvcc' \"\$@\"" > "$NVCC.new"
+  chmod +x "$NVCC.new"
+  # A new wrapper rebuilds candle's kernels, whose build caches objects by source and flags only.
+  if ! cmp -s "$NVCC.new" "$NVCC"; then
+    mv "$NVCC.new" "$NVCC"
+    cargo clean -q --release -p candle-kernels
+  fi
+  rm -f "$NVCC.new"
+  export NVCC
 fi
-export CUDARC_CUDA_VERSION=13000
-# One target folder per capability, so switching between them rebuilds nothing.
-SUFFIX=; [ "$CUDA_COMPUTE_CAP" = 90 ] || SUFFIX=-sm$CUDA_COMPUTE_CAP
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR_CUDA:-target/cuda}$SUFFIX
 
 # 3. libcuda stub with every driver symbol cudarc declares (SONAME libcuda.so.1).
 cargo fetch -q
