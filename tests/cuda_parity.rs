@@ -354,6 +354,21 @@ fn dequantize_kernel_is_exact() -> Result<()> {
             }
         }
     }
+    // Weights of mixed types dequantized one under the other (a q|k|v group of the Q4_K_M mix):
+    // each part is that weight dequantized alone, bit for bit.
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let parts: Vec<_> = [(GgmlDType::Q4K, 64), (GgmlDType::Q4K, 16), (GgmlDType::Q6K, 16)]
+        .into_iter()
+        .map(|(dtype, rows)| freeski_bot::bench::random::random_qtensor(dtype, rows, 512, &mut rng, &dev))
+        .collect::<Result<_>>()?;
+    let refs: Vec<_> = parts.iter().collect();
+    let stacked = freeski_bot::kernels::dequantize_many(&refs, DType::BF16)?.context("no dequantization kernel for Q4_K and Q6_K")?;
+    let alone = parts.iter().map(|w| freeski_bot::llm::qlinear::dequantize(w, &dev, DType::BF16)).collect::<anyhow::Result<Vec<_>>>()?;
+    let diff = freeski_bot::util::compare::tensor_max_abs_diff(&Tensor::cat(&alone, 0)?, &stacked)?;
+    println!("dequantize Q4_K, Q4_K, Q6_K one under the other: vs each alone {diff:.2e} (tolerance 0)");
+    if diff != 0.0 {
+        failures.push(format!("stacked dequantization {diff:.2e}"));
+    }
     assert!(failures.is_empty(), "dequantization differs: {}", failures.join(", "));
     Ok(())
 }
@@ -627,6 +642,20 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
     if diff != 0.0 || round != 0.0 || yb.dtype() != DType::BF16 {
         failures.push(format!("silu_mul_pair: {diff:.2e} / {round:.2e}"));
     }
+    // Gate and up as column slices of one wider GEMM output (rows 2 · cols apart), as the prompt
+    // path hands them over; an odd width takes the kernel's scalar loop, a multiple of 4 its
+    // 4-wide one.
+    for cols in [1001usize, 1024] {
+        let wide = (Tensor::randn(0f32, 1.0, (3, 2 * cols), &dev)? * 6.0)?;
+        let (gs, us) = (wide.narrow(1, 0, cols)?, wide.narrow(1, cols, cols)?);
+        let want = (candle_nn::ops::silu(&gs)? * &us)?;
+        let (ys, ysb) = freeski_bot::kernels::silu_mul_pair(&gs, &us)?.context("no silu_mul pair kernel for column slices")?;
+        let (diff, round) = (tensor_max_abs_diff(&want, &ys)?, tensor_max_abs_diff(&ys.to_dtype(DType::BF16)?, &ysb)?);
+        println!("silu(gate) * up on column slices of one tensor, 3 x {cols}: f32 {diff:.2e}, bf16 copy {round:.2e} (tolerance 0, 0)");
+        if diff != 0.0 || round != 0.0 {
+            failures.push(format!("silu_mul_pair on column slices 3x{cols}: {diff:.2e} / {round:.2e}"));
+        }
+    }
     for (rows, n) in [(1usize, 64usize), (5, 1000), (130, 4096)] {
         let x = (Tensor::randn(0f32, 1.0, (1, rows, n), &dev)? * 3.0)?;
         let w = Tensor::randn(1f32, 0.2, n, &dev)?;
@@ -640,10 +669,15 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
     }
     // Rotary embedding with the cache append against candle's rope_i and slice_set, into caches
     // already holding 3 positions (and room for more).
-    for (nh, nkv, t, hd) in [(4usize, 2usize, 5usize, 16usize), (32, 8, 70, 128)] {
+    // The second shape takes q, k and v as column slices of one q|k|v GEMM output.
+    for (nh, nkv, t, hd, slices) in [(4usize, 2usize, 5usize, 16usize, false), (32, 8, 70, 128, true)] {
         let (at, cap, positions) = (3usize, 96usize, 128usize);
-        let q = Tensor::randn(0f32, 1.0, (1, t, nh * hd), &dev)?;
-        let (k, v) = (Tensor::randn(0f32, 1.0, (1, t, nkv * hd), &dev)?, Tensor::randn(0f32, 1.0, (1, t, nkv * hd), &dev)?);
+        let (q, k, v) = if slices {
+            let qkv = Tensor::randn(0f32, 1.0, (1, t, (nh + 2 * nkv) * hd), &dev)?;
+            (qkv.narrow(2, 0, nh * hd)?, qkv.narrow(2, nh * hd, nkv * hd)?, qkv.narrow(2, (nh + nkv) * hd, nkv * hd)?)
+        } else {
+            (Tensor::randn(0f32, 1.0, (1, t, nh * hd), &dev)?, Tensor::randn(0f32, 1.0, (1, t, nkv * hd), &dev)?, Tensor::randn(0f32, 1.0, (1, t, nkv * hd), &dev)?)
+        };
         let angles = Tensor::randn(0f32, 1.0, (positions, hd / 2), &dev)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
         let fresh = || Tensor::zeros((1, nkv, cap, hd), DType::F32, &dev);
@@ -655,7 +689,7 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
         kc0.slice_set(&candle_nn::rotary_emb::rope_i(&heads(&k, nkv)?, &c, &s)?, 2, at)?;
         vc0.slice_set(&heads(&v, nkv)?, 2, at)?;
         let diff = tensor_max_abs_diff(&want_q, &got)?.max(tensor_max_abs_diff(&kc0, &kc)?).max(tensor_max_abs_diff(&vc0, &vc)?);
-        println!("rotary embedding + cache append, {nh} heads ({nkv} kv) x {t} tokens x {hd} at index {at}: kernel vs rope_i + slice_set {diff:.2e} (tolerance 1e-6)");
+        println!("rotary embedding + cache append, {nh} heads ({nkv} kv) x {t} tokens x {hd} at index {at}, column slices {slices}: kernel vs rope_i + slice_set {diff:.2e} (tolerance 1e-6)");
         if diff.is_nan() || diff > 1e-6 {
             failures.push(format!("rope_prompt {nh}/{nkv} x {t} x {hd}: {diff:.2e}"));
         }
@@ -664,12 +698,18 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (m, 384), &dev)?.to_dtype(DType::BF16)?;
         let w = Tensor::randn(0f32, 1.0, (96, 384), &dev)?.to_dtype(DType::BF16)?;
         let want = x.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?;
-        let got = freeski_bot::kernels::gemm_bf16_f32(&x, &w)?.context("no bf16 GEMM for CUDA tensors")?;
+        let got = freeski_bot::kernels::gemm_bf16_f32(&x, &w, None)?.context("no bf16 GEMM for CUDA tensors")?;
         anyhow::ensure!(got.dims() == [m, 96] && got.dtype() == DType::F32, "GEMM output {:?} {:?}", got.dims(), got.dtype());
+        // With an addend (the residual stream) summed in the epilogue; the addend stays as it was.
+        let add = Tensor::randn(0f32, 10.0, (m, 96), &dev)?;
+        let kept = add.copy()?;
+        let got_add = freeski_bot::kernels::gemm_bf16_f32(&x, &w, Some(&add))?.context("no bf16 GEMM with an addend")?;
         let diff = tensor_max_rel_diff(&want, &got, 1e-12)?;
-        println!("bf16 GEMM with f32 output, {m} x 96 x 384: vs the f32 product of the same operands {diff:.2e} (tolerance 1e-5)");
-        if diff.is_nan() || diff > 1e-5 {
-            failures.push(format!("bf16 GEMM {m} rows: {diff:.2e}"));
+        let diff_add = tensor_max_rel_diff(&(&want + &add)?, &got_add, 1e-12)?;
+        let untouched = tensor_max_abs_diff(&kept, &add)?;
+        println!("bf16 GEMM with f32 output, {m} x 96 x 384: vs the f32 product of the same operands {diff:.2e}, plus an addend {diff_add:.2e} (tolerance 1e-5)");
+        if diff.is_nan() || diff > 1e-5 || diff_add.is_nan() || diff_add > 1e-5 || untouched != 0.0 {
+            failures.push(format!("bf16 GEMM {m} rows: {diff:.2e}, with an addend {diff_add:.2e}, addend changed by {untouched:.2e}"));
         }
     }
     assert!(failures.is_empty(), "beyond tolerance: {}", failures.join(", "));

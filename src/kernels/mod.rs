@@ -9,8 +9,8 @@
 //!   AdamW update for `train::optim`.
 //! * `prompt.cu`: the prompt path's attention straight from the KV cache (`prompt_attention`),
 //!   the attention softmax with its scale and causal mask in one pass (`causal_softmax`) and
-//!   SwiGLU's `silu(gate) · up` (`silu_mul`); `gemm_bf16_f32` beside them is the prompt
-//!   projections' cuBLAS GEMM with f32 output.
+//!   SwiGLU's `silu(gate) · up` (`silu_mul`); `gemm.rs` beside them is the prompt
+//!   projections' GEMM (`gemm_bf16_f32`: cuBLASLt, f32 output, the residual added in its epilogue).
 //! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
 //!   kernel), rotary + KV append and decode attention for `llm::fused_decode`.
 //!
@@ -157,6 +157,20 @@ mod cuda {
         Ok(base + (layout.start_offset() * size) as u64)
     }
 
+    /// `t: [.., w]` as the kernels that take a row stride read it: `t` itself when its rows are
+    /// contiguous and evenly spaced (a column slice of a wider GEMM output, or a contiguous
+    /// tensor), else a contiguous copy; with the distance between rows in elements.
+    fn strided_rows(t: &Tensor) -> Result<(Tensor, i64)> {
+        let (dims, stride) = (t.dims(), t.stride());
+        let rank = dims.len();
+        let w = dims.last().copied().unwrap_or(1);
+        let rows_even = rank >= 2 && stride[rank - 1] == 1 && (0..rank - 2).all(|i| dims[i] == 1 || stride[i] == stride[i + 1] * dims[i + 1]);
+        if rows_even {
+            return Ok((t.clone(), stride[rank - 2] as i64));
+        }
+        Ok((t.contiguous()?, w as i64))
+    }
+
     /// Raw device address of a device buffer (see [`tensor_ptr`]).
     pub fn slice_ptr<T>(s: &CudaSlice<T>) -> u64 {
         s.device_ptr(s.stream()).0
@@ -171,39 +185,59 @@ mod cuda {
     /// `w: [rows, k]` in a block type of `quant.cu`, dequantized on its device to `dtype` (bf16 or
     /// f16) in one pass over the packed bytes. `None` when the type or dtype has no kernel.
     pub fn dequantize(w: &QTensor, dtype: DType) -> Result<Option<Tensor>> {
-        let (Some(kind), Device::Cuda(dev)) = (super::quant_kind(w.dtype()), w.device()) else { return Ok(None) };
-        let suffix = kind.suffix;
+        dequantize_many(&[w], dtype)
+    }
+
+    /// Weights `[rows_i, k]` of one device dequantized to `dtype` (bf16 or f16) one under the
+    /// other, `[Σ rows_i, k]` (so weights reading the same input make one GEMM). `None` when a
+    /// type or the dtype has no kernel, or their widths or devices differ.
+    pub fn dequantize_many(ws: &[&QTensor], dtype: DType) -> Result<Option<Tensor>> {
+        let Some(first) = ws.first() else { return Ok(None) };
+        let Device::Cuda(dev) = first.device() else { return Ok(None) };
         let prefix = match dtype {
             DType::BF16 => "dequant_bf16",
             DType::F16 => "dequant_f16",
             _ => return Ok(None),
         };
-        let (rows, k) = w.shape().dims2()?;
-        let wp = w.device_ptr()? as u64;
-        let name = format!("{prefix}_{suffix}");
-        fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(dev: &CudaDevice, name: &str, wp: u64, rows: usize, k: usize) -> Result<Tensor> {
-            let func = dev.get_or_load_custom_func(name, "freeski_quant", QUANT_PTX)?;
-            let n = rows * k;
-            // SAFETY: the kernel writes every element (k is a whole number of blocks).
-            let out = unsafe { dev.alloc::<T>(n)? };
-            // One thread per 4 to 8 weights (by type); the kernel loops over what the grid misses.
-            let items = (n / 8) as u32;
-            let cfg = LaunchConfig { grid_dim: (items.div_ceil(256).clamp(1, 65_535 * 4), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let (rows64, k32) = (rows as i64, k as i32);
-            let mut b = func.builder();
-            b.arg(&wp).arg(&out).arg(&rows64).arg(&k32);
-            // SAFETY: (const uint8_t*, T*, int64_t, int) as declared by DEQUANT in quant.cu.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(tensor_from_slice(out, dev, (rows, k)))
+        let k = first.shape().dims2()?.1;
+        let mut parts = Vec::with_capacity(ws.len());
+        for w in ws {
+            let (rows, wk) = w.shape().dims2()?;
+            match (super::quant_kind(w.dtype()), w.device()) {
+                (Some(kind), Device::Cuda(d)) if wk == k && d.id() == dev.id() => parts.push((format!("{prefix}_{}", kind.suffix), w.device_ptr()? as u64, rows)),
+                _ => return Ok(None),
+            }
+        }
+        fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(dev: &CudaDevice, parts: &[(String, u64, usize)], k: usize) -> Result<Tensor> {
+            let total: usize = parts.iter().map(|p| p.2).sum();
+            // SAFETY: the kernels below write every element (k is a whole number of blocks and
+            // the weights' rows add up to `total`).
+            let out = unsafe { dev.alloc::<T>(total * k)? };
+            let mut at = slice_ptr(&out);
+            for (name, wp, rows) in parts {
+                let func = dev.get_or_load_custom_func(name, "freeski_quant", QUANT_PTX)?;
+                let n = rows * k;
+                // One thread per 4 to 8 weights (by type); the kernel loops over what the grid misses.
+                let items = (n / 8) as u32;
+                let cfg = LaunchConfig { grid_dim: (items.div_ceil(256).clamp(1, 65_535 * 4), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let (rows64, k32) = (*rows as i64, k as i32);
+                let mut b = func.builder();
+                b.arg(wp).arg(&at).arg(&rows64).arg(&k32);
+                // SAFETY: (const uint8_t*, T*, int64_t, int) as declared by DEQUANT in quant.cu;
+                // `at` has rows·k elements of `out` left.
+                unsafe { b.launch(cfg) }.w()?;
+                at += (n * std::mem::size_of::<T>()) as u64;
+            }
+            Ok(tensor_from_slice(out, dev, (total, k)))
         }
         Ok(Some(match dtype {
-            DType::BF16 => run::<half::bf16>(&dev, &name, wp, rows, k)?,
-            _ => run::<half::f16>(&dev, &name, wp, rows, k)?,
+            DType::BF16 => run::<half::bf16>(&dev, &parts, k)?,
+            _ => run::<half::f16>(&dev, &parts, k)?,
         }))
     }
 
     /// `v` as a kernel's 32-bit `int` argument; an error naming `what` when it does not fit.
-    fn kernel_int(v: usize, what: &str) -> Result<i32> {
+    pub(super) fn kernel_int(v: usize, what: &str) -> Result<i32> {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what}: {v} exceeds the kernel's 32-bit int")))
     }
 
@@ -274,55 +308,6 @@ mod cuda {
         // SAFETY: the struct mirrors MmqArgs; every pointer is a live buffer of the sizes it names.
         unsafe { b.launch(cfg) }.w()?;
         Ok(Some(tensor_from_slice(y, &dev, dims)))
-    }
-
-    /// `x · wᵀ` for bf16 `x: [.., k]` and `w: [n, k]` on CUDA: one cuBLAS GEMM on bf16 operands
-    /// that accumulates in f32 and writes f32, so the product is never rounded to bf16 and needs
-    /// no cast afterwards. `None` unless both are bf16 tensors on the same CUDA device.
-    pub fn gemm_bf16_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
-        let (Device::Cuda(dev), true) = (x.device(), x.device().same_device(w.device())) else { return Ok(None) };
-        if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
-            return Ok(None);
-        }
-        let (n, k) = w.dims2()?;
-        let (m, dims) = super::matmul_dims(x, k, n)?;
-        let what = "bf16 GEMM";
-        let (mi, ni, ki) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?);
-        let (x, w) = (x.contiguous()?, w.contiguous()?);
-        // SAFETY: the GEMM below writes every [m, n] element.
-        let y = unsafe { dev.alloc::<f32>(m * n)? };
-        let (alpha, beta) = (1f32, 0f32);
-        let blas = dev.cublas_handle();
-        // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ = w·xᵀ: w transposed
-        // (ld k), x as is (ld k), yᵀ with ld n.
-        // SAFETY: live device buffers of the sizes given; the handle runs on the device's stream,
-        // the one that wrote x and w.
-        unsafe {
-            gemm_ex(
-                *blas.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_T,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                ni,
-                mi,
-                ki,
-                (&alpha as *const f32).cast(),
-                tensor_ptr(&w)? as *const std::ffi::c_void,
-                sys::cudaDataType_t::CUDA_R_16BF,
-                ki,
-                tensor_ptr(&x)? as *const std::ffi::c_void,
-                sys::cudaDataType_t::CUDA_R_16BF,
-                ki,
-                (&beta as *const f32).cast(),
-                slice_ptr(&y) as *mut std::ffi::c_void,
-                sys::cudaDataType_t::CUDA_R_32F,
-                ni,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-            )
-        }
-        .w()?;
-        Ok(Some(tensor_from_slice(y, dev, dims)))
     }
 
     /// `softmax(scale · scores + causal mask)` over the last axis of f32 `scores: [.., lines,
@@ -475,6 +460,9 @@ mod cuda {
         q_out: u64,
         k_cache: u64,
         v_cache: u64,
+        q_row: i64,
+        k_row: i64,
+        v_row: i64,
         nh: i32,
         nkv: i32,
         hd: i32,
@@ -529,19 +517,22 @@ mod cuda {
             bail!("rope_prompt: {t} tokens at cache index {at} / position {pos0} exceed the cache's {cap} or the tables' {positions} positions")
         }
         let nh = qw / hd;
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let ((q, q_row), (k, k_row), (v, v_row)) = (strided_rows(q)?, strided_rows(k)?, strided_rows(v)?);
         let int = |v: usize| kernel_int(v, "rope_prompt");
         // SAFETY: the kernel writes every element of q_out.
         let q_out = unsafe { dev.alloc::<f32>(t * nh * hd)? };
         let args = RopePromptArgs {
-            q: tensor_ptr(&q)?,
-            k: tensor_ptr(&k)?,
-            v: tensor_ptr(&v)?,
+            q: first_element_ptr(&q)?,
+            k: first_element_ptr(&k)?,
+            v: first_element_ptr(&v)?,
             cos: tensor_ptr(cos)?,
             sin: tensor_ptr(sin)?,
             q_out: slice_ptr(&q_out),
             k_cache: tensor_ptr(k_cache)?,
             v_cache: tensor_ptr(v_cache)?,
+            q_row,
+            k_row,
+            v_row,
             nh: int(nh)?,
             nkv: int(nkv)?,
             hd: int(hd)?,
@@ -554,7 +545,8 @@ mod cuda {
         let func = dev.get_or_load_custom_func("rope_prompt_f32", "freeski_prompt", PROMPT_PTX)?;
         let mut bld = func.builder();
         bld.arg(&args);
-        // SAFETY: the struct mirrors RopePromptArgs; q holds t·nh·hd floats, k and v t·nkv·hd, the
+        // SAFETY: the struct mirrors RopePromptArgs; q holds t rows of nh·hd floats, k and v t rows
+        // of nkv·hd, each at its row stride, the
         // tables `positions` rows of hd/2 with pos0 + t <= positions, the caches nkv·cap·hd with
         // at + t <= cap, q_out t·nh·hd.
         unsafe { bld.launch(cfg) }.w()?;
@@ -581,18 +573,29 @@ mod cuda {
         if g.dims() != u.dims() {
             bail!("silu_mul: gate {:?} and up {:?} differ in shape", g.dims(), u.dims())
         }
-        let (g, u) = (g.contiguous()?, u.contiguous()?);
+        let ((g, g_row), (u, u_row)) = (strided_rows(g)?, strided_rows(u)?);
         let n = g.elem_count();
+        let cols = g.dims().last().copied().unwrap_or(1).max(1);
+        let rows = n / cols;
         // SAFETY: the kernel writes every element of both.
         let y = unsafe { dev.alloc::<f32>(n)? };
         let yb = if bf16 { Some(unsafe { dev.alloc::<half::bf16>(n)? }) } else { None };
+        if n == 0 {
+            return Ok(Some((tensor_from_slice(y, dev, g.dims()), yb.map(|yb| tensor_from_slice(yb, dev, g.dims())))));
+        }
         let func = dev.get_or_load_custom_func("silu_mul_f32", "freeski_prompt", PROMPT_PTX)?;
-        let (gp, up, yp, ybp, n64) = (tensor_ptr(&g)?, tensor_ptr(&u)?, slice_ptr(&y), yb.as_ref().map_or(0, slice_ptr), n as i64);
+        let (gp, up, yp, ybp) = (first_element_ptr(&g)?, first_element_ptr(&u)?, slice_ptr(&y), yb.as_ref().map_or(0, slice_ptr));
+        let vec4 = i32::from(cols % 4 == 0 && g_row % 4 == 0 && u_row % 4 == 0 && [gp, up, yp].iter().all(|p| p % 16 == 0) && ybp % 8 == 0);
+        let what = "silu_mul";
+        let (rows32, cols32) = (kernel_int(rows, what)?, kernel_int(cols, what)?);
+        let per_thread = if vec4 == 1 { 4 } else { 1 };
+        let cfg = LaunchConfig { grid_dim: (grid_x(cols.div_ceil(256 * per_thread), what)?, rows.min(65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = func.builder();
-        b.arg(&gp).arg(&up).arg(&yp).arg(&ybp).arg(&n64);
-        // SAFETY: (const float*, const float*, float*, bf16* or null, int64_t) as silu_mul_f32
-        // declares; the buffers hold n elements.
-        unsafe { b.launch(elementwise_launch(n as u64)) }.w()?;
+        b.arg(&gp).arg(&up).arg(&yp).arg(&ybp).arg(&rows32).arg(&cols32).arg(&g_row).arg(&u_row).arg(&vec4);
+        // SAFETY: (const float*, const float*, float*, bf16* or null, int, int, long long, long
+        // long, int) as silu_mul_f32 declares; g and u hold `rows` rows of `cols` at their row
+        // strides, y and yb rows · cols elements; vec4 only with the alignment it needs.
+        unsafe { b.launch(cfg) }.w()?;
         Ok(Some((tensor_from_slice(y, dev, g.dims()), yb.map(|yb| tensor_from_slice(yb, dev, g.dims())))))
     }
 
@@ -805,6 +808,10 @@ mod cuda {
 
 #[cfg(feature = "cuda")]
 pub use cuda::*;
+#[cfg(feature = "cuda")]
+mod gemm;
+#[cfg(feature = "cuda")]
+pub use gemm::gemm_bf16_f32;
 
 /// The kernels that answer "where one applies" (`Ok(None)`: take another path), for a build
 /// without CUDA: none applies, so callers need no `cfg` of their own.
@@ -816,10 +823,13 @@ mod without_cuda {
     pub fn dequantize(_: &QTensor, _: DType) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    pub fn dequantize_many(_: &[&QTensor], _: DType) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     pub fn int8_mma_matmul(_: &QTensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn gemm_bf16_f32(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+    pub fn gemm_bf16_f32(_: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn causal_softmax(_: &Tensor, _: usize, _: f32, _: usize) -> Result<Option<Tensor>> {

@@ -35,14 +35,35 @@ extern "C" __global__ void causal_softmax_f32(const float* __restrict__ s, float
 
 // y = silu(g) · u elementwise (SwiGLU over the gate and up projections): candle's silu,
 // g / (1 + exp(-g)), then its product, in one pass instead of two; with yb, also y rounded to
-// bf16 (the down projection's GEMM input, so it needs no cast of its own).
+// bf16 (the down projection's GEMM input, so it needs no cast of its own). g and u are `rows`
+// rows of `cols` values, g_row and u_row apart (column slices of one wider GEMM output, or
+// contiguous); y and yb are contiguous. Rows along grid y, columns along x; with vec4 (cols, the
+// row strides and the addresses multiples of 4 floats) four values a thread at a time.
+__device__ __forceinline__ float silu_times(float x, float u) { return __fmul_rn(x / (1.f + expf(-x)), u); }
+
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y,
-                                        __nv_bfloat16* __restrict__ yb, int64_t n) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float x = g[i];
-        const float v = __fmul_rn(x / (1.f + expf(-x)), u[i]);
-        y[i] = v;
-        if (yb != nullptr) yb[i] = __float2bfloat16_rn(v);
+                                        __nv_bfloat16* __restrict__ yb, int rows, int cols, long long g_row, long long u_row, int vec4) {
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float *gr = g + r * g_row, *ur = u + r * u_row;
+        float *yr = y + (long long)r * cols;
+        __nv_bfloat16 *ybr = yb == nullptr ? nullptr : yb + (long long)r * cols;
+        if (vec4) {
+            for (int c = 4 * (blockIdx.x * blockDim.x + threadIdx.x); c < cols; c += 4 * gridDim.x * blockDim.x) {
+                const float4 a = *reinterpret_cast<const float4 *>(gr + c), b = *reinterpret_cast<const float4 *>(ur + c);
+                const float4 v = make_float4(silu_times(a.x, b.x), silu_times(a.y, b.y), silu_times(a.z, b.z), silu_times(a.w, b.w));
+                *reinterpret_cast<float4 *>(yr + c) = v;
+                if (ybr != nullptr) {
+                    reinterpret_cast<__nv_bfloat162 *>(ybr + c)[0] = __floats2bfloat162_rn(v.x, v.y);
+                    reinterpret_cast<__nv_bfloat162 *>(ybr + c)[1] = __floats2bfloat162_rn(v.z, v.w);
+                }
+            }
+        } else {
+            for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+                const float v = silu_times(gr[c], ur[c]);
+                yr[c] = v;
+                if (ybr != nullptr) ybr[c] = __float2bfloat16_rn(v);
+            }
+        }
     }
 }
 
@@ -74,10 +95,13 @@ extern "C" __global__ void rms_norm_pair_f32(const float* __restrict__ x, const 
 // decode.cu), with the keys and values written into the row's cache: q, k, v: [t, nh·hd] and
 // [t, nkv·hd] (the projections' outputs); token i at rotary position pos0 + i (cos, sin: [positions,
 // hd/2]) and cache index at + i. q_out: [t, nh·hd]; k_cache, v_cache: [nkv, cap, hd] (the row's
-// buffers). One block per token, a thread per pair of every head in turn.
+// buffers). Token i's row of q, k and v starts i * q_row, k_row, v_row floats in (column slices
+// of one wider GEMM output, or contiguous). One block per token, a thread per pair of every head
+// in turn.
 struct RopePromptArgs {
     const float *q, *k, *v, *cos, *sin;
     float *q_out, *k_cache, *v_cache;
+    long long q_row, k_row, v_row;
     int nh, nkv, hd, cap, pos0, at;
 };
 
@@ -88,12 +112,12 @@ extern "C" __global__ void rope_prompt_f32(const RopePromptArgs p) {
         const float2 *src;
         float2 *dst;
         if (head < p.nh) {
-            src = reinterpret_cast<const float2 *>(p.q + ((long long)i * p.nh + head) * p.hd);
+            src = reinterpret_cast<const float2 *>(p.q + i * p.q_row + (long long)head * p.hd);
             dst = reinterpret_cast<float2 *>(p.q_out + ((long long)i * p.nh + head) * p.hd);
         } else {
             const bool is_k = head < p.nh + p.nkv;
             const int kh = head - p.nh - (is_k ? 0 : p.nkv);
-            src = reinterpret_cast<const float2 *>((is_k ? p.k : p.v) + ((long long)i * p.nkv + kh) * p.hd);
+            src = reinterpret_cast<const float2 *>(is_k ? p.k + i * p.k_row + (long long)kh * p.hd : p.v + i * p.v_row + (long long)kh * p.hd);
             dst = reinterpret_cast<float2 *>((is_k ? p.k_cache : p.v_cache) + ((long long)kh * p.cap + p.at + i) * p.hd);
             if (!is_k) {
                 dst[j] = src[j];

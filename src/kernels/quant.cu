@@ -140,17 +140,18 @@ __device__ __forceinline__ void item_weights(const uint8_t *w, int k, int64_t ro
 
 // ---- dequantize [rows, k] to bf16 / f16: one thread per lane item --------------------------------
 
-template <typename Q, typename CVT>
-__device__ void dequant_body(const uint8_t *w, uint16_t *y, int64_t rows, int k, CVT cvt) {
+// The grid-stride loop in index type I: 32-bit where the item count fits, since its division by
+// the row length is a few instructions against dozens for 64 bits, which this memory-bound
+// loop would otherwise spend per 8 weights.
+template <typename Q, typename I, typename CVT>
+__device__ __forceinline__ void dequant_items(const uint8_t *w, uint16_t *y, I total, I per_row, int k, CVT cvt) {
     constexpr int NW = Q::RUNS * Q::VEC;
-    const int64_t per_row = (int64_t)(k / Q::ELEMS) * Q::LPB;
-    const int64_t total = rows * per_row;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)blockDim.x * gridDim.x) {
-        const int64_t row = i / per_row;
+    for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < total; i += (I)blockDim.x * gridDim.x) {
+        const I row = i / per_row;
         float v[NW];
         int off[Q::RUNS], base;
-        item_weights<Q>(w, k, row, i % per_row, v, off, base);
-        uint16_t *dst = y + row * k + base;
+        item_weights<Q>(w, k, (int64_t)row, (int64_t)(i - row * per_row), v, off, base);
+        uint16_t *dst = y + (int64_t)row * k + base;
 #pragma unroll
         for (int r = 0; r < Q::RUNS; r++) {
             const float *vr = v + r * Q::VEC;
@@ -165,6 +166,15 @@ __device__ void dequant_body(const uint8_t *w, uint16_t *y, int64_t rows, int k,
             }
         }
     }
+}
+
+template <typename Q, typename CVT>
+__device__ void dequant_body(const uint8_t *w, uint16_t *y, int64_t rows, int k, CVT cvt) {
+    const int64_t per_row = (int64_t)(k / Q::ELEMS) * Q::LPB;
+    const int64_t total = rows * per_row;
+    // The 32-bit loop also needs room for its last stride past the end.
+    if (total + (int64_t)blockDim.x * gridDim.x <= 0xFFFFFFFFll) dequant_items<Q, uint32_t>(w, y, (uint32_t)total, (uint32_t)per_row, k, cvt);
+    else dequant_items<Q, int64_t>(w, y, total, per_row, k, cvt);
 }
 
 // Converters return the 16-bit pattern of the rounded value.

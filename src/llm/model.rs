@@ -608,10 +608,8 @@ impl Model {
         let prompt = (t >= self.dense_rows).then_some(self.prompt_kernel);
         let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
             let (h, hb) = self.norm_for(&x, &layer.attn_norm, prompt)?;
-            let h = self.attention(layer, (&h, hb.as_ref()), &cos, &sin, &cache.pad, &cache.layers[i], offset, lora, i, prompt)?;
-            let x2 = (residual + h)?;
+            let x2 = self.attention(layer, (&h, hb.as_ref()), &x, &cos, &sin, &cache.pad, &cache.layers[i], offset, lora, i, prompt)?;
             let (h, hb) = self.norm_for(&x2, &layer.ffn_norm, prompt)?;
             let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], (&h, hb.as_ref()), lora, i, prompt)?;
             // SwiGLU; on the CUDA prompt path with the bf16 copy the down projection's GEMM reads.
@@ -623,8 +621,7 @@ impl Model {
                     None => ((candle_nn::ops::silu(&gate)? * up)?, None),
                 },
             };
-            let [h] = self.linears(layer, [Proj::Down], (&act, act_b.as_ref()), lora, i, prompt)?;
-            x = (x2 + h)?;
+            x = self.linear_plus(layer, Proj::Down, (&act, act_b.as_ref()), &x2, lora, i, prompt)?;
         }
         cache.len = offset + t;
         let x = match which {
@@ -637,11 +634,13 @@ impl Model {
         Ok(head.forward_with(&x, prompt.filter(|_| which == Logits::All), self.cpu_kernels)?.to_dtype(DType::F32)?)
     }
 
+    /// The attention block's output added to `residual`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &DecoderLayer,
         (x, x_bf16): (&Tensor, Option<&Tensor>),
+        residual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         pads: &[usize],
@@ -666,8 +665,7 @@ impl Model {
                     Some((out, out_b)) => (out, Some(out_b.reshape((1, t, nh * hd))?)),
                     None => (self.attend(&q, &k, &v)?, None),
                 };
-                let [o] = self.linears(layer, [Proj::O], (&out.reshape((1, t, nh * hd))?, out_b.as_ref()), lora, layer_idx, prompt)?;
-                return Ok(o);
+                return self.linear_plus(layer, Proj::O, (&out.reshape((1, t, nh * hd))?, out_b.as_ref()), residual, lora, layer_idx, prompt);
             }
         }
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
@@ -702,8 +700,7 @@ impl Model {
         }
         // [b, t, heads, hd]: a copy only where a part is a transposed view.
         let out = Tensor::cat(&rows, 0)?.reshape((b, t, nh * hd))?;
-        let [o] = self.linears(layer, [Proj::O], (&out, None), lora, layer_idx, prompt)?;
-        Ok(o)
+        self.linear_plus(layer, Proj::O, (&out, None), residual, lora, layer_idx, prompt)
     }
 
     /// One row's attention: queries `[1, heads, tq, hd]` are the last `tq` of the row's `keys`
@@ -792,6 +789,31 @@ impl Model {
             })
             .collect::<Result<_>>()?;
         out.try_into().map_err(|_| anyhow::anyhow!("internal: expected {N} projections"))
+    }
+
+    /// `residual` plus projection `p` of `x` (with its adapter's LoRA term). Without a LoRA
+    /// term the sum is the base weight's `forward_plus` (on the dense prompt path, the GEMM's
+    /// epilogue); with one, `residual + (base + LoRA)` as the reference computes it.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_plus(
+        &self,
+        layer: &DecoderLayer,
+        p: Proj,
+        (x, x_bf16): (&Tensor, Option<&Tensor>),
+        residual: &Tensor,
+        lora: RowLora<'_>,
+        layer_idx: usize,
+        prompt: Option<PromptKernel>,
+    ) -> Result<Tensor> {
+        let adapted = match lora {
+            RowLora::All(a) => a.and_then(|a| a.pair(layer_idx, p)).is_some(),
+            RowLora::PerRow(rows) => rows.iter().any(|a| a.and_then(|a| a.pair(layer_idx, p)).is_some()),
+        };
+        if adapted {
+            let [y] = self.linears(layer, [p], (x, x_bf16), lora, layer_idx, prompt)?;
+            return Ok((residual + y)?);
+        }
+        layer.proj(p).forward_plus(x, x_bf16, residual, prompt, self.cpu_kernels)
     }
 
     /// cos/sin for the `t` new tokens of every row: `[t, hd/2]` when all rows share positions,

@@ -56,15 +56,32 @@ impl BaseLinear {
     /// `Int8Mma`: Q4_K weights read in place on int8 tensor cores. With `cpu_kernel`, f32
     /// inputs on the CPU go through `kernels::cpu` where the weight's type has one.
     pub fn forward_with(&self, x: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
-        self.forward_sharing(x, &OnceCell::new(), prompt, cpu_kernel)
+        self.forward_sharing(x, &OnceCell::new(), None, prompt, cpu_kernel)
     }
 
-    /// [`BaseLinear::forward_with`], with `x_bf16` holding `x` cast to bf16 for the dense prompt
-    /// path once the first weight of several reading the same `x` made it.
-    fn forward_sharing(&self, x: &Tensor, x_bf16: &OnceCell<Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
+    /// `x · Wᵀ + add` (`add` shaped like the output: the residual stream), otherwise as
+    /// [`BaseLinear::forward_with`] with `x_bf16` for the dense prompt path: there the GEMM adds
+    /// it in its epilogue, so the sum costs no pass of its own.
+    pub fn forward_plus(&self, x: &Tensor, x_bf16: Option<&Tensor>, add: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
+        let shared = x_bf16.map_or_else(OnceCell::new, |xb| OnceCell::from(xb.clone()));
+        self.forward_sharing(x, &shared, Some(add), prompt, cpu_kernel)
+    }
+
+    /// [`BaseLinear::forward_with`] plus `add` if given, with `x_bf16` holding `x` cast to bf16
+    /// for the dense prompt path once the first weight of several reading the same `x` made it.
+    fn forward_sharing(&self, x: &Tensor, x_bf16: &OnceCell<Tensor>, add: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
+        let (y, added) = self.forward_dense_or_packed(x, x_bf16, add, prompt, cpu_kernel)?;
+        Ok(match add {
+            Some(a) if !added => (y + a)?,
+            _ => y,
+        })
+    }
+
+    /// The product, and whether `add` is already in it (the dense prompt path's GEMM).
+    fn forward_dense_or_packed(&self, x: &Tensor, x_bf16: &OnceCell<Tensor>, add: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<(Tensor, bool)> {
         if prompt == Some(PromptKernel::Int8Mma) {
             if let Some(y) = crate::kernels::int8_mma_matmul(&self.weight, x)? {
-                return Ok(y);
+                return Ok((y, false));
             }
         }
         if prompt.is_some() {
@@ -77,18 +94,18 @@ impl BaseLinear {
                         xb
                     }
                 };
-                if x.dtype() == DType::F32 {
-                    if let Some(y) = crate::kernels::gemm_bf16_f32(&xb, &w)? {
-                        return Ok(y);
+                if x.dtype() == DType::F32 && add.is_none_or(|a| a.dtype() == DType::F32) {
+                    if let Some(y) = crate::kernels::gemm_bf16_f32(&xb, &w, add)? {
+                        return Ok((y, true));
                     }
                 }
-                return Ok(dense_matmul(&xb, &w)?.to_dtype(x.dtype())?);
+                return Ok((dense_matmul(&xb, &w)?.to_dtype(x.dtype())?, false));
             }
         }
         if cpu_kernel && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && cpu::available(self.weight.dtype()) {
-            return self.forward_cpu(x);
+            return Ok((self.forward_cpu(x)?, false));
         }
-        Ok(self.matmul.forward(x)?)
+        Ok((self.matmul.forward(x)?, false))
     }
 
     /// [`BaseLinear::forward_with`] for several weights that read the same `x` (q|k|v,
@@ -97,11 +114,14 @@ impl BaseLinear {
     /// the kernel that made `x` wrote it too (the dense prompt path's GEMM input, else cast
     /// here once for all the weights).
     pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Vec<Tensor>> {
+        if let Some(ys) = Self::forward_concatenated(ws, x, x_bf16, prompt)? {
+            return Ok(ys);
+        }
         let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
         let cpu_path = cpu_kernel && prompt.is_none() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
         if !cpu_path || ws.len() < 2 {
             let shared = x_bf16.map_or_else(OnceCell::new, |xb| OnceCell::from(xb.clone()));
-            return ws.iter().map(|w| w.forward_sharing(x, &shared, prompt, cpu_kernel)).collect();
+            return ws.iter().map(|w| w.forward_sharing(x, &shared, None, prompt, cpu_kernel)).collect();
         }
         let k = ws[0].in_features;
         let (m, _) = crate::kernels::matmul_dims(x, k, k)?;
@@ -113,6 +133,33 @@ impl BaseLinear {
             with_cpu_f32(x, |xs| cpu::matmul_many(&parts, xs, k, &mut slices))?;
         }
         ws.iter().zip(outs).map(|(w, out)| Ok(Tensor::from_vec(out, crate::kernels::matmul_dims(x, k, w.out_features)?.1, &Device::Cpu)?)).collect()
+    }
+
+    /// The dense prompt path for several weights at once: dequantized one under the other and
+    /// multiplied in one GEMM (one launch instead of a small one each, which fill the GPU
+    /// worse), each output a column slice of the result (`[.., out_i]` views, rows
+    /// `Σ out_i` apart). `None` where that path does not apply.
+    fn forward_concatenated(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>) -> Result<Option<Vec<Tensor>>> {
+        if prompt != Some(PromptKernel::DenseBf16) || ws.len() < 2 || x.dtype() != DType::F32 || ws.iter().any(|w| w.in_features != ws[0].in_features) {
+            return Ok(None);
+        }
+        let packed: Vec<&QTensor> = ws.iter().map(|w| w.weight.as_ref()).collect();
+        let Some(w) = crate::kernels::dequantize_many(&packed, DType::BF16)? else { return Ok(None) };
+        let xb = match x_bf16 {
+            Some(xb) => xb.clone(),
+            None => x.to_dtype(DType::BF16)?,
+        };
+        let Some(y) = crate::kernels::gemm_bf16_f32(&xb, &w, None)? else { return Ok(None) };
+        let mut at = 0;
+        let ys = ws
+            .iter()
+            .map(|w| {
+                let part = y.narrow(candle_core::D::Minus1, at, w.out_features);
+                at += w.out_features;
+                part
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Some(ys))
     }
 
     fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
