@@ -13,13 +13,15 @@
 #              kernel from 9 tokens (`--prompt-kernel`) and the composed prompt attention
 #              (`--prompt-attention composed`, the fused kernel's reference)
 #   llamacpp   llama-bench on the same Q4_K_M file (pp512, tg128, pp100+tg1, flash attention)
-#   ptx        the compute_86 build (.gpu/*-sm86.xz) on this card through PTX JIT: parity tests,
-#              the same greedy answer as the default build, `bench generate` of both on $Q4KM
+#   ptx        each consumer-card build (.gpu/*-sm86.xz, -sm89: `CUDA_COMPUTE_CAP=86
+#              scripts/cuda/build.sh`) on this card through PTX JIT: its GPU tests where packed,
+#              the same greedy answer as the default build on $Q4KM, and `bench generate` of every
+#              build ($Q4KM, else the random Mistral-7B Q4_K_M mix)
 #   gen        `bench generate` on the random Mistral-7B shape, bare and with a rank-16 LoRA, and
 #              the Q4_K_M mix; every run also times candle's ops in the same process
 #   ab         every packed build in .gpu (freeski-bot, and freeski-bot-<name>: a build's
 #              .gpu/freeski-bot.xz copied under that name, e.g. the previous commit's beside a
-#              change; compute_86 builds left out) in turns, two rounds: prefill, time to first
+#              change; consumer-card builds left out) in turns, two rounds: prefill, time to first
 #              token and batch-1 decode on the random Mistral-7B Q4_K_M mix (no peer file needed)
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
 #              gate|up and down matvecs
@@ -33,6 +35,7 @@
 #   train      `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
 #   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
 #   genprof    the same for one 512-token prefill and for 16 batch-1 decode tokens on $Q4KM
+#              (else the random Mistral-7B Q4_K_M mix); GENPROF_PARTS=prefill for the first alone
 #   torchprof  the same for one PyTorch + PEFT step (torch.profiler)
 #   pytorch    PyTorch bf16 `generate`, bare and with a PEFT LoRA of rank 16
 # Usage:  bash bench/gpu-suite.sh [stage ...]
@@ -93,19 +96,24 @@ stage_llamacpp() {
   bash bench/peers/llamacpp.sh bench "$Q4KM" 2>&1 | grep -E "^\|" | tee "$OUT/llamacpp-bench.txt"
 }
 stage_parity() { cuda_parity --ignored --nocapture --test-threads 1 2>&1 | grep -Ev "$F" | tee "$OUT/parity.txt"; }
-# The consumer-card build (`CUDA_COMPUTE_CAP=86 scripts/cuda/build.sh`: PTX for compute_86, which
-# the driver compiles for this card at load): the GPU correctness tests, a greedy answer on the
-# Q4_K_M file next to the default build's (must be the same text), and `bench generate` of both.
+# Each consumer-card build (`CUDA_COMPUTE_CAP=86 scripts/cuda/build.sh`: PTX for compute_86, which
+# the driver compiles for this card at load): its GPU correctness tests, a greedy answer on the
+# Q4_K_M file next to the default build's (must be the same text), and `bench generate` of each.
 stage_ptx() {
-  cuda_parity-sm86 --ignored --nocapture --test-threads 1 2>&1 | grep -Ev "$F" | tee "$OUT/parity-sm86.txt"
-  local q="How do I land a switch 900 in the park?"
-  for b in freeski-bot freeski-bot-sm86; do
-    $b ask --model "$Q4KM" --device cuda:0 --temperature 0 --max-new-tokens 64 "$q" 2>/dev/null > "$OUT/ask-$b.txt"
+  local m=(--model "$Q4KM") b c q="How do I land a switch 900 in the park?"
+  [ -f "$Q4KM" ] || m=(--random mistral-7b --quant q4k-m)
+  [ -f "$Q4KM" ] && freeski-bot ask --model "$Q4KM" --device cuda:0 --temperature 0 --max-new-tokens 64 "$q" 2>/dev/null > "$OUT/ask-freeski-bot.txt"
+  for b in /tmp/gpu-bin/freeski-bot-sm*; do
+    [ -x "$b" ] || continue
+    c=${b##*-}
+    command -v "cuda_parity-$c" >/dev/null && "cuda_parity-$c" --ignored --nocapture --test-threads 1 2>&1 | grep -Ev "$F" | tee "$OUT/parity-$c.txt"
+    if [ -f "$Q4KM" ]; then
+      "$b" ask --model "$Q4KM" --device cuda:0 --temperature 0 --max-new-tokens 64 "$q" 2>/dev/null > "$OUT/ask-$c.txt"
+      cmp "$OUT/ask-freeski-bot.txt" "$OUT/ask-$c.txt" && echo "greedy answers of the sm_90 and $c builds: identical ($(wc -c < "$OUT/ask-$c.txt") bytes)" | tee -a "$OUT/ptx-same.txt"
+    fi
+    "$b" bench generate "${m[@]}" --device cuda:0 --compare false --streams 8 --lora-rank 0 2>&1 | grep -Ev "$F" | tee "$OUT/gen-ptx-$c.txt"
   done
-  cmp "$OUT/ask-freeski-bot.txt" "$OUT/ask-freeski-bot-sm86.txt" && echo "greedy answers of the sm_90 and compute_86 builds: identical ($(wc -c < "$OUT/ask-freeski-bot.txt") bytes)" | tee "$OUT/ptx-same.txt"
-  for b in freeski-bot freeski-bot-sm86; do
-    $b bench generate --model "$Q4KM" --device cuda:0 --compare false --streams 8 --lora-rank 0 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-$b.txt"
-  done
+  freeski-bot bench generate "${m[@]}" --device cuda:0 --compare false --streams 8 --lora-rank 0 2>&1 | grep -Ev "$F" | tee "$OUT/gen-ptx-sm90.txt"
 }
 stage_gen() {
   for r in 0 16; do
@@ -117,7 +125,7 @@ stage_gen() {
 }
 stage_ab() {
   local b round bins=()
-  for b in /tmp/gpu-bin/freeski-bot /tmp/gpu-bin/freeski-bot-*; do [ -x "$b" ] && [[ "$b" != *-sm86 ]] && bins+=("$(basename "$b")"); done
+  for b in /tmp/gpu-bin/freeski-bot /tmp/gpu-bin/freeski-bot-*; do [ -x "$b" ] && [[ "$b" != *-sm[0-9]* ]] && bins+=("$(basename "$b")"); done
   for round in 1 2; do
     for b in "${bins[@]}"; do
       echo "-- $b (round $round)" | tee -a "$OUT/ab.txt"
@@ -217,10 +225,11 @@ stage_trainprof() {
   profile_run train bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --steps 2 --profile-last-step
 }
 stage_genprof() {
-  # A 512-token prefill, and 16 batch-1 decode tokens, on the Q4_K_M file, bare.
-  local part
-  for part in prefill decode; do
-    profile_run "gen-$part" bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --streams 0 --compare false \
+  # A 512-token prefill, and 16 batch-1 decode tokens, on the Q4_K_M file (else the random
+  # Mistral-7B Q4_K_M mix), bare.
+  local part m=(--model "$Q4KM"); [ -f "$Q4KM" ] || m=(--random mistral-7b --quant q4k-m)
+  for part in ${GENPROF_PARTS:-prefill decode}; do
+    profile_run "gen-$part" bench generate "${m[@]}" --device cuda:0 --lora-rank 0 --streams 0 --compare false \
       --repeats 2 --decode-tokens 16 --profile $part
   done
 }
