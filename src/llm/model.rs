@@ -770,7 +770,15 @@ impl Model {
         prompt: Option<PromptKernel>,
     ) -> Result<[Tensor; N]> {
         let bases: Vec<&BaseLinear> = projs.iter().map(|&p| layer.proj(p)).collect();
-        let ys = BaseLinear::forward_many(&bases, x, x_bf16, prompt, self.cpu_kernels)?;
+        // Without a LoRA term to add, one GEMM for all of them where the prompt path allows.
+        let one_gemm = match projs.iter().any(|&p| Self::adapted(lora, layer_idx, p)) {
+            false => BaseLinear::forward_one_gemm(&bases, x, x_bf16, prompt)?,
+            true => None,
+        };
+        let ys = match one_gemm {
+            Some(ys) => ys,
+            None => BaseLinear::forward_many(&bases, x, x_bf16, prompt, self.cpu_kernels)?,
+        };
         let out: Vec<Tensor> = ys
             .into_iter()
             .zip(projs)
@@ -805,15 +813,19 @@ impl Model {
         layer_idx: usize,
         prompt: Option<PromptKernel>,
     ) -> Result<Tensor> {
-        let adapted = match lora {
-            RowLora::All(a) => a.and_then(|a| a.pair(layer_idx, p)).is_some(),
-            RowLora::PerRow(rows) => rows.iter().any(|a| a.and_then(|a| a.pair(layer_idx, p)).is_some()),
-        };
-        if adapted {
+        if Self::adapted(lora, layer_idx, p) {
             let [y] = self.linears(layer, [p], (x, x_bf16), lora, layer_idx, prompt)?;
             return Ok((residual + y)?);
         }
         layer.proj(p).forward_plus(x, x_bf16, residual, prompt, self.cpu_kernels)
+    }
+
+    /// Whether projection `p` of layer `layer_idx` has a LoRA term for some row.
+    fn adapted(lora: RowLora<'_>, layer_idx: usize, p: Proj) -> bool {
+        match lora {
+            RowLora::All(a) => a.and_then(|a| a.pair(layer_idx, p)).is_some(),
+            RowLora::PerRow(rows) => rows.iter().any(|a| a.and_then(|a| a.pair(layer_idx, p)).is_some()),
+        }
     }
 
     /// cos/sin for the `t` new tokens of every row: `[t, hd/2]` when all rows share positions,

@@ -114,9 +114,6 @@ impl BaseLinear {
     /// the kernel that made `x` wrote it too (the dense prompt path's GEMM input, else cast
     /// here once for all the weights).
     pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Vec<Tensor>> {
-        if let Some(ys) = Self::forward_concatenated(ws, x, x_bf16, prompt)? {
-            return Ok(ys);
-        }
         let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
         let cpu_path = cpu_kernel && prompt.is_none() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
         if !cpu_path || ws.len() < 2 {
@@ -138,8 +135,10 @@ impl BaseLinear {
     /// The dense prompt path for several weights at once: dequantized one under the other and
     /// multiplied in one GEMM (one launch instead of a small one each, which fill the GPU
     /// worse), each output a column slice of the result (`[.., out_i]` views, rows
-    /// `Σ out_i` apart). `None` where that path does not apply.
-    fn forward_concatenated(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>) -> Result<Option<Vec<Tensor>>> {
+    /// `Σ out_i` apart, which the prompt path's rotary and SwiGLU kernels read in place; candle's
+    /// own elementwise ops read such views much slower than contiguous tensors, so callers that
+    /// add a LoRA term take [`BaseLinear::forward_many`]). `None` where that path does not apply.
+    pub fn forward_one_gemm(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>) -> Result<Option<Vec<Tensor>>> {
         if prompt != Some(PromptKernel::DenseBf16) || ws.len() < 2 || x.dtype() != DType::F32 || ws.iter().any(|w| w.in_features != ws[0].in_features) {
             return Ok(None);
         }
