@@ -102,6 +102,11 @@ fi
 #    (`cuda_parity --ignored` on the GPU machine; it is what `bench/gpu-suite.sh parity` runs).
 cargo build --release --features "$FEATURES" --bin "$BIN"
 B="$CARGO_TARGET_DIR/release/$BIN"
+if [ "$CUDA_COMPUTE_CAP" != 90 ]; then
+  # Every object of candle's kernel library must carry the PTX newer cards compile at load.
+  LIB=$(ls -t "$CARGO_TARGET_DIR"/release/build/candle-kernels-*/out/libmoe.a | head -1)
+  python3 "$(dirname "$0")/fatbin_kinds.py" --need-ptx "$CUDA_COMPUTE_CAP" "$LIB"
+fi
 T=$(cargo test --release --features "$FEATURES" --test cuda_parity --no-run --message-format=json \
     | python3 -c 'import json, sys
 for line in sys.stdin:
