@@ -8,7 +8,9 @@
 #   CUDA_COMPUTE_CAP=86 scripts/cuda/build.sh  # another GPU generation (default 90: H100/H200):
 #                                              # PTX for compute_86, which the driver compiles for
 #                                              # the card it runs on (RTX 30 = 86, RTX 40 = 89, and
-#                                              # newer); packed as .gpu/<BIN>-sm86.xz
+#                                              # newer; candle's quantized matmuls get it too, and
+#                                              # the build checks they did); packed as
+#                                              # .gpu/<BIN>-sm86.xz
 #   CHECK=1 scripts/cuda/build.sh              # only clippy (-D warnings) on every target with
 #                                              # the CUDA code compiled in, which the CPU build
 #                                              # (and so the test command) never compiles
