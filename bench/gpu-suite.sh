@@ -41,13 +41,18 @@
 # Usage:  bash bench/gpu-suite.sh [stage ...]
 # The files each stage writes are packed into one $OUT/suite-<time>.tar.xz when the run ends
 # (also when a time limit stops it), since the GPU machine sends back only a few files a call.
-# Two chained device calls of under 10 minutes each for today's H100 figures beside llama.cpp
+# Today's H100 figures beside llama.cpp and PyTorch came from one device call of about 8 minutes
 # (the peer's build waits on a lock, so the q4km stage never starts a second one; the random
-# checkpoint's conversion needs no build and runs beside it):
+# checkpoint's conversion needs no build and runs beside it; `ab` wants the previous commit's
+# binary packed as .gpu/freeski-bot-prev.xz):
 #   bash bench/peers/llamacpp.sh build >/tmp/llama-build.log 2>&1 &
 #   bash bench/peers/llamacpp.sh mistral-f16 >/tmp/llama-f16.log 2>&1 &
-#   bash bench/gpu-suite.sh parity; wait; bash bench/gpu-suite.sh q4km
-#   bash bench/gpu-suite.sh batching llamacpp ncufile pytorch
+#   bash bench/gpu-suite.sh parity ab; wait; bash bench/gpu-suite.sh q4km llamacpp
+#   source .gpu/activate; for r in 0 16; do freeski-bot bench generate --model \
+#     /tmp/llamacpp/mistral-7b-random.Q4_K_M.gguf --device cuda:0 --lora-rank $r --compare false; done
+#   python3 bench/pytorch_generate.py --decode-tokens 16
+# A second call, chained within 30 s while the machine is warm, can run `batching ncufile
+# genprof ptx` on the same file.
 set -uo pipefail
 source .gpu/activate
 DEST=${OUT:-/tmp/out}; mkdir -p "$DEST"
