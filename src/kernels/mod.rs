@@ -580,9 +580,6 @@ mod cuda {
         // SAFETY: the kernel writes every element of both.
         let y = unsafe { dev.alloc::<f32>(n)? };
         let yb = if bf16 { Some(unsafe { dev.alloc::<half::bf16>(n)? }) } else { None };
-        if n == 0 {
-            return Ok(Some((tensor_from_slice(y, dev, g.dims()), yb.map(|yb| tensor_from_slice(yb, dev, g.dims())))));
-        }
         let func = dev.get_or_load_custom_func("silu_mul_f32", "freeski_prompt", PROMPT_PTX)?;
         let (gp, up, yp, ybp) = (first_element_ptr(&g)?, first_element_ptr(&u)?, slice_ptr(&y), yb.as_ref().map_or(0, slice_ptr));
         let vec4 = i32::from(cols % 4 == 0 && g_row % 4 == 0 && u_row % 4 == 0 && [gp, up, yp].iter().all(|p| p % 16 == 0) && ybp % 8 == 0);
@@ -592,10 +589,13 @@ mod cuda {
         let cfg = LaunchConfig { grid_dim: (grid_x(cols.div_ceil(256 * per_thread), what)?, rows.min(65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = func.builder();
         b.arg(&gp).arg(&up).arg(&yp).arg(&ybp).arg(&rows32).arg(&cols32).arg(&g_row).arg(&u_row).arg(&vec4);
-        // SAFETY: (const float*, const float*, float*, bf16* or null, int, int, long long, long
-        // long, int) as silu_mul_f32 declares; g and u hold `rows` rows of `cols` at their row
-        // strides, y and yb rows · cols elements; vec4 only with the alignment it needs.
-        unsafe { b.launch(cfg) }.w()?;
+        if n > 0 {
+            // SAFETY: (const float*, const float*, float*, bf16* or null, int, int, long long,
+            // long long, int) as silu_mul_f32 declares; g and u hold `rows` rows of `cols` at
+            // their row strides, y and yb rows · cols elements; vec4 only with the alignment it
+            // needs.
+            unsafe { b.launch(cfg) }.w()?;
+        }
         Ok(Some((tensor_from_slice(y, dev, g.dims()), yb.map(|yb| tensor_from_slice(yb, dev, g.dims())))))
     }
 

@@ -141,10 +141,11 @@ impl BaseLinear {
     /// an earlier build with a GEMM each had run at 12.2k (BENCHMARKS.md). `None` where this path
     /// does not apply.
     pub fn forward_one_gemm(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>) -> Result<Option<Vec<Tensor>>> {
-        if prompt != Some(PromptKernel::DenseBf16) || ws.len() < 2 || x.dtype() != DType::F32 || ws.iter().any(|w| w.in_features != ws[0].in_features) {
+        if prompt != Some(PromptKernel::DenseBf16) || ws.len() < 2 || x.dtype() != DType::F32 {
             return Ok(None);
         }
         let packed: Vec<&QTensor> = ws.iter().map(|w| w.weight.as_ref()).collect();
+        // None also where the weights' widths differ.
         let Some(w) = crate::kernels::dequantize_many(&packed, DType::BF16)? else { return Ok(None) };
         let xb = match x_bf16 {
             Some(xb) => xb.clone(),
