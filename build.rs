@@ -22,6 +22,9 @@ fn main() {
     // 90 = Hopper (H100/H200), 86 = RTX 30xx, 89 = RTX 40xx; PTX of a lower target also runs on
     // later cards through the driver's JIT.
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // The fused decode step launches kernels to overlap (programmatic dependent launch) only
+    // when they were compiled with the waits that make it safe (compute_90 and later).
+    println!("cargo::rustc-env=FREESKI_KERNEL_CAP={cap}");
     for k in KERNELS {
         let ptx = out.join(format!("{k}.ptx"));
         let status = Command::new(&nvcc)

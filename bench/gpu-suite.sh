@@ -163,13 +163,13 @@ stage_ncu() {
   grep -hE "mv_|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued" "$OUT/ncu-detail.txt" "$OUT/ncu-detail-b8.txt" | head -60
 }
 stage_ncufile() {
-  # The Q4_K_M mix launches 355 kernels a token (Q6_K tensors stand alone where q|k|v would share
-  # a launch). Bare, one row; the first 4 tokens are skipped.
-  local per=355
+  # Bare, one row; the first 4 tokens are skipped. The launches a token are the step's own count
+  # (the Q4_K_M mix's 6-bit v tensors take a launch of their own beside q|k).
+  local g=(bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --repeats 1 --streams 0 --compare false --prompt-tokens 64 --ttft-tokens 16)
+  local per; per=$(freeski-bot "${g[@]}" --decode-tokens 4 2>&1 | grep -oE "[0-9]+ kernel launches per token" | grep -oE "^[0-9]+")
   $NCU --cache-control none --clock-control none --csv --metrics gpu__time_duration.sum \
-    -k 'regex:^(mv[qd]?_|attn_|rope_|prep_|embed)' --launch-skip $((4 * per)) --launch-count $per \
-    freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --repeats 1 --streams 0 --compare false \
-    --prompt-tokens 64 --ttft-tokens 16 --decode-tokens 16 > "$OUT/ncu-file.csv" 2>/dev/null
+    -k 'regex:^(mv[qd]?_|attn_|rope_|prep_|embed)' --launch-skip $((4 * per)) --launch-count "$per" \
+    freeski-bot "${g[@]}" --decode-tokens 16 > "$OUT/ncu-file.csv" 2>/dev/null
   python3 bench/ncu_summary.py "$OUT/ncu-file.csv" 12 | tee "$OUT/ncu-file.txt"
 }
 stage_serve() {

@@ -51,6 +51,10 @@ pub struct GenerateBench {
     /// Replay the fused decode step as a CUDA graph (false: launch each kernel every step).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub graphs: bool,
+    /// Let each kernel of the fused decode step start while the one before it finishes
+    /// (programmatic dependent launch; only on compute capability 9.0 and later).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub overlap: bool,
     /// Matvec kernels for 1-2 rows on Q4_K: `exact-dp4a` (the default: dp4a in the order of the
     /// tensor-core kernel that 3-8 rows take, so a row's output never depends on the batch),
     /// `tensor-cores` (that kernel at 1-2 rows too: the same bits) or `fastest` (dp4a summing in
@@ -112,6 +116,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     let mut peak_dev: Option<(u64, u64)> = None;
     model.set_decode_graphs(args.graphs)?;
     model.set_decode_row_kernels(args.row_kernels)?;
+    let overlap = model.set_decode_overlap(args.overlap)?;
     model.set_prompt_kernel(args.prompt_kernel);
     model.set_prompt_attention(args.prompt_attention);
     if let Some(rows) = args.prompt_rows {
@@ -140,8 +145,12 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     println!(
         "decode path      {}",
         match launches {
-            Some(n) if fused =>
-                format!("fused CUDA step, {n} kernel launches per token{}, {:?} row kernels", if args.graphs { ", replayed as one CUDA graph" } else { "" }, args.row_kernels),
+            Some(n) if fused => format!(
+                "fused CUDA step, {n} kernel launches per token{}{}, {:?} row kernels",
+                if args.graphs { ", replayed as one CUDA graph" } else { "" },
+                if overlap { ", each overlapping the one before" } else { "" },
+                args.row_kernels
+            ),
             _ if dev.is_cpu() => match kernels::cpu::describe().filter(|_| kernels::cpu::available(model.layers()[0].proj(Proj::Q).dtype())) {
                 Some(isa) => format!("candle ops, the project's CPU matmul ({isa})"),
                 None => "candle ops".into(),
@@ -199,7 +208,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "model": label, "device": device::describe(&dev), "lora_rank": args.lora_rank,
-            "fused_decode": fused, "fused_launches_per_token": launches, "decode_graphs": args.graphs,
+            "fused_decode": fused, "fused_launches_per_token": launches, "decode_graphs": args.graphs, "decode_overlap": overlap,
             "prompt_tokens": args.prompt_tokens, "ttft_prompt_tokens": args.ttft_tokens, "decode_tokens": args.decode_tokens,
             "fast": fast.json(), "candle_ops": c.map(PathTimes::json),
             "peak_rss_bytes": rss, "device_peak_used_bytes": devmem.map(|d| d.0), "weight_bytes": model.weight_bytes(),

@@ -2,7 +2,8 @@
 // input (RMSNorm, int8 quantization and LoRA's down-projection u = A·x for the projections that
 // share the input, in one launch), rotary embedding with the KV-cache append, and single-query
 // attention. Activations are f32, laid out [rows, features] with rows <= 8; the KV cache is
-// [rows, kv_heads, capacity, head_dim] f32.
+// [rows, kv_heads, capacity, head_dim] f32. Every kernel here may be launched to overlap the one
+// before it (pdl_wait in common.cuh) and waits for it before touching memory.
 #include <stdint.h>
 
 #include "common.cuh"
@@ -79,6 +80,8 @@ struct PrepArgs {
 #define PREP_KEEP 4
 
 extern "C" __global__ void __launch_bounds__(1024) prep_q8(const PrepArgs p) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int n4 = p.n / 4;
     const bool norm = p.norm_w != nullptr;
     const float4 *g4 = reinterpret_cast<const float4 *>(p.norm_w);
@@ -193,6 +196,8 @@ struct RopeArgs {
 };
 
 extern "C" __global__ void rope_append_f32(const RopeArgs p) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int b = blockIdx.y, head = blockIdx.x, i = threadIdx.x, half = p.hd / 2;
     if (i >= half) return;
     float *src = p.qkv + (int64_t)b * p.ldq + (int64_t)head * p.hd;
@@ -233,6 +238,8 @@ struct AttnArgs {
 };
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_decode_f32(const AttnArgs p) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int h = blockIdx.x, b = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int kvh = h / (p.nh / p.nkv);

@@ -120,14 +120,60 @@ mod cuda {
             self.decode.load_function(name).w()
         }
 
+        /// Launch `func` with its parameters (a pointer to each argument, in the kernel's
+        /// order). With `overlap` it may start before the kernel ahead of it on the stream has
+        /// finished (programmatic dependent launch, compute capability 9.0 and later).
+        ///
+        /// # Safety
+        /// `params` must match the kernel's parameter list; with `overlap`, the kernel must call
+        /// `pdl_wait` (common.cuh) before it touches memory that earlier kernels use.
+        pub unsafe fn launch_params(&self, func: &CudaFunction, cfg: LaunchConfig, params: &mut [*mut std::ffi::c_void], overlap: bool) -> Result<()> {
+            use candle_core::cuda_backend::cudarc::driver::sys;
+            self.stream.context().bind_to_thread().w()?;
+            let mut attr = sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
+            };
+            let config = sys::CUlaunchConfig {
+                gridDimX: cfg.grid_dim.0,
+                gridDimY: cfg.grid_dim.1,
+                gridDimZ: cfg.grid_dim.2,
+                blockDimX: cfg.block_dim.0,
+                blockDimY: cfg.block_dim.1,
+                blockDimZ: cfg.block_dim.2,
+                sharedMemBytes: cfg.shared_mem_bytes,
+                hStream: self.stream.cu_stream(),
+                attrs: if overlap { &mut attr } else { std::ptr::null_mut() },
+                numAttrs: overlap as u32,
+            };
+            // SAFETY: the configuration lives across the call; the caller vouches for params.
+            unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().w()
+        }
+
         /// Launch `func` with one argument struct (the kernels of `decode.cu` and the matvec
-        /// take their arguments as one `#[repr(C)]` struct mirroring the C one).
-        pub fn launch_with<A: DeviceRepr>(&self, func: &CudaFunction, cfg: LaunchConfig, args: &A) -> Result<()> {
-            let mut b = self.stream.launch_builder(func);
-            b.arg(args);
-            // SAFETY: each caller passes the struct whose layout the kernel declares.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(())
+        /// take their arguments as one `#[repr(C)]` struct mirroring the C one); `overlap` as in
+        /// [`Self::launch_params`].
+        pub fn launch_with<A: DeviceRepr>(&self, func: &CudaFunction, cfg: LaunchConfig, args: &A, overlap: bool) -> Result<()> {
+            let mut params = [std::ptr::from_ref(args).cast_mut().cast::<std::ffi::c_void>()];
+            // SAFETY: each caller passes the struct whose layout the kernel declares, and with
+            // `overlap` only kernels that wait (decode.cu, the matvecs of quant.cu).
+            unsafe { self.launch_params(func, cfg, &mut params, overlap) }
+        }
+
+        /// Whether this build's kernels may be launched to overlap on this device: compiled for
+        /// compute capability 9.0 or later (so they carry the waits) and running on such a card.
+        pub fn overlap_supported(&self) -> Result<bool> {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+            let compiled: u32 = env!("FREESKI_KERNEL_CAP").parse().unwrap_or(0);
+            let major = self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;
+            Ok(compiled >= 90 && major >= 9)
+        }
+
+        /// Streaming multiprocessors of the device.
+        pub fn multiprocessors(&self) -> Result<usize> {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+            Ok(self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?.max(1) as usize)
         }
     }
 

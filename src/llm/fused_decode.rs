@@ -60,6 +60,14 @@ impl FusedDecoder {
         match *self {}
     }
 
+    pub fn set_overlap(&self, _: bool) -> bool {
+        match *self {}
+    }
+
+    pub fn set_grid_cap(&self, _: Option<usize>) {
+        match *self {}
+    }
+
     pub fn step(&self, _: &super::Model, _: &candle_core::Tensor, _: &mut super::KvCache, _: &[Option<&super::lora::LoraAdapter>]) -> anyhow::Result<Option<candle_core::Tensor>> {
         match *self {}
     }
@@ -69,11 +77,12 @@ impl FusedDecoder {
 mod imp {
     use std::cell::Cell;
     use std::collections::HashMap;
+    use std::ffi::c_void;
     use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     use anyhow::{ensure, Result};
-    use candle_core::cuda_backend::cudarc::driver::{result as cu, sys, CudaFunction, CudaGraph, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{result as cu, sys, CudaFunction, CudaGraph, CudaSlice, DeviceRepr, LaunchConfig};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, DType, Device, Tensor};
 
@@ -167,6 +176,9 @@ mod imp {
         /// `mvd_<type>_b<n>` for n below [`MMA_MIN_ROWS`]: dp4a in the tensor-core kernel's
         /// float order (the same bits), where the type has one.
         mma_order: Vec<CudaFunction>,
+        /// The most blocks of each `mma_order` kernel resident at once: its grid, whose warps
+        /// loop over the output rows.
+        mma_order_blocks: Vec<usize>,
         embed: CudaFunction,
     }
 
@@ -203,7 +215,11 @@ mod imp {
                         ),
                         _ => (Vec::new(), Vec::new()),
                     };
-                    let f = Arc::new(TypeKernels { mv, mma, mma_order, embed: k.quant(&format!("embed_f32_{suffix}"))? });
+                    let threads = (crate::kernels::MV_WARPS * 32) as u32;
+                    let sms = k.multiprocessors()?;
+                    let mma_order_blocks =
+                        mma_order.iter().map(|f| Ok(sms * f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).w()?.max(1) as usize)).collect::<Result<Vec<_>>>()?;
+                    let f = Arc::new(TypeKernels { mv, mma, mma_order, mma_order_blocks, embed: k.quant(&format!("embed_f32_{suffix}"))? });
                     by_type.insert(suffix, f.clone());
                     f
                 }
@@ -272,6 +288,12 @@ mod imp {
         graphs: AtomicBool,
         /// The [`RowKernels`] choice, as its index.
         row_kernels: AtomicU8,
+        /// Launch each kernel to start while the one before it finishes (programmatic dependent
+        /// launch; on by default where [`Kernels::overlap_supported`]).
+        overlap: AtomicBool,
+        overlap_supported: bool,
+        /// Most blocks a looping matvec (`mvd`) launches; 0: as many as fit at once.
+        grid_cap: AtomicUsize,
     }
 
     /// Launches on the decoder's stream, counted for `bench generate`.
@@ -279,12 +301,14 @@ mod imp {
         k: &'a Kernels,
         n: Cell<usize>,
         rows: RowKernels,
+        overlap: bool,
+        grid_cap: usize,
     }
 
     impl Launcher<'_> {
         fn with<A: DeviceRepr>(&self, f: &CudaFunction, cfg: LaunchConfig, args: &A) -> Result<()> {
             self.n.set(self.n.get() + 1);
-            Ok(self.k.launch_with(f, cfg, args)?)
+            Ok(self.k.launch_with(f, cfg, args, self.overlap)?)
         }
 
         /// The matvec for `w`'s type and `nb` rows: `mvq_q4k_body` (tensor cores, tiles of 16
@@ -295,7 +319,14 @@ mod imp {
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
             if !w.f.mma.is_empty() {
                 match self.rows {
-                    RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
+                    RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => {
+                        let fit = match self.grid_cap {
+                            0 => w.f.mma_order_blocks[nb - 1],
+                            cap => cap,
+                        };
+                        let blocks = matvec_blocks(n, glu).min(fit);
+                        return self.with(&w.f.mma_order[nb - 1], grid(blocks, threads), a);
+                    }
                     RowKernels::Fastest if nb < MMA_MIN_ROWS => {}
                     _ => return self.with(&w.f.mma[nb - 1], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a),
                 }
@@ -303,9 +334,14 @@ mod imp {
             self.with(&w.f.mv[nb - 1], grid(matvec_blocks(n, glu), threads), a)
         }
 
-        fn builder<'b>(&'b self, f: &'b CudaFunction) -> LaunchArgs<'b> {
+        /// Launch with the kernel's parameters one by one (a pointer to each, in order).
+        ///
+        /// # Safety
+        /// `params` must match the kernel's parameter list.
+        unsafe fn with_params(&self, f: &CudaFunction, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<()> {
             self.n.set(self.n.get() + 1);
-            self.k.stream.launch_builder(f)
+            // SAFETY: passed on from the caller; every kernel the step launches waits (pdl_wait).
+            Ok(unsafe { self.k.launch_params(f, cfg, params, self.overlap) }?)
         }
     }
 
@@ -323,6 +359,7 @@ mod imp {
                 return Ok(None);
             }
             let k = Kernels::load(dev)?;
+            let overlap_supported = k.overlap_supported()?;
             let mut by_type = HashMap::new();
             let mut packed = |w: &BaseLinear| Packed::new(&k, &mut by_type, w);
             let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -381,6 +418,9 @@ mod imp {
                 launches: AtomicUsize::new(0),
                 graphs: AtomicBool::new(true),
                 row_kernels: AtomicU8::new(RowKernels::default() as u8),
+                overlap: AtomicBool::new(overlap_supported),
+                overlap_supported,
+                grid_cap: AtomicUsize::new(0),
             }))
         }
 
@@ -397,6 +437,22 @@ mod imp {
         /// Which matvec kernels serve 1 and 2 rows (see [`RowKernels`]); `ExactDp4a` by default.
         pub fn set_row_kernels(&self, rows: RowKernels) {
             self.row_kernels.store(rows as u8, Ordering::Relaxed);
+        }
+
+        /// Launch the step's kernels to overlap where the device and build allow it (on by
+        /// default there); `false` launches each after the one before has finished. Returns
+        /// whether they overlap now.
+        pub fn set_overlap(&self, on: bool) -> bool {
+            let on = on && self.overlap_supported;
+            self.overlap.store(on, Ordering::Relaxed);
+            on
+        }
+
+        /// At most `blocks` blocks for the matvecs whose warps loop over the output rows (`None`:
+        /// as many as fit on the device at once). Fewer blocks give each warp more rows: the
+        /// GPU tests run those loops on small models this way.
+        pub fn set_grid_cap(&self, blocks: Option<usize>) {
+            self.grid_cap.store(blocks.unwrap_or(0), Ordering::Relaxed);
         }
 
         fn row_kernels(&self) -> RowKernels {
@@ -457,6 +513,8 @@ mod imp {
             let plan = StepPlan {
                 nb,
                 rows: self.row_kernels(),
+                overlap: self.overlap.load(Ordering::Relaxed),
+                grid_cap: self.grid_cap.load(Ordering::Relaxed),
                 cap: cache.capacity(),
                 u: match &s.u {
                     Some((buf, _)) if rmax > 0 => (slice_ptr(buf), rmax),
@@ -527,7 +585,7 @@ mod imp {
             let (xq, xd) = (slice_ptr(&s.xq), p(&s.xd));
             let (u, rmax) = plan.u;
             let ldu = 3 * rmax;
-            let go = Launcher { k: &self.k, n: Cell::new(0), rows: self.row_kernels() };
+            let go = Launcher { k: &self.k, n: Cell::new(0), rows: plan.rows, overlap: plan.overlap, grid_cap: plan.grid_cap };
             let pos = slice_ptr(&s.ints);
             let start = pos + (MAX_ROWS * 4) as u64;
             let at = pos + (2 * MAX_ROWS * 4) as u64;
@@ -542,11 +600,16 @@ mod imp {
 
             // Embedding rows straight from the packed table.
             {
-                let mut b = go.builder(&self.embed.f.embed);
-                let (ids, nb32, k32) = (slice_ptr(&s.ids), nb as i32, hidden as i32);
-                b.arg(&self.embed.ptr).arg(&ids).arg(&x).arg(&nb32).arg(&k32);
+                let (mut table, mut ids, mut out, mut nb32, mut k32) = (self.embed.ptr, slice_ptr(&s.ids), x, nb as i32, hidden as i32);
+                let mut params = [
+                    std::ptr::from_mut(&mut table).cast::<c_void>(),
+                    std::ptr::from_mut(&mut ids).cast(),
+                    std::ptr::from_mut(&mut out).cast(),
+                    std::ptr::from_mut(&mut nb32).cast(),
+                    std::ptr::from_mut(&mut k32).cast(),
+                ];
                 // SAFETY: (const uint8_t*, const uint32_t*, float*, int, int) as in EMBED.
-                unsafe { b.launch(grid((nb * hidden / 32).div_ceil(256), 256)) }.w()?;
+                unsafe { go.with_params(&self.embed.f.embed, grid((nb * hidden / 32).div_ceil(256), 256), &mut params) }?;
             }
             // One matvec launch over up to three stacked weight segments of one block type, each
             // with every row's LoRA pair (GLU: gate and up, output silu(gate)·up). The input is
@@ -626,14 +689,15 @@ mod imp {
                 // Attention block.
                 let qkv_pairs = [pair(Proj::Q), pair(Proj::K), pair(Proj::V)];
                 prep(x, Some(layer.attn_norm), hidden, qkv_pairs)?;
-                let (wq, wk, wv) = (w(Proj::Q), w(Proj::K), w(Proj::V));
-                if wq.same_type(wk) && wq.same_type(wv) {
-                    mv(&[(wq, qkv_pairs[0]), (wk, qkv_pairs[1]), (wv, qkv_pairs[2])], qkv, ldq, 0, u, false)?;
-                } else {
-                    // Mixed types (Q4_K_M keeps some v at 6 bits): one launch each, into place.
-                    for (i, (wp, off)) in [(wq, 0), (wk, qdim), (wv, qdim + kvdim)].into_iter().enumerate() {
-                        mv(&[(wp, qkv_pairs[i])], qkv + off as u64 * f, ldq, 0, u + (i * rmax) as u64 * f, false)?;
-                    }
+                // q|k|v in one launch per run of weights of one type (Q4_K_M keeps some v at 6
+                // bits: then q|k and v), each into its place in qkv.
+                let parts = [(w(Proj::Q), 0), (w(Proj::K), qdim), (w(Proj::V), qdim + kvdim)];
+                let mut i = 0;
+                while i < parts.len() {
+                    let run = parts[i..].iter().take_while(|(wp, _)| wp.same_type(parts[i].0)).count();
+                    let segs: Vec<_> = (i..i + run).map(|t| (parts[t].0, qkv_pairs[t])).collect();
+                    mv(&segs, qkv + parts[i].1 as u64 * f, ldq, 0, u + (i * rmax) as u64 * f, false)?;
+                    i += run;
                 }
                 let ra = RopeArgs {
                     qkv,
@@ -694,6 +758,10 @@ mod imp {
     struct StepPlan<'a> {
         nb: usize,
         rows: RowKernels,
+        /// Kernels launched to overlap (see [`FusedDecoder::set_overlap`]).
+        overlap: bool,
+        /// See [`FusedDecoder::set_grid_cap`] (0: none).
+        grid_cap: usize,
         cap: usize,
         /// Each row's adapter (device addresses, rank, scale), or `None`.
         lora: Vec<Option<RowLora<'a>>>,
@@ -708,7 +776,7 @@ mod imp {
         /// The adapter enters by its device addresses, so a new adapter allocated where an old
         /// one was freed, with the same addresses, is the same computation.
         fn key(&self) -> Vec<u64> {
-            let mut k = vec![self.nb as u64, self.cap as u64, self.u.0, self.u.1 as u64, self.rows as u64];
+            let mut k = vec![self.nb as u64, self.cap as u64, self.u.0, self.u.1 as u64, self.rows as u64, self.overlap as u64, self.grid_cap as u64];
             k.extend(self.raw.iter().flat_map(|&(a, b)| [a, b]));
             // Each row's adapter by its table's address, rank and scale, then each distinct
             // table's contents once.

@@ -516,6 +516,26 @@ impl Model {
         Ok(())
     }
 
+    /// Let each kernel of the fused decode step start while the one before it finishes (on by
+    /// default where the card and the build allow it: compute capability 9.0 and later).
+    /// Returns whether the step's kernels overlap now.
+    pub fn set_decode_overlap(&self, on: bool) -> Result<bool> {
+        Ok(match self.fused_decoder()? {
+            Some(f) => f.set_overlap(on),
+            None => false,
+        })
+    }
+
+    /// At most `blocks` blocks for the fused step's matvecs whose warps loop over the output
+    /// rows (`None`, the default: as many as fit on the device at once); the GPU tests give each
+    /// warp many rows of a small model this way.
+    pub fn set_decode_grid_cap(&self, blocks: Option<usize>) -> Result<()> {
+        if let Some(f) = self.fused_decoder()? {
+            f.set_grid_cap(blocks);
+        }
+        Ok(())
+    }
+
     /// Most rows a decode step may hold while each row's output stays exactly what it is
     /// alone: any number on the CPU (every op computes a row on its own), [`MAX_ROWS`] on CUDA
     /// where the fused step applies, else 1 (candle's CUDA kernels split the work by row count).
