@@ -85,8 +85,7 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
 /// (Q6_K values make q|k|v a mixed-type group).
 fn fused_parity_models() -> Vec<(&'static str, freeski_bot::llm::ModelConfig, BenchQuant)> {
     let tiny = freeski_bot::llm::ModelConfig::tiny();
-    // Down-projection rows of 10 Q4_K blocks: two iterations of the looping matvec, the second
-    // partial.
+    // Down-projection rows of 10 Q4_K blocks: the 1-2 row kernel's second iteration is partial.
     let small = freeski_bot::llm::ModelConfig { hidden_size: 256, intermediate_size: 2560, head_dim: 64, ..tiny.clone() };
     vec![("tiny q8_0", tiny.clone(), BenchQuant::Q8_0), ("tiny q4_0", tiny, BenchQuant::Q4_0), ("small q4k-m", small, BenchQuant::Q4kM)]
 }
@@ -113,9 +112,8 @@ struct FusedParity {
     /// batch and for the row alone, against the default kernels' batch (the default dp4a kernel
     /// follows the tensor-core order: must be 0).
     tensor_cores: Vec<f64>,
-    /// The same with the step's kernels launched one after another (no overlap) and the looping
-    /// matvecs on a single block (each warp takes many output rows in turn), for the batch and
-    /// for the row alone, against the default batch: must be 0.
+    /// The same with the step's kernels launched one after another (no overlap), for the batch
+    /// and for the row alone, against the default batch: must be 0.
     serial: Vec<f64>,
 }
 
@@ -210,10 +208,8 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         let lf = decode(RowKernels::default(), &mut c_fused, &mut c_alone, &mut alone, None)?;
         decode(RowKernels::TensorCores, &mut c_mma, &mut c_alone_mma, &mut tensor_cores, Some(&lf))?;
         packed.set_decode_overlap(false)?;
-        packed.set_decode_grid_cap(Some(1))?;
         decode(RowKernels::default(), &mut c_serial, &mut c_alone_serial, &mut serial, Some(&lf))?;
         packed.set_decode_overlap(true)?;
-        packed.set_decode_grid_cap(None)?;
         packed.set_decode_row_kernels(RowKernels::default())?;
         packed.set_fused_decode(false);
         let lo = packed.forward_mixed(&t, &mut c_ops, a, Logits::Last)?;
@@ -420,7 +416,7 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
         let label = format!("{label}, {rows} rows, r={rank}{}", if mixed { ", mixed adapters" } else { "" });
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ");
         println!(
-            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}], exact model with the fused attention kernel vs composed [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]; serial launches, one block vs default [{}]",
+            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}], exact model with the fused attention kernel vs composed [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]; kernels launched one after another vs overlapping [{}]",
             r.steps,
             fmt(&r.fused),
             fmt(&r.candle_ops),
@@ -471,8 +467,7 @@ fn int8_mma_prompt_matmul_matches_f32() -> Result<()> {
 
 /// Batch invariance of the fused step, the property serving relies on: every row of a padded
 /// batch, one adapter for all or each its own (or none), gives the same bits as decoded alone,
-/// whichever kernel serves its row count, whether the kernels overlap, and however many rows
-/// each warp of the looping matvec takes.
+/// whichever kernel serves its row count and whether the kernels overlap.
 #[test]
 #[ignore = "needs a GPU"]
 fn fused_decode_rows_equal_alone_with_any_adapters() -> Result<()> {
@@ -490,7 +485,7 @@ fn fused_decode_rows_equal_alone_with_any_adapters() -> Result<()> {
                 failures.push(format!("{label}, row {b}: the tensor-core kernel at every row count differs from the default by {:.2e}", r.tensor_cores[b]));
             }
             if r.serial[b] != 0.0 {
-                failures.push(format!("{label}, row {b}: serial launches with one matvec block differ from the default by {:.2e}", r.serial[b]));
+                failures.push(format!("{label}, row {b}: kernels launched one after another differ from overlapping ones by {:.2e}", r.serial[b]));
             }
         }
     }

@@ -169,12 +169,6 @@ mod cuda {
             let major = self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;
             Ok(compiled >= 90 && major >= 9)
         }
-
-        /// Streaming multiprocessors of the device.
-        pub fn multiprocessors(&self) -> Result<usize> {
-            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-            Ok(self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?.max(1) as usize)
-        }
     }
 
     /// Raw device address of a contiguous CUDA tensor's first element. The address stays valid

@@ -234,6 +234,8 @@ __device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+// Ask for the bytes at p to be brought into L2 (a hint: nothing waits for it).
+__device__ __forceinline__ void prefetch_l2(const uint8_t *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ uint32_t ld_stream4(const uint8_t *p) {
     uint32_t v;
     asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
@@ -856,208 +858,177 @@ MVQ_NB(1) MVQ_NB(2) MVQ_NB(3) MVQ_NB(4) MVQ_NB(5) MVQ_NB(6) MVQ_NB(7) MVQ_NB(8)
 //     (the tensor-core kernel's warp w), each adding its sub-blocks j = 0..7 with mq_sub;
 //   - partial w then adds its share of the LoRA term (rank entries j ≡ w mod 8, scaled);
 //   - the eight partials are summed from partial 0 up, then the shared epilogue.
-// Layout: a warp owns MV_SLOTS = 2 weight rows at a time (an output group: GLU, the gate and up
-// rows of one output) and walks their whole length, 4 blocks a step. In step t, lane
-// 8q + 2g + h covers block 4t + q and, in it, the 16 quant bytes 32g + 16h..: weights 64g + 16h..
-// (low nibbles, sub-block 2g) and 64g + 32 + 16h.. (high, sub-block 2g + 1). The pair of lanes
+// Layout: a warp owns MV_SLOTS = 2 weight rows (GLU: the gate and up rows of one output), as in
+// mv_body (same grid), and walks their whole length, 8 blocks an iteration. Lane = 8q + 2g + h covers block
+// 8·it + 4u + q (u = 0, 1) and, in it, the 16 quant bytes 32g + 16h..: weights 64g + 16h.. (low
+// nibbles, sub-block 2g) and 64g + 32 + 16h.. (high, sub-block 2g + 1). The pair of lanes
 // (h = 0, 1) sums a sub-block's dot product; the 8 lanes of group q gather the block's eight
-// sub-block terms and each runs its block's chain into partial w = q + 4·(t mod 2).
-// Warps stay resident (the grid is at most what fits at once) and take output groups gw,
-// gw + warps, ...; the weights of a warp's next step (of this group or its next one) are
-// requested before the arithmetic of the current one, so its loads overlap its own work
-// instead of waiting for each step in turn. The first step's weights are requested before
-// pdl_wait(), while the kernel before is still finishing.
-struct MvdWeights {
-    uint4 hd[MV_SLOTS], qv[MV_SLOTS];
-};
-
-__device__ __forceinline__ void mvd_group_rows(const MvArgs &a, int group, int nblk, MqRow (&rows)[MV_SLOTS]) {
-    const int first = group * (a.glu ? 1 : MV_SLOTS);
-#pragma unroll
-    for (int s = 0; s < MV_SLOTS; s++) rows[s] = mq_row(a, a.glu ? first : first + s, s, nblk);
-}
-
-// Step t's weights of the group's rows (zeros past the end).
-__device__ __forceinline__ void mvd_load(const MqRow (&rows)[MV_SLOTS], int t, int nblk, int q, int g, int h, MvdWeights &w) {
-    const int bi = 4 * t + q;
-#pragma unroll
-    for (int s = 0; s < MV_SLOTS; s++) {
-        w.hd[s] = w.qv[s] = make_uint4(0, 0, 0, 0);
-        if (bi < nblk && rows[s].w != nullptr) {
-            const uint8_t *p = rows[s].w + (int64_t)bi * Q4K::BYTES;
-            w.hd[s] = ld_stream16(p);
-            w.qv[s] = ld_stream16(p + 16 + 32 * g + 16 * h);
-        }
-    }
-}
-
+// sub-block terms and each runs its block's chain into partial w = q + 4u.
 template <int NB>
 __device__ void mvd_q4k_body(const MvArgs &a) {
     pdl_launch_dependents();
     const int lane = threadIdx.x & 31, q = lane >> 3, g = (lane >> 1) & 3, h = lane & 1;
     const int base = lane & ~7;
-    const int nblk = a.k / Q4K::ELEMS, steps = (nblk + 3) / 4;
+    const int nblk = a.k / Q4K::ELEMS;
     const int outs = a.glu ? 1 : MV_SLOTS;
-    const int groups = (a.n + outs - 1) / outs, warps = gridDim.x * MV_WARPS;
-    const int gw = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
-    const int items = gw < groups ? ((groups - 1 - gw) / warps + 1) * steps : 0;
+    const int first = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * outs;
+    if (first >= a.n) return;
     MqRow rows[MV_SLOTS];
-    MvdWeights wc;
-    if (items > 0) {
-        mvd_group_rows(a, gw, nblk, rows);
-        mvd_load(rows, 0, nblk, q, g, h, wc);
-    }
-    pdl_wait();
-    if (items == 0) return;
-    // Lane o*NB + b writes output first+o of batch row b.
-    const int oo = lane / NB, ob = lane % NB;
-    // Partial w = q + 4u of row s, batch row b, and the LoRA entries j = w and w + 8 of each
-    // partial (requested when a group starts, so ranks up to 16 need nothing at its end).
-    float acc[MV_SLOTS][NB][2], lb[MV_SLOTS][NB][2][2], lu[MV_SLOTS][NB][2][2];
-    float res = 0.f;
-    int group = gw, t = 0;
-    for (int c = 0; c < items; c++) {
-        // The next step's weights, in flight during this step's arithmetic.
-        MqRow next[MV_SLOTS];
-        MvdWeights wn;
-        const bool last = t + 1 == steps;
 #pragma unroll
-        for (int s = 0; s < MV_SLOTS; s++) next[s] = rows[s];
-        if (c + 1 < items) {
-            if (last) mvd_group_rows(a, group + warps, nblk, next);
-            mvd_load(next, last ? 0 : t + 1, nblk, q, g, h, wn);
-        } else {
-            wn = {};
-        }
-        const int first = group * outs;
-        const bool writes = lane < outs * NB && first + oo < a.n;
-        if (t == 0) {
+    for (int s = 0; s < MV_SLOTS; s++) rows[s] = mq_row(a, a.glu ? first : first + s, s, nblk);
+    // While the kernel before finishes: the first iteration's weight bytes into L2 (a hint,
+    // no registers held), then wait for the activations.
 #pragma unroll
-            for (int s = 0; s < MV_SLOTS; s++)
-#pragma unroll
-                for (int b = 0; b < NB; b++)
-#pragma unroll
-                    for (int u = 0; u < 2; u++) {
-                        acc[s][b][u] = 0.f;
-#pragma unroll
-                        for (int e = 0; e < 2; e++) {
-                            lb[s][b][u][e] = lu[s][b][u][e] = 0.f;
-                            if (rows[s].w == nullptr) continue;
-                            const MvLora l = mv_lora(a, b, rows[s].seg);
-                            const int j = q + 4 * u + 8 * e;
-                            if (l.b != nullptr && j < l.r) {
-                                lb[s][b][u][e] = l.b[(int64_t)rows[s].lrow * l.r + j];
-                                lu[s][b][u][e] = a.lora_u[(int64_t)b * a.ldu + rows[s].seg * a.rmax + j];
-                            }
-                        }
-                    }
-            res = writes && a.residual != nullptr ? a.residual[(int64_t)ob * a.ldy + first + oo] : 0.f;
-        }
-        const int bi = 4 * t + q;
-        const bool in = bi < nblk, odd = t & 1;
-        uint4 xlo[NB], xhi[NB];
-        float4 xd[NB][2];
-        // Activation sums of sub-blocks 2g (lo) and 2g + 1 (hi), per batch row.
-        int slo[NB], shi[NB];
-#pragma unroll
-        for (int b = 0; b < NB; b++) {
-            xlo[b] = xhi[b] = make_uint4(0, 0, 0, 0);
-            xd[b][0] = xd[b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (in) {
-                const int8_t *x = a.xq + (int64_t)b * a.k + bi * 256 + 64 * g + 16 * h;
-                xlo[b] = *reinterpret_cast<const uint4 *>(x);
-                xhi[b] = *reinterpret_cast<const uint4 *>(x + 32);
-                const float4 *d = reinterpret_cast<const float4 *>(a.xd + (int64_t)b * (a.k / 32) + bi * 8);
-                xd[b][0] = d[0];
-                xd[b][1] = d[1];
-            }
-            const uint4 l = xlo[b], m = xhi[b];
-            slo[b] = __dp4a(0x01010101, (int)l.x, __dp4a(0x01010101, (int)l.y, __dp4a(0x01010101, (int)l.z, __dp4a(0x01010101, (int)l.w, 0))));
-            shi[b] = __dp4a(0x01010101, (int)m.x, __dp4a(0x01010101, (int)m.y, __dp4a(0x01010101, (int)m.z, __dp4a(0x01010101, (int)m.w, 0))));
-            slo[b] += __shfl_xor_sync(0xffffffffu, slo[b], 1);
-            shi[b] += __shfl_xor_sync(0xffffffffu, shi[b], 1);
-        }
+    for (int u = 0; u < 2; u++)
 #pragma unroll
         for (int s = 0; s < MV_SLOTS; s++) {
-            const uint4 hv = wc.hd[s], w = wc.qv[s];
-            uint32_t sc_w, m_w;
-            q4k_scale_words(hv.y, hv.z, hv.w, g >= 2, sc_w, m_w);
-            const int sh = 16 * (g & 1);
-            const float2 dm = __half22float2(*reinterpret_cast<const __half2 *>(&hv.x));
-            const float dlo = dm.x * small_uint((sc_w >> sh) & 0xFF), mlo = dm.y * small_uint((m_w >> sh) & 0xFF);
-            const float dhi = dm.x * small_uint((sc_w >> (sh + 8)) & 0xFF), mhi = dm.y * small_uint((m_w >> (sh + 8)) & 0xFF);
-            const uint32_t wl[4] = {w.x & 0x0F0F0F0Fu, w.y & 0x0F0F0F0Fu, w.z & 0x0F0F0F0Fu, w.w & 0x0F0F0F0Fu};
-            const uint32_t wh[4] = {(w.x >> 4) & 0x0F0F0F0Fu, (w.y >> 4) & 0x0F0F0F0Fu, (w.z >> 4) & 0x0F0F0F0Fu, (w.w >> 4) & 0x0F0F0F0Fu};
+            const int bi = 4 * u + q;
+            if (bi < nblk && rows[s].w != nullptr) {
+                const uint8_t *p = rows[s].w + (int64_t)bi * Q4K::BYTES;
+                prefetch_l2(p);
+                prefetch_l2(p + 16 + 32 * g + 16 * h);
+            }
+        }
+    pdl_wait();
+    // Partial w = q + 4u of row s, batch row b.
+    float acc[MV_SLOTS][NB][2];
+    // LoRA entries j = w and w + 8 of each partial, requested before the weights (ranks up to 16
+    // need nothing after the loop).
+    float lb[MV_SLOTS][NB][2][2], lu[MV_SLOTS][NB][2][2];
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+        for (int b = 0; b < NB; b++)
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                acc[s][b][u] = 0.f;
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    lb[s][b][u][e] = lu[s][b][u][e] = 0.f;
+                    if (rows[s].w == nullptr) continue;
+                    const MvLora l = mv_lora(a, b, rows[s].seg);
+                    const int j = q + 4 * u + 8 * e;
+                    if (l.b != nullptr && j < l.r) {
+                        lb[s][b][u][e] = l.b[(int64_t)rows[s].lrow * l.r + j];
+                        lu[s][b][u][e] = a.lora_u[(int64_t)b * a.ldu + rows[s].seg * a.rmax + j];
+                    }
+                }
+            }
+    // Lane o*NB + b writes output first+o of batch row b.
+    const int oo = lane / NB, ob = lane % NB;
+    const bool writes = lane < outs * NB && first + oo < a.n;
+    const float res = writes && a.residual != nullptr ? a.residual[(int64_t)ob * a.ldy + first + oo] : 0.f;
+
+    for (int it = 0; it * 8 < nblk; it++) {
+        uint4 hd[2][MV_SLOTS], qv[2][MV_SLOTS], xlo[2][NB], xhi[2][NB];
+        float4 xd[2][NB][2];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int bi = 8 * it + 4 * u + q;
+            const bool in = bi < nblk;
+#pragma unroll
+            for (int s = 0; s < MV_SLOTS; s++) {
+                hd[u][s] = qv[u][s] = make_uint4(0, 0, 0, 0);
+                if (in && rows[s].w != nullptr) {
+                    const uint8_t *p = rows[s].w + (int64_t)bi * Q4K::BYTES;
+                    hd[u][s] = ld_stream16(p);
+                    qv[u][s] = ld_stream16(p + 16 + 32 * g + 16 * h);
+                }
+            }
 #pragma unroll
             for (int b = 0; b < NB; b++) {
-                const uint4 l = xlo[b], m = xhi[b];
-                int plo = __dp4a((int)wl[0], (int)l.x, __dp4a((int)wl[1], (int)l.y, __dp4a((int)wl[2], (int)l.z, __dp4a((int)wl[3], (int)l.w, 0))));
-                int phi = __dp4a((int)wh[0], (int)m.x, __dp4a((int)wh[1], (int)m.y, __dp4a((int)wh[2], (int)m.z, __dp4a((int)wh[3], (int)m.w, 0))));
-                plo += __shfl_xor_sync(0xffffffffu, plo, 1);
-                phi += __shfl_xor_sync(0xffffffffu, phi, 1);
-                const float tlo = mq_term(dlo, plo, mlo, slo[b]), thi = mq_term(dhi, phi, mhi, shi[b]);
-                const float xs[8] = {xd[b][0].x, xd[b][0].y, xd[b][0].z, xd[b][0].w, xd[b][1].x, xd[b][1].y, xd[b][1].z, xd[b][1].w};
-                float cc = odd ? acc[s][b][1] : acc[s][b][0];
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    const float tj = __shfl_sync(0xffffffffu, (j & 1) ? thi : tlo, base + 2 * (j >> 1));
-                    cc = __fmaf_rn(xs[j], tj, cc);
-                }
+                xlo[u][b] = xhi[u][b] = make_uint4(0, 0, 0, 0);
+                xd[u][b][0] = xd[u][b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
                 if (in) {
-                    if (odd) acc[s][b][1] = cc;
-                    else acc[s][b][0] = cc;
+                    const int8_t *x = a.xq + (int64_t)b * a.k + bi * 256 + 64 * g + 16 * h;
+                    xlo[u][b] = *reinterpret_cast<const uint4 *>(x);
+                    xhi[u][b] = *reinterpret_cast<const uint4 *>(x + 32);
+                    const float4 *d = reinterpret_cast<const float4 *>(a.xd + (int64_t)b * (a.k / 32) + bi * 8);
+                    xd[u][b][0] = d[0];
+                    xd[u][b][1] = d[1];
                 }
             }
         }
-        if (last) {
-            // The group's outputs: LoRA shares, the eight partials from 0 up, the epilogue.
-            float out = 0.f, gate = 0.f;
 #pragma unroll
-            for (int s = 0; s < MV_SLOTS; s++)
+        for (int u = 0; u < 2; u++) {
+            const bool in = 8 * it + 4 * u + q < nblk;
+            // Activation sums of sub-blocks 2g (lo) and 2g + 1 (hi), per batch row.
+            int slo[NB], shi[NB];
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                const uint4 l = xlo[u][b], m = xhi[u][b];
+                slo[b] = __dp4a(0x01010101, (int)l.x, __dp4a(0x01010101, (int)l.y, __dp4a(0x01010101, (int)l.z, __dp4a(0x01010101, (int)l.w, 0))));
+                shi[b] = __dp4a(0x01010101, (int)m.x, __dp4a(0x01010101, (int)m.y, __dp4a(0x01010101, (int)m.z, __dp4a(0x01010101, (int)m.w, 0))));
+                slo[b] += __shfl_xor_sync(0xffffffffu, slo[b], 1);
+                shi[b] += __shfl_xor_sync(0xffffffffu, shi[b], 1);
+            }
+#pragma unroll
+            for (int s = 0; s < MV_SLOTS; s++) {
+                const uint4 hv = hd[u][s], w = qv[u][s];
+                uint32_t sc_w, m_w;
+                q4k_scale_words(hv.y, hv.z, hv.w, g >= 2, sc_w, m_w);
+                const int sh = 16 * (g & 1);
+                const float2 dm = __half22float2(*reinterpret_cast<const __half2 *>(&hv.x));
+                const float dlo = dm.x * small_uint((sc_w >> sh) & 0xFF), mlo = dm.y * small_uint((m_w >> sh) & 0xFF);
+                const float dhi = dm.x * small_uint((sc_w >> (sh + 8)) & 0xFF), mhi = dm.y * small_uint((m_w >> (sh + 8)) & 0xFF);
+                const uint32_t wl[4] = {w.x & 0x0F0F0F0Fu, w.y & 0x0F0F0F0Fu, w.z & 0x0F0F0F0Fu, w.w & 0x0F0F0F0Fu};
+                const uint32_t wh[4] = {(w.x >> 4) & 0x0F0F0F0Fu, (w.y >> 4) & 0x0F0F0F0Fu, (w.z >> 4) & 0x0F0F0F0Fu, (w.w >> 4) & 0x0F0F0F0Fu};
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
+                    const uint4 l = xlo[u][b], m = xhi[u][b];
+                    int plo = __dp4a((int)wl[0], (int)l.x, __dp4a((int)wl[1], (int)l.y, __dp4a((int)wl[2], (int)l.z, __dp4a((int)wl[3], (int)l.w, 0))));
+                    int phi = __dp4a((int)wh[0], (int)m.x, __dp4a((int)wh[1], (int)m.y, __dp4a((int)wh[2], (int)m.z, __dp4a((int)wh[3], (int)m.w, 0))));
+                    plo += __shfl_xor_sync(0xffffffffu, plo, 1);
+                    phi += __shfl_xor_sync(0xffffffffu, phi, 1);
+                    const float tlo = mq_term(dlo, plo, mlo, slo[b]), thi = mq_term(dhi, phi, mhi, shi[b]);
+                    const float xs[8] = {xd[u][b][0].x, xd[u][b][0].y, xd[u][b][0].z, xd[u][b][0].w,
+                                         xd[u][b][1].x, xd[u][b][1].y, xd[u][b][1].z, xd[u][b][1].w};
+                    float c = acc[s][b][u];
 #pragma unroll
-                    for (int u = 0; u < 2; u++) {
-                        float v = 0.f;
-                        if (rows[s].w != nullptr) {
-                            const MvLora l = mv_lora(a, b, rows[s].seg);
-                            if (l.b != nullptr) {
-                                v = __fmaf_rn(lb[s][b][u][1], lu[s][b][u][1], __fmaf_rn(lb[s][b][u][0], lu[s][b][u][0], 0.f));
-                                const float *brow = l.b + (int64_t)rows[s].lrow * l.r;
-                                const float *uv = a.lora_u + (int64_t)b * a.ldu + rows[s].seg * a.rmax;
-                                for (int j = q + 4 * u + 16; j < l.r; j += 8) v = __fmaf_rn(brow[j], uv[j], v);
-                                v = __fmul_rn(v, l.scale);
-                            }
-                        }
-                        acc[s][b][u] = __fadd_rn(acc[s][b][u], v);
+                    for (int j = 0; j < 8; j++) {
+                        const float t = __shfl_sync(0xffffffffu, (j & 1) ? thi : tlo, base + 2 * (j >> 1));
+                        c = __fmaf_rn(xs[j], t, c);
                     }
-                    float v = 0.f;
+                    if (in) acc[s][b][u] = c;
+                }
+            }
+        }
+    }
+    float out = 0.f, gate = 0.f;
 #pragma unroll
-                    for (int w = 0; w < 8; w++) v = __fadd_rn(v, __shfl_sync(0xffffffffu, acc[s][b][w >> 2], 8 * (w & 3)));
-                    if (b == ob && (a.glu ? 0 : s) == oo) {
-                        if (a.glu && s == 0) gate = v;
-                        else out = v;
+    for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                float v = 0.f;
+                if (rows[s].w != nullptr) {
+                    const MvLora l = mv_lora(a, b, rows[s].seg);
+                    if (l.b != nullptr) {
+                        v = __fmaf_rn(lb[s][b][u][1], lu[s][b][u][1], __fmaf_rn(lb[s][b][u][0], lu[s][b][u][0], 0.f));
+                        const float *brow = l.b + (int64_t)rows[s].lrow * l.r;
+                        const float *uv = a.lora_u + (int64_t)b * a.ldu + rows[s].seg * a.rmax;
+                        for (int j = q + 4 * u + 16; j < l.r; j += 8) v = __fmaf_rn(brow[j], uv[j], v);
+                        v = __fmul_rn(v, l.scale);
                     }
                 }
-            if (writes) {
-                if (a.glu) out = mq_silu_mul(gate, out);
-                a.y[(int64_t)ob * a.ldy + first + oo] = a.residual != nullptr ? __fadd_rn(out, res) : out;
+                acc[s][b][u] = __fadd_rn(acc[s][b][u], v);
             }
-            group += warps;
-            t = 0;
-        } else {
-            t++;
-        }
+            float v = 0.f;
 #pragma unroll
-        for (int s = 0; s < MV_SLOTS; s++) rows[s] = next[s];
-        wc = wn;
-    }
+            for (int w = 0; w < 8; w++) v = __fadd_rn(v, __shfl_sync(0xffffffffu, acc[s][b][w >> 2], 8 * (w & 3)));
+            if (b == ob && (a.glu ? 0 : s) == oo) {
+                if (a.glu && s == 0) gate = v;
+                else out = v;
+            }
+        }
+    if (!writes) return;
+    if (a.glu) out = mq_silu_mul(gate, out);
+    a.y[(int64_t)ob * a.ldy + first + oo] = a.residual != nullptr ? __fadd_rn(out, res) : out;
 }
 
-// 128 registers at one row (4 blocks an SM, as many as the dp4a kernel mv_body); the grid is at
-// most the blocks that fit at once (see `FusedDecoder`), so every warp loops over output groups.
 #define MVD_NB(NB) \
-    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, NB == 1 ? 4 : 3) mvd_q4k_b##NB(const MvArgs a) { mvd_q4k_body<NB>(a); }
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4) mvd_q4k_b##NB(const MvArgs a) { mvd_q4k_body<NB>(a); }
 MVD_NB(1) MVD_NB(2)
 
 // ---- prompt matmul on int8 tensor cores: Q4_K weights in place, many token rows -----------------

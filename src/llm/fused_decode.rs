@@ -64,10 +64,6 @@ impl FusedDecoder {
         match *self {}
     }
 
-    pub fn set_grid_cap(&self, _: Option<usize>) {
-        match *self {}
-    }
-
     pub fn step(&self, _: &super::Model, _: &candle_core::Tensor, _: &mut super::KvCache, _: &[Option<&super::lora::LoraAdapter>]) -> anyhow::Result<Option<candle_core::Tensor>> {
         match *self {}
     }
@@ -176,9 +172,6 @@ mod imp {
         /// `mvd_<type>_b<n>` for n below [`MMA_MIN_ROWS`]: dp4a in the tensor-core kernel's
         /// float order (the same bits), where the type has one.
         mma_order: Vec<CudaFunction>,
-        /// The most blocks of each `mma_order` kernel resident at once: its grid, whose warps
-        /// loop over the output rows.
-        mma_order_blocks: Vec<usize>,
         embed: CudaFunction,
     }
 
@@ -215,11 +208,7 @@ mod imp {
                         ),
                         _ => (Vec::new(), Vec::new()),
                     };
-                    let threads = (crate::kernels::MV_WARPS * 32) as u32;
-                    let sms = k.multiprocessors()?;
-                    let mma_order_blocks =
-                        mma_order.iter().map(|f| Ok(sms * f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).w()?.max(1) as usize)).collect::<Result<Vec<_>>>()?;
-                    let f = Arc::new(TypeKernels { mv, mma, mma_order, mma_order_blocks, embed: k.quant(&format!("embed_f32_{suffix}"))? });
+                    let f = Arc::new(TypeKernels { mv, mma, mma_order, embed: k.quant(&format!("embed_f32_{suffix}"))? });
                     by_type.insert(suffix, f.clone());
                     f
                 }
@@ -292,8 +281,6 @@ mod imp {
         /// launch; on by default where [`Kernels::overlap_supported`]).
         overlap: AtomicBool,
         overlap_supported: bool,
-        /// Most blocks a looping matvec (`mvd`) launches; 0: as many as fit at once.
-        grid_cap: AtomicUsize,
     }
 
     /// Launches on the decoder's stream, counted for `bench generate`.
@@ -302,7 +289,6 @@ mod imp {
         n: Cell<usize>,
         rows: RowKernels,
         overlap: bool,
-        grid_cap: usize,
     }
 
     impl Launcher<'_> {
@@ -319,14 +305,7 @@ mod imp {
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
             if !w.f.mma.is_empty() {
                 match self.rows {
-                    RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => {
-                        let fit = match self.grid_cap {
-                            0 => w.f.mma_order_blocks[nb - 1],
-                            cap => cap,
-                        };
-                        let blocks = matvec_blocks(n, glu).min(fit);
-                        return self.with(&w.f.mma_order[nb - 1], grid(blocks, threads), a);
-                    }
+                    RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
                     RowKernels::Fastest if nb < MMA_MIN_ROWS => {}
                     _ => return self.with(&w.f.mma[nb - 1], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a),
                 }
@@ -420,7 +399,6 @@ mod imp {
                 row_kernels: AtomicU8::new(RowKernels::default() as u8),
                 overlap: AtomicBool::new(overlap_supported),
                 overlap_supported,
-                grid_cap: AtomicUsize::new(0),
             }))
         }
 
@@ -446,13 +424,6 @@ mod imp {
             let on = on && self.overlap_supported;
             self.overlap.store(on, Ordering::Relaxed);
             on
-        }
-
-        /// At most `blocks` blocks for the matvecs whose warps loop over the output rows (`None`:
-        /// as many as fit on the device at once). Fewer blocks give each warp more rows: the
-        /// GPU tests run those loops on small models this way.
-        pub fn set_grid_cap(&self, blocks: Option<usize>) {
-            self.grid_cap.store(blocks.unwrap_or(0), Ordering::Relaxed);
         }
 
         fn row_kernels(&self) -> RowKernels {
@@ -514,7 +485,6 @@ mod imp {
                 nb,
                 rows: self.row_kernels(),
                 overlap: self.overlap.load(Ordering::Relaxed),
-                grid_cap: self.grid_cap.load(Ordering::Relaxed),
                 cap: cache.capacity(),
                 u: match &s.u {
                     Some((buf, _)) if rmax > 0 => (slice_ptr(buf), rmax),
@@ -585,7 +555,7 @@ mod imp {
             let (xq, xd) = (slice_ptr(&s.xq), p(&s.xd));
             let (u, rmax) = plan.u;
             let ldu = 3 * rmax;
-            let go = Launcher { k: &self.k, n: Cell::new(0), rows: plan.rows, overlap: plan.overlap, grid_cap: plan.grid_cap };
+            let go = Launcher { k: &self.k, n: Cell::new(0), rows: plan.rows, overlap: plan.overlap };
             let pos = slice_ptr(&s.ints);
             let start = pos + (MAX_ROWS * 4) as u64;
             let at = pos + (2 * MAX_ROWS * 4) as u64;
@@ -760,8 +730,6 @@ mod imp {
         rows: RowKernels,
         /// Kernels launched to overlap (see [`FusedDecoder::set_overlap`]).
         overlap: bool,
-        /// See [`FusedDecoder::set_grid_cap`] (0: none).
-        grid_cap: usize,
         cap: usize,
         /// Each row's adapter (device addresses, rank, scale), or `None`.
         lora: Vec<Option<RowLora<'a>>>,
@@ -776,7 +744,7 @@ mod imp {
         /// The adapter enters by its device addresses, so a new adapter allocated where an old
         /// one was freed, with the same addresses, is the same computation.
         fn key(&self) -> Vec<u64> {
-            let mut k = vec![self.nb as u64, self.cap as u64, self.u.0, self.u.1 as u64, self.rows as u64, self.overlap as u64, self.grid_cap as u64];
+            let mut k = vec![self.nb as u64, self.cap as u64, self.u.0, self.u.1 as u64, self.rows as u64, self.overlap as u64];
             k.extend(self.raw.iter().flat_map(|&(a, b)| [a, b]));
             // Each row's adapter by its table's address, rank and scale, then each distinct
             // table's contents once.

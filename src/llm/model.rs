@@ -526,16 +526,6 @@ impl Model {
         })
     }
 
-    /// At most `blocks` blocks for the fused step's matvecs whose warps loop over the output
-    /// rows (`None`, the default: as many as fit on the device at once); the GPU tests give each
-    /// warp many rows of a small model this way.
-    pub fn set_decode_grid_cap(&self, blocks: Option<usize>) -> Result<()> {
-        if let Some(f) = self.fused_decoder()? {
-            f.set_grid_cap(blocks);
-        }
-        Ok(())
-    }
-
     /// Most rows a decode step may hold while each row's output stays exactly what it is
     /// alone: any number on the CPU (every op computes a row on its own), [`MAX_ROWS`] on CUDA
     /// where the fused step applies, else 1 (candle's CUDA kernels split the work by row count).
