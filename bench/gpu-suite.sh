@@ -41,7 +41,7 @@
 # Usage:  bash bench/gpu-suite.sh [stage ...]
 # The files each stage writes are packed into one $OUT/suite-<time>.tar.xz when the run ends
 # (also when a time limit stops it), since the GPU machine sends back only a few files a call.
-# Today's H100 figures beside llama.cpp and PyTorch came from one device call of about 8 minutes
+# The H100 figures beside llama.cpp come from one device call of about 8 minutes
 # (the peer's build waits on a lock, so the q4km stage never starts a second one; the random
 # checkpoint's conversion needs no build and runs beside it; `ab` wants the previous commit's
 # binary packed as .gpu/freeski-bot-prev.xz):

@@ -661,12 +661,12 @@ mod imp {
                 prep(x, Some(layer.attn_norm), hidden, qkv_pairs)?;
                 // q|k|v in one launch per run of weights of one type (Q4_K_M keeps some v at 6
                 // bits: then q|k and v), each into its place in qkv.
-                let parts = [(w(Proj::Q), 0), (w(Proj::K), qdim), (w(Proj::V), qdim + kvdim)];
+                let segs = [(w(Proj::Q), qkv_pairs[0]), (w(Proj::K), qkv_pairs[1]), (w(Proj::V), qkv_pairs[2])];
+                let offsets = [0, qdim, qdim + kvdim];
                 let mut i = 0;
-                while i < parts.len() {
-                    let run = parts[i..].iter().take_while(|(wp, _)| wp.same_type(parts[i].0)).count();
-                    let segs: Vec<_> = (i..i + run).map(|t| (parts[t].0, qkv_pairs[t])).collect();
-                    mv(&segs, qkv + parts[i].1 as u64 * f, ldq, 0, u + (i * rmax) as u64 * f, false)?;
+                while i < segs.len() {
+                    let run = segs[i..].iter().take_while(|(wp, _)| wp.same_type(segs[i].0)).count();
+                    mv(&segs[i..i + run], qkv + offsets[i] as u64 * f, ldq, 0, u + (i * rmax) as u64 * f, false)?;
                     i += run;
                 }
                 let ra = RopeArgs {

@@ -781,10 +781,7 @@ impl Model {
     ) -> Result<[Tensor; N]> {
         let bases: Vec<&BaseLinear> = projs.iter().map(|&p| layer.proj(p)).collect();
         // Without a LoRA term to add, one GEMM for all of them where the prompt path allows.
-        let one_gemm = match projs.iter().any(|&p| Self::adapted(lora, layer_idx, p)) {
-            false => BaseLinear::forward_one_gemm(&bases, x, x_bf16, prompt)?,
-            true => None,
-        };
+        let one_gemm = if projs.iter().any(|&p| Self::adapted(lora, layer_idx, p)) { None } else { BaseLinear::forward_one_gemm(&bases, x, x_bf16, prompt)? };
         let ys = match one_gemm {
             Some(ys) => ys,
             None => BaseLinear::forward_many(&bases, x, x_bf16, prompt, self.cpu_kernels)?,

@@ -63,8 +63,7 @@ impl BaseLinear {
     /// [`BaseLinear::forward_with`] with `x_bf16` for the dense prompt path: there the GEMM adds
     /// it in its epilogue, so the sum costs no pass of its own.
     pub fn forward_plus(&self, x: &Tensor, x_bf16: Option<&Tensor>, add: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
-        let shared = x_bf16.map_or_else(OnceCell::new, |xb| OnceCell::from(xb.clone()));
-        self.forward_sharing(x, &shared, Some(add), prompt, cpu_kernel)
+        self.forward_sharing(x, &shared_bf16(x_bf16), Some(add), prompt, cpu_kernel)
     }
 
     /// [`BaseLinear::forward_with`] plus `add` if given, with `x_bf16` holding `x` cast to bf16
@@ -117,7 +116,7 @@ impl BaseLinear {
         let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
         let cpu_path = cpu_kernel && prompt.is_none() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
         if !cpu_path || ws.len() < 2 {
-            let shared = x_bf16.map_or_else(OnceCell::new, |xb| OnceCell::from(xb.clone()));
+            let shared = shared_bf16(x_bf16);
             return ws.iter().map(|w| w.forward_sharing(x, &shared, None, prompt, cpu_kernel)).collect();
         }
         let k = ws[0].in_features;
@@ -205,6 +204,12 @@ impl BaseLinear {
         let w = (self.dequantize()? + delta.to_device(&self.weight.device())?)?;
         Self::new(QTensor::quantize(&w, self.weight.dtype())?)
     }
+}
+
+/// The bf16 copy of an input the dense prompt path shares between weights: the caller's, or
+/// made by the first weight that needs it.
+fn shared_bf16(x_bf16: Option<&Tensor>) -> OnceCell<Tensor> {
+    x_bf16.map_or_else(OnceCell::new, |xb| OnceCell::from(xb.clone()))
 }
 
 /// `f` on the values of an f32 tensor on the CPU, in row-major order (copied first only when
