@@ -234,8 +234,34 @@ __device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
-// Ask for the bytes at p to be brought into L2 (a hint: nothing waits for it).
-__device__ __forceinline__ void prefetch_l2(const uint8_t *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// Asynchronous copies from global to shared memory (compute 8.0 and later): the bytes land in
+// shared memory without passing through registers, so a warp can keep several iterations of
+// weights in flight at no register cost. Groups of copies are committed and waited for in order.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+// The warp copies `bytes` (a multiple of 4) from src to dst, both 16-byte aligned when `wide`,
+// else 4-byte aligned: 16-byte pieces, then the 4-byte tail.
+__device__ __forceinline__ void warp_copy_async(uint8_t *dst, const uint8_t *src, int bytes, bool wide, int lane) {
+    int done = 0;
+    if (wide) {
+        done = bytes & ~15;
+        for (int c = 16 * lane; c < done; c += 16 * 32) cp_async16(dst + c, src + c);
+    }
+    for (int c = done + 4 * lane; c < bytes; c += 4 * 32) cp_async4(dst + c, src + c);
+}
 __device__ __forceinline__ uint32_t ld_stream4(const uint8_t *p) {
     uint32_t v;
     asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
@@ -319,8 +345,8 @@ struct Q4KDot {
 };
 
 struct Q6KDot {
-    static constexpr int ONE_ROW_BLOCKS = 1;  // 138 registers; bounding it spills
-    // Blocks are 210 bytes: a lane's bytes come from shared memory after whole-word reads.
+    static constexpr int ONE_ROW_BLOCKS = 4;  // 122 registers, 40 KB of weight ring a block
+    // Blocks are 210 bytes: a lane's bytes come from the warp's ring in shared memory.
     static constexpr bool STAGED = true;
     // Lane a (0..15): half h = a/8, l0 = 4*(a%8); it owns weights 128h + 32j + l0 + [0,4) for
     // j = 0..3 (4-weight runs, each in its own 16-weight scale group).
@@ -421,12 +447,14 @@ struct Q4_0Dot {
 };
 
 // Each warp owns MV_SLOTS weight rows and walks their whole length itself: no split of k
-// between warps, so no shared memory, no block barrier, and warps run independently. Per step a
-// warp covers 32/DLPB consecutive blocks of each row (neighbouring lanes, neighbouring bytes);
-// the weights of U steps (4, or 2 above 2 rows) are requested before any is used, so a lane
-// keeps MV_SLOTS × U weight loads in flight (the matvec is bound by how many bytes are in
-// flight, not by arithmetic). The LoRA B entries, LoRA u and residual a warp needs are
-// requested before the weights too, so nothing waits on memory after the loop. Slots are rows;
+// between warps, so no block barrier, and warps run independently. Per step a warp covers
+// 32/DLPB consecutive blocks of each row (neighbouring lanes, neighbouring bytes). The matvec
+// is bound by how many bytes are in flight, not by arithmetic: the weights of U steps (4, or 2
+// above 2 rows) are requested before any is used, so a lane keeps MV_SLOTS × U weight loads in
+// flight; a staged type (blocks that are not 4-byte aligned) instead copies groups of 4 steps
+// asynchronously into the warp's own ring in shared memory, MV_STAGES - 1 groups ahead, and the
+// first groups before it waits on the kernel before. The LoRA B entries, LoRA u and residual a
+// warp needs are requested before the loop, so nothing waits on memory after it. Slots are rows;
 // in GLU mode the slot pair is (gate row n, up row n) and the output is silu(gate) * up. Up to
 // three weight segments are stacked as one output (q|k|v share an input and write one buffer).
 // Each batch row b has its own adapter (or none): the LoRA term scale_b * B_b[n, :] ·
@@ -435,6 +463,7 @@ struct Q4_0Dot {
 #define MV_WARPS 4
 #define MV_SLOTS 2
 #define MV_MAX_ROWS 8
+#define MV_STAGES 3  // groups of weight steps a warp of a staged type has in flight
 struct MvArgs {
     const uint8_t *w[3];
     const float *lora_b[MV_MAX_ROWS][3];  // per batch row: B [rows_of_segment, r_b] row-major, or null
@@ -471,10 +500,15 @@ __device__ __forceinline__ MvLora mv_lora(const MvArgs &a, int b, int seg) {
 
 template <typename Q, typename D, int NB>
 __device__ void mv_body(const MvArgs &a) {
-    pdl_launch_dependents();
-    pdl_wait();
     constexpr int BPS = 32 / D::DLPB;                  // blocks of a row per warp step
     constexpr int U = NB <= 2 ? 4 : 2;                 // steps in flight (registers bound it)
+    // Staged types: a group of UG steps of a row is one run of whole 4-byte words (an even
+    // number of blocks a step), copied asynchronously into the warp's ring in shared memory,
+    // MV_STAGES groups ahead, and decoded from there.
+    constexpr int UG = D::STAGED ? 4 : U;
+    constexpr int GB = UG * BPS * Q::BYTES;            // one row's bytes of a group
+    __shared__ __align__(16) uint8_t ring_all[D::STAGED ? MV_WARPS : 1][D::STAGED ? MV_STAGES : 1][MV_SLOTS][D::STAGED ? GB : 16];
+    pdl_launch_dependents();
     const int lane = threadIdx.x & 31, sub = lane % D::DLPB, lb = lane / D::DLPB;
     const int nblk = a.k / Q::ELEMS;
     const int outs = a.glu ? MV_SLOTS / 2 : MV_SLOTS;  // output rows of this warp
@@ -483,84 +517,108 @@ __device__ void mv_body(const MvArgs &a) {
     // Segment pointers picked by comparisons, not by indexing the parameter arrays (which would
     // copy the whole argument struct to local memory).
     const uint8_t *wrow[MV_SLOTS];
-    float bv[MV_SLOTS][NB], uv[MV_SLOTS][NB], acc[MV_SLOTS][NB];
+    int seg[MV_SLOTS], lrow[MV_SLOTS];
 #pragma unroll
     for (int s = 0; s < MV_SLOTS; s++) {
         const int row = first + (a.glu ? s / 2 : s);
         wrow[s] = nullptr;
-#pragma unroll
-        for (int b = 0; b < NB; b++) bv[s][b] = uv[s][b] = acc[s][b] = 0.f;
+        seg[s] = s & 1;
+        lrow[s] = row;
         if (row < a.n) {
-            int seg = s & 1, lrow = row;
             if (!a.glu) {
-                seg = row < a.seg_end[0] ? 0 : (row < a.seg_end[1] ? 1 : 2);
-                lrow = seg == 0 ? row : (seg == 1 ? row - a.seg_end[0] : row - a.seg_end[1]);
+                seg[s] = row < a.seg_end[0] ? 0 : (row < a.seg_end[1] ? 1 : 2);
+                lrow[s] = seg[s] == 0 ? row : (seg[s] == 1 ? row - a.seg_end[0] : row - a.seg_end[1]);
             }
-            const uint8_t *w = seg == 0 ? a.w[0] : (seg == 1 ? a.w[1] : a.w[2]);
-            wrow[s] = w + (int64_t)lrow * nblk * Q::BYTES;
-#pragma unroll
-            for (int b = 0; b < NB; b++) {
-                const MvLora l = mv_lora(a, b, seg);
-                if (l.b == nullptr) continue;
-                const float *brow = l.b + (int64_t)lrow * l.r;
-                const float *u = a.lora_u + (int64_t)b * a.ldu + seg * a.rmax;
-                if (lane < l.r) {
-                    bv[s][b] = brow[lane] * l.scale;
-                    uv[s][b] = u[lane];
-                }
-                // Ranks above 32 (rare) start the accumulator with the other entries.
-                for (int j = lane + 32; j < l.r; j += 32) acc[s][b] = fmaf(brow[j] * l.scale, u[j], acc[s][b]);
-            }
+            const uint8_t *w = seg[s] == 0 ? a.w[0] : (seg[s] == 1 ? a.w[1] : a.w[2]);
+            wrow[s] = w + (int64_t)lrow[s] * nblk * Q::BYTES;
         }
     }
+    const int nsteps = (nblk + BPS - 1) / BPS, ngroups = (nsteps + UG - 1) / UG;
+    bool staged = D::STAGED && nblk % BPS == 0, wide = GB % 16 == 0;
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++) {
+        staged &= (reinterpret_cast<uintptr_t>(wrow[s]) & 3) == 0;
+        wide &= (reinterpret_cast<uintptr_t>(wrow[s]) & 15) == 0;
+    }
+    uint8_t(*ring)[MV_SLOTS][D::STAGED ? GB : 16] = ring_all[D::STAGED ? threadIdx.x >> 5 : 0];
+    // Group gi of every row into its ring slot; one commit group per group, empty past the end.
+    auto fetch = [&](int gi) {
+        if (gi < ngroups) {
+            const int bytes = min(UG, nsteps - gi * UG) * BPS * Q::BYTES;
+#pragma unroll
+            for (int s = 0; s < MV_SLOTS; s++)
+                if (wrow[s] != nullptr) warp_copy_async(ring[gi % MV_STAGES][s], wrow[s] + (int64_t)gi * GB, bytes, wide, lane);
+        }
+        cp_async_commit();
+    };
+    // The weights depend on no earlier kernel: they start coming while it finishes.
+    if (D::STAGED && staged)
+#pragma unroll
+        for (int gi = 0; gi < MV_STAGES - 1; gi++) fetch(gi);
+    pdl_wait();
+    float bv[MV_SLOTS][NB], uv[MV_SLOTS][NB], acc[MV_SLOTS][NB];
+#pragma unroll
+    for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            bv[s][b] = uv[s][b] = acc[s][b] = 0.f;
+            if (wrow[s] == nullptr) continue;
+            const MvLora l = mv_lora(a, b, seg[s]);
+            if (l.b == nullptr) continue;
+            const float *brow = l.b + (int64_t)lrow[s] * l.r;
+            const float *u = a.lora_u + (int64_t)b * a.ldu + seg[s] * a.rmax;
+            if (lane < l.r) {
+                bv[s][b] = brow[lane] * l.scale;
+                uv[s][b] = u[lane];
+            }
+            // Ranks above 32 (rare) start the accumulator with the other entries.
+            for (int j = lane + 32; j < l.r; j += 32) acc[s][b] = fmaf(brow[j] * l.scale, u[j], acc[s][b]);
+        }
     // Lane o*NB + b writes output row first+o of batch row b; its residual is read now.
     const int oo = lane / NB, ob = lane % NB;
     const bool writes = lane < outs * NB && first + oo < a.n;
     const int64_t at = (int64_t)ob * a.ldy + first + oo;
     const float res = writes && a.residual != nullptr ? a.residual[at] : 0.f;
 
-    // Staged: a step's BPS blocks of a row are one run of whole 4-byte words (an even number
-    // of blocks a row, 4-byte aligned rows), read by the warp as words and decoded from shared
-    // memory, instead of each lane reading its bytes of the 2-byte aligned blocks.
-    constexpr int SW = D::STAGED ? BPS * Q::BYTES / 4 : 1;  // words of a step's run
-    constexpr int SK = (SW + 31) / 32;                       // of them a lane reads
-    bool staged = D::STAGED && nblk % BPS == 0;
+    // Block bi's share of every slot's dot products, its weights already loaded.
+    auto consume = [&](const typename D::W (&wv)[MV_SLOTS], int bi) {
+        // Decoded once for all activation rows, by every lane (expand may shuffle).
+        typename D::E e[MV_SLOTS];
 #pragma unroll
-    for (int s = 0; s < MV_SLOTS; s++) staged &= (reinterpret_cast<uintptr_t>(wrow[s]) & 3) == 0;
-    __shared__ uint32_t stage[D::STAGED ? MV_WARPS : 1][U][MV_SLOTS][SW];
-    const int nsteps = (nblk + BPS - 1) / BPS;
-    for (int st = 0; st < nsteps; st += U) {
-        typename D::W wv[U][MV_SLOTS];
-        if (D::STAGED && staged) {
-            uint32_t raw[U][MV_SLOTS][SK];
+        for (int s = 0; s < MV_SLOTS; s++) e[s] = D::expand(wv[s], sub, lane);
+        if (bi >= nblk) return;
+        // One activation row at a time (X is up to 12 registers a row).
 #pragma unroll
-            for (int u = 0; u < U; u++)
+        for (int b = 0; b < NB; b++) {
+            typename D::X xv;
+            D::load_x(a.xq + (int64_t)b * a.k, a.xd + (int64_t)b * (a.k / 32), bi, sub, xv);
 #pragma unroll
-                for (int s = 0; s < MV_SLOTS; s++) {
-                    const bool in = wrow[s] != nullptr && (st + u) < nsteps;
-                    const uint8_t *run = in ? wrow[s] + (int64_t)(st + u) * BPS * Q::BYTES : nullptr;
-#pragma unroll
-                    for (int c = 0; c < SK; c++) raw[u][s][c] = in && lane + 32 * c < SW ? ld_stream4(run + 4 * (lane + 32 * c)) : 0u;
-                }
-            __syncwarp();  // the previous steps' words are decoded
-            uint32_t(*mine)[MV_SLOTS][SW] = stage[D::STAGED ? threadIdx.x >> 5 : 0];
-#pragma unroll
-            for (int u = 0; u < U; u++)
-#pragma unroll
-                for (int s = 0; s < MV_SLOTS; s++)
-#pragma unroll
-                    for (int c = 0; c < SK; c++)
-                        if (lane + 32 * c < SW) mine[u][s][lane + 32 * c] = raw[u][s][c];
+            for (int s = 0; s < MV_SLOTS; s++)
+                if (wrow[s] != nullptr) D::dot(e[s], xv, acc[s][b]);
+        }
+    };
+    if (D::STAGED && staged) {
+        for (int gi = 0; gi < ngroups; gi++) {
+            // This group's copies are done (later ones may still fly), and every lane has
+            // finished reading the slot the next fetch overwrites.
+            cp_async_wait<MV_STAGES - 2>();
             __syncwarp();
+            fetch(gi + MV_STAGES - 1);
 #pragma unroll
-            for (int u = 0; u < U; u++)
+            for (int u = 0; u < UG; u++) {
+                const int bi = (gi * UG + u) * BPS + lb;
+                typename D::W wv[MV_SLOTS];
 #pragma unroll
                 for (int s = 0; s < MV_SLOTS; s++) {
-                    wv[u][s] = {};
-                    const int bi = (st + u) * BPS + lb;
-                    if (wrow[s] != nullptr && bi < nblk) D::load_w(reinterpret_cast<const uint8_t *>(mine[u][s]) + lb * Q::BYTES, sub, wv[u][s]);
+                    wv[s] = {};
+                    if (wrow[s] != nullptr && bi < nblk) D::load_w(ring[gi % MV_STAGES][s] + (u * BPS + lb) * Q::BYTES, sub, wv[s]);
                 }
-        } else {
+                consume(wv, bi);
+            }
+        }
+    } else {
+        for (int st = 0; st < nsteps; st += U) {
+            typename D::W wv[U][MV_SLOTS];
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int bi = (st + u) * BPS + lb;
@@ -570,24 +628,8 @@ __device__ void mv_body(const MvArgs &a) {
                     if (wrow[s] != nullptr && bi < nblk) D::load_w(wrow[s] + (int64_t)bi * Q::BYTES, sub, wv[u][s]);
                 }
             }
-        }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int bi = (st + u) * BPS + lb;
-            // Decoded once for all activation rows, by every lane (expand may shuffle).
-            typename D::E e[MV_SLOTS];
-#pragma unroll
-            for (int s = 0; s < MV_SLOTS; s++) e[s] = D::expand(wv[u][s], sub, lane);
-            if (bi >= nblk) continue;
-            // One activation row at a time (X is up to 12 registers a row).
-#pragma unroll
-            for (int b = 0; b < NB; b++) {
-                typename D::X xv;
-                D::load_x(a.xq + (int64_t)b * a.k, a.xd + (int64_t)b * (a.k / 32), bi, sub, xv);
-#pragma unroll
-                for (int s = 0; s < MV_SLOTS; s++)
-                    if (wrow[s] != nullptr) D::dot(e[s], xv, acc[s][b]);
-            }
+            for (int u = 0; u < U; u++) consume(wv[u], (st + u) * BPS + lb);
         }
     }
     float out = 0.f, gate = 0.f;
@@ -708,6 +750,23 @@ struct MqBlock {
         }
     }
 
+    // The same from copies of the two rows' block at pa and pb (in shared memory; null: none).
+    __device__ __forceinline__ void load_copy(const uint8_t *pa, const uint8_t *pb, int t) {
+        ha = hb = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int g = 0; g < 4; g++) qa[g] = qb[g] = make_uint2(0, 0);
+        if (pa != nullptr) {
+            ha = *reinterpret_cast<const uint4 *>(pa);
+#pragma unroll
+            for (int g = 0; g < 4; g++) qa[g] = *reinterpret_cast<const uint2 *>(pa + 16 + 32 * g + 8 * t);
+        }
+        if (pb != nullptr) {
+            hb = *reinterpret_cast<const uint4 *>(pb);
+#pragma unroll
+            for (int g = 0; g < 4; g++) qb[g] = *reinterpret_cast<const uint2 *>(pb + 16 + 32 * g + 8 * t);
+        }
+    }
+
     // The MMA's A operand for sub-block j: the low nibbles of group j/2 for even j, the high for odd.
     __device__ __forceinline__ void frag(int j, uint32_t (&am)[4]) const {
         const int g = j >> 1, sh = 4 * (j & 1);
@@ -741,10 +800,20 @@ __device__ __forceinline__ void mq_store(const MvArgs &a, int row, int b, float 
     a.y[at] = a.residual != nullptr ? __fadd_rn(v, a.residual[at]) : v;
 }
 
+// Tile row r (0-15; MMA rows 0-7 are the A rows, 8-15 the B rows) of block blockIdx.x.
+__device__ __forceinline__ MqRow mq_tile_row(const MvArgs &a, int r, int nblk) {
+    const int out = a.glu ? blockIdx.x * 8 + (r & 7) : blockIdx.x * 16 + r;
+    return mq_row(a, out, r >> 3, nblk);
+}
+
+#define MQ_STAGES 2  // blocks of the tile a warp has in flight (one ring slot each)
+#define MQ_PIECES (16 * Q4K::BYTES / 16)  // 16-byte pieces of one block of the 16 rows
 template <int NB>
 __device__ void mvq_q4k_body(const MvArgs &a) {
+    // Each warp's blocks of the 16 rows go through its own ring in shared memory, copied
+    // asynchronously (row r of a slot at r * 144).
+    __shared__ __align__(16) uint8_t ring_all[MQ_WARPS][MQ_STAGES][16 * Q4K::BYTES];
     pdl_launch_dependents();
-    pdl_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int grp = lane >> 2, t = lane & 3;
     const int nblk = a.k / Q4K::ELEMS;
@@ -752,12 +821,46 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
     const int out_a = a.glu ? blockIdx.x * 8 + grp : blockIdx.x * 16 + grp;
     const int out_b = a.glu ? out_a : out_a + 8;
     const MqRow ra = mq_row(a, out_a, 0, nblk), rb = mq_row(a, out_b, 1, nblk);
+    // The pieces this lane copies: piece c = lane + 32j is bytes 16(c % 9).. of tile row c / 9.
+    constexpr int PL = (MQ_PIECES + 31) / 32;
+    const uint8_t *src[PL];
+#pragma unroll
+    for (int j = 0; j < PL; j++) {
+        const int c = lane + 32 * j;
+        src[j] = nullptr;
+        if (c < MQ_PIECES) {
+            const MqRow r = mq_tile_row(a, c / 9, nblk);
+            if (r.w != nullptr) src[j] = r.w + 16 * (c % 9);
+        }
+    }
+    uint8_t(*ring)[16 * Q4K::BYTES] = ring_all[warp];
+    // This warp's i-th block (bi = warp + 8i) of every row into ring slot i % MQ_STAGES; one
+    // commit group each, empty past the end.
+    auto fetch = [&](int i) {
+        const int bi = warp + MQ_WARPS * i;
+        if (bi < nblk)
+#pragma unroll
+            for (int j = 0; j < PL; j++)
+                if (src[j] != nullptr) cp_async16(ring[i % MQ_STAGES] + 16 * (lane + 32 * j), src[j] + (int64_t)bi * Q4K::BYTES);
+        cp_async_commit();
+    };
+    // The weights depend on no earlier kernel: they start coming while it finishes.
+#pragma unroll
+    for (int i = 0; i < MQ_STAGES; i++) fetch(i);
+    pdl_wait();
     const int b0 = 2 * t, b1 = 2 * t + 1;
     // acc[0], acc[1]: row A at batches b0, b1; acc[2], acc[3]: row B.
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
+    for (int i = 0, bi = warp; bi < nblk; i++, bi += MQ_WARPS) {
+        // Block i has landed (block i + 1 may still fly).
+        cp_async_wait<MQ_STAGES - 1>();
+        __syncwarp();
         MqBlock blk;
-        blk.load(ra.w, rb.w, bi, t);
+        const uint8_t *slot = ring[i % MQ_STAGES];
+        blk.load_copy(ra.w != nullptr ? slot + grp * Q4K::BYTES : nullptr, rb.w != nullptr ? slot + (grp + 8) * Q4K::BYTES : nullptr, t);
+        // Every lane has read the slot before it is filled again.
+        __syncwarp();
+        fetch(i + MQ_STAGES);
         // Activations: batch row grp, bytes 8t..8t+7 of each sub-block (the MMA's B operand).
         uint2 xv[8];
 #pragma unroll
@@ -864,31 +967,39 @@ MVQ_NB(1) MVQ_NB(2) MVQ_NB(3) MVQ_NB(4) MVQ_NB(5) MVQ_NB(6) MVQ_NB(7) MVQ_NB(8)
 // nibbles, sub-block 2g) and 64g + 32 + 16h.. (high, sub-block 2g + 1). The pair of lanes
 // (h = 0, 1) sums a sub-block's dot product; the 8 lanes of group q gather the block's eight
 // sub-block terms and each runs its block's chain into partial w = q + 4u.
+#define MVD_STAGES 4  // iterations of weights a warp has in flight
+#define MVD_RUN (8 * Q4K::BYTES)  // one row's bytes for one iteration
 template <int NB>
 __device__ void mvd_q4k_body(const MvArgs &a) {
+    // Each warp's weights go through its own ring of MVD_STAGES iterations in shared memory,
+    // filled by asynchronous copies (no registers held while they are in flight).
+    __shared__ __align__(16) uint8_t ring_all[MV_WARPS][MVD_STAGES][MV_SLOTS][MVD_RUN];
     pdl_launch_dependents();
     const int lane = threadIdx.x & 31, q = lane >> 3, g = (lane >> 1) & 3, h = lane & 1;
     const int base = lane & ~7;
-    const int nblk = a.k / Q4K::ELEMS;
+    const int nblk = a.k / Q4K::ELEMS, nit = (nblk + 7) / 8;
     const int outs = a.glu ? 1 : MV_SLOTS;
     const int first = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * outs;
     if (first >= a.n) return;
     MqRow rows[MV_SLOTS];
 #pragma unroll
     for (int s = 0; s < MV_SLOTS; s++) rows[s] = mq_row(a, a.glu ? first : first + s, s, nblk);
-    // While the kernel before finishes: the first iteration's weight bytes into L2 (a hint,
-    // no registers held), then wait for the activations.
+    uint8_t(*ring)[MV_SLOTS][MVD_RUN] = ring_all[threadIdx.x >> 5];
+    // Iteration `it` (blocks 8·it..) of every row into its ring slot; one commit group per
+    // iteration, empty past the end, so the wait below counts the same everywhere.
+    auto fetch = [&](int it) {
+        if (it < nit) {
+            const int bytes = min(8, nblk - 8 * it) * Q4K::BYTES;
 #pragma unroll
-    for (int u = 0; u < 2; u++)
-#pragma unroll
-        for (int s = 0; s < MV_SLOTS; s++) {
-            const int bi = 4 * u + q;
-            if (bi < nblk && rows[s].w != nullptr) {
-                const uint8_t *p = rows[s].w + (int64_t)bi * Q4K::BYTES;
-                prefetch_l2(p);
-                prefetch_l2(p + 16 + 32 * g + 16 * h);
-            }
+            for (int s = 0; s < MV_SLOTS; s++)
+                if (rows[s].w != nullptr) warp_copy_async(ring[it % MVD_STAGES][s], rows[s].w + (int64_t)it * MVD_RUN, bytes, true, lane);
         }
+        cp_async_commit();
+    };
+    // The weights depend on no earlier kernel: they start coming while the kernel before
+    // finishes, and the activations are read after the wait.
+#pragma unroll
+    for (int it = 0; it < MVD_STAGES - 1; it++) fetch(it);
     pdl_wait();
     // Partial w = q + 4u of row s, batch row b.
     float acc[MV_SLOTS][NB][2];
@@ -919,44 +1030,46 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
     const bool writes = lane < outs * NB && first + oo < a.n;
     const float res = writes && a.residual != nullptr ? a.residual[(int64_t)ob * a.ldy + first + oo] : 0.f;
 
-    for (int it = 0; it * 8 < nblk; it++) {
-        uint4 hd[2][MV_SLOTS], qv[2][MV_SLOTS], xlo[2][NB], xhi[2][NB];
-        float4 xd[2][NB][2];
+    for (int it = 0; it < nit; it++) {
+        // This iteration's copies are done (later ones may still fly), and every lane has
+        // finished reading the slot the next fetch overwrites.
+        cp_async_wait<MVD_STAGES - 2>();
+        __syncwarp();
+        fetch(it + MVD_STAGES - 1);
+        const uint8_t(*cur)[MVD_RUN] = ring[it % MVD_STAGES];
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             const int bi = 8 * it + 4 * u + q;
             const bool in = bi < nblk;
+            uint4 hd[MV_SLOTS], qv[MV_SLOTS], xlo[NB], xhi[NB];
+            float4 xd[NB][2];
 #pragma unroll
             for (int s = 0; s < MV_SLOTS; s++) {
-                hd[u][s] = qv[u][s] = make_uint4(0, 0, 0, 0);
+                hd[s] = qv[s] = make_uint4(0, 0, 0, 0);
                 if (in && rows[s].w != nullptr) {
-                    const uint8_t *p = rows[s].w + (int64_t)bi * Q4K::BYTES;
-                    hd[u][s] = ld_stream16(p);
-                    qv[u][s] = ld_stream16(p + 16 + 32 * g + 16 * h);
+                    const uint8_t *p = cur[s] + (4 * u + q) * Q4K::BYTES;
+                    hd[s] = *reinterpret_cast<const uint4 *>(p);
+                    qv[s] = *reinterpret_cast<const uint4 *>(p + 16 + 32 * g + 16 * h);
                 }
             }
 #pragma unroll
             for (int b = 0; b < NB; b++) {
-                xlo[u][b] = xhi[u][b] = make_uint4(0, 0, 0, 0);
-                xd[u][b][0] = xd[u][b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+                xlo[b] = xhi[b] = make_uint4(0, 0, 0, 0);
+                xd[b][0] = xd[b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
                 if (in) {
                     const int8_t *x = a.xq + (int64_t)b * a.k + bi * 256 + 64 * g + 16 * h;
-                    xlo[u][b] = *reinterpret_cast<const uint4 *>(x);
-                    xhi[u][b] = *reinterpret_cast<const uint4 *>(x + 32);
+                    xlo[b] = *reinterpret_cast<const uint4 *>(x);
+                    xhi[b] = *reinterpret_cast<const uint4 *>(x + 32);
                     const float4 *d = reinterpret_cast<const float4 *>(a.xd + (int64_t)b * (a.k / 32) + bi * 8);
-                    xd[u][b][0] = d[0];
-                    xd[u][b][1] = d[1];
+                    xd[b][0] = d[0];
+                    xd[b][1] = d[1];
                 }
             }
-        }
-#pragma unroll
-        for (int u = 0; u < 2; u++) {
-            const bool in = 8 * it + 4 * u + q < nblk;
             // Activation sums of sub-blocks 2g (lo) and 2g + 1 (hi), per batch row.
             int slo[NB], shi[NB];
 #pragma unroll
             for (int b = 0; b < NB; b++) {
-                const uint4 l = xlo[u][b], m = xhi[u][b];
+                const uint4 l = xlo[b], m = xhi[b];
                 slo[b] = __dp4a(0x01010101, (int)l.x, __dp4a(0x01010101, (int)l.y, __dp4a(0x01010101, (int)l.z, __dp4a(0x01010101, (int)l.w, 0))));
                 shi[b] = __dp4a(0x01010101, (int)m.x, __dp4a(0x01010101, (int)m.y, __dp4a(0x01010101, (int)m.z, __dp4a(0x01010101, (int)m.w, 0))));
                 slo[b] += __shfl_xor_sync(0xffffffffu, slo[b], 1);
@@ -964,7 +1077,7 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
             }
 #pragma unroll
             for (int s = 0; s < MV_SLOTS; s++) {
-                const uint4 hv = hd[u][s], w = qv[u][s];
+                const uint4 hv = hd[s], w = qv[s];
                 uint32_t sc_w, m_w;
                 q4k_scale_words(hv.y, hv.z, hv.w, g >= 2, sc_w, m_w);
                 const int sh = 16 * (g & 1);
@@ -975,14 +1088,14 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
                 const uint32_t wh[4] = {(w.x >> 4) & 0x0F0F0F0Fu, (w.y >> 4) & 0x0F0F0F0Fu, (w.z >> 4) & 0x0F0F0F0Fu, (w.w >> 4) & 0x0F0F0F0Fu};
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
-                    const uint4 l = xlo[u][b], m = xhi[u][b];
+                    const uint4 l = xlo[b], m = xhi[b];
                     int plo = __dp4a((int)wl[0], (int)l.x, __dp4a((int)wl[1], (int)l.y, __dp4a((int)wl[2], (int)l.z, __dp4a((int)wl[3], (int)l.w, 0))));
                     int phi = __dp4a((int)wh[0], (int)m.x, __dp4a((int)wh[1], (int)m.y, __dp4a((int)wh[2], (int)m.z, __dp4a((int)wh[3], (int)m.w, 0))));
                     plo += __shfl_xor_sync(0xffffffffu, plo, 1);
                     phi += __shfl_xor_sync(0xffffffffu, phi, 1);
                     const float tlo = mq_term(dlo, plo, mlo, slo[b]), thi = mq_term(dhi, phi, mhi, shi[b]);
-                    const float xs[8] = {xd[u][b][0].x, xd[u][b][0].y, xd[u][b][0].z, xd[u][b][0].w,
-                                         xd[u][b][1].x, xd[u][b][1].y, xd[u][b][1].z, xd[u][b][1].w};
+                    const float xs[8] = {xd[b][0].x, xd[b][0].y, xd[b][0].z, xd[b][0].w,
+                                         xd[b][1].x, xd[b][1].y, xd[b][1].z, xd[b][1].w};
                     float c = acc[s][b][u];
 #pragma unroll
                     for (int j = 0; j < 8; j++) {
@@ -1028,7 +1141,7 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
 }
 
 #define MVD_NB(NB) \
-    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4) mvd_q4k_b##NB(const MvArgs a) { mvd_q4k_body<NB>(a); }
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, NB == 1 ? 5 : 4) mvd_q4k_b##NB(const MvArgs a) { mvd_q4k_body<NB>(a); }
 MVD_NB(1) MVD_NB(2)
 
 // ---- prompt matmul on int8 tensor cores: Q4_K weights in place, many token rows -----------------
