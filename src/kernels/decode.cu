@@ -34,6 +34,11 @@ __device__ float block_sum(float v) {
     return a[0];
 }
 
+// x as an int8 multiple of the block scale d: round(x / d), halves away from zero (llama.cpp's
+// and candle's q8_1): rounding halves to even biases blocks whose values sit on a grid
+// (dequantized embeddings), which made the CPU kernel's logits measurably worse.
+__device__ __forceinline__ signed char q8_round(float x, float d) { return d > 0.f ? (signed char)roundf(x / d) : (signed char)0; }
+
 // Quantize the 4 values v (elements 4t..4t+3 of a row, t = this thread's index in the row) to
 // int8 in blocks of 32: a block spans 8 neighbouring lanes, scale = max|x| / 127 (llama.cpp's
 // q8_1 rounding, the same as candle's decode kernels). Every lane of the warp must call it.
@@ -42,16 +47,12 @@ __device__ __forceinline__ void quantize4(float4 v, int t, bool active, int8_t *
 #pragma unroll
     for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     if (!active) return;
-    // q = round(x / d), halves away from zero (llama.cpp's and candle's q8_1): rounding halves
-    // to even biases blocks whose values sit on a grid (dequantized embeddings), which made the
-    // CPU kernel's logits measurably worse.
     const float d = amax / 127.f;
-    const auto rnd = [d](float x) { return d > 0.f ? (signed char)roundf(x / d) : (signed char)0; };
     char4 q;
-    q.x = rnd(v.x);
-    q.y = rnd(v.y);
-    q.z = rnd(v.z);
-    q.w = rnd(v.w);
+    q.x = q8_round(v.x, d);
+    q.y = q8_round(v.y, d);
+    q.z = q8_round(v.z, d);
+    q.w = q8_round(v.w, d);
     reinterpret_cast<char4 *>(xq)[t] = q;
     if ((t & 7) == 0) xd[t >> 3] = d;
 }
@@ -233,6 +234,10 @@ struct AttnArgs {
     const int *start;  // [nb] first key index of each row (its left padding)
     const int *at;     // [1] cache index of the new token
     float *out;        // [nb, nh*hd]
+    // Or null: the output also quantized as the o projection reads it (the prepare kernel's
+    // int8 blocks of 32, bit for bit), when that projection needs nothing else prepared.
+    int8_t *xq;        // [nb, nh*hd]
+    float *xd;         // [nb, nh*hd/32]
     int ldq, nh, nkv, hd, cap, window;
     float scale;
 };
@@ -296,11 +301,18 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_decode_f32(con
         f[w] = sl[w] > 0.f ? __expf(sm[w] - mx) : 0.f;
         total += sl[w] * f[w];
     }
-    float *o = p.out + (int64_t)b * p.nh * p.hd + (int64_t)h * p.hd;
-    for (int d = threadIdx.x; d < p.hd; d += blockDim.x) {
-        float v = 0.f;
+    const int64_t first = (int64_t)b * p.nh * p.hd + (int64_t)h * p.hd;
+    // hd <= 256 = blockDim.x: one output a thread. With xq, hd is a multiple of 32, so each
+    // warp's 32 outputs are one quantization block of the row.
+    const int d = threadIdx.x;
+    if (d >= p.hd) return;
+    float v = 0.f;
 #pragma unroll
-        for (int w = 0; w < ATT_WARPS; w++) v += sacc[w][d] * f[w];
-        o[d] = v / total;
-    }
+    for (int w = 0; w < ATT_WARPS; w++) v += sacc[w][d] * f[w];
+    v = v / total;
+    p.out[first + d] = v;
+    if (p.xq == nullptr) return;
+    const float scale = warp_max(fabsf(v)) / 127.f;
+    p.xq[first + d] = q8_round(v, scale);
+    if (lane == 0) p.xd[(first + d) >> 5] = scale;
 }

@@ -149,6 +149,9 @@ mod imp {
         start: u64,
         at: u64,
         out: u64,
+        /// Where the output also goes quantized for the o projection, or 0.
+        xq: u64,
+        xd: u64,
         ldq: i32,
         nh: i32,
         nkv: i32,
@@ -685,6 +688,10 @@ mod imp {
                 };
                 let cfg_rope = LaunchConfig { grid_dim: ((nh + 2 * nkv) as u32, nb as u32, 1), block_dim: ((hd / 2).div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
                 go.with(&self.rope, cfg_rope, &ra)?;
+                // The attention kernel quantizes its output for the o projection itself
+                // (same bits), unless a LoRA A must read it too.
+                let o_pairs = [pair(Proj::O), none, none];
+                let quantize_att = hd.is_multiple_of(32) && o_pairs[0].iter().all(Option::is_none);
                 let aa = AttnArgs {
                     q: qkv,
                     k_cache: kc,
@@ -692,6 +699,8 @@ mod imp {
                     start,
                     at,
                     out: att,
+                    xq: if quantize_att { xq } else { 0 },
+                    xd: if quantize_att { xd } else { 0 },
                     ldq: ldq as i32,
                     nh: nh as i32,
                     nkv: nkv as i32,
@@ -701,8 +710,10 @@ mod imp {
                     scale: 1.0 / (hd as f32).sqrt(),
                 };
                 go.with(&self.attn, LaunchConfig { grid_dim: (nh as u32, nb as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, &aa)?;
-                prep(att, None, qdim, [pair(Proj::O), none, none])?;
-                mv(&[(w(Proj::O), pair(Proj::O))], x, hidden, x, u, false)?;
+                if !quantize_att {
+                    prep(att, None, qdim, o_pairs)?;
+                }
+                mv(&[(w(Proj::O), o_pairs[0])], x, hidden, x, u, false)?;
                 // MLP block.
                 let gu_pairs = [pair(Proj::Gate), pair(Proj::Up), none];
                 prep(x, Some(layer.ffn_norm), hidden, gu_pairs)?;
