@@ -502,12 +502,15 @@ template <typename Q, typename D, int NB>
 __device__ void mv_body(const MvArgs &a) {
     constexpr int BPS = 32 / D::DLPB;                  // blocks of a row per warp step
     constexpr int U = NB <= 2 ? 4 : 2;                 // steps in flight (registers bound it)
-    // Staged types: a group of UG steps of a row is one run of whole 4-byte words (an even
-    // number of blocks a step), copied asynchronously into the warp's ring in shared memory,
-    // MV_STAGES groups ahead, and decoded from there.
-    constexpr int UG = D::STAGED ? 4 : U;
+    // Staged types (blocks that are not 4-byte aligned): a step's BPS blocks of a row are one run
+    // of whole 4-byte words (an even number of blocks a step, 4-byte aligned rows), decoded from
+    // shared memory. At 1-2 rows a group of UG steps is copied asynchronously into the warp's
+    // ring, MV_STAGES - 1 groups ahead; at 3-8 rows, where the kernel is busier with arithmetic,
+    // each lane reads its words of U steps and stores them (the ring measured slower there).
+    constexpr bool RING = D::STAGED && NB <= 2;
+    constexpr int UG = RING ? 4 : U;
     constexpr int GB = UG * BPS * Q::BYTES;            // one row's bytes of a group
-    __shared__ __align__(16) uint8_t ring_all[D::STAGED ? MV_WARPS : 1][D::STAGED ? MV_STAGES : 1][MV_SLOTS][D::STAGED ? GB : 16];
+    __shared__ __align__(16) uint8_t ring_all[RING ? MV_WARPS : 1][RING ? MV_STAGES : 1][MV_SLOTS][RING ? GB : 16];
     pdl_launch_dependents();
     const int lane = threadIdx.x & 31, sub = lane % D::DLPB, lb = lane / D::DLPB;
     const int nblk = a.k / Q::ELEMS;
@@ -540,7 +543,7 @@ __device__ void mv_body(const MvArgs &a) {
         staged &= (reinterpret_cast<uintptr_t>(wrow[s]) & 3) == 0;
         wide &= (reinterpret_cast<uintptr_t>(wrow[s]) & 15) == 0;
     }
-    uint8_t(*ring)[MV_SLOTS][D::STAGED ? GB : 16] = ring_all[D::STAGED ? threadIdx.x >> 5 : 0];
+    uint8_t(*ring)[MV_SLOTS][RING ? GB : 16] = ring_all[RING ? threadIdx.x >> 5 : 0];
     // Group gi of every row into its ring slot; one commit group per group, empty past the end.
     auto fetch = [&](int gi) {
         if (gi < ngroups) {
@@ -552,7 +555,7 @@ __device__ void mv_body(const MvArgs &a) {
         cp_async_commit();
     };
     // The weights depend on no earlier kernel: they start coming while it finishes.
-    if (D::STAGED && staged)
+    if (RING && staged)
 #pragma unroll
         for (int gi = 0; gi < MV_STAGES - 1; gi++) fetch(gi);
     pdl_wait();
@@ -597,7 +600,7 @@ __device__ void mv_body(const MvArgs &a) {
                 if (wrow[s] != nullptr) D::dot(e[s], xv, acc[s][b]);
         }
     };
-    if (D::STAGED && staged) {
+    if (RING && staged) {
         for (int gi = 0; gi < ngroups; gi++) {
             // This group's copies are done (later ones may still fly), and every lane has
             // finished reading the slot the next fetch overwrites.
@@ -617,15 +620,50 @@ __device__ void mv_body(const MvArgs &a) {
             }
         }
     } else {
+        constexpr bool WORDS = D::STAGED && !RING;
+        constexpr int SW = WORDS ? BPS * Q::BYTES / 4 : 1;  // words of a step's run
+        constexpr int SK = (SW + 31) / 32;                   // of them a lane reads
+        __shared__ uint32_t stage[WORDS ? MV_WARPS : 1][U][MV_SLOTS][SW];
         for (int st = 0; st < nsteps; st += U) {
             typename D::W wv[U][MV_SLOTS];
+            if (WORDS && staged) {
+                uint32_t raw[U][MV_SLOTS][SK];
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int bi = (st + u) * BPS + lb;
+                for (int u = 0; u < U; u++)
 #pragma unroll
-                for (int s = 0; s < MV_SLOTS; s++) {
-                    wv[u][s] = {};
-                    if (wrow[s] != nullptr && bi < nblk) D::load_w(wrow[s] + (int64_t)bi * Q::BYTES, sub, wv[u][s]);
+                    for (int s = 0; s < MV_SLOTS; s++) {
+                        const bool in = wrow[s] != nullptr && (st + u) < nsteps;
+                        const uint8_t *run = in ? wrow[s] + (int64_t)(st + u) * BPS * Q::BYTES : nullptr;
+#pragma unroll
+                        for (int c = 0; c < SK; c++) raw[u][s][c] = in && lane + 32 * c < SW ? ld_stream4(run + 4 * (lane + 32 * c)) : 0u;
+                    }
+                __syncwarp();  // the previous steps' words are decoded
+                uint32_t(*mine)[MV_SLOTS][SW] = stage[WORDS ? threadIdx.x >> 5 : 0];
+#pragma unroll
+                for (int u = 0; u < U; u++)
+#pragma unroll
+                    for (int s = 0; s < MV_SLOTS; s++)
+#pragma unroll
+                        for (int c = 0; c < SK; c++)
+                            if (lane + 32 * c < SW) mine[u][s][lane + 32 * c] = raw[u][s][c];
+                __syncwarp();
+#pragma unroll
+                for (int u = 0; u < U; u++)
+#pragma unroll
+                    for (int s = 0; s < MV_SLOTS; s++) {
+                        wv[u][s] = {};
+                        const int bi = (st + u) * BPS + lb;
+                        if (wrow[s] != nullptr && bi < nblk) D::load_w(reinterpret_cast<const uint8_t *>(mine[u][s]) + lb * Q::BYTES, sub, wv[u][s]);
+                    }
+            } else {
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const int bi = (st + u) * BPS + lb;
+#pragma unroll
+                    for (int s = 0; s < MV_SLOTS; s++) {
+                        wv[u][s] = {};
+                        if (wrow[s] != nullptr && bi < nblk) D::load_w(wrow[s] + (int64_t)bi * Q::BYTES, sub, wv[u][s]);
+                    }
                 }
             }
 #pragma unroll
@@ -750,23 +788,6 @@ struct MqBlock {
         }
     }
 
-    // The same from copies of the two rows' block at pa and pb (in shared memory; null: none).
-    __device__ __forceinline__ void load_copy(const uint8_t *pa, const uint8_t *pb, int t) {
-        ha = hb = make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int g = 0; g < 4; g++) qa[g] = qb[g] = make_uint2(0, 0);
-        if (pa != nullptr) {
-            ha = *reinterpret_cast<const uint4 *>(pa);
-#pragma unroll
-            for (int g = 0; g < 4; g++) qa[g] = *reinterpret_cast<const uint2 *>(pa + 16 + 32 * g + 8 * t);
-        }
-        if (pb != nullptr) {
-            hb = *reinterpret_cast<const uint4 *>(pb);
-#pragma unroll
-            for (int g = 0; g < 4; g++) qb[g] = *reinterpret_cast<const uint2 *>(pb + 16 + 32 * g + 8 * t);
-        }
-    }
-
     // The MMA's A operand for sub-block j: the low nibbles of group j/2 for even j, the high for odd.
     __device__ __forceinline__ void frag(int j, uint32_t (&am)[4]) const {
         const int g = j >> 1, sh = 4 * (j & 1);
@@ -800,20 +821,10 @@ __device__ __forceinline__ void mq_store(const MvArgs &a, int row, int b, float 
     a.y[at] = a.residual != nullptr ? __fadd_rn(v, a.residual[at]) : v;
 }
 
-// Tile row r (0-15; MMA rows 0-7 are the A rows, 8-15 the B rows) of block blockIdx.x.
-__device__ __forceinline__ MqRow mq_tile_row(const MvArgs &a, int r, int nblk) {
-    const int out = a.glu ? blockIdx.x * 8 + (r & 7) : blockIdx.x * 16 + r;
-    return mq_row(a, out, r >> 3, nblk);
-}
-
-#define MQ_STAGES 2  // blocks of the tile a warp has in flight (one ring slot each)
-#define MQ_PIECES (16 * Q4K::BYTES / 16)  // 16-byte pieces of one block of the 16 rows
 template <int NB>
 __device__ void mvq_q4k_body(const MvArgs &a) {
-    // Each warp's blocks of the 16 rows go through its own ring in shared memory, copied
-    // asynchronously (row r of a slot at r * 144).
-    __shared__ __align__(16) uint8_t ring_all[MQ_WARPS][MQ_STAGES][16 * Q4K::BYTES];
     pdl_launch_dependents();
+    pdl_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int grp = lane >> 2, t = lane & 3;
     const int nblk = a.k / Q4K::ELEMS;
@@ -821,46 +832,12 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
     const int out_a = a.glu ? blockIdx.x * 8 + grp : blockIdx.x * 16 + grp;
     const int out_b = a.glu ? out_a : out_a + 8;
     const MqRow ra = mq_row(a, out_a, 0, nblk), rb = mq_row(a, out_b, 1, nblk);
-    // The pieces this lane copies: piece c = lane + 32j is bytes 16(c % 9).. of tile row c / 9.
-    constexpr int PL = (MQ_PIECES + 31) / 32;
-    const uint8_t *src[PL];
-#pragma unroll
-    for (int j = 0; j < PL; j++) {
-        const int c = lane + 32 * j;
-        src[j] = nullptr;
-        if (c < MQ_PIECES) {
-            const MqRow r = mq_tile_row(a, c / 9, nblk);
-            if (r.w != nullptr) src[j] = r.w + 16 * (c % 9);
-        }
-    }
-    uint8_t(*ring)[16 * Q4K::BYTES] = ring_all[warp];
-    // This warp's i-th block (bi = warp + 8i) of every row into ring slot i % MQ_STAGES; one
-    // commit group each, empty past the end.
-    auto fetch = [&](int i) {
-        const int bi = warp + MQ_WARPS * i;
-        if (bi < nblk)
-#pragma unroll
-            for (int j = 0; j < PL; j++)
-                if (src[j] != nullptr) cp_async16(ring[i % MQ_STAGES] + 16 * (lane + 32 * j), src[j] + (int64_t)bi * Q4K::BYTES);
-        cp_async_commit();
-    };
-    // The weights depend on no earlier kernel: they start coming while it finishes.
-#pragma unroll
-    for (int i = 0; i < MQ_STAGES; i++) fetch(i);
-    pdl_wait();
     const int b0 = 2 * t, b1 = 2 * t + 1;
     // acc[0], acc[1]: row A at batches b0, b1; acc[2], acc[3]: row B.
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int i = 0, bi = warp; bi < nblk; i++, bi += MQ_WARPS) {
-        // Block i has landed (block i + 1 may still fly).
-        cp_async_wait<MQ_STAGES - 1>();
-        __syncwarp();
+    for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
         MqBlock blk;
-        const uint8_t *slot = ring[i % MQ_STAGES];
-        blk.load_copy(ra.w != nullptr ? slot + grp * Q4K::BYTES : nullptr, rb.w != nullptr ? slot + (grp + 8) * Q4K::BYTES : nullptr, t);
-        // Every lane has read the slot before it is filled again.
-        __syncwarp();
-        fetch(i + MQ_STAGES);
+        blk.load(ra.w, rb.w, bi, t);
         // Activations: batch row grp, bytes 8t..8t+7 of each sub-block (the MMA's B operand).
         uint2 xv[8];
 #pragma unroll
