@@ -451,9 +451,9 @@ struct Q4_0Dot {
 // 32/DLPB consecutive blocks of each row (neighbouring lanes, neighbouring bytes). The matvec
 // is bound by how many bytes are in flight, not by arithmetic: the weights of U steps (4, or 2
 // above 2 rows) are requested before any is used, so a lane keeps MV_SLOTS × U weight loads in
-// flight; a staged type (blocks that are not 4-byte aligned) instead copies groups of 4 steps
-// asynchronously into the warp's own ring in shared memory, MV_STAGES - 1 groups ahead, and the
-// first groups before it waits on the kernel before. The LoRA B entries, LoRA u and residual a
+// flight; a staged type (blocks that are not 4-byte aligned) goes through the warp's own shared
+// memory instead, at 1-2 rows as a ring of asynchronous copies whose first groups are issued
+// before it waits on the kernel before (mv_body below). The LoRA B entries, LoRA u and residual a
 // warp needs are requested before the loop, so nothing waits on memory after it. Slots are rows;
 // in GLU mode the slot pair is (gate row n, up row n) and the output is silu(gate) * up. Up to
 // three weight segments are stacked as one output (q|k|v share an input and write one buffer).
