@@ -762,6 +762,20 @@ __device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, i
     return r;
 }
 
+// Iteration it of nit (blocks 8·it.., up to 8) of each of the SLOTS rows into slot[s], copied
+// asynchronously by the warp, then one commit group (empty for an iteration past the end or a
+// null row), so a ring's waits count the same in every warp. The 1-2 row Q4_K kernels' ring fill.
+template <int SLOTS>
+__device__ __forceinline__ void q4k_fetch_iteration(uint8_t (*slot)[8 * Q4K::BYTES], const MqRow (&rows)[SLOTS], int it, int nit, int nblk, int lane) {
+    if (it < nit) {
+        const int bytes = min(8, nblk - 8 * it) * Q4K::BYTES;
+#pragma unroll
+        for (int s = 0; s < SLOTS; s++)
+            if (rows[s].w != nullptr) warp_copy_async(slot[s], rows[s].w + (int64_t)it * 8 * Q4K::BYTES, bytes, true, lane);
+    }
+    cp_async_commit();
+}
+
 // One Q4_K block of a 16-row tile as lane (grp, t) holds it for the MMA: the headers of its two
 // rows (grp and grp + 8) and, of each row, the 8 quant bytes 8t.. of every 32-byte group (zeros
 // for a row past the end). Both tensor-core kernels (decode and prompt) read blocks this way.
@@ -962,17 +976,7 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
 #pragma unroll
     for (int s = 0; s < MV_SLOTS; s++) rows[s] = mq_row(a, a.glu ? first : first + s, s, nblk);
     uint8_t(*ring)[MV_SLOTS][MVD_RUN] = ring_all[threadIdx.x >> 5];
-    // Iteration `it` (blocks 8·it..) of every row into its ring slot; one commit group per
-    // iteration, empty past the end, so the wait below counts the same everywhere.
-    auto fetch = [&](int it) {
-        if (it < nit) {
-            const int bytes = min(8, nblk - 8 * it) * Q4K::BYTES;
-#pragma unroll
-            for (int s = 0; s < MV_SLOTS; s++)
-                if (rows[s].w != nullptr) warp_copy_async(ring[it % MVD_STAGES][s], rows[s].w + (int64_t)it * MVD_RUN, bytes, true, lane);
-        }
-        cp_async_commit();
-    };
+    auto fetch = [&](int it) { q4k_fetch_iteration(ring[it % MVD_STAGES], rows, it, nit, nblk, lane); };
     // The weights depend on no earlier kernel: they start coming while the kernel before
     // finishes, and the activations are read after the wait.
 #pragma unroll
@@ -1151,15 +1155,7 @@ __device__ void mvl_q4k_body(const MvArgs &a) {
     for (int s = 1; s < MVL_SLOTS; s++)
         if (s == r) mine = rows[s];
     uint8_t(*ring)[MVL_SLOTS][8 * Q4K::BYTES] = ring_all[warp];
-    auto fetch = [&](int it) {
-        if (it < nit) {
-            const int bytes = min(8, nblk - 8 * it) * Q4K::BYTES;
-#pragma unroll
-            for (int s = 0; s < MVL_SLOTS; s++)
-                if (rows[s].w != nullptr) warp_copy_async(ring[it % MVL_STAGES][s], rows[s].w + (int64_t)it * 8 * Q4K::BYTES, bytes, true, lane);
-        }
-        cp_async_commit();
-    };
+    auto fetch = [&](int it) { q4k_fetch_iteration(ring[it % MVL_STAGES], rows, it, nit, nblk, lane); };
 #pragma unroll
     for (int it = 0; it < MVL_STAGES; it++) fetch(it);
     pdl_wait();
@@ -1252,7 +1248,6 @@ __device__ void mvl_q4k_body(const MvArgs &a) {
 #define MVL_NB(NB) \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4) mvl_q4k_b##NB(const MvArgs a) { mvl_q4k_body<NB>(a); }
 MVL_NB(1) MVL_NB(2)
-
 
 // ---- prompt matmul on int8 tensor cores: Q4_K weights in place, many token rows -----------------
 //
