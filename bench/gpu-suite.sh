@@ -26,13 +26,16 @@
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
 #              gate|up and down matvecs
 #   ncufile    kernel time per launch of one fused bare decode token on the Q4_K_M file ($Q4KM)
-#   serve      `bench serve-train` on a simulated 8 GB card
+#   serve      `bench serve-train` on the Q4_K_M mix with 7.0 GB left free
 #   servekto   the same with the preference objective (`--objective kto`)
 #   apiload    `freeski-bot serve` and llama.cpp's llama-server (if built: `llamacpp.sh build`) on
 #              the same Q4_K_M file ($Q4KM, else the random 7B shape for serve alone), each driven by
 #              bench/serve_load.py with 1, 8 and 32 concurrent streaming clients: aggregate
 #              tokens/s, p50/p95 time to first token
-#   train      `bench train` r=16 on a simulated 7 GB card, and PyTorch + PEFT at the same shape
+#   train      `bench train` on llama.cpp's Q4_K_M mix with 6.5 GB left free (r=16, and r=2, the
+#              prototype's rank), and beside it at the same shapes the prototype's QLoRA stack
+#              (PEFT + bitsandbytes NF4, paged AdamW 8-bit; needs .gpu/peers/bitsandbytes.tar.gz
+#              from `bench/peers/fetch-qlora.sh`) and PyTorch + PEFT on a bf16 base (r=16)
 #   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
 #   genprof    the same for one 512-token prefill and for 16 batch-1 decode tokens on $Q4KM
 #              (else the random Mistral-7B Q4_K_M mix); GENPROF_PARTS=prefill for the first alone
@@ -61,8 +64,8 @@ pack() { tar -C "$OUT" -cJf "$DEST/suite-$(date +%H%M%S).tar.xz" . 2>/dev/null; 
 trap pack EXIT
 trap 'exit 143' TERM INT
 F='^ *[0-9]*: <unknown>|^\s*$|INFO'
-# PEFT is not installed on that machine: its wheel travels in .gpu/wheels (download it first:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .gpu/wheels peft==0.21.2).
+# PEFT comes with the GPU machine's image; where it does not, its wheel travels in .gpu/wheels
+# (download it first: python3 -m pip download --no-deps --only-binary=:all: -d .gpu/wheels peft==0.21.2).
 PYDIR=/tmp/peft-lib
 peft() { [ -d "$PYDIR/peft" ] || pip install -q --no-deps --target "$PYDIR" .gpu/wheels/peft-*.whl >/dev/null 2>&1; }
 NCU=/usr/local/cuda/bin/ncu
@@ -173,7 +176,7 @@ stage_ncufile() {
   python3 bench/ncu_summary.py "$OUT/ncu-file.csv" 12 | tee "$OUT/ncu-file.txt"
 }
 stage_serve() {
-  freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
+  freeski-bot bench serve-train --random mistral-7b --quant q4k-m --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 7.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
 }
 # Wait until an HTTP server answers GET $1 (model loading takes a while), at most 10 minutes.
 http_get() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1" 2>/dev/null; }
@@ -205,8 +208,23 @@ stage_servekto() {
   freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 --objective kto 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train-kto.txt"
 }
 stage_train() {
-  freeski-bot bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --leave-free-gb 7.0 --json "$OUT/train-r16.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train.txt"
-  peft; PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 2>&1 | tail -3 | tee "$OUT/pytorch-train-r16.txt"
+  local r
+  for r in 16 2; do
+    freeski-bot bench train --random mistral-7b --quant q4k-m --seq 512 --batch 2 --device cuda:0 --rank $r --leave-free-gb 6.5 \
+      --json "$OUT/train-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train-r$r.txt"
+  done
+  peft
+  if [ -f .gpu/peers/bitsandbytes.tar.gz ]; then
+    [ -d /tmp/bnb-lib/bitsandbytes ] || { mkdir -p /tmp/bnb-lib && tar xzf .gpu/peers/bitsandbytes.tar.gz -C /tmp/bnb-lib; }
+    python3 bench/mistral_shape.py "$WORK/mistral-7b-random"
+    for r in 16 2; do
+      PYTHONPATH="$PYDIR:/tmp/bnb-lib" python3 bench/pytorch_train.py --stack qlora --checkpoint "$WORK/mistral-7b-random" \
+        --seq 512 --batch 2 --rank $r 2>&1 | tail -3 | tee "$OUT/qlora-train-r$r.txt"
+    done
+  else
+    echo "no .gpu/peers/bitsandbytes.tar.gz (bash bench/peers/fetch-qlora.sh): the prototype's QLoRA stack is skipped"
+  fi
+  PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 2>&1 | tail -3 | tee "$OUT/pytorch-train-r16.txt"
 }
 # GPU time by kernel of the work a `freeski-bot ARGS...` run marks for the profiler
 # (cuProfilerStart/Stop), with nsys (or ncu without it); NAME names the files in $OUT.

@@ -1,12 +1,22 @@
-"""PyTorch + transformers + PEFT baseline for `freeski-bot bench train --random mistral-7b`.
+"""PyTorch training peers for `freeski-bot bench train --random mistral-7b`, on one GPU.
 
-A Mistral-7B-shape model (v0.1 config) with random bf16 weights on one GPU, PEFT LoRA on all
-seven projections (alpha 16, dropout 0.05), LoRA weights and AdamW state in f32 with bf16
-autocast (what QLoRA recipes do), gradient checkpointing on (non-reentrant), loss on every
-token. Times full optimizer steps (forward, backward, clipping, AdamW) after one warm-up step
-and prints one JSON object with tokens/s and peak memory.
+Two stacks, both with PEFT LoRA on all seven projections (alpha 16, dropout 0.05), gradient
+checkpointing (non-reentrant), bf16 autocast and the loss on every token:
+
+- `--stack bf16` (default): the Mistral-7B shape with random bf16 weights held in bf16, LoRA
+  weights and AdamW state in f32 (`torch.optim.AdamW`).
+- `--stack qlora`: the prototype's stack, the one freeski-bot replaces. The random checkpoint
+  saved by `mistral_shape.py` is loaded through transformers' bitsandbytes integration as NF4
+  with double quantization and bf16 compute, prepared by PEFT's
+  `prepare_model_for_kbit_training`, and trained with bitsandbytes' paged 8-bit AdamW
+  (`PagedAdamW8bit`, what TRL's `optim="paged_adamw_8bit"` builds).
+
+Times full optimizer steps (forward, backward, clipping, AdamW) after one warm-up step, in
+training mode (`from_pretrained` returns eval mode, which silently turns gradient checkpointing
+off), and prints one JSON object with tokens/s and peak memory.
 
     python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 --steps 5
+    python3 bench/pytorch_train.py --stack qlora --checkpoint /tmp/llamacpp/mistral-7b-random
 """
 import argparse
 import json
@@ -18,8 +28,34 @@ from peft import LoraConfig, get_peft_model
 from mistral_shape import random_mistral_7b
 
 
+def bf16_model(args):
+    model = random_mistral_7b()
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def qlora_model(args):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not args.checkpoint:
+        raise SystemExit("--stack qlora needs --checkpoint DIR (python3 bench/mistral_shape.py DIR saves one)")
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, quantization_config=nf4, dtype=torch.bfloat16, device_map={"": 0})
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=not args.no_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--stack", choices=["bf16", "qlora"], default="bf16")
+    ap.add_argument("--checkpoint", help="Hugging Face checkpoint of the random model (--stack qlora)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
@@ -29,11 +65,9 @@ def main():
     args = ap.parse_args()
 
     free0, total = torch.cuda.mem_get_info()
-    model = random_mistral_7b()
+    model = qlora_model(args) if args.stack == "qlora" else bf16_model(args)
     cfg = model.config
     model.config.use_cache = False
-    if not args.no_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=args.rank, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -43,7 +77,13 @@ def main():
     for p in trainable:
         p.data = p.data.float()
     n_params = sum(p.numel() for p in trainable)
-    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    if args.stack == "qlora":
+        import bitsandbytes as bnb
+        opt = bnb.optim.PagedAdamW8bit(trainable, lr=1e-4)
+        framework = f"torch {torch.__version__} + peft + bitsandbytes {bnb.__version__} (NF4, paged AdamW 8-bit)"
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+        framework = f"torch {torch.__version__} + peft (bf16 base)"
     model.train()
     ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), device="cuda")
 
@@ -75,7 +115,7 @@ def main():
     med = times[len(times) // 2]
     free1, _ = torch.cuda.mem_get_info()
     print(json.dumps({
-        "framework": f"torch {torch.__version__} + peft",
+        "framework": framework,
         "device": torch.cuda.get_device_name(0),
         "seq": args.seq, "batch": args.batch, "rank": args.rank,
         "checkpointing": not args.no_checkpointing, "trainable_params": n_params,

@@ -43,31 +43,17 @@ build() {
 
 # A random MistralForCausalLM (the Mistral-7B-v0.1 shape, bf16, seed 0) saved with the real
 # Mistral tokenizer, converted by llama.cpp's convert_hf_to_gguf.py and quantized to Q4_K_M by
-# llama-quantize: the format real Mistral files come in, made by llama.cpp's own tools.
+# llama-quantize: the format real Mistral files come in, made by llama.cpp's own tools. The
+# checkpoint stays in $WORK/mistral-7b-random for the bitsandbytes QLoRA peer (gpu-suite `qlora`).
 F16=$WORK/mistral-7b-random.f16.gguf
 mistral_f16() {
   local hf=$WORK/mistral-7b-random
   [ -f "$F16" ] && return
   unpack
-  python3 - "$hf" <<'PY'
-import json, shutil, sys, torch
-from transformers import MistralConfig, MistralForCausalLM
-out = sys.argv[1]
-cfg = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
-                    sliding_window=4096, max_position_embeddings=32768, tie_word_embeddings=False)
-torch.manual_seed(0)
-with torch.device("cuda"):
-    model = MistralForCausalLM(cfg).to(torch.bfloat16)
-model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
-shutil.copy("tests/fixtures/tokenizers/mistral-7b-v0.1.tokenizer.json", f"{out}/tokenizer.json")
-json.dump({"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-           "add_bos_token": True, "add_eos_token": False, "model_max_length": 32768}, open(f"{out}/tokenizer_config.json", "w"))
-PY
+  python3 bench/mistral_shape.py "$hf"
   # Into temporary names first: a step cut short never passes for its finished file.
   PYTHONPATH=$SRC/gguf-py python3 "$SRC/convert_hf_to_gguf.py" "$hf" --outtype f16 --outfile "$F16.part.gguf" 2>&1 | tail -2
   mv "$F16.part.gguf" "$F16"
-  rm -rf "$hf"
 }
 
 mistral_q4km() {
