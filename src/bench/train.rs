@@ -9,13 +9,13 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{sync, BenchQuant};
 use crate::config::Settings;
-use crate::llm::device::{self, gib, MemoryPoller};
+use crate::llm::device::{self, gib, MemoryPoller, PoolPeaks};
 use crate::llm::lora::AdapterConfig;
 use crate::llm::model::Proj;
 use crate::llm::ModelConfig;
 use crate::train::data::{Batch, Example};
 use crate::train::dropout::Dropout;
-use crate::train::forward::{GradAccum, MicroKey, TrainForward};
+use crate::train::forward::{GradAccum, MicroKey, Phase, TrainForward};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::params::LoraParams;
 use crate::train::settings::Precision;
@@ -110,7 +110,11 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         PrecisionArg::Bf16 => Precision::Bf16,
     };
     let dtype = activation_dtype(precision, &dev);
-    let fwd = TrainForward::new(&model, dtype, Dropout { p: args.dropout, seed: 1 });
+    // The pool's peaks in each part of a step (highest over the timed steps): where the memory
+    // goes. Each part's end reads the peaks since the previous one and starts them again.
+    let phases = PhasePeaks::new(&dev);
+    let on_phase = |p: Phase| phases.end(PhaseName::Micro(p));
+    let fwd = TrainForward::new(&model, dtype, Dropout { p: args.dropout, seed: 1 }).with_phase_ends(&on_phase);
     let TrainShape { seq, batch: rows, rank } = args.shape;
     let adapter_cfg = AdapterConfig::new(rank, 16.0, args.dropout, &Proj::ALL, &format!("random {}", args.random), false);
     let params = LoraParams::init(&cfg, adapter_cfg, 1, &dev)?;
@@ -128,6 +132,7 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     for step in 0..=args.steps {
         if step == 1 {
             device::reset_pool_peaks(&dev);
+            phases.record(true);
         }
         let profiled = args.profile_last_step && step == args.steps;
         if profiled {
@@ -139,7 +144,9 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         let mut grads = accum.take()?;
         clip_grad_norm(&mut grads, 1.0)?;
         opt.step(&vars, &grads, 1e-4)?;
+        drop(grads);
         sync(&dev)?;
+        phases.end(PhaseName::Optimizer);
         if profiled {
             device::profiler_capture(&dev, false);
         }
@@ -196,13 +203,16 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     } else {
         println!("peak host RSS    {:.2} GiB", gib(device::peak_rss_bytes().unwrap_or(0)));
     }
-    let pool = device::pool_peaks(&dev);
+    let pool = phases.overall();
     if let Some(p) = pool {
         println!(
             "allocator        {:.2} GB peak in live tensors (weights included), {:.2} GB peak reserved by candle's CUDA pool",
             p.used_high as f64 / 1e9,
             p.reserved_high as f64 / 1e9
         );
+        for (name, p) in phases.peaks() {
+            println!("  {:<14} {:.2} GB live, {:.2} GB reserved at most", name.label(), p.used_high as f64 / 1e9, p.reserved_high as f64 / 1e9);
+        }
     }
     if let Some(path) = &args.json {
         let v = serde_json::json!({
@@ -211,8 +221,70 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
             "device_peak_used_bytes": peak, "device_baseline_bytes": baseline, "weights_loaded_used_bytes": after_weights,
             "peak_rss_bytes": device::peak_rss_bytes(), "weight_bytes": model.weight_bytes(),
             "pool_used_high_bytes": pool.map(|p| p.used_high), "pool_reserved_high_bytes": pool.map(|p| p.reserved_high),
+            "pool_phases": phases.peaks().iter().map(|(n, p)| (n.label().to_string(), serde_json::json!({"used_high_bytes": p.used_high, "reserved_high_bytes": p.reserved_high}))).collect::<serde_json::Map<_, _>>(),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
     }
     Ok(())
+}
+
+/// A part of a benchmarked training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PhaseName {
+    Micro(Phase),
+    /// Gradient clipping and the AdamW update.
+    Optimizer,
+}
+
+impl PhaseName {
+    fn label(self) -> &'static str {
+        match self {
+            PhaseName::Micro(Phase::Forward) => "forward",
+            PhaseName::Micro(Phase::Head) => "head",
+            PhaseName::Micro(Phase::Backward) => "backward",
+            PhaseName::Optimizer => "optimizer",
+        }
+    }
+}
+
+/// The CUDA pool's peaks per part of a step, the highest over the recorded steps.
+struct PhasePeaks<'d> {
+    dev: &'d candle_core::Device,
+    state: std::sync::Mutex<(bool, Vec<(PhaseName, PoolPeaks)>)>,
+}
+
+impl<'d> PhasePeaks<'d> {
+    fn new(dev: &'d candle_core::Device) -> Self {
+        Self { dev, state: std::sync::Mutex::new((false, Vec::new())) }
+    }
+
+    /// Start (or stop) keeping what the parts' ends read.
+    fn record(&self, on: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = on;
+        }
+    }
+
+    /// `name` ends: keep the peaks since the previous part's end, then start them again.
+    fn end(&self, name: PhaseName) {
+        let Some(p) = device::pool_peaks(self.dev) else { return };
+        device::reset_pool_peaks(self.dev);
+        let Ok(mut s) = self.state.lock() else { return };
+        if !s.0 {
+            return;
+        }
+        match s.1.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, q)) => *q = PoolPeaks { used_high: q.used_high.max(p.used_high), reserved_high: q.reserved_high.max(p.reserved_high) },
+            None => s.1.push((name, p)),
+        }
+    }
+
+    fn peaks(&self) -> Vec<(PhaseName, PoolPeaks)> {
+        self.state.lock().map(|s| s.1.clone()).unwrap_or_default()
+    }
+
+    /// The highest of every part's peaks.
+    fn overall(&self) -> Option<PoolPeaks> {
+        self.peaks().into_iter().map(|(_, p)| p).reduce(|a, b| PoolPeaks { used_high: a.used_high.max(b.used_high), reserved_high: a.reserved_high.max(b.reserved_high) })
+    }
 }

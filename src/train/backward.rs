@@ -23,8 +23,6 @@ pub(super) struct LayerBackward<'a, 'm> {
     pub params: &'a LoraParams,
     pub key: MicroKey,
     pub ctx: &'a Ctx,
-    /// The layer's seven weights, dequantized (in `Proj` order).
-    pub dense: &'a [Tensor],
 }
 
 impl LayerBackward<'_, '_> {
@@ -89,7 +87,7 @@ impl LayerBackward<'_, '_> {
     /// Backward of `y = x·Wᵀ + s·(D(x)·Aᵀ)·Bᵀ` for `dy = ∂L/∂y` (`[rows, out]`): adds `∂L/∂A`
     /// and `∂L/∂B` to `accum` and, with `need_dx`, returns `∂L/∂x` (`[rows, in]`).
     fn proj(&self, p: Proj, dy: &Tensor, saved: &[Option<(Tensor, Tensor)>; 7], need_dx: bool, accum: &mut GradAccum) -> Result<Option<Tensor>> {
-        let mut dx = if need_dx { Some(ops::frozen_linear_backward(dy, &self.dense[p.index()])?) } else { None };
+        let mut dx = if need_dx { Some(self.input_grad(p, dy)?) } else { None };
         let (Some((a, b)), Some((xd, low)), Some((va, vb))) = (&self.lora[p.index()], &saved[p.index()], self.params.pair(self.layer, p)) else {
             return Ok(dx);
         };
@@ -107,6 +105,13 @@ impl LayerBackward<'_, '_> {
             *d = (&*d + self.fwd.dropout.apply(&dxd, mask_key(self.key, self.layer, p))?)?;
         }
         Ok(dx)
+    }
+
+    /// `dy · dequant(W)` for projection `p`, its weight dequantized for this product alone.
+    fn input_grad(&self, p: Proj, dy: &Tensor) -> Result<Tensor> {
+        let model = self.fwd.model;
+        let w = ops::dequantize(model.layers()[self.layer].proj(p).qtensor(), model.device(), dy.dtype())?;
+        Ok(ops::frozen_linear_backward(dy, &w)?)
     }
 }
 

@@ -31,6 +31,20 @@ pub struct TrainForward<'m> {
     pub(super) model: &'m Model,
     pub(super) dtype: DType,
     pub(super) dropout: Dropout,
+    /// Called as each part of a checkpointed micro-batch ends ([`Phase`]): a benchmark reads
+    /// the device memory peaks of each part there.
+    phase_end: Option<&'m (dyn Fn(Phase) + Sync)>,
+}
+
+/// The parts of a checkpointed micro-batch, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Every layer without a graph, keeping each one's input.
+    Forward,
+    /// The head's loss and its gradient, chunk by chunk.
+    Head,
+    /// Each layer recomputed and differentiated, from the top.
+    Backward,
 }
 
 /// Gradients summed over the micro-batches of one optimizer step, in f32 buffers made once
@@ -81,7 +95,18 @@ pub struct MicroKey {
 
 impl<'m> TrainForward<'m> {
     pub fn new(model: &'m Model, dtype: DType, dropout: Dropout) -> Self {
-        Self { model, dtype, dropout }
+        Self { model, dtype, dropout, phase_end: None }
+    }
+
+    /// Call `f` as each [`Phase`] of a checkpointed micro-batch ends.
+    pub fn with_phase_ends(self, f: &'m (dyn Fn(Phase) + Sync)) -> Self {
+        Self { phase_end: Some(f), ..self }
+    }
+
+    fn end(&self, phase: Phase) {
+        if let Some(f) = self.phase_end {
+            f(phase)
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -104,7 +129,7 @@ impl<'m> TrainForward<'m> {
         let none = LayerLora::default();
         for i in 0..self.model.layers().len() {
             let layer_lora = lora.and_then(|l| l.layers.get(i)).unwrap_or(&none);
-            x = fwd.layer(i, &x, layer_lora, lora.map_or(0.0, |l| l.scale), key, &ctx, None)?.0;
+            x = fwd.layer(i, &x, layer_lora, lora.map_or(0.0, |l| l.scale), key, &ctx)?.0;
         }
         let mut rows = vec![0.0; batch.rows];
         for (pos, next, chunk) in ctx.head_chunks()? {
@@ -136,7 +161,7 @@ impl<'m> TrainForward<'m> {
     fn accumulate_whole(&self, params: &LoraParams, key: MicroKey, loss: RowLoss, ctx: &Ctx, accum: &mut GradAccum) -> Result<Vec<f64>> {
         let mut x = self.embed(&ctx.batch)?;
         for i in 0..self.model.layers().len() {
-            x = self.layer(i, &x, &params.layer(i, true), params.scale, key, ctx, None)?.0;
+            x = self.layer(i, &x, &params.layer(i, true), params.scale, key, ctx)?.0;
         }
         let mut rows = vec![0.0; ctx.batch.rows];
         let mut chunks = Vec::new();
@@ -173,8 +198,9 @@ impl<'m> TrainForward<'m> {
         let inputs = Tensor::zeros((n_layers, b, t, h), self.dtype, x.device())?;
         for i in 0..n_layers {
             inputs.slice_set(&x.unsqueeze(0)?.contiguous()?, 0, i)?;
-            x = self.layer(i, &x, &params.layer(i, false), params.scale, key, ctx, None)?.0;
+            x = self.layer(i, &x, &params.layer(i, false), params.scale, key, ctx)?.0;
         }
+        self.end(Phase::Forward);
         // Head, chunk by chunk: each chunk's graph lives only for its own backward.
         let flat = x.reshape((b * t, h))?;
         let mut grad = flat.zeros_like()?.to_dtype(DType::F32)?;
@@ -206,28 +232,24 @@ impl<'m> TrainForward<'m> {
         }
         let mut grad = grad.reshape((b, t, h))?.to_dtype(self.dtype)?;
         drop((x, head));
+        self.end(Phase::Head);
         // Pass 2: layer by layer from the top, recomputed (no graph) and differentiated by
-        // hand (`backward.rs`), seeded by the gradient flowing in from the layer above.
+        // hand (`backward.rs`), seeded by the gradient flowing in from the layer above. Each
+        // projection dequantizes its weight where it is used, in the recompute and again in
+        // the backward: one more dequantization of the layer's weights, instead of holding
+        // all seven dense through both (0.44 GB in bf16 for a Mistral-7B layer).
         for i in (0..n_layers).rev() {
             let input = inputs.get(i)?;
-            // The recompute and its backward share one dequantization of the layer's weights.
-            let dev = self.model.device();
-            let layer = &self.model.layers()[i];
-            let mut dense = Vec::with_capacity(Proj::ALL.len());
-            for p in Proj::ALL {
-                debug_assert_eq!(p.index(), dense.len());
-                dense.push(ops::dequantize(layer.proj(p).qtensor(), dev, self.dtype)?);
-            }
             let lora = params.layer(i, false);
-            let (_, tape) = self.layer(i, &input, &lora, params.scale, key, ctx, Some(&dense))?;
-            let back = LayerBackward { fwd: self, layer: i, lora: &lora, params, key, ctx, dense: &dense };
+            let (_, tape) = self.layer(i, &input, &lora, params.scale, key, ctx)?;
+            let back = LayerBackward { fwd: self, layer: i, lora: &lora, params, key, ctx };
             let dx = back.run(tape, &grad, i > 0, accum)?;
             if let Some(dx) = dx {
                 grad = dx;
             }
-            drop(dense);
             crate::llm::device::trim_pool(self.model.device());
         }
+        self.end(Phase::Backward);
         Ok(rows_nll)
     }
 
@@ -263,11 +285,8 @@ impl<'m> TrainForward<'m> {
     }
 
     /// Decoder layer `i`, and the intermediates its hand-written backward needs
-    /// ([`Tape`]; the autograd paths drop it). `dense`: its seven weights dequantized once by
-    /// the caller, for a recompute whose backward uses them again; `None` dequantizes per
-    /// projection.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx, dense: Option<&[Tensor]>) -> Result<(Tensor, Tape)> {
+    /// ([`Tape`]; the autograd paths drop it).
+    pub(super) fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx) -> Result<(Tensor, Tape)> {
         let layer = &self.model.layers()[i];
         let cfg = self.model.config();
         let eps = cfg.rms_norm_eps as f32;
@@ -276,8 +295,7 @@ impl<'m> TrainForward<'m> {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let mut saved: [Option<(Tensor, Tensor)>; 7] = Default::default();
         let mut proj = |p: Proj, x: &Tensor| -> Result<Tensor> {
-            let dense = dense.map(|d| &d[p.index()]);
-            let (y, low) = self.proj(layer, p, dense, x, &lora[p.index()], scale, mask_key(key, i, p))?;
+            let (y, low) = self.proj(layer, p, x, &lora[p.index()], scale, mask_key(key, i, p))?;
             saved[p.index()] = low;
             Ok(y)
         };
@@ -312,18 +330,8 @@ impl<'m> TrainForward<'m> {
     /// Base projection plus `scale · dropout(x)·Aᵀ·Bᵀ`, and for LoRA `(dropout(x), dropout(x)·Aᵀ)`
     /// as `[rows, in]` / `[rows, r]` for the backward. A and B are f32 variables; they are
     /// cast to the activation dtype inside the graph, so their gradients arrive in f32.
-    #[allow(clippy::too_many_arguments)]
-    fn proj(
-        &self,
-        layer: &DecoderLayer,
-        p: Proj,
-        dense: Option<&Tensor>,
-        x: &Tensor,
-        lora: &Option<(Tensor, Tensor)>,
-        scale: f64,
-        key: MaskKey,
-    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        let y = ops::frozen_qmatmul_with(x, layer.proj(p).qtensor(), dense)?;
+    fn proj(&self, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &Option<(Tensor, Tensor)>, scale: f64, key: MaskKey) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let y = ops::frozen_qmatmul(x, layer.proj(p).qtensor())?;
         let Some((a, b)) = lora else {
             return Ok((y, None));
         };
