@@ -110,9 +110,9 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         PrecisionArg::Bf16 => Precision::Bf16,
     };
     let dtype = activation_dtype(precision, &dev);
-    // The pool's peaks in each part of a step (highest over the timed steps): where the memory
-    // goes. Each part's end reads the peaks since the previous one and starts them again.
-    let phases = PhasePeaks::new(&dev);
+    // Where the memory and the time go: the pool's peaks in each part of a step (highest over
+    // the timed steps), and each part's time in one more step, synced at every part's end.
+    let phases = PhaseStats::new(&dev);
     let on_phase = |p: Phase| phases.end(PhaseName::Micro(p));
     let fwd = TrainForward::new(&model, dtype, Dropout { p: args.dropout, seed: 1 }).with_phase_ends(&on_phase);
     let TrainShape { seq, batch: rows, rank } = args.shape;
@@ -129,16 +129,19 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
     let mut accum = GradAccum::new(&params)?;
     let mut times = Vec::new();
     let mut loss = 0.0;
-    for step in 0..=args.steps {
+    // Step 0 warms up, steps 1..=steps are timed, and one more is timed part by part.
+    for step in 0..=args.steps + 1 {
+        let parts_timed = step == args.steps + 1;
         if step == 1 {
             device::reset_pool_peaks(&dev);
-            phases.record(true);
+            phases.record();
         }
         let profiled = args.profile_last_step && step == args.steps;
         if profiled {
             sync(&dev)?;
             device::profiler_capture(&dev, true);
         }
+        phases.time(parts_timed)?;
         let t0 = Instant::now();
         loss = fwd.accumulate(&params, &batch, MicroKey { step: step as u64, micro: 0 }, denom, checkpointing, &mut accum)? / denom;
         let mut grads = accum.take()?;
@@ -147,10 +150,11 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
         drop(grads);
         sync(&dev)?;
         phases.end(PhaseName::Optimizer);
+        phases.time(false)?;
         if profiled {
             device::profiler_capture(&dev, false);
         }
-        if step > 0 {
+        if step > 0 && !parts_timed {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
@@ -214,6 +218,11 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
             println!("  {:<14} {:.2} GB live, {:.2} GB reserved at most", name.label(), p.used_high as f64 / 1e9, p.reserved_high as f64 / 1e9);
         }
     }
+    let parts = phases.times();
+    if !parts.is_empty() {
+        let line: Vec<String> = parts.iter().map(|(n, t)| format!("{} {:.1} ms", n.label(), t * 1e3)).collect();
+        println!("step by part     {} (one step, the device synced at each part's end)", line.join(", "));
+    }
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "shape": args.random, "quant": format!("{:?}", args.quant), "seq": seq, "batch": rows, "rank": rank,
@@ -221,6 +230,7 @@ pub fn run(settings: &Settings, args: TrainBench) -> Result<()> {
             "device_peak_used_bytes": peak, "device_baseline_bytes": baseline, "weights_loaded_used_bytes": after_weights,
             "peak_rss_bytes": device::peak_rss_bytes(), "weight_bytes": model.weight_bytes(),
             "pool_used_high_bytes": pool.map(|p| p.used_high), "pool_reserved_high_bytes": pool.map(|p| p.reserved_high),
+            "part_ms": phases.times().iter().map(|(n, t)| (n.label().to_string(), serde_json::json!(t * 1e3))).collect::<serde_json::Map<_, _>>(),
             "pool_phases": phases.peaks().iter().map(|(n, p)| (n.label().to_string(), serde_json::json!({"used_high_bytes": p.used_high, "reserved_high_bytes": p.reserved_high}))).collect::<serde_json::Map<_, _>>(),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
@@ -247,40 +257,72 @@ impl PhaseName {
     }
 }
 
-/// The CUDA pool's peaks per part of a step, the highest over the recorded steps.
-struct PhasePeaks<'d> {
+/// The CUDA pool's peaks per part of a step, the highest over the recorded steps, and each
+/// part's time in one step run with a device sync at every part's end.
+struct PhaseStats<'d> {
     dev: &'d candle_core::Device,
-    state: std::sync::Mutex<(bool, Vec<(PhaseName, PoolPeaks)>)>,
+    state: std::sync::Mutex<PhaseState>,
 }
 
-impl<'d> PhasePeaks<'d> {
+#[derive(Default)]
+struct PhaseState {
+    recording: bool,
+    /// While timing: when the current part began.
+    part_start: Option<Instant>,
+    peaks: Vec<(PhaseName, PoolPeaks)>,
+    times: Vec<(PhaseName, f64)>,
+}
+
+impl<'d> PhaseStats<'d> {
     fn new(dev: &'d candle_core::Device) -> Self {
-        Self { dev, state: std::sync::Mutex::new((false, Vec::new())) }
+        Self { dev, state: std::sync::Mutex::new(PhaseState::default()) }
     }
 
-    /// Start (or stop) keeping what the parts' ends read.
-    fn record(&self, on: bool) {
+    /// Start keeping what the parts' ends read.
+    fn record(&self) {
         if let Ok(mut s) = self.state.lock() {
-            s.0 = on;
+            s.recording = true;
         }
     }
 
-    /// `name` ends: keep the peaks since the previous part's end, then start them again.
+    /// Time the parts from now on (`true`, after a sync) or no longer.
+    fn time(&self, on: bool) -> Result<()> {
+        if on {
+            sync(self.dev)?;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            s.part_start = on.then(Instant::now);
+        }
+        Ok(())
+    }
+
+    /// `name` ends: keep the peaks since the previous part's end, then start them again; while
+    /// timing, wait for the device and keep the part's time.
     fn end(&self, name: PhaseName) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if let Some(t0) = s.part_start {
+            // A failed sync shows up again at the step's own sync, which reports it.
+            let _ = sync(self.dev);
+            s.times.push((name, t0.elapsed().as_secs_f64()));
+            s.part_start = Some(Instant::now());
+        }
         let Some(p) = device::pool_peaks(self.dev) else { return };
         device::reset_pool_peaks(self.dev);
-        let Ok(mut s) = self.state.lock() else { return };
-        if !s.0 {
+        if !s.recording {
             return;
         }
-        match s.1.iter_mut().find(|(n, _)| *n == name) {
+        match s.peaks.iter_mut().find(|(n, _)| *n == name) {
             Some((_, q)) => *q = PoolPeaks { used_high: q.used_high.max(p.used_high), reserved_high: q.reserved_high.max(p.reserved_high) },
-            None => s.1.push((name, p)),
+            None => s.peaks.push((name, p)),
         }
     }
 
     fn peaks(&self) -> Vec<(PhaseName, PoolPeaks)> {
-        self.state.lock().map(|s| s.1.clone()).unwrap_or_default()
+        self.state.lock().map(|s| s.peaks.clone()).unwrap_or_default()
+    }
+
+    fn times(&self) -> Vec<(PhaseName, f64)> {
+        self.state.lock().map(|s| s.times.clone()).unwrap_or_default()
     }
 
     /// The highest of every part's peaks.
