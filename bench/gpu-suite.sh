@@ -89,7 +89,7 @@ stage_batching() {
     for r in 0 16; do
       freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank $r --compare false 2>&1 | grep -Ev "$F" | tee "$OUT/gen-q4km-file-r$r.txt"
     done
-    for k in exact-lanes tensor-cores fastest; do
+    for k in tensor-cores fastest; do
       freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --row-kernels $k 2>&1 | grep -E "decode|prefill|path" | tee "$OUT/gen-q4km-file-$k.txt"
     done
     # Both prompt kernels from 9 tokens, so the 100-token time to first token takes them too;

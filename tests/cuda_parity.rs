@@ -112,9 +112,6 @@ struct FusedParity {
     /// batch and for the row alone, against the default kernels' batch (the default dp4a kernel
     /// follows the tensor-core order: must be 0).
     tensor_cores: Vec<f64>,
-    /// The same with `RowKernels::ExactLanes` (one lane per partial sum at 1-2 rows) against the
-    /// default kernels' batch: must be 0.
-    lanes: Vec<f64>,
     /// The same with the step's kernels launched one after another (no overlap), for the batch
     /// and for the row alone, against the default batch: must be 0.
     serial: Vec<f64>,
@@ -189,11 +186,9 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     let mut c_alone_mma: Vec<KvCache> = (0..rows).map(|i| alone_prefill(i).map(|(c, _)| c)).collect::<Result<_>>()?;
     let mut c_serial = merged()?;
     let mut c_alone_serial: Vec<KvCache> = (0..rows).map(|i| alone_prefill(i).map(|(c, _)| c)).collect::<Result<_>>()?;
-    let mut c_lanes = merged()?;
-    let mut c_alone_lanes: Vec<KvCache> = (0..rows).map(|i| alone_prefill(i).map(|(c, _)| c)).collect::<Result<_>>()?;
     let steps = 12;
-    let (mut fused, mut candle_ops, mut alone, mut tensor_cores, mut lanes, mut serial, mut used_fused) =
-        (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], true);
+    let (mut fused, mut candle_ops, mut alone, mut tensor_cores, mut serial, mut used_fused) =
+        (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], true);
     for _ in 0..steps {
         let t = Tensor::from_vec(next.clone(), (rows, 1), dev)?;
         packed.set_fused_decode(true);
@@ -212,7 +207,6 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         };
         let lf = decode(RowKernels::default(), &mut c_fused, &mut c_alone, &mut alone, None)?;
         decode(RowKernels::TensorCores, &mut c_mma, &mut c_alone_mma, &mut tensor_cores, Some(&lf))?;
-        decode(RowKernels::ExactLanes, &mut c_lanes, &mut c_alone_lanes, &mut lanes, Some(&lf))?;
         packed.set_decode_overlap(false)?;
         decode(RowKernels::default(), &mut c_serial, &mut c_alone_serial, &mut serial, Some(&lf))?;
         packed.set_decode_overlap(true)?;
@@ -224,7 +218,7 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         per_row(&l_exact, &lo, &mut candle_ops)?;
         next = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
     }
-    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, ops_prefill, fused_attention, alone, tensor_cores, lanes, serial })
+    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, ops_prefill, fused_attention, alone, tensor_cores, serial })
 }
 
 struct GradParity {
@@ -422,7 +416,7 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
         let label = format!("{label}, {rows} rows, r={rank}{}", if mixed { ", mixed adapters" } else { "" });
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ");
         println!(
-            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}], exact model with the fused attention kernel vs composed [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]; one lane per partial at 1-2 rows vs default [{}]; kernels launched one after another vs overlapping [{}]",
+            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}], exact model with the fused attention kernel vs composed [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]; kernels launched one after another vs overlapping [{}]",
             r.steps,
             fmt(&r.fused),
             fmt(&r.candle_ops),
@@ -432,7 +426,6 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
             fmt(&r.fused_attention),
             fmt(&r.alone),
             fmt(&r.tensor_cores),
-            fmt(&r.lanes),
             fmt(&r.serial)
         );
         out.push((label, rows, r));
@@ -490,9 +483,6 @@ fn fused_decode_rows_equal_alone_with_any_adapters() -> Result<()> {
             }
             if r.tensor_cores[b] != 0.0 {
                 failures.push(format!("{label}, row {b}: the tensor-core kernel at every row count differs from the default by {:.2e}", r.tensor_cores[b]));
-            }
-            if r.lanes[b] != 0.0 {
-                failures.push(format!("{label}, row {b}: the one-lane-per-partial kernel differs from the default by {:.2e}", r.lanes[b]));
             }
             if r.serial[b] != 0.0 {
                 failures.push(format!("{label}, row {b}: kernels launched one after another differ from overlapping ones by {:.2e}", r.serial[b]));

@@ -57,7 +57,6 @@ pub struct GenerateBench {
     pub overlap: bool,
     /// Matvec kernels for 1-2 rows on Q4_K: `exact-dp4a` (the default: dp4a in the order of the
     /// tensor-core kernel that 3-8 rows take, so a row's output never depends on the batch),
-    /// `exact-lanes` (the same order with one lane per partial sum: the same bits),
     /// `tensor-cores` (that kernel at 1-2 rows too: the same bits) or `fastest` (dp4a summing in
     /// its own order).
     #[arg(long, value_enum, default_value = "exact-dp4a")]

@@ -65,12 +65,6 @@ pub fn matvec_blocks(rows: usize, glu: bool) -> usize {
     rows.div_ceil(MV_WARPS * per_warp).max(1)
 }
 
-/// Blocks of the one-lane-per-partial Q4_K matvec (`mvl_q4k_body` in quant.cu) for `rows`
-/// outputs: a warp has 4 slots, 4 outputs or in GLU mode the gate and up rows of 2.
-pub fn lane_matvec_blocks(rows: usize, glu: bool) -> usize {
-    rows.div_ceil(MV_WARPS * if glu { 2 } else { 4 }).max(1)
-}
-
 /// Warps per block of the tensor-core matvec (`MQ_WARPS` in quant.cu); they split k.
 pub const MQ_WARPS: usize = 8;
 
@@ -924,11 +918,6 @@ mod tests {
         // GLU: a warp's two slots are one output's gate and up rows.
         assert_eq!(matvec_blocks(14336, true), 3584);
         assert_eq!(matvec_blocks(1, true), 1);
-        // One lane a partial: 4 warps × 4 slots, 2 outputs a warp in GLU mode.
-        assert_eq!(lane_matvec_blocks(4096, false), 256);
-        assert_eq!(lane_matvec_blocks(17, false), 2);
-        assert_eq!(lane_matvec_blocks(14336, true), 1792);
-        assert_eq!(lane_matvec_blocks(1, true), 1);
         // Tensor-core tiles: 16 weight rows, 8 outputs of gate and up in GLU mode.
         assert_eq!(mma_matvec_blocks(4096, false), 256);
         assert_eq!(mma_matvec_blocks(17, false), 2);

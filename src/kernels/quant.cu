@@ -764,7 +764,7 @@ __device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, i
 
 // Iteration it of nit (blocks 8·it.., up to 8) of each of the SLOTS rows into slot[s], copied
 // asynchronously by the warp, then one commit group (empty for an iteration past the end or a
-// null row), so a ring's waits count the same in every warp. The 1-2 row Q4_K kernels' ring fill.
+// null row), so a ring's waits count the same in every warp. The 1-2 row Q4_K kernel's ring fill.
 template <int SLOTS>
 __device__ __forceinline__ void q4k_fetch_iteration(uint8_t (*slot)[8 * Q4K::BYTES], const MqRow (&rows)[SLOTS], int it, int nit, int nblk, int lane) {
     if (it < nit) {
@@ -1124,130 +1124,6 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
 #define MVD_NB(NB) \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, NB == 1 ? 5 : 4) mvd_q4k_b##NB(const MvArgs a) { mvd_q4k_body<NB>(a); }
 MVD_NB(1) MVD_NB(2)
-
-// ---- the same order with one lane per partial sum (opt-in: `RowKernels::ExactLanes`) ----------
-//
-// mvd spreads a block over 8 lanes, so each lane decodes the block's scales and the 8 lanes
-// gather the block's eight sub-block terms by shuffles to chain them in the tensor-core kernel's
-// order: about twice the instructions a weight byte of the work itself. Here lane 8r + w owns
-// partial w of slot r whole: it walks blocks bi = w, w + 8, ... of its row in increasing order,
-// sub-blocks 0..7 each, exactly the chain the tensor-core kernel's warp w runs, so nothing is
-// gathered. A warp has 4 slots (4 rows, or in GLU mode the gate and up rows of 2 outputs); its
-// weights come through a two-slot cp.async ring (8 blocks of each of the 4 rows an iteration;
-// the 8 lanes of a quarter-warp read blocks 144 bytes apart, on distinct banks), the first two
-// iterations copied before the wait on the kernel before. Grid: lane_matvec_blocks (mod.rs).
-#define MVL_STAGES 2
-#define MVL_SLOTS 4
-template <int NB>
-__device__ void mvl_q4k_body(const MvArgs &a) {
-    __shared__ __align__(16) uint8_t ring_all[MV_WARPS][MVL_STAGES][MVL_SLOTS][8 * Q4K::BYTES];
-    pdl_launch_dependents();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 3, w = lane & 7;
-    const int nblk = a.k / Q4K::ELEMS, nit = (nblk + 7) / 8;
-    const int outs = a.glu ? MVL_SLOTS / 2 : MVL_SLOTS;
-    const int first = (blockIdx.x * MV_WARPS + warp) * outs;
-    if (first >= a.n) return;
-    MqRow rows[MVL_SLOTS];
-#pragma unroll
-    for (int s = 0; s < MVL_SLOTS; s++) rows[s] = mq_row(a, first + (a.glu ? s >> 1 : s), s & 1, nblk);
-    MqRow mine = rows[0];
-#pragma unroll
-    for (int s = 1; s < MVL_SLOTS; s++)
-        if (s == r) mine = rows[s];
-    uint8_t(*ring)[MVL_SLOTS][8 * Q4K::BYTES] = ring_all[warp];
-    auto fetch = [&](int it) { q4k_fetch_iteration(ring[it % MVL_STAGES], rows, it, nit, nblk, lane); };
-#pragma unroll
-    for (int it = 0; it < MVL_STAGES; it++) fetch(it);
-    pdl_wait();
-    float acc[NB];
-#pragma unroll
-    for (int b = 0; b < NB; b++) acc[b] = 0.f;
-    for (int it = 0; it < nit; it++) {
-        cp_async_wait<MVL_STAGES - 1>();
-        __syncwarp();
-        const int bi = 8 * it + w;
-        if (bi < nblk && mine.w != nullptr) {
-            const uint8_t *blk = ring[it % MVL_STAGES][r] + w * Q4K::BYTES;
-            const uint4 hd = *reinterpret_cast<const uint4 *>(blk);
-            int sc[8], mn[8];
-            q4k_scales(hd.y, hd.z, hd.w, sc, mn);
-            const float2 dm = __half22float2(*reinterpret_cast<const __half2 *>(&hd.x));
-#pragma unroll
-            for (int g = 0; g < 4; g++) {
-                const uint4 q0 = *reinterpret_cast<const uint4 *>(blk + 16 + 32 * g);
-                const uint4 q1 = *reinterpret_cast<const uint4 *>(blk + 32 + 32 * g);
-                const uint32_t qw[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-                const float dlo = dm.x * small_uint(sc[2 * g]), mlo = dm.y * small_uint(mn[2 * g]);
-                const float dhi = dm.x * small_uint(sc[2 * g + 1]), mhi = dm.y * small_uint(mn[2 * g + 1]);
-#pragma unroll
-                for (int b = 0; b < NB; b++) {
-                    const int8_t *x = a.xq + (int64_t)b * a.k + bi * 256 + 64 * g;
-                    const float *xd = a.xd + (int64_t)b * (a.k / 32) + bi * 8 + 2 * g;
-                    int dlo_i = 0, dhi_i = 0, slo = 0, shi = 0;
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const uint4 xl = *reinterpret_cast<const uint4 *>(x + 16 * h);
-                        const uint4 xh = *reinterpret_cast<const uint4 *>(x + 32 + 16 * h);
-                        const int l[4] = {(int)xl.x, (int)xl.y, (int)xl.z, (int)xl.w};
-                        const int m[4] = {(int)xh.x, (int)xh.y, (int)xh.z, (int)xh.w};
-#pragma unroll
-                        for (int i = 0; i < 4; i++) {
-                            const uint32_t q = qw[4 * h + i];
-                            dlo_i = __dp4a((int)(q & 0x0F0F0F0Fu), l[i], dlo_i);
-                            dhi_i = __dp4a((int)((q >> 4) & 0x0F0F0F0Fu), m[i], dhi_i);
-                            slo = __dp4a(0x01010101, l[i], slo);
-                            shi = __dp4a(0x01010101, m[i], shi);
-                        }
-                    }
-                    acc[b] = mq_sub(acc[b], xd[0], dlo, dlo_i, mlo, slo);
-                    acc[b] = mq_sub(acc[b], xd[1], dhi, dhi_i, mhi, shi);
-                }
-            }
-        }
-        __syncwarp();
-        fetch(it + MVL_STAGES);
-    }
-    // Partial w's share of the LoRA term (rank entries j ≡ w mod 8), as mvq's warp w adds it.
-#pragma unroll
-    for (int b = 0; b < NB; b++) {
-        float v = 0.f;
-        if (mine.w != nullptr) {
-            const MvLora l = mv_lora(a, b, mine.seg);
-            if (l.b != nullptr) {
-                const float *brow = l.b + (int64_t)mine.lrow * l.r;
-                const float *u = a.lora_u + (int64_t)b * a.ldu + mine.seg * a.rmax;
-                for (int j = w; j < l.r; j += 8) v = __fmaf_rn(brow[j], u[j], v);
-                v = __fmul_rn(v, l.scale);
-            }
-        }
-        acc[b] = __fadd_rn(acc[b], v);
-    }
-    // Partials 0..7 summed from 0 up (every lane of the slot gets the total), then the epilogue.
-    float tot[NB];
-#pragma unroll
-    for (int b = 0; b < NB; b++) {
-        float v = 0.f;
-#pragma unroll
-        for (int p = 0; p < 8; p++) v = __fadd_rn(v, __shfl_sync(0xffffffffu, acc[b], (lane & ~7) + p));
-        tot[b] = v;
-    }
-    float up[NB];
-#pragma unroll
-    for (int b = 0; b < NB; b++) up[b] = __shfl_sync(0xffffffffu, tot[b], (lane + 8) & 31);
-    if (w != 0 || mine.w == nullptr) return;
-    if (a.glu) {
-        if ((r & 1) != 0) return;
-        const int o = first + (r >> 1);
-#pragma unroll
-        for (int b = 0; b < NB; b++) mq_store(a, o, b, mq_silu_mul(tot[b], up[b]));
-    } else {
-#pragma unroll
-        for (int b = 0; b < NB; b++) mq_store(a, first + r, b, tot[b]);
-    }
-}
-#define MVL_NB(NB) \
-    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4) mvl_q4k_b##NB(const MvArgs a) { mvl_q4k_body<NB>(a); }
-MVL_NB(1) MVL_NB(2)
 
 // ---- prompt matmul on int8 tensor cores: Q4_K weights in place, many token rows -----------------
 //

@@ -28,16 +28,13 @@ pub use imp::FusedDecoder;
 /// By default (`ExactDp4a`) 1-2 rows take `mvd`: dp4a computing the tensor-core kernel's float
 /// operations in its order, so the same bits, with the work laid out for one or two rows (an
 /// MMA tile of 8 rows is mostly idle there). `TensorCores` runs `mvq` at 1-2 rows too (the
-/// reference the GPU tests hold `mvd` to). `ExactLanes` takes `mvl`, the same float operations
-/// in the same order with one lane per partial sum instead of eight lanes per block (fewer
-/// instructions a weight byte; opt-in until it is measured beside `mvd`). `Fastest` takes the
+/// reference the GPU tests hold `mvd` to). `Fastest` takes the
 /// generic dp4a kernel `mv`, which sums in its own order (not batch-invariant).
 /// `bench generate --row-kernels` compares them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum RowKernels {
     #[default]
     ExactDp4a,
-    ExactLanes,
     TensorCores,
     Fastest,
 }
@@ -87,7 +84,7 @@ mod imp {
     use candle_core::{CudaDevice, DType, Device, Tensor};
 
     use super::{RowKernels, MAX_ROWS};
-    use crate::kernels::{lane_matvec_blocks, matvec_blocks, mma_matvec_blocks, quant_kind, slice_ptr, tensor_from_slice, tensor_ptr, Kernels, QuantKind, MQ_WARPS};
+    use crate::kernels::{matvec_blocks, mma_matvec_blocks, quant_kind, slice_ptr, tensor_from_slice, tensor_ptr, Kernels, QuantKind, MQ_WARPS};
     use crate::llm::lora::{LoraAdapter, LoraPtrs};
     use crate::llm::model::{KvCache, Model, Proj};
     use crate::llm::qlinear::BaseLinear;
@@ -179,8 +176,6 @@ mod imp {
         /// `mvd_<type>_b<n>` for n below [`MMA_MIN_ROWS`]: dp4a in the tensor-core kernel's
         /// float order (the same bits), where the type has one.
         mma_order: Vec<CudaFunction>,
-        /// `mvl_<type>_b<n>`, the same order with one lane per partial sum, likewise.
-        lanes: Vec<CudaFunction>,
         embed: CudaFunction,
     }
 
@@ -211,11 +206,11 @@ mod imp {
                 None => {
                     let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
                     let few = |name: &str| (1..MMA_MIN_ROWS).map(|n| k.quant(&format!("{name}_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>();
-                    let (mma, mma_order, lanes) = match kind.suffix {
-                        "q4k" => ((1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?, few("mvd")?, few("mvl")?),
-                        _ => (Vec::new(), Vec::new(), Vec::new()),
+                    let (mma, mma_order) = match kind.suffix {
+                        "q4k" => ((1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?, few("mvd")?),
+                        _ => (Vec::new(), Vec::new()),
                     };
-                    let f = Arc::new(TypeKernels { mv, mma, mma_order, lanes, embed: k.quant(&format!("embed_f32_{suffix}"))? });
+                    let f = Arc::new(TypeKernels { mv, mma, mma_order, embed: k.quant(&format!("embed_f32_{suffix}"))? });
                     by_type.insert(suffix, f.clone());
                     f
                 }
@@ -305,16 +300,15 @@ mod imp {
         }
 
         /// The matvec for `w`'s type and `nb` rows: `mvq_q4k_body` (tensor cores, tiles of 16
-        /// weight rows, 8 warps splitting k), `mvd_q4k_body` or `mvl_q4k_body` (dp4a in its order;
-        /// a warp owns two weight rows, or four with one lane per partial sum) or `mv_body` in
-        /// quant.cu (two weight rows a warp, as `mvd`).
+        /// weight rows, 8 warps splitting k), `mvd_q4k_body` (dp4a in its order;
+        /// a warp owns two weight rows) or `mv_body` in quant.cu (two weight rows a warp, as
+        /// `mvd`).
         fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
             let (glu, n) = (a.glu != 0, a.n as usize);
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
             if !w.f.mma.is_empty() {
                 match self.rows {
                     RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
-                    RowKernels::ExactLanes if nb < MMA_MIN_ROWS => return self.with(&w.f.lanes[nb - 1], grid(lane_matvec_blocks(n, glu), threads), a),
                     RowKernels::Fastest if nb < MMA_MIN_ROWS => {}
                     _ => return self.with(&w.f.mma[nb - 1], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a),
                 }
@@ -437,7 +431,6 @@ mod imp {
 
         fn row_kernels(&self) -> RowKernels {
             match self.row_kernels.load(Ordering::Relaxed) {
-                x if x == RowKernels::ExactLanes as u8 => RowKernels::ExactLanes,
                 x if x == RowKernels::TensorCores as u8 => RowKernels::TensorCores,
                 x if x == RowKernels::Fastest as u8 => RowKernels::Fastest,
                 _ => RowKernels::ExactDp4a,
