@@ -61,7 +61,7 @@ fn random_params(lm: &LoadedModel, dropout: f64, seed: u64) -> LoraParams {
 fn grads(fwd: &TrainForward, params: &LoraParams, b: &Batch, checkpointing: bool) -> Vec<Vec<f32>> {
     let mut acc = GradAccum::new(params).unwrap();
     fwd.accumulate(params, b, MicroKey { step: 3, micro: 1 }, b.targets() as f64, checkpointing, &mut acc).unwrap();
-    acc.take().unwrap().iter().map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    acc.grads().unwrap().iter().map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
 /// Every LoRA tensor's gradient against central finite differences of the loss, computed in
@@ -368,7 +368,7 @@ fn kto_gradients_match_finite_differences() {
     let step = |checkpointing: bool| {
         let mut acc = GradAccum::new(&params).unwrap();
         let out = phase.accumulate_step(&fwd, &params, &micro, 3, checkpointing, &NoHooks, &mut acc).unwrap();
-        (out, acc.take().unwrap().iter().map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<_>>())
+        (out, acc.grads().unwrap().iter().map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<_>>())
     };
     let (out, analytic) = step(false);
     let (out_hand, by_hand) = step(true);

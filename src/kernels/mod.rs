@@ -817,21 +817,26 @@ mod cuda {
         /// Bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
         pub bc1: f32,
         pub bc2: f32,
+        /// Factor on the gradient (clipping).
+        pub gscale: f32,
     }
     // SAFETY: plain f32 fields, the C struct's layout.
     unsafe impl DeviceRepr for AdamWArgs {}
 
-    /// One AdamW update of f32 `p` with gradient `g` and moments `m`, `v` (same shape):
-    /// `(p', m', v')` in fresh buffers.
-    pub fn adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, args: AdamWArgs) -> Result<(Tensor, Tensor, Tensor)> {
+    /// One AdamW update of f32 `p` and its moments `m`, `v` in place, with gradient `g` (any
+    /// layout) times `args.gscale`. `p`, `m` and `v` must be contiguous; every tensor sharing
+    /// their storage sees the new values (as with `Var::set`).
+    pub fn adamw_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, args: AdamWArgs) -> Result<()> {
         let (dev, sfx) = train_target(p)?;
-        if sfx != "f32" {
-            bail!("adamw kernel: parameters must be f32, got {:?}", p.dtype())
+        if sfx != "f32" || [g, m, v].iter().any(|t| t.dtype() != DType::F32) {
+            bail!("adamw kernel: parameters, gradients and moments must be f32, got {:?}", p.dtype())
         }
-        let ops = operands(p, &[p, g, m, v])?;
-        let outs = [empty(&dev, DType::F32, p.shape())?, empty(&dev, DType::F32, p.shape())?, empty(&dev, DType::F32, p.shape())?];
+        if [g, m, v].iter().any(|t| t.shape() != p.shape()) {
+            bail!("adamw kernel: gradient or moments of another shape than the parameters {:?}", p.shape())
+        }
+        let g = g.contiguous()?;
         let n = p.elem_count() as u64;
-        let ptrs = [tensor_ptr(&ops[0])?, tensor_ptr(&ops[1])?, tensor_ptr(&ops[2])?, tensor_ptr(&ops[3])?, tensor_ptr(&outs[0])?, tensor_ptr(&outs[1])?, tensor_ptr(&outs[2])?];
+        let ptrs = [tensor_ptr(p)?, tensor_ptr(&g)?, tensor_ptr(m)?, tensor_ptr(v)?];
         let func = dev.get_or_load_custom_func("adamw_f32", "freeski_train", TRAIN_PTX)?;
         let mut b = func.builder();
         b.arg(&n).arg(&args);
@@ -839,10 +844,10 @@ mod cuda {
             b.arg(ptr);
         }
         let cfg = elementwise_launch(n);
-        // SAFETY: (uint64_t, AdamWArgs, const float* ×4, float* ×3) as declared in train.cu.
+        // SAFETY: (uint64_t, AdamWArgs, float*, const float*, float* ×2) as declared in train.cu;
+        // the four buffers hold n f32 values each (shapes checked above).
         unsafe { b.launch(cfg) }.w()?;
-        let [p2, m2, v2] = outs;
-        Ok((p2, m2, v2))
+        Ok(())
     }
 }
 

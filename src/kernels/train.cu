@@ -100,25 +100,25 @@ TRAIN_KERNELS(f32, float)
 TRAIN_KERNELS(bf16, __nv_bfloat16)
 TRAIN_KERNELS(f16, __half)
 
-// One AdamW update (decoupled weight decay, as torch.optim.AdamW) of f32 parameters, moments
-// and gradients, written to fresh buffers: the composed update in src/train/optim.rs is a dozen
-// tensor ops a variable, and a LoRA adapter has hundreds of small variables.
+// One AdamW update (decoupled weight decay, as torch.optim.AdamW) of f32 parameters and
+// moments, in place, with the gradient times gscale (gradient clipping): the composed update in
+// src/train/optim.rs is a dozen tensor ops and three fresh buffers a variable, and a LoRA
+// adapter has hundreds of small variables.
 struct AdamWArgs {
-    float lr, beta1, beta2, eps, decay, bc1, bc2;
+    float lr, beta1, beta2, eps, decay, bc1, bc2, gscale;
 };
 
-extern "C" __global__ void adamw_f32(const uint64_t n, const AdamWArgs a, const float *__restrict__ p,
-                                     const float *__restrict__ g, const float *__restrict__ m,
-                                     const float *__restrict__ v, float *__restrict__ p_out,
-                                     float *__restrict__ m_out, float *__restrict__ v_out) {
+extern "C" __global__ void adamw_f32(const uint64_t n, const AdamWArgs a, float *__restrict__ p,
+                                     const float *__restrict__ g, float *__restrict__ m,
+                                     float *__restrict__ v) {
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
          i += (uint64_t)blockDim.x * gridDim.x) {
-        const float gi = g[i];
+        const float gi = g[i] * a.gscale;
         const float mi = a.beta1 * m[i] + (1.0f - a.beta1) * gi;
         const float vi = a.beta2 * v[i] + (1.0f - a.beta2) * (gi * gi);
         const float update = (mi / a.bc1) / (sqrtf(vi / a.bc2) + a.eps);
-        p_out[i] = p[i] * a.decay - a.lr * update;
-        m_out[i] = mi;
-        v_out[i] = vi;
+        p[i] = p[i] * a.decay - a.lr * update;
+        m[i] = mi;
+        v[i] = vi;
     }
 }

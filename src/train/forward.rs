@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Tensor, TensorId, Var, D};
+use candle_core::{DType, Shape, Tensor, TensorId, Var, D};
 
 use super::backward::LayerBackward;
 use super::data::Batch;
@@ -24,8 +24,9 @@ use crate::llm::model::{DecoderLayer, Proj};
 use crate::llm::Model;
 
 /// Rows of the output head computed at once: bounds the `[rows, vocab]` logits and their
-/// softmax intermediates (32000 × 256 × 4 B ≈ 33 MB each for Mistral).
-const HEAD_CHUNK: usize = 256;
+/// log-softmax intermediates and gradients (32000 × 128 × 4 B ≈ 16 MB each for Mistral; the
+/// head's part of a training step held the step's peak memory at 256 rows).
+const HEAD_CHUNK: usize = 128;
 
 pub struct TrainForward<'m> {
     pub(super) model: &'m Model,
@@ -47,42 +48,64 @@ pub enum Phase {
     Backward,
 }
 
-/// Gradients summed over the micro-batches of one optimizer step, in f32 buffers made once
-/// for the whole run and added to in place. Long-lived tensors allocated in the middle of a
-/// backward pass would sit between its freed activations and split the allocator's free
-/// space; these buffers are allocated before any of that.
+/// Gradients summed over the micro-batches of one optimizer step, every variable's in one f32
+/// buffer made once for the whole run (in `params.named_vars()` order) and added to in place.
+/// Long-lived tensors allocated in the middle of a backward pass would sit between its freed
+/// activations and split the allocator's free space; this buffer is allocated before any of
+/// that, and zeroed in place between steps rather than made anew.
 pub struct GradAccum {
-    bufs: Vec<Var>,
+    flat: Tensor,
     slot: HashMap<TensorId, usize>,
+    /// Each variable's offset in `flat` and shape.
+    parts: Vec<(usize, Shape)>,
 }
 
 impl GradAccum {
-    /// Zeroed buffers for every variable of `params`.
+    /// A zeroed buffer for every variable of `params`.
     pub fn new(params: &LoraParams) -> Result<Self> {
         let vars = params.named_vars();
         let slot = vars.iter().enumerate().map(|(i, (_, v))| (v.id(), i)).collect();
-        let bufs = vars.iter().map(|(_, v)| Var::zeros(v.shape(), DType::F32, v.device())).collect::<candle_core::Result<_>>()?;
-        Ok(Self { bufs, slot })
+        let mut parts = Vec::with_capacity(vars.len());
+        let mut total = 0;
+        for (_, v) in &vars {
+            parts.push((total, v.shape().clone()));
+            total += v.elem_count();
+        }
+        let device = vars.first().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
+        Ok(Self { flat: Tensor::zeros(total, DType::F32, &device)?, slot, parts })
     }
 
     pub(super) fn add(&mut self, var: &Var, g: &Tensor) -> Result<()> {
         let i = *self.slot.get(&var.id()).context("gradient for a variable outside this accumulator")?;
-        let buf = &self.bufs[i];
-        buf.set(&(buf.as_tensor() + g.to_dtype(DType::F32)?)?)?;
+        let (offset, shape) = &self.parts[i];
+        ensure!(g.shape() == shape, "gradient of shape {:?} for a variable of shape {:?}", g.shape(), shape);
+        let part = self.flat.narrow(0, *offset, shape.elem_count())?;
+        self.flat.slice_set(&(part + g.to_dtype(DType::F32)?.flatten_all()?)?, 0, *offset)?;
         Ok(())
     }
 
-    /// This step's gradients in the order of `params.named_vars()` (zero where none arrived);
-    /// the accumulators start again from fresh zeroed buffers (allocated between steps, when
-    /// nothing else is).
-    pub fn take(&mut self) -> Result<Vec<Tensor>> {
-        let mut grads = Vec::with_capacity(self.bufs.len());
-        for b in self.bufs.iter_mut() {
-            let fresh = Var::zeros(b.shape(), DType::F32, b.device())?;
-            // Detached: a variable's tensor would carry it as graph history into the optimizer.
-            grads.push(std::mem::replace(b, fresh).as_tensor().detach());
+    /// This step's gradients in the order of `params.named_vars()` (zero where none arrived):
+    /// views of the buffer, valid until [`GradAccum::zero`].
+    pub fn grads(&self) -> Result<Vec<Tensor>> {
+        self.parts.iter().map(|(offset, shape)| Ok(self.flat.narrow(0, *offset, shape.elem_count())?.reshape(shape)?)).collect()
+    }
+
+    /// The global L2 norm of this step's gradients, summed in slices of the buffer (no
+    /// temporary as large as the gradients) and over the slices in f64, in one device read.
+    pub fn norm(&self) -> Result<f64> {
+        const SLICE: usize = 1 << 22;
+        let n = self.flat.elem_count();
+        let sums = (0..n.div_ceil(SLICE)).map(|i| self.flat.narrow(0, i * SLICE, SLICE.min(n - i * SLICE))?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+        if sums.is_empty() {
+            return Ok(0.0);
         }
-        Ok(grads)
+        let sums = Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        Ok(sums.iter().sum::<f64>().sqrt())
+    }
+
+    /// Start the next step from zero, in place.
+    pub fn zero(&mut self) -> Result<()> {
+        Ok(self.flat.zero_set()?)
     }
 }
 

@@ -42,8 +42,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// One update of every variable with its gradient (same order as at construction).
-    pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update of every variable with its gradient times `grad_scale` (same order as at
+    /// construction): on CUDA one kernel a variable, in place.
+    pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], grad_scale: f64, lr: f64) -> Result<()> {
         ensure!(vars.len() == grads.len() && vars.len() == self.m.len(), "optimizer: {} variables, {} gradients, {} states", vars.len(), grads.len(), self.m.len());
         self.t += 1;
         let c = self.cfg;
@@ -55,9 +56,13 @@ impl AdamW {
             decay: 1.0 - lr * c.weight_decay,
             bc1: 1.0 - c.beta1.powi(self.t as i32),
             bc2: 1.0 - c.beta2.powi(self.t as i32),
+            grad_scale,
         };
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-            let (p, m, v) = adamw_update(var.as_tensor(), g, &self.m[i], &self.v[i], k)?;
+            if adamw_in_place(var.as_tensor(), g, &self.m[i], &self.v[i], k)? {
+                continue;
+            }
+            let (p, m, v) = adamw_update_composed(var.as_tensor(), g, &self.m[i], &self.v[i], k)?;
             var.set(&p)?;
             // Detached, so a gradient that carries graph history cannot chain one step's moments
             // to the next (each step would keep the previous one's tensors alive).
@@ -80,21 +85,30 @@ pub struct StepConsts {
     /// Bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
     pub bc1: f64,
     pub bc2: f64,
+    /// Factor on the gradient: gradient clipping ([`clip_scale`]).
+    pub grad_scale: f64,
 }
 
-/// `(p', m', v')` of one AdamW update; one fused kernel on CUDA for f32.
-pub fn adamw_update(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts) -> Result<(Tensor, Tensor, Tensor)> {
+/// One AdamW update of `p`, `m` and `v` in place by one fused kernel, where one applies (CUDA,
+/// all f32, contiguous `p`, `m`, `v`); `false` leaves them as they were for
+/// [`adamw_update_composed`].
+pub fn adamw_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts) -> Result<bool> {
     #[cfg(feature = "cuda")]
-    if p.device().is_cuda() && [p, g, m, v].iter().all(|t| t.dtype() == candle_core::DType::F32) {
+    if p.device().is_cuda() && [p, g, m, v].iter().all(|t| t.dtype() == candle_core::DType::F32) && [p, m, v].iter().all(|t| t.is_contiguous()) {
         let f = |x: f64| x as f32;
-        let args = crate::kernels::AdamWArgs { lr: f(k.lr), beta1: f(k.beta1), beta2: f(k.beta2), eps: f(k.eps), decay: f(k.decay), bc1: f(k.bc1), bc2: f(k.bc2) };
-        return Ok(crate::kernels::adamw(p, &g.detach(), m, v, args)?);
+        let args = crate::kernels::AdamWArgs { lr: f(k.lr), beta1: f(k.beta1), beta2: f(k.beta2), eps: f(k.eps), decay: f(k.decay), bc1: f(k.bc1), bc2: f(k.bc2), gscale: f(k.grad_scale) };
+        crate::kernels::adamw_in_place(p, &g.detach(), m, v, args)?;
+        return Ok(true);
     }
-    adamw_update_composed(p, g, m, v, k)
+    let _ = (p, g, m, v, k);
+    Ok(false)
 }
 
-/// [`adamw_update`] as tensor ops: the CPU path and the fused kernel's reference.
+/// `(p', m', v')` of one AdamW update as tensor ops: the CPU path and the fused kernel's
+/// reference.
 pub fn adamw_update_composed(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = if k.grad_scale == 1.0 { g.clone() } else { (g * k.grad_scale)? };
+    let g = &g;
     let m = ((m * k.beta1)? + (g * (1.0 - k.beta1))?)?;
     let v = ((v * k.beta2)? + (g.sqr()? * (1.0 - k.beta2))?)?;
     let update = ((&m / k.bc1)? / ((&v / k.bc2)?.sqrt()? + k.eps)?)?;
@@ -102,22 +116,14 @@ pub fn adamw_update_composed(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: 
     Ok((p, m, v))
 }
 
-/// Scale `grads` so their global L2 norm is at most `max_norm` (0 disables); returns the norm
-/// before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    if grads.is_empty() {
-        return Ok(0.0);
-    }
-    // One device read for the whole norm (one per tensor would wait on the device each time).
-    let sums = grads.iter().map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
-    let norm = (Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt();
+/// The factor that brings gradients of global L2 norm `norm` to at most `max_norm` (0
+/// disables clipping): 1 when they are within it.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
-        let k = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = (&*g * k)?;
-        }
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    Ok(norm)
 }
 
 /// Learning rate for optimizer step `step` (0-based) of `total`: linear warmup over `warmup`
@@ -150,7 +156,7 @@ mod tests {
         let (mut p, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
         for (t, g) in [[0.5f64, -1.0], [0.25, 2.0]].iter().enumerate() {
             let lr = 0.01;
-            opt.step(&[&var], &[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu)?], lr)?;
+            opt.step(&[&var], &[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu)?], 1.0, lr)?;
             for i in 0..2 {
                 p[i] *= 1.0 - lr * 0.1;
                 m[i] = 0.9 * m[i] + 0.1 * g[i];
@@ -175,7 +181,7 @@ mod tests {
         let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?)?;
         let mut opt = AdamW::new(cfg, &[&var])?;
         let tracked_grad = (var.as_tensor() * 2.0)?;
-        opt.step(&[&var], &[tracked_grad], 0.01)?;
+        opt.step(&[&var], &[tracked_grad], 1.0, 0.01)?;
         for moment in [&opt.m[0], &opt.v[0]] {
             let grads = moment.sum_all()?.backward()?;
             assert!(grads.get(var.as_tensor()).is_none(), "a moment still depends on the variable");
@@ -184,12 +190,29 @@ mod tests {
     }
 
     #[test]
-    fn clipping_scales_to_the_max_norm() -> Result<()> {
-        let mut g = vec![Tensor::new(&[3.0f32], &Device::Cpu)?, Tensor::new(&[4.0f32], &Device::Cpu)?];
-        let n = clip_grad_norm(&mut g, 1.0)?;
-        assert!((n - 5.0).abs() < 1e-6);
-        let after: f32 = g.iter().map(|t| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sum();
-        assert!((after.sqrt() - 1.0).abs() < 1e-4);
+    fn clipping_scales_to_the_max_norm() {
+        assert!((clip_scale(5.0, 1.0) * 5.0 - 1.0).abs() < 1e-6);
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert_eq!(clip_scale(5.0, 0.0), 1.0, "0 disables clipping");
+        assert_eq!(clip_scale(f64::NAN, 1.0), 1.0);
+        assert_eq!(clip_scale(f64::INFINITY, 1.0), 1.0);
+    }
+
+    /// A step with `grad_scale` is the step on the gradient multiplied by it.
+    #[test]
+    fn scaled_step_equals_the_step_on_scaled_gradients() -> Result<()> {
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let start = [0.5f32, -1.5, 2.0];
+        let (a, b) = (Var::from_tensor(&Tensor::new(&start, &Device::Cpu)?)?, Var::from_tensor(&Tensor::new(&start, &Device::Cpu)?)?);
+        let (mut oa, mut ob) = (AdamW::new(cfg, &[&a])?, AdamW::new(cfg, &[&b])?);
+        for g in [[3.0f32, -4.0, 0.5], [1.0, 2.0, -8.0]] {
+            let g = Tensor::new(&g, &Device::Cpu)?;
+            oa.step(&[&a], std::slice::from_ref(&g), 0.25, 0.01)?;
+            ob.step(&[&b], &[(g * 0.25)?], 1.0, 0.01)?;
+        }
+        let (pa, pb) = (a.as_tensor().to_vec1::<f32>()?, b.as_tensor().to_vec1::<f32>()?);
+        assert!(pa.iter().zip(&pb).all(|(x, y)| (x - y).abs() <= 1e-6), "{pa:?} vs {pb:?}");
+        assert!(pa.iter().zip(&start).all(|(x, s)| x != s), "the step changed nothing: {pa:?}");
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use super::data::{epoch_plan, Batch, Dataset, Example};
 use super::dropout::Dropout;
 use super::forward::{GradAccum, MicroKey, TrainForward};
 use super::kto::{preference_eval, KtoPhase};
-use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use super::optim::{clip_scale, learning_rate, AdamW, AdamWConfig};
 use super::params::{LoraParams, LoraView};
 use super::report::{self, KtoSummary, Metrics};
 use super::settings::{Objective, Precision, TrainSettings};
@@ -299,8 +299,7 @@ impl TrainRun<'_> {
                     (nll / denom as f64, batches.iter().map(|(_, t)| *t).sum::<usize>(), None)
                 }
             };
-            let mut grads = accum.take()?;
-            let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
+            let grad_norm = accum.norm()?;
             if !loss.is_finite() || !grad_norm.is_finite() {
                 let kept = match checkpoint::path(&self.run_dir).is_file() {
                     true => format!(
@@ -319,7 +318,8 @@ impl TrainRun<'_> {
                 Some(from) => learning_rate(s.schedule, s.kto_learning_rate, state.step - from, kto_warmup, kto_steps),
                 None => learning_rate(s.schedule, s.learning_rate, state.step, s.warmup_steps, sft_steps),
             };
-            opt.step(&vars, &grads, lr)?;
+            opt.step(&vars, &accum.grads()?, clip_scale(grad_norm, s.max_grad_norm), lr)?;
+            accum.zero()?;
             state.step += 1;
             state.epoch = epoch;
             state.cursor = cursor;
