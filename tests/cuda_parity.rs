@@ -19,7 +19,7 @@ use freeski_bot::llm::{sampling, ModelConfig};
 use freeski_bot::train::data::{Batch, Example};
 use freeski_bot::train::dropout::{Dropout, MaskKey};
 use freeski_bot::train::forward::{GradAccum, MicroKey, TrainForward};
-use freeski_bot::train::optim::{adamw_in_place, adamw_update_composed, StepConsts};
+use freeski_bot::train::optim::{adamw_in_place, adamw_update_composed, round_bf16_stochastic, StepConsts, SECOND_MOMENT};
 use freeski_bot::train::params::LoraParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -297,17 +297,22 @@ fn train_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, c
         let (dg0, du0) = composed::silu_mul_backward(&gate, &up, &dm)?;
         out.push(("silu-mul backward", dtype, rel(&dg0, &dg)?.max(rel(&du0, &du)?)));
     }
-    // AdamW (f32 only, in place, the gradient clipped by a factor; here a column slice, as the
-    // views of the gradient buffer are not all contiguous): the step p' − p, and the new moments.
+    // AdamW (f32 parameters, bf16 moments rounded stochastically, in place, the gradient
+    // clipped by a factor; here a column slice, as the views of the gradient buffer are not all
+    // contiguous): the step p' − p against the composed update, and the kernel's rounded
+    // moments against the same f32 moments rounded with the same random bits (an element whose
+    // f32 value differs in its last bit may round the other way: one bf16 step, 2⁻⁸ relative).
     let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, dev);
-    let (p, m, v) = (r(&[16, 4099])?, (r(&[16, 4099])? * 0.1)?, (r(&[16, 4099])?.sqr()? * 0.01)?);
+    let (p, m, v) = (r(&[16, 4099])?, (r(&[16, 4099])? * 0.1)?.to_dtype(DType::BF16)?, (r(&[16, 4099])?.sqr()? * 0.01)?.to_dtype(DType::BF16)?);
     let g = r(&[16, 4200])?.narrow(1, 50, 4099)?;
     let k = StepConsts { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: 1.0 - 1e-3 * 0.01, bc1: 1.0 - 0.9f64.powi(3), bc2: 1.0 - 0.999f64.powi(3), grad_scale: 0.3 };
+    let seed = 12345;
     let (p1, m1, v1) = (p.copy()?, m.copy()?, v.copy()?);
-    assert!(adamw_in_place(&p1, &g, &m1, &v1, k)?, "no AdamW kernel for f32 on CUDA");
+    assert!(adamw_in_place(&p1, &g, &m1, &v1, k, seed)?, "no AdamW kernel on CUDA");
     let (p0, m0, v0) = adamw_update_composed(&p, &g, &m, &v, k)?;
-    let diff = rel(&(p0 - &p)?, &(&p1 - &p)?)?.max(rel(&m0, &m1)?).max(rel(&v0, &v1)?);
-    out.push(("adamw update in place", DType::F32, diff));
+    out.push(("adamw update in place", DType::F32, rel(&(p0 - &p)?, &(&p1 - &p)?)?));
+    let (m0, v0) = (round_bf16_stochastic(&m0, seed)?, round_bf16_stochastic(&v0, seed ^ SECOND_MOMENT)?);
+    out.push(("adamw moments, stochastic bf16 rounding", DType::BF16, rel(&m0, &m1)?.max(rel(&v0, &v1)?)));
     Ok(out)
 }
 

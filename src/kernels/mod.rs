@@ -819,17 +819,20 @@ mod cuda {
         pub bc2: f32,
         /// Factor on the gradient (clipping).
         pub gscale: f32,
+        /// Seeds of the moments' stochastic rounding to bf16.
+        pub seed_m: u32,
+        pub seed_v: u32,
     }
-    // SAFETY: plain f32 fields, the C struct's layout.
+    // SAFETY: plain 4-byte fields, the C struct's layout.
     unsafe impl DeviceRepr for AdamWArgs {}
 
-    /// One AdamW update of f32 `p` and its moments `m`, `v` in place, with gradient `g` (any
-    /// layout) times `args.gscale`. `p`, `m` and `v` must be contiguous; every tensor sharing
-    /// their storage sees the new values (as with `Var::set`).
+    /// One AdamW update of f32 `p` and its bf16 moments `m`, `v` in place, with gradient `g`
+    /// (f32, any layout) times `args.gscale`. `p`, `m` and `v` must be contiguous; every tensor
+    /// sharing their storage sees the new values (as with `Var::set`).
     pub fn adamw_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, args: AdamWArgs) -> Result<()> {
         let (dev, sfx) = train_target(p)?;
-        if sfx != "f32" || [g, m, v].iter().any(|t| t.dtype() != DType::F32) {
-            bail!("adamw kernel: parameters, gradients and moments must be f32, got {:?}", p.dtype())
+        if sfx != "f32" || g.dtype() != DType::F32 || [m, v].iter().any(|t| t.dtype() != DType::BF16) {
+            bail!("adamw kernel: f32 parameters and gradients with bf16 moments, got {:?}, {:?}, {:?}", p.dtype(), g.dtype(), m.dtype())
         }
         if [g, m, v].iter().any(|t| t.shape() != p.shape()) {
             bail!("adamw kernel: gradient or moments of another shape than the parameters {:?}", p.shape())
@@ -844,8 +847,8 @@ mod cuda {
             b.arg(ptr);
         }
         let cfg = elementwise_launch(n);
-        // SAFETY: (uint64_t, AdamWArgs, float*, const float*, float* ×2) as declared in train.cu;
-        // the four buffers hold n f32 values each (shapes checked above).
+        // SAFETY: (uint64_t, AdamWArgs, float*, const float*, uint16_t* ×2) as declared in
+        // train.cu; the four buffers hold n values each (shapes checked above).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }

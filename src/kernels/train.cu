@@ -100,25 +100,48 @@ TRAIN_KERNELS(f32, float)
 TRAIN_KERNELS(bf16, __nv_bfloat16)
 TRAIN_KERNELS(f16, __half)
 
-// One AdamW update (decoupled weight decay, as torch.optim.AdamW) of f32 parameters and
+// One AdamW update (decoupled weight decay, as torch.optim.AdamW) of f32 parameters and bf16
 // moments, in place, with the gradient times gscale (gradient clipping): the composed update in
 // src/train/optim.rs is a dozen tensor ops and three fresh buffers a variable, and a LoRA
-// adapter has hundreds of small variables.
+// adapter has hundreds of small variables. The moments are computed in f32 and rounded back to
+// bf16 stochastically (unbiased), with the random bits of src/train/optim.rs (rounding_bits).
 struct AdamWArgs {
     float lr, beta1, beta2, eps, decay, bc1, bc2, gscale;
+    uint32_t seed_m, seed_v;
 };
 
+// The integer hash `mix32` of src/train/optim.rs.
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+__device__ __forceinline__ uint32_t rounding_bits(uint32_t seed, uint64_t i) {
+    return mix32((uint32_t)i ^ mix32(seed ^ (uint32_t)(i >> 32)));
+}
+
+// `bf16_stochastic` of src/train/optim.rs: x rounded to bf16 up or down, unbiased.
+__device__ __forceinline__ uint16_t bf16_stochastic(float x, uint32_t bits) {
+    const uint32_t b = __float_as_uint(x);
+    if (!isfinite(x)) return (uint16_t)((b >> 16) | (isnan(x) ? 0x40u : 0u));
+    return (uint16_t)((b + (bits & 0xffffu)) >> 16);
+}
+
 extern "C" __global__ void adamw_f32(const uint64_t n, const AdamWArgs a, float *__restrict__ p,
-                                     const float *__restrict__ g, float *__restrict__ m,
-                                     float *__restrict__ v) {
+                                     const float *__restrict__ g, uint16_t *__restrict__ m,
+                                     uint16_t *__restrict__ v) {
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
          i += (uint64_t)blockDim.x * gridDim.x) {
         const float gi = g[i] * a.gscale;
-        const float mi = a.beta1 * m[i] + (1.0f - a.beta1) * gi;
-        const float vi = a.beta2 * v[i] + (1.0f - a.beta2) * (gi * gi);
+        const float m0 = __uint_as_float((uint32_t)m[i] << 16), v0 = __uint_as_float((uint32_t)v[i] << 16);
+        const float mi = a.beta1 * m0 + (1.0f - a.beta1) * gi;
+        const float vi = a.beta2 * v0 + (1.0f - a.beta2) * (gi * gi);
         const float update = (mi / a.bc1) / (sqrtf(vi / a.bc2) + a.eps);
         p[i] = p[i] * a.decay - a.lr * update;
-        m[i] = mi;
-        v[i] = vi;
+        m[i] = bf16_stochastic(mi, rounding_bits(a.seed_m, i));
+        v[i] = bf16_stochastic(vi, rounding_bits(a.seed_v, i));
     }
 }

@@ -3,9 +3,17 @@
 //!
 //! candle-nn has an AdamW, but its moment estimates are private; checkpoints must save and
 //! restore them for a resumed run to continue exactly, so the optimizer lives here.
+//!
+//! The moments are kept in bf16, half the memory of f32 (168 MB less for a rank-16 adapter on
+//! all of Mistral-7B's projections, on a card where every 100 MB counts). Each update is
+//! computed in f32 and rounded stochastically back to bf16: up or down with the probabilities
+//! that make the rounding unbiased, so the small per-step changes of the second moment
+//! (`(1 − β₂)·g²` is 0.1% of it) are kept on average instead of being rounded away. The random
+//! bits are a hash of the step, the variable and the element: a resumed run rounds exactly as
+//! an uninterrupted one. (The prototype's bitsandbytes optimizer kept its moments in 8 bits.)
 
 use anyhow::{ensure, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use super::settings::Schedule;
 
@@ -21,15 +29,29 @@ pub struct AdamW {
     cfg: AdamWConfig,
     /// Updates done so far (bias correction uses it).
     pub t: u64,
+    /// First and second moments, bf16, one a variable.
     pub m: Vec<Tensor>,
     pub v: Vec<Tensor>,
 }
 
+/// The dtype the moments are kept in.
+pub const MOMENT_DTYPE: DType = DType::BF16;
+
 impl AdamW {
     pub fn new(cfg: AdamWConfig, vars: &[&Var]) -> Result<Self> {
-        let m = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { cfg, t: 0, m, v })
+        let zeros = || vars.iter().map(|v| Tensor::zeros(v.shape(), MOMENT_DTYPE, v.device())).collect::<candle_core::Result<Vec<_>>>();
+        Ok(Self { cfg, t: 0, m: zeros()?, v: zeros()? })
+    }
+
+    /// Variable `i`'s moments from a checkpoint (any float dtype; older checkpoints hold f32).
+    pub fn restore(&mut self, i: usize, m: &Tensor, v: &Tensor) -> Result<()> {
+        ensure!(i < self.m.len(), "optimizer: no variable {i}");
+        for (name, new, old) in [("first", m, &self.m[i]), ("second", v, &self.v[i])] {
+            ensure!(new.shape() == old.shape(), "{name} moment of shape {:?} for a variable of shape {:?}", new.shape(), old.shape());
+        }
+        self.m[i] = m.to_dtype(MOMENT_DTYPE)?.contiguous()?;
+        self.v[i] = v.to_dtype(MOMENT_DTYPE)?.contiguous()?;
+        Ok(())
     }
 
     /// Forget the moments and the step count: a new phase of training (another objective)
@@ -59,15 +81,16 @@ impl AdamW {
             grad_scale,
         };
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-            if adamw_in_place(var.as_tensor(), g, &self.m[i], &self.v[i], k)? {
+            let seed = rounding_seed(self.t, i);
+            if adamw_in_place(var.as_tensor(), g, &self.m[i], &self.v[i], k, seed)? {
                 continue;
             }
             let (p, m, v) = adamw_update_composed(var.as_tensor(), g, &self.m[i], &self.v[i], k)?;
             var.set(&p)?;
-            // Detached, so a gradient that carries graph history cannot chain one step's moments
-            // to the next (each step would keep the previous one's tensors alive).
-            self.m[i] = m.detach();
-            self.v[i] = v.detach();
+            // Detached (by the rounding's copy), so a gradient that carries graph history cannot
+            // chain one step's moments to the next.
+            self.m[i] = round_bf16_stochastic(&m, seed)?;
+            self.v[i] = round_bf16_stochastic(&v, seed ^ SECOND_MOMENT)?;
         }
         Ok(())
     }
@@ -89,26 +112,80 @@ pub struct StepConsts {
     pub grad_scale: f64,
 }
 
-/// One AdamW update of `p`, `m` and `v` in place by one fused kernel, where one applies (CUDA,
-/// all f32, contiguous `p`, `m`, `v`); `false` leaves them as they were for
-/// [`adamw_update_composed`].
-pub fn adamw_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts) -> Result<bool> {
+/// Mixed into the seed of the second moment's rounding, so its random bits are not the first's.
+pub const SECOND_MOMENT: u32 = 0x5bd1_e995;
+
+/// The seed of variable `var`'s rounding at update `t`.
+pub fn rounding_seed(t: u64, var: usize) -> u32 {
+    mix32((t as u32).wrapping_mul(0x9e37_79b1) ^ mix32(var as u32 ^ 0x85eb_ca77))
+}
+
+/// An integer hash with good avalanche (every input bit flips about half the output bits).
+/// `kernels/train.cu` has the same function.
+pub fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+/// `x` rounded to bf16 up or down, with the probability of rounding up its distance from the
+/// value below over the gap (so the expected result is `x`); `bits` are 16 uniform random
+/// bits. Non-finite values are truncated (NaN stays NaN).
+pub fn bf16_stochastic(x: f32, bits: u32) -> half::bf16 {
+    let b = x.to_bits();
+    if !x.is_finite() {
+        return half::bf16::from_bits((b >> 16) as u16 | if x.is_nan() { 0x40 } else { 0 });
+    }
+    half::bf16::from_bits((b.wrapping_add(bits & 0xffff) >> 16) as u16)
+}
+
+/// Element `i` of a tensor rounded with `seed`: the random bits of [`bf16_stochastic`].
+pub fn rounding_bits(seed: u32, i: u64) -> u32 {
+    mix32(i as u32 ^ mix32(seed ^ (i >> 32) as u32))
+}
+
+/// `x` (f32) rounded to a bf16 tensor stochastically, element `i` with `rounding_bits(seed, i)`
+/// (row-major order): the CPU path of the optimizer, and the kernel's reference.
+pub fn round_bf16_stochastic(x: &Tensor, seed: u32) -> Result<Tensor> {
+    let vals = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let out: Vec<half::bf16> = vals.iter().enumerate().map(|(i, &v)| bf16_stochastic(v, rounding_bits(seed, i as u64))).collect();
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+}
+
+/// One AdamW update of `p` (f32), `m` and `v` (bf16, rounded stochastically with `seed`) in
+/// place by one fused kernel, where one applies (CUDA, contiguous `p`, `m`, `v`); `false`
+/// leaves them as they were for [`adamw_update_composed`].
+pub fn adamw_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts, seed: u32) -> Result<bool> {
     #[cfg(feature = "cuda")]
-    if p.device().is_cuda() && [p, g, m, v].iter().all(|t| t.dtype() == candle_core::DType::F32) && [p, m, v].iter().all(|t| t.is_contiguous()) {
+    if p.device().is_cuda() && p.dtype() == DType::F32 && g.dtype() == DType::F32 && [m, v].iter().all(|t| t.dtype() == MOMENT_DTYPE) && [p, m, v].iter().all(|t| t.is_contiguous()) {
         let f = |x: f64| x as f32;
-        let args = crate::kernels::AdamWArgs { lr: f(k.lr), beta1: f(k.beta1), beta2: f(k.beta2), eps: f(k.eps), decay: f(k.decay), bc1: f(k.bc1), bc2: f(k.bc2), gscale: f(k.grad_scale) };
+        let args = crate::kernels::AdamWArgs {
+            lr: f(k.lr),
+            beta1: f(k.beta1),
+            beta2: f(k.beta2),
+            eps: f(k.eps),
+            decay: f(k.decay),
+            bc1: f(k.bc1),
+            bc2: f(k.bc2),
+            gscale: f(k.grad_scale),
+            seed_m: seed,
+            seed_v: seed ^ SECOND_MOMENT,
+        };
         crate::kernels::adamw_in_place(p, &g.detach(), m, v, args)?;
         return Ok(true);
     }
-    let _ = (p, g, m, v, k);
+    let _ = (p, g, m, v, k, seed);
     Ok(false)
 }
 
-/// `(p', m', v')` of one AdamW update as tensor ops: the CPU path and the fused kernel's
-/// reference.
+/// `(p', m', v')` of one AdamW update as tensor ops, the moments in f32 (in any float dtype,
+/// computed in f32): the CPU path and the fused kernel's reference.
 pub fn adamw_update_composed(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts) -> Result<(Tensor, Tensor, Tensor)> {
     let g = if k.grad_scale == 1.0 { g.clone() } else { (g * k.grad_scale)? };
     let g = &g;
+    let (m, v) = (&m.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?);
     let m = ((m * k.beta1)? + (g * (1.0 - k.beta1))?)?;
     let v = ((v * k.beta2)? + (g.sqr()? * (1.0 - k.beta2))?)?;
     let update = ((&m / k.bc1)? / ((&v / k.bc2)?.sqrt()? + k.eps)?)?;
@@ -166,9 +243,15 @@ mod tests {
                 p[i] -= lr * mh / (vh.sqrt() + 1e-8);
             }
         }
+        // The moments are stored in bf16 between steps (relative precision 2⁻⁸), so the second
+        // step's update, 0.01 in size, may be off by 0.4% of it.
         let got = var.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
         for i in 0..2 {
-            assert!((got[i] - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+            assert!((got[i] - p[i]).abs() < 1e-4, "{got:?} vs {p:?}");
+        }
+        let (gm, gv) = (opt.m[0].to_dtype(DType::F64)?.to_vec1::<f64>()?, opt.v[0].to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        for i in 0..2 {
+            assert!((gm[i] - m[i]).abs() <= m[i].abs() / 128.0 && (gv[i] - v[i]).abs() <= v[i].abs() / 128.0, "moments {gm:?} {gv:?} vs {m:?} {v:?}");
         }
         Ok(())
     }
@@ -187,6 +270,41 @@ mod tests {
             assert!(grads.get(var.as_tensor()).is_none(), "a moment still depends on the variable");
         }
         Ok(())
+    }
+
+    /// Rounding to bf16 is unbiased: a value between two bf16 neighbours becomes one of them,
+    /// the upper one as often as its distance from the lower one says, and a bf16 value stays.
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(64), |(x in -1e6f32..1e6f32, seed in any::<u32>())| {
+            let lo = half::bf16::from_bits((x.to_bits() >> 16) as u16).to_f32();
+            let hi = half::bf16::from_bits(((x.to_bits() >> 16) + 1) as u16).to_f32();
+            let n = 4096;
+            let mut sum = 0f64;
+            for i in 0..n {
+                let r = bf16_stochastic(x, rounding_bits(seed, i)).to_f32();
+                prop_assert!(r == lo || r == hi, "{x} rounded to {r}, not {lo} or {hi}");
+                sum += r as f64;
+            }
+            // The mean of n Bernoulli draws over a gap of (hi − lo): standard error ≤ gap/(2√n).
+            let gap = (hi - lo).abs() as f64;
+            prop_assert!((sum / n as f64 - x as f64).abs() <= 5.0 * gap / (2.0 * (n as f64).sqrt()) + 1e-12, "mean {} for {x}", sum / n as f64);
+            let exact = half::bf16::from_f32(x).to_f32();
+            prop_assert_eq!(bf16_stochastic(exact, rounding_bits(seed, 7)).to_f32(), exact);
+        });
+        assert!(bf16_stochastic(f32::NAN, 0xffff).to_f32().is_nan());
+        assert_eq!(bf16_stochastic(f32::INFINITY, 0xffff).to_f32(), f32::INFINITY);
+    }
+
+    /// The rounding's random bits differ between elements, variables and steps.
+    #[test]
+    fn rounding_bits_vary_with_element_variable_and_step() {
+        let a = rounding_seed(1, 0);
+        assert_ne!(a, rounding_seed(2, 0));
+        assert_ne!(a, rounding_seed(1, 1));
+        let bits: std::collections::HashSet<u32> = (0..1000u64).map(|i| rounding_bits(a, i) & 0xffff).collect();
+        assert!(bits.len() > 950, "only {} distinct 16-bit draws of 1000", bits.len());
     }
 
     #[test]

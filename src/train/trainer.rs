@@ -167,8 +167,9 @@ impl TrainRun<'_> {
                 );
                 params.load_values(|n| ck.tensors.get(&format!("param.{n}")).cloned())?;
                 for (i, n) in names.iter().enumerate() {
-                    opt.m[i] = ck.tensors.get(&format!("adam_m.{n}")).with_context(|| format!("checkpoint lacks adam_m.{n}"))?.clone();
-                    opt.v[i] = ck.tensors.get(&format!("adam_v.{n}")).with_context(|| format!("checkpoint lacks adam_v.{n}"))?.clone();
+                    let m = ck.tensors.get(&format!("adam_m.{n}")).with_context(|| format!("checkpoint lacks adam_m.{n}"))?;
+                    let v = ck.tensors.get(&format!("adam_v.{n}")).with_context(|| format!("checkpoint lacks adam_v.{n}"))?;
+                    opt.restore(i, m, v).with_context(|| format!("checkpoint's optimizer state for {n}"))?;
                 }
                 opt.t = ck.state.adam_t;
                 if ck.state.best.is_some() {
