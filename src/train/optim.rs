@@ -159,7 +159,8 @@ pub fn round_bf16_stochastic(x: &Tensor, seed: u32) -> Result<Tensor> {
 /// leaves them as they were for [`adamw_update_composed`].
 pub fn adamw_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: StepConsts, seed: u32) -> Result<bool> {
     #[cfg(feature = "cuda")]
-    if p.device().is_cuda() && p.dtype() == DType::F32 && g.dtype() == DType::F32 && [m, v].iter().all(|t| t.dtype() == MOMENT_DTYPE) && [p, m, v].iter().all(|t| t.is_contiguous()) {
+    if p.device().is_cuda() && p.dtype() == DType::F32 && g.dtype() == DType::F32 && [m, v].iter().all(|t| t.dtype() == MOMENT_DTYPE) && [p, m, v].iter().all(|t| t.is_contiguous())
+    {
         let f = |x: f64| x as f32;
         let args = crate::kernels::AdamWArgs {
             lr: f(k.lr),
