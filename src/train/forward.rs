@@ -491,3 +491,40 @@ fn nll_dtype(activations: DType) -> DType {
         DType::F32
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::lora::AdapterConfig;
+    use crate::llm::ModelConfig;
+
+    /// The accumulator sums what it is given per variable, reports the global norm of the sums,
+    /// and starts again from zero in place.
+    #[test]
+    fn gradient_buffer_sums_reports_the_norm_and_zeroes() -> Result<()> {
+        let cfg = ModelConfig::preset("tiny")?;
+        let params = LoraParams::init(&cfg, AdapterConfig::new(2, 4.0, 0.0, &Proj::ALL, "tiny", false), 1, &candle_core::Device::Cpu)?;
+        let vars: Vec<Var> = params.named_vars().into_iter().map(|(_, v)| v.clone()).collect();
+        let mut acc = GradAccum::new(&params)?;
+        let (first, last) = (&vars[0], &vars[vars.len() - 1]);
+        let ones = |v: &Var, k: f64| -> Result<Tensor> { Ok((Tensor::ones(v.shape(), DType::F32, v.device())? * k)?) };
+        acc.add(first, &ones(first, 1.0)?)?;
+        acc.add(first, &ones(first, 2.0)?)?;
+        acc.add(last, &ones(last, -0.5)?)?;
+        assert!(acc.add(first, &Tensor::zeros(7, DType::F32, first.device())?).is_err(), "a gradient of the wrong shape is refused");
+        let grads = acc.grads()?;
+        assert_eq!(grads.len(), vars.len());
+        assert_eq!(grads[0].flatten_all()?.to_vec1::<f32>()?, vec![3.0; first.elem_count()]);
+        assert_eq!(grads[grads.len() - 1].flatten_all()?.to_vec1::<f32>()?, vec![-0.5; last.elem_count()]);
+        for g in &grads[1..grads.len() - 1] {
+            assert!(g.flatten_all()?.to_vec1::<f32>()?.iter().all(|&x| x == 0.0));
+        }
+        let want = (9.0 * first.elem_count() as f64 + 0.25 * last.elem_count() as f64).sqrt();
+        let norm = acc.norm()?;
+        assert!((norm - want).abs() <= 1e-9 * want, "norm {norm} vs {want}");
+        acc.zero()?;
+        assert_eq!(acc.norm()?, 0.0);
+        assert!(acc.grads()?.iter().all(|g| g.flatten_all().and_then(|t| t.to_vec1::<f32>()).is_ok_and(|v| v.iter().all(|&x| x == 0.0))));
+        Ok(())
+    }
+}

@@ -273,6 +273,23 @@ mod tests {
         Ok(())
     }
 
+    /// Moments from a checkpoint come back in bf16 whatever they were saved in (older
+    /// checkpoints hold f32); moments of another shape are refused.
+    #[test]
+    fn restored_moments_are_bf16_and_checked() -> Result<()> {
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?)?;
+        let mut opt = AdamW::new(cfg, &[&var])?;
+        assert_eq!(opt.m[0].dtype(), MOMENT_DTYPE);
+        opt.restore(0, &Tensor::new(&[0.5f32, -0.25], &Device::Cpu)?, &Tensor::new(&[0.125f32, 1.0], &Device::Cpu)?)?;
+        assert_eq!((opt.m[0].dtype(), opt.v[0].dtype()), (MOMENT_DTYPE, MOMENT_DTYPE));
+        assert_eq!(opt.m[0].to_dtype(DType::F32)?.to_vec1::<f32>()?, vec![0.5, -0.25]);
+        let wrong = Tensor::new(&[0.5f32, -0.25, 1.0], &Device::Cpu)?;
+        assert!(opt.restore(0, &wrong, &wrong).is_err());
+        assert!(opt.restore(1, &wrong, &wrong).is_err());
+        Ok(())
+    }
+
     /// Rounding to bf16 is unbiased: a value between two bf16 neighbours becomes one of them,
     /// the upper one as often as its distance from the lower one says, and a bf16 value stays.
     #[test]
