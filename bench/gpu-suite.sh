@@ -26,14 +26,15 @@
 #   ncu        kernel time per launch of one fused r=16 decode token, and ncu's sections for the
 #              gate|up and down matvecs
 #   ncufile    kernel time per launch of one fused bare decode token on the Q4_K_M file ($Q4KM)
-#   serve      `bench serve-train` on the Q4_K_M mix with 7.0 GB left free
+#   serve      `bench serve-train` on the Q4_K_M mix with 7.0 GB left free (without the cap too
+#              where that fails)
 #   servekto   the same with the preference objective (`--objective kto`)
 #   apiload    `freeski-bot serve` and llama.cpp's llama-server (if built: `llamacpp.sh build`) on
 #              the same Q4_K_M file ($Q4KM, else the random 7B shape for serve alone), each driven by
 #              bench/serve_load.py with 1, 8 and 32 concurrent streaming clients: aggregate
 #              tokens/s, p50/p95 time to first token
-#   train      `bench train` on llama.cpp's Q4_K_M mix with 6.5 GB left free (r=16, and r=2, the
-#              prototype's rank), and beside it at the same shapes the prototype's QLoRA stack
+#   train      `bench train` on llama.cpp's Q4_K_M mix (r=16, and r=2, the prototype's rank), then
+#              again with 6.5 GB left free, and beside it at the same shapes the prototype's QLoRA stack
 #              (PEFT + bitsandbytes NF4, paged AdamW 8-bit; needs .gpu/peers/bitsandbytes.tar.gz
 #              from `bench/peers/fetch-qlora.sh`) and PyTorch + PEFT on a bf16 base (r=16)
 #   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
@@ -176,7 +177,11 @@ stage_ncufile() {
   python3 bench/ncu_summary.py "$OUT/ncu-file.csv" 12 | tee "$OUT/ncu-file.txt"
 }
 stage_serve() {
-  freeski-bot bench serve-train --random mistral-7b --quant q4k-m --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 7.0 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train.txt"
+  local ok S=(bench serve-train --random mistral-7b --quant q4k-m --device cuda:0 --questions 5 --new-tokens 64)
+  freeski-bot "${S[@]}" --leave-free-gb 7.0 >"$OUT/serve-train.log" 2>&1 && ok=1 || ok=0
+  grep -Ev "$F" "$OUT/serve-train.log" | tail -11 | tee "$OUT/serve-train.txt"
+  # Where it does not fit, the same run without the cap tells by how much.
+  [ $ok = 1 ] || freeski-bot "${S[@]}" 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train-nocap.txt"
 }
 # Wait until an HTTP server answers GET $1 (model loading takes a while), at most 10 minutes.
 http_get() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1" 2>/dev/null; }
@@ -209,9 +214,11 @@ stage_servekto() {
 }
 stage_train() {
   local r
+  local T=(bench train --random mistral-7b --quant q4k-m --seq 512 --batch 2 --device cuda:0)
   for r in 16 2; do
-    freeski-bot bench train --random mistral-7b --quant q4k-m --seq 512 --batch 2 --device cuda:0 --rank $r --leave-free-gb 6.5 \
-      --json "$OUT/train-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train-r$r.txt"
+    # Time and memory by part without a cap, then whether it completes with 6.5 GB left free.
+    freeski-bot "${T[@]}" --rank $r --json "$OUT/train-r$r.json" 2>&1 | grep -Ev "$F" | tee "$OUT/train-r$r.txt"
+    freeski-bot "${T[@]}" --rank $r --steps 2 --leave-free-gb 6.5 2>&1 | grep -Ev "$F" | grep -E "error|memory cap|step time|process peak|allocator" | tee "$OUT/train-r$r-6.5gb.txt"
   done
   peft
   if [ -f .gpu/peers/bitsandbytes.tar.gz ]; then
