@@ -28,9 +28,8 @@ pub use imp::FusedDecoder;
 /// By default (`ExactDp4a`) 1-2 rows take `mvd`: dp4a computing the tensor-core kernel's float
 /// operations in its order, so the same bits, with the work laid out for one or two rows (an
 /// MMA tile of 8 rows is mostly idle there). `TensorCores` runs `mvq` at 1-2 rows too (the
-/// reference the GPU tests hold `mvd` to). `Fastest` takes the
-/// generic dp4a kernel `mv`, which sums in its own order (not batch-invariant).
-/// `bench generate --row-kernels` compares them.
+/// reference the GPU tests hold `mvd` to). `Fastest` takes the generic dp4a kernel `mv`, which
+/// sums in its own order (not batch-invariant). `bench generate --row-kernels` compares them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum RowKernels {
     #[default]
@@ -205,9 +204,11 @@ mod imp {
                 Some(f) => f.clone(),
                 None => {
                     let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
-                    let few = |name: &str| (1..MMA_MIN_ROWS).map(|n| k.quant(&format!("{name}_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>();
                     let (mma, mma_order) = match kind.suffix {
-                        "q4k" => ((1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?, few("mvd")?),
+                        "q4k" => (
+                            (1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
+                            (1..MMA_MIN_ROWS).map(|n| k.quant(&format!("mvd_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
+                        ),
                         _ => (Vec::new(), Vec::new()),
                     };
                     let f = Arc::new(TypeKernels { mv, mma, mma_order, embed: k.quant(&format!("embed_f32_{suffix}"))? });
@@ -300,9 +301,8 @@ mod imp {
         }
 
         /// The matvec for `w`'s type and `nb` rows: `mvq_q4k_body` (tensor cores, tiles of 16
-        /// weight rows, 8 warps splitting k), `mvd_q4k_body` (dp4a in its order;
-        /// a warp owns two weight rows) or `mv_body` in quant.cu (two weight rows a warp, as
-        /// `mvd`).
+        /// weight rows, 8 warps splitting k), `mvd_q4k_body` (dp4a in its order) or `mv_body` in
+        /// quant.cu. The last two share a geometry: a warp owns two weight rows.
         fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
             let (glu, n) = (a.glu != 0, a.n as usize);
             let threads = (crate::kernels::MV_WARPS * 32) as u32;

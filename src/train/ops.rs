@@ -103,8 +103,8 @@ pub fn dequantize(w: &QTensor, device: &candle_core::Device, dtype: DType) -> Re
 
 struct FrozenQMatMul {
     w: Arc<QTensor>,
-    /// `dequantize(w)` made by the caller and shared by several calls (a recomputed layer's
-    /// forward and its backward); `None`: dequantize per call.
+    /// `dequantize(w)` made by the caller and shared by several calls (the output head's, one
+    /// a chunk of rows, forward and backward); `None`: dequantize per call.
     dense: Option<Tensor>,
 }
 
