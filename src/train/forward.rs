@@ -264,7 +264,7 @@ impl<'m> TrainForward<'m> {
         for i in (0..n_layers).rev() {
             let input = inputs.get(i)?;
             let lora = params.layer(i, false);
-            let (_, tape) = self.layer(i, &input, &lora, params.scale, key, ctx)?;
+            let tape = self.recompute(i, &input, &lora, params.scale, key, ctx)?;
             let back = LayerBackward { fwd: self, layer: i, lora: &lora, params, key, ctx };
             let dx = back.run(tape, &grad, i > 0, accum)?;
             if let Some(dx) = dx {
@@ -310,6 +310,19 @@ impl<'m> TrainForward<'m> {
     /// Decoder layer `i`, and the intermediates its hand-written backward needs
     /// ([`Tape`]; the autograd paths drop it).
     pub(super) fn layer(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx) -> Result<(Tensor, Tape)> {
+        let (out, tape) = self.layer_parts(i, x, lora, scale, key, ctx, true)?;
+        Ok((out.context("the layer's output was asked for")?, tape))
+    }
+
+    /// Layer `i` recomputed for its backward: the [`Tape`] alone. The backward never reads the
+    /// layer's output, so the down projection's base product (a quarter of the layer's weights)
+    /// and its LoRA delta are not computed; its LoRA input and `input·Aᵀ` still are.
+    pub(super) fn recompute(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx) -> Result<Tape> {
+        Ok(self.layer_parts(i, x, lora, scale, key, ctx, false)?.1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_parts(&self, i: usize, x: &Tensor, lora: &LayerLora, scale: f64, key: MicroKey, ctx: &Ctx, output: bool) -> Result<(Option<Tensor>, Tape)> {
         let layer = &self.model.layers()[i];
         let cfg = self.model.config();
         let eps = cfg.rms_norm_eps as f32;
@@ -344,8 +357,17 @@ impl<'m> TrainForward<'m> {
         let h2 = ops::rms_norm(&x2, ffn_norm, eps)?;
         let gate = proj(Proj::Gate, &h2)?;
         let up = proj(Proj::Up, &h2)?;
-        let m = (gate.silu()? * &up)?;
-        let out = (&x2 + proj(Proj::Down, &m)?)?;
+        let down = Proj::Down;
+        let out = if output {
+            let m = (gate.silu()? * &up)?;
+            Some((&x2 + proj(down, &m)?)?)
+        } else {
+            if lora[down.index()].is_some() {
+                let m = (gate.silu()? * &up)?;
+                saved[down.index()] = self.lora_low(&m, &lora[down.index()], mask_key(key, i, down))?;
+            }
+            None
+        };
         let tape = Tape { x: x.clone(), qs, k, v, probs, x2, gate, up, lora: saved };
         Ok((out, tape))
     }
@@ -355,20 +377,25 @@ impl<'m> TrainForward<'m> {
     /// cast to the activation dtype inside the graph, so their gradients arrive in f32.
     fn proj(&self, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &Option<(Tensor, Tensor)>, scale: f64, key: MaskKey) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let y = ops::frozen_qmatmul(x, layer.proj(p).qtensor())?;
-        let Some((a, b)) = lora else {
+        let (Some((_, b)), Some((xd, low))) = (lora, self.lora_low(x, lora, key)?) else {
             return Ok((y, None));
         };
-        let dims = x.dims().to_vec();
-        let in_f = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_f;
-        let xd = self.dropout.apply(x, key)?.reshape((rows, in_f))?;
-        let low = xd.matmul(&a.to_dtype(self.dtype)?.t()?)?;
         // The scale goes on B ([out, r]), not on the [rows, out] product.
         let delta = low.matmul(&(b * scale)?.to_dtype(self.dtype)?.t()?)?;
-        let mut out_dims = dims;
+        let mut out_dims = x.dims().to_vec();
         let last = out_dims.len() - 1;
         out_dims[last] = delta.dim(1)?;
         Ok(((y + delta.reshape(out_dims)?)?, Some((xd, low))))
+    }
+
+    /// A LoRA term's `(dropout(x), dropout(x)·Aᵀ)` as `[rows, in]` / `[rows, r]`; `None`
+    /// without one.
+    fn lora_low(&self, x: &Tensor, lora: &Option<(Tensor, Tensor)>, key: MaskKey) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((a, _)) = lora else { return Ok(None) };
+        let in_f = x.dim(D::Minus1)?;
+        let xd = self.dropout.apply(x, key)?.reshape((x.elem_count() / in_f, in_f))?;
+        let low = xd.matmul(&a.to_dtype(self.dtype)?.t()?)?;
+        Ok(Some((xd, low)))
     }
 
     /// NLL of each target row `pos` of the final hidden state `x: [b, t, h]` (`[rows]`).
