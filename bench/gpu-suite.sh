@@ -251,8 +251,8 @@ profile_run() {
   fi
 }
 stage_trainprof() {
-  # The last of 2 training steps.
-  profile_run train bench train --random mistral-7b --seq 512 --batch 2 --device cuda:0 --rank 16 --steps 2 --profile-last-step
+  # The last of 2 training steps, on the Q4_K_M mix.
+  profile_run train bench train --random mistral-7b --quant q4k-m --seq 512 --batch 2 --device cuda:0 --rank 16 --steps 2 --profile-last-step
 }
 stage_genprof() {
   # A 512-token prefill, and 16 batch-1 decode tokens, on the Q4_K_M file (else the random

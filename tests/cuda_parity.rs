@@ -296,6 +296,40 @@ fn train_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, c
         let (dg, du) = ops::silu_mul_backward(&gate, &up, &dm)?;
         let (dg0, du0) = composed::silu_mul_backward(&gate, &up, &dm)?;
         out.push(("silu-mul backward", dtype, rel(&dg0, &dg)?.max(rel(&du0, &du)?)));
+        // A dropped-out term summed into a running total in one kernel, against dropout then add.
+        let (term, total) = (r(&[37, 4100])?, r(&[37, 4100])?);
+        let drop = Dropout { p: 0.1, seed: 3 };
+        let key = MaskKey { step: 1, micro: 0, layer: 2, proj: 4 };
+        out.push(("dropout-add", dtype, rel(&(&total + drop.apply(&term, key)?)?, &drop.apply_add(&term, &total, key)?)?));
+    }
+    // The training step's GEMMs (bf16 operands, f32 accumulation), against the f32 product of
+    // the same operands: either operand read transposed in place, a column slice as the first,
+    // ranks 2 and 16 as the inner or outer size, bf16 and f32 outputs, an addend and a scale.
+    let r = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)?) };
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    for (m, k, n) in [(70usize, 2usize, 300usize), (70, 300, 16), (129, 384, 96)] {
+        let a_rows = r(&[m, k])?;
+        let a_cols = r(&[k, m])?.t()?;
+        let a_slice = r(&[m, k + 10])?.narrow(1, 3, k)?;
+        let b_rows = r(&[k, n])?;
+        let b_cols = r(&[n, k])?.t()?;
+        for (a, b) in [(&a_rows, &b_cols), (&a_cols, &b_rows), (&a_slice, &b_rows), (&a_cols, &b_cols)] {
+            for out_dtype in [DType::BF16, DType::F32] {
+                let add = Tensor::randn(0f32, 1.0, (m, n), dev)?.to_dtype(out_dtype)?;
+                let want = ((f(a)?.matmul(&f(b)?)? * 0.5)? + f(&add)?)?;
+                let got = freeski_bot::kernels::matmul_add(a, b, Some(&add), 0.5, out_dtype)?.context("no GEMM for bf16 CUDA operands")?;
+                let name = if out_dtype == DType::F32 { "GEMM + addend, f32 output" } else { "GEMM + addend, bf16 output" };
+                out.push((name, out_dtype, rel(&want, &got)?));
+            }
+        }
+        // Summed in place into a slice of a larger f32 buffer; the rest of it stays as it was.
+        let buffer = Tensor::randn(0f32, 1.0, m * n + 40, dev)?;
+        let before = buffer.copy()?;
+        let slot = buffer.narrow(0, 17, m * n)?.reshape((m, n))?;
+        assert!(freeski_bot::kernels::matmul_accumulate(&a_cols, &b_rows, 0.25, &slot)?, "no in-place GEMM for bf16 CUDA operands");
+        let updated = (f(&a_cols)?.matmul(&f(&b_rows)?)? * 0.25)?.flatten_all()?;
+        let want = Tensor::cat(&[before.narrow(0, 0, 17)?, (before.narrow(0, 17, m * n)? + updated)?, before.narrow(0, 17 + m * n, 23)?], 0)?;
+        out.push(("GEMM summed into a buffer in place", DType::F32, rel(&want, &buffer)?));
     }
     // AdamW (f32 parameters, bf16 moments rounded stochastically, in place, the gradient
     // clipped by a factor; here a column slice, as the views of the gradient buffer are not all

@@ -38,3 +38,21 @@ __device__ __forceinline__ bool kept(uint64_t i, uint32_t k0, uint32_t k1, uint3
 KEYED_DROPOUT(keyed_dropout_f32, float, ID, ID)
 KEYED_DROPOUT(keyed_dropout_bf16, __nv_bfloat16, __bfloat162float, __float2bfloat16_rn)
 KEYED_DROPOUT(keyed_dropout_f16, __half, __half2float, __float2half_rn)
+
+// y = add + x * mask(key, i) / keep, rounded once: a dropped-out term summed into a running
+// total (the LoRA input gradients of the training backward) without a separate add.
+#define KEYED_DROPOUT_ADD(NAME, T, LOAD, STORE)                                                 \
+    extern "C" __global__ void NAME(const uint64_t n, const uint32_t k0, const uint32_t k1,       \
+                                    const uint32_t threshold, const float scale,                 \
+                                    const T *__restrict__ x, const T *__restrict__ add,          \
+                                    T *__restrict__ y) {                                         \
+        for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;                \
+             i += (uint64_t)blockDim.x * gridDim.x) {                                            \
+            const float v = kept(i, k0, k1, threshold) ? LOAD(x[i]) * scale : 0.0f;              \
+            y[i] = STORE(LOAD(add[i]) + v);                                                      \
+        }                                                                                        \
+    }
+
+KEYED_DROPOUT_ADD(keyed_dropout_add_f32, float, ID, ID)
+KEYED_DROPOUT_ADD(keyed_dropout_add_bf16, __nv_bfloat16, __bfloat162float, __float2bfloat16_rn)
+KEYED_DROPOUT_ADD(keyed_dropout_add_f16, __half, __half2float, __float2half_rn)

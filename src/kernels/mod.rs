@@ -9,8 +9,9 @@
 //!   AdamW update for `train::optim`.
 //! * `prompt.cu`: the prompt path's attention straight from the KV cache (`prompt_attention`),
 //!   the attention softmax with its scale and causal mask in one pass (`causal_softmax`) and
-//!   SwiGLU's `silu(gate) · up` (`silu_mul`); `gemm.rs` beside them is the prompt
-//!   projections' GEMM (`gemm_bf16_f32`: cuBLASLt, f32 output, the residual added in its epilogue).
+//!   SwiGLU's `silu(gate) · up` (`silu_mul`); `gemm.rs` beside them holds the cuBLASLt GEMMs
+//!   that sum an addend in their epilogue: the prompt projections' (`gemm_bf16_f32`, f32
+//!   output, the residual added) and the training step's (`matmul_add`, `matmul_accumulate`).
 //! * `decode.cu`: the matvec input (RMSNorm, int8 quantization and LoRA down-projection in one
 //!   kernel), rotary + KV append and decode attention for `llm::fused_decode`.
 //!
@@ -704,6 +705,34 @@ mod cuda {
         Ok(CudaStorage { slice, device: dev })
     }
 
+    /// `add + dropout(x)` (`keyed_dropout_add_<dtype>`: the mask of [`keyed_dropout`] with the
+    /// same key, the sum rounded once) for contiguous `x` and `add` of one shape and dtype on
+    /// CUDA. `None` for other devices or dtypes.
+    pub fn keyed_dropout_add(x: &Tensor, add: &Tensor, k0: u32, k1: u32, threshold: u32, scale: f32) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = x.device() else { return Ok(None) };
+        if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) || add.dtype() != x.dtype() || !add.device().same_device(x.device()) {
+            return Ok(None);
+        }
+        if x.shape() != add.shape() {
+            bail!("keyed dropout-add: {:?} plus {:?}", add.shape(), x.shape())
+        }
+        let (x, add) = (x.contiguous()?, add.contiguous()?);
+        let (_, suffix) = train_target(&x)?;
+        let y = empty(dev, x.dtype(), x.shape())?;
+        let n = x.elem_count() as u64;
+        let func = dev.get_or_load_custom_func(&format!("keyed_dropout_add_{suffix}"), "freeski_dropout", DROPOUT_PTX)?;
+        let ptrs = [tensor_ptr(&x)?, tensor_ptr(&add)?, tensor_ptr(&y)?];
+        let mut b = func.builder();
+        b.arg(&n).arg(&k0).arg(&k1).arg(&threshold).arg(&scale);
+        for ptr in &ptrs {
+            b.arg(ptr);
+        }
+        // SAFETY: (uint64_t, uint32_t ×3, float, const T* ×2, T*) as declared in dropout.cu;
+        // the three buffers hold n elements each (shapes checked above).
+        unsafe { b.launch(elementwise_launch(n)) }.w()?;
+        Ok(Some(y))
+    }
+
     // ---------------------------------------------------------------------------------------
     // Fused training backwards (`train.cu`).
 
@@ -859,7 +888,7 @@ pub use cuda::*;
 #[cfg(feature = "cuda")]
 mod gemm;
 #[cfg(feature = "cuda")]
-pub use gemm::gemm_bf16_f32;
+pub use gemm::{gemm_bf16_f32, matmul_accumulate, matmul_add};
 
 /// The kernels that answer "where one applies" (`Ok(None)`: take another path), for a build
 /// without CUDA: none applies, so callers need no `cfg` of their own.
@@ -879,6 +908,15 @@ mod without_cuda {
     }
     pub fn gemm_bf16_f32(_: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+    pub fn keyed_dropout_add(_: &Tensor, _: &Tensor, _: u32, _: u32, _: u32, _: f32) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn matmul_add(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: f32, _: DType) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn matmul_accumulate(_: &Tensor, _: &Tensor, _: f32, _: &Tensor) -> Result<bool> {
+        Ok(false)
     }
     pub fn causal_softmax(_: &Tensor, _: usize, _: f32, _: usize) -> Result<Option<Tensor>> {
         Ok(None)

@@ -40,18 +40,19 @@ impl LayerBackward<'_, '_> {
         let rep = nh / nkv;
 
         // MLP: out = x2 + down(silu(gate) ∘ up).
-        let dm = self.proj(Proj::Down, &dy.reshape((n, h))?, &saved, true, accum)?.context("down projection gave no input gradient")?;
+        let dm = self.proj(Proj::Down, &dy.reshape((n, h))?, &saved, true, accum, None)?.context("down projection gave no input gradient")?;
         let inter = gate.dim(2)?;
         let (dg, du) = ops::silu_mul_backward(&gate.reshape((n, inter))?, &up.reshape((n, inter))?, &dm)?;
         drop((dm, gate, up));
-        let dh2 = self.sum2(Proj::Gate, &dg, Proj::Up, &du, &saved, accum)?;
+        let dh2 = self.proj(Proj::Gate, &dg, &saved, true, accum, None)?;
+        let dh2 = self.proj(Proj::Up, &du, &saved, true, accum, dh2)?.context("gate and up projections gave no input gradient")?;
         drop((dg, du));
         let dx2 = ops::rms_norm_backward(&x2, ffn_norm, eps, &dh2.reshape((b, t, h))?, Some(dy))?;
         drop((dh2, x2));
 
         // Attention: x2 = x + o(softmax(qs·kᵀ + mask)·v), each kv head's query heads stacked
         // along the rows ([b, kv, rep·t, ·]), as in the forward.
-        let da = self.proj(Proj::O, &dx2.reshape((n, h))?, &saved, true, accum)?.context("o projection gave no input gradient")?;
+        let da = self.proj(Proj::O, &dx2.reshape((n, h))?, &saved, true, accum, None)?.context("o projection gave no input gradient")?;
         let d_out = da.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
         drop(da);
         let stacked = |m: &Tensor| m.reshape((b, nkv, rep * t, t));
@@ -71,53 +72,52 @@ impl LayerBackward<'_, '_> {
             Ok(g.transpose(1, 2)?.contiguous()?.reshape((n, heads * hd))?)
         };
         let (dq, dk, dv) = (rows(dq)?, rows(dk)?, rows(dv)?);
-        let dh1 = self.proj(Proj::Q, &dq, &saved, need_dx, accum)?;
-        let dh1 = add_opt(dh1, self.proj(Proj::K, &dk, &saved, need_dx, accum)?)?;
-        let dh1 = add_opt(dh1, self.proj(Proj::V, &dv, &saved, need_dx, accum)?)?;
-        let Some(dh1) = dh1 else { return Ok(None) };
+        let dh1 = self.proj(Proj::Q, &dq, &saved, need_dx, accum, None)?;
+        let dh1 = self.proj(Proj::K, &dk, &saved, need_dx, accum, dh1)?;
+        let Some(dh1) = self.proj(Proj::V, &dv, &saved, need_dx, accum, dh1)? else { return Ok(None) };
         Ok(Some(ops::rms_norm_backward(&x, attn_norm, eps, &dh1.reshape((b, t, h))?, Some(&dx2))?))
     }
 
-    /// The input gradient of two projections of the same input (gate and up).
-    fn sum2(&self, p1: Proj, dy1: &Tensor, p2: Proj, dy2: &Tensor, saved: &[Option<(Tensor, Tensor)>; 7], accum: &mut GradAccum) -> Result<Tensor> {
-        let a = self.proj(p1, dy1, saved, true, accum)?;
-        add_opt(a, self.proj(p2, dy2, saved, true, accum)?)?.context("projections gave no input gradient")
-    }
-
     /// Backward of `y = x·Wᵀ + s·(D(x)·Aᵀ)·Bᵀ` for `dy = ∂L/∂y` (`[rows, out]`): adds `∂L/∂A`
-    /// and `∂L/∂B` to `accum` and, with `need_dx`, returns `∂L/∂x` (`[rows, in]`).
-    fn proj(&self, p: Proj, dy: &Tensor, saved: &[Option<(Tensor, Tensor)>; 7], need_dx: bool, accum: &mut GradAccum) -> Result<Option<Tensor>> {
-        let mut dx = if need_dx { Some(self.input_grad(p, dy)?) } else { None };
-        let (Some((a, b)), Some((xd, low)), Some((va, vb))) = (&self.lora[p.index()], &saved[p.index()], self.params.pair(self.layer, p)) else {
-            return Ok(dx);
-        };
-        let dt = dy.dtype();
-        let s = self.params.scale;
-        // The forward's delta is low·(s·B)ᵀ.
-        let dlow = dy.matmul(&(b * s)?.to_dtype(dt)?)?; // [rows, r]
-        let db = (dy.t()?.matmul(low)? * s)?; // [out, r]
-        let da = dlow.t()?.matmul(xd)?; // [r, in]
-        accum.add(va, &da)?;
-        accum.add(vb, &db)?;
-        if let Some(d) = dx.as_mut() {
-            let dxd = dlow.matmul(&a.to_dtype(dt)?)?;
-            // Dropout's backward is the same mask on the gradient.
-            *d = (&*d + self.fwd.dropout.apply(&dxd, mask_key(self.key, self.layer, p))?)?;
+    /// and `∂L/∂B` to `accum` and, with `need_dx`, returns `sum + ∂L/∂x` (`[rows, in]`; the
+    /// input gradients of projections that read the same input are summed this way, each term
+    /// in the epilogue of the GEMM that makes it on CUDA); without, `sum` as it came.
+    fn proj(&self, p: Proj, dy: &Tensor, saved: &[Option<(Tensor, Tensor)>; 7], need_dx: bool, accum: &mut GradAccum, sum: Option<Tensor>) -> Result<Option<Tensor>> {
+        let mut sum = sum;
+        if let (Some((a, b)), Some((xd, low)), Some((va, vb))) = (&self.lora[p.index()], &saved[p.index()], self.params.pair(self.layer, p)) {
+            let dt = dy.dtype();
+            let s = self.params.scale;
+            // The forward's delta is s·low·Bᵀ.
+            let dlow = ops::matmul_plus(dy, &b.to_dtype(dt)?, None, s)?; // [rows, r]
+            accum.add_product(vb, &dy.t()?, low, s)?; // ∂B = s·dyᵀ·low, [out, r]
+            accum.add_product(va, &dlow.t()?, xd, 1.0)?; // ∂A = dlowᵀ·D(x), [r, in]
+            if need_dx {
+                // Dropout's backward is the same mask on the gradient.
+                let key = mask_key(self.key, self.layer, p);
+                let dropout = &self.fwd.dropout;
+                let a = a.to_dtype(dt)?;
+                sum = Some(if dropout.p > 0.0 {
+                    let term = dlow.matmul(&a)?;
+                    match &sum {
+                        Some(acc) => dropout.apply_add(&term, acc, key)?,
+                        None => dropout.apply(&term, key)?,
+                    }
+                } else {
+                    ops::matmul_plus(&dlow, &a, sum.as_ref(), 1.0)?
+                });
+            }
         }
-        Ok(dx)
+        if need_dx {
+            sum = Some(self.input_grad(p, dy, sum.as_ref())?);
+        }
+        Ok(sum)
     }
 
-    /// `dy · dequant(W)` for projection `p`, its weight dequantized for this product alone.
-    fn input_grad(&self, p: Proj, dy: &Tensor) -> Result<Tensor> {
+    /// `dy · dequant(W) + sum` for projection `p`, its weight dequantized for this product alone.
+    fn input_grad(&self, p: Proj, dy: &Tensor, sum: Option<&Tensor>) -> Result<Tensor> {
         let model = self.fwd.model;
         let w = ops::dequantize(model.layers()[self.layer].proj(p).qtensor(), model.device(), dy.dtype())?;
-        Ok(ops::frozen_linear_backward(dy, &w)?)
+        let (out_f, _) = w.dims2()?;
+        Ok(ops::matmul_plus(&dy.reshape((dy.elem_count() / out_f, out_f))?, &w, sum, 1.0)?)
     }
-}
-
-fn add_opt(a: Option<Tensor>, b: Option<Tensor>) -> Result<Option<Tensor>> {
-    Ok(match (a, b) {
-        (Some(a), Some(b)) => Some((a + b)?),
-        (a, b) => a.or(b),
-    })
 }

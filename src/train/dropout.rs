@@ -55,16 +55,33 @@ impl Dropout {
     /// `x` with a fraction `p` of its elements zeroed and the rest scaled by `1/(1-p)`;
     /// `x` itself when dropout is off. Differentiable in `x`.
     pub fn apply(&self, x: &Tensor, key: MaskKey) -> Result<Tensor> {
+        match self.op(key)? {
+            Some(op) => x.contiguous()?.apply_op1(op),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `add + self.apply(x, key)`, in one kernel on CUDA (rounded once there); not
+    /// differentiable (the hand-written backward sums its LoRA input gradients with it).
+    pub fn apply_add(&self, x: &Tensor, add: &Tensor, key: MaskKey) -> Result<Tensor> {
+        let Some(op) = self.op(key)? else { return add + x };
+        if let Some(y) = crate::kernels::keyed_dropout_add(x, add, op.k0, op.k1, op.threshold, op.scale)? {
+            return Ok(y);
+        }
+        add + x.contiguous()?.apply_op1(op)?
+    }
+
+    /// The mask op for `key`; `None` when dropout is off.
+    fn op(&self, key: MaskKey) -> Result<Option<KeyedDropout>> {
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         if !(0.0..1.0).contains(&self.p) {
             bail!("dropout probability {} is outside [0, 1)", self.p)
         }
         let keep = 1.0 - self.p;
         let seed = self.mask_seed(key);
-        let op = KeyedDropout { k0: seed as u32, k1: (seed >> 32) as u32, threshold: (keep * (1u64 << 24) as f64).round() as u32, scale: (1.0 / keep) as f32 };
-        x.contiguous()?.apply_op1(op)
+        Ok(Some(KeyedDropout { k0: seed as u32, k1: (seed >> 32) as u32, threshold: (keep * (1u64 << 24) as f64).round() as u32, scale: (1.0 / keep) as f32 }))
     }
 }
 

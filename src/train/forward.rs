@@ -84,6 +84,19 @@ impl GradAccum {
         Ok(())
     }
 
+    /// Adds `alpha · a · b` to `var`'s gradient: on CUDA with bf16 operands one GEMM summing
+    /// into the buffer in place (no product tensor, cast or add), elsewhere through [`Self::add`].
+    pub(super) fn add_product(&mut self, var: &Var, a: &Tensor, b: &Tensor, alpha: f64) -> Result<()> {
+        let i = *self.slot.get(&var.id()).context("gradient for a variable outside this accumulator")?;
+        let (offset, shape) = &self.parts[i];
+        let slot = self.flat.narrow(0, *offset, shape.elem_count())?.reshape(shape)?;
+        // The buffer is this accumulator's own: its views are handed out only by `grads`.
+        if crate::kernels::matmul_accumulate(a, b, alpha as f32, &slot)? {
+            return Ok(());
+        }
+        self.add(var, &(a.matmul(b)? * alpha)?)
+    }
+
     /// This step's gradients in the order of `params.named_vars()` (zero where none arrived):
     /// views of the buffer, valid until [`GradAccum::zero`].
     pub fn grads(&self) -> Result<Vec<Tensor>> {
@@ -330,16 +343,16 @@ impl<'m> TrainForward<'m> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let mut saved: [Option<(Tensor, Tensor)>; 7] = Default::default();
-        let mut proj = |p: Proj, x: &Tensor| -> Result<Tensor> {
-            let (y, low) = self.proj(layer, p, x, &lora[p.index()], scale, mask_key(key, i, p))?;
+        let mut proj = |p: Proj, x: &Tensor, residual: Option<&Tensor>| -> Result<Tensor> {
+            let (y, low) = self.proj(layer, p, x, &lora[p.index()], scale, mask_key(key, i, p), residual)?;
             saved[p.index()] = low;
             Ok(y)
         };
 
         let h1 = ops::rms_norm(x, attn_norm, eps)?;
-        let q = proj(Proj::Q, &h1)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = proj(Proj::K, &h1)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = proj(Proj::V, &h1)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = proj(Proj::Q, &h1, None)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = proj(Proj::K, &h1, None)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = proj(Proj::V, &h1, None)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = ops::rope_interleaved(&q, &ctx.cos, &ctx.sin)?;
         let k = ops::rope_interleaved(&k, &ctx.cos, &ctx.sin)?;
         // Grouped-query attention without copying k/v per query head: the `rep` query heads of
@@ -352,15 +365,15 @@ impl<'m> TrainForward<'m> {
         let scores = qs.matmul(&k.t()?)?.reshape((b, nh, t, t))?.broadcast_add(&ctx.mask)?;
         let probs = ops::softmax_last_dim(&scores)?;
         let attn = probs.reshape((b, nkv, rep * t, t))?.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let x2 = (x + proj(Proj::O, &attn)?)?;
+        let x2 = proj(Proj::O, &attn, Some(x))?;
 
         let h2 = ops::rms_norm(&x2, ffn_norm, eps)?;
-        let gate = proj(Proj::Gate, &h2)?;
-        let up = proj(Proj::Up, &h2)?;
+        let gate = proj(Proj::Gate, &h2, None)?;
+        let up = proj(Proj::Up, &h2, None)?;
         let down = Proj::Down;
         let out = if output {
             let m = (gate.silu()? * &up)?;
-            Some((&x2 + proj(down, &m)?)?)
+            Some(proj(down, &m, Some(&x2))?)
         } else {
             if lora[down.index()].is_some() {
                 let m = (gate.silu()? * &up)?;
@@ -372,11 +385,33 @@ impl<'m> TrainForward<'m> {
         Ok((out, tape))
     }
 
-    /// Base projection plus `scale · dropout(x)·Aᵀ·Bᵀ`, and for LoRA `(dropout(x), dropout(x)·Aᵀ)`
-    /// as `[rows, in]` / `[rows, r]` for the backward. A and B are f32 variables; they are
-    /// cast to the activation dtype inside the graph, so their gradients arrive in f32.
-    fn proj(&self, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &Option<(Tensor, Tensor)>, scale: f64, key: MaskKey) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    /// Base projection plus `scale · dropout(x)·Aᵀ·Bᵀ` (plus `residual`, of the output's shape,
+    /// where given), and for LoRA `(dropout(x), dropout(x)·Aᵀ)` as `[rows, in]` / `[rows, r]`
+    /// for the backward. A and B are f32 variables; they are cast to the activation dtype inside
+    /// the graph, so their gradients arrive in f32.
+    ///
+    /// Without a graph (the checkpointed passes, evaluation) the sums are GEMM epilogues
+    /// ([`ops::matmul_plus`]): the LoRA product adds the residual, the base product adds that.
+    #[allow(clippy::too_many_arguments)]
+    fn proj(
+        &self,
+        layer: &DecoderLayer,
+        p: Proj,
+        x: &Tensor,
+        lora: &Option<(Tensor, Tensor)>,
+        scale: f64,
+        key: MaskKey,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let graph = x.track_op() || lora.as_ref().is_some_and(|(a, b)| a.track_op() || b.track_op());
+        if !graph {
+            return self.proj_untracked(layer, p, x, lora, scale, key, residual);
+        }
         let y = ops::frozen_qmatmul(x, layer.proj(p).qtensor())?;
+        let y = match residual {
+            Some(r) => (r + y)?,
+            None => y,
+        };
         let (Some((_, b)), Some((xd, low))) = (lora, self.lora_low(x, lora, key)?) else {
             return Ok((y, None));
         };
@@ -386,6 +421,37 @@ impl<'m> TrainForward<'m> {
         let last = out_dims.len() - 1;
         out_dims[last] = delta.dim(1)?;
         Ok(((y + delta.reshape(out_dims)?)?, Some((xd, low))))
+    }
+
+    /// [`Self::proj`] without a graph: `x·Wᵀ + (scale·low·Bᵀ + residual)`, two GEMMs and no add.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_untracked(
+        &self,
+        layer: &DecoderLayer,
+        p: Proj,
+        x: &Tensor,
+        lora: &Option<(Tensor, Tensor)>,
+        scale: f64,
+        key: MaskKey,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let w = layer.proj(p).qtensor();
+        let (out_f, in_f) = w.shape().dims2()?;
+        let mut out_dims = x.dims().to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = out_f;
+        let rows = x.elem_count() / in_f;
+        let residual = residual.map(|r| r.reshape((rows, out_f))).transpose()?;
+        let (add, low) = match (lora, self.lora_low(x, lora, key)?) {
+            (Some((_, b)), Some((xd, low))) => {
+                let term = ops::matmul_plus(&low, &b.to_dtype(self.dtype)?.t()?, residual.as_ref(), scale)?;
+                (Some(term), Some((xd, low)))
+            }
+            _ => (residual, None),
+        };
+        let dense = ops::dequantize(w, x.device(), self.dtype)?;
+        let y = ops::matmul_plus(&x.reshape((rows, in_f))?, &dense.t()?, add.as_ref(), 1.0)?;
+        Ok((y.reshape(out_dims)?, low))
     }
 
     /// A LoRA term's `(dropout(x), dropout(x)·Aᵀ)` as `[rows, in]` / `[rows, r]`; `None`

@@ -58,6 +58,18 @@ fn run_detached(op: &dyn DenseForward, storage: Storage, layout: &Layout) -> Res
     Ok((out, shape))
 }
 
+/// `op` on `x` (made contiguous): as a custom op where `x` is part of a graph, and straight
+/// through its forward where it is not (the checkpointed passes), which spares the custom op's
+/// copies of its input and output storage.
+fn apply_dense<O: DenseForward + CustomOp1 + Send + Sync + 'static>(x: &Tensor, op: O) -> Result<Tensor> {
+    let x = fresh_contiguous(x)?;
+    if x.track_op() {
+        x.apply_op1(op)
+    } else {
+        op.forward(&x)
+    }
+}
+
 /// Implements the three device forwards of a `CustomOp1` through [`run_detached`].
 macro_rules! detached_forwards {
     () => {
@@ -173,6 +185,22 @@ impl CustomOp1 for FrozenQMatMul {
         // half-precision products in f32).
         let w = self.dense_weight(grad.device(), grad.dtype())?;
         Ok(Some(frozen_linear_backward(grad, &w)?.reshape(arg.shape())?.to_dtype(arg.dtype())?))
+    }
+}
+
+/// `alpha · a · b + add` for `a: [m, k]`, `b: [k, n]` (either may be a transposed view) and
+/// `add: [m, n]`, untracked (for the passes that run without a graph): on CUDA with bf16
+/// operands one cuBLASLt GEMM in `a`'s dtype with the addend summed in its epilogue (rounded
+/// once, no kernel for the add), elsewhere composed ops.
+pub fn matmul_plus(a: &Tensor, b: &Tensor, add: Option<&Tensor>, alpha: f64) -> Result<Tensor> {
+    if let Some(y) = crate::kernels::matmul_add(a, b, add, alpha as f32, a.dtype())? {
+        return Ok(y);
+    }
+    let y = a.matmul(b)?;
+    let y = if alpha == 1.0 { y } else { (y * alpha)? };
+    match add {
+        Some(c) => y + c,
+        None => Ok(y),
     }
 }
 
@@ -343,7 +371,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         bail!("rms_norm: weight {:?} does not match input {:?}", weight.shape(), x.shape())
     }
     let weight = weight.detach().to_dtype(x.dtype())?;
-    fresh_contiguous(x)?.apply_op1(RmsNormOp { weight, eps })
+    apply_dense(x, RmsNormOp { weight, eps })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,7 +414,7 @@ pub fn softmax_backward(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
 
 /// Softmax over the last dimension with a backward.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    fresh_contiguous(x)?.apply_op1(SoftmaxOp)
+    apply_dense(x, SoftmaxOp)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,7 +479,7 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     let cos = cos.detach().to_dtype(x.dtype())?.contiguous()?;
     let sin = sin.detach().to_dtype(x.dtype())?.contiguous()?;
     // Shape checks against cos/sin happen in rope_i inside the op.
-    fresh_contiguous(x)?.apply_op1(RopeIOp { cos, sin })
+    apply_dense(x, RopeIOp { cos, sin })
 }
 
 #[cfg(test)]
