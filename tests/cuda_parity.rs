@@ -296,6 +296,21 @@ fn train_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, c
         let (dg, du) = ops::silu_mul_backward(&gate, &up, &dm)?;
         let (dg0, du0) = composed::silu_mul_backward(&gate, &up, &dm)?;
         out.push(("silu-mul backward", dtype, rel(&dg0, &dg)?.max(rel(&du0, &du)?)));
+        // The attention softmax with its causal (and sliding-window) mask in one kernel, against
+        // the mask added and candle's softmax.
+        for window in [usize::MAX, 5] {
+            let t = 37;
+            let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t || i / t - i % t >= window { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let mask = Tensor::from_vec(mask, (t, t), dev)?.to_dtype(dtype)?;
+            let scores = r(&[2, 3, t, t])?;
+            let composed = ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+            let name = if window == 5 { "causal softmax, window 5" } else { "causal softmax" };
+            out.push((name, dtype, rel(&composed, &ops::causal_softmax(&scores, &mask, window)?)?));
+        }
+        // The forward, on column slices as a gate|up GEMM would give them.
+        let gu = r(&[3, 20_002])?;
+        let (gate, up) = (gu.narrow(1, 0, 10_001)?, gu.narrow(1, 10_001, 10_001)?);
+        out.push(("silu-mul", dtype, rel(&(gate.silu()? * &up)?, &ops::silu_mul(&gate, &up)?)?));
         // A dropped-out term summed into a running total in one kernel, against dropout then add.
         let (term, total) = (r(&[37, 4100])?, r(&[37, 4100])?);
         let drop = Dropout { p: 0.1, seed: 3 };

@@ -356,12 +356,14 @@ mod cuda {
     /// positions: line `i` is query `i mod tq` (so query heads folded into the line axis share
     /// one call), at position `keys - tq + i mod tq`, and sees the keys at or before it, the
     /// last `window` of them with a sliding window; masked probabilities are 0. `None` unless
-    /// `scores` is f32 on CUDA.
+    /// `scores` is f32 or bf16 (probabilities rounded once) on CUDA.
     pub fn causal_softmax(scores: &Tensor, tq: usize, scale: f32, window: usize) -> Result<Option<Tensor>> {
         let Device::Cuda(dev) = scores.device() else { return Ok(None) };
-        if scores.dtype() != DType::F32 {
-            return Ok(None);
-        }
+        let bf16 = match scores.dtype() {
+            DType::F32 => false,
+            DType::BF16 => true,
+            _ => return Ok(None),
+        };
         let dims = scores.dims().to_vec();
         let keys = match dims.as_slice() {
             [.., lines, keys] if tq >= 1 && tq <= *keys && lines % tq == 0 => *keys,
@@ -370,18 +372,19 @@ mod cuda {
         let (tq, keys_i, window) = (kernel_int(tq, "causal softmax")?, kernel_int(keys, "causal softmax")?, kernel_window(window));
         let s = scores.contiguous()?;
         let lines = s.elem_count() / keys;
-        // SAFETY: the kernel writes every element of every line.
-        let out = unsafe { dev.alloc::<f32>(s.elem_count())? };
-        let func = dev.get_or_load_custom_func("causal_softmax_f32", "freeski_prompt", PROMPT_PTX)?;
+        let out = empty(dev, scores.dtype(), s.shape())?;
+        let name = if bf16 { "causal_softmax_bf16" } else { "causal_softmax_f32" };
+        let func = dev.get_or_load_custom_func(name, "freeski_prompt", PROMPT_PTX)?;
         // One warp a line, eight a block.
         let cfg = LaunchConfig { grid_dim: (grid_x(lines.div_ceil(8), "causal softmax")?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let (sp, op, lines64) = (tensor_ptr(&s)?, slice_ptr(&out), lines as i64);
+        let (sp, op, lines64) = (tensor_ptr(&s)?, tensor_ptr(&out)?, lines as i64);
         let mut b = func.builder();
         b.arg(&sp).arg(&op).arg(&lines64).arg(&tq).arg(&keys_i).arg(&window).arg(&scale);
-        // SAFETY: (const float*, float*, int64_t, int, int, int, float) as causal_softmax_f32
-        // declares; both buffers hold lines · keys floats.
+        // SAFETY: (const T*, T*, int64_t, int, int, int, float) as causal_softmax_<T> declares
+        // (T the scores' dtype); both buffers hold lines · keys values; the kernel writes every
+        // one of them.
         unsafe { b.launch(cfg) }.w()?;
-        Ok(Some(tensor_from_slice(out, dev, dims)))
+        Ok(Some(out))
     }
 
     /// `PromptAttnArgs` of prompt.cu.
@@ -594,10 +597,46 @@ mod cuda {
         Ok(Some(tensor_from_slice(q_out, dev, (1, t, nh, hd))))
     }
 
-    /// `silu(g) · u` elementwise for f32 `g` and `u` of one shape on CUDA (`silu_mul_f32` in
-    /// prompt.cu: candle's silu and product in one pass). `None` for other dtypes or devices.
+    /// `silu(g) · u` elementwise for f32 or bf16 `g` and `u` of one shape on CUDA
+    /// (`silu_mul_f32` / `silu_mul_bf16` in prompt.cu: candle's silu and product in one pass,
+    /// rounded once). `None` for other dtypes or devices.
     pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
+        if g.dtype() == DType::BF16 {
+            return silu_mul_bf16(g, u);
+        }
         Ok(silu_mul_launch(g, u, false)?.map(|(y, _)| y))
+    }
+
+    fn silu_mul_bf16(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = g.device() else { return Ok(None) };
+        if u.dtype() != DType::BF16 || !g.device().same_device(u.device()) {
+            return Ok(None);
+        }
+        if g.dims() != u.dims() {
+            bail!("silu_mul: gate {:?} and up {:?} differ in shape", g.dims(), u.dims())
+        }
+        let ((g, g_row), (u, u_row)) = (strided_rows(g)?, strided_rows(u)?);
+        let n = g.elem_count();
+        let cols = g.dims().last().copied().unwrap_or(1).max(1);
+        let rows = n / cols;
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { dev.alloc::<half::bf16>(n)? };
+        let func = dev.get_or_load_custom_func("silu_mul_bf16", "freeski_prompt", PROMPT_PTX)?;
+        let (gp, up, yp) = (first_element_ptr(&g)?, first_element_ptr(&u)?, slice_ptr(&y));
+        let vec2 = i32::from(cols % 2 == 0 && g_row % 2 == 0 && u_row % 2 == 0 && [gp, up, yp].iter().all(|p| p % 4 == 0));
+        let what = "silu_mul";
+        let (rows32, cols32) = (kernel_int(rows, what)?, kernel_int(cols, what)?);
+        let per_thread = if vec2 == 1 { 2 } else { 1 };
+        let cfg = LaunchConfig { grid_dim: (grid_x(cols.div_ceil(256 * per_thread), what)?, rows.min(65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = func.builder();
+        b.arg(&gp).arg(&up).arg(&yp).arg(&rows32).arg(&cols32).arg(&g_row).arg(&u_row).arg(&vec2);
+        if n > 0 {
+            // SAFETY: (const bf16*, const bf16*, bf16*, int, int, long long, long long, int) as
+            // silu_mul_bf16 declares; g and u hold `rows` rows of `cols` at their row strides, y
+            // rows · cols elements; vec2 only with the alignment it needs.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(Some(tensor_from_slice(y, dev, g.dims())))
     }
 
     /// [`silu_mul`] with its result also rounded to bf16 in the same pass (the down projection's

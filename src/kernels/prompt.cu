@@ -8,29 +8,46 @@
 
 #include "common.cuh"
 
-// probs = softmax(scale · scores + mask) over the last axis, for scores [lines, keys] f32 whose
+// probs = softmax(scale · scores + mask) over the last axis, for scores [lines, keys] (f32 or bf16) whose
 // line i is query qi = i mod tq (heads, and the query heads folded into the line axis, follow
 // one another): query qi is position q = keys - tq + qi of the row and sees keys k with k <= q
 // and q - k < window (the diagonal always). Masked probabilities are written as 0, the
 // value exp(-inf) gives. One warp a query row: the largest visible score, the sum of the
 // exponentials, then the quotients (the operations of scale, mask add and softmax composed:
 // x·scale rounded once, expf(v - max), divided by the sum).
-extern "C" __global__ void causal_softmax_f32(const float* __restrict__ s, float* __restrict__ p, int64_t lines, int tq,
-                                              int keys, int window, float scale) {
+template <typename T, float (*LOAD)(T), T (*STORE)(float)>
+__device__ __forceinline__ void causal_softmax(const T* __restrict__ s, T* __restrict__ p, int64_t lines, int tq, int keys,
+                                               int window, float scale) {
     const int lane = threadIdx.x & 31;
     const int64_t line = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (line >= lines) return;
     const int q = keys - tq + (int)(line % tq);
     const int lo = q - window + 1 > 0 ? q - window + 1 : 0;
-    const float* src = s + line * keys;
-    float* dst = p + line * keys;
+    const T* src = s + line * keys;
+    T* dst = p + line * keys;
     float m = -INFINITY;
-    for (int k = lo + lane; k <= q; k += 32) m = fmaxf(m, __fmul_rn(src[k], scale));
+    for (int k = lo + lane; k <= q; k += 32) m = fmaxf(m, __fmul_rn(LOAD(src[k]), scale));
     m = warp_max(m);
     float sum = 0.f;
-    for (int k = lo + lane; k <= q; k += 32) sum += expf(__fmul_rn(src[k], scale) - m);
+    for (int k = lo + lane; k <= q; k += 32) sum += expf(__fmul_rn(LOAD(src[k]), scale) - m);
     sum = warp_sum(sum);
-    for (int k = lane; k < keys; k += 32) dst[k] = (k >= lo && k <= q) ? expf(__fmul_rn(src[k], scale) - m) / sum : 0.f;
+    for (int k = lane; k < keys; k += 32) dst[k] = STORE((k >= lo && k <= q) ? expf(__fmul_rn(LOAD(src[k]), scale) - m) / sum : 0.f);
+}
+
+__device__ __forceinline__ float load_f32(float v) { return v; }
+__device__ __forceinline__ float store_f32(float v) { return v; }
+__device__ __forceinline__ float load_bf16(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ __nv_bfloat16 store_bf16(float v) { return __float2bfloat16_rn(v); }
+
+extern "C" __global__ void causal_softmax_f32(const float* __restrict__ s, float* __restrict__ p, int64_t lines, int tq,
+                                              int keys, int window, float scale) {
+    causal_softmax<float, load_f32, store_f32>(s, p, lines, tq, keys, window, scale);
+}
+
+// The same over bf16 scores (the training forward's), the probabilities rounded to bf16 once.
+extern "C" __global__ void causal_softmax_bf16(const __nv_bfloat16* __restrict__ s, __nv_bfloat16* __restrict__ p,
+                                               int64_t lines, int tq, int keys, int window, float scale) {
+    causal_softmax<__nv_bfloat16, load_bf16, store_bf16>(s, p, lines, tq, keys, window, scale);
 }
 
 // y = silu(g) · u elementwise (SwiGLU over the gate and up projections): candle's silu,
@@ -62,6 +79,28 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ g, const float
                 const float v = silu_times(gr[c], ur[c]);
                 yr[c] = v;
                 if (ybr != nullptr) ybr[c] = __float2bfloat16_rn(v);
+            }
+        }
+    }
+}
+
+// silu_mul_f32 for bf16 g, u and y (the training forward's activations): each value computed in
+// f32 and rounded once; with vec2 (cols, the row strides and the addresses even) two values a
+// thread at a time.
+extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ g, const __nv_bfloat16* __restrict__ u,
+                                         __nv_bfloat16* __restrict__ y, int rows, int cols, long long g_row, long long u_row, int vec2) {
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const __nv_bfloat16 *gr = g + r * g_row, *ur = u + r * u_row;
+        __nv_bfloat16 *yr = y + (long long)r * cols;
+        if (vec2) {
+            for (int c = 2 * (blockIdx.x * blockDim.x + threadIdx.x); c < cols; c += 2 * gridDim.x * blockDim.x) {
+                const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(gr + c));
+                const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(ur + c));
+                *reinterpret_cast<__nv_bfloat162 *>(yr + c) = __floats2bfloat162_rn(silu_times(a.x, b.x), silu_times(a.y, b.y));
+            }
+        } else {
+            for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+                yr[c] = __float2bfloat16_rn(silu_times(__bfloat162float(gr[c]), __bfloat162float(ur[c])));
             }
         }
     }

@@ -362,8 +362,8 @@ impl<'m> TrainForward<'m> {
         let v = v.contiguous()?;
         // Scale q rather than the scores: the graph keeps a [t, hd] tensor instead of a [t, t] one.
         let qs = (q * attn_scale(hd))?.reshape((b, nkv, rep * t, hd))?;
-        let scores = qs.matmul(&k.t()?)?.reshape((b, nh, t, t))?.broadcast_add(&ctx.mask)?;
-        let probs = ops::softmax_last_dim(&scores)?;
+        let scores = qs.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+        let probs = ops::causal_softmax(&scores, &ctx.mask, cfg.sliding_window.unwrap_or(usize::MAX))?;
         let attn = probs.reshape((b, nkv, rep * t, t))?.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         let x2 = proj(Proj::O, &attn, Some(x))?;
 
@@ -372,11 +372,11 @@ impl<'m> TrainForward<'m> {
         let up = proj(Proj::Up, &h2, None)?;
         let down = Proj::Down;
         let out = if output {
-            let m = (gate.silu()? * &up)?;
+            let m = ops::silu_mul(&gate, &up)?;
             Some(proj(down, &m, Some(&x2))?)
         } else {
             if lora[down.index()].is_some() {
-                let m = (gate.silu()? * &up)?;
+                let m = ops::silu_mul(&gate, &up)?;
                 saved[down.index()] = self.lora_low(&m, &lora[down.index()], mask_key(key, i, down))?;
             }
             None

@@ -417,8 +417,33 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     apply_dense(x, SoftmaxOp)
 }
 
+/// `softmax(scores + mask)` over the last axis of `scores: [.., t, t]`, where `mask` (`[t, t]`
+/// broadcast) is the causal mask with a sliding `window`: one kernel on CUDA where `scores` is
+/// not part of a graph (`kernels::causal_softmax`, no mask added), [`softmax_last_dim`] of the
+/// masked scores otherwise.
+pub fn causal_softmax(scores: &Tensor, mask: &Tensor, window: usize) -> Result<Tensor> {
+    let t = scores.dim(D::Minus1)?;
+    if !scores.track_op() {
+        if let Some(p) = crate::kernels::causal_softmax(scores, t, 1.0, window)? {
+            return Ok(p);
+        }
+    }
+    softmax_last_dim(&scores.broadcast_add(mask)?)
+}
+
 // ---------------------------------------------------------------------------------------------
 // SwiGLU.
+
+/// `m = silu(g) ∘ u`: one kernel on CUDA where neither input is part of a graph (rounded once),
+/// candle's two ops otherwise.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if !g.track_op() && !u.track_op() {
+        if let Some(m) = crate::kernels::silu_mul(g, u)? {
+            return Ok(m);
+        }
+    }
+    g.silu()? * u
+}
 
 /// `(∂L/∂g, ∂L/∂u)` of `m = silu(g) ∘ u` from `dm = ∂L/∂m` (f32 arithmetic for half types); a
 /// fused kernel on CUDA.
