@@ -40,8 +40,17 @@ fn device() -> Device {
 fn dropout_parity(dev: &Device, dtype: DType, seed: u64) -> Result<(usize, f64)> {
     let d = Dropout { p: 0.05, seed };
     let key = MaskKey { step: 3, micro: 1, layer: 17, proj: 6 };
-    // An odd size, so a tail that is not a multiple of the launch's block is covered too.
-    let x = Tensor::randn(0f32, 1.0, (3, 1000, 4099), &Device::Cpu)?.to_dtype(dtype)?;
+    // A size the kernel takes 16 bytes at a time, and an odd one, so a tail that is not a
+    // multiple of the launch's block is covered too (the element-at-a-time path).
+    let mut out = (0, 0f64);
+    for shape in [(3usize, 1000usize, 4096usize), (3, 1000, 4099)] {
+        let (n, diff) = dropout_parity_of(&d, key, &Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?.to_dtype(dtype)?, dev)?;
+        out = (out.0 + n, out.1.max(diff));
+    }
+    Ok(out)
+}
+
+fn dropout_parity_of(d: &Dropout, key: MaskKey, x: &Tensor, dev: &Device) -> Result<(usize, f64)> {
     let both = |x: &Tensor| -> Result<(Tensor, Tensor)> {
         let v = candle_core::Var::from_tensor(x)?;
         let y = d.apply(v.as_tensor(), key)?;
@@ -49,7 +58,7 @@ fn dropout_parity(dev: &Device, dtype: DType, seed: u64) -> Result<(usize, f64)>
         let gx = g.get(v.as_tensor()).context("dropout: no gradient")?.clone();
         Ok((y.to_device(&Device::Cpu)?, gx.to_device(&Device::Cpu)?))
     };
-    let (y_cpu, g_cpu) = both(&x)?;
+    let (y_cpu, g_cpu) = both(x)?;
     let (y_dev, g_dev) = both(&x.to_device(dev)?)?;
     let diff = |a: &Tensor, b: &Tensor| -> Result<f64> { Ok(freeski_bot::util::compare::tensor_max_abs_diff(a, b)?) };
     Ok((x.elem_count(), diff(&y_cpu, &y_dev)?.max(diff(&g_cpu, &g_dev)?)))

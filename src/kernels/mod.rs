@@ -716,6 +716,14 @@ mod cuda {
         LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 
+    /// The dropout kernels' `vec` flag (16 bytes a thread: `n` a multiple of the vector width and
+    /// every buffer 16-byte aligned) and a grid for it.
+    fn dropout_launch(n: u64, elem_bytes: usize, ptrs: &[u64]) -> (i32, LaunchConfig) {
+        let width = (16 / elem_bytes.max(1)) as u64;
+        let vec = n.is_multiple_of(width) && ptrs.iter().all(|p| p.is_multiple_of(16));
+        (i32::from(vec), elementwise_launch(if vec { n / width } else { n }))
+    }
+
     /// Launches `keyed_dropout_<dtype>` over the contiguous elements of `x`.
     pub fn keyed_dropout(x: &CudaStorage, layout: &Layout, k0: u32, k1: u32, threshold: u32, scale: f32) -> Result<CudaStorage> {
         let Some((start, end)) = layout.contiguous_offsets() else { bail!("keyed dropout: input must be contiguous, got {layout:?}") };
@@ -727,10 +735,13 @@ mod cuda {
             let out = unsafe { dev.alloc::<T>(n as usize)? };
             let src = src.slice(start..start + n as usize);
             let (k0, k1, threshold, scale) = k;
+            let stream = dev.cuda_stream();
+            let (sp, op) = (src.device_ptr(&stream).0, slice_ptr(&out));
+            let (vec, cfg) = dropout_launch(n, std::mem::size_of::<T>(), &[sp, op]);
             let mut b = func.builder();
-            b.arg(&n).arg(&k0).arg(&k1).arg(&threshold).arg(&scale).arg(&src).arg(&out);
-            let cfg = elementwise_launch(n);
-            // SAFETY: argument list matches the kernel's signature in dropout.cu.
+            b.arg(&n).arg(&k0).arg(&k1).arg(&threshold).arg(&scale).arg(&sp).arg(&op).arg(&vec);
+            // SAFETY: (uint64_t, uint32_t ×3, float, const T*, T*, int) as declared in
+            // dropout.cu; both buffers hold n elements, and vec only with the alignment it needs.
             unsafe { b.launch(cfg) }.w()?;
             Ok(out)
         }
@@ -761,14 +772,17 @@ mod cuda {
         let n = x.elem_count() as u64;
         let func = dev.get_or_load_custom_func(&format!("keyed_dropout_add_{suffix}"), "freeski_dropout", DROPOUT_PTX)?;
         let ptrs = [tensor_ptr(&x)?, tensor_ptr(&add)?, tensor_ptr(&y)?];
+        let (vec, cfg) = dropout_launch(n, x.dtype().size_in_bytes(), &ptrs);
         let mut b = func.builder();
         b.arg(&n).arg(&k0).arg(&k1).arg(&threshold).arg(&scale);
         for ptr in &ptrs {
             b.arg(ptr);
         }
-        // SAFETY: (uint64_t, uint32_t ×3, float, const T* ×2, T*) as declared in dropout.cu;
-        // the three buffers hold n elements each (shapes checked above).
-        unsafe { b.launch(elementwise_launch(n)) }.w()?;
+        b.arg(&vec);
+        // SAFETY: (uint64_t, uint32_t ×3, float, const T* ×2, T*, int) as declared in
+        // dropout.cu; the three buffers hold n elements each (shapes checked above), and vec
+        // only with the alignment it needs.
+        unsafe { b.launch(cfg) }.w()?;
         Ok(Some(y))
     }
 
