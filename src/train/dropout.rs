@@ -166,6 +166,20 @@ mod tests {
     }
 
     #[test]
+    fn a_dropped_term_summed_into_a_total_is_the_total_plus_the_dropout() -> Result<()> {
+        let k = MaskKey { step: 4, micro: 0, layer: 1, proj: 2 };
+        let x = Tensor::randn(0f32, 1.0, (9, 33), &Device::Cpu)?;
+        let total = Tensor::randn(0f32, 1.0, (9, 33), &Device::Cpu)?;
+        for p in [0.0, 0.2] {
+            let d = Dropout { p, seed: 8 };
+            let want = (&total + d.apply(&x, k)?)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(d.apply_add(&x, &total, k)?.flatten_all()?.to_vec1::<f32>()?, want, "p = {p}");
+        }
+        assert!(Dropout { p: 1.5, seed: 8 }.apply_add(&x, &total, k).is_err(), "a probability outside [0, 1) is refused");
+        Ok(())
+    }
+
+    #[test]
     fn neighbouring_elements_and_keys_are_uncorrelated() -> Result<()> {
         // A weak hash shows up as correlation between adjacent elements or adjacent keys.
         let d = Dropout { p: 0.5, seed: 11 };

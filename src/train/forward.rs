@@ -615,6 +615,16 @@ mod tests {
         let want = (9.0 * first.elem_count() as f64 + 0.25 * last.elem_count() as f64).sqrt();
         let norm = acc.norm()?;
         assert!((norm - want).abs() <= 1e-9 * want, "norm {norm} vs {want}");
+        // A product summed into one variable's gradient, the others untouched.
+        let (rows, cols) = first.dims2()?;
+        let a = Tensor::randn(0f32, 1.0, (rows, 5), first.device())?;
+        let b = Tensor::randn(0f32, 1.0, (5, cols), first.device())?;
+        acc.add_product(first, &a, &b.t()?.contiguous()?.t()?, 0.5)?;
+        let want: Vec<f32> = ((a.matmul(&b)? * 0.5)? + 3.0)?.flatten_all()?.to_vec1()?;
+        let got: Vec<f32> = acc.grads()?[0].flatten_all()?.to_vec1()?;
+        assert!(crate::util::compare::max_abs_diff(&want, &got) <= 1e-5, "{want:?} vs {got:?}");
+        assert_eq!(acc.grads()?[grads.len() - 1].flatten_all()?.to_vec1::<f32>()?, vec![-0.5; last.elem_count()]);
+        assert!(acc.add_product(first, &a, &a.t()?, 1.0).is_err(), "a product of the wrong shape is refused");
         acc.zero()?;
         assert_eq!(acc.norm()?, 0.0);
         assert!(acc.grads()?.iter().all(|g| g.flatten_all().and_then(|t| t.to_vec1::<f32>()).is_ok_and(|v| v.iter().all(|&x| x == 0.0))));
