@@ -316,6 +316,15 @@ fn train_kernel_parity(dev: &candle_core::Device) -> Result<Vec<(&'static str, c
             let name = if window == 5 { "causal softmax, window 5" } else { "causal softmax" };
             out.push((name, dtype, rel(&composed, &ops::causal_softmax(&scores, &mask, window)?)?));
         }
+        // Rotary embedding of q from a projection's layout (a column slice of a wider output),
+        // scaled, against the transposed copy through candle's rope_i, then the scale.
+        let (t, heads, hd) = (19, 4, 16);
+        let qkv = r(&[2, t, (heads + 2) * hd])?;
+        let q = qkv.narrow(2, 0, heads * hd)?;
+        let angles = Tensor::randn(0f32, 1.0, (t, hd / 2), dev)?;
+        let (cos, sin) = (angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?);
+        let composed = (candle_nn::rotary_emb::rope_i(&q.reshape((2, t, heads, hd))?.transpose(1, 2)?.contiguous()?, &cos, &sin)? * 0.25)?;
+        out.push(("rotary from the projection's layout, scaled", dtype, rel(&composed, &ops::rope_heads(&q, heads, &cos, &sin, 0.25)?)?));
         // The forward, on column slices as a gate|up GEMM would give them.
         let gu = r(&[3, 20_002])?;
         let (gate, up) = (gu.narrow(1, 0, 10_001)?, gu.narrow(1, 10_001, 10_001)?);

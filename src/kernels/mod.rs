@@ -825,6 +825,47 @@ mod cuda {
             .collect()
     }
 
+    /// `x: [b, t, heads·hd]` (rows at any stride, as a projection's output) rotated pair by pair
+    /// with `cos`/`sin: [t, hd/2]` and scaled, as `[b, heads, t, hd]` (`rope_heads_bf16` in
+    /// train.cu: the transpose, the rotation and the scale in one pass). `None` unless all three
+    /// are bf16 on one CUDA device and every pair starts 4-byte aligned.
+    pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = x.device() else { return Ok(None) };
+        let same = x.device().same_device(cos.device()) && x.device().same_device(sin.device());
+        if !same || [x.dtype(), cos.dtype(), sin.dtype()] != [DType::BF16; 3] {
+            return Ok(None);
+        }
+        let (b, t, width) = x.dims3()?;
+        let hd = width / heads.max(1);
+        if heads == 0 || hd * heads != width || !hd.is_multiple_of(2) || cos.dims() != [t, hd / 2] || sin.dims() != [t, hd / 2] {
+            bail!("rope_heads: x {:?} as {heads} heads, cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims())
+        }
+        let (x, x_row) = strided_rows(x)?;
+        let xp = first_element_ptr(&x)?;
+        if !xp.is_multiple_of(4) || x_row % 2 != 0 {
+            return Ok(None);
+        }
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        let y = empty(dev, DType::BF16, &candle_core::Shape::from((b, heads, t, hd)))?;
+        let what = "rope_heads";
+        let (bi, ti, hi, hdi) = (kernel_int(b, what)?, kernel_int(t, what)?, kernel_int(heads, what)?, kernel_int(hd, what)?);
+        let pairs = (y.elem_count() / 2) as u64;
+        let func = dev.get_or_load_custom_func("rope_heads_bf16", "freeski_train", TRAIN_PTX)?;
+        let p = [xp, tensor_ptr(&cos)?, tensor_ptr(&sin)?, tensor_ptr(&y)?];
+        let mut bld = func.builder();
+        for ptr in &p {
+            bld.arg(ptr);
+        }
+        bld.arg(&bi).arg(&ti).arg(&hi).arg(&hdi).arg(&x_row).arg(&scale);
+        if pairs > 0 {
+            // SAFETY: (const bf16* ×3, bf16*, int ×4, long long, float) as declared in train.cu;
+            // x holds b·t rows of heads·hd at stride x_row, cos/sin t·hd/2 values, y every
+            // pair the kernel writes; pairs start 4-byte aligned (checked above).
+            unsafe { bld.launch(elementwise_launch(pairs)) }.w()?;
+        }
+        Ok(Some(y))
+    }
+
     /// `(dg, du)` of `m = silu(g) ∘ u` from `dm`.
     pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dm: &Tensor) -> Result<(Tensor, Tensor)> {
         let (dev, sfx) = train_target(g)?;
@@ -975,6 +1016,9 @@ mod without_cuda {
         Ok(None)
     }
     pub fn silu_mul(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn rope_heads(_: &Tensor, _: usize, _: &Tensor, _: &Tensor, _: f32) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn silu_mul_pair(_: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {

@@ -145,3 +145,27 @@ extern "C" __global__ void adamw_f32(const uint64_t n, const AdamWArgs a, float 
         v[i] = bf16_stochastic(vi, rounding_bits(a.seed_v, i));
     }
 }
+
+// Rotary embedding of the training forward, reading the projection's layout: x is
+// [b, t, heads·hd] with rows x_row apart (a q or k projection's output), y is [b, heads, t, hd]
+// contiguous, each interleaved pair (2i, 2i+1) of token tt rotated by cos/sin[tt, i] ([t, hd/2])
+// and scaled (the attention's 1/√hd folded into q), in f32, rounded once. One thread a pair, in
+// y's order.
+extern "C" __global__ void rope_heads_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ cos,
+                                           const __nv_bfloat16 *__restrict__ sin, __nv_bfloat16 *__restrict__ y,
+                                           const int b, const int t, const int heads, const int hd,
+                                           const long long x_row, const float scale) {
+    const int half = hd / 2;
+    const uint64_t pairs = (uint64_t)b * heads * t * half;
+    for (uint64_t p = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; p < pairs; p += (uint64_t)blockDim.x * gridDim.x) {
+        const int i = (int)(p % half);
+        uint64_t rest = p / half;
+        const int tt = (int)(rest % t);
+        rest /= t;
+        const int h = (int)(rest % heads);
+        const uint64_t bb = rest / heads;
+        const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(x + (bb * t + tt) * x_row + (uint64_t)h * hd + 2 * i));
+        const float c = __bfloat162float(cos[(uint64_t)tt * half + i]), s = __bfloat162float(sin[(uint64_t)tt * half + i]);
+        reinterpret_cast<__nv_bfloat162 *>(y)[p] = __floats2bfloat162_rn((v.x * c - v.y * s) * scale, (v.x * s + v.y * c) * scale);
+    }
+}

@@ -350,18 +350,16 @@ impl<'m> TrainForward<'m> {
         };
 
         let h1 = ops::rms_norm(x, attn_norm, eps)?;
-        let q = proj(Proj::Q, &h1, None)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = proj(Proj::K, &h1, None)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        // Scale q rather than the scores: the graph keeps a [t, hd] tensor instead of a [t, t] one.
+        let q = ops::rope_heads(&proj(Proj::Q, &h1, None)?, nh, &ctx.cos, &ctx.sin, attn_scale(hd))?;
+        let k = ops::rope_heads(&proj(Proj::K, &h1, None)?, nkv, &ctx.cos, &ctx.sin, 1.0)?;
         let v = proj(Proj::V, &h1, None)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let q = ops::rope_interleaved(&q, &ctx.cos, &ctx.sin)?;
-        let k = ops::rope_interleaved(&k, &ctx.cos, &ctx.sin)?;
         // Grouped-query attention without copying k/v per query head: the `rep` query heads of
         // one kv head are stacked along the rows, [b, kv, rep·t, hd], so each kv head is one
         // batched GEMM operand (and its gradient sums over its query heads by itself).
         let rep = nh / nkv;
         let v = v.contiguous()?;
-        // Scale q rather than the scores: the graph keeps a [t, hd] tensor instead of a [t, t] one.
-        let qs = (q * attn_scale(hd))?.reshape((b, nkv, rep * t, hd))?;
+        let qs = q.reshape((b, nkv, rep * t, hd))?;
         let scores = qs.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
         let probs = ops::causal_softmax(&scores, &ctx.mask, cfg.sliding_window.unwrap_or(usize::MAX))?;
         let attn = probs.reshape((b, nkv, rep * t, t))?.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;

@@ -507,6 +507,24 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     apply_dense(x, RopeIOp { cos, sin })
 }
 
+/// A projection's output `x: [b, t, heads·hd]` as heads `[b, heads, t, hd]`, rotated by
+/// [`rope_interleaved`] and scaled: one kernel on CUDA where `x` is not part of a graph
+/// (`kernels::rope_heads`: no transposed copy, the scale folded in), composed ops otherwise.
+pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    if !x.track_op() {
+        if let Some(y) = crate::kernels::rope_heads(x, heads, cos, sin, scale as f32)? {
+            return Ok(y);
+        }
+    }
+    let (b, t, width) = x.dims3()?;
+    let y = rope_interleaved(&x.reshape((b, t, heads, width / heads.max(1)))?.transpose(1, 2)?, cos, sin)?;
+    if scale == 1.0 {
+        Ok(y)
+    } else {
+        y * scale
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
