@@ -36,7 +36,8 @@
 #   train      `bench train` on llama.cpp's Q4_K_M mix (r=16, and r=2, the prototype's rank), then
 #              again with 6.5 GB left free, and beside it at the same shapes the prototype's QLoRA stack
 #              (PEFT + bitsandbytes NF4, paged AdamW 8-bit; needs .gpu/peers/bitsandbytes.tar.gz
-#              from `bench/peers/fetch-qlora.sh`) and PyTorch + PEFT on a bf16 base (r=16)
+#              from `bench/peers/fetch-qlora.sh`) and PyTorch + PEFT on a bf16 base (r=16), each
+#              peer twice, then ours once more
 #   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
 #   genprof    the same for one 512-token prefill and for 16 batch-1 decode tokens on $Q4KM
 #              (else the random Mistral-7B Q4_K_M mix); GENPROF_PARTS=prefill for the first alone
@@ -213,7 +214,9 @@ stage_servekto() {
   freeski-bot bench serve-train --random mistral-7b --device cuda:0 --questions 5 --new-tokens 64 --leave-free-gb 8.0 --objective kto 2>&1 | grep -Ev "$F" | tail -11 | tee "$OUT/serve-train-kto.txt"
 }
 stage_train() {
-  local r
+  # The Python peers are bound by the host's launch rate, which drifts between machines and
+  # minutes: each peer runs twice (8 steps after a warm-up each), and ours again after them.
+  local r i
   local T=(bench train --random mistral-7b --quant q4k-m --seq 512 --batch 2 --device cuda:0)
   for r in 16 2; do
     # Time and memory by part without a cap, then whether it completes with 6.5 GB left free.
@@ -224,14 +227,21 @@ stage_train() {
   if [ -f .gpu/peers/bitsandbytes.tar.gz ]; then
     [ -d /tmp/bnb-lib/bitsandbytes ] || { mkdir -p /tmp/bnb-lib && tar xzf .gpu/peers/bitsandbytes.tar.gz -C /tmp/bnb-lib; }
     python3 bench/mistral_shape.py "$WORK/mistral-7b-random"
-    for r in 16 2; do
-      PYTHONPATH="$PYDIR:/tmp/bnb-lib" python3 bench/pytorch_train.py --stack qlora --checkpoint "$WORK/mistral-7b-random" \
-        --seq 512 --batch 2 --rank $r 2>&1 | tail -3 | tee "$OUT/qlora-train-r$r.txt"
+    for i in 1 2; do
+      for r in 16 2; do
+        PYTHONPATH="$PYDIR:/tmp/bnb-lib" python3 bench/pytorch_train.py --stack qlora --checkpoint "$WORK/mistral-7b-random" \
+          --seq 512 --batch 2 --rank $r --steps 8 2>&1 | tail -3 | tee "$OUT/qlora-train-r$r-$i.txt"
+      done
     done
   else
     echo "no .gpu/peers/bitsandbytes.tar.gz (bash bench/peers/fetch-qlora.sh): the prototype's QLoRA stack is skipped"
   fi
-  PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 2>&1 | tail -3 | tee "$OUT/pytorch-train-r16.txt"
+  for i in 1 2; do
+    PYTHONPATH="$PYDIR" python3 bench/pytorch_train.py --seq 512 --batch 2 --rank 16 2>&1 | tail -3 | tee "$OUT/pytorch-train-r16-$i.txt"
+  done
+  for r in 16 2; do
+    freeski-bot "${T[@]}" --rank $r 2>&1 | grep -E "step time" | tee "$OUT/train-r$r-again.txt"
+  done
 }
 # GPU time by kernel of the work a `freeski-bot ARGS...` run marks for the profiler
 # (cuProfilerStart/Stop), with nsys (or ncu without it); NAME names the files in $OUT.
