@@ -607,9 +607,23 @@ mod cuda {
         Ok(silu_mul_launch(g, u, false)?.map(|(y, _)| y))
     }
 
-    fn silu_mul_bf16(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
+    /// The gate and up of one SwiGLU launch, each as rows at its own stride.
+    struct SiluRows {
+        dev: CudaDevice,
+        g: Tensor,
+        g_row: i64,
+        u: Tensor,
+        u_row: i64,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    }
+
+    /// `g` and `u` for a SwiGLU kernel when both are `dtype` on one CUDA device; `None` where
+    /// the kernels do not apply, an error where their shapes differ.
+    fn silu_rows(g: &Tensor, u: &Tensor, dtype: DType) -> Result<Option<SiluRows>> {
         let Device::Cuda(dev) = g.device() else { return Ok(None) };
-        if u.dtype() != DType::BF16 || !g.device().same_device(u.device()) {
+        if g.dtype() != dtype || u.dtype() != dtype || !g.device().same_device(u.device()) {
             return Ok(None);
         }
         if g.dims() != u.dims() {
@@ -618,7 +632,12 @@ mod cuda {
         let ((g, g_row), (u, u_row)) = (strided_rows(g)?, strided_rows(u)?);
         let n = g.elem_count();
         let cols = g.dims().last().copied().unwrap_or(1).max(1);
-        let rows = n / cols;
+        Ok(Some(SiluRows { dev: dev.clone(), g, g_row, u, u_row, n, rows: n / cols, cols }))
+    }
+
+    fn silu_mul_bf16(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
+        let Some(SiluRows { dev, g, g_row, u, u_row, n, rows, cols }) = silu_rows(g, u, DType::BF16)? else { return Ok(None) };
+        let dev = &dev;
         // SAFETY: the kernel writes every element.
         let y = unsafe { dev.alloc::<half::bf16>(n)? };
         let func = dev.get_or_load_custom_func("silu_mul_bf16", "freeski_prompt", PROMPT_PTX)?;
@@ -646,17 +665,8 @@ mod cuda {
     }
 
     fn silu_mul_launch(g: &Tensor, u: &Tensor, bf16: bool) -> Result<Option<(Tensor, Option<Tensor>)>> {
-        let Device::Cuda(dev) = g.device() else { return Ok(None) };
-        if g.dtype() != DType::F32 || u.dtype() != DType::F32 || !g.device().same_device(u.device()) {
-            return Ok(None);
-        }
-        if g.dims() != u.dims() {
-            bail!("silu_mul: gate {:?} and up {:?} differ in shape", g.dims(), u.dims())
-        }
-        let ((g, g_row), (u, u_row)) = (strided_rows(g)?, strided_rows(u)?);
-        let n = g.elem_count();
-        let cols = g.dims().last().copied().unwrap_or(1).max(1);
-        let rows = n / cols;
+        let Some(SiluRows { dev, g, g_row, u, u_row, n, rows, cols }) = silu_rows(g, u, DType::F32)? else { return Ok(None) };
+        let dev = &dev;
         // SAFETY: the kernel writes every element of both.
         let y = unsafe { dev.alloc::<f32>(n)? };
         let yb = if bf16 { Some(unsafe { dev.alloc::<half::bf16>(n)? }) } else { None };

@@ -415,9 +415,7 @@ impl<'m> TrainForward<'m> {
         };
         // The scale goes on B ([out, r]), not on the [rows, out] product.
         let delta = low.matmul(&(b * scale)?.to_dtype(self.dtype)?.t()?)?;
-        let mut out_dims = x.dims().to_vec();
-        let last = out_dims.len() - 1;
-        out_dims[last] = delta.dim(1)?;
+        let (_, out_dims) = crate::kernels::matmul_dims(x, x.dim(D::Minus1)?, delta.dim(1)?)?;
         Ok(((y + delta.reshape(out_dims)?)?, Some((xd, low))))
     }
 
@@ -435,10 +433,7 @@ impl<'m> TrainForward<'m> {
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let w = layer.proj(p).qtensor();
         let (out_f, in_f) = w.shape().dims2()?;
-        let mut out_dims = x.dims().to_vec();
-        let last = out_dims.len() - 1;
-        out_dims[last] = out_f;
-        let rows = x.elem_count() / in_f;
+        let (rows, out_dims) = crate::kernels::matmul_dims(x, in_f, out_f)?;
         let residual = residual.map(|r| r.reshape((rows, out_f))).transpose()?;
         let (add, low) = match (lora, self.lora_low(x, lora, key)?) {
             (Some((_, b)), Some((xd, low))) => {
