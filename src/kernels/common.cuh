@@ -1,6 +1,19 @@
 // Helpers shared by the project's kernel files (included, so each .cu stays one PTX module).
 #pragma once
 
+#include <stdint.h>
+
+// Chris Wellons' lowbias32 integer hash (every input bit flips about half the output bits):
+// dropout's masks and the optimizer's stochastic rounding; src/util/hash.rs is its Rust twin.
+__device__ __forceinline__ uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
 // Sum of v over the 32 lanes of a warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -6,15 +6,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-// Chris Wellons' lowbias32 integer hash.
-__device__ __forceinline__ uint32_t lowbias32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    return x;
-}
+#include "common.cuh"
 
 // Keep element i when the top 24 bits of its hash fall below `threshold` = keep · 2^24.
 __device__ __forceinline__ bool kept(uint64_t i, uint32_t k0, uint32_t k1, uint32_t threshold) {

@@ -110,17 +110,8 @@ struct AdamWArgs {
     uint32_t seed_m, seed_v;
 };
 
-// The integer hash `mix32` of src/train/optim.rs.
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    return x ^ (x >> 16);
-}
-
 __device__ __forceinline__ uint32_t rounding_bits(uint32_t seed, uint64_t i) {
-    return mix32((uint32_t)i ^ mix32(seed ^ (uint32_t)(i >> 32)));
+    return lowbias32((uint32_t)i ^ lowbias32(seed ^ (uint32_t)(i >> 32)));
 }
 
 // `bf16_stochastic` of src/train/optim.rs: x rounded to bf16 up or down, unbiased.

@@ -16,6 +16,7 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor, Var};
 
 use super::settings::Schedule;
+use crate::util::hash::lowbias32;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -117,17 +118,7 @@ pub const SECOND_MOMENT: u32 = 0x5bd1_e995;
 
 /// The seed of variable `var`'s rounding at update `t`.
 pub fn rounding_seed(t: u64, var: usize) -> u32 {
-    mix32((t as u32).wrapping_mul(0x9e37_79b1) ^ mix32(var as u32 ^ 0x85eb_ca77))
-}
-
-/// An integer hash with good avalanche (every input bit flips about half the output bits).
-/// `kernels/train.cu` has the same function.
-pub fn mix32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
-    x ^ (x >> 16)
+    lowbias32((t as u32).wrapping_mul(0x9e37_79b1) ^ lowbias32(var as u32 ^ 0x85eb_ca77))
 }
 
 /// `x` rounded to bf16 up or down, with the probability of rounding up its distance from the
@@ -143,7 +134,7 @@ pub fn bf16_stochastic(x: f32, bits: u32) -> half::bf16 {
 
 /// Element `i` of a tensor rounded with `seed`: the random bits of [`bf16_stochastic`].
 pub fn rounding_bits(seed: u32, i: u64) -> u32 {
-    mix32(i as u32 ^ mix32(seed ^ (i >> 32) as u32))
+    lowbias32(i as u32 ^ lowbias32(seed ^ (i >> 32) as u32))
 }
 
 /// `x` (f32) rounded to a bf16 tensor stochastically, element `i` with `rounding_bits(seed, i)`

@@ -3,5 +3,6 @@
 pub mod backoff;
 pub mod clock;
 pub mod compare;
+pub mod hash;
 pub mod secret;
 pub mod tmp_path;
