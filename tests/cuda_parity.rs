@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use freeski_bot::bench::{random_adapter, BenchQuant};
+use freeski_bot::kernels::AttnPrecision;
 use freeski_bot::llm::fused_decode::RowKernels;
 use freeski_bot::llm::lora::{AdapterConfig, LoraAdapter};
 use freeski_bot::llm::model::{KvCache, Logits, Model, Proj, PromptAttention};
@@ -111,8 +112,8 @@ struct FusedParity {
     dense_prefill: Vec<f64>,
     mma_prefill: Vec<f64>,
     ops_prefill: Vec<f64>,
-    /// The exact model's prompt with `PromptAttention::Fused` (the default) against the composed
-    /// attention (only the attention differs: f32 rounding).
+    /// The exact model's prompt with `PromptAttention::FusedF32` against the composed attention
+    /// (only the attention differs: f32 rounding).
     fused_attention: Vec<f64>,
     /// Per batch row: the largest |difference| between the fused step's logits for the row in
     /// the batch and for the same row decoded alone (batch invariance: must be 0).
@@ -166,7 +167,7 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     exact.set_prompt_attention(PromptAttention::Composed);
     let l_prompt = prefill(&exact)?;
     let mut fused_attention = vec![0f64; rows];
-    exact.set_prompt_attention(PromptAttention::Fused);
+    exact.set_prompt_attention(PromptAttention::FusedF32);
     per_row(&l_prompt, &prefill(&exact)?, &mut fused_attention)?;
     exact.set_prompt_attention(PromptAttention::Composed);
     let (mut dense_prefill, mut mma_prefill, mut ops_prefill) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows]);
@@ -692,29 +693,36 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
         let expand = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?.unsqueeze(2)?.expand((1, nkv, nh / nkv, keys, hd))?.reshape((1, nh, keys, hd))?) };
         let scores = (q.matmul(&expand(&k)?.t()?)? * scale)?.broadcast_add(&mask(tq, keys, window)?)?;
         let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&expand(&v)?)?.transpose(1, 2)?.contiguous()?;
-        let got = freeski_bot::kernels::prompt_attention(&q, &k, &v, scale as f32, window)?.context("no prompt attention kernel for f32")?;
-        // The variant that also writes the bf16 copy: the same f32 output, the copy exactly it rounded.
-        let (got2, got_b) = freeski_bot::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window)?.context("no prompt attention pair kernel for f32")?;
-        let (same, round) = (tensor_max_abs_diff(&got, &got2)?, tensor_max_abs_diff(&got.to_dtype(DType::BF16)?, &got_b)?);
-        if same != 0.0 || round != 0.0 {
-            failures.push(format!("prompt attention pair {nh}/{nkv} heads {tq}x{keys}x{hd}: f32 {same:.2e}, bf16 copy {round:.2e}"));
-        }
-        let diff = tensor_max_rel_diff(&want, &got, 1e-12)?;
         let w = if window == usize::MAX { "none".to_string() } else { window.to_string() };
-        println!("prompt attention, {nh} heads ({nkv} kv) x {tq} queries x {keys} keys x {hd}, window {w}: kernel vs expanded composition {diff:.2e} (tolerance 2e-5)");
-        if diff.is_nan() || diff > 2e-5 {
-            failures.push(format!("prompt attention {nh}/{nkv} heads {tq}x{keys}x{hd} window {w}: {diff:.2e}"));
+        // Each precision against the f32 composition: within f32 rounding for the split-tf32
+        // kernel; for the 16-bit one within the rounding of q and k to f16, v and the probabilities
+        // to bf16.
+        for (precision, tolerance) in [(AttnPrecision::F32, 2e-5), (AttnPrecision::Half, 2e-2)] {
+            let got = freeski_bot::kernels::prompt_attention(&q, &k, &v, scale as f32, window, precision)?.context("no prompt attention kernel for f32")?;
+            // The variant that also writes the bf16 copy: the same f32 output, the copy exactly it rounded.
+            let (got2, got_b) = freeski_bot::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window, precision)?.context("no prompt attention pair kernel for f32")?;
+            let (same, round) = (tensor_max_abs_diff(&got, &got2)?, tensor_max_abs_diff(&got.to_dtype(DType::BF16)?, &got_b)?);
+            if same != 0.0 || round != 0.0 {
+                failures.push(format!("prompt attention pair {precision:?} {nh}/{nkv} heads {tq}x{keys}x{hd}: f32 {same:.2e}, bf16 copy {round:.2e}"));
+            }
+            let diff = tensor_max_rel_diff(&want, &got, 1e-12)?;
+            println!("prompt attention {precision:?}, {nh} heads ({nkv} kv) x {tq} queries x {keys} keys x {hd}, window {w}: kernel vs expanded composition {diff:.2e} (tolerance {tolerance:.0e})");
+            if diff.is_nan() || diff > tolerance {
+                failures.push(format!("prompt attention {precision:?} {nh}/{nkv} heads {tq}x{keys}x{hd} window {w}: {diff:.2e}"));
+            }
         }
     }
     // A NaN in key 3 reaches the queries at or after position 3 and no earlier one.
     let mut kv = vec![0.25f32; 8 * 16];
     kv[3 * 16] = f32::NAN;
     let k = Tensor::from_vec(kv, (1, 1, 8, 16), &dev)?;
-    let got =
-        freeski_bot::kernels::prompt_attention(&Tensor::ones((1, 2, 8, 16), DType::F32, &dev)?, &k, &k.ones_like()?, 0.25, usize::MAX)?.context("no prompt attention kernel")?;
-    let per_query = got.squeeze(0)?.flatten_from(1)?.to_vec2::<f32>()?;
-    if !(per_query[..3].iter().flatten().all(|v| v.is_finite()) && per_query[3..].iter().flatten().all(|v| v.is_nan())) {
-        failures.push("a NaN key did not reach exactly the queries that see it".into());
+    for precision in [AttnPrecision::F32, AttnPrecision::Half] {
+        let got = freeski_bot::kernels::prompt_attention(&Tensor::ones((1, 2, 8, 16), DType::F32, &dev)?, &k, &k.ones_like()?, 0.25, usize::MAX, precision)?
+            .context("no prompt attention kernel")?;
+        let per_query = got.squeeze(0)?.flatten_from(1)?.to_vec2::<f32>()?;
+        if !(per_query[..3].iter().flatten().all(|v| v.is_finite()) && per_query[3..].iter().flatten().all(|v| v.is_nan())) {
+            failures.push(format!("{precision:?}: a NaN key did not reach exactly the queries that see it"));
+        }
     }
     // An odd length, so the grid-stride loop's tail is covered.
     let (g, u) = ((Tensor::randn(0f32, 1.0, (3, 1001), &dev)? * 6.0)?, Tensor::randn(0f32, 1.0, (3, 1001), &dev)?);

@@ -26,6 +26,18 @@ pub mod cpu;
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 
+/// What the prompt attention kernel's tensor-core products take as inputs (`prompt_attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnPrecision {
+    /// f32 values split into two tf32 halves, three MMAs a product: about f32's precision
+    /// (`prompt_attn_f32`).
+    F32,
+    /// 16-bit inputs, one MMA a product, f32 accumulation and softmax: q (scaled) and k in
+    /// f16, whose significand keeps the exponentiated scores close; the probabilities and v in
+    /// bf16, which keeps v's range (`prompt_attn_half`).
+    Half,
+}
+
 /// A GGML block type the kernels in `quant.cu` read, named by its kernel-name suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantKind {
@@ -80,6 +92,7 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use std::sync::Arc;
 
+    use super::AttnPrecision;
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
     use candle_core::cuda_backend::WrapErr;
@@ -410,8 +423,8 @@ mod cuda {
     // SAFETY: plain data with the layout of the C struct.
     unsafe impl DeviceRepr for PromptAttnArgs {}
 
-    /// Warps and queries of a `prompt_attn_f32` block (16 a warp), and the largest head size it
-    /// serves (`PA_WARPS`, `PA_QUERIES`, `PA_HD` in prompt.cu).
+    /// Warps and queries of a `prompt_attn_f32` or `prompt_attn_half` block (16 a warp), and the
+    /// largest head size they serve (`PA_WARPS`, `PA_QUERIES`, `PA_HD` in prompt.cu).
     const PA_WARPS: u32 = 4;
     const PA_QUERIES: usize = 16 * PA_WARPS as usize;
     const PA_HD: usize = 128;
@@ -419,29 +432,35 @@ mod cuda {
     /// padded to 132 floats) and V (136), and 16 × 36 probabilities a warp.
     const PA_SMEM_BYTES: u32 = ((2 * 32 * (132 + 136) + PA_QUERIES * 36) * 4) as u32;
 
-    /// Causal attention of one row's prompt (`prompt_attn_f32` in prompt.cu: flash attention,
-    /// online softmax over tiles of 32 keys with both products on the tensor cores at about f32
-    /// precision, no score matrix): `q: [1, nh, tq, hd]` (any strides with each query's values
-    /// contiguous, e.g. the transposed view of `rope_prompt`'s output), `k`, `v`: `[1, nkv, keys, hd]` views of
-    /// the row's KV cache (each key a contiguous run of hd values; read in place), query `i` at
+    /// Causal attention of one row's prompt (flash attention: an online softmax over tiles of
+    /// keys, both products on the tensor cores, no score matrix; `precision` says in what):
+    /// `q: [1, nh, tq, hd]` (any strides with each query's values contiguous, e.g. the
+    /// transposed view of `rope_prompt`'s output), `k`, `v`: `[1, nkv, keys, hd]` views of the
+    /// row's KV cache (each key a contiguous run of hd values; read in place), query `i` at
     /// position `keys - tq + i` seeing the keys at or before it, the last `window` of them with a
     /// sliding window. Returns `[1, tq, nh, hd]`. `None` unless all are f32 on CUDA with `hd` a
-    /// multiple of 8 up to 128 and whole groups of query heads per KV head.
-    pub fn prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Result<Option<Tensor>> {
-        Ok(prompt_attention_launch(q, k, v, scale, window, false)?.map(|(out, _)| out))
+    /// multiple of 8 up to 128 (of 16 for [`AttnPrecision::Half`]) and whole groups of query
+    /// heads per KV head.
+    pub fn prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, precision: AttnPrecision) -> Result<Option<Tensor>> {
+        Ok(prompt_attention_launch(q, k, v, scale, window, precision, false)?.map(|(out, _)| out))
     }
 
     /// [`prompt_attention`] with its output also rounded to bf16 in the same kernel (the o
     /// projection's GEMM input on the prompt path): `(f32, bf16)`, both `[1, tq, nh, hd]`.
-    pub fn prompt_attention_pair(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize) -> Result<Option<(Tensor, Tensor)>> {
-        Ok(prompt_attention_launch(q, k, v, scale, window, true)?.and_then(|(out, ob)| Some((out, ob?))))
+    pub fn prompt_attention_pair(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, precision: AttnPrecision) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(prompt_attention_launch(q, k, v, scale, window, precision, true)?.and_then(|(out, ob)| Some((out, ob?))))
     }
 
-    fn prompt_attention_launch(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, bf16: bool) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    #[allow(clippy::too_many_arguments)]
+    fn prompt_attention_launch(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, precision: AttnPrecision, bf16: bool) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let Device::Cuda(dev) = q.device() else { return Ok(None) };
         let (_, nh, tq, hd) = q.dims4()?;
         let (_, nkv, keys, _) = k.dims4()?;
-        if [q, k, v].iter().any(|t| t.dtype() != DType::F32 || !t.device().same_device(q.device())) || hd > PA_HD || hd % 8 != 0 || nkv == 0 || nh % nkv != 0 {
+        let step = match precision {
+            AttnPrecision::F32 => 8,
+            AttnPrecision::Half => 16,
+        };
+        if [q, k, v].iter().any(|t| t.dtype() != DType::F32 || !t.device().same_device(q.device())) || hd > PA_HD || hd % step != 0 || nkv == 0 || nh % nkv != 0 {
             return Ok(None);
         }
         if q.dims()[0] != 1 || k.dims() != v.dims() || k.dims()[0] != 1 || k.dims()[3] != hd || tq == 0 || tq > keys {
@@ -478,11 +497,17 @@ mod cuda {
             window: kernel_window(window),
             scale,
         };
-        let func = dev.get_or_load_custom_func("prompt_attn_f32", "freeski_prompt", PROMPT_PTX)?.into_cuda_function();
-        // More than the 48 KB a launch gets without asking.
-        func.set_attribute(candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, PA_SMEM_BYTES as i32).w()?;
-        let cfg =
-            LaunchConfig { grid_dim: (grid_x(tq.div_ceil(PA_QUERIES), "prompt attention")?, nh as u32, 1), block_dim: (PA_WARPS * 32, 1, 1), shared_mem_bytes: PA_SMEM_BYTES };
+        let (name, smem) = match precision {
+            AttnPrecision::F32 => ("prompt_attn_f32", PA_SMEM_BYTES),
+            // Its tiles are static shared memory.
+            AttnPrecision::Half => ("prompt_attn_half", 0),
+        };
+        let func = dev.get_or_load_custom_func(name, "freeski_prompt", PROMPT_PTX)?.into_cuda_function();
+        if smem > 0 {
+            // More than the 48 KB a launch gets without asking.
+            func.set_attribute(candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        }
+        let cfg = LaunchConfig { grid_dim: (grid_x(tq.div_ceil(PA_QUERIES), "prompt attention")?, nh as u32, 1), block_dim: (PA_WARPS * 32, 1, 1), shared_mem_bytes: smem };
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         b.arg(&args);
@@ -1040,10 +1065,10 @@ mod without_cuda {
     pub fn rope_prompt(_: &Tensor, _: &Tensor, _: &Tensor, _: (&Tensor, &Tensor), _: (&Tensor, &Tensor), _: usize, _: usize) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn prompt_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize) -> Result<Option<Tensor>> {
+    pub fn prompt_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize, _: super::AttnPrecision) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn prompt_attention_pair(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn prompt_attention_pair(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize, _: super::AttnPrecision) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
 }

@@ -4,6 +4,7 @@
 // and, for the composed attention it is tested against, the softmax with its scale and causal /
 // sliding-window mask in one pass over the scores.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "common.cuh"
@@ -390,6 +391,183 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
             __syncwarp();  // the probabilities are read before the next tile writes them
         }
         __syncthreads();  // this tile's buffer is refilled two tiles on
+    }
+    // Accumulator layout: o[c] holds columns 8c + 2t (+1) of rows r0 (0, 1) and r1 (2, 3).
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        if (8 * c >= hd) break;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            if (!(half ? live1 : live0)) continue;
+            const float l = half ? l1 : l0;
+            const float2 v = make_float2(o[c][2 * half] / l, o[c][2 * half + 1] / l);
+            const long long at = ((long long)(half ? r1 : r0) * a.nh + h) * hd + 8 * c + 2 * t;
+            *reinterpret_cast<float2 *>(a.out + at) = v;
+            if (a.out_bf16 != nullptr) *reinterpret_cast<__nv_bfloat162 *>(a.out_bf16 + at) = __floats2bfloat162_rn(v.x, v.y);
+        }
+    }
+}
+
+// The same attention on 16-bit tensor cores (m16n8k16, f32 accumulation), one MMA where the f32
+// kernel above runs three on split operands, twice the k a step. q (times the score scale) and k
+// go in as f16, whose 11-bit significand keeps the scores, which the softmax exponentiates, 8×
+// closer than bf16 would (a |k| past f16's 65504 becomes infinite, which reaches the output as a
+// NaN, never a silently wrong value); the probabilities and v go in as bf16, which keeps v's
+// range. The scores, the online softmax and the output stay f32. The probabilities pass from the
+// score accumulators to the next product's A fragments in registers, V's fragments are read
+// transposed by ldmatrix, and K and V tiles of PB_KEYS keys are converted as they are staged in
+// shared memory (static, 2 × PB_KEYS × PB_S values). Same arguments, grid and block as the f32
+// kernel (PA_WARPS warps, 16 queries each); hd a multiple of 16 up to PA_HD.
+#define PB_KEYS 64
+#define PB_S (PA_HD + 8)  // row stride (bf16) of the K and V tiles: conflict-free fragment reads
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8×8 bf16 matrices from shared memory, transposed: lane L gives the address of row L % 8
+// of matrix L / 8 and receives, of matrix i, rows 2(L % 4) and 2(L % 4) + 1 of column L / 4.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16 *p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(const PromptAttnArgs a) {
+    __shared__ __align__(16) __half ks[PB_KEYS * PB_S];
+    __shared__ __align__(16) __nv_bfloat16 vs[PB_KEYS * PB_S];
+    constexpr unsigned FULL = 0xffffffffu;
+    constexpr int C = PA_HD / 8, KC = PA_HD / 16, J = PB_KEYS / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3, hd = a.hd, h = blockIdx.y;
+    // The blocks of the last queries see the most keys: they start first.
+    const int qb = (gridDim.x - 1 - blockIdx.x) * PA_QUERIES, first = a.keys - a.tq;
+    const long long kv = (long long)(h / (a.nh / a.nkv)) * a.kv_head_stride;
+    const float *kh = a.k + kv, *vh = a.v + kv;
+    const int wq = qb + warp * 16, wn = min(16, a.tq - wq);
+    const int r0 = wq + g, r1 = r0 + 8, pos0 = first + r0, pos1 = first + r1;
+    const bool live0 = r0 < a.tq, live1 = r1 < a.tq;
+    // Scores are kept in base-2 units (exp2 of them is the exponential of the scaled score): q
+    // is scaled by that before it is rounded.
+    const float sl = a.scale * 1.4426950408889634f;
+    // Q as f16 A fragments: [kc] holds rows r0 / r1, columns 16kc + 2t (+1) and 16kc + 8 + 2t (+1).
+    uint32_t qf[KC][4];
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = e & 1 ? r1 : r0, col = 16 * kc + 2 * t + (e & 2 ? 8 : 0);
+            const float *src = a.q + h * a.q_head_stride + (long long)r * a.q_row_stride + col;
+            qf[kc][e] = r < a.tq && col < hd ? pack_f16x2(src[0] * sl, src[1] * sl) : 0u;
+        }
+    float o[C][4], m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
+    const int p_hi = first + min(qb + PA_QUERIES, a.tq) - 1, lo = max(0, first + qb - a.window + 1), hd4 = hd >> 2;
+    for (int t0 = lo; t0 <= p_hi; t0 += PB_KEYS) {
+        __syncthreads();  // every warp is done with the previous tile
+#pragma unroll 4
+        for (int i = threadIdx.x; i < PB_KEYS * hd4; i += blockDim.x) {
+            const int j = i / hd4, col = (i % hd4) * 4;
+            const bool in = t0 + j < a.keys;
+            const float4 kx = in ? *reinterpret_cast<const float4 *>(kh + (long long)(t0 + j) * hd + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float4 vx = in ? *reinterpret_cast<const float4 *>(vh + (long long)(t0 + j) * hd + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+            *reinterpret_cast<uint2 *>(ks + j * PB_S + col) = make_uint2(pack_f16x2(kx.x, kx.y), pack_f16x2(kx.z, kx.w));
+            *reinterpret_cast<uint2 *>(vs + j * PB_S + col) = make_uint2(pack_bf16x2(vx.x, vx.y), pack_bf16x2(vx.z, vx.w));
+        }
+        __syncthreads();
+        // Warp-uniform: some key of this tile is visible to some query of the warp.
+        if (!(wn > 0 && t0 <= first + wq + wn - 1 && t0 + PB_KEYS - 1 >= first + wq - a.window + 1)) continue;
+        // Scores: s[j] holds keys t0 + 8j + 2t (+1) of rows r0 (e < 2) and r1.
+        float s[J][4];
+#pragma unroll
+        for (int j = 0; j < J; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < KC; kc++) {
+            if (16 * kc >= hd) break;
+#pragma unroll
+            for (int j = 0; j < J; j++) {
+                const __half *kr = ks + (8 * j + g) * PB_S + 16 * kc + 2 * t;
+                mma_f16_16816(s[j], qf[kc], *reinterpret_cast<const uint32_t *>(kr), *reinterpret_cast<const uint32_t *>(kr + 8));
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < J; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = t0 + 8 * j + 2 * t + (e & 1), pos = e < 2 ? pos0 : pos1;
+                const bool vis = (e < 2 ? live0 : live1) && key < a.keys && key <= pos && pos - key < a.window;
+                s[j][e] = vis ? s[j][e] : -INFINITY;
+                if (e < 2) mx0 = fmaxf(mx0, s[j][e]);
+                else mx1 = fmaxf(mx1, s[j][e]);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        // A row that has seen nothing yet keeps its zeros (exp(-inf - -inf) is never taken).
+        const float c0 = n0 == -INFINITY ? 1.f : exp2f(m0 - n0), c1 = n1 == -INFINITY ? 1.f : exp2f(m1 - n1);
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < J; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float nm = e < 2 ? n0 : n1;
+                const float p = nm == -INFINITY ? 0.f : exp2f(s[j][e] - nm);
+                s[j][e] = p;
+                if (e < 2) sum0 += p;
+                else sum1 += p;
+            }
+        sum0 += __shfl_xor_sync(FULL, sum0, 1);
+        sum0 += __shfl_xor_sync(FULL, sum0, 2);
+        sum1 += __shfl_xor_sync(FULL, sum1, 1);
+        sum1 += __shfl_xor_sync(FULL, sum1, 2);
+        l0 = l0 * c0 + sum0;
+        l1 = l1 * c1 + sum1;
+        m0 = n0;
+        m1 = n1;
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            o[c][0] *= c0;
+            o[c][1] *= c0;
+            o[c][2] *= c1;
+            o[c][3] *= c1;
+        }
+        // o += P · V, 16 keys a step: the score accumulators of key blocks 2kk and 2kk + 1 are
+        // the A fragment as they lie; ldmatrix gives V's B fragments for two 8-wide column
+        // blocks at a time (matrices: keys +0..7 and +8..15 of columns 16c2.., then of 16c2 + 8..).
+#pragma unroll
+        for (int kk = 0; kk < J / 2; kk++) {
+            const uint32_t pa[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
+                                    pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const int mi = lane >> 3, key = 16 * kk + (lane & 7) + (mi & 1) * 8;
+#pragma unroll
+            for (int c2 = 0; c2 < KC; c2++) {
+                if (16 * c2 >= hd) break;
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, vs + key * PB_S + 16 * c2 + (mi >> 1) * 8);
+                mma_bf16_16816(o[2 * c2], pa, b[0], b[1]);
+                mma_bf16_16816(o[2 * c2 + 1], pa, b[2], b[3]);
+            }
+        }
     }
     // Accumulator layout: o[c] holds columns 8c + 2t (+1) of rows r0 (0, 1) and r1 (2, 3).
 #pragma unroll

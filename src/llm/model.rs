@@ -319,17 +319,33 @@ pub struct Model {
 /// the reference composition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum PromptAttention {
-    /// One kernel straight from the KV cache with an online softmax (`kernels::prompt_attention`:
-    /// flash attention on the tensor cores at about f32 precision, no score matrix, no copy of K
-    /// and V). Measured on the H100 with a Mistral-7B Q4_K_M file against `Composed`: 512 tokens
-    /// at 18,045 against 16,696 tokens/s, a 100-token prompt to its first token in 18.0 against
-    /// 19.3 ms.
+    /// One kernel straight from the KV cache with an online softmax (`kernels::prompt_attention`,
+    /// flash attention, no score matrix, no copy of K and V). Its products take 16-bit inputs
+    /// (`AttnPrecision::Half`) where the projections around it read bf16 (the dense prompt path,
+    /// from `DENSE_PREFILL_ROWS` tokens), and run at about f32 precision elsewhere.
     #[default]
     Fused,
+    /// The same kernel at about f32 precision whatever the projections read (its products on
+    /// operands split into two tf32 halves): within f32 rounding of `Composed`, which the GPU
+    /// tests check on the exact model.
+    FusedF32,
     /// Candle's matmuls with the query heads of each KV head folded into the row axis, and the
     /// scale, causal mask and softmax in one kernel (`kernels::causal_softmax`): the reference
-    /// the fused kernel is tested against.
+    /// the fused kernels are tested against.
     Composed,
+}
+
+impl PromptAttention {
+    /// The fused kernel's precision for a prompt whose projections read bf16 inputs (`half`) or
+    /// not; `None` for the composed attention.
+    fn fused(self, half: bool) -> Option<crate::kernels::AttnPrecision> {
+        use crate::kernels::AttnPrecision;
+        match self {
+            Self::Fused if half => Some(AttnPrecision::Half),
+            Self::Fused | Self::FusedF32 => Some(AttnPrecision::F32),
+            Self::Composed => None,
+        }
+    }
 }
 
 /// Default prompt length (tokens per sequence) from which prompts use the dequantize + GEMM
@@ -666,14 +682,15 @@ impl Model {
         let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], (x, x_bf16), lora, layer_idx, prompt)?;
         // One row's prompt with the fused attention (CUDA): rotary embedding and cache append in
         // one kernel, whose query layout the attention kernel reads as it is (no copies).
-        if self.prompt_attention == PromptAttention::Fused && t > 1 && pads == [0] {
+        let precision = self.prompt_attention.fused(prompt.is_some());
+        if let Some(precision) = precision.filter(|_| t > 1 && pads == [0]) {
             if let Some(q) = crate::kernels::rope_prompt(&q, &k, &v, (&self.cos, &self.sin), (k_buf, v_buf), offset, offset)? {
                 let (q, k, v) = (q.transpose(1, 2)?, k_buf.narrow(2, 0, offset + t)?, v_buf.narrow(2, 0, offset + t)?);
                 let (scale, window) = self.attention_scale_window();
                 // With the bf16 copy the o projection's GEMM reads.
-                let (out, out_b) = match crate::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window)? {
+                let (out, out_b) = match crate::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window, precision)? {
                     Some((out, out_b)) => (out, Some(out_b.reshape((1, t, nh * hd))?)),
-                    None => (self.attend(&q, &k, &v)?, None),
+                    None => (self.attend(&q, &k, &v, Some(precision))?, None),
                 };
                 return self.linear_plus(layer, Proj::O, (&out.reshape((1, t, nh * hd))?, out_b.as_ref()), residual, lora, layer_idx, prompt);
             }
@@ -704,7 +721,7 @@ impl Model {
                 let q = q.narrow(0, row, 1)?.narrow(2, skip, t - skip)?;
                 let k = k_buf.narrow(0, row, 1)?.narrow(2, pad, keys)?;
                 let v = v_buf.narrow(0, row, 1)?.narrow(2, pad, keys)?;
-                parts.push(self.attend(&q, &k, &v)?);
+                parts.push(self.attend(&q, &k, &v, precision)?);
             }
             rows.push(Tensor::cat(&parts, 1)?);
         }
@@ -716,9 +733,10 @@ impl Model {
     /// One row's attention: queries `[1, heads, tq, hd]` are the last `tq` of the row's `keys`
     /// positions (`k`, `v`: `[1, kv_heads, keys, hd]`, the row's first real token at index 0).
     /// Causal and sliding-window masking by position within the row; every query sees at least
-    /// itself, so no softmax row is ever all −∞. Returns `[1, tq, heads, hd]` (the o
+    /// itself, so no softmax row is ever all −∞. With `fused`, a prompt on CUDA takes the flash
+    /// attention kernel at that precision where it applies. Returns `[1, tq, heads, hd]` (the o
     /// projection's input order; a transposed view where the path computed it head-major).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, fused: Option<crate::kernels::AttnPrecision>) -> Result<Tensor> {
         let (_, nh, tq, hd) = q.dims4()?;
         let (_, nkv, keys, _) = k.dims4()?;
         let rep = nh / nkv;
@@ -730,17 +748,17 @@ impl Model {
             let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
             return Ok(probs.matmul(&v.contiguous()?)?.reshape((1, 1, nh, hd))?);
         }
-        // Prefill. On CUDA, with `PromptAttention::Fused` (the default), one kernel attends
-        // straight from the cache where it applies (f32, a head size that is a multiple of 8 up
-        // to 128); otherwise the query heads sharing a KV head fold into the row axis, as in
+        // Prefill. On CUDA, with a `fused` precision (`PromptAttention`), one kernel attends
+        // straight from the cache where it applies (f32 tensors, a head size that is a multiple
+        // of 16, or 8 for the f32 kernel, up to 128); otherwise the query heads sharing a KV head fold into the row axis, as in
         // decode (no copy of K and V per query head), with the softmax, its scale and the causal
         // mask in one kernel. Elsewhere K/V expand to every query head: folding changes gemm's
         // blocking and summation order, and SmolLM2's outlier activations amplify that rounding
         // noise into visible logit changes; the expanded layout reproduces the reference
         // implementation exactly on the CPU.
         if q.device().is_cuda() {
-            if self.prompt_attention == PromptAttention::Fused {
-                if let Some(out) = crate::kernels::prompt_attention(q, k, v, scale as f32, window)? {
+            if let Some(precision) = fused {
+                if let Some(out) = crate::kernels::prompt_attention(q, k, v, scale as f32, window, precision)? {
                     return Ok(out);
                 }
             }
