@@ -271,8 +271,9 @@ mod cuda {
             for (name, wp, rows) in parts {
                 let func = dev.get_or_load_custom_func(name, "freeski_quant", QUANT_PTX)?;
                 let n = rows * k;
-                // One thread per 4 to 8 weights (by type); the kernel loops over what the grid misses.
-                let items = (n / 8) as u32;
+                // A thread takes 4 to 16 weights a pass (by type: 16 for the K-quants); a grid of
+                // one thread per 16 weights, the kernel looping over what it misses.
+                let items = (n / 16).max(1) as u32;
                 let cfg = LaunchConfig { grid_dim: (items.div_ceil(256).clamp(1, 65_535 * 4), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 let (rows64, k32) = (*rows as i64, k as i32);
                 let mut b = func.builder();

@@ -33,13 +33,14 @@ __device__ __forceinline__ float small_uint(uint32_t v) { return __uint_as_float
 // the activations they meet are read coalesced.
 
 // Q4_K: 256 weights in 144 bytes: half d, half dmin, 12 bytes of 6-bit scales/mins, 128 bytes of
-// nibbles; byte 32g+i holds weight 64g+i (low nibble) and 64g+32+i (high). Lane sub (0..31) owns
-// the 4 bytes at 32g+4a (g = sub/8, a = sub%8): weights 64g+4a.. and 64g+32+4a.. .
+// nibbles; byte 32g+i holds weight 64g+i (low nibble) and 64g+32+i (high). Lane sub (0..15) owns
+// the 8 bytes at 32g+8a (g = sub/4, a = sub%4): weights 64g+8a.. and 64g+32+8a.., two runs of 8
+// (16-byte bf16 stores).
 struct Q4K {
-    static constexpr int BYTES = 144, ELEMS = 256, LPB = 32, RUNS = 2, VEC = 4;
+    static constexpr int BYTES = 144, ELEMS = 256, LPB = 16, RUNS = 2, VEC = 8;
     static __device__ __forceinline__ void offsets(int sub, int off[RUNS]) {
-        const int g = sub >> 3, a = sub & 7;
-        off[0] = 64 * g + 4 * a;
+        const int g = sub >> 2, a = sub & 3;
+        off[0] = 64 * g + 8 * a;
         off[1] = off[0] + 32;
     }
     static __device__ __forceinline__ void scale_min(int j, const uint8_t *s, uint32_t &sc, uint32_t &m) {
@@ -51,8 +52,8 @@ struct Q4K {
             m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
         }
     }
-    static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int sub, float w[8]) {
-        const int g = sub >> 3, a = sub & 7;
+    static __device__ __forceinline__ void lane(const uint8_t *__restrict__ blk, int sub, float w[16]) {
+        const int g = sub >> 2, a = sub & 3;
         const __half2 dm = *reinterpret_cast<const __half2 *>(blk);
         const float d = __low2float(dm), dmin = __high2float(dm);
         uint32_t s1, m1, s2, m2;
@@ -60,11 +61,12 @@ struct Q4K {
         scale_min(2 * g + 1, blk + 4, s2, m2);
         const float d1 = d * small_uint(s1), o1 = dmin * small_uint(m1);
         const float d2 = d * small_uint(s2), o2 = dmin * small_uint(m2);
-        const uint32_t q = *reinterpret_cast<const uint32_t *>(blk + 16 + 32 * g + 4 * a);
+        const uint2 q = *reinterpret_cast<const uint2 *>(blk + 16 + 32 * g + 8 * a);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            w[i] = d1 * small_uint((q >> (8 * i)) & 0xF) - o1;
-            w[4 + i] = d2 * small_uint((q >> (8 * i + 4)) & 0xF) - o2;
+        for (int i = 0; i < 8; i++) {
+            const uint32_t b = ((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xFF;
+            w[i] = d1 * small_uint(b & 0xF) - o1;
+            w[8 + i] = d2 * small_uint(b >> 4) - o2;
         }
     }
 };
@@ -155,8 +157,12 @@ __device__ __forceinline__ void dequant_items(const uint8_t *w, uint16_t *y, I t
 #pragma unroll
         for (int r = 0; r < Q::RUNS; r++) {
             const float *vr = v + r * Q::VEC;
-            // One store per run (8, 4 or 2 bytes): runs start at multiples of their width.
-            if constexpr (Q::VEC == 4) {
+            // One store per run (16, 8, 4 or 2 bytes): runs start at multiples of their width.
+            if constexpr (Q::VEC == 8) {
+                const uint4 p = make_uint4(cvt(vr[0]) | ((uint32_t)cvt(vr[1]) << 16), cvt(vr[2]) | ((uint32_t)cvt(vr[3]) << 16),
+                                           cvt(vr[4]) | ((uint32_t)cvt(vr[5]) << 16), cvt(vr[6]) | ((uint32_t)cvt(vr[7]) << 16));
+                *reinterpret_cast<uint4 *>(dst + off[r]) = p;
+            } else if constexpr (Q::VEC == 4) {
                 const uint2 p = make_uint2(cvt(vr[0]) | ((uint32_t)cvt(vr[1]) << 16), cvt(vr[2]) | ((uint32_t)cvt(vr[3]) << 16));
                 *reinterpret_cast<uint2 *>(dst + off[r]) = p;
             } else if constexpr (Q::VEC == 2) {
