@@ -66,8 +66,9 @@ pub struct GenerateBench {
     #[arg(long, value_enum, default_value = "dense-bf16")]
     pub prompt_kernel: PromptKernel,
     /// How prompts attend on CUDA: `fused` (the default: one flash-attention kernel straight
-    /// from the KV cache, its products on 16-bit tensor cores where the projections read bf16), `fused-f32` (the same at about f32
-    /// precision whatever the projections read) or `composed` (candle's matmuls and one softmax kernel, their reference).
+    /// from the KV cache, its products on 16-bit tensor cores where the projections read bf16),
+    /// `fused-f32` (the same at about f32 precision whatever the projections read) or
+    /// `composed` (candle's matmuls and one softmax kernel, their reference).
     #[arg(long, value_enum, default_value = "fused")]
     pub prompt_attention: PromptAttention,
     /// Tokens per sequence from which prompts take that path (default: the model's, 100 on

@@ -411,9 +411,9 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
 // The same attention on 16-bit tensor cores (m16n8k16, f32 accumulation), one MMA where the f32
 // kernel above runs three on split operands, twice the k a step. q (times the score scale) and k
 // go in as f16, whose 11-bit significand keeps the scores, which the softmax exponentiates, 8×
-// closer than bf16 would (a |k| past f16's 65504 becomes infinite, which reaches the output as a
-// NaN, never a silently wrong value); the probabilities and v go in as bf16, which keeps v's
-// range. The scores, the online softmax and the output stay f32. The probabilities pass from the
+// closer than bf16 would (a key value past f16's 65504 becomes infinite: its score turns +∞ or
+// NaN, which makes the row's output NaN, or −∞, which drops that key); the probabilities and v
+// go in as bf16, which keeps v's range. The scores, the online softmax and the output stay f32. The probabilities pass from the
 // score accumulators to the next product's A fragments in registers, V's fragments are read
 // transposed by ldmatrix, and K and V tiles of PB_KEYS keys are converted as they are staged in
 // shared memory (static, 2 × PB_KEYS × PB_S values). Same arguments, grid and block as the f32
