@@ -750,9 +750,9 @@ impl Model {
         }
         // Prefill. On CUDA, with a `fused` precision (`PromptAttention`), one kernel attends
         // straight from the cache where it applies (f32 tensors, a head size that is a multiple
-        // of 16, or 8 for the f32 kernel, up to 128); otherwise the query heads sharing a KV head fold into the row axis, as in
-        // decode (no copy of K and V per query head), with the softmax, its scale and the causal
-        // mask in one kernel. Elsewhere K/V expand to every query head: folding changes gemm's
+        // of 16, or 8 for the f32 kernel, up to 128); otherwise the query heads sharing a KV
+        // head fold into the row axis, as in decode (no copy of K and V per query head), with
+        // the softmax, its scale and the causal mask in one kernel. Elsewhere K/V expand to every query head: folding changes gemm's
         // blocking and summation order, and SmolLM2's outlier activations amplify that rounding
         // noise into visible logit changes; the expanded layout reproduces the reference
         // implementation exactly on the CPU.
