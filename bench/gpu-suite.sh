@@ -39,8 +39,9 @@
 #              from `bench/peers/fetch-qlora.sh`) and PyTorch + PEFT on a bf16 base (r=16), each
 #              peer twice, then ours once more
 #   trainprof  GPU time by kernel of one `bench train` step (nsys, or ncu without it)
-#   genprof    the same for one 512-token prefill and for 16 batch-1 decode tokens on $Q4KM
-#              (else the random Mistral-7B Q4_K_M mix); GENPROF_PARTS=prefill for the first alone
+#   genprof    the same for one 512-token prefill, for 16 batch-1 decode tokens and for 15 steps
+#              of 8 streams decoding together, on $Q4KM (else the random Mistral-7B Q4_K_M mix);
+#              GENPROF_PARTS=prefill (decode, batched) for one of them alone
 #   torchprof  the same for one PyTorch + PEFT step (torch.profiler)
 #   pytorch    PyTorch bf16 `generate`, bare and with a PEFT LoRA of rank 16
 # Usage:  bash bench/gpu-suite.sh [stage ...]
@@ -265,11 +266,12 @@ stage_trainprof() {
   profile_run train bench train --random mistral-7b --quant q4k-m --seq 512 --batch 2 --device cuda:0 --rank 16 --steps 2 --profile-last-step
 }
 stage_genprof() {
-  # A 512-token prefill, and 16 batch-1 decode tokens, on the Q4_K_M file (else the random
-  # Mistral-7B Q4_K_M mix), bare.
-  local part m=(--model "$Q4KM"); [ -f "$Q4KM" ] || m=(--random mistral-7b --quant q4k-m)
-  for part in ${GENPROF_PARTS:-prefill decode}; do
-    profile_run "gen-$part" bench generate "${m[@]}" --device cuda:0 --lora-rank 0 --streams 0 --compare false \
+  # A 512-token prefill, 16 batch-1 decode tokens, and 15 steps of 8 streams decoding together,
+  # on the Q4_K_M file (else the random Mistral-7B Q4_K_M mix), bare.
+  local part streams m=(--model "$Q4KM"); [ -f "$Q4KM" ] || m=(--random mistral-7b --quant q4k-m)
+  for part in ${GENPROF_PARTS:-prefill decode batched}; do
+    streams=0; [ "$part" = batched ] && streams=8
+    profile_run "gen-$part" bench generate "${m[@]}" --device cuda:0 --lora-rank 0 --streams $streams --compare false \
       --repeats 2 --decode-tokens 16 --profile $part
   done
 }

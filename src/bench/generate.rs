@@ -77,7 +77,8 @@ pub struct GenerateBench {
     pub prompt_rows: Option<usize>,
     /// Capture one measurement of the first path in a profiler run started with
     /// `nsys profile --capture-range=cudaProfilerApi` or `ncu --profile-from-start off`: the
-    /// last repeat of the prefill, or of the batch-1 decode.
+    /// last repeat of the prefill, of the batch-1 decode, or of the batched decode of
+    /// `--streams` rows (one adapter for every row).
     #[arg(long, value_enum)]
     pub profile: Option<ProfilePart>,
 }
@@ -86,6 +87,7 @@ pub struct GenerateBench {
 pub enum ProfilePart {
     Prefill,
     Decode,
+    Batched,
 }
 
 pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
@@ -318,10 +320,13 @@ fn time_paths(model: &Model, adapters: Adapters, args: &GenerateBench, profile: 
     let n = prompts.len();
     let batched = match n {
         0 | 1 => None,
-        _ => Some(batched_decode(model, &vec![adapter; n], &prompts, args.decode_tokens, reps)?),
+        _ => Some(batched_decode(model, &vec![adapter; n], &prompts, args.decode_tokens, reps, profile == Some(ProfilePart::Batched))?),
     };
     let mixed = match (n, adapters.other) {
-        (2.., Some(other)) => Some(batched_decode(model, &(0..n).map(|i| [adapter, Some(other), None][i % 3]).collect::<Vec<_>>(), &prompts, args.decode_tokens, reps)?),
+        (2.., Some(other)) => {
+            let per_row: Vec<_> = (0..n).map(|i| [adapter, Some(other), None][i % 3]).collect();
+            Some(batched_decode(model, &per_row, &prompts, args.decode_tokens, reps, false)?)
+        }
         _ => None,
     };
     Ok(PathTimes {
@@ -343,8 +348,9 @@ struct Batched {
 /// Greedy decode of `prompts` (of different lengths) as one batch the way answers share the
 /// engine's steps (each prompt prefilled alone, the caches merged), prompt `i` with
 /// `adapters[i]`, timed over `tokens` steps (median of `reps`), and each prompt alone for the
-/// outputs the batch must reproduce.
-fn batched_decode(model: &Model, adapters: &[Option<&LoraAdapter>], prompts: &[Vec<u32>], tokens: usize, reps: usize) -> Result<Batched> {
+/// outputs the batch must reproduce. With `profile`, the last repeat's steps are captured for
+/// a profiler (`--profile batched`).
+fn batched_decode(model: &Model, adapters: &[Option<&LoraAdapter>], prompts: &[Vec<u32>], tokens: usize, reps: usize, profile: bool) -> Result<Batched> {
     let n = prompts.len();
     let alone: Vec<Vec<u32>> = prompts
         .iter()
@@ -365,7 +371,14 @@ fn batched_decode(model: &Model, adapters: &[Option<&LoraAdapter>], prompts: &[V
     };
     let mut times = Vec::new();
     let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
-    for _ in 0..reps.max(1) {
+    let capture = |rep: usize, on: bool| -> Result<()> {
+        if profile && rep + 1 == reps.max(1) {
+            sync(model.device())?;
+            device::profiler_capture(model.device(), on);
+        }
+        Ok(())
+    };
+    for rep in 0..reps.max(1) {
         let mut caches = Vec::with_capacity(n);
         let mut next = Vec::with_capacity(n);
         for (p, &adapter) in prompts.iter().zip(adapters) {
@@ -375,6 +388,7 @@ fn batched_decode(model: &Model, adapters: &[Option<&LoraAdapter>], prompts: &[V
         }
         let mut cache = KvCache::merge(caches)?;
         outs = next.iter().map(|&t| vec![t]).collect();
+        capture(rep, true)?;
         let t = Instant::now();
         for _ in 1..tokens {
             next = step(&mut cache, next)?;
@@ -383,6 +397,7 @@ fn batched_decode(model: &Model, adapters: &[Option<&LoraAdapter>], prompts: &[V
             }
         }
         times.push(t.elapsed());
+        capture(rep, false)?;
     }
     let identical = outs.iter().zip(&alone).filter(|(a, b)| a == b).count();
     let tokens_per_s = (n * tokens.saturating_sub(1)) as f64 / median(&times).as_secs_f64();
