@@ -239,10 +239,88 @@ __device__ __forceinline__ void cp_async16(float *dst, const float *src, bool in
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(in ? 16 : 0));
 }
 
+// One key tile's online-softmax step for a warp's 16 queries, in the MMA accumulator layout:
+// s[j] holds the scores of keys t0 + 8j + 2t (+1) for query rows r0 (e < 2) and r1 (e >= 2), at
+// positions pos0 and pos1 (live when inside the prompt). Masked scores become −∞ and, with
+// SCALED, visible ones are multiplied by `scale` (as the composition rounds them: the product,
+// then times the scale); then the running maxima m and sums l move on, s turns into the
+// probabilities, and the output accumulators o are rescaled. The scores are natural-log units
+// (expf), or base-2 units with BASE2 (exp2f). A NaN score is skipped by the maximum but reaches
+// the sum; a row that has seen nothing yet keeps its zeros (exp(-inf - -inf) is never taken).
+template <int J, int C, bool SCALED, bool BASE2>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[J][4], float (&o)[C][4], float &m0, float &m1, float &l0, float &l1, int t0, int t,
+                                                    int pos0, int pos1, bool live0, bool live1, int keys, int window, float scale) {
+    constexpr unsigned FULL = 0xffffffffu;
+    const auto ex = [](float x) { return BASE2 ? exp2f(x) : expf(x); };
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < J; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = t0 + 8 * j + 2 * t + (e & 1), pos = e < 2 ? pos0 : pos1;
+            const bool vis = (e < 2 ? live0 : live1) && key < keys && key <= pos && pos - key < window;
+            s[j][e] = vis ? (SCALED ? __fmul_rn(s[j][e], scale) : s[j][e]) : -INFINITY;
+            if (e < 2) mx0 = fmaxf(mx0, s[j][e]);
+            else mx1 = fmaxf(mx1, s[j][e]);
+        }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
+    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+    const float c0 = n0 == -INFINITY ? 1.f : ex(m0 - n0), c1 = n1 == -INFINITY ? 1.f : ex(m1 - n1);
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < J; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float nm = e < 2 ? n0 : n1;
+            const float p = nm == -INFINITY ? 0.f : ex(s[j][e] - nm);
+            s[j][e] = p;
+            if (e < 2) sum0 += p;
+            else sum1 += p;
+        }
+    sum0 += __shfl_xor_sync(FULL, sum0, 1);
+    sum0 += __shfl_xor_sync(FULL, sum0, 2);
+    sum1 += __shfl_xor_sync(FULL, sum1, 1);
+    sum1 += __shfl_xor_sync(FULL, sum1, 2);
+    l0 = l0 * c0 + sum0;
+    l1 = l1 * c1 + sum1;
+    m0 = n0;
+    m1 = n1;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        o[c][0] *= c0;
+        o[c][1] *= c0;
+        o[c][2] *= c1;
+        o[c][3] *= c1;
+    }
+}
+
+// A warp's attention output divided by its sums, into out[tq, nh, hd] (and out_bf16 unless null):
+// o[c] holds columns 8c + 2t (+1) of query rows r0 (0, 1) and r1 (2, 3) of head h, the
+// accumulator layout; rows past the prompt are not written.
+template <int C>
+__device__ __forceinline__ void store_attention_rows(const PromptAttnArgs &a, const float (&o)[C][4], float l0, float l1, bool live0, bool live1, int r0,
+                                                     int r1, int h, int t) {
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        if (8 * c >= a.hd) break;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            if (!(half ? live1 : live0)) continue;
+            const float l = half ? l1 : l0;
+            const float2 v = make_float2(o[c][2 * half] / l, o[c][2 * half + 1] / l);
+            const long long at = ((long long)(half ? r1 : r0) * a.nh + h) * a.hd + 8 * c + 2 * t;
+            *reinterpret_cast<float2 *>(a.out + at) = v;
+            if (a.out_bf16 != nullptr) *reinterpret_cast<__nv_bfloat162 *>(a.out_bf16 + at) = __floats2bfloat162_rn(v.x, v.y);
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(const PromptAttnArgs a) {
     extern __shared__ __align__(16) float smem[];
     float *const ksb = smem, *const vsb = smem + 2 * PA_KEYS * PA_KS, *const ps = vsb + 2 * PA_KEYS * PA_VS;
-    constexpr unsigned FULL = 0xffffffffu;
     constexpr int C = PA_HD / 8;  // 8-wide column blocks of a head
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3, hd = a.hd, h = blockIdx.y;
     // The blocks of the last queries see the most keys: they start first.
@@ -311,53 +389,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
                 }
                 mma_tf32x3<4>(s, ah, al, bh, bl);
             }
-            // Scale and mask (as the composition rounds them: the product, then times the
-            // scale), the new running maxima (a NaN score is skipped by the maximum but reaches
-            // the sum).
-            float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int key = t0 + 8 * j + 2 * t + (e & 1), pos = e < 2 ? pos0 : pos1;
-                    const bool vis = (e < 2 ? live0 : live1) && key < a.keys && key <= pos && pos - key < a.window;
-                    s[j][e] = vis ? __fmul_rn(s[j][e], a.scale) : -INFINITY;
-                    if (e < 2) mx0 = fmaxf(mx0, s[j][e]);
-                    else mx1 = fmaxf(mx1, s[j][e]);
-                }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
-            const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-            // A row that has seen nothing yet keeps its zeros (exp(-inf - -inf) is never taken).
-            const float c0 = n0 == -INFINITY ? 1.f : expf(m0 - n0), c1 = n1 == -INFINITY ? 1.f : expf(m1 - n1);
-            float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float nm = e < 2 ? n0 : n1;
-                    const float p = nm == -INFINITY ? 0.f : expf(s[j][e] - nm);
-                    s[j][e] = p;
-                    if (e < 2) sum0 += p;
-                    else sum1 += p;
-                }
-            sum0 += __shfl_xor_sync(FULL, sum0, 1);
-            sum0 += __shfl_xor_sync(FULL, sum0, 2);
-            sum1 += __shfl_xor_sync(FULL, sum1, 1);
-            sum1 += __shfl_xor_sync(FULL, sum1, 2);
-            l0 = l0 * c0 + sum0;
-            l1 = l1 * c1 + sum1;
-            m0 = n0;
-            m1 = n1;
-#pragma unroll
-            for (int c = 0; c < C; c++) {
-                o[c][0] *= c0;
-                o[c][1] *= c0;
-                o[c][2] *= c1;
-                o[c][3] *= c1;
-            }
+            online_softmax_tile<4, C, true, false>(s, o, m0, m1, l0, l1, t0, t, pos0, pos1, live0, live1, a.keys, a.window, a.scale);
             // The probabilities go through shared memory from the accumulator layout to A
             // fragments.
 #pragma unroll
@@ -392,20 +424,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
         }
         __syncthreads();  // this tile's buffer is refilled two tiles on
     }
-    // Accumulator layout: o[c] holds columns 8c + 2t (+1) of rows r0 (0, 1) and r1 (2, 3).
-#pragma unroll
-    for (int c = 0; c < C; c++) {
-        if (8 * c >= hd) break;
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            if (!(half ? live1 : live0)) continue;
-            const float l = half ? l1 : l0;
-            const float2 v = make_float2(o[c][2 * half] / l, o[c][2 * half + 1] / l);
-            const long long at = ((long long)(half ? r1 : r0) * a.nh + h) * hd + 8 * c + 2 * t;
-            *reinterpret_cast<float2 *>(a.out + at) = v;
-            if (a.out_bf16 != nullptr) *reinterpret_cast<__nv_bfloat162 *>(a.out_bf16 + at) = __floats2bfloat162_rn(v.x, v.y);
-        }
-    }
+    store_attention_rows<C>(a, o, l0, l1, live0, live1, r0, r1, h, t);
 }
 
 // The same attention on 16-bit tensor cores (m16n8k16, f32 accumulation), one MMA where the f32
@@ -453,7 +472,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_b
 extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(const PromptAttnArgs a) {
     __shared__ __align__(16) __half ks[PB_KEYS * PB_S];
     __shared__ __align__(16) __nv_bfloat16 vs[PB_KEYS * PB_S];
-    constexpr unsigned FULL = 0xffffffffu;
     constexpr int C = PA_HD / 8, KC = PA_HD / 16, J = PB_KEYS / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3, hd = a.hd, h = blockIdx.y;
     // The blocks of the last queries see the most keys: they start first.
@@ -507,50 +525,8 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(
                 mma_f16_16816(s[j], qf[kc], *reinterpret_cast<const uint32_t *>(kr), *reinterpret_cast<const uint32_t *>(kr + 8));
             }
         }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < J; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = t0 + 8 * j + 2 * t + (e & 1), pos = e < 2 ? pos0 : pos1;
-                const bool vis = (e < 2 ? live0 : live1) && key < a.keys && key <= pos && pos - key < a.window;
-                s[j][e] = vis ? s[j][e] : -INFINITY;
-                if (e < 2) mx0 = fmaxf(mx0, s[j][e]);
-                else mx1 = fmaxf(mx1, s[j][e]);
-            }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        // A row that has seen nothing yet keeps its zeros (exp(-inf - -inf) is never taken).
-        const float c0 = n0 == -INFINITY ? 1.f : exp2f(m0 - n0), c1 = n1 == -INFINITY ? 1.f : exp2f(m1 - n1);
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < J; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float nm = e < 2 ? n0 : n1;
-                const float p = nm == -INFINITY ? 0.f : exp2f(s[j][e] - nm);
-                s[j][e] = p;
-                if (e < 2) sum0 += p;
-                else sum1 += p;
-            }
-        sum0 += __shfl_xor_sync(FULL, sum0, 1);
-        sum0 += __shfl_xor_sync(FULL, sum0, 2);
-        sum1 += __shfl_xor_sync(FULL, sum1, 1);
-        sum1 += __shfl_xor_sync(FULL, sum1, 2);
-        l0 = l0 * c0 + sum0;
-        l1 = l1 * c1 + sum1;
-        m0 = n0;
-        m1 = n1;
-#pragma unroll
-        for (int c = 0; c < C; c++) {
-            o[c][0] *= c0;
-            o[c][1] *= c0;
-            o[c][2] *= c1;
-            o[c][3] *= c1;
-        }
+        // q carried the scale: the scores are base-2 units already.
+        online_softmax_tile<J, C, false, true>(s, o, m0, m1, l0, l1, t0, t, pos0, pos1, live0, live1, a.keys, a.window, 1.f);
         // o += P · V, 16 keys a step: the score accumulators of key blocks 2kk and 2kk + 1 are
         // the A fragment as they lie; ldmatrix gives V's B fragments for two 8-wide column
         // blocks at a time (matrices: keys +0..7 and +8..15 of columns 16c2.., then of 16c2 + 8..).
@@ -569,18 +545,5 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(
             }
         }
     }
-    // Accumulator layout: o[c] holds columns 8c + 2t (+1) of rows r0 (0, 1) and r1 (2, 3).
-#pragma unroll
-    for (int c = 0; c < C; c++) {
-        if (8 * c >= hd) break;
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            if (!(half ? live1 : live0)) continue;
-            const float l = half ? l1 : l0;
-            const float2 v = make_float2(o[c][2 * half] / l, o[c][2 * half + 1] / l);
-            const long long at = ((long long)(half ? r1 : r0) * a.nh + h) * hd + 8 * c + 2 * t;
-            *reinterpret_cast<float2 *>(a.out + at) = v;
-            if (a.out_bf16 != nullptr) *reinterpret_cast<__nv_bfloat162 *>(a.out_bf16 + at) = __floats2bfloat162_rn(v.x, v.y);
-        }
-    }
+    store_attention_rows<C>(a, o, l0, l1, live0, live1, r0, r1, h, t);
 }
