@@ -277,13 +277,7 @@ fn time_paths(model: &Model, adapters: Adapters, args: &GenerateBench, profile: 
 
     // Around the last repeat of `part` when it is the one profiled (synchronized, so the
     // capture holds exactly that work).
-    let capture = |part: ProfilePart, rep: usize, on: bool| -> Result<()> {
-        if profile == Some(part) && rep + 1 == reps {
-            sync(dev)?;
-            device::profiler_capture(dev, on);
-        }
-        Ok(())
-    };
+    let capture = |part: ProfilePart, rep: usize, on: bool| capture_last(dev, profile == Some(part), rep, reps, on);
     let mut prefill = Vec::new();
     for rep in 0..reps {
         let p = prompt(args.prompt_tokens);
@@ -371,13 +365,7 @@ fn batched_decode(model: &Model, adapters: &[Option<&LoraAdapter>], prompts: &[V
     };
     let mut times = Vec::new();
     let mut outs: Vec<Vec<u32>> = vec![Vec::new(); n];
-    let capture = |rep: usize, on: bool| -> Result<()> {
-        if profile && rep + 1 == reps.max(1) {
-            sync(model.device())?;
-            device::profiler_capture(model.device(), on);
-        }
-        Ok(())
-    };
+    let capture = |rep: usize, on: bool| capture_last(model.device(), profile, rep, reps.max(1), on);
     for rep in 0..reps.max(1) {
         let mut caches = Vec::with_capacity(n);
         let mut next = Vec::with_capacity(n);
@@ -402,6 +390,17 @@ fn batched_decode(model: &Model, adapters: &[Option<&LoraAdapter>], prompts: &[V
     let identical = outs.iter().zip(&alone).filter(|(a, b)| a == b).count();
     let tokens_per_s = (n * tokens.saturating_sub(1)) as f64 / median(&times).as_secs_f64();
     Ok(Batched { streams: n, tokens_per_s, identical })
+}
+
+/// Start (`on`) or stop the profiler's capture around repeat `rep` of `reps` when it is the
+/// last one of the part being profiled (`wanted`), the device synchronized first so the capture
+/// holds exactly that repeat's work.
+fn capture_last(dev: &candle_core::Device, wanted: bool, rep: usize, reps: usize, on: bool) -> Result<()> {
+    if wanted && rep + 1 == reps {
+        sync(dev)?;
+        device::profiler_capture(dev, on);
+    }
+    Ok(())
 }
 
 /// Feed `ids` after what `cache` holds and pick the next token greedily. Pulling the logits to
