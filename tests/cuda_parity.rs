@@ -510,27 +510,31 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
 }
 
 /// The int8 tensor-core prompt matmul against the f32 product with the same Q4_K weights
-/// dequantized, at token counts around its 32-token tile; and a NaN in one token's input
+/// dequantized, at token counts around its 64-token tile and weight counts around its 128-row
+/// tile, with k split (2,048: up to four ranges) and whole (512); and a NaN in one token's input
 /// reaching that token's outputs and no other's.
 #[test]
 #[ignore = "needs a GPU"]
 fn int8_mma_prompt_matmul_matches_f32() -> Result<()> {
     let dev = device();
-    let (n, k) = (48, 1024);
-    let w = freeski_bot::bench::random::random_qtensor(GgmlDType::Q4K, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
-    let wf = w.dequantize(&dev)?;
     let mut failures = Vec::new();
-    for m in [1usize, 7, 32, 33, 70] {
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-        let want = x.matmul(&wf.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-        let got = freeski_bot::kernels::int8_mma_matmul(&w, &x)?.context("no int8 MMA kernel for Q4_K")?;
-        anyhow::ensure!(got.dims() == [m, n], "output shape {:?}, expected [{m}, {n}]", got.dims());
-        let err = rel_diff(&want, &got.flatten_all()?.to_vec1::<f32>()?);
-        println!("int8 MMA prompt matmul, {m} tokens x {n} rows x {k}: relative to the largest |y|, {err:.2e} from the f32 product (tolerance 2e-2)");
-        if err.is_nan() || err > 2e-2 {
-            failures.push(format!("{m} tokens: {err:.2e}"));
+    for (n, k) in [(200, 2048), (48, 512)] {
+        let w = freeski_bot::bench::random::random_qtensor(GgmlDType::Q4K, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
+        let wf = w.dequantize(&dev)?;
+        for m in [1usize, 7, 33, 64, 65, 100, 130] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let want = x.matmul(&wf.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let got = freeski_bot::kernels::int8_mma_matmul(&w, &x)?.context("no int8 MMA kernel for Q4_K")?;
+            anyhow::ensure!(got.dims() == [m, n], "output shape {:?}, expected [{m}, {n}]", got.dims());
+            let err = rel_diff(&want, &got.flatten_all()?.to_vec1::<f32>()?);
+            println!("int8 MMA prompt matmul, {m} tokens x {n} rows x {k}: relative to the largest |y|, {err:.2e} from the f32 product (tolerance 2e-2)");
+            if err.is_nan() || err > 2e-2 {
+                failures.push(format!("{m} x {n} x {k}: {err:.2e}"));
+            }
         }
     }
+    let (n, k) = (48, 1024);
+    let w = freeski_bot::bench::random::random_qtensor(GgmlDType::Q4K, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
     let mut xs = vec![0.5f32; 3 * k];
     xs[k + 5] = f32::NAN;
     let got = freeski_bot::kernels::int8_mma_matmul(&w, &Tensor::from_vec(xs, (3, k), &dev)?)?.context("no int8 MMA kernel for Q4_K")?.to_vec2::<f32>()?;

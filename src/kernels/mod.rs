@@ -307,8 +307,11 @@ mod cuda {
         i32::try_from(window).unwrap_or(i32::MAX).max(1)
     }
 
-    /// Token rows one `mmq_q4k` block covers (`8 × MMQ_TILES` in quant.cu).
-    const MMQ_TOKENS: usize = 32;
+    /// Token rows and weight rows one `mmq_q4k` block covers (`MM_TOKENS`, 16 × `MM_WARPS` in
+    /// quant.cu), and its threads.
+    const MMQ_TOKENS: usize = 64;
+    const MMQ_ROWS: usize = 128;
+    const MMQ_THREADS: u32 = 256;
 
     /// `MmqArgs` of quant.cu.
     #[repr(C)]
@@ -316,20 +319,29 @@ mod cuda {
     struct MmqArgs {
         w: u64,
         xq: u64,
-        xd: u64,
-        xs: u64,
+        xds: u64,
         y: u64,
         k: i32,
         n: i32,
         m: i32,
+        ldx: i32,
     }
     // SAFETY: plain data with the layout of the C struct.
     unsafe impl DeviceRepr for MmqArgs {}
 
+    /// How many ranges of k `mmq_q4k` splits a product into: as many as keep every SM busy
+    /// with two blocks (as many as fit an SM), each range at least two Q4_K blocks long. A
+    /// (token, row) is summed in the same order by every call with the same shape.
+    fn mmq_splits(sms: usize, tiles: usize, nblk: usize) -> usize {
+        (2 * sms / tiles.max(1)).min(nblk / 2).max(1)
+    }
+
     /// `x · wᵀ` for `w: [n, k]` in Q4_K and `x: [.., k]` f32, on int8 tensor cores with the
     /// weights read in place: `quantize_q8_rows` turns `x` into int8 blocks of 32, then
-    /// `mmq_q4k` computes 16 weight rows × 32 tokens a block. `None` for other weight types,
-    /// input types or devices (the caller takes another path).
+    /// `mmq_q4k` computes 128 weight rows × 64 tokens a block, the tokens' activations staged in
+    /// shared memory once for all its rows (and `mmq_sum` adds the partial sums where k is
+    /// split to fill the card). `None` for other weight types, input types or devices (the
+    /// caller takes another path).
     pub fn int8_mma_matmul(w: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
         let Device::Cuda(dev) = w.device() else { return Ok(None) };
         if w.dtype() != candle_core::quantized::GgmlDType::Q4K || x.dtype() != DType::F32 || !x.device().is_cuda() {
@@ -338,31 +350,61 @@ mod cuda {
         let (n, k) = w.shape().dims2()?;
         let (m, dims) = super::matmul_dims(x, k, n)?;
         let what = "int8 MMA matmul";
-        let (mi, ni, ki) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?);
+        let ldx = m.next_multiple_of(2);
+        let (mi, ni, ki, ldxi) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?, kernel_int(ldx, what)?);
         let x = x.contiguous()?;
         let blocks = m * k / 32;
-        // SAFETY: quantize_q8_rows writes every element of the three buffers.
-        let (xq, xd, xs) = unsafe { (dev.alloc::<i8>(m * k)?, dev.alloc::<f32>(blocks)?, dev.alloc::<f32>(blocks)?) };
-        let (xp, xqp, xdp, xsp) = (tensor_ptr(&x)?, slice_ptr(&xq), slice_ptr(&xd), slice_ptr(&xs));
+        // SAFETY: quantize_q8_rows writes every element of xq and the first m of each ldx-long
+        // row of xds, the only ones mmq_q4k reads.
+        let (xq, xds) = unsafe { (dev.alloc::<i8>(m * k)?, dev.alloc::<f32>(2 * ldx * (k / 32))?) };
+        let (xp, xqp, xdsp) = (tensor_ptr(&x)?, slice_ptr(&xq), slice_ptr(&xds));
         let quantize = dev.get_or_load_custom_func("quantize_q8_rows", "freeski_quant", QUANT_PTX)?;
         // One warp a block of 32, eight warps a thread block.
-        let cfg = LaunchConfig { grid_dim: (blocks.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let blocks64 = blocks as i64;
+        let cfg = LaunchConfig { grid_dim: (grid_x(blocks.div_ceil(8), what)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (blocks64, kb) = (blocks as i64, ki / 32);
         let mut b = quantize.builder();
-        b.arg(&xp).arg(&xqp).arg(&xdp).arg(&xsp).arg(&blocks64);
-        // SAFETY: (const float*, int8_t*, float*, float*, int64_t) as quantize_q8_rows declares;
-        // x holds blocks·32 floats and the outputs were sized for them.
+        b.arg(&xp).arg(&xqp).arg(&xdsp).arg(&blocks64).arg(&kb).arg(&ldxi);
+        // SAFETY: (const float*, int8_t*, float2*, int64_t, int, int) as quantize_q8_rows
+        // declares; x holds blocks·32 floats and the outputs were sized for them.
         unsafe { b.launch(cfg) }.w()?;
-        // SAFETY: mmq_q4k writes every [m, n] element.
+        let sms = dev.cuda_stream().context().attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
+        let (tiles_m, tiles_n) = (m.div_ceil(MMQ_TOKENS), n.div_ceil(MMQ_ROWS));
+        let splits = mmq_splits(usize::try_from(sms).unwrap_or(1), tiles_m * tiles_n, k / 256);
+        // SAFETY: every [m, n] element is written: by mmq_q4k (one split) or by mmq_sum.
         let y = unsafe { dev.alloc::<f32>(m * n)? };
-        let args = MmqArgs { w: w.device_ptr()? as u64, xq: xqp, xd: xdp, xs: xsp, y: slice_ptr(&y), k: ki, n: ni, m: mi };
+        let part = if splits > 1 {
+            // SAFETY: each split's blocks write every [m, n] element of their slice.
+            Some(unsafe { dev.alloc::<f32>(splits * m * n)? })
+        } else {
+            None
+        };
+        let out = part.as_ref().map_or(slice_ptr(&y), slice_ptr);
+        let args = MmqArgs { w: w.device_ptr()? as u64, xq: xqp, xds: xdsp, y: out, k: ki, n: ni, m: mi, ldx: ldxi };
         let mmq = dev.get_or_load_custom_func("mmq_q4k", "freeski_quant", QUANT_PTX)?;
-        let cfg = LaunchConfig { grid_dim: (m.div_ceil(MMQ_TOKENS) as u32, n.div_ceil(16) as u32, 1), block_dim: ((super::MQ_WARPS * 32) as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (grid_x(tiles_m, what)?, tiles_n as u32, splits as u32), block_dim: (MMQ_THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut b = mmq.builder();
         b.arg(&args);
         // SAFETY: the struct mirrors MmqArgs; every pointer is a live buffer of the sizes it names.
         unsafe { b.launch(cfg) }.w()?;
+        if let Some(part) = &part {
+            sum_splits(&dev, part, None, &y, m * n, splits)?;
+        }
         Ok(Some(tensor_from_slice(y, &dev, dims)))
+    }
+
+    /// `y = Σ_s part[s] (+ add)` over the `splits` partial products of a prompt matmul whose k
+    /// was split (`mmq_sum`), each `count` long.
+    fn sum_splits(dev: &CudaDevice, part: &CudaSlice<f32>, add: Option<u64>, y: &CudaSlice<f32>, count: usize, splits: usize) -> Result<()> {
+        let what = "prompt matmul sum";
+        let sum = dev.get_or_load_custom_func("mmq_sum", "freeski_quant", QUANT_PTX)?;
+        let (partp, addp, yp, count64, splits) = (slice_ptr(part), add.unwrap_or(0), slice_ptr(y), count as i64, kernel_int(splits, what)?);
+        let cfg = LaunchConfig { grid_dim: (grid_x(count.div_ceil(256).min(4096), what)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = sum.builder();
+        b.arg(&partp).arg(&addp).arg(&yp).arg(&count64).arg(&splits);
+        // SAFETY: (const float*, const float*, float*, int64_t, int) as mmq_sum declares; part
+        // holds splits·count floats, add (when not null) and y count.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
     }
 
     /// `softmax(scale · scores + causal mask)` over the last axis of f32 `scores: [.., lines,

@@ -1133,48 +1133,97 @@ MVD_NB(1) MVD_NB(2)
 
 // ---- prompt matmul on int8 tensor cores: Q4_K weights in place, many token rows -----------------
 //
-// y[t, n] = W[n, :] · x[t, :] for prompts. The tensor-core matvec's tile (16 weight rows, k split
-// over 8 warps, one m16n8k32 MMA per Q4_K sub-block, the same operand layout) with each weight
-// fragment reused for MMQ_TILES tiles of 8 tokens, so the weights are read once per 32 tokens
-// instead of being dequantized to bf16 and read again by a GEMM. The activations come quantized
-// by quantize_q8_rows below, which also stores each block's xd·Σq, so the min term costs one FMA:
+// y[t, n] = W[n, :] · x[t, :] for prompts, without dequantizing W. A block computes 128 weight
+// rows (8 warps × 16, each warp one MMA row tile) × up to 64 tokens (8 MMA column tiles of 8,
+// those past the last token skipped), over a range of k (the grid's z splits k for outputs too
+// narrow to fill the card; the splits' partial sums are added by mmq_sum in a fixed order). The
+// tokens' int8 activations of one Q4_K block of k (256 values), with their per-32 scales, are
+// staged in shared memory once for the whole block (cp.async, two stages), so each activation
+// byte is read from L2 once per 128 weight rows, and each weight byte once per 64 tokens. A warp
+// holds its 16 rows' Q4_K block in registers (the tensor-core matvec's operand layout: one
+// m16n8k32 MMA per sub-block of 32, k order permuted alike for weights and activations), the
+// next block's loads in flight while it works on this one. The activations come quantized by
+// quantize_q8_rows with each block's xd·Σq, so the min term costs one FMA:
 //   acc += d·sc_j · (xd_j · dot) − dmin·m_j · (xd_j·Σq_j)
-// Every (token, row) is summed in the same order whatever tile or call it falls in.
-#define MMQ_TILES 4
+// For a given split of k, every (token, row) is summed in the same order whatever tile or call
+// it falls in.
+#define MM_WARPS 8
+#define MM_TOKENS 64
+// Bytes between two tokens' staged activations: a half-warp's 8-byte B-operand reads (4 tokens
+// × 4 lanes) then fall in 32 different banks.
+#define MM_XS (256 + 32)
 struct MmqArgs {
-    const uint8_t *w;  // [n, k] Q4_K blocks
-    const int8_t *xq;  // [m, k] activations as int8 blocks of 32
-    const float *xd;   // [m, k/32] their scales
-    const float *xs;   // [m, k/32] scale × sum of the block's int8 values
-    float *y;          // [m, n]
+    const uint8_t *w;   // [n, k] Q4_K blocks
+    const int8_t *xq;   // [m, k] activations as int8 blocks of 32
+    const float2 *xds;  // [k/32, ldx] each block's (scale, scale × sum of its int8 values)
+    float *y;           // [m, n], or [splits, m, n] partial sums when the grid splits k
     int k, n, m;
+    int ldx;            // m rounded up to even: every row of xds starts 16-byte aligned
 };
 
-extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, 2) mmq_q4k(const MmqArgs a) {
+__device__ __forceinline__ void cp_async16_fill(void *smem, const void *gmem, int bytes) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(MM_WARPS * 32, 2) mmq_q4k(const MmqArgs a) {
+    __shared__ __align__(16) int8_t sq[2][MM_TOKENS * MM_XS];
+    // Per stage, sub-block j's (scale, scaled sum) of token c at [j][c]: the accumulator's two
+    // tokens 2t, 2t + 1 of a tile are one 16-byte read.
+    __shared__ __align__(16) float2 sx[2][8 * MM_TOKENS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int grp = lane >> 2, t = lane & 3;
-    const int nblk = a.k / Q4K::ELEMS, kb = a.k / 32;
-    // MMA rows grp (A) and grp + 8 (B) of the 16-row weight tile; the lane's B operand is token
-    // row tok0 + 8·tt + grp, its accumulator columns tokens tok0 + 8·tt + 2t and + 1.
-    const int row_a = blockIdx.y * 16 + grp, row_b = row_a + 8;
-    const int tok0 = blockIdx.x * 8 * MMQ_TILES;
+    const int nblk = a.k / Q4K::ELEMS;
+    const int tok0 = blockIdx.x * MM_TOKENS, mt = min(MM_TOKENS, a.m - tok0);
+    const int per = (nblk + gridDim.z - 1) / gridDim.z, b0 = blockIdx.z * per, b1 = min(nblk, b0 + per);
+    const int row_a = (blockIdx.y * MM_WARPS + warp) * 16 + grp, row_b = row_a + 8;
     const uint8_t *wa = row_a < a.n ? a.w + (int64_t)row_a * nblk * Q4K::BYTES : nullptr;
     const uint8_t *wb = row_b < a.n ? a.w + (int64_t)row_b * nblk * Q4K::BYTES : nullptr;
-    float acc[MMQ_TILES][4];
+    // Stage s gets block bi of the tile's tokens (zeros past the last one): 16 copies of 16
+    // bytes a token for the values, 4 tokens a copy for each sub-block's scales.
+    const auto stage = [&](int bi, int s) {
+        for (int c = threadIdx.x; c < MM_TOKENS * 16 + 8 * MM_TOKENS / 2; c += blockDim.x) {
+            if (c < MM_TOKENS * 16) {
+                const int tok = c >> 4, part = c & 15;
+                const bool in = tok < mt;
+                cp_async16_fill(&sq[s][tok * MM_XS + 16 * part], a.xq + (int64_t)(tok0 + (in ? tok : 0)) * a.k + bi * 256 + 16 * part, in ? 16 : 0);
+            } else {
+                const int e = c - MM_TOKENS * 16, j = e / (MM_TOKENS / 2), tok = 2 * (e % (MM_TOKENS / 2));
+                const int bytes = tok < mt ? min(2, mt - tok) * 8 : 0;
+                cp_async16_fill(&sx[s][j * MM_TOKENS + tok], a.xds + (int64_t)(bi * 8 + j) * a.ldx + tok0 + (bytes ? tok : 0), bytes);
+            }
+        }
+        cp_async_commit();
+    };
+    float acc[MM_TOKENS / 8][4];
 #pragma unroll
-    for (int tt = 0; tt < MMQ_TILES; tt++)
+    for (int tt = 0; tt < MM_TOKENS / 8; tt++)
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[tt][i] = 0.f;
-    for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
-        MqBlock blk;
-        blk.load(wa, wb, bi, t);
-        // Scales and mins stay packed, four 6-bit values a word (sub-blocks 0-3, then 4-7).
+    MqBlock blk, next;
+    if (b0 < b1) {
+        blk.load(wa, wb, b0, t);
+        stage(b0, 0);
+    }
+    for (int bi = b0; bi < b1; bi++) {
+        const int s = (bi - b0) & 1;
+        // The next block's activations and weights start on their way before this one is used.
+        if (bi + 1 < b1) {
+            stage(bi + 1, s ^ 1);
+            next.load(wa, wb, bi + 1, t);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
         uint32_t sa[2], ma_w[2], sb[2], mb_w[2];
         q4k_scale_words(blk.ha.y, blk.ha.z, blk.ha.w, false, sa[0], ma_w[0]);
         q4k_scale_words(blk.ha.y, blk.ha.z, blk.ha.w, true, sa[1], ma_w[1]);
         q4k_scale_words(blk.hb.y, blk.hb.z, blk.hb.w, false, sb[0], mb_w[0]);
         q4k_scale_words(blk.hb.y, blk.hb.z, blk.hb.w, true, sb[1], mb_w[1]);
         const float2 dma = blk.dm_a(), dmb = blk.dm_b();
+        const int8_t *xq = sq[s];
+        const float2 *xs = sx[s];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             uint32_t am[4];
@@ -1183,50 +1232,52 @@ extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, 2) mmq_q4k(const Mmq
             const float da = dma.x * small_uint((sa[h] >> by) & 0xFF), ma = dma.y * small_uint((ma_w[h] >> by) & 0xFF);
             const float db = dmb.x * small_uint((sb[h] >> by) & 0xFF), mb = dmb.y * small_uint((mb_w[h] >> by) & 0xFF);
 #pragma unroll
-            for (int tt = 0; tt < MMQ_TILES; tt++) {
-                const int tb = tok0 + 8 * tt;
-                if (tb >= a.m) break;  // the same for the whole warp
-                const int tok = tb + grp, c0 = tb + 2 * t, c1 = c0 + 1;
-                const uint2 xv = tok < a.m ? *reinterpret_cast<const uint2 *>(a.xq + (int64_t)tok * a.k + bi * 256 + 32 * j + 8 * t) : make_uint2(0, 0);
-                const int64_t s0 = (int64_t)c0 * kb + bi * 8 + j, s1 = (int64_t)c1 * kb + bi * 8 + j;
-                const float xd0 = c0 < a.m ? a.xd[s0] : 0.f, xs0 = c0 < a.m ? a.xs[s0] : 0.f;
-                const float xd1 = c1 < a.m ? a.xd[s1] : 0.f, xs1 = c1 < a.m ? a.xs[s1] : 0.f;
+            for (int tt = 0; tt < MM_TOKENS / 8; tt++) {
+                if (8 * tt >= mt) break;  // the same for the whole block
+                // B operand: token 8tt + grp, the 8 bytes at 32j + 8t; accumulator columns are
+                // tokens 8tt + 2t and + 1, whose (xd, xd·Σq) come in one read.
+                const uint2 xv = *reinterpret_cast<const uint2 *>(xq + (8 * tt + grp) * MM_XS + 32 * j + 8 * t);
+                const float4 sc = *reinterpret_cast<const float4 *>(&xs[j * MM_TOKENS + 8 * tt + 2 * t]);
                 const uint32_t bm[2] = {xv.x, xv.y};
                 int d[4] = {0, 0, 0, 0};
                 mma_s8(d, am, bm);
                 // |d| <= 32*15*127: exact through small_int.
-                acc[tt][0] = fmaf(da, xd0 * small_int(d[0]), fmaf(-ma, xs0, acc[tt][0]));
-                acc[tt][1] = fmaf(da, xd1 * small_int(d[1]), fmaf(-ma, xs1, acc[tt][1]));
-                acc[tt][2] = fmaf(db, xd0 * small_int(d[2]), fmaf(-mb, xs0, acc[tt][2]));
-                acc[tt][3] = fmaf(db, xd1 * small_int(d[3]), fmaf(-mb, xs1, acc[tt][3]));
+                acc[tt][0] = fmaf(da, sc.x * small_int(d[0]), fmaf(-ma, sc.y, acc[tt][0]));
+                acc[tt][1] = fmaf(da, sc.z * small_int(d[1]), fmaf(-ma, sc.w, acc[tt][1]));
+                acc[tt][2] = fmaf(db, sc.x * small_int(d[2]), fmaf(-mb, sc.y, acc[tt][2]));
+                acc[tt][3] = fmaf(db, sc.z * small_int(d[3]), fmaf(-mb, sc.w, acc[tt][3]));
             }
         }
+        blk = next;
+        __syncthreads();  // stage s is refilled by the next iteration's copies
     }
-    __shared__ float red[MQ_WARPS][32][4 * MMQ_TILES + 1];
+    float *y = a.y + (int64_t)blockIdx.z * a.m * a.n;
 #pragma unroll
-    for (int tt = 0; tt < MMQ_TILES; tt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) red[warp][lane][4 * tt + i] = acc[tt][i];
-    __syncthreads();
-    if (warp != 0) return;
-#pragma unroll
-    for (int tt = 0; tt < MMQ_TILES; tt++) {
-        const int c0 = tok0 + 8 * tt + 2 * t;
+    for (int tt = 0; tt < MM_TOKENS / 8; tt++) {
+        const int c0 = 8 * tt + 2 * t;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            float v = 0.f;
-#pragma unroll
-            for (int w = 0; w < MQ_WARPS; w++) v += red[w][lane][4 * tt + i];
             const int row = i < 2 ? row_a : row_b, c = c0 + (i & 1);
-            if (row < a.n && c < a.m) a.y[(int64_t)c * a.n + row] = v;
+            if (row < a.n && c < mt) y[(int64_t)(tok0 + c) * a.n + row] = acc[tt][i];
         }
     }
 }
 
-// x [rows, k] f32 → int8 blocks of 32 for mmq_q4k: q = round(x / d) (halves away from zero) with
-// d = max|x| / 127, and per block d and d·Σq. One warp a block, one lane an element. A NaN or
-// infinite value makes the block's scale NaN, so it reaches the output instead of vanishing.
-extern "C" __global__ void quantize_q8_rows(const float *x, int8_t *xq, float *xd, float *xs, int64_t blocks) {
+// y[i] = Σ_s part[s][i] (+ add[i] when given) over the splits of a prompt matmul's k, from
+// split 0 up.
+extern "C" __global__ void mmq_sum(const float *part, const float *add, float *y, int64_t count, int splits) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = part[i];
+        for (int s = 1; s < splits; s++) v += part[s * count + i];
+        y[i] = add != nullptr ? v + add[i] : v;
+    }
+}
+
+// x [m, k] f32 → int8 blocks of 32 for mmq_q4k: q = round(x / d) (halves away from zero) with
+// d = max|x| / 127, and per block (d, d·Σq) at xds[block of the row][row] (rows ldx apart).
+// One warp a block, one lane an element. A NaN or infinite value makes the block's scale NaN, so
+// it reaches the output instead of vanishing.
+extern "C" __global__ void quantize_q8_rows(const float *x, int8_t *xq, float2 *xds, int64_t blocks, int kb, int ldx) {
     const int lane = threadIdx.x & 31;
     const int64_t b = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (b >= blocks) return;
@@ -1239,8 +1290,5 @@ extern "C" __global__ void quantize_q8_rows(const float *x, int8_t *xq, float *x
     int s = q;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) {
-        xd[b] = d;
-        xs[b] = d * (float)s;
-    }
+    if (lane == 0) xds[(b % kb) * ldx + b / kb] = make_float2(d, d * (float)s);
 }

@@ -19,8 +19,9 @@ pub enum PromptKernel {
     DenseBf16,
     /// Q4_K weights read in place by int8 tensor-core tiles on int8-quantized activations
     /// (`kernels::int8_mma_matmul`); other weight types take the bf16 GEMM. Accurate, but
-    /// measured 2.7× slower than `DenseBf16` on 512 tokens (H100): its blocks of 16 weight rows ×
-    /// 32 tokens read every token's activations once per 16 rows.
+    /// measured slower than `DenseBf16` on an H100 (BENCHMARKS.md): 2.2× on 512 tokens, 1.2× the
+    /// time to a 100-token prompt's first token, its scaling of every product by the
+    /// activations' and weights' sub-block scales bounding it by arithmetic.
     Int8Mma,
 }
 
