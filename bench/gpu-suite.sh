@@ -97,7 +97,7 @@ stage_batching() {
     done
     # Both prompt kernels from 9 tokens, so the 100-token time to first token takes them too;
     # then the fused attention kernel.
-    for k in dense-bf16 int8-mma; do
+    for k in dense-bf16 int8-mma f16-mma; do
       freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --streams 0 --prompt-kernel $k --prompt-rows 9 2>&1 | grep -E "prefill|time to first|path" | tee "$OUT/gen-q4km-file-prompt-$k.txt"
     done
     freeski-bot bench generate --model "$Q4KM" --device cuda:0 --lora-rank 0 --compare false --streams 0 --prompt-attention fused 2>&1 | grep -E "prefill|time to first|path" | tee "$OUT/gen-q4km-file-attention-fused.txt"

@@ -111,6 +111,7 @@ struct FusedParity {
     /// ops prefilling the same prompt (the yardstick for how much this model amplifies rounding).
     dense_prefill: Vec<f64>,
     mma_prefill: Vec<f64>,
+    f16_prefill: Vec<f64>,
     ops_prefill: Vec<f64>,
     /// The exact model's prompt with `PromptAttention::FusedF32` against the composed attention
     /// (only the attention differs: f32 rounding).
@@ -170,11 +171,13 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
     exact.set_prompt_attention(PromptAttention::FusedF32);
     per_row(&l_prompt, &prefill(&exact)?, &mut fused_attention)?;
     exact.set_prompt_attention(PromptAttention::Composed);
-    let (mut dense_prefill, mut mma_prefill, mut ops_prefill) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows]);
+    let (mut dense_prefill, mut mma_prefill, mut f16_prefill, mut ops_prefill) = (vec![0f64; rows], vec![0f64; rows], vec![0f64; rows], vec![0f64; rows]);
     packed.set_dense_prefill_rows(1);
     per_row(&l_prompt, &prefill(&packed)?, &mut dense_prefill)?;
     packed.set_prompt_kernel(PromptKernel::Int8Mma);
     per_row(&l_prompt, &prefill(&packed)?, &mut mma_prefill)?;
+    packed.set_prompt_kernel(PromptKernel::F16Mma);
+    per_row(&l_prompt, &prefill(&packed)?, &mut f16_prefill)?;
     packed.set_prompt_kernel(PromptKernel::DenseBf16);
     packed.set_dense_prefill_rows(usize::MAX);
     per_row(&l_prompt, &prefill(&packed)?, &mut ops_prefill)?;
@@ -228,7 +231,7 @@ fn fused_decode_parity(dev: &Device, cfg: &freeski_bot::llm::ModelConfig, quant:
         per_row(&l_exact, &lo, &mut candle_ops)?;
         next = l_exact.flatten_to(1)?.to_vec2::<f32>()?.iter().map(|row| sampling::argmax(row)).collect();
     }
-    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, ops_prefill, fused_attention, alone, tensor_cores, serial })
+    Ok(FusedParity { steps, used_fused, fused, candle_ops, dense_prefill, mma_prefill, f16_prefill, ops_prefill, fused_attention, alone, tensor_cores, serial })
 }
 
 struct GradParity {
@@ -492,12 +495,13 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
         let label = format!("{label}, {rows} rows, r={rank}{}", if mixed { ", mixed adapters" } else { "" });
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ");
         println!(
-            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], candle's 4-bit ops [{}], exact model with the fused attention kernel vs composed [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]; kernels launched one after another vs overlapping [{}]",
+            "{label}: {} decode steps, per row vs exact f32: fused decode [{}], candle's 4-bit ops [{}]; prompt: bf16 GEMM [{}], int8 MMA [{}], f16 MMA [{}], candle's 4-bit ops [{}], exact model with the fused attention kernel vs composed [{}]; fused batched vs alone [{}]; tensor cores at every row count vs default [{}]; kernels launched one after another vs overlapping [{}]",
             r.steps,
             fmt(&r.fused),
             fmt(&r.candle_ops),
             fmt(&r.dense_prefill),
             fmt(&r.mma_prefill),
+            fmt(&r.f16_prefill),
             fmt(&r.ops_prefill),
             fmt(&r.fused_attention),
             fmt(&r.alone),
@@ -538,6 +542,51 @@ fn int8_mma_prompt_matmul_matches_f32() -> Result<()> {
     let mut xs = vec![0.5f32; 3 * k];
     xs[k + 5] = f32::NAN;
     let got = freeski_bot::kernels::int8_mma_matmul(&w, &Tensor::from_vec(xs, (3, k), &dev)?)?.context("no int8 MMA kernel for Q4_K")?.to_vec2::<f32>()?;
+    if !(got[0].iter().chain(&got[2]).all(|v| v.is_finite()) && got[1].iter().all(|v| v.is_nan())) {
+        failures.push("a NaN input did not stay in its own token's outputs".into());
+    }
+    assert!(failures.is_empty(), "{}", failures.join(", "));
+    Ok(())
+}
+
+/// The f16 tensor-core prompt matmul (Q4_K and Q6_K dequantized in registers) against the f32
+/// product with the same weights dequantized, at token counts around its 64-token tile and
+/// weight counts around its 128-row tile, k split and whole, with and without an addend; and a
+/// NaN in one token's input reaching that token's outputs and no other's.
+#[test]
+#[ignore = "needs a GPU"]
+fn f16_mma_prompt_matmul_matches_f32() -> Result<()> {
+    let dev = device();
+    let mut failures = Vec::new();
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for (n, k) in [(200, 2048), (48, 512)] {
+            let w = freeski_bot::bench::random::random_qtensor(dtype, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
+            let wf = w.dequantize(&dev)?;
+            for m in [1usize, 7, 33, 64, 65, 100, 130] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+                let add = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
+                let want = x.matmul(&wf.t()?)?;
+                for with_add in [false, true] {
+                    let got = freeski_bot::kernels::f16_mma_matmul(&w, &x, with_add.then_some(&add))?.context("no f16 MMA kernel")?;
+                    anyhow::ensure!(got.dims() == [m, n], "output shape {:?}, expected [{m}, {n}]", got.dims());
+                    let want = if with_add { (&want + &add)? } else { want.clone() };
+                    let err = rel_diff(&want.flatten_all()?.to_vec1::<f32>()?, &got.flatten_all()?.to_vec1::<f32>()?);
+                    println!(
+                        "f16 MMA prompt matmul, {dtype:?}, {m} tokens x {n} rows x {k}{}: relative to the largest |y|, {err:.2e} from the f32 product (tolerance 4e-3)",
+                        if with_add { " + addend" } else { "" }
+                    );
+                    if err.is_nan() || err > 4e-3 {
+                        failures.push(format!("{dtype:?} {m} x {n} x {k}, addend {with_add}: {err:.2e}"));
+                    }
+                }
+            }
+        }
+    }
+    let (n, k) = (48, 1024);
+    let w = freeski_bot::bench::random::random_qtensor(GgmlDType::Q4K, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
+    let mut xs = vec![0.5f32; 3 * k];
+    xs[k + 5] = f32::NAN;
+    let got = freeski_bot::kernels::f16_mma_matmul(&w, &Tensor::from_vec(xs, (3, k), &dev)?, None)?.context("no f16 MMA kernel for Q4_K")?.to_vec2::<f32>()?;
     if !(got[0].iter().chain(&got[2]).all(|v| v.is_finite()) && got[1].iter().all(|v| v.is_nan())) {
         failures.push("a NaN input did not stay in its own token's outputs".into());
     }
@@ -596,7 +645,7 @@ fn fused_decode_and_dense_prefill_match_exact() -> Result<()> {
             if err.is_nan() || err > TOLERANCE {
                 failures.push(format!("{label}, row {b}/fused attention kernel vs composed, exact weights {err:.2e} (bound {TOLERANCE:.0e})"));
             }
-            for (path, err) in [("bf16-GEMM", r.dense_prefill[b]), ("int8-MMA", r.mma_prefill[b])] {
+            for (path, err) in [("bf16-GEMM", r.dense_prefill[b]), ("int8-MMA", r.mma_prefill[b]), ("f16-MMA", r.f16_prefill[b])] {
                 if err.is_nan() || err > bound {
                     failures.push(format!("{label}, row {b}/{path} prefill {err:.2e} (bound {bound:.1e})"));
                 }

@@ -61,8 +61,9 @@ pub struct GenerateBench {
     /// its own order).
     #[arg(long, value_enum, default_value = "exact-dp4a")]
     pub row_kernels: RowKernels,
-    /// The path prompts' projections take on CUDA: `dense-bf16` (the default) or `int8-mma`
-    /// (Q4_K weights read in place on int8 tensor cores).
+    /// The path prompts' projections take on CUDA: `dense-bf16` (the default), `int8-mma`
+    /// (Q4_K weights read in place on int8 tensor cores) or `f16-mma` (Q4_K and Q6_K weights
+    /// dequantized in registers onto f16 tensor cores).
     #[arg(long, value_enum, default_value = "dense-bf16")]
     pub prompt_kernel: PromptKernel,
     /// How prompts attend on CUDA: `fused` (the default: one flash-attention kernel straight

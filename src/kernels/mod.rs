@@ -407,6 +407,75 @@ mod cuda {
         Ok(())
     }
 
+    /// `MmfArgs` of quant.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct MmfArgs {
+        w: u64,
+        x: u64,
+        add: u64,
+        y: u64,
+        k: i32,
+        n: i32,
+        m: i32,
+    }
+    // SAFETY: plain data with the layout of the C struct.
+    unsafe impl DeviceRepr for MmfArgs {}
+
+    /// `x · wᵀ (+ add)` for `w: [n, k]` in Q4_K or Q6_K and `x: [.., k]` f32 (`add` f32 shaped
+    /// like the output), on f16 tensor cores with the weights dequantized in registers
+    /// (`mmf_q4k`, `mmf_q6k`): `x` is rounded to f16 once, each block of 128 weight rows × 64
+    /// tokens turns its weights into f16 operands once for all its tokens, and the product is
+    /// accumulated and written in f32. `None` for other weight types, input types or devices
+    /// (the caller takes another path).
+    pub fn f16_mma_matmul(w: &QTensor, x: &Tensor, add: Option<&Tensor>) -> Result<Option<Tensor>> {
+        use candle_core::quantized::GgmlDType;
+        let Device::Cuda(dev) = w.device() else { return Ok(None) };
+        let kernel = match w.dtype() {
+            GgmlDType::Q4K => "mmf_q4k",
+            GgmlDType::Q6K => "mmf_q6k",
+            _ => return Ok(None),
+        };
+        if x.dtype() != DType::F32 || !x.device().is_cuda() {
+            return Ok(None);
+        }
+        let (n, k) = w.shape().dims2()?;
+        let (m, dims) = super::matmul_dims(x, k, n)?;
+        let add = match add {
+            Some(a) if a.dims() != dims.as_slice() || a.dtype() != DType::F32 => bail!("f16 MMA matmul: addend {:?} {:?} for an output {dims:?}", a.dims(), a.dtype()),
+            Some(a) => Some(a.contiguous()?),
+            None => None,
+        };
+        let what = "f16 MMA matmul";
+        let (mi, ni, ki) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?);
+        let xh = x.to_dtype(DType::F16)?.contiguous()?;
+        let sms = dev.cuda_stream().context().attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
+        let (tiles_m, tiles_n) = (m.div_ceil(MMQ_TOKENS), n.div_ceil(MMQ_ROWS));
+        let splits = mmq_splits(usize::try_from(sms).unwrap_or(1), tiles_m * tiles_n, k / 256);
+        // SAFETY: every [m, n] element is written: by mmf_q4k (one split) or by mmq_sum.
+        let y = unsafe { dev.alloc::<f32>(m * n)? };
+        let part = if splits > 1 {
+            // SAFETY: each split's blocks write every [m, n] element of their slice.
+            Some(unsafe { dev.alloc::<f32>(splits * m * n)? })
+        } else {
+            None
+        };
+        let addp = add.as_ref().map(tensor_ptr).transpose()?;
+        let out = part.as_ref().map_or(slice_ptr(&y), slice_ptr);
+        let args = MmfArgs { w: w.device_ptr()? as u64, x: tensor_ptr(&xh)?, add: addp.unwrap_or(0), y: out, k: ki, n: ni, m: mi };
+        let mmf = dev.get_or_load_custom_func(kernel, "freeski_quant", QUANT_PTX)?;
+        let cfg = LaunchConfig { grid_dim: (grid_x(tiles_m, what)?, tiles_n as u32, splits as u32), block_dim: (MMQ_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut b = mmf.builder();
+        b.arg(&args);
+        // SAFETY: the struct mirrors MmfArgs; every pointer is a live buffer of the sizes it names.
+        unsafe { b.launch(cfg) }.w()?;
+        if let Some(part) = &part {
+            sum_splits(&dev, part, addp, &y, m * n, splits)?;
+        }
+        drop(xh);
+        Ok(Some(tensor_from_slice(y, &dev, dims)))
+    }
+
     /// `softmax(scale · scores + causal mask)` over the last axis of f32 `scores: [.., lines,
     /// keys]` in one kernel (`causal_softmax_f32` in prompt.cu), for the last `tq` of `keys`
     /// positions: line `i` is query `i mod tq` (so query heads folded into the line axis share
@@ -1076,6 +1145,9 @@ mod without_cuda {
         Ok(None)
     }
     pub fn int8_mma_matmul(_: &QTensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    pub fn f16_mma_matmul(_: &QTensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn gemm_bf16_f32(_: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {

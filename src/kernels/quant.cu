@@ -1273,6 +1273,238 @@ extern "C" __global__ void mmq_sum(const float *part, const float *add, float *y
     }
 }
 
+// ---- prompt matmul on f16 tensor cores: K-quant weights dequantized in registers -------------
+//
+// y[t, n] = W[n, :] · x[t, :] (+ add[t, n]) for prompts of up to a few hundred tokens, where
+// dequantizing every weight to memory first costs more than the product. A block computes 128
+// weight rows (8 warps × 16) × up to 64 tokens (8 MMA column tiles of 8, those past the last
+// token skipped) over a range of k (the grid's z splits k where the output is too narrow to fill
+// the card; mmq_sum adds the splits in a fixed order). The tokens' f16 activations are staged in
+// shared memory 128 of k at a time (cp.async, two buffers) for all the block's rows; each warp
+// turns its 16 rows' weights into f16 MMA operands in registers, once for all the block's
+// tokens: values become f16 as 1024 + q (a byte permute, exact), the offset is subtracted
+// exactly, and one half2 FMA or multiply applies the group's scale (one rounding). An m16n8k16
+// MMA then takes 16 rows × 8 tokens × 16 of k, accumulating in f32, with no per-product
+// scaling. Both operands order k alike inside an MMA: lane t's positions 2t, 2t + 1, 2t + 8,
+// 2t + 9 (t = lane % 4) hold 4 contiguous weights (Q6_K: 4t.. of a 16-weight group; Q4_K:
+// 8t + 4h.. of a 32-weight sub-block for its MMA h), so a lane decodes contiguous weights of a
+// row and reads contiguous activations of a token.
+#define MF_WARPS 8
+#define MF_TOKENS 64
+#define MF_KSTEP 128  // k of one stage: half a K-quant block
+struct MmfArgs {
+    const uint8_t *w;  // [n, k] Q4_K or Q6_K blocks
+    const __half *x;   // [m, k]
+    const float *add;  // [m, n] or null; used only when the grid does not split k
+    float *y;          // [m, n], or [splits, m, n] partial sums when the grid splits k
+    int k, n, m;
+};
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Bytes 0, 1 (sel 0x5140) or 2, 3 (sel 0x7362) of v, each below 1024, as the f16 pair of
+// (byte − off), exactly.
+__device__ __forceinline__ __half2 f16_pair(uint32_t v, uint32_t sel, __half2 off) {
+    const uint32_t biased = __byte_perm(v, 0x64646464u, sel);  // 1024 + byte
+    return __hsub2(*reinterpret_cast<const __half2 *>(&biased), off);
+}
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<const uint32_t *>(&h); }
+
+// Q4_K: a block's 8 sub-blocks of 32 share a d·sc and dmin·m; each is two MMAs. A lane holds
+// the block as the tensor-core matvec does (MqBlock: 8 quant bytes of each 32-byte group of
+// its two rows), i.e. weights 8t..8t + 7 of every sub-block, and reads 16 bytes of a token's
+// activations for both MMAs of a sub-block.
+struct MfQ4K {
+    static constexpr int BYTES = Q4K::BYTES;
+    // Bytes between two tokens' staged activations: a quarter-warp's 16-byte reads (2 tokens ×
+    // 4 lanes) fall in 32 different banks.
+    static constexpr int XS = MF_KSTEP * 2 + 64;
+    using Block = MqBlock;
+    struct Scales { uint32_t sa[2], ma[2], sb[2], mb[2]; float2 dma, dmb; };
+    static __device__ __forceinline__ Scales scales(const Block &b) {
+        Scales s;
+        q4k_scale_words(b.ha.y, b.ha.z, b.ha.w, false, s.sa[0], s.ma[0]);
+        q4k_scale_words(b.ha.y, b.ha.z, b.ha.w, true, s.sa[1], s.ma[1]);
+        q4k_scale_words(b.hb.y, b.hb.z, b.hb.w, false, s.sb[0], s.mb[0]);
+        q4k_scale_words(b.hb.y, b.hb.z, b.hb.w, true, s.sb[1], s.mb[1]);
+        s.dma = b.dm_a();
+        s.dmb = b.dm_b();
+        return s;
+    }
+    // Half hs of the block (sub-blocks 4hs..4hs + 3) against the staged activations xs.
+    template <int HS>
+    static __device__ __forceinline__ void step(const Block &b, const Scales &s, const uint8_t *xs, int grp, int t, int mt, float (&acc)[MF_TOKENS / 8][4]) {
+        const __half2 off = __half2half2(__ushort_as_half(0x6400));  // 1024
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++) {
+            const int j = 4 * HS + jj, g = j >> 1, sh = 4 * (j & 1), h = j >> 2, by = 8 * (j & 3);
+            const __half2 s_a = __float2half2_rn(s.dma.x * small_uint((s.sa[h] >> by) & 0xFF));
+            const __half2 m_a = __float2half2_rn(-s.dma.y * small_uint((s.ma[h] >> by) & 0xFF));
+            const __half2 s_b = __float2half2_rn(s.dmb.x * small_uint((s.sb[h] >> by) & 0xFF));
+            const __half2 m_b = __float2half2_rn(-s.dmb.y * small_uint((s.mb[h] >> by) & 0xFF));
+            const uint32_t ax = (b.qa[g].x >> sh) & 0x0F0F0F0Fu, ay = (b.qa[g].y >> sh) & 0x0F0F0F0Fu;
+            const uint32_t bx = (b.qb[g].x >> sh) & 0x0F0F0F0Fu, byv = (b.qb[g].y >> sh) & 0x0F0F0F0Fu;
+            const auto w = [&](uint32_t v, uint32_t sel, __half2 sc, __half2 mn) { return h2_bits(__hfma2(f16_pair(v, sel, off), sc, mn)); };
+            // MMA 0 takes weights 8t + 0..3 of the sub-block, MMA 1 8t + 4..7.
+            const uint32_t a0[4] = {w(ax, 0x5140, s_a, m_a), w(bx, 0x5140, s_b, m_b), w(ax, 0x7362, s_a, m_a), w(bx, 0x7362, s_b, m_b)};
+            const uint32_t a1[4] = {w(ay, 0x5140, s_a, m_a), w(byv, 0x5140, s_b, m_b), w(ay, 0x7362, s_a, m_a), w(byv, 0x7362, s_b, m_b)};
+#pragma unroll
+            for (int tt = 0; tt < MF_TOKENS / 8; tt++) {
+                if (8 * tt >= mt) break;  // the same for the whole block
+                const uint4 xv = *reinterpret_cast<const uint4 *>(xs + (8 * tt + grp) * XS + 64 * jj + 16 * t);
+                mma_f16(acc[tt], a0, xv.x, xv.y);
+                mma_f16(acc[tt], a1, xv.z, xv.w);
+            }
+        }
+    }
+};
+
+// Q6_K: 16 groups of 16 weights, each with its own int8 scale, one MMA each. Half n of a block
+// (weights 128n..) keeps its low 4 bits in ql[64n..64n + 63] (weights 128n + r and 128n + 64 + r
+// in the low and high nibbles of byte r < 64) and its top 2 bits in qh[32n..32n + 31] (weight
+// 128n + 32i + r in bits 2i, 2i + 1 of byte r < 32). Group g of a half covers r = 16g..16g + 15;
+// a lane's weights 16g + 4t..+3 are 4 consecutive bytes of ql and of qh. Blocks are 210 bytes
+// (2-byte aligned), so words are read as two halves.
+struct MfQ6K {
+    static constexpr int BYTES = Q6K::BYTES;
+    // A half-warp's 8-byte reads (4 tokens × 4 lanes) fall in 32 different banks.
+    static constexpr int XS = MF_KSTEP * 2 + 32;
+    struct Rows {
+        uint32_t ql[2][2][2], qh[2][2], sc[2][2];  // [half][c][u], [half][u], [half][word]
+        float d;
+    };
+    struct Block {
+        Rows a, b;
+        static __device__ __forceinline__ void row(Rows &r, const uint8_t *p, int t) {
+#pragma unroll
+            for (int n = 0; n < 2; n++) {
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    r.ql[n][0][u] = ld_u16x2(p + 64 * n + 16 * u + 4 * t);
+                    r.ql[n][1][u] = ld_u16x2(p + 64 * n + 32 + 16 * u + 4 * t);
+                    r.qh[n][u] = ld_u16x2(p + 128 + 32 * n + 16 * u + 4 * t);
+                }
+                r.sc[n][0] = ld_u16x2(p + 192 + 8 * n);
+                r.sc[n][1] = ld_u16x2(p + 196 + 8 * n);
+            }
+            r.d = ld_half(p + 208);
+        }
+        __device__ __forceinline__ void load(const uint8_t *wa, const uint8_t *wb, int bi, int t) {
+            a = Rows{};
+            b = Rows{};
+            if (wa != nullptr) row(a, wa + (int64_t)bi * BYTES, t);
+            if (wb != nullptr) row(b, wb + (int64_t)bi * BYTES, t);
+        }
+    };
+    struct Scales {};
+    static __device__ __forceinline__ Scales scales(const Block &) { return {}; }
+    // Weights 16g + 4t..+3 of half n of a row: bytes q − 32 scaled by the group's d·sc, as the
+    // MMA's two A registers of that row (weights 0, 1 and 2, 3). n and g are constants once the
+    // loops calling it are unrolled, so the arrays stay in registers.
+    static __device__ __forceinline__ void group(const Rows &r, int n, int g, uint32_t &lo, uint32_t &hi) {
+        const int qd = g / 2, u = g % 2;  // weights 128n + 32·qd + 16·u + ..
+        const uint32_t q = ((r.ql[n][qd & 1][u] >> (4 * (qd >> 1))) & 0x0F0F0F0Fu) | (((r.qh[n][u] >> (2 * qd)) & 0x03030303u) << 4);
+        const int sc = (int)(int8_t)((r.sc[n][g >> 2] >> (8 * (g & 3))) & 0xFF);
+        const __half2 s = __float2half2_rn(r.d * (float)sc);
+        const __half2 off = __half2half2(__ushort_as_half(0x6420));  // 1024 + 32
+        lo = h2_bits(__hmul2(f16_pair(q, 0x5140, off), s));
+        hi = h2_bits(__hmul2(f16_pair(q, 0x7362, off), s));
+    }
+    template <int HS>
+    static __device__ __forceinline__ void step(const Block &b, const Scales &, const uint8_t *xs, int grp, int t, int mt, float (&acc)[MF_TOKENS / 8][4]) {
+#pragma unroll
+        for (int g = 0; g < 8; g++) {
+            // MMA positions 2t, 2t + 1 are weights 4t, 4t + 1; 2t + 8, 2t + 9 are 4t + 2, 4t + 3.
+            uint32_t am[4];
+            group(b.a, HS, g, am[0], am[2]);
+            group(b.b, HS, g, am[1], am[3]);
+#pragma unroll
+            for (int tt = 0; tt < MF_TOKENS / 8; tt++) {
+                if (8 * tt >= mt) break;  // the same for the whole block
+                const uint2 xv = *reinterpret_cast<const uint2 *>(xs + (8 * tt + grp) * XS + 32 * g + 8 * t);
+                mma_f16(acc[tt], am, xv.x, xv.y);
+            }
+        }
+    }
+};
+
+template <typename P>
+__device__ __forceinline__ void mmf_body(const MmfArgs &a) {
+    __shared__ __align__(16) uint8_t sx[2][MF_TOKENS * P::XS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int grp = lane >> 2, t = lane & 3;
+    const int nblk = a.k / 256;
+    const int tok0 = blockIdx.x * MF_TOKENS, mt = min(MF_TOKENS, a.m - tok0);
+    const int per = (nblk + gridDim.z - 1) / gridDim.z, b0 = blockIdx.z * per, b1 = min(nblk, b0 + per);
+    const int row_a = (blockIdx.y * MF_WARPS + warp) * 16 + grp, row_b = row_a + 8;
+    const uint8_t *wa = row_a < a.n ? a.w + (int64_t)row_a * nblk * P::BYTES : nullptr;
+    const uint8_t *wb = row_b < a.n ? a.w + (int64_t)row_b * nblk * P::BYTES : nullptr;
+    // Buffer buf gets k range [MF_KSTEP·step, +MF_KSTEP) of the tile's tokens (zeros past the
+    // last one), 16 bytes a copy.
+    const auto stage = [&](int step, int buf) {
+        constexpr int PARTS = MF_KSTEP * 2 / 16;
+        for (int c = threadIdx.x; c < MF_TOKENS * PARTS; c += blockDim.x) {
+            const int tok = c / PARTS, part = c % PARTS;
+            const bool in = tok < mt;
+            cp_async16_fill(&sx[buf][tok * P::XS + 16 * part], a.x + (int64_t)(tok0 + (in ? tok : 0)) * a.k + step * MF_KSTEP + 8 * part, in ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+    float acc[MF_TOKENS / 8][4];
+#pragma unroll
+    for (int tt = 0; tt < MF_TOKENS / 8; tt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[tt][i] = 0.f;
+    typename P::Block blk, next;
+    if (b0 < b1) {
+        blk.load(wa, wb, b0, t);
+        stage(2 * b0, 0);
+    }
+    for (int bi = b0; bi < b1; bi++) {
+        const typename P::Scales sc = P::scales(blk);
+        // Each half block: the next stage (and, once a block, the next block's weights) start on
+        // their way before this one is used. A block's two halves are buffers 0 and 1.
+        const bool last = bi + 1 == b1;
+        stage(2 * bi + 1, 1);
+        if (!last) next.load(wa, wb, bi + 1, t);
+        cp_async_wait<1>();
+        __syncthreads();
+        P::template step<0>(blk, sc, sx[0], grp, t, mt, acc);
+        __syncthreads();  // buffer 0 is refilled next
+        if (!last) {
+            stage(2 * bi + 2, 0);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        P::template step<1>(blk, sc, sx[1], grp, t, mt, acc);
+        __syncthreads();  // buffer 1 is refilled next
+        if (!last) blk = next;
+    }
+    const bool add = a.add != nullptr && gridDim.z == 1;
+    float *y = a.y + (int64_t)blockIdx.z * a.m * a.n;
+#pragma unroll
+    for (int tt = 0; tt < MF_TOKENS / 8; tt++) {
+        const int c0 = 8 * tt + 2 * t;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = i < 2 ? row_a : row_b, c = c0 + (i & 1);
+            if (row < a.n && c < mt) {
+                const int64_t at = (int64_t)(tok0 + c) * a.n + row;
+                y[at] = add ? acc[tt][i] + a.add[at] : acc[tt][i];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MF_WARPS * 32, 2) mmf_q4k(const MmfArgs a) { mmf_body<MfQ4K>(a); }
+extern "C" __global__ void __launch_bounds__(MF_WARPS * 32, 2) mmf_q6k(const MmfArgs a) { mmf_body<MfQ6K>(a); }
+
 // x [m, k] f32 → int8 blocks of 32 for mmq_q4k: q = round(x / d) (halves away from zero) with
 // d = max|x| / 127, and per block (d, d·Σq) at xds[block of the row][row] (rows ldx apart).
 // One warp a block, one lane an element. A NaN or infinite value makes the block's scale NaN, so

@@ -23,6 +23,9 @@ pub enum PromptKernel {
     /// time to a 100-token prompt's first token, its scaling of every product by the
     /// activations' and weights' sub-block scales bounding it by arithmetic.
     Int8Mma,
+    /// Q4_K and Q6_K weights dequantized in registers onto f16 tensor cores, once for all of a
+    /// block's tokens (`kernels::f16_mma_matmul`); other weight types take the bf16 GEMM.
+    F16Mma,
 }
 
 /// `y = x · Wᵀ` with `W: [out, in]` kept quantized.
@@ -82,6 +85,11 @@ impl BaseLinear {
         if prompt == Some(PromptKernel::Int8Mma) {
             if let Some(y) = crate::kernels::int8_mma_matmul(&self.weight, x)? {
                 return Ok((y, false));
+            }
+        }
+        if prompt == Some(PromptKernel::F16Mma) && add.is_none_or(|a| a.dtype() == DType::F32) {
+            if let Some(y) = crate::kernels::f16_mma_matmul(&self.weight, x, add)? {
+                return Ok((y, add.is_some()));
             }
         }
         if prompt.is_some() {
