@@ -336,6 +336,15 @@ mod cuda {
         (2 * sms / tiles.max(1)).min(nblk / 2).max(1)
     }
 
+    /// The grid of a prompt matmul block kernel (`mmq_q4k`, `mmf_*`) for `[m, k] · [n, k]ᵀ` on
+    /// `dev`: token tiles, weight-row tiles and k ranges.
+    fn prompt_matmul_grid(dev: &CudaDevice, m: usize, n: usize, k: usize) -> Result<(usize, usize, usize)> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
+        let (tiles_m, tiles_n) = (m.div_ceil(MMQ_TOKENS), n.div_ceil(MMQ_ROWS));
+        Ok((tiles_m, tiles_n, mmq_splits(usize::try_from(sms).unwrap_or(1), tiles_m * tiles_n, k / 256)))
+    }
+
     /// `x · wᵀ` for `w: [n, k]` in Q4_K and `x: [.., k]` f32, on int8 tensor cores with the
     /// weights read in place: `quantize_q8_rows` turns `x` into int8 blocks of 32, then
     /// `mmq_q4k` computes 128 weight rows × 64 tokens a block, the tokens' activations staged in
@@ -367,9 +376,7 @@ mod cuda {
         // SAFETY: (const float*, int8_t*, float2*, int64_t, int, int) as quantize_q8_rows
         // declares; x holds blocks·32 floats and the outputs were sized for them.
         unsafe { b.launch(cfg) }.w()?;
-        let sms = dev.cuda_stream().context().attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
-        let (tiles_m, tiles_n) = (m.div_ceil(MMQ_TOKENS), n.div_ceil(MMQ_ROWS));
-        let splits = mmq_splits(usize::try_from(sms).unwrap_or(1), tiles_m * tiles_n, k / 256);
+        let (tiles_m, tiles_n, splits) = prompt_matmul_grid(&dev, m, n, k)?;
         // SAFETY: every [m, n] element is written: by mmq_q4k (one split) or by mmq_sum.
         let y = unsafe { dev.alloc::<f32>(m * n)? };
         let part = if splits > 1 {
@@ -449,9 +456,7 @@ mod cuda {
         let what = "f16 MMA matmul";
         let (mi, ni, ki) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?);
         let xh = x.to_dtype(DType::F16)?.contiguous()?;
-        let sms = dev.cuda_stream().context().attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
-        let (tiles_m, tiles_n) = (m.div_ceil(MMQ_TOKENS), n.div_ceil(MMQ_ROWS));
-        let splits = mmq_splits(usize::try_from(sms).unwrap_or(1), tiles_m * tiles_n, k / 256);
+        let (tiles_m, tiles_n, splits) = prompt_matmul_grid(&dev, m, n, k)?;
         // SAFETY: every [m, n] element is written: by mmf_q4k (one split) or by mmq_sum.
         let y = unsafe { dev.alloc::<f32>(m * n)? };
         let part = if splits > 1 {
