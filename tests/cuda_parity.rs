@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use freeski_bot::bench::{random_adapter, BenchQuant};
 use freeski_bot::kernels::AttnPrecision;
@@ -513,83 +513,68 @@ fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
     Ok(out)
 }
 
-/// The int8 tensor-core prompt matmul against the f32 product with the same Q4_K weights
-/// dequantized, at token counts around its 64-token tile and weight counts around its 128-row
-/// tile, with k split (2,048: up to four ranges) and whole (512); and a NaN in one token's input
-/// reaching that token's outputs and no other's.
-#[test]
-#[ignore = "needs a GPU"]
-fn int8_mma_prompt_matmul_matches_f32() -> Result<()> {
-    let dev = device();
-    let mut failures = Vec::new();
-    for (n, k) in [(200, 2048), (48, 512)] {
-        let w = freeski_bot::bench::random::random_qtensor(GgmlDType::Q4K, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
-        let wf = w.dequantize(&dev)?;
-        for m in [1usize, 7, 33, 64, 65, 100, 130] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-            let want = x.matmul(&wf.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-            let got = freeski_bot::kernels::int8_mma_matmul(&w, &x)?.context("no int8 MMA kernel for Q4_K")?;
-            anyhow::ensure!(got.dims() == [m, n], "output shape {:?}, expected [{m}, {n}]", got.dims());
-            let err = rel_diff(&want, &got.flatten_all()?.to_vec1::<f32>()?);
-            println!("int8 MMA prompt matmul, {m} tokens x {n} rows x {k}: relative to the largest |y|, {err:.2e} from the f32 product (tolerance 2e-2)");
-            if err.is_nan() || err > 2e-2 {
-                failures.push(format!("{m} x {n} x {k}: {err:.2e}"));
-            }
-        }
-    }
-    let (n, k) = (48, 1024);
-    let w = freeski_bot::bench::random::random_qtensor(GgmlDType::Q4K, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
-    let mut xs = vec![0.5f32; 3 * k];
-    xs[k + 5] = f32::NAN;
-    let got = freeski_bot::kernels::int8_mma_matmul(&w, &Tensor::from_vec(xs, (3, k), &dev)?)?.context("no int8 MMA kernel for Q4_K")?.to_vec2::<f32>()?;
-    if !(got[0].iter().chain(&got[2]).all(|v| v.is_finite()) && got[1].iter().all(|v| v.is_nan())) {
-        failures.push("a NaN input did not stay in its own token's outputs".into());
-    }
-    assert!(failures.is_empty(), "{}", failures.join(", "));
-    Ok(())
-}
+/// A prompt matmul `(w, x, add) -> x · wᵀ (+ add)` (`None`: no kernel for `w`).
+type PromptMatmul = dyn Fn(&QTensor, &Tensor, Option<&Tensor>) -> candle_core::Result<Option<Tensor>>;
 
-/// The f16 tensor-core prompt matmul (Q4_K and Q6_K dequantized in registers) against the f32
-/// product with the same weights dequantized, at token counts around its 64-token tile and
-/// weight counts around its 128-row tile, k split and whole, with and without an addend; and a
-/// NaN in one token's input reaching that token's outputs and no other's.
-#[test]
-#[ignore = "needs a GPU"]
-fn f16_mma_prompt_matmul_matches_f32() -> Result<()> {
+/// `matmul` against the f32 product with the same weights dequantized, for each weight type in
+/// `dtypes`, at token counts around the prompt kernels' 64-token tile and weight counts around
+/// their 128-row tile, with k split (2,048: up to four ranges) and whole (512), with and without
+/// an addend where `addend`; and a NaN in one token's input reaching that token's outputs and no
+/// other's. Returns the failures.
+fn prompt_matmul_parity(name: &str, matmul: &PromptMatmul, dtypes: &[GgmlDType], tolerance: f64, addend: bool) -> Result<Vec<String>> {
     let dev = device();
     let mut failures = Vec::new();
-    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+    for &dtype in dtypes {
         for (n, k) in [(200, 2048), (48, 512)] {
             let w = freeski_bot::bench::random::random_qtensor(dtype, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
             let wf = w.dequantize(&dev)?;
             for m in [1usize, 7, 33, 64, 65, 100, 130] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
                 let add = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
-                let want = x.matmul(&wf.t()?)?;
+                let product = x.matmul(&wf.t()?)?;
                 for with_add in [false, true] {
-                    let got = freeski_bot::kernels::f16_mma_matmul(&w, &x, with_add.then_some(&add))?.context("no f16 MMA kernel")?;
+                    if with_add && !addend {
+                        continue;
+                    }
+                    let got = matmul(&w, &x, with_add.then_some(&add))?.with_context(|| format!("no {name} kernel for {dtype:?}"))?;
                     anyhow::ensure!(got.dims() == [m, n], "output shape {:?}, expected [{m}, {n}]", got.dims());
-                    let want = if with_add { (&want + &add)? } else { want.clone() };
+                    let want = if with_add { (&product + &add)? } else { product.clone() };
                     let err = rel_diff(&want.flatten_all()?.to_vec1::<f32>()?, &got.flatten_all()?.to_vec1::<f32>()?);
-                    println!(
-                        "f16 MMA prompt matmul, {dtype:?}, {m} tokens x {n} rows x {k}{}: relative to the largest |y|, {err:.2e} from the f32 product (tolerance 4e-3)",
-                        if with_add { " + addend" } else { "" }
-                    );
-                    if err.is_nan() || err > 4e-3 {
-                        failures.push(format!("{dtype:?} {m} x {n} x {k}, addend {with_add}: {err:.2e}"));
+                    let plus = if with_add { " + addend" } else { "" };
+                    println!("{name} prompt matmul, {dtype:?}, {m} tokens x {n} rows x {k}{plus}: relative to the largest |y|, {err:.2e} from the f32 product (tolerance {tolerance:.0e})");
+                    if err.is_nan() || err > tolerance {
+                        failures.push(format!("{dtype:?} {m} x {n} x {k}{plus}: {err:.2e}"));
                     }
                 }
             }
         }
     }
-    let (n, k) = (48, 1024);
-    let w = freeski_bot::bench::random::random_qtensor(GgmlDType::Q4K, n, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
+    let k = 1024;
+    let w = freeski_bot::bench::random::random_qtensor(dtypes[0], 48, k, &mut ChaCha8Rng::seed_from_u64(SEED), &dev)?;
     let mut xs = vec![0.5f32; 3 * k];
     xs[k + 5] = f32::NAN;
-    let got = freeski_bot::kernels::f16_mma_matmul(&w, &Tensor::from_vec(xs, (3, k), &dev)?, None)?.context("no f16 MMA kernel for Q4_K")?.to_vec2::<f32>()?;
+    let got = matmul(&w, &Tensor::from_vec(xs, (3, k), &dev)?, None)?.with_context(|| format!("no {name} kernel"))?.to_vec2::<f32>()?;
     if !(got[0].iter().chain(&got[2]).all(|v| v.is_finite()) && got[1].iter().all(|v| v.is_nan())) {
         failures.push("a NaN input did not stay in its own token's outputs".into());
     }
+    Ok(failures)
+}
+
+/// The int8 tensor-core prompt matmul (Q4_K read in place) against the f32 product.
+#[test]
+#[ignore = "needs a GPU"]
+fn int8_mma_prompt_matmul_matches_f32() -> Result<()> {
+    let failures = prompt_matmul_parity("int8 MMA", &|w, x, _| freeski_bot::kernels::int8_mma_matmul(w, x), &[GgmlDType::Q4K], 2e-2, false)?;
+    assert!(failures.is_empty(), "{}", failures.join(", "));
+    Ok(())
+}
+
+/// The f16 tensor-core prompt matmul (Q4_K and Q6_K dequantized in registers, the addend in its
+/// epilogue or in the sum of its k ranges) against the f32 product.
+#[test]
+#[ignore = "needs a GPU"]
+fn f16_mma_prompt_matmul_matches_f32() -> Result<()> {
+    let failures = prompt_matmul_parity("f16 MMA", &freeski_bot::kernels::f16_mma_matmul, &[GgmlDType::Q4K, GgmlDType::Q6K], 4e-3, true)?;
     assert!(failures.is_empty(), "{}", failures.join(", "));
     Ok(())
 }

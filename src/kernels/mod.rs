@@ -307,8 +307,8 @@ mod cuda {
         i32::try_from(window).unwrap_or(i32::MAX).max(1)
     }
 
-    /// Token rows and weight rows one `mmq_q4k` block covers (`MM_TOKENS`, 16 × `MM_WARPS` in
-    /// quant.cu), and its threads.
+    /// Token rows and weight rows one block of the prompt matmuls covers (`mmq_q4k`: `MM_TOKENS`,
+    /// 16 × `MM_WARPS`; `mmf_*`: `MF_TOKENS`, 16 × `MF_WARPS` in quant.cu), and its threads.
     const MMQ_TOKENS: usize = 64;
     const MMQ_ROWS: usize = 128;
     const MMQ_THREADS: u32 = 256;
