@@ -376,8 +376,18 @@ mod cuda {
         // SAFETY: (const float*, int8_t*, float2*, int64_t, int, int) as quantize_q8_rows
         // declares; x holds blocks·32 floats and the outputs were sized for them.
         unsafe { b.launch(cfg) }.w()?;
-        let (tiles_m, tiles_n, splits) = prompt_matmul_grid(&dev, m, n, k)?;
-        // SAFETY: every [m, n] element is written: by mmq_q4k (one split) or by mmq_sum.
+        let w = w.device_ptr()? as u64;
+        let y = run_prompt_matmul(&dev, "mmq_q4k", (m, n, k), None, |y| MmqArgs { w, xq: xqp, xds: xdsp, y, k: ki, n: ni, m: mi, ldx: ldxi })?;
+        Ok(Some(tensor_from_slice(y, &dev, dims)))
+    }
+
+    /// A prompt matmul block kernel (`mmq_q4k`, `mmf_*`) for `[m, k] · [n, k]ᵀ` on its grid
+    /// ([`prompt_matmul_grid`]), with the arguments `args(out)` for its output address: the
+    /// `[m, n]` f32 result itself, or, where k is split, a buffer of the ranges' partial sums that
+    /// `mmq_sum` then adds (with `add`, which the kernel adds itself otherwise). Returns the result.
+    fn run_prompt_matmul<A: DeviceRepr>(dev: &CudaDevice, kernel: &str, (m, n, k): (usize, usize, usize), add: Option<u64>, args: impl FnOnce(u64) -> A) -> Result<CudaSlice<f32>> {
+        let (tiles_m, tiles_n, splits) = prompt_matmul_grid(dev, m, n, k)?;
+        // SAFETY: every [m, n] element is written: by the kernel (one split) or by mmq_sum.
         let y = unsafe { dev.alloc::<f32>(m * n)? };
         let part = if splits > 1 {
             // SAFETY: each split's blocks write every [m, n] element of their slice.
@@ -385,18 +395,18 @@ mod cuda {
         } else {
             None
         };
-        let out = part.as_ref().map_or(slice_ptr(&y), slice_ptr);
-        let args = MmqArgs { w: w.device_ptr()? as u64, xq: xqp, xds: xdsp, y: out, k: ki, n: ni, m: mi, ldx: ldxi };
-        let mmq = dev.get_or_load_custom_func("mmq_q4k", "freeski_quant", QUANT_PTX)?;
-        let cfg = LaunchConfig { grid_dim: (grid_x(tiles_m, what)?, tiles_n as u32, splits as u32), block_dim: (MMQ_THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut b = mmq.builder();
-        b.arg(&args);
-        // SAFETY: the struct mirrors MmqArgs; every pointer is a live buffer of the sizes it names.
+        let a = args(part.as_ref().map_or(slice_ptr(&y), slice_ptr));
+        let f = dev.get_or_load_custom_func(kernel, "freeski_quant", QUANT_PTX)?;
+        let cfg = LaunchConfig { grid_dim: (grid_x(tiles_m, kernel)?, grid_x(tiles_n, kernel)?, grid_x(splits, kernel)?), block_dim: (MMQ_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut b = f.builder();
+        b.arg(&a);
+        // SAFETY: `args` builds the kernel's argument struct (#[repr(C)], as quant.cu declares
+        // it), whose pointers are live buffers of the sizes it names, the output sized above.
         unsafe { b.launch(cfg) }.w()?;
         if let Some(part) = &part {
-            sum_splits(&dev, part, None, &y, m * n, splits)?;
+            sum_splits(dev, part, add, &y, m * n, splits)?;
         }
-        Ok(Some(tensor_from_slice(y, &dev, dims)))
+        Ok(y)
     }
 
     /// `y = Σ_s part[s] (+ add)` over the `splits` partial products of a prompt matmul whose k
@@ -456,27 +466,9 @@ mod cuda {
         let what = "f16 MMA matmul";
         let (mi, ni, ki) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?);
         let xh = x.to_dtype(DType::F16)?.contiguous()?;
-        let (tiles_m, tiles_n, splits) = prompt_matmul_grid(&dev, m, n, k)?;
-        // SAFETY: every [m, n] element is written: by mmf_q4k (one split) or by mmq_sum.
-        let y = unsafe { dev.alloc::<f32>(m * n)? };
-        let part = if splits > 1 {
-            // SAFETY: each split's blocks write every [m, n] element of their slice.
-            Some(unsafe { dev.alloc::<f32>(splits * m * n)? })
-        } else {
-            None
-        };
         let addp = add.as_ref().map(tensor_ptr).transpose()?;
-        let out = part.as_ref().map_or(slice_ptr(&y), slice_ptr);
-        let args = MmfArgs { w: w.device_ptr()? as u64, x: tensor_ptr(&xh)?, add: addp.unwrap_or(0), y: out, k: ki, n: ni, m: mi };
-        let mmf = dev.get_or_load_custom_func(kernel, "freeski_quant", QUANT_PTX)?;
-        let cfg = LaunchConfig { grid_dim: (grid_x(tiles_m, what)?, tiles_n as u32, splits as u32), block_dim: (MMQ_THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut b = mmf.builder();
-        b.arg(&args);
-        // SAFETY: the struct mirrors MmfArgs; every pointer is a live buffer of the sizes it names.
-        unsafe { b.launch(cfg) }.w()?;
-        if let Some(part) = &part {
-            sum_splits(&dev, part, addp, &y, m * n, splits)?;
-        }
+        let (w, x) = (w.device_ptr()? as u64, tensor_ptr(&xh)?);
+        let y = run_prompt_matmul(&dev, kernel, (m, n, k), addp, |y| MmfArgs { w, x, add: addp.unwrap_or(0), y, k: ki, n: ni, m: mi })?;
         drop(xh);
         Ok(Some(tensor_from_slice(y, &dev, dims)))
     }

@@ -1147,6 +1147,29 @@ MVD_NB(1) MVD_NB(2)
 //   acc += d·sc_j · (xd_j · dot) − dmin·m_j · (xd_j·Σq_j)
 // For a given split of k, every (token, row) is summed in the same order whatever tile or call
 // it falls in.
+// A prompt matmul block's accumulators (mmq_q4k, mmf_*; MMA layout: tile tt, rows grp and
+// grp + 8 of the warp's 16-row tile × tokens tok0 + 8tt + 2t, + 1, the first mt of them real)
+// into y [m, n], or into split blockIdx.z's slice of [splits, m, n] partial sums; add [m, n] (or
+// null) is summed in here only when k is not split (else by mmq_sum).
+template <int TILES, int WARPS>
+__device__ __forceinline__ void store_prompt_tile(const float (&acc)[TILES][4], int tok0, int mt, float *y, const float *add, int n, int m) {
+    const int t = threadIdx.x & 3, row_a = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * 16 + ((threadIdx.x & 31) >> 2);
+    const bool plus = add != nullptr && gridDim.z == 1;
+    y += (int64_t)blockIdx.z * m * n;
+#pragma unroll
+    for (int tt = 0; tt < TILES; tt++) {
+        const int c0 = 8 * tt + 2 * t;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = i < 2 ? row_a : row_a + 8, c = c0 + (i & 1);
+            if (row < n && c < mt) {
+                const int64_t at = (int64_t)(tok0 + c) * n + row;
+                y[at] = plus ? acc[tt][i] + add[at] : acc[tt][i];
+            }
+        }
+    }
+}
+
 #define MM_WARPS 8
 #define MM_TOKENS 64
 // Bytes between two tokens' staged activations: a half-warp's 8-byte B-operand reads (4 tokens
@@ -1251,16 +1274,7 @@ extern "C" __global__ void __launch_bounds__(MM_WARPS * 32, 2) mmq_q4k(const Mmq
         blk = next;
         __syncthreads();  // stage s is refilled by the next iteration's copies
     }
-    float *y = a.y + (int64_t)blockIdx.z * a.m * a.n;
-#pragma unroll
-    for (int tt = 0; tt < MM_TOKENS / 8; tt++) {
-        const int c0 = 8 * tt + 2 * t;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int row = i < 2 ? row_a : row_b, c = c0 + (i & 1);
-            if (row < a.n && c < mt) y[(int64_t)(tok0 + c) * a.n + row] = acc[tt][i];
-        }
-    }
+    store_prompt_tile<MM_TOKENS / 8, MM_WARPS>(acc, tok0, mt, a.y, nullptr, a.n, a.m);
 }
 
 // y[i] = Σ_s part[s][i] (+ add[i] when given) over the splits of a prompt matmul's k, from
@@ -1486,20 +1500,7 @@ __device__ __forceinline__ void mmf_body(const MmfArgs &a) {
         __syncthreads();  // buffer 1 is refilled next
         if (!last) blk = next;
     }
-    const bool add = a.add != nullptr && gridDim.z == 1;
-    float *y = a.y + (int64_t)blockIdx.z * a.m * a.n;
-#pragma unroll
-    for (int tt = 0; tt < MF_TOKENS / 8; tt++) {
-        const int c0 = 8 * tt + 2 * t;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int row = i < 2 ? row_a : row_b, c = c0 + (i & 1);
-            if (row < a.n && c < mt) {
-                const int64_t at = (int64_t)(tok0 + c) * a.n + row;
-                y[at] = add ? acc[tt][i] + a.add[at] : acc[tt][i];
-            }
-        }
-    }
+    store_prompt_tile<MF_TOKENS / 8, MF_WARPS>(acc, tok0, mt, a.y, a.add, a.n, a.m);
 }
 
 extern "C" __global__ void __launch_bounds__(MF_WARPS * 32, 2) mmf_q4k(const MmfArgs a) { mmf_body<MfQ4K>(a); }
