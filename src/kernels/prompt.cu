@@ -318,20 +318,47 @@ __device__ __forceinline__ void store_attention_rows(const PromptAttnArgs &a, co
     }
 }
 
+// Which queries and keys a warp of a prompt attention kernel (prompt_attn_f32, prompt_attn_half)
+// works on: its block's queries from qb (the blocks of the last queries see the most keys, so
+// they start first), the warp's wn of them from wq (none past the prompt), this thread's two rows
+// r0, r1 = r0 + 8 (g and g + 8 in the MMA fragments) at positions pos0, pos1, live when inside
+// the prompt; the head's K and V; and the keys any query of the block sees, lo..p_hi.
+struct AttnWarp {
+    int qb, first, wq, wn, r0, r1, pos0, pos1, lo, p_hi;
+    bool live0, live1;
+    const float *kh, *vh;
+
+    __device__ __forceinline__ AttnWarp(const PromptAttnArgs &a, int warp, int g) {
+        qb = (gridDim.x - 1 - blockIdx.x) * PA_QUERIES;
+        first = a.keys - a.tq;
+        const long long kv = (long long)(blockIdx.y / (a.nh / a.nkv)) * a.kv_head_stride;
+        kh = a.k + kv;
+        vh = a.v + kv;
+        wq = qb + warp * 16;
+        wn = min(16, a.tq - wq);
+        r0 = wq + g;
+        r1 = r0 + 8;
+        pos0 = first + r0;
+        pos1 = first + r1;
+        live0 = r0 < a.tq;
+        live1 = r1 < a.tq;
+        p_hi = first + min(qb + PA_QUERIES, a.tq) - 1;
+        lo = max(0, first + qb - a.window + 1);
+    }
+    // Whether any of the warp's queries sees a key of the tile t0..t0 + keys - 1.
+    __device__ __forceinline__ bool sees(const PromptAttnArgs &a, int t0, int keys) const {
+        return wn > 0 && t0 <= first + wq + wn - 1 && t0 + keys - 1 >= first + wq - a.window + 1;
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(const PromptAttnArgs a) {
     extern __shared__ __align__(16) float smem[];
     float *const ksb = smem, *const vsb = smem + 2 * PA_KEYS * PA_KS, *const ps = vsb + 2 * PA_KEYS * PA_VS;
     constexpr int C = PA_HD / 8;  // 8-wide column blocks of a head
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3, hd = a.hd, h = blockIdx.y;
-    // The blocks of the last queries see the most keys: they start first.
-    const int qb = (gridDim.x - 1 - blockIdx.x) * PA_QUERIES, first = a.keys - a.tq;
-    const long long kv = (long long)(h / (a.nh / a.nkv)) * a.kv_head_stride;
-    const float *kh = a.k + kv, *vh = a.v + kv;
-    // The warp's queries (none past the prompt), and this thread's two rows of them (g and g + 8
-    // in the MMA fragments).
-    const int wq = qb + warp * 16, wn = min(16, a.tq - wq);
-    const int r0 = wq + g, r1 = r0 + 8, pos0 = first + r0, pos1 = first + r1;
-    const bool live0 = r0 < a.tq, live1 = r1 < a.tq;
+    const AttnWarp w(a, warp, g);
+    const int r0 = w.r0, r1 = w.r1;
+    const float *kh = w.kh, *vh = w.vh;
     // Q as A fragments, kept in registers: [c][e] is row (e & 1 ? r1 : r0), column 8c + t + (e & 2 ? 4 : 0).
     float qf[C][4];
 #pragma unroll
@@ -344,8 +371,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
     float o[C][4], m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 #pragma unroll
     for (int c = 0; c < C; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
-    // Keys any query of the block sees.
-    const int p_hi = first + min(qb + PA_QUERIES, a.tq) - 1, lo = max(0, first + qb - a.window + 1), hd4 = hd >> 2;
+    const int p_hi = w.p_hi, lo = w.lo, hd4 = hd >> 2;
     // Tile n (keys t0..t0 + PA_KEYS - 1) into buffer n & 1, zeros past the last key.
     const auto load_tile = [&](int t0, int buf) {
         float *ks = ksb + buf * PA_KEYS * PA_KS, *vs = vsb + buf * PA_KEYS * PA_VS;
@@ -369,7 +395,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
         __syncthreads();
         const float *ks = ksb + (n & 1) * PA_KEYS * PA_KS, *vs = vsb + (n & 1) * PA_KEYS * PA_VS;
         // Warp-uniform: some key of this tile is visible to some query of the warp.
-        if (wn > 0 && t0 <= first + wq + wn - 1 && t0 + PA_KEYS - 1 >= first + wq - a.window + 1) {
+        if (w.sees(a, t0, PA_KEYS)) {
             // Scores of the tile: s[j] holds keys t0 + 8j + 2t (+1), rows r0 (e < 2) and r1.
             float s[4][4];
 #pragma unroll
@@ -389,7 +415,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
                 }
                 mma_tf32x3<4>(s, ah, al, bh, bl);
             }
-            online_softmax_tile<4, C, true, false>(s, o, m0, m1, l0, l1, t0, t, pos0, pos1, live0, live1, a.keys, a.window, a.scale);
+            online_softmax_tile<4, C, true, false>(s, o, m0, m1, l0, l1, t0, t, w.pos0, w.pos1, w.live0, w.live1, a.keys, a.window, a.scale);
             // The probabilities go through shared memory from the accumulator layout to A
             // fragments.
 #pragma unroll
@@ -424,7 +450,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_f32(c
         }
         __syncthreads();  // this tile's buffer is refilled two tiles on
     }
-    store_attention_rows<C>(a, o, l0, l1, live0, live1, r0, r1, h, t);
+    store_attention_rows<C>(a, o, l0, l1, w.live0, w.live1, r0, r1, h, t);
 }
 
 // The same attention on 16-bit tensor cores (m16n8k16, f32 accumulation), one MMA where the f32
@@ -474,13 +500,9 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(
     __shared__ __align__(16) __nv_bfloat16 vs[PB_KEYS * PB_S];
     constexpr int C = PA_HD / 8, KC = PA_HD / 16, J = PB_KEYS / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3, hd = a.hd, h = blockIdx.y;
-    // The blocks of the last queries see the most keys: they start first.
-    const int qb = (gridDim.x - 1 - blockIdx.x) * PA_QUERIES, first = a.keys - a.tq;
-    const long long kv = (long long)(h / (a.nh / a.nkv)) * a.kv_head_stride;
-    const float *kh = a.k + kv, *vh = a.v + kv;
-    const int wq = qb + warp * 16, wn = min(16, a.tq - wq);
-    const int r0 = wq + g, r1 = r0 + 8, pos0 = first + r0, pos1 = first + r1;
-    const bool live0 = r0 < a.tq, live1 = r1 < a.tq;
+    const AttnWarp w(a, warp, g);
+    const int r0 = w.r0, r1 = w.r1;
+    const float *kh = w.kh, *vh = w.vh;
     // Scores are kept in base-2 units (exp2 of them is the exponential of the scaled score): q
     // is scaled by that before it is rounded.
     const float sl = a.scale * 1.4426950408889634f;
@@ -497,7 +519,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(
     float o[C][4], m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 #pragma unroll
     for (int c = 0; c < C; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.f;
-    const int p_hi = first + min(qb + PA_QUERIES, a.tq) - 1, lo = max(0, first + qb - a.window + 1), hd4 = hd >> 2;
+    const int p_hi = w.p_hi, lo = w.lo, hd4 = hd >> 2;
     for (int t0 = lo; t0 <= p_hi; t0 += PB_KEYS) {
         __syncthreads();  // every warp is done with the previous tile
 #pragma unroll 4
@@ -511,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(
         }
         __syncthreads();
         // Warp-uniform: some key of this tile is visible to some query of the warp.
-        if (!(wn > 0 && t0 <= first + wq + wn - 1 && t0 + PB_KEYS - 1 >= first + wq - a.window + 1)) continue;
+        if (!w.sees(a, t0, PB_KEYS)) continue;
         // Scores: s[j] holds keys t0 + 8j + 2t (+1) of rows r0 (e < 2) and r1.
         float s[J][4];
 #pragma unroll
@@ -526,7 +548,7 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(
             }
         }
         // q carried the scale: the scores are base-2 units already.
-        online_softmax_tile<J, C, false, true>(s, o, m0, m1, l0, l1, t0, t, pos0, pos1, live0, live1, a.keys, a.window, 1.f);
+        online_softmax_tile<J, C, false, true>(s, o, m0, m1, l0, l1, t0, t, w.pos0, w.pos1, w.live0, w.live1, a.keys, a.window, 1.f);
         // o += P · V, 16 keys a step: the score accumulators of key blocks 2kk and 2kk + 1 are
         // the A fragment as they lie; ldmatrix gives V's B fragments for two 8-wide column
         // blocks at a time (matrices: keys +0..7 and +8..15 of columns 16c2.., then of 16c2 + 8..).
@@ -545,5 +567,5 @@ extern "C" __global__ void __launch_bounds__(PA_WARPS * 32, 2) prompt_attn_half(
             }
         }
     }
-    store_attention_rows<C>(a, o, l0, l1, live0, live1, r0, r1, h, t);
+    store_attention_rows<C>(a, o, l0, l1, w.live0, w.live1, r0, r1, h, t);
 }
