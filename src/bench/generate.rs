@@ -61,10 +61,12 @@ pub struct GenerateBench {
     /// its own order).
     #[arg(long, value_enum, default_value = "exact-dp4a")]
     pub row_kernels: RowKernels,
-    /// The path prompts' projections take on CUDA: `dense-bf16` (the default), `int8-mma`
-    /// (Q4_K weights read in place on int8 tensor cores) or `f16-mma` (Q4_K and Q6_K weights
-    /// dequantized in registers onto f16 tensor cores).
-    #[arg(long, value_enum, default_value = "dense-bf16")]
+    /// The path prompts' projections take on CUDA: `auto` (the default: `f16-mma` for short
+    /// prompts of a Q4_K/Q6_K model, `dense-bf16` from the dense threshold), `dense-bf16` (each
+    /// weight dequantized to bf16, one cuBLAS GEMM), `int8-mma` (Q4_K weights read in place on
+    /// int8 tensor cores) or `f16-mma` (Q4_K and Q6_K weights dequantized in registers onto f16
+    /// tensor cores); all but `auto` from the dense threshold only.
+    #[arg(long, value_enum, default_value = "auto")]
     pub prompt_kernel: PromptKernel,
     /// How prompts attend on CUDA: `fused` (the default: one flash-attention kernel straight
     /// from the KV cache, its products on 16-bit tensor cores where the projections read bf16),
@@ -72,8 +74,9 @@ pub struct GenerateBench {
     /// `composed` (candle's matmuls and one softmax kernel, their reference).
     #[arg(long, value_enum, default_value = "fused")]
     pub prompt_attention: PromptAttention,
-    /// Tokens per sequence from which prompts take that path (default: the model's, 100 on
-    /// CUDA); shorter prompts take candle's 4-bit kernels.
+    /// The dense threshold: tokens per sequence from which prompts take that path (default: the
+    /// model's, 100 on CUDA); shorter prompts take candle's 4-bit kernels (`auto`: the f16
+    /// kernel from 20 tokens).
     #[arg(long)]
     pub prompt_rows: Option<usize>,
     /// Capture one measurement of the first path in a profiler run started with
@@ -135,6 +138,7 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     let candle = if args.compare {
         model.set_fused_decode(false);
         model.set_dense_prefill_rows(usize::MAX);
+        model.set_prompt_kernel(PromptKernel::DenseBf16);
         model.set_cpu_kernels(false);
         Some(time_paths(&model, adapters, &args, None, &mut peak_dev)?)
     } else {
@@ -165,7 +169,11 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     );
     if dev.is_cuda() {
         let from = args.prompt_rows.map_or_else(|| format!("{} (the default)", crate::llm::model::DENSE_PREFILL_ROWS), |r| r.to_string());
-        println!("prompt path      {:?} from {from} tokens a sequence, candle's 4-bit kernels below; {:?} attention", args.prompt_kernel, args.prompt_attention);
+        let path = match args.prompt_kernel {
+            PromptKernel::Auto => format!("F16Mma from {} tokens a sequence (Q4_K/Q6_K models), DenseBf16 from {from}", crate::llm::model::F16_PREFILL_ROWS),
+            k => format!("{k:?} from {from} tokens a sequence"),
+        };
+        println!("prompt path      {path}, candle's 4-bit kernels below; {:?} attention", args.prompt_attention);
     }
     let vs = |now: f64, before: Option<f64>, unit: &str| match before {
         Some(b) => format!(" [candle ops: {b:.1} {unit}, {:.2}x]", now / b),

@@ -7,7 +7,7 @@
 //! model: every forward takes the adapter to apply, so answering can switch adapters per request.
 
 use anyhow::{ensure, Context, Result};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::fused_decode::{FusedDecoder, RowKernels, MAX_ROWS};
@@ -302,11 +302,12 @@ pub struct Model {
     /// Built on the first decode step; `None` inside when the fused path does not apply.
     fused: std::sync::OnceLock<Option<FusedDecoder>>,
     /// Inputs of at least this many tokens per sequence run each projection through
-    /// `prompt_kernel` (CUDA only); shorter ones use candle's 4-bit kernels. Counted per
-    /// sequence, not over the batch, so a sequence's output does not depend on what it is
-    /// batched with.
+    /// `prompt_kernel` (CUDA only); shorter ones use candle's 4-bit kernels, or with
+    /// `PromptKernel::Auto` from `F16_PREFILL_ROWS` the f16 tensor-core kernel. Counted per
+    /// sequence, not over the batch, so a sequence's path does not depend on what it is batched
+    /// with.
     dense_rows: usize,
-    /// The kernel those inputs' projections take.
+    /// The kernel prompts' projections take (see [`Model::prompt_path`]).
     prompt_kernel: PromptKernel,
     /// How prompts attend on CUDA.
     prompt_attention: PromptAttention,
@@ -352,8 +353,16 @@ impl PromptAttention {
 /// path on CUDA. Measured on the H100 with a Mistral-7B Q4_K_M file (BENCHMARKS.md): a
 /// 100-token prompt reaches its first token in 21.0 ms that way against 22.4 ms on candle's
 /// 4-bit kernels, and 512 tokens prefill 1.5x faster; shorter prompts, where dequantizing every
-/// weight costs more than the GEMM saves, stay on candle's kernels.
+/// weight costs more than the GEMM saves, take the f16 kernel (`PromptKernel::Auto`, from
+/// `F16_PREFILL_ROWS`) or candle's kernels.
 pub const DENSE_PREFILL_ROWS: usize = 100;
+
+/// Default prompt length from which `PromptKernel::Auto` runs the projections of a Q4_K/Q6_K
+/// model on the f16 tensor-core kernel, up to `DENSE_PREFILL_ROWS`. Measured on the H100 with
+/// the random Mistral-7B Q4_K_M mix (BENCHMARKS.md), time to the first token: 20 tokens 9.2 ms
+/// against 10.4 on candle's 4-bit kernels, 50 tokens 11.6 against 15.0 (14.9 dense); at 100
+/// tokens the dense path is ahead (15.7 against 17.2). Shorter prompts keep candle's kernels.
+pub const F16_PREFILL_ROWS: usize = 20;
 
 impl Model {
     /// Build from named GGUF-layout tensors. `get` returns a tensor by GGUF name, or `Ok(None)`
@@ -500,6 +509,14 @@ impl Model {
         self.prompt_kernel = kernel;
     }
 
+    /// The kernel a prompt of `t` tokens a sequence runs its projections through (`None`:
+    /// candle's 4-bit kernels), `PromptKernel::Auto` resolved by length.
+    fn prompt_path(&self, t: usize) -> Option<PromptKernel> {
+        let k_quants = || self.layers.iter().all(|l| Proj::ALL.iter().all(|&p| matches!(l.proj(p).dtype(), GgmlDType::Q4K | GgmlDType::Q6K)));
+        let f16_rows = if self.device.is_cuda() && k_quants() { F16_PREFILL_ROWS } else { usize::MAX };
+        self.prompt_kernel.for_prompt(t, self.dense_rows, f16_rows)
+    }
+
     /// How prompts attend on CUDA (see [`PromptAttention`]).
     pub fn set_prompt_attention(&mut self, attention: PromptAttention) {
         self.prompt_attention = attention;
@@ -631,7 +648,7 @@ impl Model {
             }
         }
         let (cos, sin) = self.rotary_for(cache, t)?;
-        let prompt = (t >= self.dense_rows).then_some(self.prompt_kernel);
+        let prompt = self.prompt_path(t);
         let mut x = self.embed.embedding(ids)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (h, hb) = self.norm_for(&x, &layer.attn_norm, prompt)?;
@@ -973,5 +990,31 @@ mod tests {
             assert!(diff <= 1e-5, "{nkv} kv heads x {rep}, {tq} queries, {keys} keys, window {window}: folded differs by {diff:e}");
         }
         Ok(())
+    }
+
+    /// `Auto` sends short prompts to the f16 kernel where it applies and long ones to the dense
+    /// GEMM, each named kernel serves from the dense threshold, and shorter prompts keep
+    /// candle's kernels.
+    #[test]
+    fn prompt_kernel_by_length() {
+        use PromptKernel::*;
+        let (dense, f16, none) = (DENSE_PREFILL_ROWS, F16_PREFILL_ROWS, usize::MAX);
+        for (kernel, t, f16_rows, want) in [
+            (Auto, f16 - 1, f16, None),
+            (Auto, f16, f16, Some(F16Mma)),
+            (Auto, dense - 1, f16, Some(F16Mma)),
+            (Auto, dense, f16, Some(DenseBf16)),
+            (Auto, dense - 1, none, None),
+            (Auto, dense, none, Some(DenseBf16)),
+            (DenseBf16, dense - 1, f16, None),
+            (DenseBf16, dense, f16, Some(DenseBf16)),
+            (F16Mma, f16, f16, None),
+            (F16Mma, dense, none, Some(F16Mma)),
+            (Int8Mma, dense, f16, Some(Int8Mma)),
+        ] {
+            assert_eq!(kernel.for_prompt(t, dense, f16_rows), want, "{kernel:?}, {t} tokens, f16 from {f16_rows}");
+        }
+        // The CPU never takes a prompt kernel: its threshold is usize::MAX.
+        assert_eq!(Auto.for_prompt(4096, none, none), None);
     }
 }

@@ -10,22 +10,41 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::kernels::cpu;
 
-/// The path a prompt's projections take on CUDA (`Model::set_prompt_kernel`), from
-/// `DENSE_PREFILL_ROWS` tokens a sequence.
+/// The path a prompt's projections take on CUDA (`Model::set_prompt_kernel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum PromptKernel {
-    /// Each weight dequantized to bf16 by the project's kernel, then one cuBLAS GEMM.
+    /// By length, the fastest measured on an H100 (BENCHMARKS.md): `F16Mma` for prompts of
+    /// `F16_PREFILL_ROWS` tokens a sequence up to the dense threshold (`DENSE_PREFILL_ROWS`)
+    /// where every projection is Q4_K or Q6_K, `DenseBf16` from there, candle's 4-bit kernels
+    /// below.
     #[default]
+    Auto,
+    /// From the dense threshold: each weight dequantized to bf16 by the project's kernel, then
+    /// one cuBLAS GEMM.
     DenseBf16,
-    /// Q4_K weights read in place by int8 tensor-core tiles on int8-quantized activations
+    /// From the dense threshold: Q4_K weights read in place by int8 tensor-core tiles on
+    /// int8-quantized activations
     /// (`kernels::int8_mma_matmul`); other weight types take the bf16 GEMM. Accurate, but
     /// measured slower than `DenseBf16` on an H100 (BENCHMARKS.md): 2.2× on 512 tokens, 1.2× the
     /// time to a 100-token prompt's first token, its scaling of every product by the
     /// activations' and weights' sub-block scales bounding it by arithmetic.
     Int8Mma,
-    /// Q4_K and Q6_K weights dequantized in registers onto f16 tensor cores, once for all of a
-    /// block's tokens (`kernels::f16_mma_matmul`); other weight types take the bf16 GEMM.
+    /// From the dense threshold: Q4_K and Q6_K weights dequantized in registers onto f16
+    /// tensor cores, once for all of a block's tokens (`kernels::f16_mma_matmul`); other weight
+    /// types take the bf16 GEMM. Faster than `DenseBf16` on short prompts, slower on long ones.
     F16Mma,
+}
+
+impl PromptKernel {
+    /// The kernel a prompt of `t` tokens a sequence takes (`None`: candle's 4-bit kernels):
+    /// this one from `dense_rows` tokens (`Auto`: `DenseBf16`), and with `Auto` `F16Mma` from
+    /// `f16_rows` (`usize::MAX` where the f16 kernel does not apply) up to there.
+    pub fn for_prompt(self, t: usize, dense_rows: usize, f16_rows: usize) -> Option<PromptKernel> {
+        if t >= dense_rows {
+            return Some(if self == Self::Auto { Self::DenseBf16 } else { self });
+        }
+        (self == Self::Auto && t >= f16_rows).then_some(Self::F16Mma)
+    }
 }
 
 /// `y = x · Wᵀ` with `W: [out, in]` kept quantized.
