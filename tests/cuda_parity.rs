@@ -95,7 +95,9 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
 /// (Q6_K values make q|k|v a mixed-type group).
 fn fused_parity_models() -> Vec<(&'static str, freeski_bot::llm::ModelConfig, BenchQuant)> {
     let tiny = freeski_bot::llm::ModelConfig::tiny();
-    // Down-projection rows of 10 Q4_K blocks: the 1-2 row kernel's second iteration is partial.
+    // Down-projection rows of 10 blocks (Q6_K in the Q4_K_M mix, on the tensor-core order): the
+    // 1-2 row kernel's second iteration is partial. v and the head read 1 block a row (Q6_K with
+    // an odd count: the generic matvec).
     let small = freeski_bot::llm::ModelConfig { hidden_size: 256, intermediate_size: 2560, head_dim: 64, ..tiny.clone() };
     vec![("tiny q8_0", tiny.clone(), BenchQuant::Q8_0), ("tiny q4_0", tiny, BenchQuant::Q4_0), ("small q4k-m", small, BenchQuant::Q4kM)]
 }
@@ -477,7 +479,8 @@ fn fused_cases() -> Result<&'static [FusedCase]> {
 }
 
 /// Every model with 3 rows and rank 4; the Q4_K_M mix at every row count the fused step takes
-/// (each has its own matvec instantiation; the Q4_K ones run on tensor cores), one row with a
+/// (each has its own matvec instantiation; the Q4_K ones and the 6-bit down projection run on
+/// tensor cores), one row with a
 /// rank above 32 (the matvec's second LoRA path).
 fn run_fused_cases(dev: &Device) -> Result<Vec<FusedCase>> {
     let cases = fused_parity_models().into_iter().flat_map(|(label, cfg, quant)| {

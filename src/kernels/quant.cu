@@ -1,10 +1,11 @@
 // Kernels that read GGML-packed weights in place (the bytes candle's QTensor holds on the GPU):
 // dequantization to bf16/f16 (prompt GEMMs and training) and embedding rows, both exact in f32,
-// and the decode matvec for 1-8 token rows on int8-quantized activations (dp4a, and for Q4_K int8
-// tensor cores), with LoRA, residual and SwiGLU folded into its epilogue. Every kernel computes
-// a token row the same way whatever the number of rows beside it, so batching never changes an
-// output. Different kernels sum in different orders, so a weight type uses one order for every
-// row count: Q4_K's tensor-core order (its 1-2 row dp4a kernel `mvd` follows it), the others `mv`.
+// and the decode matvec for 1-8 token rows on int8-quantized activations (dp4a, and for Q4_K and
+// Q6_K int8 tensor cores), with LoRA, residual and SwiGLU folded into its epilogue. Every kernel
+// computes a token row the same way whatever the number of rows beside it, so batching never
+// changes an output. Different kernels sum in different orders, so a weight uses one order for
+// every row count: Q4_K's and Q6_K's tensor-core order (their 1-2 row dp4a kernels `mvd` follow
+// it; Q6_K where a row holds an even number of blocks), the others `mv`.
 //
 // Block layouts follow ggml (k_quants.h / ggml-common.h).
 #include <cuda_bf16.h>
@@ -753,7 +754,7 @@ struct MqRow {
     int seg, lrow;
 };
 
-__device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, int nblk) {
+__device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, int nblk, int block_bytes) {
     MqRow r{nullptr, 0, 0};
     if (row >= (a.glu ? a.n : a.seg_end[2])) return r;
     int seg = seg_glu, lrow = row;
@@ -762,22 +763,23 @@ __device__ __forceinline__ MqRow mq_row(const MvArgs &a, int row, int seg_glu, i
         lrow = seg == 0 ? row : (seg == 1 ? row - a.seg_end[0] : row - a.seg_end[1]);
     }
     const uint8_t *w = seg == 0 ? a.w[0] : (seg == 1 ? a.w[1] : a.w[2]);
-    r.w = w + (int64_t)lrow * nblk * Q4K::BYTES;
+    r.w = w + (int64_t)lrow * nblk * block_bytes;
     r.seg = seg;
     r.lrow = lrow;
     return r;
 }
 
-// Iteration it of nit (blocks 8·it.., up to 8) of each of the SLOTS rows into slot[s], copied
-// asynchronously by the warp, then one commit group (empty for an iteration past the end or a
-// null row), so a ring's waits count the same in every warp. The 1-2 row Q4_K kernel's ring fill.
-template <int SLOTS>
-__device__ __forceinline__ void q4k_fetch_iteration(uint8_t (*slot)[8 * Q4K::BYTES], const MqRow (&rows)[SLOTS], int it, int nit, int nblk, int lane) {
+// Iteration it of nit (blocks 8·it.., up to 8, of BYTES each) of each of the SLOTS rows into
+// slot[s], copied asynchronously by the warp (16 bytes a copy where `wide`, else 4), then one
+// commit group (empty for an iteration past the end or a null row), so a ring's waits count the
+// same in every warp. The 1-2 row kernels' ring fill.
+template <int BYTES, int SLOTS>
+__device__ __forceinline__ void fetch_iteration(uint8_t (*slot)[8 * BYTES], const MqRow (&rows)[SLOTS], int it, int nit, int nblk, bool wide, int lane) {
     if (it < nit) {
-        const int bytes = min(8, nblk - 8 * it) * Q4K::BYTES;
+        const int bytes = min(8, nblk - 8 * it) * BYTES;
 #pragma unroll
         for (int s = 0; s < SLOTS; s++)
-            if (rows[s].w != nullptr) warp_copy_async(slot[s], rows[s].w + (int64_t)it * 8 * Q4K::BYTES, bytes, true, lane);
+            if (rows[s].w != nullptr) warp_copy_async(slot[s], rows[s].w + (int64_t)it * 8 * BYTES, bytes, wide, lane);
     }
     cp_async_commit();
 }
@@ -822,6 +824,57 @@ struct MqBlock {
     __device__ __forceinline__ float2 dm_b() const { return __half22float2(*reinterpret_cast<const __half2 *>(&hb.x)); }
 };
 
+// One Q6_K block of a 16-row tile as lane (grp, t) holds it for the MMA (both tensor-core kernels
+// that read Q6_K: decode and prompt). Half n of a block (weights 128n..) keeps its low 4 bits in
+// ql[64n..64n + 63] (weights 128n + r and 128n + 64 + r in the low and high nibbles of byte
+// r < 64) and its top 2 bits in qh[32n..32n + 31] (weight 128n + 32i + r in bits 2i, 2i + 1 of
+// byte r < 32); group g (0..7) of a half covers weights 128n + 16g + [0, 16), with scale
+// scales[8n + g]. Of each of its two rows (grp and grp + 8; zeros past the end) a lane holds
+// the 4 consecutive ql and qh bytes of weights 4t..4t + 3 of every group, the scales and d.
+// Blocks are 210 bytes (2-byte aligned), so words are read as two halves.
+struct MqBlockQ6K {
+    struct Row {
+        uint32_t ql[2][2][2], qh[2][2], sc[2][2];  // [half][c][u], [half][u], [half][word]
+        float d;
+        // The quants (0..63, stored + 32) of weights 4t..4t + 3 of group g of half n.
+        __device__ __forceinline__ uint32_t quants(int n, int g) const {
+            const int qd = g / 2, u = g % 2;  // ql and qh bytes of weights 128n + 32·qd + 16·u + ..
+            return ((ql[n][qd & 1][u] >> (4 * (qd >> 1))) & 0x0F0F0F0Fu) | (((qh[n][u] >> (2 * qd)) & 0x03030303u) << 4);
+        }
+        __device__ __forceinline__ int scale(int n, int g) const { return (int)(int8_t)((sc[n][g >> 2] >> (8 * (g & 3))) & 0xFF); }
+    };
+    Row a, b;
+    static __device__ __forceinline__ void row(Row &r, const uint8_t *p, int t) {
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                r.ql[n][0][u] = ld_u16x2(p + 64 * n + 16 * u + 4 * t);
+                r.ql[n][1][u] = ld_u16x2(p + 64 * n + 32 + 16 * u + 4 * t);
+                r.qh[n][u] = ld_u16x2(p + 128 + 32 * n + 16 * u + 4 * t);
+            }
+            r.sc[n][0] = ld_u16x2(p + 192 + 8 * n);
+            r.sc[n][1] = ld_u16x2(p + 196 + 8 * n);
+        }
+        r.d = ld_half(p + 208);
+    }
+    // Block bi of the rows at wa and wb (either may be null).
+    __device__ __forceinline__ void load(const uint8_t *wa, const uint8_t *wb, int bi, int t) {
+        a = Row{};
+        b = Row{};
+        if (wa != nullptr) row(a, wa + (int64_t)bi * Q6K::BYTES, t);
+        if (wb != nullptr) row(b, wb + (int64_t)bi * Q6K::BYTES, t);
+    }
+};
+
+// Σ of 16 int8 values (4 words), and the dot product of 16 weight bytes with them.
+__device__ __forceinline__ int dp4a_sum(const uint4 &v) {
+    return __dp4a(0x01010101, (int)v.x, __dp4a(0x01010101, (int)v.y, __dp4a(0x01010101, (int)v.z, __dp4a(0x01010101, (int)v.w, 0))));
+}
+__device__ __forceinline__ int dp4a_dot(const uint32_t (&w)[4], const uint4 &v) {
+    return __dp4a((int)w[0], (int)v.x, __dp4a((int)w[1], (int)v.y, __dp4a((int)w[2], (int)v.z, __dp4a((int)w[3], (int)v.w, 0))));
+}
+
 // One sub-block's share: acc + xd·(d·sc·dot − dmin·m·sum), every rounding spelled out so that
 // each row-count instantiation, the dp4a kernel below that follows the same order, and the
 // compiler's FMA contraction all compute it identically.
@@ -841,23 +894,21 @@ __device__ __forceinline__ void mq_store(const MvArgs &a, int row, int b, float 
     a.y[at] = a.residual != nullptr ? __fadd_rn(v, a.residual[at]) : v;
 }
 
-template <int NB>
-__device__ void mvq_q4k_body(const MvArgs &a) {
-    pdl_launch_dependents();
-    pdl_wait();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int grp = lane >> 2, t = lane & 3;
-    const int nblk = a.k / Q4K::ELEMS;
-    // MMA rows grp (A) and grp + 8 (B) of this lane; its accumulator columns are batches 2t, 2t+1.
-    const int out_a = a.glu ? blockIdx.x * 8 + grp : blockIdx.x * 16 + grp;
-    const int out_b = a.glu ? out_a : out_a + 8;
-    const MqRow ra = mq_row(a, out_a, 0, nblk), rb = mq_row(a, out_b, 1, nblk);
-    const int b0 = 2 * t, b1 = 2 * t + 1;
-    // acc[0], acc[1]: row A at batches b0, b1; acc[2], acc[3]: row B.
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
-        MqBlock blk;
-        blk.load(ra.w, rb.w, bi, t);
+// The type parts of the tensor-core matvec mvq_body: Block (a 16-row tile's block as the MMA
+// lanes hold it) and tile(), which adds one block's share to a lane's four accumulators (rows
+// grp and grp + 8 × batch rows 2t, 2t + 1), 32 weights of k at a time in the float order
+//   acc = fma(xd_j, term_j, acc)   for the block's 32-weight runs j = 0..7, xd_j the
+//                                  activations' int8 scale of run j and term_j its weight sum,
+// which the type's 1-2 row dp4a kernel (mvd_<type>) reproduces.
+
+// Q4_K: run j is sub-block j (scale d·sc_j, min dmin·m_j), term_j = mq_term(d·sc_j, dot_j,
+// dmin·m_j, Σx_j) with dot_j the integer dot product of its nibbles and the int8 activations.
+struct MqQ4K {
+    static constexpr int BYTES = Q4K::BYTES;
+    using Block = MqBlock;
+    template <int NB>
+    static __device__ __forceinline__ void tile(const Block &blk, const MvArgs &a, int bi, int grp, int t, float (&acc)[4]) {
+        const int b0 = 2 * t, b1 = 2 * t + 1;
         // Activations: batch row grp, bytes 8t..8t+7 of each sub-block (the MMA's B operand).
         uint2 xv[8];
 #pragma unroll
@@ -896,6 +947,75 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
             acc[2] = mq_sub(acc[2], xd0[j], db, d[2], mb, s0);
             acc[3] = mq_sub(acc[3], xd1[j], db, d[3], mb, s1);
         }
+    }
+};
+
+// Q6_K: run j is groups 2j and 2j + 1 (16 weights each, scales d·sc), term_j =
+// fadd(fmul(d·sc_2j, dot_2j), fmul(d·sc_2j+1, dot_2j+1)) with dot the integer dot product of the
+// quants minus 32 and the int8 activations (an addition of two values: the same bits in either
+// order).
+__device__ __forceinline__ void mma_s8_k16(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+}
+// Four quants 0..63 as the signed bytes q − 32 (per byte: setting bit 7 keeps the subtraction
+// from borrowing across bytes; flipping it back gives the two's-complement byte).
+__device__ __forceinline__ uint32_t q6_signed(uint32_t q) { return ((q | 0x80808080u) - 0x20202020u) ^ 0x80808080u; }
+
+struct MqQ6K {
+    static constexpr int BYTES = Q6K::BYTES;
+    using Block = MqBlockQ6K;
+    // One m16n8k16 MMA a group: lane t's k positions 4t..4t + 3 are weights 4t..4t + 3 of the
+    // group for both operands, so its activations are 4 contiguous bytes.
+    template <int NB>
+    static __device__ __forceinline__ void tile(const Block &blk, const MvArgs &a, int bi, int grp, int t, float (&acc)[4]) {
+        const int b0 = 2 * t, b1 = 2 * t + 1;
+        const int8_t *x = a.xq + (int64_t)grp * a.k + bi * 256 + 4 * t;
+        const float *xd0 = a.xd + (int64_t)b0 * (a.k / 32) + bi * 8, *xd1 = a.xd + (int64_t)b1 * (a.k / 32) + bi * 8;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int n = j >> 2, qd = j & 3;
+            float p[4];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int g = 2 * qd + u;  // weights 128n + 16g.. = 32j + 16u..
+                const uint32_t xv = grp < NB ? *reinterpret_cast<const uint32_t *>(x + 32 * j + 16 * u) : 0u;
+                int d[4] = {0, 0, 0, 0};
+                mma_s8_k16(d, q6_signed(blk.a.quants(n, g)), q6_signed(blk.b.quants(n, g)), xv);
+                const float da = __fmul_rn(blk.a.d, (float)blk.a.scale(n, g)), db = __fmul_rn(blk.b.d, (float)blk.b.scale(n, g));
+                // |d| <= 16*32*128: exact through small_int.
+                const float q[4] = {__fmul_rn(da, small_int(d[0])), __fmul_rn(da, small_int(d[1])), __fmul_rn(db, small_int(d[2])), __fmul_rn(db, small_int(d[3]))};
+#pragma unroll
+                for (int i = 0; i < 4; i++) p[i] = u == 0 ? q[i] : __fadd_rn(p[i], q[i]);
+            }
+            const float x0 = b0 < NB ? xd0[j] : 0.f, x1 = b1 < NB ? xd1[j] : 0.f;
+            acc[0] = __fmaf_rn(x0, p[0], acc[0]);
+            acc[1] = __fmaf_rn(x1, p[1], acc[1]);
+            acc[2] = __fmaf_rn(x0, p[2], acc[2]);
+            acc[3] = __fmaf_rn(x1, p[3], acc[3]);
+        }
+    }
+};
+
+template <typename P, int NB>
+__device__ void mvq_body(const MvArgs &a) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int grp = lane >> 2, t = lane & 3;
+    const int nblk = a.k / 256;
+    // MMA rows grp (A) and grp + 8 (B) of this lane; its accumulator columns are batches 2t, 2t+1.
+    const int out_a = a.glu ? blockIdx.x * 8 + grp : blockIdx.x * 16 + grp;
+    const int out_b = a.glu ? out_a : out_a + 8;
+    const MqRow ra = mq_row(a, out_a, 0, nblk, P::BYTES), rb = mq_row(a, out_b, 1, nblk, P::BYTES);
+    const int b0 = 2 * t, b1 = 2 * t + 1;
+    // acc[0], acc[1]: row A at batches b0, b1; acc[2], acc[3]: row B.
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
+        typename P::Block blk;
+        blk.load(ra.w, rb.w, bi, t);
+        P::template tile<NB>(blk, a, bi, grp, t, acc);
     }
     // LoRA: scale_b * B_b[row, :] · u[b, seg*rmax ..] for each of the four outputs (batch row
     // b's own adapter), the rank split over the warps (entries j ≡ warp mod MQ_WARPS) so it joins
@@ -943,9 +1063,12 @@ __device__ void mvq_q4k_body(const MvArgs &a) {
 
 // At 8 rows ptxas fits the kernel in 80 registers without spilling, 3 blocks an SM (24 warps
 // streaming weights instead of 16); fewer rows spill at that bound and keep 2.
-#define MVQ_NB(NB) \
-    extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, NB == 8 ? 3 : 2) mvq_q4k_b##NB(const MvArgs a) { mvq_q4k_body<NB>(a); }
-MVQ_NB(1) MVQ_NB(2) MVQ_NB(3) MVQ_NB(4) MVQ_NB(5) MVQ_NB(6) MVQ_NB(7) MVQ_NB(8)
+#define MVQ_NB(QN, P, NB) \
+    extern "C" __global__ void __launch_bounds__(MQ_WARPS * 32, NB == 8 ? 3 : 2) mvq_##QN##_b##NB(const MvArgs a) { mvq_body<P, NB>(a); }
+#define MVQ(QN, P) MVQ_NB(QN, P, 1) MVQ_NB(QN, P, 2) MVQ_NB(QN, P, 3) MVQ_NB(QN, P, 4) \
+                   MVQ_NB(QN, P, 5) MVQ_NB(QN, P, 6) MVQ_NB(QN, P, 7) MVQ_NB(QN, P, 8)
+MVQ(q4k, MqQ4K)
+MVQ(q6k, MqQ6K)
 
 // ---- the same Q4_K matvec on dp4a for 1-2 rows, in the tensor-core kernel's float order ---------
 //
@@ -980,9 +1103,9 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
     if (first >= a.n) return;
     MqRow rows[MV_SLOTS];
 #pragma unroll
-    for (int s = 0; s < MV_SLOTS; s++) rows[s] = mq_row(a, a.glu ? first : first + s, s, nblk);
+    for (int s = 0; s < MV_SLOTS; s++) rows[s] = mq_row(a, a.glu ? first : first + s, s, nblk, Q4K::BYTES);
     uint8_t(*ring)[MV_SLOTS][MVD_RUN] = ring_all[threadIdx.x >> 5];
-    auto fetch = [&](int it) { q4k_fetch_iteration(ring[it % MVD_STAGES], rows, it, nit, nblk, lane); };
+    auto fetch = [&](int it) { fetch_iteration<Q4K::BYTES>(ring[it % MVD_STAGES], rows, it, nit, nblk, true, lane); };
     // The weights depend on no earlier kernel: they start coming while the kernel before
     // finishes, and the activations are read after the wait.
 #pragma unroll
@@ -1130,6 +1253,178 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
 #define MVD_NB(NB) \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, NB == 1 ? 5 : 4) mvd_q4k_b##NB(const MvArgs a) { mvd_q4k_body<NB>(a); }
 MVD_NB(1) MVD_NB(2)
+
+// ---- the Q6_K matvec on dp4a for 1-2 rows, in the tensor-core kernel's float order ------------
+//
+// The same contract as mvd_q4k (the tensor-core kernel's float operations in its order: eight
+// partial sums per output by block index mod 8, each block's runs j = 0..7 as
+// acc = fma(xd_j, term_j, acc), then the partial's LoRA share, then the partials summed from 0
+// up), laid out so that no lane shares a dot product: Q6_K's 210-byte blocks are only 2-byte
+// aligned, and splitting a 32-weight run over lanes cost shuffles and 16-bit shared-memory reads
+// per few weights. A warp owns MV_SLOTS = 2 weight rows (mv_body's grid) and walks them 8 blocks
+// an iteration through its ring (asynchronous copies, as mvd_q4k; rows must start 4-byte aligned:
+// an even number of blocks a row, which the caller checks). Lane = 16s + 2w + h takes row s,
+// block 8·it + w (partial w) and half h of it: runs 4h..4h + 3, 128 weights, every term whole in
+// the lane. The h = 1 lane hands its four terms to the h = 0 lane, which runs the block's chain.
+#define MVD6_STAGES 3  // iterations of weights a warp has in flight: 40 KB of ring a block
+
+// N words from a 2-byte aligned shared-memory address: N + 1 aligned reads and a funnel shift.
+// The word after the run is read too, so it must lie in the buffer.
+template <int N>
+__device__ __forceinline__ void lds_words(const uint8_t *p, uint32_t (&w)[N]) {
+    const int odd = (int)(reinterpret_cast<uintptr_t>(p) & 2);
+    const uint32_t *base = reinterpret_cast<const uint32_t *>(p - odd);
+    uint32_t prev = base[0];
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        const uint32_t next = base[i + 1];
+        w[i] = __funnelshift_r(prev, next, 8 * odd);
+        prev = next;
+    }
+}
+
+template <int NB>
+__device__ void mvd_q6k_body(const MvArgs &a) {
+    constexpr int RUN = 8 * Q6K::BYTES;  // one row's bytes for one iteration
+    __shared__ __align__(16) uint8_t ring_all[MV_WARPS][MVD6_STAGES][MV_SLOTS][RUN];
+    pdl_launch_dependents();
+    const int lane = threadIdx.x & 31, s = lane >> 4, w = (lane >> 1) & 7, h = lane & 1;
+    const int nblk = a.k / Q6K::ELEMS, nit = (nblk + 7) / 8;
+    const int outs = a.glu ? 1 : MV_SLOTS;
+    const int first = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * outs;
+    if (first >= a.n) return;
+    MqRow rows[MV_SLOTS];
+    bool wide = true;  // 16-byte copies where every row is 16-byte aligned
+#pragma unroll
+    for (int r = 0; r < MV_SLOTS; r++) {
+        rows[r] = mq_row(a, a.glu ? first : first + r, r, nblk, Q6K::BYTES);
+        wide &= (reinterpret_cast<uintptr_t>(rows[r].w) & 15) == 0;
+    }
+    uint8_t(*ring)[MV_SLOTS][RUN] = ring_all[threadIdx.x >> 5];
+    auto fetch = [&](int it) { fetch_iteration<Q6K::BYTES>(ring[it % MVD6_STAGES], rows, it, nit, nblk, wide, lane); };
+    // The weights depend on no earlier kernel: they start coming while the kernel before
+    // finishes, and the activations are read after the wait.
+#pragma unroll
+    for (int it = 0; it < MVD6_STAGES - 1; it++) fetch(it);
+    pdl_wait();
+    const MqRow row = s == 0 ? rows[0] : rows[1];
+    // The lane's LoRA entries j = w and w + 8 for each batch row (h = 0 lanes; ranks up to 16
+    // need nothing after the loop).
+    float lb[NB][2], lu[NB][2];
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        const MvLora l = row.w != nullptr ? mv_lora(a, b, row.seg) : MvLora{nullptr, 0, 0.f};
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int j = w + 8 * e;
+            const bool here = h == 0 && l.b != nullptr && j < l.r;
+            lb[b][e] = here ? l.b[(int64_t)row.lrow * l.r + j] : 0.f;
+            lu[b][e] = here ? a.lora_u[(int64_t)b * a.ldu + row.seg * a.rmax + j] : 0.f;
+        }
+    }
+    // Lane 16s writes output first + s (GLU: lane 0 writes silu(gate) · up); its residuals now.
+    const bool writes = h == 0 && w == 0 && (a.glu ? s == 0 : first + s < a.n);
+    float res[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) res[b] = writes && a.residual != nullptr ? a.residual[(int64_t)b * a.ldy + first + s] : 0.f;
+
+    float acc[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) acc[b] = 0.f;
+    for (int it = 0; it < nit; it++) {
+        // This iteration's copies are done (later ones may still fly), and every lane has
+        // finished reading the slot the next fetch overwrites.
+        cp_async_wait<MVD6_STAGES - 2>();
+        __syncwarp();
+        fetch(it + MVD6_STAGES - 1);
+        const int bi = 8 * it + w;
+        const bool in = bi < nblk && row.w != nullptr;
+        // Half h of the block: ql bytes 64h.. (runs 4h, 4h + 1 in the low nibbles, 4h + 2, 4h + 3
+        // in the high), qh bytes 128 + 32h.. (2 bits a run), scales 192 + 8h.. (2 a run), d.
+        // A lane past the end decodes stale ring bytes; its terms are never used.
+        const uint8_t *blk = ring[it % MVD6_STAGES][s] + w * Q6K::BYTES;
+        uint32_t ql[2][8], qh[8], sc[2];
+        lds_words(blk + 64 * h, ql[0]);
+        lds_words(blk + 64 * h + 32, ql[1]);
+        lds_words(blk + 128 + 32 * h, qh);
+        lds_words(blk + 192 + 8 * h, sc);
+        const float d = ld_half(blk + 208);
+        float term[NB][4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            // Run j = 4h + r: groups 2r, 2r + 1 of half h (weights 128h + 32r + 16u..).
+            const int j = 4 * h + r;
+            uint32_t q[2][4];
+#pragma unroll
+            for (int i = 0; i < 8; i++) q[i >> 2][i & 3] = ((ql[r & 1][i] >> (4 * (r >> 1))) & 0x0F0F0F0Fu) | (((qh[i] >> (2 * r)) & 0x03030303u) << 4);
+            float dsc[2];
+#pragma unroll
+            for (int u = 0; u < 2; u++) dsc[u] = __fmul_rn(d, (float)(int)(int8_t)((sc[r >> 1] >> (8 * (2 * (r & 1) + u))) & 0xFF));
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                const uint4 *x = reinterpret_cast<const uint4 *>(a.xq + (int64_t)b * a.k + (int64_t)min(bi, nblk - 1) * 256 + 32 * j);
+                const uint4 x0 = x[0], x1 = x[1];
+                // Quants are stored + 32: dot(q − 32, x) = dot(q, x) − 32·Σx; |.| <= 16*32*128.
+                const float p0 = __fmul_rn(dsc[0], small_int(dp4a_dot(q[0], x0) - 32 * dp4a_sum(x0)));
+                const float p1 = __fmul_rn(dsc[1], small_int(dp4a_dot(q[1], x1) - 32 * dp4a_sum(x1)));
+                term[b][r] = __fadd_rn(p0, p1);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            float other[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++) other[r] = __shfl_xor_sync(0xffffffffu, term[b][r], 1);
+            const float4 *xd = reinterpret_cast<const float4 *>(a.xd + (int64_t)b * (a.k / 32) + (int64_t)min(bi, nblk - 1) * 8);
+            const float4 d0 = xd[0], d1 = xd[1];
+            if (in && h == 0) {
+                float c = acc[b];
+                c = __fmaf_rn(d0.x, term[b][0], c);
+                c = __fmaf_rn(d0.y, term[b][1], c);
+                c = __fmaf_rn(d0.z, term[b][2], c);
+                c = __fmaf_rn(d0.w, term[b][3], c);
+                c = __fmaf_rn(d1.x, other[0], c);
+                c = __fmaf_rn(d1.y, other[1], c);
+                c = __fmaf_rn(d1.z, other[2], c);
+                c = __fmaf_rn(d1.w, other[3], c);
+                acc[b] = c;
+            }
+        }
+    }
+    // Partial w's LoRA share (rank entries j ≡ w mod 8), then the partials summed from 0 up.
+    float out[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        float v = 0.f;
+        const MvLora l = row.w != nullptr ? mv_lora(a, b, row.seg) : MvLora{nullptr, 0, 0.f};
+        if (h == 0 && l.b != nullptr) {
+            v = __fmaf_rn(lb[b][1], lu[b][1], __fmaf_rn(lb[b][0], lu[b][0], 0.f));
+            const float *brow = l.b + (int64_t)row.lrow * l.r;
+            const float *uv = a.lora_u + (int64_t)b * a.ldu + row.seg * a.rmax;
+            for (int j = w + 16; j < l.r; j += 8) v = __fmaf_rn(brow[j], uv[j], v);
+            v = __fmul_rn(v, l.scale);
+        }
+        const float mine = __fadd_rn(acc[b], v);
+        float total = 0.f;
+#pragma unroll
+        for (int p = 0; p < 8; p++) total = __fadd_rn(total, __shfl_sync(0xffffffffu, mine, 16 * s + 2 * p));
+        out[b] = total;
+    }
+    // GLU: row 1 (up) is summed in lanes 16..; lane 0 takes it.
+    float up[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) up[b] = __shfl_sync(0xffffffffu, out[b], 16);
+    if (!writes) return;
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        const float v = a.glu ? mq_silu_mul(out[b], up[b]) : out[b];
+        a.y[(int64_t)b * a.ldy + first + s] = a.residual != nullptr ? __fadd_rn(v, res[b]) : v;
+    }
+}
+
+#define MVD6_NB(NB) \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4) mvd_q6k_b##NB(const MvArgs a) { mvd_q6k_body<NB>(a); }
+MVD6_NB(1) MVD6_NB(2)
 
 // ---- prompt matmul on int8 tensor cores: Q4_K weights in place, many token rows -----------------
 //
@@ -1377,53 +1672,21 @@ struct MfQ4K {
     }
 };
 
-// Q6_K: 16 groups of 16 weights, each with its own int8 scale, one MMA each. Half n of a block
-// (weights 128n..) keeps its low 4 bits in ql[64n..64n + 63] (weights 128n + r and 128n + 64 + r
-// in the low and high nibbles of byte r < 64) and its top 2 bits in qh[32n..32n + 31] (weight
-// 128n + 32i + r in bits 2i, 2i + 1 of byte r < 32). Group g of a half covers r = 16g..16g + 15;
-// a lane's weights 16g + 4t..+3 are 4 consecutive bytes of ql and of qh. Blocks are 210 bytes
-// (2-byte aligned), so words are read as two halves.
+// Q6_K: 16 groups of 16 weights, each with its own int8 scale, one MMA each (the block as
+// MqBlockQ6K holds it).
 struct MfQ6K {
     static constexpr int BYTES = Q6K::BYTES;
     // A half-warp's 8-byte reads (4 tokens × 4 lanes) fall in 32 different banks.
     static constexpr int XS = MF_KSTEP * 2 + 32;
-    struct Rows {
-        uint32_t ql[2][2][2], qh[2][2], sc[2][2];  // [half][c][u], [half][u], [half][word]
-        float d;
-    };
-    struct Block {
-        Rows a, b;
-        static __device__ __forceinline__ void row(Rows &r, const uint8_t *p, int t) {
-#pragma unroll
-            for (int n = 0; n < 2; n++) {
-#pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    r.ql[n][0][u] = ld_u16x2(p + 64 * n + 16 * u + 4 * t);
-                    r.ql[n][1][u] = ld_u16x2(p + 64 * n + 32 + 16 * u + 4 * t);
-                    r.qh[n][u] = ld_u16x2(p + 128 + 32 * n + 16 * u + 4 * t);
-                }
-                r.sc[n][0] = ld_u16x2(p + 192 + 8 * n);
-                r.sc[n][1] = ld_u16x2(p + 196 + 8 * n);
-            }
-            r.d = ld_half(p + 208);
-        }
-        __device__ __forceinline__ void load(const uint8_t *wa, const uint8_t *wb, int bi, int t) {
-            a = Rows{};
-            b = Rows{};
-            if (wa != nullptr) row(a, wa + (int64_t)bi * BYTES, t);
-            if (wb != nullptr) row(b, wb + (int64_t)bi * BYTES, t);
-        }
-    };
+    using Block = MqBlockQ6K;
     struct Scales {};
     static __device__ __forceinline__ Scales scales(const Block &) { return {}; }
     // Weights 16g + 4t..+3 of half n of a row: bytes q − 32 scaled by the group's d·sc, as the
     // MMA's two A registers of that row (weights 0, 1 and 2, 3). n and g are constants once the
     // loops calling it are unrolled, so the arrays stay in registers.
-    static __device__ __forceinline__ void group(const Rows &r, int n, int g, uint32_t &lo, uint32_t &hi) {
-        const int qd = g / 2, u = g % 2;  // weights 128n + 32·qd + 16·u + ..
-        const uint32_t q = ((r.ql[n][qd & 1][u] >> (4 * (qd >> 1))) & 0x0F0F0F0Fu) | (((r.qh[n][u] >> (2 * qd)) & 0x03030303u) << 4);
-        const int sc = (int)(int8_t)((r.sc[n][g >> 2] >> (8 * (g & 3))) & 0xFF);
-        const __half2 s = __float2half2_rn(r.d * (float)sc);
+    static __device__ __forceinline__ void group(const MqBlockQ6K::Row &r, int n, int g, uint32_t &lo, uint32_t &hi) {
+        const uint32_t q = r.quants(n, g);
+        const __half2 s = __float2half2_rn(r.d * (float)r.scale(n, g));
         const __half2 off = __half2half2(__ushort_as_half(0x6420));  // 1024 + 32
         lo = h2_bits(__hmul2(f16_pair(q, 0x5140, off), s));
         hi = h2_bits(__hmul2(f16_pair(q, 0x7362, off), s));

@@ -21,7 +21,8 @@ pub const MAX_ROWS: usize = 8;
 #[cfg(feature = "cuda")]
 pub use imp::FusedDecoder;
 
-/// Which matvec a weight with a tensor-core kernel (Q4_K) takes for 1 and 2 rows.
+/// Which matvec a weight with a tensor-core kernel (Q4_K, and Q6_K with an even number of blocks
+/// a row) takes for 1 and 2 rows.
 ///
 /// A row's output must not depend on how many rows share the step (the same question gives the
 /// same answer alone or on a busy bot), so 3-8 rows always take the tensor-core kernel `mvq`.
@@ -170,7 +171,8 @@ mod imp {
     struct TypeKernels {
         /// `mv_<type>_b<n>` for n = 1..=8.
         mv: Vec<CudaFunction>,
-        /// The tensor-core matvec `mvq_<type>_b<n>` for n = 1..=8, where the type has one (Q4_K).
+        /// The tensor-core matvec `mvq_<type>_b<n>` for n = 1..=8, where the type has one (Q4_K,
+        /// Q6_K).
         mma: Vec<CudaFunction>,
         /// `mvd_<type>_b<n>` for n below [`MMA_MIN_ROWS`]: dp4a in the tensor-core kernel's
         /// float order (the same bits), where the type has one.
@@ -190,6 +192,10 @@ mod imp {
         cols: usize,
         kind: QuantKind,
         f: Arc<TypeKernels>,
+        /// Whether its matvecs take the tensor-core order (`mvq`, `mvd`) rather than `mv`'s:
+        /// where the type has those kernels and, for Q6_K, its rows hold an even number of
+        /// 210-byte blocks (the 1-2 row kernel copies them with 4-byte aligned copies).
+        tensor_core_order: bool,
     }
 
     impl Packed {
@@ -205,7 +211,7 @@ mod imp {
                 None => {
                     let mv = (1..=MAX_ROWS).map(|n| k.quant(&format!("mv_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?;
                     let (mma, mma_order) = match kind.suffix {
-                        "q4k" => (
+                        "q4k" | "q6k" => (
                             (1..=MAX_ROWS).map(|n| k.quant(&format!("mvq_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
                             (1..MMA_MIN_ROWS).map(|n| k.quant(&format!("mvd_{suffix}_b{n}"))).collect::<candle_core::Result<Vec<_>>>()?,
                         ),
@@ -216,11 +222,13 @@ mod imp {
                     f
                 }
             };
-            Ok(Some(Self { ptr: w.qtensor().device_ptr()? as u64, rows: w.out_features(), cols: w.in_features(), kind, f }))
+            let cols = w.in_features();
+            let tensor_core_order = !f.mma.is_empty() && (suffix != "q6k" || (cols / 256).is_multiple_of(2));
+            Ok(Some(Self { ptr: w.qtensor().device_ptr()? as u64, rows: w.out_features(), cols, kind, f, tensor_core_order }))
         }
 
         fn same_type(&self, other: &Packed) -> bool {
-            self.kind == other.kind
+            self.kind == other.kind && self.tensor_core_order == other.tensor_core_order
         }
     }
 
@@ -300,13 +308,13 @@ mod imp {
             Ok(self.k.launch_with(f, cfg, args, self.overlap)?)
         }
 
-        /// The matvec for `w`'s type and `nb` rows: `mvq_q4k_body` (tensor cores, tiles of 16
-        /// weight rows, 8 warps splitting k), `mvd_q4k_body` (dp4a in its order) or `mv_body` in
+        /// The matvec for `w`'s type and `nb` rows: `mvq_body` (tensor cores, tiles of 16
+        /// weight rows, 8 warps splitting k), `mvd_body` (dp4a in its order) or `mv_body` in
         /// quant.cu. The last two share a geometry: a warp owns two weight rows.
         fn mv(&self, w: &Packed, nb: usize, a: &MvArgs) -> Result<()> {
             let (glu, n) = (a.glu != 0, a.n as usize);
             let threads = (crate::kernels::MV_WARPS * 32) as u32;
-            if !w.f.mma.is_empty() {
+            if w.tensor_core_order {
                 match self.rows {
                     RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
                     RowKernels::Fastest if nb < MMA_MIN_ROWS => {}
