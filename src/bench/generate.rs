@@ -61,8 +61,9 @@ pub struct GenerateBench {
     /// its own order).
     #[arg(long, value_enum, default_value = "exact-dp4a")]
     pub row_kernels: RowKernels,
-    /// The path prompts' projections take on CUDA: `auto` (the default: `f16-mma` for short
-    /// prompts of a Q4_K/Q6_K model, `dense-bf16` from the dense threshold), `dense-bf16` (each
+    /// The path prompts' projections take on CUDA: `auto` (the default: in a Q4_K/Q6_K model
+    /// `f16-mma` for prompts of 16-64 tokens and `dense-bf16` above, else `dense-bf16` from the
+    /// dense threshold), `dense-bf16` (each
     /// weight dequantized to bf16, one cuBLAS GEMM), `int8-mma` (Q4_K weights read in place on
     /// int8 tensor cores) or `f16-mma` (Q4_K and Q6_K weights dequantized in registers onto f16
     /// tensor cores); all but `auto` from the dense threshold only.
@@ -75,8 +76,8 @@ pub struct GenerateBench {
     #[arg(long, value_enum, default_value = "fused")]
     pub prompt_attention: PromptAttention,
     /// The dense threshold: tokens per sequence from which prompts take that path (default: the
-    /// model's, 100 on CUDA); shorter prompts take candle's 4-bit kernels (`auto`: the f16
-    /// kernel from 20 tokens).
+    /// model's, 100 on CUDA); shorter prompts take candle's 4-bit kernels (`auto` in a Q4_K/Q6_K
+    /// model: its own ranges, this only lowering where the dense path starts).
     #[arg(long)]
     pub prompt_rows: Option<usize>,
     /// Capture one measurement of the first path in a profiler run started with
@@ -170,7 +171,10 @@ pub fn run(settings: &Settings, args: GenerateBench) -> Result<()> {
     if dev.is_cuda() {
         let from = args.prompt_rows.map_or_else(|| format!("{} (the default)", crate::llm::model::DENSE_PREFILL_ROWS), |r| r.to_string());
         let path = match args.prompt_kernel {
-            PromptKernel::Auto => format!("F16Mma from {} tokens a sequence (Q4_K/Q6_K models), DenseBf16 from {from}", crate::llm::model::F16_PREFILL_ROWS),
+            PromptKernel::Auto => {
+                let rows = crate::llm::qlinear::F16_PREFILL_ROWS;
+                format!("Auto: Q4_K/Q6_K models F16Mma for {}-{} tokens a sequence and DenseBf16 above, others DenseBf16 from {from}", rows.start(), rows.end())
+            }
             k => format!("{k:?} from {from} tokens a sequence"),
         };
         println!("prompt path      {path}, candle's 4-bit kernels below; {:?} attention", args.prompt_attention);

@@ -303,7 +303,8 @@ pub struct Model {
     fused: std::sync::OnceLock<Option<FusedDecoder>>,
     /// Inputs of at least this many tokens per sequence run each projection through
     /// `prompt_kernel` (CUDA only); shorter ones use candle's 4-bit kernels, or with
-    /// `PromptKernel::Auto` from `F16_PREFILL_ROWS` the f16 tensor-core kernel. Counted per
+    /// `PromptKernel::Auto` the f16 tensor-core kernel or the dense path (`F16_PREFILL_ROWS`).
+    /// Counted per
     /// sequence, not over the batch, so a sequence's path does not depend on what it is batched
     /// with.
     dense_rows: usize,
@@ -353,16 +354,9 @@ impl PromptAttention {
 /// path on CUDA. Measured on the H100 with a Mistral-7B Q4_K_M file (BENCHMARKS.md): a
 /// 100-token prompt reaches its first token in 21.0 ms that way against 22.4 ms on candle's
 /// 4-bit kernels, and 512 tokens prefill 1.5x faster; shorter prompts, where dequantizing every
-/// weight costs more than the GEMM saves, take the f16 kernel (`PromptKernel::Auto`, from
-/// `F16_PREFILL_ROWS`) or candle's kernels.
+/// weight costs more than the GEMM saves, take candle's kernels or, with `PromptKernel::Auto`
+/// in a Q4_K/Q6_K model, the f16 kernel (`F16_PREFILL_ROWS`) and the dense path above it.
 pub const DENSE_PREFILL_ROWS: usize = 100;
-
-/// Default prompt length from which `PromptKernel::Auto` runs the projections of a Q4_K/Q6_K
-/// model on the f16 tensor-core kernel, up to `DENSE_PREFILL_ROWS`. Measured on the H100 with
-/// the random Mistral-7B Q4_K_M mix (BENCHMARKS.md), time to the first token: 20 tokens 9.2 ms
-/// against 10.4 on candle's 4-bit kernels, 50 tokens 11.6 against 15.0 (14.9 dense); at 100
-/// tokens the dense path is ahead (15.7 against 17.2). Shorter prompts keep candle's kernels.
-pub const F16_PREFILL_ROWS: usize = 20;
 
 impl Model {
     /// Build from named GGUF-layout tensors. `get` returns a tensor by GGUF name, or `Ok(None)`
@@ -513,8 +507,7 @@ impl Model {
     /// candle's 4-bit kernels), `PromptKernel::Auto` resolved by length.
     fn prompt_path(&self, t: usize) -> Option<PromptKernel> {
         let k_quants = || self.layers.iter().all(|l| Proj::ALL.iter().all(|&p| matches!(l.proj(p).dtype(), GgmlDType::Q4K | GgmlDType::Q6K)));
-        let f16_rows = if self.device.is_cuda() && k_quants() { F16_PREFILL_ROWS } else { usize::MAX };
-        self.prompt_kernel.for_prompt(t, self.dense_rows, f16_rows)
+        self.prompt_kernel.for_prompt(t, self.dense_rows, self.device.is_cuda() && k_quants())
     }
 
     /// How prompts attend on CUDA (see [`PromptAttention`]).
@@ -992,29 +985,33 @@ mod tests {
         Ok(())
     }
 
-    /// `Auto` sends short prompts to the f16 kernel where it applies and long ones to the dense
-    /// GEMM, each named kernel serves from the dense threshold, and shorter prompts keep
-    /// candle's kernels.
+    /// `Auto` sends short prompts of a K-quant model to the f16 kernel and longer ones to the
+    /// dense GEMM, other models' from the dense threshold; each named kernel serves from the
+    /// dense threshold; shorter prompts keep candle's kernels.
     #[test]
     fn prompt_kernel_by_length() {
         use PromptKernel::*;
-        let (dense, f16, none) = (DENSE_PREFILL_ROWS, F16_PREFILL_ROWS, usize::MAX);
-        for (kernel, t, f16_rows, want) in [
-            (Auto, f16 - 1, f16, None),
-            (Auto, f16, f16, Some(F16Mma)),
-            (Auto, dense - 1, f16, Some(F16Mma)),
-            (Auto, dense, f16, Some(DenseBf16)),
-            (Auto, dense - 1, none, None),
-            (Auto, dense, none, Some(DenseBf16)),
-            (DenseBf16, dense - 1, f16, None),
-            (DenseBf16, dense, f16, Some(DenseBf16)),
-            (F16Mma, f16, f16, None),
-            (F16Mma, dense, none, Some(F16Mma)),
-            (Int8Mma, dense, f16, Some(Int8Mma)),
+        let rows = crate::llm::qlinear::F16_PREFILL_ROWS;
+        let (dense, lo, hi) = (DENSE_PREFILL_ROWS, *rows.start(), *rows.end());
+        for (kernel, t, dense_rows, k_quants, want) in [
+            (Auto, lo - 1, dense, true, None),
+            (Auto, lo, dense, true, Some(F16Mma)),
+            (Auto, hi, dense, true, Some(F16Mma)),
+            (Auto, hi + 1, dense, true, Some(DenseBf16)),
+            (Auto, dense, dense, true, Some(DenseBf16)),
+            (Auto, lo, 1, true, Some(DenseBf16)),
+            (Auto, hi, dense, false, None),
+            (Auto, hi + 1, dense, false, None),
+            (Auto, dense, dense, false, Some(DenseBf16)),
+            (DenseBf16, hi + 1, dense, true, None),
+            (DenseBf16, dense, dense, true, Some(DenseBf16)),
+            (F16Mma, lo, dense, true, None),
+            (F16Mma, dense, dense, false, Some(F16Mma)),
+            (Int8Mma, dense, dense, true, Some(Int8Mma)),
+            // The CPU: no prompt kernel at any length.
+            (Auto, 4096, usize::MAX, false, None),
         ] {
-            assert_eq!(kernel.for_prompt(t, dense, f16_rows), want, "{kernel:?}, {t} tokens, f16 from {f16_rows}");
+            assert_eq!(kernel.for_prompt(t, dense_rows, k_quants), want, "{kernel:?}, {t} tokens, dense from {dense_rows}, K-quants {k_quants}");
         }
-        // The CPU never takes a prompt kernel: its threshold is usize::MAX.
-        assert_eq!(Auto.for_prompt(4096, none, none), None);
     }
 }

@@ -13,10 +13,10 @@ use crate::kernels::cpu;
 /// The path a prompt's projections take on CUDA (`Model::set_prompt_kernel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum PromptKernel {
-    /// By length, the fastest measured on an H100 (BENCHMARKS.md): `F16Mma` for prompts of
-    /// `F16_PREFILL_ROWS` tokens a sequence up to the dense threshold (`DENSE_PREFILL_ROWS`)
-    /// where every projection is Q4_K or Q6_K, `DenseBf16` from there, candle's 4-bit kernels
-    /// below.
+    /// By length, the fastest measured on an H100 (BENCHMARKS.md): where every projection is
+    /// Q4_K or Q6_K, `F16Mma` for prompts of `F16_PREFILL_ROWS` (16-64) tokens a sequence and
+    /// `DenseBf16` above; elsewhere `DenseBf16` from the dense threshold (`DENSE_PREFILL_ROWS`);
+    /// candle's 4-bit kernels below.
     #[default]
     Auto,
     /// From the dense threshold: each weight dequantized to bf16 by the project's kernel, then
@@ -35,15 +35,29 @@ pub enum PromptKernel {
     F16Mma,
 }
 
+/// Prompt lengths (tokens a sequence) that `PromptKernel::Auto` runs on the f16 tensor-core
+/// kernel in a Q4_K/Q6_K model; longer prompts take the dense path, shorter ones candle's 4-bit
+/// kernels. Measured on the H100 with the random Mistral-7B Q4_K_M mix (BENCHMARKS.md), time to
+/// the first token: 16 tokens 8.8 ms against 9.5 on candle's kernels, 32 tokens 9.7 against
+/// 11.3, 64 tokens 11.8 against 15.1 (15.5 dense); 80 tokens 16.7 against 15.4 dense, since a
+/// second tile of 64 tokens decodes every weight again.
+pub const F16_PREFILL_ROWS: std::ops::RangeInclusive<usize> = 16..=64;
+
 impl PromptKernel {
     /// The kernel a prompt of `t` tokens a sequence takes (`None`: candle's 4-bit kernels):
-    /// this one from `dense_rows` tokens (`Auto`: `DenseBf16`), and with `Auto` `F16Mma` from
-    /// `f16_rows` (`usize::MAX` where the f16 kernel does not apply) up to there.
-    pub fn for_prompt(self, t: usize, dense_rows: usize, f16_rows: usize) -> Option<PromptKernel> {
-        if t >= dense_rows {
-            return Some(if self == Self::Auto { Self::DenseBf16 } else { self });
+    /// this one from `dense_rows` tokens; `Auto` in a model whose projections are all Q4_K or
+    /// Q6_K on CUDA (`k_quants`) `F16Mma` over `F16_PREFILL_ROWS` and `DenseBf16` above, in
+    /// other models `DenseBf16` from `dense_rows`.
+    pub fn for_prompt(self, t: usize, dense_rows: usize, k_quants: bool) -> Option<PromptKernel> {
+        let rows = F16_PREFILL_ROWS;
+        if self != Self::Auto {
+            return (t >= dense_rows).then_some(self);
         }
-        (self == Self::Auto && t >= f16_rows).then_some(Self::F16Mma)
+        if k_quants && rows.contains(&t) && t < dense_rows {
+            return Some(Self::F16Mma);
+        }
+        let dense_from = if k_quants { dense_rows.min(rows.end() + 1) } else { dense_rows };
+        (t >= dense_from).then_some(Self::DenseBf16)
     }
 }
 
