@@ -23,11 +23,10 @@ pub enum PromptKernel {
     /// one cuBLAS GEMM.
     DenseBf16,
     /// From the dense threshold: Q4_K weights read in place by int8 tensor-core tiles on
-    /// int8-quantized activations
-    /// (`kernels::int8_mma_matmul`); other weight types take the bf16 GEMM. Accurate, but
-    /// measured slower than `DenseBf16` on an H100 (BENCHMARKS.md): 2.2× on 512 tokens, 1.2× the
-    /// time to a 100-token prompt's first token, its scaling of every product by the
-    /// activations' and weights' sub-block scales bounding it by arithmetic.
+    /// int8-quantized activations (`kernels::int8_mma_matmul`); other weight types take the bf16
+    /// GEMM. Accurate, but measured slower than `DenseBf16` on an H100 (BENCHMARKS.md): 2.2× on
+    /// 512 tokens, 1.2× the time to a 100-token prompt's first token, its scaling of every
+    /// product by the activations' and weights' sub-block scales bounding it by arithmetic.
     Int8Mma,
     /// From the dense threshold: Q4_K and Q6_K weights dequantized in registers onto f16
     /// tensor cores, once for all of a block's tokens (`kernels::f16_mma_matmul`); other weight
