@@ -1465,6 +1465,25 @@ __device__ __forceinline__ void store_prompt_tile(const float (&acc)[TILES][4], 
     }
 }
 
+// Where a prompt matmul block works (mmq_q4k, mmf_*): its tokens tok0.. (mt of them real), its
+// k range [b0, b1) of blocks (the grid's z splits k) and this lane's two weight rows (MMA rows
+// grp and grp + 8 of its warp's 16-row tile; null past the last row).
+template <int TOKENS, int WARPS>
+struct PromptTile {
+    int tok0, mt, b0, b1;
+    const uint8_t *wa, *wb;
+    __device__ __forceinline__ PromptTile(const uint8_t *w, int k, int n, int m, int bytes) {
+        const int nblk = k / 256, row_a = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * 16 + ((threadIdx.x & 31) >> 2), row_b = row_a + 8;
+        tok0 = blockIdx.x * TOKENS;
+        mt = min(TOKENS, m - tok0);
+        const int per = (nblk + gridDim.z - 1) / gridDim.z;
+        b0 = blockIdx.z * per;
+        b1 = min(nblk, b0 + per);
+        wa = row_a < n ? w + (int64_t)row_a * nblk * bytes : nullptr;
+        wb = row_b < n ? w + (int64_t)row_b * nblk * bytes : nullptr;
+    }
+};
+
 #define MM_WARPS 8
 #define MM_TOKENS 64
 // Bytes between two tokens' staged activations: a half-warp's 8-byte B-operand reads (4 tokens
@@ -1489,14 +1508,11 @@ extern "C" __global__ void __launch_bounds__(MM_WARPS * 32, 2) mmq_q4k(const Mmq
     // Per stage, sub-block j's (scale, scaled sum) of token c at [j][c]: the accumulator's two
     // tokens 2t, 2t + 1 of a tile are one 16-byte read.
     __shared__ __align__(16) float2 sx[2][8 * MM_TOKENS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
     const int grp = lane >> 2, t = lane & 3;
-    const int nblk = a.k / Q4K::ELEMS;
-    const int tok0 = blockIdx.x * MM_TOKENS, mt = min(MM_TOKENS, a.m - tok0);
-    const int per = (nblk + gridDim.z - 1) / gridDim.z, b0 = blockIdx.z * per, b1 = min(nblk, b0 + per);
-    const int row_a = (blockIdx.y * MM_WARPS + warp) * 16 + grp, row_b = row_a + 8;
-    const uint8_t *wa = row_a < a.n ? a.w + (int64_t)row_a * nblk * Q4K::BYTES : nullptr;
-    const uint8_t *wb = row_b < a.n ? a.w + (int64_t)row_b * nblk * Q4K::BYTES : nullptr;
+    const PromptTile<MM_TOKENS, MM_WARPS> tile(a.w, a.k, a.n, a.m, Q4K::BYTES);
+    const int tok0 = tile.tok0, mt = tile.mt, b0 = tile.b0, b1 = tile.b1;
+    const uint8_t *wa = tile.wa, *wb = tile.wb;
     // Stage s gets block bi of the tile's tokens (zeros past the last one): 16 copies of 16
     // bytes a token for the values, 4 tokens a copy for each sub-block's scales.
     const auto stage = [&](int bi, int s) {
@@ -1712,14 +1728,11 @@ struct MfQ6K {
 template <typename P>
 __device__ __forceinline__ void mmf_body(const MmfArgs &a) {
     __shared__ __align__(16) uint8_t sx[2][MF_TOKENS * P::XS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
     const int grp = lane >> 2, t = lane & 3;
-    const int nblk = a.k / 256;
-    const int tok0 = blockIdx.x * MF_TOKENS, mt = min(MF_TOKENS, a.m - tok0);
-    const int per = (nblk + gridDim.z - 1) / gridDim.z, b0 = blockIdx.z * per, b1 = min(nblk, b0 + per);
-    const int row_a = (blockIdx.y * MF_WARPS + warp) * 16 + grp, row_b = row_a + 8;
-    const uint8_t *wa = row_a < a.n ? a.w + (int64_t)row_a * nblk * P::BYTES : nullptr;
-    const uint8_t *wb = row_b < a.n ? a.w + (int64_t)row_b * nblk * P::BYTES : nullptr;
+    const PromptTile<MF_TOKENS, MF_WARPS> tile(a.w, a.k, a.n, a.m, P::BYTES);
+    const int tok0 = tile.tok0, mt = tile.mt, b0 = tile.b0, b1 = tile.b1;
+    const uint8_t *wa = tile.wa, *wb = tile.wb;
     // Buffer buf gets k range [MF_KSTEP·step, +MF_KSTEP) of the tile's tokens (zeros past the
     // last one), 16 bytes a copy.
     const auto stage = [&](int step, int buf) {
