@@ -304,9 +304,8 @@ pub struct Model {
     /// Inputs of at least this many tokens per sequence run each projection through
     /// `prompt_kernel` (CUDA only); shorter ones use candle's 4-bit kernels, or with
     /// `PromptKernel::Auto` the f16 tensor-core kernel or the dense path (`F16_PREFILL_ROWS`).
-    /// Counted per
-    /// sequence, not over the batch, so a sequence's path does not depend on what it is batched
-    /// with.
+    /// Counted per sequence, not over the batch, so a sequence's path does not depend on what
+    /// it is batched with.
     dense_rows: usize,
     /// The kernel prompts' projections take (see [`Model::prompt_path`]).
     prompt_kernel: PromptKernel,
