@@ -577,7 +577,31 @@ fn int8_mma_prompt_matmul_matches_f32() -> Result<()> {
 #[test]
 #[ignore = "needs a GPU"]
 fn f16_mma_prompt_matmul_matches_f32() -> Result<()> {
-    let failures = prompt_matmul_parity("f16 MMA", &freeski_bot::kernels::f16_mma_matmul, &[GgmlDType::Q4K, GgmlDType::Q6K], 4e-3, true)?;
+    let mut failures = prompt_matmul_parity("f16 MMA", &|w, x, add| freeski_bot::kernels::f16_mma_matmul(&[w], x, add), &[GgmlDType::Q4K, GgmlDType::Q6K], 4e-3, true)?;
+    // Three weights read as one (q|k|v): the same as the three products side by side, from an
+    // f16 input as the kernel before it writes one; widths that are not multiples of the
+    // 16-row tiles, so tiles straddle the weights.
+    let dev = device();
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        let k = 1024;
+        let ws: Vec<QTensor> = [200usize, 40, 56]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| freeski_bot::bench::random::random_qtensor(dtype, n, k, &mut ChaCha8Rng::seed_from_u64(SEED + i as u64), &dev))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&QTensor> = ws.iter().collect();
+        let x = Tensor::randn(0f32, 1.0, (70, k), &dev)?;
+        let parts = ws.iter().map(|w| Ok(x.matmul(&w.dequantize(&dev)?.t()?)?)).collect::<Result<Vec<_>>>()?;
+        let want = Tensor::cat(&parts, 1)?;
+        let got = freeski_bot::kernels::f16_mma_matmul(&refs, &x.to_dtype(DType::F16)?, None)?.context("no stacked f16 MMA kernel")?;
+        let err = rel_diff(&want.flatten_all()?.to_vec1::<f32>()?, &got.flatten_all()?.to_vec1::<f32>()?);
+        println!(
+            "f16 MMA prompt matmul, {dtype:?}, 3 weights read as one, 70 tokens x 296 rows x {k}: relative to the largest |y|, {err:.2e} from the f32 products (tolerance 4e-3)"
+        );
+        if got.dims() != [70, 296] || err.is_nan() || err > 4e-3 {
+            failures.push(format!("{dtype:?} stacked: {:?}, {err:.2e}", got.dims()));
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join(", "));
     Ok(())
 }
@@ -740,11 +764,14 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
         // to bf16.
         for (precision, tolerance) in [(AttnPrecision::F32, 2e-5), (AttnPrecision::Half, 2e-2)] {
             let got = freeski_bot::kernels::prompt_attention(&q, &k, &v, scale as f32, window, precision)?.context("no prompt attention kernel for f32")?;
-            // The variant that also writes the bf16 copy: the same f32 output, the copy exactly it rounded.
-            let (got2, got_b) = freeski_bot::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window, precision)?.context("no prompt attention pair kernel for f32")?;
-            let (same, round) = (tensor_max_abs_diff(&got, &got2)?, tensor_max_abs_diff(&got.to_dtype(DType::BF16)?, &got_b)?);
-            if same != 0.0 || round != 0.0 {
-                failures.push(format!("prompt attention pair {precision:?} {nh}/{nkv} heads {tq}x{keys}x{hd}: f32 {same:.2e}, bf16 copy {round:.2e}"));
+            // The variant that also writes a 16-bit copy: the same f32 output, the copy exactly it rounded.
+            for copy in [DType::BF16, DType::F16] {
+                let (got2, got_c) =
+                    freeski_bot::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window, precision, copy)?.context("no prompt attention pair kernel for f32")?;
+                let (same, round) = (tensor_max_abs_diff(&got, &got2)?, tensor_max_abs_diff(&got.to_dtype(copy)?, &got_c)?);
+                if same != 0.0 || round != 0.0 || got_c.dtype() != copy {
+                    failures.push(format!("prompt attention pair {precision:?} {nh}/{nkv} heads {tq}x{keys}x{hd}: f32 {same:.2e}, {copy:?} copy {round:.2e}"));
+                }
             }
             let diff = tensor_max_rel_diff(&want, &got, 1e-12)?;
             println!("prompt attention {precision:?}, {nh} heads ({nkv} kv) x {tq} queries x {keys} keys x {hd}, window {w}: kernel vs expanded composition {diff:.2e} (tolerance {tolerance:.0e})");
@@ -774,36 +801,38 @@ fn prompt_kernels_match_composed_ops() -> Result<()> {
     if diff != 0.0 {
         failures.push(format!("silu_mul: {diff:.2e}"));
     }
-    // The pair variants: the f32 result as before, and its bf16 copy exactly that rounded once.
-    let (y, yb) = freeski_bot::kernels::silu_mul_pair(&g, &u)?.context("no silu_mul pair kernel for f32")?;
-    let (diff, round) = (tensor_max_abs_diff(&want, &y)?, tensor_max_abs_diff(&y.to_dtype(DType::BF16)?, &yb)?);
-    println!("silu(gate) * up with its bf16 copy: f32 {diff:.2e}, bf16 copy vs the f32 rounded {round:.2e} (tolerance 0, 0)");
-    if diff != 0.0 || round != 0.0 || yb.dtype() != DType::BF16 {
-        failures.push(format!("silu_mul_pair: {diff:.2e} / {round:.2e}"));
+    // The pair variants: the f32 result as before, and its 16-bit copy exactly that rounded once.
+    for copy in [DType::BF16, DType::F16] {
+        let (y, yc) = freeski_bot::kernels::silu_mul_pair(&g, &u, copy)?.context("no silu_mul pair kernel for f32")?;
+        let (diff, round) = (tensor_max_abs_diff(&want, &y)?, tensor_max_abs_diff(&y.to_dtype(copy)?, &yc)?);
+        println!("silu(gate) * up with its {copy:?} copy: f32 {diff:.2e}, copy vs the f32 rounded {round:.2e} (tolerance 0, 0)");
+        if diff != 0.0 || round != 0.0 || yc.dtype() != copy {
+            failures.push(format!("silu_mul_pair {copy:?}: {diff:.2e} / {round:.2e}"));
+        }
     }
     // Gate and up as column slices of one wider GEMM output (rows 2 · cols apart), as the prompt
     // path hands them over; an odd width takes the kernel's scalar loop, a multiple of 4 its
     // 4-wide one.
-    for cols in [1001usize, 1024] {
+    for (cols, copy) in [(1001usize, DType::BF16), (1024, DType::BF16), (1001, DType::F16), (1024, DType::F16)] {
         let wide = (Tensor::randn(0f32, 1.0, (3, 2 * cols), &dev)? * 6.0)?;
         let (gs, us) = (wide.narrow(1, 0, cols)?, wide.narrow(1, cols, cols)?);
         let want = (candle_nn::ops::silu(&gs)? * &us)?;
-        let (ys, ysb) = freeski_bot::kernels::silu_mul_pair(&gs, &us)?.context("no silu_mul pair kernel for column slices")?;
-        let (diff, round) = (tensor_max_abs_diff(&want, &ys)?, tensor_max_abs_diff(&ys.to_dtype(DType::BF16)?, &ysb)?);
-        println!("silu(gate) * up on column slices of one tensor, 3 x {cols}: f32 {diff:.2e}, bf16 copy {round:.2e} (tolerance 0, 0)");
+        let (ys, ysc) = freeski_bot::kernels::silu_mul_pair(&gs, &us, copy)?.context("no silu_mul pair kernel for column slices")?;
+        let (diff, round) = (tensor_max_abs_diff(&want, &ys)?, tensor_max_abs_diff(&ys.to_dtype(copy)?, &ysc)?);
+        println!("silu(gate) * up on column slices of one tensor, 3 x {cols}: f32 {diff:.2e}, {copy:?} copy {round:.2e} (tolerance 0, 0)");
         if diff != 0.0 || round != 0.0 {
-            failures.push(format!("silu_mul_pair on column slices 3x{cols}: {diff:.2e} / {round:.2e}"));
+            failures.push(format!("silu_mul_pair on column slices 3x{cols} {copy:?}: {diff:.2e} / {round:.2e}"));
         }
     }
-    for (rows, n) in [(1usize, 64usize), (5, 1000), (130, 4096)] {
+    for (rows, n, copy) in [(1usize, 64usize, DType::BF16), (5, 1000, DType::BF16), (130, 4096, DType::BF16), (5, 1000, DType::F16), (130, 4096, DType::F16)] {
         let x = (Tensor::randn(0f32, 1.0, (1, rows, n), &dev)? * 3.0)?;
         let w = Tensor::randn(1f32, 0.2, n, &dev)?;
         let want = candle_nn::ops::rms_norm(&x, &w, 1e-5)?;
-        let (y, yb) = freeski_bot::kernels::rms_norm_pair(&x, &w, 1e-5)?.context("no rms_norm pair kernel for f32")?;
-        let (diff, round) = (tensor_max_rel_diff(&want, &y, 1e-12)?, tensor_max_abs_diff(&y.to_dtype(DType::BF16)?, &yb)?);
-        println!("rms norm with its bf16 copy, {rows} x {n}: f32 vs candle's rms_norm {diff:.2e} (tolerance 1e-6), bf16 copy vs the f32 rounded {round:.2e} (tolerance 0)");
-        if diff.is_nan() || diff > 1e-6 || round != 0.0 || y.dims() != x.dims() {
-            failures.push(format!("rms_norm_pair {rows}x{n}: {diff:.2e} / {round:.2e}"));
+        let (y, yc) = freeski_bot::kernels::rms_norm_pair(&x, &w, 1e-5, copy)?.context("no rms_norm pair kernel for f32")?;
+        let (diff, round) = (tensor_max_rel_diff(&want, &y, 1e-12)?, tensor_max_abs_diff(&y.to_dtype(copy)?, &yc)?);
+        println!("rms norm with its {copy:?} copy, {rows} x {n}: f32 vs candle's rms_norm {diff:.2e} (tolerance 1e-6), copy vs the f32 rounded {round:.2e} (tolerance 0)");
+        if diff.is_nan() || diff > 1e-6 || round != 0.0 || y.dims() != x.dims() || yc.dtype() != copy {
+            failures.push(format!("rms_norm_pair {rows}x{n} {copy:?}: {diff:.2e} / {round:.2e}"));
         }
     }
     // Rotary embedding with the cache append against candle's rope_i and slice_set, into caches

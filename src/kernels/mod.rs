@@ -225,6 +225,41 @@ mod cuda {
         Ok((t.contiguous()?, w as i64))
     }
 
+    /// The 16-bit copy a prompt-path kernel writes beside its f32 result for the next
+    /// projection's input: bf16 (the dense GEMM's) or f16 (the f16 tensor-core kernel's).
+    enum HalfCopy {
+        Bf16(CudaSlice<half::bf16>),
+        F16(CudaSlice<half::f16>),
+    }
+
+    impl HalfCopy {
+        /// `n` uninitialized elements of `dtype`, which must be bf16 or f16.
+        fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<Self> {
+            // SAFETY (both arms): the kernel the copy is made for writes every element.
+            Ok(match dtype {
+                DType::BF16 => Self::Bf16(unsafe { dev.alloc::<half::bf16>(n)? }),
+                DType::F16 => Self::F16(unsafe { dev.alloc::<half::f16>(n)? }),
+                other => bail!("a 16-bit copy is bf16 or f16, not {other:?}"),
+            })
+        }
+        fn ptr(&self) -> u64 {
+            match self {
+                Self::Bf16(s) => slice_ptr(s),
+                Self::F16(s) => slice_ptr(s),
+            }
+        }
+        /// The kernels' `half` argument: 1 for f16, 0 for bf16.
+        fn half_flag(&self) -> i32 {
+            i32::from(matches!(self, Self::F16(_)))
+        }
+        fn into_tensor(self, dev: &CudaDevice, shape: impl Into<candle_core::Shape>) -> Tensor {
+            match self {
+                Self::Bf16(s) => tensor_from_slice(s, dev, shape),
+                Self::F16(s) => tensor_from_slice(s, dev, shape),
+            }
+        }
+    }
+
     /// Raw device address of a device buffer (see [`tensor_ptr`]).
     pub fn slice_ptr<T>(s: &CudaSlice<T>) -> u64 {
         s.device_ptr(s.stream()).0
@@ -428,7 +463,8 @@ mod cuda {
     #[repr(C)]
     #[derive(Clone, Copy)]
     struct MmfArgs {
-        w: u64,
+        w: [u64; 3],
+        seg_end: [i32; 3],
         x: u64,
         add: u64,
         y: u64,
@@ -439,36 +475,52 @@ mod cuda {
     // SAFETY: plain data with the layout of the C struct.
     unsafe impl DeviceRepr for MmfArgs {}
 
-    /// `x · wᵀ (+ add)` for `w: [n, k]` in Q4_K or Q6_K and `x: [.., k]` f32 (`add` f32 shaped
-    /// like the output), on f16 tensor cores with the weights dequantized in registers
+    /// `x · wᵀ (+ add)` for `w`, one to three weights `[n_i, k]` of one type, Q4_K or Q6_K, read
+    /// as one stacked `[Σ n_i, k]` (q|k|v, gate|up: one launch, the output's columns in order),
+    /// and `x: [.., k]` f32, or f16 where the kernel before it wrote an f16 copy (`add` f32
+    /// shaped like the output), on f16 tensor cores with the weights dequantized in registers
     /// (`mmf_q4k`, `mmf_q6k`): `x` is rounded to f16 once, each block of 128 weight rows × 64
     /// tokens turns its weights into f16 operands once for all its tokens, and the product is
-    /// accumulated and written in f32. `None` for other weight types, input types or devices
-    /// (the caller takes another path).
-    pub fn f16_mma_matmul(w: &QTensor, x: &Tensor, add: Option<&Tensor>) -> Result<Option<Tensor>> {
+    /// accumulated and written in f32. `None` for other weight types, mixed types or widths,
+    /// input types or devices (the caller takes another path).
+    pub fn f16_mma_matmul(ws: &[&QTensor], x: &Tensor, add: Option<&Tensor>) -> Result<Option<Tensor>> {
         use candle_core::quantized::GgmlDType;
-        let Device::Cuda(dev) = w.device() else { return Ok(None) };
-        let kernel = match w.dtype() {
+        let Some(first) = ws.first() else { return Ok(None) };
+        let Device::Cuda(dev) = first.device() else { return Ok(None) };
+        let kernel = match first.dtype() {
             GgmlDType::Q4K => "mmf_q4k",
             GgmlDType::Q6K => "mmf_q6k",
             _ => return Ok(None),
         };
-        if x.dtype() != DType::F32 || !x.device().is_cuda() {
+        if ws.len() > 3 || !matches!(x.dtype(), DType::F32 | DType::F16) || !x.device().is_cuda() {
             return Ok(None);
         }
-        let (n, k) = w.shape().dims2()?;
+        let k = first.shape().dims2()?.1;
+        let what = "f16 MMA matmul";
+        let (mut w, mut seg_end, mut n) = ([0u64; 3], [0i32; 3], 0usize);
+        for (i, wi) in ws.iter().enumerate() {
+            let (ni, ki) = wi.shape().dims2()?;
+            if wi.dtype() != first.dtype() || ki != k || !wi.device().same_device(&first.device()) {
+                return Ok(None);
+            }
+            n += ni;
+            w[i] = wi.device_ptr()? as u64;
+            seg_end[i] = kernel_int(n, what)?;
+        }
+        // Unused segments end where the last one does (never chosen).
+        let last = seg_end[ws.len() - 1];
+        seg_end[ws.len()..].fill(last);
         let (m, dims) = super::matmul_dims(x, k, n)?;
         let add = match add {
             Some(a) if a.dims() != dims.as_slice() || a.dtype() != DType::F32 => bail!("f16 MMA matmul: addend {:?} {:?} for an output {dims:?}", a.dims(), a.dtype()),
             Some(a) => Some(a.contiguous()?),
             None => None,
         };
-        let what = "f16 MMA matmul";
         let (mi, ni, ki) = (kernel_int(m, what)?, kernel_int(n, what)?, kernel_int(k, what)?);
         let xh = x.to_dtype(DType::F16)?.contiguous()?;
         let addp = add.as_ref().map(tensor_ptr).transpose()?;
-        let (w, x) = (w.device_ptr()? as u64, tensor_ptr(&xh)?);
-        let y = run_prompt_matmul(&dev, kernel, (m, n, k), addp, |y| MmfArgs { w, x, add: addp.unwrap_or(0), y, k: ki, n: ni, m: mi })?;
+        let x = tensor_ptr(&xh)?;
+        let y = run_prompt_matmul(&dev, kernel, (m, n, k), addp, |y| MmfArgs { w, seg_end, x, add: addp.unwrap_or(0), y, k: ki, n: ni, m: mi })?;
         drop(xh);
         Ok(Some(tensor_from_slice(y, &dev, dims)))
     }
@@ -517,7 +569,7 @@ mod cuda {
         k: u64,
         v: u64,
         out: u64,
-        out_bf16: u64,
+        out_copy: u64,
         kv_head_stride: i64,
         q_head_stride: i64,
         q_row_stride: i64,
@@ -527,6 +579,7 @@ mod cuda {
         keys: i32,
         hd: i32,
         window: i32,
+        copy_half: i32,
         scale: f32,
     }
     // SAFETY: plain data with the layout of the C struct.
@@ -551,17 +604,26 @@ mod cuda {
     /// multiple of 8 up to 128 (of 16 for [`AttnPrecision::Half`]) and whole groups of query
     /// heads per KV head.
     pub fn prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, precision: AttnPrecision) -> Result<Option<Tensor>> {
-        Ok(prompt_attention_launch(q, k, v, scale, window, precision, false)?.map(|(out, _)| out))
+        Ok(prompt_attention_launch(q, k, v, scale, window, precision, None)?.map(|(out, _)| out))
     }
 
-    /// [`prompt_attention`] with its output also rounded to bf16 in the same kernel (the o
-    /// projection's GEMM input on the prompt path): `(f32, bf16)`, both `[1, tq, nh, hd]`.
-    pub fn prompt_attention_pair(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, precision: AttnPrecision) -> Result<Option<(Tensor, Tensor)>> {
-        Ok(prompt_attention_launch(q, k, v, scale, window, precision, true)?.and_then(|(out, ob)| Some((out, ob?))))
+    /// [`prompt_attention`] with its output also rounded to `copy` (bf16 or f16) in the same
+    /// kernel (the o projection's input on the prompt path): `(f32, copy)`, both `[1, tq, nh,
+    /// hd]`.
+    pub fn prompt_attention_pair(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, precision: AttnPrecision, copy: DType) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(prompt_attention_launch(q, k, v, scale, window, precision, Some(copy))?.and_then(|(out, ob)| Some((out, ob?))))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn prompt_attention_launch(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: usize, precision: AttnPrecision, bf16: bool) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    fn prompt_attention_launch(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        window: usize,
+        precision: AttnPrecision,
+        copy: Option<DType>,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let Device::Cuda(dev) = q.device() else { return Ok(None) };
         let (_, nh, tq, hd) = q.dims4()?;
         let (_, nkv, keys, _) = k.dims4()?;
@@ -588,13 +650,13 @@ mod cuda {
         let int = |v: usize| kernel_int(v, "prompt attention");
         // SAFETY: the kernel writes every [tq, nh, hd] element of both.
         let out = unsafe { dev.alloc::<f32>(tq * nh * hd)? };
-        let out_b = if bf16 { Some(unsafe { dev.alloc::<half::bf16>(tq * nh * hd)? }) } else { None };
+        let out_b = copy.map(|c| HalfCopy::alloc(dev, c, tq * nh * hd)).transpose()?;
         let args = PromptAttnArgs {
             q: first_element_ptr(&q)?,
             k: kp,
             v: vp,
             out: slice_ptr(&out),
-            out_bf16: out_b.as_ref().map_or(0, slice_ptr),
+            out_copy: out_b.as_ref().map_or(0, HalfCopy::ptr),
             kv_head_stride: ks as i64,
             q_head_stride: q.stride()[1] as i64,
             q_row_stride: q.stride()[2] as i64,
@@ -604,6 +666,7 @@ mod cuda {
             keys: int(keys)?,
             hd: int(hd)?,
             window: kernel_window(window),
+            copy_half: out_b.as_ref().map_or(0, HalfCopy::half_flag),
             scale,
         };
         let (name, smem) = match precision {
@@ -621,9 +684,9 @@ mod cuda {
         let mut b = stream.launch_builder(&func);
         b.arg(&args);
         // SAFETY: the struct mirrors PromptAttnArgs; q holds nh·tq·hd floats, K and V hold nkv heads
-        // of `keys` rows of hd at the head stride given, out (and out_bf16 unless null) tq·nh·hd.
+        // of `keys` rows of hd at the head stride given, out (and out_copy unless null) tq·nh·hd.
         unsafe { b.launch(cfg) }.w()?;
-        Ok(Some((tensor_from_slice(out, dev, (1, tq, nh, hd)), out_b.map(|ob| tensor_from_slice(ob, dev, (1, tq, nh, hd))))))
+        Ok(Some((tensor_from_slice(out, dev, (1, tq, nh, hd)), out_b.map(|ob| ob.into_tensor(dev, (1, tq, nh, hd))))))
     }
 
     /// `RopePromptArgs` of prompt.cu.
@@ -738,7 +801,7 @@ mod cuda {
         if g.dtype() == DType::BF16 {
             return silu_mul_bf16(g, u);
         }
-        Ok(silu_mul_launch(g, u, false)?.map(|(y, _)| y))
+        Ok(silu_mul_launch(g, u, None)?.map(|(y, _)| y))
     }
 
     /// The gate and up of one SwiGLU launch, each as rows at its own stride.
@@ -794,40 +857,41 @@ mod cuda {
 
     /// [`silu_mul`] with its result also rounded to bf16 in the same pass (the down projection's
     /// GEMM input on the prompt path): `(f32, bf16)`.
-    pub fn silu_mul_pair(g: &Tensor, u: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-        Ok(silu_mul_launch(g, u, true)?.and_then(|(y, yb)| Some((y, yb?))))
+    pub fn silu_mul_pair(g: &Tensor, u: &Tensor, copy: DType) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(silu_mul_launch(g, u, Some(copy))?.and_then(|(y, yb)| Some((y, yb?))))
     }
 
-    fn silu_mul_launch(g: &Tensor, u: &Tensor, bf16: bool) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    fn silu_mul_launch(g: &Tensor, u: &Tensor, copy: Option<DType>) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let Some(SiluRows { dev, g, g_row, u, u_row, n, rows, cols }) = silu_rows(g, u, DType::F32)? else { return Ok(None) };
         let dev = &dev;
         // SAFETY: the kernel writes every element of both.
         let y = unsafe { dev.alloc::<f32>(n)? };
-        let yb = if bf16 { Some(unsafe { dev.alloc::<half::bf16>(n)? }) } else { None };
+        let yb = copy.map(|c| HalfCopy::alloc(dev, c, n)).transpose()?;
         let func = dev.get_or_load_custom_func("silu_mul_f32", "freeski_prompt", PROMPT_PTX)?;
-        let (gp, up, yp, ybp) = (first_element_ptr(&g)?, first_element_ptr(&u)?, slice_ptr(&y), yb.as_ref().map_or(0, slice_ptr));
+        let (gp, up, yp, ybp, half) =
+            (first_element_ptr(&g)?, first_element_ptr(&u)?, slice_ptr(&y), yb.as_ref().map_or(0, HalfCopy::ptr), yb.as_ref().map_or(0, HalfCopy::half_flag));
         let vec4 = i32::from(cols % 4 == 0 && g_row % 4 == 0 && u_row % 4 == 0 && [gp, up, yp].iter().all(|p| p % 16 == 0) && ybp % 8 == 0);
         let what = "silu_mul";
         let (rows32, cols32) = (kernel_int(rows, what)?, kernel_int(cols, what)?);
         let per_thread = if vec4 == 1 { 4 } else { 1 };
         let cfg = LaunchConfig { grid_dim: (grid_x(cols.div_ceil(256 * per_thread), what)?, rows.min(65_535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = func.builder();
-        b.arg(&gp).arg(&up).arg(&yp).arg(&ybp).arg(&rows32).arg(&cols32).arg(&g_row).arg(&u_row).arg(&vec4);
+        b.arg(&gp).arg(&up).arg(&yp).arg(&ybp).arg(&half).arg(&rows32).arg(&cols32).arg(&g_row).arg(&u_row).arg(&vec4);
         if n > 0 {
-            // SAFETY: (const float*, const float*, float*, bf16* or null, int, int, long long,
-            // long long, int) as silu_mul_f32 declares; g and u hold `rows` rows of `cols` at
-            // their row strides, y and yb rows · cols elements; vec4 only with the alignment it
-            // needs.
+            // SAFETY: (const float*, const float*, float*, void* or null, int, int, int, long
+            // long, long long, int) as silu_mul_f32 declares; g and u hold `rows` rows of `cols`
+            // at their row strides, y and yb rows · cols elements of their types (half says
+            // which 16-bit type yb is); vec4 only with the alignment it needs.
             unsafe { b.launch(cfg) }.w()?;
         }
-        Ok(Some((tensor_from_slice(y, dev, g.dims()), yb.map(|yb| tensor_from_slice(yb, dev, g.dims())))))
+        Ok(Some((tensor_from_slice(y, dev, g.dims()), yb.map(|yb| yb.into_tensor(dev, g.dims())))))
     }
 
     /// RMSNorm of the rows of f32 `x: [.., n]` with weight `w: [n]` (`x · w / sqrt(mean(x²) +
-    /// eps)`), as f32 and rounded to bf16 in one pass (`rms_norm_pair_f32` in prompt.cu; the
-    /// bf16 copy is the projections' GEMM input on the prompt path). `None` unless both are f32
-    /// on CUDA.
-    pub fn rms_norm_pair(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<(Tensor, Tensor)>> {
+    /// eps)`), as f32 and rounded to `copy` (bf16 or f16) in one pass (`rms_norm_pair_f32` in
+    /// prompt.cu; the copy is the projections' input on the prompt path). `None` unless both
+    /// are f32 on CUDA.
+    pub fn rms_norm_pair(x: &Tensor, w: &Tensor, eps: f32, copy: DType) -> Result<Option<(Tensor, Tensor)>> {
         let Device::Cuda(dev) = x.device() else { return Ok(None) };
         if x.dtype() != DType::F32 || w.dtype() != DType::F32 || !x.device().same_device(w.device()) {
             return Ok(None);
@@ -839,18 +903,19 @@ mod cuda {
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         let rows = x.elem_count() / n.max(1);
         // SAFETY: the kernel writes every element of both.
-        let (y, yb) = unsafe { (dev.alloc::<f32>(rows * n)?, dev.alloc::<half::bf16>(rows * n)?) };
+        let (y, yb) = unsafe { (dev.alloc::<f32>(rows * n)?, HalfCopy::alloc(dev, copy, rows * n)?) };
         let func = dev.get_or_load_custom_func("rms_norm_pair_f32", "freeski_prompt", PROMPT_PTX)?;
-        let (xp, wp, yp, ybp, n32) = (tensor_ptr(&x)?, tensor_ptr(&w)?, slice_ptr(&y), slice_ptr(&yb), kernel_int(n, "rms_norm_pair")?);
+        let (xp, wp, yp, ybp, half, n32) = (tensor_ptr(&x)?, tensor_ptr(&w)?, slice_ptr(&y), yb.ptr(), yb.half_flag(), kernel_int(n, "rms_norm_pair")?);
         let cfg = LaunchConfig { grid_dim: (grid_x(rows, "rms_norm_pair")?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = func.builder();
-        b.arg(&xp).arg(&wp).arg(&yp).arg(&ybp).arg(&n32).arg(&eps);
+        b.arg(&xp).arg(&wp).arg(&yp).arg(&ybp).arg(&half).arg(&n32).arg(&eps);
         if rows > 0 {
-            // SAFETY: (const float*, const float*, float*, bf16*, int, float) as
-            // rms_norm_pair_f32 declares; x, y and yb hold rows · n elements, w n.
+            // SAFETY: (const float*, const float*, float*, void*, int, int, float) as
+            // rms_norm_pair_f32 declares; x, y and yb hold rows · n elements of their types
+            // (half says which 16-bit type yb is), w n.
             unsafe { b.launch(cfg) }.w()?;
         }
-        Ok(Some((tensor_from_slice(y, dev, x.dims()), tensor_from_slice(yb, dev, x.dims()))))
+        Ok(Some((tensor_from_slice(y, dev, x.dims()), yb.into_tensor(dev, x.dims()))))
     }
 
     /// Launch shape of the grid-stride elementwise kernels (dropout, SwiGLU backward, AdamW):
@@ -1144,7 +1209,7 @@ mod without_cuda {
     pub fn int8_mma_matmul(_: &QTensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn f16_mma_matmul(_: &QTensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+    pub fn f16_mma_matmul(_: &[&QTensor], _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn gemm_bf16_f32(_: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {
@@ -1168,10 +1233,10 @@ mod without_cuda {
     pub fn rope_heads(_: &Tensor, _: usize, _: &Tensor, _: &Tensor, _: f32) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn silu_mul_pair(_: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn silu_mul_pair(_: &Tensor, _: &Tensor, _: DType) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
-    pub fn rms_norm_pair(_: &Tensor, _: &Tensor, _: f32) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn rms_norm_pair(_: &Tensor, _: &Tensor, _: f32, _: DType) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
     pub fn rope_prompt(_: &Tensor, _: &Tensor, _: &Tensor, _: (&Tensor, &Tensor), _: (&Tensor, &Tensor), _: usize, _: usize) -> Result<Option<Tensor>> {
@@ -1180,7 +1245,7 @@ mod without_cuda {
     pub fn prompt_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize, _: super::AttnPrecision) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn prompt_attention_pair(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize, _: super::AttnPrecision) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn prompt_attention_pair(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: usize, _: super::AttnPrecision, _: DType) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
 }

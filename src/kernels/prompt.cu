@@ -1,6 +1,6 @@
 // Kernels of the prompt (prefill) path on CUDA (src/llm/model.rs): RMSNorm and SwiGLU's
-// silu(gate) · up in one pass each, writing the bf16 copy the next GEMM reads beside the f32
-// result; the rotary embedding with the cache append; flash attention straight from the cache;
+// silu(gate) · up in one pass each, writing the 16-bit copy the next projection reads beside the
+// f32 result; the rotary embedding with the cache append; flash attention straight from the cache;
 // and, for the composed attention it is tested against, the softmax with its scale and causal /
 // sliding-window mask in one pass over the scores.
 #include <cuda_bf16.h>
@@ -40,6 +40,17 @@ __device__ __forceinline__ float store_f32(float v) { return v; }
 __device__ __forceinline__ float load_bf16(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ __nv_bfloat16 store_bf16(float v) { return __float2bfloat16_rn(v); }
 
+// The 16-bit copy of a prompt-path result that the next projection reads as its input: bf16 for
+// the dense GEMM, f16 (`half`) for the f16 tensor-core kernel. Element i, and the pair i, i + 1.
+__device__ __forceinline__ void store_copy(void *p, long long i, float v, bool half) {
+    if (half) reinterpret_cast<__half *>(p)[i] = __float2half_rn(v);
+    else reinterpret_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16_rn(v);
+}
+__device__ __forceinline__ void store_copy2(void *p, long long i, float a, float b, bool half) {
+    if (half) *reinterpret_cast<__half2 *>(reinterpret_cast<__half *>(p) + i) = __floats2half2_rn(a, b);
+    else *reinterpret_cast<__nv_bfloat162 *>(reinterpret_cast<__nv_bfloat16 *>(p) + i) = __floats2bfloat162_rn(a, b);
+}
+
 extern "C" __global__ void causal_softmax_f32(const float* __restrict__ s, float* __restrict__ p, int64_t lines, int tq,
                                               int keys, int window, float scale) {
     causal_softmax<float, load_f32, store_f32>(s, p, lines, tq, keys, window, scale);
@@ -52,34 +63,34 @@ extern "C" __global__ void causal_softmax_bf16(const __nv_bfloat16* __restrict__
 }
 
 // y = silu(g) · u elementwise (SwiGLU over the gate and up projections): candle's silu,
-// g / (1 + exp(-g)), then its product, in one pass instead of two; with yb, also y rounded to
-// bf16 (the down projection's GEMM input, so it needs no cast of its own). g and u are `rows`
+// g / (1 + exp(-g)), then its product, in one pass instead of two; with yc, also y rounded to
+// bf16, or f16 with `half` (the down projection's input, so it needs no cast of its own). g and u are `rows`
 // rows of `cols` values, g_row and u_row apart (column slices of one wider GEMM output, or
-// contiguous); y and yb are contiguous. Rows along grid y, columns along x; with vec4 (cols, the
+// contiguous); y and yc are contiguous. Rows along grid y, columns along x; with vec4 (cols, the
 // row strides and the addresses multiples of 4 floats) four values a thread at a time.
 __device__ __forceinline__ float silu_times(float x, float u) { return __fmul_rn(x / (1.f + expf(-x)), u); }
 
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y,
-                                        __nv_bfloat16* __restrict__ yb, int rows, int cols, long long g_row, long long u_row, int vec4) {
+                                        void* __restrict__ yc, int half, int rows, int cols, long long g_row, long long u_row, int vec4) {
     for (int r = blockIdx.y; r < rows; r += gridDim.y) {
         const float *gr = g + r * g_row, *ur = u + r * u_row;
         float *yr = y + (long long)r * cols;
-        __nv_bfloat16 *ybr = yb == nullptr ? nullptr : yb + (long long)r * cols;
+        const long long row0 = (long long)r * cols;
         if (vec4) {
             for (int c = 4 * (blockIdx.x * blockDim.x + threadIdx.x); c < cols; c += 4 * gridDim.x * blockDim.x) {
                 const float4 a = *reinterpret_cast<const float4 *>(gr + c), b = *reinterpret_cast<const float4 *>(ur + c);
                 const float4 v = make_float4(silu_times(a.x, b.x), silu_times(a.y, b.y), silu_times(a.z, b.z), silu_times(a.w, b.w));
                 *reinterpret_cast<float4 *>(yr + c) = v;
-                if (ybr != nullptr) {
-                    reinterpret_cast<__nv_bfloat162 *>(ybr + c)[0] = __floats2bfloat162_rn(v.x, v.y);
-                    reinterpret_cast<__nv_bfloat162 *>(ybr + c)[1] = __floats2bfloat162_rn(v.z, v.w);
+                if (yc != nullptr) {
+                    store_copy2(yc, row0 + c, v.x, v.y, half);
+                    store_copy2(yc, row0 + c + 2, v.z, v.w, half);
                 }
             }
         } else {
             for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
                 const float v = silu_times(gr[c], ur[c]);
                 yr[c] = v;
-                if (ybr != nullptr) ybr[c] = __float2bfloat16_rn(v);
+                if (yc != nullptr) store_copy(yc, row0 + c, v, half);
             }
         }
     }
@@ -108,10 +119,10 @@ extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* __restrict__ g, co
 }
 
 // RMSNorm of each row of x: [rows, n] f32, y = x · w / sqrt(mean(x²) + eps), written as f32 (y)
-// and rounded to bf16 (yb: the projections' GEMM input, so it needs no cast of its own). One
-// block a row.
+// and rounded to bf16, or f16 with `half` (yc: the projections' input, so it needs no cast of
+// its own). One block a row.
 extern "C" __global__ void rms_norm_pair_f32(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
-                                             __nv_bfloat16* __restrict__ yb, int n, float eps) {
+                                             void* __restrict__ yc, int half, int n, float eps) {
     __shared__ float part[32];
     const int64_t row = blockIdx.x;
     const float* xr = x + row * n;
@@ -127,7 +138,7 @@ extern "C" __global__ void rms_norm_pair_f32(const float* __restrict__ x, const 
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const float v = scale * xr[i] * w[i];
         y[row * n + i] = v;
-        yb[row * n + i] = __float2bfloat16_rn(v);
+        store_copy(yc, row * n + i, v, half);
     }
 }
 
@@ -200,9 +211,9 @@ struct PromptAttnArgs {
     const float *k;
     const float *v;
     float *out;
-    __nv_bfloat16 *out_bf16;  // or null: out rounded to bf16 (the o projection's GEMM input)
+    void *out_copy;  // or null: out rounded to bf16, or f16 with copy_half (the o projection's input)
     long long kv_head_stride, q_head_stride, q_row_stride;
-    int nh, nkv, tq, keys, hd, window;
+    int nh, nkv, tq, keys, hd, window, copy_half;
     float scale;
 };
 
@@ -297,7 +308,7 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[J][4], float (&o)
     }
 }
 
-// A warp's attention output divided by its sums, into out[tq, nh, hd] (and out_bf16 unless null):
+// A warp's attention output divided by its sums, into out[tq, nh, hd] (and out_copy unless null):
 // o[c] holds columns 8c + 2t (+1) of query rows r0 (0, 1) and r1 (2, 3) of head h, the
 // accumulator layout; rows past the prompt are not written.
 template <int C>
@@ -313,7 +324,7 @@ __device__ __forceinline__ void store_attention_rows(const PromptAttnArgs &a, co
             const float2 v = make_float2(o[c][2 * half] / l, o[c][2 * half + 1] / l);
             const long long at = ((long long)(half ? r1 : r0) * a.nh + h) * a.hd + 8 * c + 2 * t;
             *reinterpret_cast<float2 *>(a.out + at) = v;
-            if (a.out_bf16 != nullptr) *reinterpret_cast<__nv_bfloat162 *>(a.out_bf16 + at) = __floats2bfloat162_rn(v.x, v.y);
+            if (a.out_copy != nullptr) store_copy2(a.out_copy, at, v.x, v.y, a.copy_half);
         }
     }
 }

@@ -1467,20 +1467,22 @@ __device__ __forceinline__ void store_prompt_tile(const float (&acc)[TILES][4], 
 
 // Where a prompt matmul block works (mmq_q4k, mmf_*): its tokens tok0.. (mt of them real), its
 // k range [b0, b1) of blocks (the grid's z splits k) and this lane's two weight rows (MMA rows
-// grp and grp + 8 of its warp's 16-row tile; null past the last row).
+// grp and grp + 8 of its warp's 16-row tile; null past the last row), found by row(r, nblk):
+// the start of output row r < n's weights, nblk blocks long.
 template <int TOKENS, int WARPS>
 struct PromptTile {
     int tok0, mt, b0, b1;
     const uint8_t *wa, *wb;
-    __device__ __forceinline__ PromptTile(const uint8_t *w, int k, int n, int m, int bytes) {
+    template <typename Row>
+    __device__ __forceinline__ PromptTile(Row row, int k, int n, int m) {
         const int nblk = k / 256, row_a = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * 16 + ((threadIdx.x & 31) >> 2), row_b = row_a + 8;
         tok0 = blockIdx.x * TOKENS;
         mt = min(TOKENS, m - tok0);
         const int per = (nblk + gridDim.z - 1) / gridDim.z;
         b0 = blockIdx.z * per;
         b1 = min(nblk, b0 + per);
-        wa = row_a < n ? w + (int64_t)row_a * nblk * bytes : nullptr;
-        wb = row_b < n ? w + (int64_t)row_b * nblk * bytes : nullptr;
+        wa = row_a < n ? row(row_a, nblk) : nullptr;
+        wb = row_b < n ? row(row_b, nblk) : nullptr;
     }
 };
 
@@ -1510,7 +1512,7 @@ extern "C" __global__ void __launch_bounds__(MM_WARPS * 32, 2) mmq_q4k(const Mmq
     __shared__ __align__(16) float2 sx[2][8 * MM_TOKENS];
     const int lane = threadIdx.x & 31;
     const int grp = lane >> 2, t = lane & 3;
-    const PromptTile<MM_TOKENS, MM_WARPS> tile(a.w, a.k, a.n, a.m, Q4K::BYTES);
+    const PromptTile<MM_TOKENS, MM_WARPS> tile([&](int r, int nblk) { return a.w + (int64_t)r * nblk * Q4K::BYTES; }, a.k, a.n, a.m);
     const int tok0 = tile.tok0, mt = tile.mt, b0 = tile.b0, b1 = tile.b1;
     const uint8_t *wa = tile.wa, *wb = tile.wb;
     // Stage s gets block bi of the tile's tokens (zeros past the last one): 16 copies of 16
@@ -1600,11 +1602,12 @@ extern "C" __global__ void mmq_sum(const float *part, const float *add, float *y
 
 // ---- prompt matmul on f16 tensor cores: K-quant weights dequantized in registers -------------
 //
-// y[t, n] = W[n, :] · x[t, :] (+ add[t, n]) for prompts of up to a few hundred tokens, where
-// dequantizing every weight to memory first costs more than the product. A block computes 128
-// weight rows (8 warps × 16) × up to 64 tokens (8 MMA column tiles of 8, those past the last
-// token skipped) over a range of k (the grid's z splits k where the output is too narrow to fill
-// the card; mmq_sum adds the splits in a fixed order). The tokens' f16 activations are staged in
+// y[t, n] = W[n, :] · x[t, :] (+ add[t, n]) for prompts of up to a few hundred tokens (W: up to
+// three weights of one type read as one, e.g. gate|up), where dequantizing every weight to
+// memory first costs more than the product. A block computes 128 weight rows (8 warps × 16) ×
+// up to 64 tokens (8 MMA column tiles of 8, those past the last token skipped) over a range of
+// k (the grid's z splits k where the output is too narrow to fill the card; mmq_sum adds the
+// splits in a fixed order). The tokens' f16 activations are staged in
 // shared memory 128 of k at a time (cp.async, two buffers) for all the block's rows; each warp
 // turns its 16 rows' weights into f16 MMA operands in registers, once for all the block's
 // tokens: values become f16 as 1024 + q (a byte permute, exact), the offset is subtracted
@@ -1618,10 +1621,13 @@ extern "C" __global__ void mmq_sum(const float *part, const float *add, float *y
 #define MF_TOKENS 64
 #define MF_KSTEP 128  // k of one stage: half a K-quant block
 struct MmfArgs {
-    const uint8_t *w;  // [n, k] Q4_K or Q6_K blocks
-    const __half *x;   // [m, k]
-    const float *add;  // [m, n] or null; used only when the grid does not split k
-    float *y;          // [m, n], or [splits, m, n] partial sums when the grid splits k
+    // Up to three weights of one type and k, stacked: output rows [0, seg_end[0]) are w[0]'s,
+    // [seg_end[0], seg_end[1]) w[1]'s, then w[2]'s; n = the last segment's end.
+    const uint8_t *w[3];  // [rows, k] Q4_K or Q6_K blocks each
+    int seg_end[3];
+    const __half *x;      // [m, k]
+    const float *add;     // [m, n] or null; used only when the grid does not split k
+    float *y;             // [m, n], or [splits, m, n] partial sums when the grid splits k
     int k, n, m;
 };
 
@@ -1677,12 +1683,19 @@ struct MfQ4K {
             // MMA 0 takes weights 8t + 0..3 of the sub-block, MMA 1 8t + 4..7.
             const uint32_t a0[4] = {w(ax, 0x5140, s_a, m_a), w(bx, 0x5140, s_b, m_b), w(ax, 0x7362, s_a, m_a), w(bx, 0x7362, s_b, m_b)};
             const uint32_t a1[4] = {w(ay, 0x5140, s_a, m_a), w(byv, 0x5140, s_b, m_b), w(ay, 0x7362, s_a, m_a), w(byv, 0x7362, s_b, m_b)};
+            // Four column tiles at a time (32 tokens; those past the last token multiply the
+            // staged zeros and are never stored), MMA 0 of all four before MMA 1, so no MMA waits
+            // on the one just before it for its accumulator.
 #pragma unroll
-            for (int tt = 0; tt < MF_TOKENS / 8; tt++) {
-                if (8 * tt >= mt) break;  // the same for the whole block
-                const uint4 xv = *reinterpret_cast<const uint4 *>(xs + (8 * tt + grp) * XS + 64 * jj + 16 * t);
-                mma_f16(acc[tt], a0, xv.x, xv.y);
-                mma_f16(acc[tt], a1, xv.z, xv.w);
+            for (int q = 0; q < MF_TOKENS / 32; q++) {
+                if (32 * q >= mt) break;  // the same for the whole block
+                uint4 xv[4];
+#pragma unroll
+                for (int u = 0; u < 4; u++) xv[u] = *reinterpret_cast<const uint4 *>(xs + (32 * q + 8 * u + grp) * XS + 64 * jj + 16 * t);
+#pragma unroll
+                for (int u = 0; u < 4; u++) mma_f16(acc[4 * q + u], a0, xv[u].x, xv[u].y);
+#pragma unroll
+                for (int u = 0; u < 4; u++) mma_f16(acc[4 * q + u], a1, xv[u].z, xv[u].w);
             }
         }
     }
@@ -1730,7 +1743,13 @@ __device__ __forceinline__ void mmf_body(const MmfArgs &a) {
     __shared__ __align__(16) uint8_t sx[2][MF_TOKENS * P::XS];
     const int lane = threadIdx.x & 31;
     const int grp = lane >> 2, t = lane & 3;
-    const PromptTile<MF_TOKENS, MF_WARPS> tile(a.w, a.k, a.n, a.m, P::BYTES);
+    const PromptTile<MF_TOKENS, MF_WARPS> tile(
+        [&](int r, int nblk) {
+            const int seg = r < a.seg_end[0] ? 0 : (r < a.seg_end[1] ? 1 : 2);
+            const int first = seg == 0 ? 0 : (seg == 1 ? a.seg_end[0] : a.seg_end[1]);
+            return (seg == 0 ? a.w[0] : (seg == 1 ? a.w[1] : a.w[2])) + (int64_t)(r - first) * nblk * P::BYTES;
+        },
+        a.k, a.n, a.m);
     const int tok0 = tile.tok0, mt = tile.mt, b0 = tile.b0, b1 = tile.b1;
     const uint8_t *wa = tile.wa, *wb = tile.wb;
     // Buffer buf gets k range [MF_KSTEP·step, +MF_KSTEP) of the tile's tokens (zeros past the

@@ -647,8 +647,11 @@ impl Model {
             let x2 = self.attention(layer, (&h, hb.as_ref()), &x, &cos, &sin, &cache.pad, &cache.layers[i], offset, lora, i, prompt)?;
             let (h, hb) = self.norm_for(&x2, &layer.ffn_norm, prompt)?;
             let [gate, up] = self.linears(layer, [Proj::Gate, Proj::Up], (&h, hb.as_ref()), lora, i, prompt)?;
-            // SwiGLU; on the CUDA prompt path with the bf16 copy the down projection's GEMM reads.
-            let pair = if prompt.is_some() { crate::kernels::silu_mul_pair(&gate, &up)? } else { None };
+            // SwiGLU; on the CUDA prompt path with the 16-bit copy the down projection reads.
+            let pair = match prompt {
+                Some(p) => crate::kernels::silu_mul_pair(&gate, &up, p.input_dtype())?,
+                None => None,
+            };
             let (act, act_b) = match pair {
                 Some((act, act_b)) => (act, Some(act_b)),
                 None => match crate::kernels::silu_mul(&gate, &up)? {
@@ -674,7 +677,7 @@ impl Model {
     fn attention(
         &self,
         layer: &DecoderLayer,
-        (x, x_bf16): (&Tensor, Option<&Tensor>),
+        (x, x_copy): (&Tensor, Option<&Tensor>),
         residual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
@@ -688,7 +691,7 @@ impl Model {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], (x, x_bf16), lora, layer_idx, prompt)?;
+        let [q, k, v] = self.linears(layer, [Proj::Q, Proj::K, Proj::V], (x, x_copy), lora, layer_idx, prompt)?;
         // One row's prompt with the fused attention (CUDA): rotary embedding and cache append in
         // one kernel, whose query layout the attention kernel reads as it is (no copies).
         let precision = self.prompt_attention.fused(prompt.is_some());
@@ -696,8 +699,9 @@ impl Model {
             if let Some(q) = crate::kernels::rope_prompt(&q, &k, &v, (&self.cos, &self.sin), (k_buf, v_buf), offset, offset)? {
                 let (q, k, v) = (q.transpose(1, 2)?, k_buf.narrow(2, 0, offset + t)?, v_buf.narrow(2, 0, offset + t)?);
                 let (scale, window) = self.attention_scale_window();
-                // With the bf16 copy the o projection's GEMM reads.
-                let (out, out_b) = match crate::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window, precision)? {
+                // With the 16-bit copy the o projection reads.
+                let (out, out_b) = match crate::kernels::prompt_attention_pair(&q, &k, &v, scale as f32, window, precision, prompt.map_or(DType::BF16, PromptKernel::input_dtype))?
+                {
                     Some((out, out_b)) => (out, Some(out_b.reshape((1, t, nh * hd))?)),
                     None => (self.attend(&q, &k, &v, Some(precision))?, None),
                 };
@@ -776,12 +780,13 @@ impl Model {
         Ok(attend_expanded(q, k, v, scale, window)?.transpose(1, 2)?)
     }
 
-    /// RMSNorm of `x` with weight `w`; on the CUDA prompt path also rounded to bf16 in the same
-    /// kernel (the projections' GEMM input, so they cast nothing).
+    /// RMSNorm of `x` with weight `w`; on the CUDA prompt path also rounded to the prompt
+    /// kernel's 16-bit input type in the same kernel (the projections' input, so they cast
+    /// nothing).
     fn norm_for(&self, x: &Tensor, w: &Tensor, prompt: Option<PromptKernel>) -> Result<(Tensor, Option<Tensor>)> {
         let eps = self.cfg.rms_norm_eps as f32;
-        if prompt.is_some() {
-            if let Some((y, yb)) = crate::kernels::rms_norm_pair(x, w, eps)? {
+        if let Some(p) = prompt {
+            if let Some((y, yb)) = crate::kernels::rms_norm_pair(x, w, eps, p.input_dtype())? {
                 return Ok((y, Some(yb)));
             }
         }
@@ -793,7 +798,7 @@ impl Model {
         (1.0 / (self.cfg.head_dim as f64).sqrt(), self.cfg.sliding_window.unwrap_or(usize::MAX))
     }
 
-    /// Projections of `layer` that read the same `x` (with its bf16 copy where the kernel that
+    /// Projections of `layer` that read the same `x` (with its 16-bit copy where the kernel that
     /// made it wrote one), each its base weight plus the adapter's unmerged LoRA path if it has
     /// one (one pass over the base weights on the CPU). With one adapter a row, each row's LoRA
     /// term is computed on that row alone and added to it.
@@ -801,17 +806,17 @@ impl Model {
         &self,
         layer: &DecoderLayer,
         projs: [Proj; N],
-        (x, x_bf16): (&Tensor, Option<&Tensor>),
+        (x, x_copy): (&Tensor, Option<&Tensor>),
         lora: RowLora<'_>,
         layer_idx: usize,
         prompt: Option<PromptKernel>,
     ) -> Result<[Tensor; N]> {
         let bases: Vec<&BaseLinear> = projs.iter().map(|&p| layer.proj(p)).collect();
         // Without a LoRA term to add, one GEMM for all of them where the prompt path allows.
-        let one_gemm = if projs.iter().any(|&p| Self::adapted(lora, layer_idx, p)) { None } else { BaseLinear::forward_one_gemm(&bases, x, x_bf16, prompt)? };
+        let one_gemm = if projs.iter().any(|&p| Self::adapted(lora, layer_idx, p)) { None } else { BaseLinear::forward_one_gemm(&bases, x, x_copy, prompt)? };
         let ys = match one_gemm {
             Some(ys) => ys,
-            None => BaseLinear::forward_many(&bases, x, x_bf16, prompt, self.cpu_kernels)?,
+            None => BaseLinear::forward_many(&bases, x, x_copy, prompt, self.cpu_kernels)?,
         };
         let out: Vec<Tensor> = ys
             .into_iter()
@@ -841,17 +846,17 @@ impl Model {
         &self,
         layer: &DecoderLayer,
         p: Proj,
-        (x, x_bf16): (&Tensor, Option<&Tensor>),
+        (x, x_copy): (&Tensor, Option<&Tensor>),
         residual: &Tensor,
         lora: RowLora<'_>,
         layer_idx: usize,
         prompt: Option<PromptKernel>,
     ) -> Result<Tensor> {
         if Self::adapted(lora, layer_idx, p) {
-            let [y] = self.linears(layer, [p], (x, x_bf16), lora, layer_idx, prompt)?;
+            let [y] = self.linears(layer, [p], (x, x_copy), lora, layer_idx, prompt)?;
             return Ok((residual + y)?);
         }
-        layer.proj(p).forward_plus(x, x_bf16, residual, prompt, self.cpu_kernels)
+        layer.proj(p).forward_plus(x, x_copy, residual, prompt, self.cpu_kernels)
     }
 
     /// Whether projection `p` of layer `layer_idx` has a LoRA term for some row.

@@ -43,6 +43,16 @@ pub enum PromptKernel {
 pub const F16_PREFILL_ROWS: std::ops::RangeInclusive<usize> = 16..=64;
 
 impl PromptKernel {
+    /// The 16-bit type of the input copy this kernel's projections read (written by the kernel
+    /// that produced the input, or cast once for all the weights that read it): f16 for
+    /// `F16Mma`, bf16 for the dense GEMM (which `Int8Mma` falls back to for other types).
+    pub fn input_dtype(self) -> DType {
+        match self {
+            Self::F16Mma => DType::F16,
+            _ => DType::BF16,
+        }
+    }
+
     /// The kernel a prompt of `t` tokens a sequence takes (`None`: candle's 4-bit kernels):
     /// this one from `dense_rows` tokens; `Auto` in a model whose projections are all Q4_K or
     /// Q6_K on CUDA (`k_quants`) `F16Mma` over `F16_PREFILL_ROWS` and `DenseBf16` above, in
@@ -96,16 +106,18 @@ impl BaseLinear {
     }
 
     /// `x · Wᵀ + add` (`add` shaped like the output: the residual stream), otherwise as
-    /// [`BaseLinear::forward_with`] with `x_bf16` for the dense prompt path: there the GEMM adds
-    /// it in its epilogue, so the sum costs no pass of its own.
-    pub fn forward_plus(&self, x: &Tensor, x_bf16: Option<&Tensor>, add: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
-        self.forward_sharing(x, &shared_bf16(x_bf16), Some(add), prompt, cpu_kernel)
+    /// [`BaseLinear::forward_with`] with `x_copy`, `x` in the prompt kernel's input type
+    /// (`PromptKernel::input_dtype`) where the kernel that made `x` wrote it: the dense GEMM and
+    /// the f16 kernel add `add` in their epilogue, so the sum costs no pass of its own.
+    pub fn forward_plus(&self, x: &Tensor, x_copy: Option<&Tensor>, add: &Tensor, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
+        self.forward_sharing(x, &shared_copy(x_copy), Some(add), prompt, cpu_kernel)
     }
 
-    /// [`BaseLinear::forward_with`] plus `add` if given, with `x_bf16` holding `x` cast to bf16
-    /// for the dense prompt path once the first weight of several reading the same `x` made it.
-    fn forward_sharing(&self, x: &Tensor, x_bf16: &OnceCell<Tensor>, add: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
-        let (y, added) = self.forward_dense_or_packed(x, x_bf16, add, prompt, cpu_kernel)?;
+    /// [`BaseLinear::forward_with`] plus `add` if given, with `x_copy` holding `x` in a prompt
+    /// kernel's 16-bit input type once the caller, or the first weight of several reading the
+    /// same `x`, made it.
+    fn forward_sharing(&self, x: &Tensor, x_copy: &OnceCell<Tensor>, add: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Tensor> {
+        let (y, added) = self.forward_dense_or_packed(x, x_copy, add, prompt, cpu_kernel)?;
         Ok(match add {
             Some(a) if !added => (y + a)?,
             _ => y,
@@ -113,27 +125,21 @@ impl BaseLinear {
     }
 
     /// The product, and whether `add` is already in it (the dense prompt path's GEMM).
-    fn forward_dense_or_packed(&self, x: &Tensor, x_bf16: &OnceCell<Tensor>, add: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<(Tensor, bool)> {
+    fn forward_dense_or_packed(&self, x: &Tensor, x_copy: &OnceCell<Tensor>, add: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<(Tensor, bool)> {
         if prompt == Some(PromptKernel::Int8Mma) {
             if let Some(y) = crate::kernels::int8_mma_matmul(&self.weight, x)? {
                 return Ok((y, false));
             }
         }
-        if prompt == Some(PromptKernel::F16Mma) && add.is_none_or(|a| a.dtype() == DType::F32) {
-            if let Some(y) = crate::kernels::f16_mma_matmul(&self.weight, x, add)? {
+        if prompt == Some(PromptKernel::F16Mma) && f16_kernel_reads(self.weight.dtype()) && x.device().is_cuda() && add.is_none_or(|a| a.dtype() == DType::F32) {
+            let xh = input_copy(x, x_copy, DType::F16)?;
+            if let Some(y) = crate::kernels::f16_mma_matmul(&[self.weight.as_ref()], &xh, add)? {
                 return Ok((y, add.is_some()));
             }
         }
         if prompt.is_some() {
             if let Some(w) = crate::kernels::dequantize(&self.weight, DType::BF16)? {
-                let xb = match x_bf16.get() {
-                    Some(xb) => xb.clone(),
-                    None => {
-                        let xb = x.to_dtype(DType::BF16)?;
-                        let _ = x_bf16.set(xb.clone());
-                        xb
-                    }
-                };
+                let xb = input_copy(x, x_copy, DType::BF16)?;
                 if x.dtype() == DType::F32 && add.is_none_or(|a| a.dtype() == DType::F32) {
                     if let Some(y) = crate::kernels::gemm_bf16_f32(&xb, &w, add)? {
                         return Ok((y, true));
@@ -150,14 +156,14 @@ impl BaseLinear {
 
     /// [`BaseLinear::forward_with`] for several weights that read the same `x` (q|k|v,
     /// gate|up): on the CPU kernel's path one quantization of `x` and one pass of the workers
-    /// for all of them; the same values as one call each. `x_bf16`: `x` rounded to bf16 where
-    /// the kernel that made `x` wrote it too (the dense prompt path's GEMM input, else cast
-    /// here once for all the weights).
-    pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Vec<Tensor>> {
+    /// for all of them; the same values as one call each. `x_copy`: `x` in the prompt kernel's
+    /// 16-bit input type where the kernel that made `x` wrote it too (else cast here once for
+    /// all the weights).
+    pub fn forward_many(ws: &[&BaseLinear], x: &Tensor, x_copy: Option<&Tensor>, prompt: Option<PromptKernel>, cpu_kernel: bool) -> Result<Vec<Tensor>> {
         let on_kernel = |w: &BaseLinear| w.in_features == ws[0].in_features && cpu::available(w.weight.dtype());
         let cpu_path = cpu_kernel && prompt.is_none() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && ws.iter().all(|w| on_kernel(w));
         if !cpu_path || ws.len() < 2 {
-            let shared = shared_bf16(x_bf16);
+            let shared = shared_copy(x_copy);
             return ws.iter().map(|w| w.forward_sharing(x, &shared, None, prompt, cpu_kernel)).collect();
         }
         let k = ws[0].in_features;
@@ -172,36 +178,44 @@ impl BaseLinear {
         ws.iter().zip(outs).map(|(w, out)| Ok(Tensor::from_vec(out, crate::kernels::matmul_dims(x, k, w.out_features)?.1, &Device::Cpu)?)).collect()
     }
 
-    /// The dense prompt path for several weights at once: dequantized one under the other and
-    /// multiplied in one GEMM (one launch instead of a small one each, which fill the GPU
-    /// worse), each output a column slice of the result (`[.., out_i]` views, rows
-    /// `Σ out_i` apart, which the prompt path's rotary and SwiGLU kernels read in place).
-    /// Callers that add a LoRA term take [`BaseLinear::forward_many`] instead: with one GEMM a
-    /// group and the LoRA terms added to its slices, an r=16 prompt ran at 10.8k tokens/s, where
-    /// an earlier build with a GEMM each had run at 12.2k (BENCHMARKS.md). `None` where this path
-    /// does not apply.
-    pub fn forward_one_gemm(ws: &[&BaseLinear], x: &Tensor, x_bf16: Option<&Tensor>, prompt: Option<PromptKernel>) -> Result<Option<Vec<Tensor>>> {
-        if prompt != Some(PromptKernel::DenseBf16) || ws.len() < 2 || x.dtype() != DType::F32 {
+    /// The prompt path for several weights at once, each output a column slice of one wider
+    /// result (`[.., out_i]` views, rows `Σ out_i` apart, which the prompt path's rotary and
+    /// SwiGLU kernels read in place). Dense: dequantized one under the other and multiplied in
+    /// one GEMM (one launch instead of a small one each, which fill the GPU worse). F16: each
+    /// run of up to three consecutive weights of one type in one launch of the f16 kernel (q|k,
+    /// or q|k|v where v shares their type; gate|up). Callers that add a LoRA term take
+    /// [`BaseLinear::forward_many`] instead: with one GEMM a group and the LoRA terms added to
+    /// its slices, an r=16 prompt ran at 10.8k tokens/s, where an earlier build with a GEMM each
+    /// had run at 12.2k (BENCHMARKS.md). `None` where this path does not apply.
+    pub fn forward_one_gemm(ws: &[&BaseLinear], x: &Tensor, x_copy: Option<&Tensor>, prompt: Option<PromptKernel>) -> Result<Option<Vec<Tensor>>> {
+        if ws.len() < 2 || x.dtype() != DType::F32 {
             return Ok(None);
         }
-        let packed: Vec<&QTensor> = ws.iter().map(|w| w.weight.as_ref()).collect();
-        // None also where the weights' widths differ.
-        let Some(w) = crate::kernels::dequantize_many(&packed, DType::BF16)? else { return Ok(None) };
-        let xb = match x_bf16 {
-            Some(xb) => xb.clone(),
-            None => x.to_dtype(DType::BF16)?,
-        };
-        let Some(y) = crate::kernels::gemm_bf16_f32(&xb, &w, None)? else { return Ok(None) };
-        let mut at = 0;
-        let ys = ws
-            .iter()
-            .map(|w| {
-                let part = y.narrow(candle_core::D::Minus1, at, w.out_features);
-                at += w.out_features;
-                part
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Some(ys))
+        let copy = shared_copy(x_copy);
+        match prompt {
+            Some(PromptKernel::DenseBf16) => {
+                let packed: Vec<&QTensor> = ws.iter().map(|w| w.weight.as_ref()).collect();
+                // None also where the weights' widths differ.
+                let Some(w) = crate::kernels::dequantize_many(&packed, DType::BF16)? else { return Ok(None) };
+                let xb = input_copy(x, &copy, DType::BF16)?;
+                let Some(y) = crate::kernels::gemm_bf16_f32(&xb, &w, None)? else { return Ok(None) };
+                Ok(Some(column_slices(&y, ws)?))
+            }
+            Some(PromptKernel::F16Mma) if x.device().is_cuda() && ws.iter().all(|w| f16_kernel_reads(w.weight.dtype())) => {
+                let xh = input_copy(x, &copy, DType::F16)?;
+                let mut ys = Vec::with_capacity(ws.len());
+                for run in ws.chunk_by(|a, b| a.weight.dtype() == b.weight.dtype()) {
+                    for group in run.chunks(3) {
+                        let packed: Vec<&QTensor> = group.iter().map(|w| w.weight.as_ref()).collect();
+                        // None where the weights' widths differ.
+                        let Some(y) = crate::kernels::f16_mma_matmul(&packed, &xh, None)? else { return Ok(None) };
+                        ys.extend(column_slices(&y, group)?);
+                    }
+                }
+                Ok(Some(ys))
+            }
+            _ => Ok(None),
+        }
     }
 
     fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
@@ -247,10 +261,40 @@ impl BaseLinear {
     }
 }
 
-/// The bf16 copy of an input the dense prompt path shares between weights: the caller's, or
-/// made by the first weight that needs it.
-fn shared_bf16(x_bf16: Option<&Tensor>) -> OnceCell<Tensor> {
-    x_bf16.map_or_else(OnceCell::new, |xb| OnceCell::from(xb.clone()))
+/// The 16-bit copy of an input the prompt path shares between weights: the caller's, or made
+/// by the first weight that needs it.
+fn shared_copy(x_copy: Option<&Tensor>) -> OnceCell<Tensor> {
+    x_copy.map_or_else(OnceCell::new, |xc| OnceCell::from(xc.clone()))
+}
+
+/// `x` in `dtype` for a prompt kernel: the copy in `shared` where it is of that type, else cast
+/// now (and kept in `shared` for the next weight where it held none).
+fn input_copy(x: &Tensor, shared: &OnceCell<Tensor>, dtype: DType) -> Result<Tensor> {
+    if let Some(c) = shared.get().filter(|c| c.dtype() == dtype) {
+        return Ok(c.clone());
+    }
+    let c = x.to_dtype(dtype)?;
+    if shared.get().is_none() {
+        let _ = shared.set(c.clone());
+    }
+    Ok(c)
+}
+
+/// Whether the f16 tensor-core prompt kernel reads weights of this type.
+fn f16_kernel_reads(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K)
+}
+
+/// The outputs of `ws` as column slices of `y`, their products side by side in order.
+fn column_slices(y: &Tensor, ws: &[&BaseLinear]) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    ws.iter()
+        .map(|w| {
+            let part = y.narrow(candle_core::D::Minus1, at, w.out_features)?;
+            at += w.out_features;
+            Ok(part)
+        })
+        .collect()
 }
 
 /// `f` on the values of an f32 tensor on the CPU, in row-major order (copied first only when
