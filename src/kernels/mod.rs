@@ -81,6 +81,10 @@ pub fn matvec_blocks(rows: usize, glu: bool) -> usize {
 /// Warps per block of the tensor-core matvec (`MQ_WARPS` in quant.cu); they split k.
 pub const MQ_WARPS: usize = 8;
 
+/// Dynamic shared memory of a Q4_K tensor-core matvec block (`mvq_q4k_b*`): each warp's ring of
+/// `MQ_STAGES` (3) slots of 16 rows × one 144-byte Q4_K block.
+pub const MQ_Q4K_RING_BYTES: u32 = (MQ_WARPS * 3 * 16 * 144) as u32;
+
 /// Blocks of the tensor-core matvec for `rows` outputs: a block takes a tile of 16 weight rows,
 /// 16 outputs, or 8 in GLU mode (MMA rows 0-7 the gate rows, 8-15 the up rows of the same 8).
 pub fn mma_matvec_blocks(rows: usize, glu: bool) -> usize {

@@ -721,6 +721,7 @@ ALL(q4_0, Q4_0)
 // sub-block, the residual and SwiGLU in the epilogue as in mv_body. Tiles are 16 weight rows: 16 outputs,
 // or in GLU mode 8 outputs whose gate rows are MMA rows 0-7 and up rows 8-15.
 #define MQ_WARPS 8
+#define MQ_STAGES 3  // blocks a warp of mvq_q4k has in flight: 8 × 3 × 2,304 bytes of ring a block
 
 __device__ __forceinline__ uint2 ld_stream8(const uint8_t *p) {
     uint2 v;
@@ -810,6 +811,26 @@ struct MqBlock {
         }
     }
 
+    // The same block from a ring slot holding the tile's 16 rows one after another (mvq's Q4_K
+    // ring); a_in, b_in: whether rows grp and grp + 8 exist (else zeros).
+    __device__ __forceinline__ void load_slot(const uint8_t *slot, bool a_in, bool b_in, int grp, int t) {
+        ha = hb = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int g = 0; g < 4; g++) qa[g] = qb[g] = make_uint2(0, 0);
+        if (a_in) {
+            const uint8_t *p = slot + grp * Q4K::BYTES;
+            ha = *reinterpret_cast<const uint4 *>(p);
+#pragma unroll
+            for (int g = 0; g < 4; g++) qa[g] = *reinterpret_cast<const uint2 *>(p + 16 + 32 * g + 8 * t);
+        }
+        if (b_in) {
+            const uint8_t *p = slot + (grp + 8) * Q4K::BYTES;
+            hb = *reinterpret_cast<const uint4 *>(p);
+#pragma unroll
+            for (int g = 0; g < 4; g++) qb[g] = *reinterpret_cast<const uint2 *>(p + 16 + 32 * g + 8 * t);
+        }
+    }
+
     // The MMA's A operand for sub-block j: the low nibbles of group j/2 for even j, the high for odd.
     __device__ __forceinline__ void frag(int j, uint32_t (&am)[4]) const {
         const int g = j >> 1, sh = 4 * (j & 1);
@@ -844,19 +865,27 @@ struct MqBlockQ6K {
         __device__ __forceinline__ int scale(int n, int g) const { return (int)(int8_t)((sc[n][g >> 2] >> (8 * (g & 3))) & 0xFF); }
     };
     Row a, b;
-    static __device__ __forceinline__ void row(Row &r, const uint8_t *p, int t) {
+    // The words of a block at p: one aligned read each where p is 4-byte aligned (every other
+    // block of a row that starts aligned), else two 2-byte reads.
+    template <bool ALIGNED>
+    static __device__ __forceinline__ void row_words(Row &r, const uint8_t *p, int t) {
+        const auto word = [p](int off) { return ALIGNED ? *reinterpret_cast<const uint32_t *>(p + off) : ld_u16x2(p + off); };
 #pragma unroll
         for (int n = 0; n < 2; n++) {
 #pragma unroll
             for (int u = 0; u < 2; u++) {
-                r.ql[n][0][u] = ld_u16x2(p + 64 * n + 16 * u + 4 * t);
-                r.ql[n][1][u] = ld_u16x2(p + 64 * n + 32 + 16 * u + 4 * t);
-                r.qh[n][u] = ld_u16x2(p + 128 + 32 * n + 16 * u + 4 * t);
+                r.ql[n][0][u] = word(64 * n + 16 * u + 4 * t);
+                r.ql[n][1][u] = word(64 * n + 32 + 16 * u + 4 * t);
+                r.qh[n][u] = word(128 + 32 * n + 16 * u + 4 * t);
             }
-            r.sc[n][0] = ld_u16x2(p + 192 + 8 * n);
-            r.sc[n][1] = ld_u16x2(p + 196 + 8 * n);
+            r.sc[n][0] = word(192 + 8 * n);
+            r.sc[n][1] = word(196 + 8 * n);
         }
         r.d = ld_half(p + 208);
+    }
+    static __device__ __forceinline__ void row(Row &r, const uint8_t *p, int t) {
+        if ((reinterpret_cast<uintptr_t>(p) & 3) == 0) row_words<true>(r, p, t);
+        else row_words<false>(r, p, t);
     }
     // Block bi of the rows at wa and wb (either may be null).
     __device__ __forceinline__ void load(const uint8_t *wa, const uint8_t *wb, int bi, int t) {
@@ -905,6 +934,7 @@ __device__ __forceinline__ void mq_store(const MvArgs &a, int row, int b, float 
 // dmin·m_j, Σx_j) with dot_j the integer dot product of its nibbles and the int8 activations.
 struct MqQ4K {
     static constexpr int BYTES = Q4K::BYTES;
+    static constexpr bool RING = true;  // mvq_body stages its blocks through a shared-memory ring
     using Block = MqBlock;
     template <int NB>
     static __device__ __forceinline__ void tile(const Block &blk, const MvArgs &a, int bi, int grp, int t, float (&acc)[4]) {
@@ -965,6 +995,7 @@ __device__ __forceinline__ uint32_t q6_signed(uint32_t q) { return ((q | 0x80808
 
 struct MqQ6K {
     static constexpr int BYTES = Q6K::BYTES;
+    static constexpr bool RING = false;  // 2-byte aligned blocks: read straight from global memory
     using Block = MqBlockQ6K;
     // One m16n8k16 MMA a group: lane t's k positions 4t..4t + 3 are weights 4t..4t + 3 of the
     // group for both operands, so its activations are 4 contiguous bytes.
@@ -1001,7 +1032,6 @@ struct MqQ6K {
 template <typename P, int NB>
 __device__ void mvq_body(const MvArgs &a) {
     pdl_launch_dependents();
-    pdl_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int grp = lane >> 2, t = lane & 3;
     const int nblk = a.k / 256;
@@ -1012,10 +1042,49 @@ __device__ void mvq_body(const MvArgs &a) {
     const int b0 = 2 * t, b1 = 2 * t + 1;
     // acc[0], acc[1]: row A at batches b0, b1; acc[2], acc[3]: row B.
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
-        typename P::Block blk;
-        blk.load(ra.w, rb.w, bi, t);
-        P::template tile<NB>(blk, a, bi, grp, t, acc);
+    if constexpr (P::RING) {
+        // The warp's blocks bi = warp + 8i come through its ring of MQ_STAGES slots (each the
+        // tile's 16 rows of one block), copied asynchronously: MQ_STAGES - 1 blocks stay in
+        // flight while it works on one, and none holds registers. Lane l copies MMA row l % 16
+        // (lane 4r's row A for r < 8, lane 4(r − 8)'s row B above).
+        extern __shared__ __align__(16) uint8_t mq_ring[];
+        constexpr int SLOT = 16 * P::BYTES;
+        uint8_t *ring = mq_ring + warp * MQ_STAGES * SLOT;
+        const int r = lane & 15;
+        const uint64_t from_a = __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(ra.w), 4 * (r & 7));
+        const uint64_t from_b = __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(rb.w), 4 * (r & 7));
+        const uint8_t *copy_row = reinterpret_cast<const uint8_t *>(r < 8 ? from_a : from_b);
+        const int nit = warp < nblk ? (nblk - warp + MQ_WARPS - 1) / MQ_WARPS : 0;
+        const auto fetch = [&](int i) {
+            if (i < nit && copy_row != nullptr) {
+                const uint8_t *src = copy_row + (int64_t)(warp + MQ_WARPS * i) * P::BYTES;
+                uint8_t *dst = ring + (i % MQ_STAGES) * SLOT + r * P::BYTES;
+                for (int c = lane >> 4; c < P::BYTES / 16; c += 2) cp_async16(dst + 16 * c, src + 16 * c);
+            }
+            cp_async_commit();
+        };
+        // The weights depend on no earlier kernel: they start coming while the kernel before
+        // finishes, and the activations are read after the wait.
+#pragma unroll
+        for (int i = 0; i < MQ_STAGES - 1; i++) fetch(i);
+        pdl_wait();
+        for (int i = 0; i < nit; i++) {
+            // Block i's copies are done (later ones may still fly), and every lane has finished
+            // reading the slot the next fetch overwrites.
+            cp_async_wait<MQ_STAGES - 2>();
+            __syncwarp();
+            fetch(i + MQ_STAGES - 1);
+            typename P::Block blk;
+            blk.load_slot(ring + (i % MQ_STAGES) * SLOT, ra.w != nullptr, rb.w != nullptr, grp, t);
+            P::template tile<NB>(blk, a, warp + MQ_WARPS * i, grp, t, acc);
+        }
+    } else {
+        pdl_wait();
+        for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
+            typename P::Block blk;
+            blk.load(ra.w, rb.w, bi, t);
+            P::template tile<NB>(blk, a, bi, grp, t, acc);
+        }
     }
     // LoRA: scale_b * B_b[row, :] · u[b, seg*rmax ..] for each of the four outputs (batch row
     // b's own adapter), the rank split over the warps (entries j ≡ warp mod MQ_WARPS) so it joins

@@ -217,6 +217,13 @@ mod imp {
                         ),
                         _ => (Vec::new(), Vec::new()),
                     };
+                    let ring = mma_ring_bytes(kind);
+                    if ring > 0 {
+                        for f in &mma {
+                            // More than the 48 KB a launch gets without asking.
+                            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ring as i32).w()?;
+                        }
+                    }
                     let f = Arc::new(TypeKernels { mv, mma, mma_order, embed: k.quant(&format!("embed_f32_{suffix}"))? });
                     by_type.insert(suffix, f.clone());
                     f
@@ -318,7 +325,10 @@ mod imp {
                 match self.rows {
                     RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
                     RowKernels::Fastest if nb < MMA_MIN_ROWS => {}
-                    _ => return self.with(&w.f.mma[nb - 1], grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32), a),
+                    _ => {
+                        let cfg = LaunchConfig { shared_mem_bytes: mma_ring_bytes(w.kind), ..grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32) };
+                        return self.with(&w.f.mma[nb - 1], cfg, a);
+                    }
                 }
             }
             self.with(&w.f.mv[nb - 1], grid(matvec_blocks(n, glu), threads), a)
@@ -332,6 +342,16 @@ mod imp {
             self.n.set(self.n.get() + 1);
             // SAFETY: passed on from the caller; every kernel the step launches waits (pdl_wait).
             Ok(unsafe { self.k.launch_params(f, cfg, params, self.overlap) }?)
+        }
+    }
+
+    /// The dynamic shared memory of a type's tensor-core matvec: Q4_K's weight ring (the other
+    /// types read their blocks straight from global memory).
+    fn mma_ring_bytes(kind: QuantKind) -> u32 {
+        if kind.suffix == "q4k" {
+            crate::kernels::MQ_Q4K_RING_BYTES
+        } else {
+            0
         }
     }
 
