@@ -62,7 +62,7 @@ pub struct GenerateBench {
     #[arg(long, value_enum, default_value = "exact-dp4a")]
     pub row_kernels: RowKernels,
     /// The path prompts' projections take on CUDA: `auto` (the default: in a Q4_K/Q6_K model
-    /// `f16-mma` for prompts of 16-64 tokens and `dense-bf16` above, else `dense-bf16` from the
+    /// `f16-mma` for prompts of 16-128 tokens and `dense-bf16` above, else `dense-bf16` from the
     /// dense threshold), `dense-bf16` (each weight dequantized to bf16, one cuBLAS GEMM),
     /// `int8-mma` (Q4_K weights read in place on int8 tensor cores) or `f16-mma` (Q4_K and Q6_K
     /// weights dequantized in registers onto f16 tensor cores); all but `auto` from the dense

@@ -990,8 +990,9 @@ mod tests {
     }
 
     /// `Auto` sends short prompts of a K-quant model to the f16 kernel and longer ones to the
-    /// dense GEMM, other models' from the dense threshold; each named kernel serves from the
-    /// dense threshold; shorter prompts keep candle's kernels.
+    /// dense GEMM (every one from a dense threshold set at or below the f16 range), other
+    /// models' from the dense threshold; each named kernel serves from the dense threshold;
+    /// shorter prompts keep candle's kernels.
     #[test]
     fn prompt_kernel_by_length() {
         use PromptKernel::*;
@@ -1002,12 +1003,15 @@ mod tests {
             (Auto, lo, dense, true, Some(F16Mma)),
             (Auto, hi, dense, true, Some(F16Mma)),
             (Auto, hi + 1, dense, true, Some(DenseBf16)),
-            (Auto, dense, dense, true, Some(DenseBf16)),
+            (Auto, dense, dense, true, Some(F16Mma)),
+            (Auto, dense, hi + 1, true, Some(F16Mma)),
             (Auto, lo, 1, true, Some(DenseBf16)),
-            (Auto, hi, dense, false, None),
-            (Auto, hi + 1, dense, false, None),
+            (Auto, lo - 1, lo, true, None),
+            (Auto, lo, lo, true, Some(DenseBf16)),
+            (Auto, lo, dense, false, None),
+            (Auto, dense - 1, dense, false, None),
             (Auto, dense, dense, false, Some(DenseBf16)),
-            (DenseBf16, hi + 1, dense, true, None),
+            (DenseBf16, dense - 1, dense, true, None),
             (DenseBf16, dense, dense, true, Some(DenseBf16)),
             (F16Mma, lo, dense, true, None),
             (F16Mma, dense, dense, false, Some(F16Mma)),

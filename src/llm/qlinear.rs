@@ -14,7 +14,7 @@ use crate::kernels::cpu;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum PromptKernel {
     /// By length, the fastest measured on an H100 (BENCHMARKS.md): where every projection is
-    /// Q4_K or Q6_K, `F16Mma` for prompts of `F16_PREFILL_ROWS` (16-64) tokens a sequence and
+    /// Q4_K or Q6_K, `F16Mma` for prompts of `F16_PREFILL_ROWS` (16-128) tokens a sequence and
     /// `DenseBf16` above; elsewhere `DenseBf16` from the dense threshold (`DENSE_PREFILL_ROWS`);
     /// candle's 4-bit kernels below.
     #[default]
@@ -36,11 +36,12 @@ pub enum PromptKernel {
 
 /// Prompt lengths (tokens a sequence) that `PromptKernel::Auto` runs on the f16 tensor-core
 /// kernel in a Q4_K/Q6_K model; longer prompts take the dense path, shorter ones candle's 4-bit
-/// kernels. Measured on the H100 with the random Mistral-7B Q4_K_M mix (BENCHMARKS.md), time to
-/// the first token: 16 tokens 8.8 ms against 9.5 on candle's kernels, 32 tokens 9.7 against
-/// 11.3, 64 tokens 11.8 against 15.1 (15.5 dense); 80 tokens 16.7 against 15.4 dense, since a
-/// second tile of 64 tokens decodes every weight again.
-pub const F16_PREFILL_ROWS: std::ops::RangeInclusive<usize> = 16..=64;
+/// kernels. Measured on the H100 with the random Mistral-7B Q4_K_M mix (BENCHMARKS.md): 16
+/// tokens reach their first token in 8.8 ms against 9.5 on candle's kernels; 100 tokens prefill
+/// in 14.7 ms against 15.7 on the dense path and 128 tokens in 15.3-15.5 against 16.0, while
+/// longer prompts, whose extra 64-token tiles each decode every weight again, lose to it (200
+/// tokens: 29.2 against 17.2 ms, before the kernel's last changes).
+pub const F16_PREFILL_ROWS: std::ops::RangeInclusive<usize> = 16..=128;
 
 impl PromptKernel {
     /// The 16-bit type of the input copy this kernel's projections read (written by the kernel
@@ -55,17 +56,19 @@ impl PromptKernel {
 
     /// The kernel a prompt of `t` tokens a sequence takes (`None`: candle's 4-bit kernels):
     /// this one from `dense_rows` tokens; `Auto` in a model whose projections are all Q4_K or
-    /// Q6_K on CUDA (`k_quants`) `F16Mma` over `F16_PREFILL_ROWS` and `DenseBf16` above, in
-    /// other models `DenseBf16` from `dense_rows`.
+    /// Q6_K on CUDA (`k_quants`) `F16Mma` over `F16_PREFILL_ROWS` and `DenseBf16` above (a
+    /// dense threshold at or below the range's start puts every prompt from it on `DenseBf16`),
+    /// in other models `DenseBf16` from `dense_rows`.
     pub fn for_prompt(self, t: usize, dense_rows: usize, k_quants: bool) -> Option<PromptKernel> {
         let rows = F16_PREFILL_ROWS;
         if self != Self::Auto {
             return (t >= dense_rows).then_some(self);
         }
-        if k_quants && rows.contains(&t) && t < dense_rows {
+        let dense_first = dense_rows <= *rows.start();
+        if k_quants && rows.contains(&t) && !dense_first {
             return Some(Self::F16Mma);
         }
-        let dense_from = if k_quants { dense_rows.min(rows.end() + 1) } else { dense_rows };
+        let dense_from = if k_quants && !dense_first { rows.end() + 1 } else { dense_rows };
         (t >= dense_from).then_some(Self::DenseBf16)
     }
 }
