@@ -82,8 +82,21 @@ pub fn matvec_blocks(rows: usize, glu: bool) -> usize {
 pub const MQ_WARPS: usize = 8;
 
 /// Dynamic shared memory of a Q4_K tensor-core matvec block (`mvq_q4k_b*`): each warp's ring of
-/// `MQ_STAGES` (3) slots of 16 rows × one 144-byte Q4_K block.
-pub const MQ_Q4K_RING_BYTES: u32 = (MQ_WARPS * 3 * 16 * 144) as u32;
+/// `MQ_STAGES` (3) slots of 16 rows × one 144-byte Q4_K block, in builds for compute capability
+/// 9.0 and later (`MQ_Q4K_RING` in quant.cu); none below, where the kernel has no ring.
+pub fn mq_q4k_ring_bytes() -> u32 {
+    if kernel_cap() >= 90 {
+        (MQ_WARPS * 3 * 16 * 144) as u32
+    } else {
+        0
+    }
+}
+
+/// The compute capability this build's kernels were compiled for (`CUDA_COMPUTE_CAP`, as 90
+/// for 9.0; 0 without CUDA kernels).
+pub fn kernel_cap() -> u32 {
+    option_env!("FREESKI_KERNEL_CAP").and_then(|c| c.parse().ok()).unwrap_or(0)
+}
 
 /// Blocks of the tensor-core matvec for `rows` outputs: a block takes a tile of 16 weight rows,
 /// 16 outputs, or 8 in GLU mode (MMA rows 0-7 the gate rows, 8-15 the up rows of the same 8).
@@ -183,7 +196,7 @@ mod cuda {
         /// compute capability 9.0 or later (so they carry the waits) and running on such a card.
         pub fn overlap_supported(&self) -> Result<bool> {
             use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-            let compiled: u32 = env!("FREESKI_KERNEL_CAP").parse().unwrap_or(0);
+            let compiled = super::kernel_cap();
             let major = self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;
             Ok(compiled >= 90 && major >= 9)
         }

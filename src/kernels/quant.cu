@@ -722,6 +722,14 @@ ALL(q4_0, Q4_0)
 // or in GLU mode 8 outputs whose gate rows are MMA rows 0-7 and up rows 8-15.
 #define MQ_WARPS 8
 #define MQ_STAGES 3  // blocks a warp of mvq_q4k has in flight: 8 × 3 × 2,304 bytes of ring a block
+// That ring is for Hopper (228 KB of shared memory an SM: three such blocks fit, as many as the
+// registers allow). The consumer cards' 100 KB would hold one, so compiled for an earlier
+// architecture the kernel reads its blocks straight from global memory, three blocks an SM.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MQ_Q4K_RING true
+#else
+#define MQ_Q4K_RING false
+#endif
 
 __device__ __forceinline__ uint2 ld_stream8(const uint8_t *p) {
     uint2 v;
@@ -934,7 +942,7 @@ __device__ __forceinline__ void mq_store(const MvArgs &a, int row, int b, float 
 // dmin·m_j, Σx_j) with dot_j the integer dot product of its nibbles and the int8 activations.
 struct MqQ4K {
     static constexpr int BYTES = Q4K::BYTES;
-    static constexpr bool RING = true;  // mvq_body stages its blocks through a shared-memory ring
+    static constexpr bool RING = MQ_Q4K_RING;  // mvq_body stages its blocks through a shared-memory ring
     using Block = MqBlock;
     template <int NB>
     static __device__ __forceinline__ void tile(const Block &blk, const MvArgs &a, int bi, int grp, int t, float (&acc)[4]) {

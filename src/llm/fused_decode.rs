@@ -345,11 +345,12 @@ mod imp {
         }
     }
 
-    /// The dynamic shared memory of a type's tensor-core matvec: Q4_K's weight ring (the other
-    /// types read their blocks straight from global memory).
+    /// The dynamic shared memory of a type's tensor-core matvec: Q4_K's weight ring on Hopper
+    /// builds (the other types, and Q4_K below compute capability 9.0, read their blocks
+    /// straight from global memory).
     fn mma_ring_bytes(kind: QuantKind) -> u32 {
         if kind.suffix == "q4k" {
-            crate::kernels::MQ_Q4K_RING_BYTES
+            crate::kernels::mq_q4k_ring_bytes()
         } else {
             0
         }
