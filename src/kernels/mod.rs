@@ -81,12 +81,15 @@ pub fn matvec_blocks(rows: usize, glu: bool) -> usize {
 /// Warps per block of the tensor-core matvec (`MQ_WARPS` in quant.cu); they split k.
 pub const MQ_WARPS: usize = 8;
 
+/// Slots of a warp's weight ring in the Q4_K tensor-core matvec (`MQ_STAGES` in quant.cu).
+const MQ_STAGES: usize = 3;
+
 /// Dynamic shared memory of a Q4_K tensor-core matvec block (`mvq_q4k_b*`): each warp's ring of
-/// `MQ_STAGES` (3) slots of 16 rows × one 144-byte Q4_K block, in builds for compute capability
-/// 9.0 and later (`MQ_Q4K_RING` in quant.cu); none below, where the kernel has no ring.
+/// `MQ_STAGES` slots of 16 rows × one Q4_K block, in builds for compute capability 9.0 and later
+/// (`MQ_Q4K_RING` in quant.cu); none below, where the kernel has no ring.
 pub fn mq_q4k_ring_bytes() -> u32 {
     if kernel_cap() >= 90 {
-        (MQ_WARPS * 3 * 16 * 144) as u32
+        (MQ_WARPS * MQ_STAGES * 16 * GgmlDType::Q4K.type_size()) as u32
     } else {
         0
     }
@@ -872,8 +875,8 @@ mod cuda {
         Ok(Some(tensor_from_slice(y, dev, g.dims())))
     }
 
-    /// [`silu_mul`] with its result also rounded to bf16 in the same pass (the down projection's
-    /// GEMM input on the prompt path): `(f32, bf16)`.
+    /// [`silu_mul`] with its result also rounded to `copy` (bf16 or f16) in the same pass (the
+    /// down projection's input on the prompt path): `(f32, copy)`.
     pub fn silu_mul_pair(g: &Tensor, u: &Tensor, copy: DType) -> Result<Option<(Tensor, Tensor)>> {
         Ok(silu_mul_launch(g, u, Some(copy))?.and_then(|(y, yb)| Some((y, yb?))))
     }

@@ -860,7 +860,8 @@ struct MqBlock {
 // byte r < 32); group g (0..7) of a half covers weights 128n + 16g + [0, 16), with scale
 // scales[8n + g]. Of each of its two rows (grp and grp + 8; zeros past the end) a lane holds
 // the 4 consecutive ql and qh bytes of weights 4t..4t + 3 of every group, the scales and d.
-// Blocks are 210 bytes (2-byte aligned), so words are read as two halves.
+// Blocks are 210 bytes, so only every other block of a row starts 4-byte aligned; the others'
+// words are read as two halves.
 struct MqBlockQ6K {
     struct Row {
         uint32_t ql[2][2][2], qh[2][2], sc[2][2];  // [half][c][u], [half][u], [half][word]
