@@ -84,14 +84,24 @@ pub const MQ_WARPS: usize = 8;
 /// Slots of a warp's weight ring in the Q4_K tensor-core matvec (`MQ_STAGES` in quant.cu).
 const MQ_STAGES: usize = 3;
 
-/// Dynamic shared memory of a Q4_K tensor-core matvec block (`mvq_q4k_b*`): each warp's ring of
-/// `MQ_STAGES` slots of 16 rows × one Q4_K block, in builds for compute capability 9.0 and later
-/// (`MQ_Q4K_RING` in quant.cu); none below, where the kernel has no ring.
-pub fn mq_q4k_ring_bytes() -> u32 {
-    if kernel_cap() >= 90 {
-        (MQ_WARPS * MQ_STAGES * 16 * GgmlDType::Q4K.type_size()) as u32
-    } else {
-        0
+/// Stages of the block's weight ring in the Q6_K tensor-core matvec (`MQ6_STAGES` in quant.cu).
+const MQ6_STAGES: usize = 3;
+
+/// Dynamic shared memory of a tensor-core matvec block (`mvq_*`) for a weight of `dtype` whose
+/// rows are `k` long, in builds for compute capability 9.0 and later (`MQ_RING` in quant.cu):
+/// Q4_K's ring of `MQ_STAGES` slots of 16 rows × one block for each warp; Q6_K's ring of
+/// `MQ6_STAGES` stages of 16 rows × 8 blocks for the whole block, where a row holds a multiple
+/// of 8 blocks (runs of 8 then start 16-byte aligned). None otherwise: the kernel reads its
+/// blocks straight from global memory.
+pub fn mq_ring_bytes(dtype: GgmlDType, k: usize) -> u32 {
+    if kernel_cap() < 90 {
+        return 0;
+    }
+    let blocks = k / dtype.block_size();
+    match dtype {
+        GgmlDType::Q4K => (MQ_WARPS * MQ_STAGES * 16 * dtype.type_size()) as u32,
+        GgmlDType::Q6K if blocks.is_multiple_of(8) => (MQ6_STAGES * 16 * 8 * dtype.type_size()) as u32,
+        _ => 0,
     }
 }
 

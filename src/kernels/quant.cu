@@ -722,13 +722,14 @@ ALL(q4_0, Q4_0)
 // or in GLU mode 8 outputs whose gate rows are MMA rows 0-7 and up rows 8-15.
 #define MQ_WARPS 8
 #define MQ_STAGES 3  // blocks a warp of mvq_q4k has in flight: 8 × 3 × 2,304 bytes of ring a block
-// That ring is for Hopper (228 KB of shared memory an SM: three such blocks fit, as many as the
-// registers allow). The consumer cards' 100 KB would hold one, so compiled for an earlier
-// architecture the kernel reads its blocks straight from global memory, three blocks an SM.
+#define MQ6_STAGES 3  // stages of mvq_q6k's ring, each 8 blocks × 16 rows: 80,640 bytes a block
+// Those rings are for Hopper (228 KB of shared memory an SM: three Q4_K blocks fit, as many as
+// the registers allow, or two Q6_K ones). The consumer cards' 100 KB would hold one, so compiled
+// for an earlier architecture the kernels read their blocks straight from global memory.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define MQ_Q4K_RING true
+#define MQ_RING true
 #else
-#define MQ_Q4K_RING false
+#define MQ_RING false
 #endif
 
 __device__ __forceinline__ uint2 ld_stream8(const uint8_t *p) {
@@ -903,6 +904,14 @@ struct MqBlockQ6K {
         if (wa != nullptr) row(a, wa + (int64_t)bi * Q6K::BYTES, t);
         if (wb != nullptr) row(b, wb + (int64_t)bi * Q6K::BYTES, t);
     }
+    // The same block from mvq's block ring, the tile's 16 rows `stride` bytes apart from `at`
+    // (row 0's copy of it); a_in, b_in: whether rows grp and grp + 8 exist (else zeros).
+    __device__ __forceinline__ void load_staged(const uint8_t *at, int stride, bool a_in, bool b_in, int grp, int t) {
+        a = Row{};
+        b = Row{};
+        if (a_in) row(a, at + grp * stride, t);
+        if (b_in) row(b, at + (grp + 8) * stride, t);
+    }
 };
 
 // Σ of 16 int8 values (4 words), and the dot product of 16 weight bytes with them.
@@ -943,7 +952,8 @@ __device__ __forceinline__ void mq_store(const MvArgs &a, int row, int b, float 
 // dmin·m_j, Σx_j) with dot_j the integer dot product of its nibbles and the int8 activations.
 struct MqQ4K {
     static constexpr int BYTES = Q4K::BYTES;
-    static constexpr bool RING = MQ_Q4K_RING;  // mvq_body stages its blocks through a shared-memory ring
+    static constexpr bool RING = MQ_RING;  // mvq_body stages its blocks through a warp's ring
+    static constexpr bool BLOCK_RING = false;
     using Block = MqBlock;
     template <int NB>
     static __device__ __forceinline__ void tile(const Block &blk, const MvArgs &a, int bi, int grp, int t, float (&acc)[4]) {
@@ -955,13 +965,19 @@ struct MqQ4K {
             xv[j] = make_uint2(0, 0);
             if (grp < NB) xv[j] = *reinterpret_cast<const uint2 *>(a.xq + (int64_t)grp * a.k + bi * 256 + 32 * j + 8 * t);
         }
-        // Scales of the activation blocks for this lane's two batch columns.
-        float xd0[8], xd1[8];
+        // Scales of the activation blocks for this lane's two batch columns: 8 floats each,
+        // 32-byte aligned (k is a multiple of 256).
+        float4 xd0[2], xd1[2];
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            xd0[j] = b0 < NB ? a.xd[(int64_t)b0 * (a.k / 32) + bi * 8 + j] : 0.f;
-            xd1[j] = b1 < NB ? a.xd[(int64_t)b1 * (a.k / 32) + bi * 8 + j] : 0.f;
+        for (int h = 0; h < 2; h++) {
+            xd0[h] = xd1[h] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (b0 < NB) xd0[h] = reinterpret_cast<const float4 *>(a.xd + (int64_t)b0 * (a.k / 32) + bi * 8)[h];
+            if (b1 < NB) xd1[h] = reinterpret_cast<const float4 *>(a.xd + (int64_t)b1 * (a.k / 32) + bi * 8)[h];
         }
+        const auto xd_at = [](const float4 (&v)[2], int j) {
+            const float4 h = v[j >> 2];
+            return (j & 3) == 0 ? h.x : ((j & 3) == 1 ? h.y : ((j & 3) == 2 ? h.z : h.w));
+        };
         int sca[8], mna[8], scb[8], mnb[8];
         q4k_scales(blk.ha.y, blk.ha.z, blk.ha.w, sca, mna);
         q4k_scales(blk.hb.y, blk.hb.z, blk.hb.w, scb, mnb);
@@ -973,18 +989,21 @@ struct MqQ4K {
             const uint32_t bm[2] = {xv[j].x, xv[j].y};
             int d[4] = {0, 0, 0, 0};
             mma_s8(d, am, bm);
-            // Sum of the 32 activations of sub-block j for batch row grp, then for b0 and b1.
-            int s = __dp4a(0x01010101, (int)xv[j].x, __dp4a(0x01010101, (int)xv[j].y, 0));
-            s += __shfl_xor_sync(0xffffffffu, s, 1);
-            s += __shfl_xor_sync(0xffffffffu, s, 2);
-            const int s0 = __shfl_sync(0xffffffffu, s, 4 * b0), s1 = __shfl_sync(0xffffffffu, s, 4 * b1);
+            // The sums of the 32 activations of sub-block j for batch rows b0 and b1, in the
+            // accumulator layout: one more MMA, against weights that are all 1 (the tensor cores
+            // sit idle in this memory-bound kernel; lane shuffles cost more issue slots).
+            const uint32_t ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
+            int sum[4] = {0, 0, 0, 0};
+            mma_s8(sum, ones, bm);
+            const int s0 = sum[0], s1 = sum[1];
             const float da = dma.x * small_uint(sca[j]), ma = dma.y * small_uint(mna[j]);
             const float db = dmb.x * small_uint(scb[j]), mb = dmb.y * small_uint(mnb[j]);
+            const float x0 = xd_at(xd0, j), x1 = xd_at(xd1, j);
             // |d| <= 32*15*127 and |s| <= 32*128: exact through small_int.
-            acc[0] = mq_sub(acc[0], xd0[j], da, d[0], ma, s0);
-            acc[1] = mq_sub(acc[1], xd1[j], da, d[1], ma, s1);
-            acc[2] = mq_sub(acc[2], xd0[j], db, d[2], mb, s0);
-            acc[3] = mq_sub(acc[3], xd1[j], db, d[3], mb, s1);
+            acc[0] = mq_sub(acc[0], x0, da, d[0], ma, s0);
+            acc[1] = mq_sub(acc[1], x1, da, d[1], ma, s1);
+            acc[2] = mq_sub(acc[2], x0, db, d[2], mb, s0);
+            acc[3] = mq_sub(acc[3], x1, db, d[3], mb, s1);
         }
     }
 };
@@ -1004,7 +1023,10 @@ __device__ __forceinline__ uint32_t q6_signed(uint32_t q) { return ((q | 0x80808
 
 struct MqQ6K {
     static constexpr int BYTES = Q6K::BYTES;
-    static constexpr bool RING = false;  // 2-byte aligned blocks: read straight from global memory
+    // 2-byte aligned blocks: no warp ring, but the block's ring of 8-block runs (1,680 bytes,
+    // 16-byte aligned in rows of a multiple of 8 blocks).
+    static constexpr bool RING = false;
+    static constexpr bool BLOCK_RING = MQ_RING;
     using Block = MqBlockQ6K;
     // One m16n8k16 MMA a group: lane t's k positions 4t..4t + 3 are weights 4t..4t + 3 of the
     // group for both operands, so its activations are 4 contiguous bytes.
@@ -1037,6 +1059,24 @@ struct MqQ6K {
         }
     }
 };
+
+// The pipeline of mvq's weight rings: fetch(i) issues the copies of iteration i into slot
+// i % STAGES and commits them (an empty group past the end); STAGES - 1 iterations are issued
+// before the wait for the kernel before (the weights depend on none), then each iteration waits
+// for its own copies, `sync`s the threads sharing the ring (so the slot about to be refilled has
+// been read by all of them), issues the fetch STAGES - 1 ahead and runs use(i).
+template <int STAGES, typename Fetch, typename Sync, typename Use>
+__device__ __forceinline__ void ring_pipeline(int nit, Fetch fetch, Sync sync, Use use) {
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; i++) fetch(i);
+    pdl_wait();
+    for (int i = 0; i < nit; i++) {
+        cp_async_wait<STAGES - 2>();
+        sync();
+        fetch(i + STAGES - 1);
+        use(i);
+    }
+}
 
 template <typename P, int NB>
 __device__ void mvq_body(const MvArgs &a) {
@@ -1072,27 +1112,59 @@ __device__ void mvq_body(const MvArgs &a) {
             }
             cp_async_commit();
         };
-        // The weights depend on no earlier kernel: they start coming while the kernel before
-        // finishes, and the activations are read after the wait.
-#pragma unroll
-        for (int i = 0; i < MQ_STAGES - 1; i++) fetch(i);
-        pdl_wait();
-        for (int i = 0; i < nit; i++) {
-            // Block i's copies are done (later ones may still fly), and every lane has finished
-            // reading the slot the next fetch overwrites.
-            cp_async_wait<MQ_STAGES - 2>();
-            __syncwarp();
-            fetch(i + MQ_STAGES - 1);
+        ring_pipeline<MQ_STAGES>(nit, fetch, [] { __syncwarp(); }, [&](int i) {
             typename P::Block blk;
             blk.load_slot(ring + (i % MQ_STAGES) * SLOT, ra.w != nullptr, rb.w != nullptr, grp, t);
             P::template tile<NB>(blk, a, warp + MQ_WARPS * i, grp, t, acc);
-        }
+        });
     } else {
-        pdl_wait();
-        for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
-            typename P::Block blk;
-            blk.load(ra.w, rb.w, bi, t);
-            P::template tile<NB>(blk, a, bi, grp, t, acc);
+        // The block's ring (Q6_K): stage i holds blocks 8i..8i + 7 of the tile's 16 rows, 8
+        // blocks of a row one 16-byte aligned run (rows of a multiple of 8 blocks from 16-byte
+        // aligned weights; otherwise the loop below reads global memory). Warp w reads block
+        // 8i + w of it, as it would from global memory; every thread of the block copies a share
+        // of each stage, MQ6_STAGES - 1 stages in flight.
+        constexpr int RUN = 8 * P::BYTES;
+        bool staged = false;
+        if constexpr (P::BLOCK_RING) {
+            const uintptr_t bases = reinterpret_cast<uintptr_t>(a.w[0]) | reinterpret_cast<uintptr_t>(a.w[1]) | reinterpret_cast<uintptr_t>(a.w[2]);
+            staged = nblk % 8 == 0 && (bases & 15) == 0;
+        }
+        if constexpr (P::BLOCK_RING) {
+            if (staged) {
+                static_assert(RUN % 16 == 0, "a run of 8 blocks is copied 16 bytes at a time");
+                extern __shared__ __align__(16) uint8_t mq_ring[];
+                __shared__ const uint8_t *row_at[16];
+                if (threadIdx.x < 16) {
+                    // MMA row r: lane 4r's row A below 8, lane 4(r − 8)'s row B from 8.
+                    const int r = threadIdx.x;
+                    row_at[r] = (r < 8 ? mq_row(a, out_a - grp + r, 0, nblk, P::BYTES) : mq_row(a, out_b - grp + r - 8, 1, nblk, P::BYTES)).w;
+                }
+                __syncthreads();
+                const int nit = nblk / 8;
+                const auto fetch = [&](int i) {
+                    if (i < nit) {
+                        uint8_t *stage = mq_ring + (i % MQ6_STAGES) * 16 * RUN;
+                        for (int c = threadIdx.x; c < 16 * (RUN / 16); c += MQ_WARPS * 32) {
+                            const int r = c / (RUN / 16), part = c - r * (RUN / 16);
+                            if (row_at[r] != nullptr) cp_async16(stage + r * RUN + 16 * part, row_at[r] + (int64_t)i * RUN + 16 * part);
+                        }
+                    }
+                    cp_async_commit();
+                };
+                ring_pipeline<MQ6_STAGES>(nit, fetch, [] { __syncthreads(); }, [&](int i) {
+                    typename P::Block blk;
+                    blk.load_staged(mq_ring + (i % MQ6_STAGES) * 16 * RUN + warp * P::BYTES, RUN, ra.w != nullptr, rb.w != nullptr, grp, t);
+                    P::template tile<NB>(blk, a, warp + MQ_WARPS * i, grp, t, acc);
+                });
+            }
+        }
+        if (!staged) {
+            pdl_wait();
+            for (int bi = warp; bi < nblk; bi += MQ_WARPS) {
+                typename P::Block blk;
+                blk.load(ra.w, rb.w, bi, t);
+                P::template tile<NB>(blk, a, bi, grp, t, acc);
+            }
         }
     }
     // LoRA: scale_b * B_b[row, :] · u[b, seg*rmax ..] for each of the four outputs (batch row

@@ -75,7 +75,7 @@ mod imp {
     use std::cell::Cell;
     use std::collections::HashMap;
     use std::ffi::c_void;
-    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     use anyhow::{ensure, Result};
@@ -178,6 +178,9 @@ mod imp {
         /// float order (the same bits), where the type has one.
         mma_order: Vec<CudaFunction>,
         embed: CudaFunction,
+        /// The dynamic shared memory `mma` may take, set on its functions the first time a
+        /// weight of the type needs a ring (0 until then).
+        mma_ring: AtomicU32,
     }
 
     /// From this many rows every [`RowKernels`] choice runs the matvec on tensor cores: the dp4a
@@ -196,6 +199,8 @@ mod imp {
         /// where the type has those kernels and, for Q6_K, its rows hold an even number of
         /// 210-byte blocks (the 1-2 row kernel copies them with 4-byte aligned copies).
         tensor_core_order: bool,
+        /// Dynamic shared memory of its tensor-core matvec (`kernels::mq_ring_bytes`).
+        ring: u32,
     }
 
     impl Packed {
@@ -217,21 +222,22 @@ mod imp {
                         ),
                         _ => (Vec::new(), Vec::new()),
                     };
-                    let ring = mma_ring_bytes(kind);
-                    if ring > 0 {
-                        for f in &mma {
-                            // More than the 48 KB a launch gets without asking.
-                            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ring as i32).w()?;
-                        }
-                    }
-                    let f = Arc::new(TypeKernels { mv, mma, mma_order, embed: k.quant(&format!("embed_f32_{suffix}"))? });
+                    let f = Arc::new(TypeKernels { mv, mma, mma_order, embed: k.quant(&format!("embed_f32_{suffix}"))?, mma_ring: AtomicU32::new(0) });
                     by_type.insert(suffix, f.clone());
                     f
                 }
             };
             let cols = w.in_features();
             let tensor_core_order = !f.mma.is_empty() && (suffix != "q6k" || (cols / 256).is_multiple_of(2));
-            Ok(Some(Self { ptr: w.qtensor().device_ptr()? as u64, rows: w.out_features(), cols, kind, f, tensor_core_order }))
+            let ring = if tensor_core_order { crate::kernels::mq_ring_bytes(w.dtype(), cols) } else { 0 };
+            if ring > f.mma_ring.load(Ordering::Relaxed) {
+                for mma in &f.mma {
+                    // More than the 48 KB a launch gets without asking.
+                    mma.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ring as i32).w()?;
+                }
+                f.mma_ring.store(ring, Ordering::Relaxed);
+            }
+            Ok(Some(Self { ptr: w.qtensor().device_ptr()? as u64, rows: w.out_features(), cols, kind, f, tensor_core_order, ring }))
         }
 
         fn same_type(&self, other: &Packed) -> bool {
@@ -326,7 +332,7 @@ mod imp {
                     RowKernels::ExactDp4a if nb < MMA_MIN_ROWS => return self.with(&w.f.mma_order[nb - 1], grid(matvec_blocks(n, glu), threads), a),
                     RowKernels::Fastest if nb < MMA_MIN_ROWS => {}
                     _ => {
-                        let cfg = LaunchConfig { shared_mem_bytes: mma_ring_bytes(w.kind), ..grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32) };
+                        let cfg = LaunchConfig { shared_mem_bytes: w.ring, ..grid(mma_matvec_blocks(n, glu), (MQ_WARPS * 32) as u32) };
                         return self.with(&w.f.mma[nb - 1], cfg, a);
                     }
                 }
@@ -342,17 +348,6 @@ mod imp {
             self.n.set(self.n.get() + 1);
             // SAFETY: passed on from the caller; every kernel the step launches waits (pdl_wait).
             Ok(unsafe { self.k.launch_params(f, cfg, params, self.overlap) }?)
-        }
-    }
-
-    /// The dynamic shared memory of a type's tensor-core matvec: Q4_K's weight ring on Hopper
-    /// builds (the other types, and Q4_K below compute capability 9.0, read their blocks
-    /// straight from global memory).
-    fn mma_ring_bytes(kind: QuantKind) -> u32 {
-        if kind.suffix == "q4k" {
-            crate::kernels::mq_q4k_ring_bytes()
-        } else {
-            0
         }
     }
 
