@@ -1128,8 +1128,6 @@ __device__ void mvq_body(const MvArgs &a) {
         if constexpr (P::BLOCK_RING) {
             const uintptr_t bases = reinterpret_cast<uintptr_t>(a.w[0]) | reinterpret_cast<uintptr_t>(a.w[1]) | reinterpret_cast<uintptr_t>(a.w[2]);
             staged = nblk % 8 == 0 && (bases & 15) == 0;
-        }
-        if constexpr (P::BLOCK_RING) {
             if (staged) {
                 static_assert(RUN % 16 == 0, "a run of 8 blocks is copied 16 bytes at a time");
                 extern __shared__ __align__(16) uint8_t mq_ring[];
