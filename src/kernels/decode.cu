@@ -40,12 +40,14 @@ __device__ float block_sum(float v) {
 __device__ __forceinline__ signed char q8_round(float x, float d) { return d > 0.f ? (signed char)roundf(x / d) : (signed char)0; }
 
 // Quantize the 4 values v (elements 4t..4t+3 of a row, t = this thread's index in the row) to
-// int8 in blocks of 32: a block spans 8 neighbouring lanes, scale = max|x| / 127 (llama.cpp's
-// q8_1 rounding, the same as candle's decode kernels). Every lane of the warp must call it.
-__device__ __forceinline__ void quantize4(float4 v, int t, bool active, int8_t *xq, float *xd) {
+// int8 in groups of `group` (32 or 128) values sharing one scale, max|x| / 127 (llama.cpp's q8_1
+// rounding, the same as candle's decode kernels): a group spans group/4 neighbouring lanes, 8 or
+// the whole warp. The scale is stored once for every 32 values (xd[t/8]), so a kernel reading
+// blocks of 32 finds its scale either way. Every lane of the warp must call it.
+__device__ __forceinline__ void quantize4(float4 v, int t, bool active, int8_t *xq, float *xd, int group) {
     float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-#pragma unroll
-    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const int lanes = group / 4;
+    for (int o = 1; o < lanes; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     if (!active) return;
     const float d = amax / 127.f;
     char4 q;
@@ -58,8 +60,8 @@ __device__ __forceinline__ void quantize4(float4 v, int t, bool active, int8_t *
 }
 
 // Prepares a matvec's input in one launch: blocks 0..nb-1 each take one row of x, RMS-normalise
-// it when norm_w is given (x / sqrt(mean(x^2) + eps) * norm_w) and quantize it to int8 blocks of
-// 32 (xq, xd); the other nseg*rmax blocks each compute one LoRA down-projection entry
+// it when norm_w is given (x / sqrt(mean(x^2) + eps) * norm_w) and quantize it to int8 groups of
+// `group` values (xq, xd; 128 for the K-quant matvecs, 32 for the others); the other nseg*rmax blocks each compute one LoRA down-projection entry
 // u[b, s*rmax + j] = A_{b,s}[j, :] · input[b, :] for every row b (each row with its own
 // adapter's A, or none: then 0), normalising on the fly (A·(x·inv·g) = inv · (A∘g)·x), so they
 // run beside the quantization instead of after it.
@@ -74,6 +76,7 @@ struct PrepArgs {
     int n, nb, rmax, ldu;
     int r[PREP_MAX_ROWS];               // rank of each row's adapter
     float eps;
+    int group;                          // values sharing a scale: 32 or 128 (n a multiple)
 };
 
 // Elements a thread of a row block keeps in registers between the sum of squares and the
@@ -125,14 +128,14 @@ extern "C" __global__ void __launch_bounds__(1024) prep_q8(const PrepArgs p) {
             const bool active = i < n4;
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
             if (active) v = norm ? scaled(keep[c], gk[c]) : xr[i];
-            quantize4(v, i, active, xq, xd);
+            quantize4(v, i, active, xq, xd, p.group);
         }
         for (int base = PREP_KEEP * blockDim.x; base < n4; base += blockDim.x) {
             const int i = base + threadIdx.x;
             const bool active = i < n4;
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
             if (active) v = norm ? scaled(xr[i], g4[i]) : xr[i];
-            quantize4(v, i, active, xq, xd);
+            quantize4(v, i, active, xq, xd, p.group);
         }
         return;
     }
@@ -235,11 +238,12 @@ struct AttnArgs {
     const int *at;     // [1] cache index of the new token
     float *out;        // [nb, nh*hd]
     // Or null: the output also quantized as the o projection reads it (the prepare kernel's
-    // int8 blocks of 32, bit for bit), when that projection needs nothing else prepared.
+    // int8 groups, bit for bit), when that projection needs nothing else prepared.
     int8_t *xq;        // [nb, nh*hd]
     float *xd;         // [nb, nh*hd/32]
     int ldq, nh, nkv, hd, cap, window;
     float scale;
+    int group;         // values sharing a scale in xq: 32, or 128 (then hd is a multiple)
 };
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_decode_f32(const AttnArgs p) {
@@ -302,17 +306,28 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_decode_f32(con
         total += sl[w] * f[w];
     }
     const int64_t first = (int64_t)b * p.nh * p.hd + (int64_t)h * p.hd;
-    // hd <= 256 = blockDim.x: one output a thread. With xq, hd is a multiple of 32, so each
-    // warp's 32 outputs are one quantization block of the row.
+    // hd <= 256 = blockDim.x: one output a thread. With xq, hd is a multiple of the group, so
+    // each group of outputs is one quantization group of the row: one warp's (32), or four
+    // warps' (128), met in shared memory.
     const int d = threadIdx.x;
-    if (d >= p.hd) return;
     float v = 0.f;
+    if (d < p.hd) {
 #pragma unroll
-    for (int w = 0; w < ATT_WARPS; w++) v += sacc[w][d] * f[w];
-    v = v / total;
-    p.out[first + d] = v;
+        for (int w = 0; w < ATT_WARPS; w++) v += sacc[w][d] * f[w];
+        v = v / total;
+        p.out[first + d] = v;
+    }
     if (p.xq == nullptr) return;
-    const float scale = warp_max(fabsf(v)) / 127.f;
+    float amax = warp_max(fabsf(v));
+    if (p.group > 32) {
+        __shared__ float wmax[ATT_WARPS];
+        if (lane == 0) wmax[warp] = amax;
+        __syncthreads();
+        const int per = p.group / 32, from = warp / per * per;
+        for (int w = from; w < from + per; w++) amax = fmaxf(amax, wmax[w]);
+    }
+    if (d >= p.hd) return;
+    const float scale = amax / 127.f;
     p.xq[first + d] = q8_round(v, scale);
     if (lane == 0) p.xd[(first + d) >> 5] = scale;
 }

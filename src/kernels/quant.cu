@@ -224,13 +224,15 @@ __device__ void embed_body(const uint8_t *table, const uint32_t *ids, float *y, 
 
 // ---- decode matvec: y[b, n] = W[n, :] · x[b, :] (+ LoRA) (+ residual), b < NB <= 8 ---------------
 //
-// The activations come quantized to int8 in blocks of 32 (`xq`, with one f32 scale per block in
-// `xd`: x ≈ xd * xq, as llama.cpp's q8_1 and candle's own decode kernels do), so a weight costs
-// one share of a dp4a instead of a float conversion and an FMA: the f32 version of this kernel
-// ran ~19 instructions a weight and reached 13% of DRAM bandwidth (ncu, BENCHMARKS.md).
+// The activations come quantized to int8 (`xq`, with one f32 scale per block of 32 in `xd`:
+// x ≈ xd * xq, as llama.cpp's q8_1 and candle's own decode kernels do), so a weight costs one
+// share of a dp4a instead of a float conversion and an FMA: the f32 version of this kernel ran
+// ~19 instructions a weight and reached 13% of DRAM bandwidth (ncu, BENCHMARKS.md). For Q4_K and
+// Q6_K the blocks of 32 come in groups of 4 that share their scale (the prepare kernel's
+// `group`), so their kernels sum a 128-weight half in integers and scale it once.
 //
 // Integer sums become floats through the 1.5·2^23 magic constant (exact below 2^22), avoiding
-// the quarter-rate I2F instruction; every sum below is bounded well under that.
+// the quarter-rate I2F instruction where the sum is bounded under that (the half sums are not).
 __device__ __forceinline__ float small_int(int v) { return __int_as_float(0x4B400000 + v) - 12582912.f; }
 
 
@@ -474,8 +476,8 @@ struct Q4_0Dot {
 struct MvArgs {
     const uint8_t *w[3];
     const float *lora_b[MV_MAX_ROWS][3];  // per batch row: B [rows_of_segment, r_b] row-major, or null
-    const int8_t *xq;                     // [NB, k] activations quantized in blocks of 32
-    const float *xd;                      // [NB, k/32] their scales
+    const int8_t *xq;                     // [NB, k] activations quantized in blocks of 32 (or 128)
+    const float *xd;                      // [NB, k/32] their scales, one for each 32
     const float *lora_u;                  // [NB, ldu]; row b's segment s starts at s * rmax
     const float *residual;                // [NB, ldy] or null (may equal y)
     float *y;                             // [NB, ldy]
@@ -718,7 +720,7 @@ ALL(q4_0, Q4_0)
 // same way for weights and activations (MMA column 4t+i is weight 8t+i, column 16+4t+i is weight
 // 8t+4+i, t = lane % 4), so every lane reads 8 contiguous quant bytes of a row. The warps of a
 // block split k (and LoRA B·u's rank) and meet in shared memory; scales are applied per
-// sub-block, the residual and SwiGLU in the epilogue as in mv_body. Tiles are 16 weight rows: 16 outputs,
+// 128-weight half, the residual and SwiGLU in the epilogue as in mv_body. Tiles are 16 weight rows: 16 outputs,
 // or in GLU mode 8 outputs whose gate rows are MMA rows 0-7 and up rows 8-15.
 #define MQ_WARPS 8
 #define MQ_STAGES 3  // blocks a warp of mvq_q4k has in flight: 8 × 3 × 2,304 bytes of ring a block
@@ -922,15 +924,25 @@ __device__ __forceinline__ int dp4a_dot(const uint32_t (&w)[4], const uint4 &v) 
     return __dp4a((int)w[0], (int)v.x, __dp4a((int)w[1], (int)v.y, __dp4a((int)w[2], (int)v.z, __dp4a((int)w[3], (int)v.w, 0))));
 }
 
-// One sub-block's share: acc + xd·(d·sc·dot − dmin·m·sum), every rounding spelled out so that
-// each row-count instantiation, the dp4a kernel below that follows the same order, and the
-// compiler's FMA contraction all compute it identically.
-__device__ __forceinline__ float mq_term(float dsc, int dot, float dmn, int sum) {
-    return __fsub_rn(__fmul_rn(dsc, small_int(dot)), __fmul_rn(dmn, small_int(sum)));
-}
-__device__ __forceinline__ float mq_sub(float acc, float xd, float dsc, int dot, float dmn, int sum) {
-    return __fmaf_rn(xd, mq_term(dsc, dot, dmn, sum), acc);
-}
+// The tensor-core order's float arithmetic, shared by the tensor-core matvecs and the dp4a
+// kernels below that reproduce them. The activations come in int8 groups of 128 (one scale xd
+// for each half of a K-quant block), so a half's sub-blocks are summed exactly in integers,
+// each integer dot product times its 6- or 8-bit scale, and only the half's total is scaled in
+// floats:
+//   Q4_K: acc = fma(xd_h, d·Σ sc_j·dot_j − dmin·Σ m_j·Σx_j, acc)   (sub-blocks j of half h)
+//   Q6_K: acc = fma(xd_h, d·Σ sc_g·dot_g, acc)                      (16-weight groups g of it)
+// with every rounding spelled out, so every kernel and the compiler's FMA contraction compute
+// the same bits. The integer sums are exact: |Σ sc·dot| <= 4·63·32·15·127 and
+// |Σ m·Σx| <= 4·63·32·127 for Q4_K, |Σ sc·dot| <= 8·128·16·32·127 for Q6_K.
+__device__ __forceinline__ float q4k_term(float d, float dmin, int isc, int imn) { return __fsub_rn(__fmul_rn(d, __int2float_rn(isc)), __fmul_rn(dmin, __int2float_rn(imn))); }
+__device__ __forceinline__ float q4k_half(float acc, float xd, float d, float dmin, int isc, int imn) { return __fmaf_rn(xd, q4k_term(d, dmin, isc, imn), acc); }
+__device__ __forceinline__ float q6k_term(float d, int isc) { return __fmul_rn(d, __int2float_rn(isc)); }
+__device__ __forceinline__ float q6k_half(float acc, float xd, float d, int isc) { return __fmaf_rn(xd, q6k_term(d, isc), acc); }
+
+// The scale (or min) byte i of a packed word, as an int, and copied into all four bytes (an MMA
+// operand whose every weight is that byte).
+__device__ __forceinline__ int byte_of(uint32_t w, int i) { return (int)((w >> (8 * i)) & 0xFF); }
+__device__ __forceinline__ uint32_t byte_spread(uint32_t w, int i) { return __byte_perm(w, 0, 0x1111u * i); }
 
 // The epilogue both Q4_K kernels share: silu(gate) * up, and the residual, rounded explicitly.
 __device__ __forceinline__ float mq_silu_mul(float gate, float up) {
@@ -943,13 +955,12 @@ __device__ __forceinline__ void mq_store(const MvArgs &a, int row, int b, float 
 
 // The type parts of the tensor-core matvec mvq_body: Block (a 16-row tile's block as the MMA
 // lanes hold it) and tile(), which adds one block's share to a lane's four accumulators (rows
-// grp and grp + 8 × batch rows 2t, 2t + 1), 32 weights of k at a time in the float order
-//   acc = fma(xd_j, term_j, acc)   for the block's 32-weight runs j = 0..7, xd_j the
-//                                  activations' int8 scale of run j and term_j its weight sum,
-// which the type's 1-2 row dp4a kernel (mvd_<type>) reproduces.
+// grp and grp + 8 × batch rows 2t, 2t + 1), one 128-weight half at a time in the order above
+// (q4k_half, q6k_half), which the type's 1-2 row dp4a kernel (mvd_<type>) reproduces.
 
-// Q4_K: run j is sub-block j (scale d·sc_j, min dmin·m_j), term_j = mq_term(d·sc_j, dot_j,
-// dmin·m_j, Σx_j) with dot_j the integer dot product of its nibbles and the int8 activations.
+// Q4_K: per sub-block j one m16n8k32 MMA gives the integer dot products, which the lane scales
+// by its rows' 6-bit sc_j; a second MMA, against weights that are all the row's min m_j, adds
+// m_j·Σx_j for the whole half in its accumulator.
 struct MqQ4K {
     static constexpr int BYTES = Q4K::BYTES;
     static constexpr bool RING = MQ_RING;  // mvq_body stages its blocks through a warp's ring
@@ -965,53 +976,47 @@ struct MqQ4K {
             xv[j] = make_uint2(0, 0);
             if (grp < NB) xv[j] = *reinterpret_cast<const uint2 *>(a.xq + (int64_t)grp * a.k + bi * 256 + 32 * j + 8 * t);
         }
-        // Scales of the activation blocks for this lane's two batch columns: 8 floats each,
-        // 32-byte aligned (k is a multiple of 256).
-        float4 xd0[2], xd1[2];
+        // The scales of the block's two activation groups for this lane's two batch columns.
+        float xd0[2], xd1[2];
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            xd0[h] = xd1[h] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (b0 < NB) xd0[h] = reinterpret_cast<const float4 *>(a.xd + (int64_t)b0 * (a.k / 32) + bi * 8)[h];
-            if (b1 < NB) xd1[h] = reinterpret_cast<const float4 *>(a.xd + (int64_t)b1 * (a.k / 32) + bi * 8)[h];
+            xd0[h] = b0 < NB ? a.xd[(int64_t)b0 * (a.k / 32) + bi * 8 + 4 * h] : 0.f;
+            xd1[h] = b1 < NB ? a.xd[(int64_t)b1 * (a.k / 32) + bi * 8 + 4 * h] : 0.f;
         }
-        const auto xd_at = [](const float4 (&v)[2], int j) {
-            const float4 h = v[j >> 2];
-            return (j & 3) == 0 ? h.x : ((j & 3) == 1 ? h.y : ((j & 3) == 2 ? h.z : h.w));
-        };
-        int sca[8], mna[8], scb[8], mnb[8];
-        q4k_scales(blk.ha.y, blk.ha.z, blk.ha.w, sca, mna);
-        q4k_scales(blk.hb.y, blk.hb.z, blk.hb.w, scb, mnb);
         const float2 dma = blk.dm_a(), dmb = blk.dm_b();
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            uint32_t am[4];
-            blk.frag(j, am);
-            const uint32_t bm[2] = {xv[j].x, xv[j].y};
-            int d[4] = {0, 0, 0, 0};
-            mma_s8(d, am, bm);
-            // The sums of the 32 activations of sub-block j for batch rows b0 and b1, in the
-            // accumulator layout: one more MMA, against weights that are all 1 (the tensor cores
-            // sit idle in this memory-bound kernel; lane shuffles cost more issue slots).
-            const uint32_t ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
-            int sum[4] = {0, 0, 0, 0};
-            mma_s8(sum, ones, bm);
-            const int s0 = sum[0], s1 = sum[1];
-            const float da = dma.x * small_uint(sca[j]), ma = dma.y * small_uint(mna[j]);
-            const float db = dmb.x * small_uint(scb[j]), mb = dmb.y * small_uint(mnb[j]);
-            const float x0 = xd_at(xd0, j), x1 = xd_at(xd1, j);
-            // |d| <= 32*15*127 and |s| <= 32*128: exact through small_int.
-            acc[0] = mq_sub(acc[0], x0, da, d[0], ma, s0);
-            acc[1] = mq_sub(acc[1], x1, da, d[1], ma, s1);
-            acc[2] = mq_sub(acc[2], x0, db, d[2], mb, s0);
-            acc[3] = mq_sub(acc[3], x1, db, d[3], mb, s1);
+        for (int h = 0; h < 2; h++) {
+            uint32_t sca, mna, scb, mnb;  // sub-blocks 4h..4h + 3, a byte each
+            q4k_scale_words(blk.ha.y, blk.ha.z, blk.ha.w, h == 1, sca, mna);
+            q4k_scale_words(blk.hb.y, blk.hb.z, blk.hb.w, h == 1, scb, mnb);
+            int isc[4] = {0, 0, 0, 0}, imn[4] = {0, 0, 0, 0};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int j = 4 * h + i;
+                uint32_t am[4];
+                blk.frag(j, am);
+                const uint32_t bm[2] = {xv[j].x, xv[j].y};
+                int d[4] = {0, 0, 0, 0};
+                mma_s8(d, am, bm);
+                const uint32_t ma = byte_spread(mna, i), mb = byte_spread(mnb, i);
+                const uint32_t mins[4] = {ma, mb, ma, mb};
+                mma_s8(imn, mins, bm);
+                const int sa = byte_of(sca, i), sb = byte_of(scb, i);
+                isc[0] += sa * d[0];
+                isc[1] += sa * d[1];
+                isc[2] += sb * d[2];
+                isc[3] += sb * d[3];
+            }
+            acc[0] = q4k_half(acc[0], xd0[h], dma.x, dma.y, isc[0], imn[0]);
+            acc[1] = q4k_half(acc[1], xd1[h], dma.x, dma.y, isc[1], imn[1]);
+            acc[2] = q4k_half(acc[2], xd0[h], dmb.x, dmb.y, isc[2], imn[2]);
+            acc[3] = q4k_half(acc[3], xd1[h], dmb.x, dmb.y, isc[3], imn[3]);
         }
     }
 };
 
-// Q6_K: run j is groups 2j and 2j + 1 (16 weights each, scales d·sc), term_j =
-// fadd(fmul(d·sc_2j, dot_2j), fmul(d·sc_2j+1, dot_2j+1)) with dot the integer dot product of the
-// quants minus 32 and the int8 activations (an addition of two values: the same bits in either
-// order).
+// Q6_K: one m16n8k16 MMA a 16-weight group g on the quants as signed bytes (q − 32), its
+// integer dot products times the rows' 8-bit scales summed over the half.
 __device__ __forceinline__ void mma_s8_k16(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
     asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
@@ -1036,26 +1041,24 @@ struct MqQ6K {
         const int8_t *x = a.xq + (int64_t)grp * a.k + bi * 256 + 4 * t;
         const float *xd0 = a.xd + (int64_t)b0 * (a.k / 32) + bi * 8, *xd1 = a.xd + (int64_t)b1 * (a.k / 32) + bi * 8;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int n = j >> 2, qd = j & 3;
-            float p[4];
+        for (int n = 0; n < 2; n++) {
+            int isc[4] = {0, 0, 0, 0};
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int g = 2 * qd + u;  // weights 128n + 16g.. = 32j + 16u..
-                const uint32_t xv = grp < NB ? *reinterpret_cast<const uint32_t *>(x + 32 * j + 16 * u) : 0u;
+            for (int g = 0; g < 8; g++) {  // weights 128n + 16g..
+                const uint32_t xv = grp < NB ? *reinterpret_cast<const uint32_t *>(x + 128 * n + 16 * g) : 0u;
                 int d[4] = {0, 0, 0, 0};
                 mma_s8_k16(d, q6_signed(blk.a.quants(n, g)), q6_signed(blk.b.quants(n, g)), xv);
-                const float da = __fmul_rn(blk.a.d, (float)blk.a.scale(n, g)), db = __fmul_rn(blk.b.d, (float)blk.b.scale(n, g));
-                // |d| <= 16*32*128: exact through small_int.
-                const float q[4] = {__fmul_rn(da, small_int(d[0])), __fmul_rn(da, small_int(d[1])), __fmul_rn(db, small_int(d[2])), __fmul_rn(db, small_int(d[3]))};
-#pragma unroll
-                for (int i = 0; i < 4; i++) p[i] = u == 0 ? q[i] : __fadd_rn(p[i], q[i]);
+                const int sa = blk.a.scale(n, g), sb = blk.b.scale(n, g);
+                isc[0] += sa * d[0];
+                isc[1] += sa * d[1];
+                isc[2] += sb * d[2];
+                isc[3] += sb * d[3];
             }
-            const float x0 = b0 < NB ? xd0[j] : 0.f, x1 = b1 < NB ? xd1[j] : 0.f;
-            acc[0] = __fmaf_rn(x0, p[0], acc[0]);
-            acc[1] = __fmaf_rn(x1, p[1], acc[1]);
-            acc[2] = __fmaf_rn(x0, p[2], acc[2]);
-            acc[3] = __fmaf_rn(x1, p[3], acc[3]);
+            const float x0 = b0 < NB ? xd0[4 * n] : 0.f, x1 = b1 < NB ? xd1[4 * n] : 0.f;
+            acc[0] = q6k_half(acc[0], x0, blk.a.d, isc[0]);
+            acc[1] = q6k_half(acc[1], x1, blk.a.d, isc[1]);
+            acc[2] = q6k_half(acc[2], x0, blk.b.d, isc[2]);
+            acc[3] = q6k_half(acc[3], x1, blk.b.d, isc[3]);
         }
     }
 };
@@ -1226,15 +1229,15 @@ MVQ(q6k, MqQ6K)
 // the tensor-core kernel's float operations in the same order; only the integer dot products
 // (exact in any order) are done another way (`RowKernels::ExactDp4a` selects it):
 //   - eight partial sums per output, partial w taking blocks bi ≡ w (mod 8) in increasing order
-//     (the tensor-core kernel's warp w), each adding its sub-blocks j = 0..7 with mq_sub;
+//     (the tensor-core kernel's warp w), each adding its block's two halves with q4k_half;
 //   - partial w then adds its share of the LoRA term (rank entries j ≡ w mod 8, scaled);
 //   - the eight partials are summed from partial 0 up, then the shared epilogue.
 // Layout: a warp owns MV_SLOTS = 2 weight rows (GLU: the gate and up rows of one output), as in
 // mv_body (same grid), and walks their whole length, 8 blocks an iteration. Lane = 8q + 2g + h covers block
 // 8·it + 4u + q (u = 0, 1) and, in it, the 16 quant bytes 32g + 16h..: weights 64g + 16h.. (low
-// nibbles, sub-block 2g) and 64g + 32 + 16h.. (high, sub-block 2g + 1). The pair of lanes
-// (h = 0, 1) sums a sub-block's dot product; the 8 lanes of group q gather the block's eight
-// sub-block terms and each runs its block's chain into partial w = q + 4u.
+// nibbles, sub-block 2g) and 64g + 32 + 16h.. (high, sub-block 2g + 1). The four lanes of a half
+// (g / 2) add their integer sums; the 8 lanes of group q take the two halves' terms and each runs
+// its block's chain into partial w = q + 4u.
 #define MVD_STAGES 4  // iterations of weights a warp has in flight
 #define MVD_RUN (8 * Q4K::BYTES)  // one row's bytes for one iteration
 template <int NB>
@@ -1300,7 +1303,7 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
             const int bi = 8 * it + 4 * u + q;
             const bool in = bi < nblk;
             uint4 hd[MV_SLOTS], qv[MV_SLOTS], xlo[NB], xhi[NB];
-            float4 xd[NB][2];
+            float xd[NB][2];  // the scales of the block's two activation groups
 #pragma unroll
             for (int s = 0; s < MV_SLOTS; s++) {
                 hd[s] = qv[s] = make_uint4(0, 0, 0, 0);
@@ -1313,53 +1316,50 @@ __device__ void mvd_q4k_body(const MvArgs &a) {
 #pragma unroll
             for (int b = 0; b < NB; b++) {
                 xlo[b] = xhi[b] = make_uint4(0, 0, 0, 0);
-                xd[b][0] = xd[b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+                xd[b][0] = xd[b][1] = 0.f;
                 if (in) {
                     const int8_t *x = a.xq + (int64_t)b * a.k + bi * 256 + 64 * g + 16 * h;
                     xlo[b] = *reinterpret_cast<const uint4 *>(x);
                     xhi[b] = *reinterpret_cast<const uint4 *>(x + 32);
-                    const float4 *d = reinterpret_cast<const float4 *>(a.xd + (int64_t)b * (a.k / 32) + bi * 8);
+                    const float *d = a.xd + (int64_t)b * (a.k / 32) + bi * 8;
                     xd[b][0] = d[0];
-                    xd[b][1] = d[1];
+                    xd[b][1] = d[4];
                 }
             }
             // Activation sums of sub-blocks 2g (lo) and 2g + 1 (hi), per batch row.
             int slo[NB], shi[NB];
 #pragma unroll
             for (int b = 0; b < NB; b++) {
-                const uint4 l = xlo[b], m = xhi[b];
-                slo[b] = __dp4a(0x01010101, (int)l.x, __dp4a(0x01010101, (int)l.y, __dp4a(0x01010101, (int)l.z, __dp4a(0x01010101, (int)l.w, 0))));
-                shi[b] = __dp4a(0x01010101, (int)m.x, __dp4a(0x01010101, (int)m.y, __dp4a(0x01010101, (int)m.z, __dp4a(0x01010101, (int)m.w, 0))));
+                slo[b] = dp4a_sum(xlo[b]);
+                shi[b] = dp4a_sum(xhi[b]);
                 slo[b] += __shfl_xor_sync(0xffffffffu, slo[b], 1);
                 shi[b] += __shfl_xor_sync(0xffffffffu, shi[b], 1);
             }
 #pragma unroll
             for (int s = 0; s < MV_SLOTS; s++) {
                 const uint4 hv = hd[s], w = qv[s];
+                // Sub-blocks 2g and 2g + 1 are bytes 2(g & 1) and 2(g & 1) + 1 of half g / 2's words.
                 uint32_t sc_w, m_w;
                 q4k_scale_words(hv.y, hv.z, hv.w, g >= 2, sc_w, m_w);
-                const int sh = 16 * (g & 1);
+                const int i = 2 * (g & 1);
+                const int sc_lo = byte_of(sc_w, i), sc_hi = byte_of(sc_w, i + 1), m_lo = byte_of(m_w, i), m_hi = byte_of(m_w, i + 1);
                 const float2 dm = __half22float2(*reinterpret_cast<const __half2 *>(&hv.x));
-                const float dlo = dm.x * small_uint((sc_w >> sh) & 0xFF), mlo = dm.y * small_uint((m_w >> sh) & 0xFF);
-                const float dhi = dm.x * small_uint((sc_w >> (sh + 8)) & 0xFF), mhi = dm.y * small_uint((m_w >> (sh + 8)) & 0xFF);
                 const uint32_t wl[4] = {w.x & 0x0F0F0F0Fu, w.y & 0x0F0F0F0Fu, w.z & 0x0F0F0F0Fu, w.w & 0x0F0F0F0Fu};
                 const uint32_t wh[4] = {(w.x >> 4) & 0x0F0F0F0Fu, (w.y >> 4) & 0x0F0F0F0Fu, (w.z >> 4) & 0x0F0F0F0Fu, (w.w >> 4) & 0x0F0F0F0Fu};
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
-                    const uint4 l = xlo[b], m = xhi[b];
-                    int plo = __dp4a((int)wl[0], (int)l.x, __dp4a((int)wl[1], (int)l.y, __dp4a((int)wl[2], (int)l.z, __dp4a((int)wl[3], (int)l.w, 0))));
-                    int phi = __dp4a((int)wh[0], (int)m.x, __dp4a((int)wh[1], (int)m.y, __dp4a((int)wh[2], (int)m.z, __dp4a((int)wh[3], (int)m.w, 0))));
-                    plo += __shfl_xor_sync(0xffffffffu, plo, 1);
-                    phi += __shfl_xor_sync(0xffffffffu, phi, 1);
-                    const float tlo = mq_term(dlo, plo, mlo, slo[b]), thi = mq_term(dhi, phi, mhi, shi[b]);
-                    const float xs[8] = {xd[b][0].x, xd[b][0].y, xd[b][0].z, xd[b][0].w,
-                                         xd[b][1].x, xd[b][1].y, xd[b][1].z, xd[b][1].w};
-                    float c = acc[s][b][u];
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        const float t = __shfl_sync(0xffffffffu, (j & 1) ? thi : tlo, base + 2 * (j >> 1));
-                        c = __fmaf_rn(xs[j], t, c);
-                    }
+                    // This lane's share of its half's integer sums: the dot products over its
+                    // 16 bytes (the pairs h = 0, 1 and g, g ^ 1 add theirs), the mins over the
+                    // pair sums above (only g, g ^ 1 add).
+                    int isc = sc_lo * dp4a_dot(wl, xlo[b]) + sc_hi * dp4a_dot(wh, xhi[b]);
+                    int imn = m_lo * slo[b] + m_hi * shi[b];
+                    isc += __shfl_xor_sync(0xffffffffu, isc, 1);
+                    isc += __shfl_xor_sync(0xffffffffu, isc, 2);
+                    imn += __shfl_xor_sync(0xffffffffu, imn, 2);
+                    // Half 0's term from the group's lane g = 0, half 1's from g = 2.
+                    const float term = q4k_term(dm.x, dm.y, isc, imn);
+                    const float t0 = __shfl_sync(0xffffffffu, term, base), t1 = __shfl_sync(0xffffffffu, term, base + 4);
+                    const float c = __fmaf_rn(xd[b][1], t1, __fmaf_rn(xd[b][0], t0, acc[s][b][u]));
                     if (in) acc[s][b][u] = c;
                 }
             }
@@ -1405,15 +1405,15 @@ MVD_NB(1) MVD_NB(2)
 // ---- the Q6_K matvec on dp4a for 1-2 rows, in the tensor-core kernel's float order ------------
 //
 // The same contract as mvd_q4k (the tensor-core kernel's float operations in its order: eight
-// partial sums per output by block index mod 8, each block's runs j = 0..7 as
-// acc = fma(xd_j, term_j, acc), then the partial's LoRA share, then the partials summed from 0
+// partial sums per output by block index mod 8, each block's halves h = 0, 1 as
+// acc = fma(xd_h, term_h, acc), then the partial's LoRA share, then the partials summed from 0
 // up), laid out so that no lane shares a dot product: Q6_K's 210-byte blocks are only 2-byte
 // aligned, and splitting a 32-weight run over lanes cost shuffles and 16-bit shared-memory reads
 // per few weights. A warp owns MV_SLOTS = 2 weight rows (mv_body's grid) and walks them 8 blocks
 // an iteration through its ring (asynchronous copies, as mvd_q4k; rows must start 4-byte aligned:
 // an even number of blocks a row, which the caller checks). Lane = 16s + 2w + h takes row s,
-// block 8·it + w (partial w) and half h of it: runs 4h..4h + 3, 128 weights, every term whole in
-// the lane. The h = 1 lane hands its four terms to the h = 0 lane, which runs the block's chain.
+// block 8·it + w (partial w) and half h of it: 128 weights, the half's whole term in the lane.
+// The h = 1 lane hands its term to the h = 0 lane, which runs the block's chain.
 #define MVD6_STAGES 3  // iterations of weights a warp has in flight: 40 KB of ring a block
 
 // N words from a 2-byte aligned shared-memory address: N + 1 aligned reads and a funnel shift.
@@ -1497,46 +1497,33 @@ __device__ void mvd_q6k_body(const MvArgs &a) {
         lds_words(blk + 128 + 32 * h, qh);
         lds_words(blk + 192 + 8 * h, sc);
         const float d = ld_half(blk + 208);
-        float term[NB][4];
+        // The half's integer sum Σ sc·dot over its 8 groups of 16, per batch row.
+        int isc[NB];
+#pragma unroll
+        for (int b = 0; b < NB; b++) isc[b] = 0;
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-            // Run j = 4h + r: groups 2r, 2r + 1 of half h (weights 128h + 32r + 16u..).
-            const int j = 4 * h + r;
+            // Groups 2r, 2r + 1 of half h: weights 128h + 32r + 16u.. (u = 0, 1).
             uint32_t q[2][4];
 #pragma unroll
             for (int i = 0; i < 8; i++) q[i >> 2][i & 3] = ((ql[r & 1][i] >> (4 * (r >> 1))) & 0x0F0F0F0Fu) | (((qh[i] >> (2 * r)) & 0x03030303u) << 4);
-            float dsc[2];
+            int scale[2];
 #pragma unroll
-            for (int u = 0; u < 2; u++) dsc[u] = __fmul_rn(d, (float)(int)(int8_t)((sc[r >> 1] >> (8 * (2 * (r & 1) + u))) & 0xFF));
+            for (int u = 0; u < 2; u++) scale[u] = (int)(int8_t)((sc[r >> 1] >> (8 * (2 * (r & 1) + u))) & 0xFF);
 #pragma unroll
             for (int b = 0; b < NB; b++) {
-                const uint4 *x = reinterpret_cast<const uint4 *>(a.xq + (int64_t)b * a.k + (int64_t)min(bi, nblk - 1) * 256 + 32 * j);
+                const uint4 *x = reinterpret_cast<const uint4 *>(a.xq + (int64_t)b * a.k + (int64_t)min(bi, nblk - 1) * 256 + 128 * h + 32 * r);
                 const uint4 x0 = x[0], x1 = x[1];
-                // Quants are stored + 32: dot(q − 32, x) = dot(q, x) − 32·Σx; |.| <= 16*32*128.
-                const float p0 = __fmul_rn(dsc[0], small_int(dp4a_dot(q[0], x0) - 32 * dp4a_sum(x0)));
-                const float p1 = __fmul_rn(dsc[1], small_int(dp4a_dot(q[1], x1) - 32 * dp4a_sum(x1)));
-                term[b][r] = __fadd_rn(p0, p1);
+                // Quants are stored + 32: dot(q − 32, x) = dot(q, x) − 32·Σx.
+                isc[b] += scale[0] * (dp4a_dot(q[0], x0) - 32 * dp4a_sum(x0)) + scale[1] * (dp4a_dot(q[1], x1) - 32 * dp4a_sum(x1));
             }
         }
 #pragma unroll
         for (int b = 0; b < NB; b++) {
-            float other[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++) other[r] = __shfl_xor_sync(0xffffffffu, term[b][r], 1);
-            const float4 *xd = reinterpret_cast<const float4 *>(a.xd + (int64_t)b * (a.k / 32) + (int64_t)min(bi, nblk - 1) * 8);
-            const float4 d0 = xd[0], d1 = xd[1];
-            if (in && h == 0) {
-                float c = acc[b];
-                c = __fmaf_rn(d0.x, term[b][0], c);
-                c = __fmaf_rn(d0.y, term[b][1], c);
-                c = __fmaf_rn(d0.z, term[b][2], c);
-                c = __fmaf_rn(d0.w, term[b][3], c);
-                c = __fmaf_rn(d1.x, other[0], c);
-                c = __fmaf_rn(d1.y, other[1], c);
-                c = __fmaf_rn(d1.z, other[2], c);
-                c = __fmaf_rn(d1.w, other[3], c);
-                acc[b] = c;
-            }
+            const float term = q6k_term(d, isc[b]), other = __shfl_xor_sync(0xffffffffu, term, 1);
+            const float *xd = a.xd + (int64_t)b * (a.k / 32) + (int64_t)min(bi, nblk - 1) * 8;
+            const float x0 = xd[0], x1 = xd[4];
+            if (in && h == 0) acc[b] = __fmaf_rn(x1, other, __fmaf_rn(x0, term, acc[b]));
         }
     }
     // Partial w's LoRA share (rank entries j ≡ w mod 8), then the partials summed from 0 up.

@@ -9,8 +9,9 @@
 //! the o matvec with the residual added, prepare, one matvec for gate and up that writes
 //! `silu(gate)·up`, prepare, the down matvec with the residual. The matvecs read the 4-bit
 //! weights where candle keeps them, take their input as int8 blocks of 32 (as candle's own
-//! decode kernels and llama.cpp do: a weight then costs a share of one `dp4a`), and add
-//! `scale·B·u` in their epilogue. `bench parity` checks this path and candle's against the
+//! decode kernels and llama.cpp do: a weight then costs a share of one `dp4a`; Q4_K and Q6_K
+//! take groups of 128 sharing a scale, so a half block is summed in integers and scaled once),
+//! and add `scale·B·u` in their epilogue. `bench parity` checks this path and candle's against the
 //! exact f32 computation.
 //!
 //! The candle path in `Model::forward` stays the reference and the fallback: prompts, more than
@@ -126,6 +127,8 @@ mod imp {
         ldu: i32,
         r: [i32; MAX_ROWS],
         eps: f32,
+        /// Values sharing an int8 scale: 32, or [`KQUANT_GROUP`] when a K-quant matvec reads it.
+        group: i32,
     }
     #[repr(C)]
     struct RopeArgs {
@@ -160,6 +163,7 @@ mod imp {
         cap: i32,
         window: i32,
         scale: f32,
+        group: i32,
     }
     // SAFETY: plain #[repr(C)] structs of integers, passed by value as the kernels declare them.
     unsafe impl DeviceRepr for MvArgs {}
@@ -181,6 +185,21 @@ mod imp {
         /// The dynamic shared memory `mma` may take, set on its functions the first time a
         /// weight of the type needs a ring (0 until then).
         mma_ring: AtomicU32,
+    }
+
+    /// Values sharing one int8 scale in the input of a matvec in the tensor-core order (Q4_K,
+    /// Q6_K): a half of their 256-weight blocks, summed in integers and scaled once
+    /// (`q4k_half` in quant.cu). Other types take llama.cpp's blocks of 32.
+    const KQUANT_GROUP: usize = 128;
+
+    /// The quantization group of the input that `weights` read: [`KQUANT_GROUP`] when any of
+    /// them takes the tensor-core order (the others read a scale for each 32 either way).
+    fn input_group<'a>(weights: impl IntoIterator<Item = &'a Packed>) -> usize {
+        if weights.into_iter().any(|w| w.tensor_core_order) {
+            KQUANT_GROUP
+        } else {
+            32
+        }
     }
 
     /// From this many rows every [`RowKernels`] choice runs the matvec on tensor cores: the dp4a
@@ -257,7 +276,7 @@ mod imp {
         qkv: CudaSlice<f32>,
         att: CudaSlice<f32>,
         act: CudaSlice<f32>,
-        /// The next matvec's input as int8 blocks of 32 and their scales.
+        /// The next matvec's input as int8 blocks and their scales (one for each 32 values).
         xq: CudaSlice<i8>,
         xd: CudaSlice<f32>,
         /// LoRA `u = A·x`, `[rows, 3·r]`; regrown for a larger rank.
@@ -643,9 +662,9 @@ mod imp {
                 go.mv(first, nb, &a)
             };
             // The next matvec's input from x: RMSNorm with `norm_w` (or x as it is), int8
-            // quantization into (xq, xd), and LoRA `u = A·input` for every row's pairs of the
-            // (up to three) projections reading it.
-            let prep = |x: u64, norm_w: Option<u64>, n: usize, segs: [RowPairs; 3]| -> Result<()> {
+            // quantization into (xq, xd) in the groups `readers` take, and LoRA `u = A·input`
+            // for every row's pairs of the (up to three) projections reading it.
+            let prep = |x: u64, norm_w: Option<u64>, n: usize, readers: &[&Packed], segs: [RowPairs; 3]| -> Result<()> {
                 let nseg = segs.iter().rposition(|pairs| pairs.iter().any(Option::is_some)).map_or(0, |i| i + 1);
                 let mut a_ptrs = [[0u64; 3]; MAX_ROWS];
                 for (i, pairs) in segs.iter().enumerate() {
@@ -666,6 +685,7 @@ mod imp {
                     ldu: ldu as i32,
                     r: ranks,
                     eps: cfg.rms_norm_eps as f32,
+                    group: input_group(readers.iter().copied()) as i32,
                 };
                 go.with(&self.prep, grid(nb + nseg * rmax, 1024), &a)
             };
@@ -685,7 +705,7 @@ mod imp {
                 let w = |proj: Proj| &layer.w[proj.index()];
                 // Attention block.
                 let qkv_pairs = [pair(Proj::Q), pair(Proj::K), pair(Proj::V)];
-                prep(x, Some(layer.attn_norm), hidden, qkv_pairs)?;
+                prep(x, Some(layer.attn_norm), hidden, &[w(Proj::Q), w(Proj::K), w(Proj::V)], qkv_pairs)?;
                 // q|k|v in one launch per run of weights of one type (Q4_K_M keeps some v at 6
                 // bits: then q|k and v), each into its place in qkv.
                 let segs = [(w(Proj::Q), qkv_pairs[0]), (w(Proj::K), qkv_pairs[1]), (w(Proj::V), qkv_pairs[2])];
@@ -713,9 +733,11 @@ mod imp {
                 let cfg_rope = LaunchConfig { grid_dim: ((nh + 2 * nkv) as u32, nb as u32, 1), block_dim: ((hd / 2).div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
                 go.with(&self.rope, cfg_rope, &ra)?;
                 // The attention kernel quantizes its output for the o projection itself
-                // (same bits), unless a LoRA A must read it too.
+                // (same bits), unless a LoRA A must read it too or a quantization group would
+                // span two heads.
                 let o_pairs = [pair(Proj::O), none, none];
-                let quantize_att = hd.is_multiple_of(32) && o_pairs[0].iter().all(Option::is_none);
+                let o_group = input_group([w(Proj::O)]);
+                let quantize_att = hd.is_multiple_of(o_group) && o_pairs[0].iter().all(Option::is_none);
                 let aa = AttnArgs {
                     q: qkv,
                     k_cache: kc,
@@ -732,21 +754,22 @@ mod imp {
                     cap: cap as i32,
                     window,
                     scale: 1.0 / (hd as f32).sqrt(),
+                    group: o_group as i32,
                 };
                 go.with(&self.attn, LaunchConfig { grid_dim: (nh as u32, nb as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, &aa)?;
                 if !quantize_att {
-                    prep(att, None, qdim, o_pairs)?;
+                    prep(att, None, qdim, &[w(Proj::O)], o_pairs)?;
                 }
                 mv(&[(w(Proj::O), o_pairs[0])], x, hidden, x, u, false)?;
                 // MLP block.
                 let gu_pairs = [pair(Proj::Gate), pair(Proj::Up), none];
-                prep(x, Some(layer.ffn_norm), hidden, gu_pairs)?;
+                prep(x, Some(layer.ffn_norm), hidden, &[w(Proj::Gate), w(Proj::Up)], gu_pairs)?;
                 mv(&[(w(Proj::Gate), gu_pairs[0]), (w(Proj::Up), gu_pairs[1])], act, inter, 0, u, true)?;
-                prep(act, None, inter, [pair(Proj::Down), none, none])?;
+                prep(act, None, inter, &[w(Proj::Down)], [pair(Proj::Down), none, none])?;
                 mv(&[(w(Proj::Down), pair(Proj::Down))], x, hidden, x, u, false)?;
             }
             let none: RowPairs = [None; MAX_ROWS];
-            prep(x, Some(self.final_norm), hidden, [none; 3])?;
+            prep(x, Some(self.final_norm), hidden, &[&self.head], [none; 3])?;
             mv(&[(&self.head, none)], slice_ptr(&s.logits), self.head.rows, 0, 0, false)?;
             Ok(go.n.get())
         }
