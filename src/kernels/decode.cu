@@ -61,10 +61,10 @@ __device__ __forceinline__ void quantize4(float4 v, int t, bool active, int8_t *
 
 // Prepares a matvec's input in one launch: blocks 0..nb-1 each take one row of x, RMS-normalise
 // it when norm_w is given (x / sqrt(mean(x^2) + eps) * norm_w) and quantize it to int8 groups of
-// `group` values (xq, xd; 128 for the K-quant matvecs, 32 for the others); the other nseg*rmax blocks each compute one LoRA down-projection entry
-// u[b, s*rmax + j] = A_{b,s}[j, :] · input[b, :] for every row b (each row with its own
-// adapter's A, or none: then 0), normalising on the fly (A·(x·inv·g) = inv · (A∘g)·x), so they
-// run beside the quantization instead of after it.
+// `group` values (xq, xd; 128 for the K-quant matvecs, 32 for the others); the other nseg*rmax
+// blocks each compute one LoRA down-projection entry u[b, s*rmax + j] = A_{b,s}[j, :] · input[b, :]
+// for every row b (each row with its own adapter's A, or none: then 0), normalising on the fly
+// (A·(x·inv·g) = inv · (A∘g)·x), so they run beside the quantization instead of after it.
 #define PREP_MAX_ROWS 8
 struct PrepArgs {
     const float *x;                     // [nb, n]
