@@ -746,20 +746,6 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], cons
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// The 8 (scale, min) pairs of a Q4_K block from its 12 packed bytes as words s0, s1, s2.
-__device__ __forceinline__ void q4k_scales(uint32_t s0, uint32_t s1, uint32_t s2, int (&sc)[8], int (&mn)[8]) {
-    uint32_t sc_lo, m_lo, sc_hi, m_hi;
-    q4k_scale_words(s0, s1, s2, false, sc_lo, m_lo);
-    q4k_scale_words(s0, s1, s2, true, sc_hi, m_hi);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        sc[i] = (sc_lo >> (8 * i)) & 0xFF;
-        mn[i] = (m_lo >> (8 * i)) & 0xFF;
-        sc[4 + i] = (sc_hi >> (8 * i)) & 0xFF;
-        mn[4 + i] = (m_hi >> (8 * i)) & 0xFF;
-    }
-}
-
 // One weight row of a tile: where it is (null past the end), its segment and its row in it.
 struct MqRow {
     const uint8_t *w;
